@@ -1,0 +1,67 @@
+"""The `Plan`: how many GPUs each phase gets and how they are parallelised.
+
+One model serves the planner's output, `status.plan` and the ConfigMap the operator writes,
+so what a person reads in `kubectl get -o yaml` is exactly what the builders rendered.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from disaggserve.api.base import ApiModel
+
+PHASES = ("prefill", "decode")
+Phase = Literal["prefill", "decode"]
+
+
+class PhasePlan(ApiModel):
+    tensor: int = Field(ge=1, le=8)
+    pipeline: int = Field(1, ge=1, le=64)
+    replicas: int = Field(ge=0, le=100_000, description="Instances in total (all units together).")
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.tensor * self.pipeline
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_instance * self.replicas
+
+
+class Prediction(ApiModel):
+    ttft_p90_ms: float | None = None
+    tpot_p90_ms: float | None = None
+    attainment: float | None = None
+
+
+class Plan(ApiModel):
+    """A deployable plan.
+
+    high-affinity: prefill and decode instances are placed independently (fast links between
+    nodes carry the KV cache). low-affinity: `units` placement units, each holding
+    `prefill.replicas / units` prefill and `decode.replicas / units` decode instances on one
+    node, so the KV cache never leaves the node.
+    """
+
+    placement: Literal["high-affinity", "low-affinity"] = "high-affinity"
+    prefill: PhasePlan
+    decode: PhasePlan
+    units: int = Field(1, ge=1, le=100_000)
+    source: Literal["manual", "planner", "autoscaler"] = "manual"
+    predicted_goodput_per_gpu: float | None = None
+    predicted: Prediction | None = None
+    reason: str = ""
+    updated_at: str | None = None
+
+    @property
+    def gpus_total(self) -> int:
+        return self.prefill.gpus + self.decode.gpus
+
+    def phase(self, phase: Phase) -> PhasePlan:
+        return self.prefill if phase == "prefill" else self.decode
+
+    def per_unit(self, phase: Phase) -> int:
+        """Instances of a phase in each placement unit (low-affinity), or in total."""
+        return self.phase(phase).replicas // self.units

@@ -1,0 +1,266 @@
+"""`DisaggServe.spec`: what a user asks for (DESIGN.md §2).
+
+Defaults are the ones a first-time user on a GPU cluster wants; every bound has a message
+that says which field is wrong and what would be accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError
+
+from disaggserve.api.base import ApiModel, CelRule
+
+# A Kubernetes label value (what GPU feature discovery writes to nvidia.com/gpu.product),
+# e.g. NVIDIA-H100-80GB-HBM3. Spaces or slashes mean the product name was copied from
+# nvidia-smi rather than from the node label.
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+BUILTIN_MODELS = ("tiny-llama", "tiny-llama-draft", "small-llama")
+
+Tensor = Annotated[int, Field(ge=1, le=8, description="Tensor-parallel size: 1, 2, 4 or 8.")]
+
+
+class ModelSource(ApiModel):
+    """Where the worker loads weights from: exactly one of builtin, path or hf."""
+
+    cel_rules = (
+        CelRule(
+            "(has(self.builtin) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.hf) ? 1 : 0) == 1",
+            "model source: set exactly one of builtin, path or hf",
+        ),
+        CelRule("!has(self.pvc) || has(self.path)",
+                "model source: pvc is the volume that holds `path`; set path too"),
+    )
+
+    builtin: Literal[BUILTIN_MODELS] | None = Field(  # type: ignore[valid-type]
+        None, description="A built-in random-weight model that runs on a CPU (tiny-llama).")
+    path: str | None = Field(None, min_length=1, max_length=4096, pattern=r"^/",
+                             description="Absolute path of a checkpoint folder inside the pod.")
+    pvc: str | None = Field(None, pattern=DNS_NAME_PATTERN,
+                            description="PersistentVolumeClaim mounted read-only at `path`'s root.")
+    hf: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$",
+                           description="Hugging Face repository id (org/name), downloaded by the worker.")
+
+    def worker_arg(self) -> str:
+        """The `--model` value of the worker contract."""
+        if self.builtin:
+            return f"builtin:{self.builtin}"
+        if self.path:
+            return self.path
+        return f"hf:{self.hf}"
+
+
+class ModelFacts(ApiModel):
+    """Architecture facts the planner needs when it cannot look the model up by name."""
+
+    layers: int = Field(ge=1, le=1024)
+    attention_heads: int = Field(ge=1, le=1024)
+    kv_heads: int | None = Field(None, ge=1, le=1024)
+    hidden_size: int = Field(ge=1, le=1_000_000)
+    parameters: int = Field(ge=1, description="Parameter count (not bytes).")
+    dtype_bytes: Literal[1, 2, 4] = 2
+
+
+class ModelSpec(ApiModel):
+    name: str = Field(pattern=MODEL_NAME_PATTERN,
+                      description="Name clients send in the OpenAI `model` field.")
+    source: ModelSource
+    max_model_len: int | None = Field(None, ge=16, le=1_048_576,
+                                      description="Longest prompt + completion, in tokens.")
+    facts: ModelFacts | None = None
+
+
+class Slo(ApiModel):
+    cel_rules = (CelRule("self.attainment > 0.0 && self.attainment <= 1.0",
+                         "slo.attainment must be in (0, 1], e.g. 0.9 for 90 % of requests"),)
+
+    ttft_ms: float = Field(gt=0, le=600_000, description="Time-to-first-token target, milliseconds.")
+    tpot_ms: float = Field(gt=0, le=60_000, description="Time-per-output-token target, milliseconds.")
+    attainment: float = Field(0.9, description="Share of requests that must meet both targets.")
+
+
+class Workload(ApiModel):
+    request_rate: float = Field(gt=0, le=100_000, description="Expected requests per second.")
+    input_tokens: int = Field(ge=1, le=1_048_576, description="Mean prompt length.")
+    output_tokens: int = Field(ge=1, le=1_048_576, description="Mean completion length.")
+    distribution: Literal["fixed", "lognormal"] = "fixed"
+    sigma: float = Field(0.5, gt=0, le=4, description="Log-space spread for lognormal lengths.")
+
+
+class Toleration(ApiModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class WorkerResources(ApiModel):
+    cpu: str | None = Field(None, pattern=QUANTITY_PATTERN)
+    memory: str | None = Field(None, pattern=QUANTITY_PATTERN)
+
+
+class Hardware(ApiModel):
+    cel_rules = (
+        CelRule("self.device != 'gpu' || has(self.gpuProduct)",
+                "hardware.gpuProduct is required on GPUs: the node label nvidia.com/gpu.product, "
+                "e.g. NVIDIA-H100-80GB-HBM3 (or set device: cpu)"),
+    )
+
+    device: Literal["gpu", "cpu"] = Field(
+        "gpu", description="cpu runs workers without GPU requests (local clusters, kind).")
+    gpu_product: str | None = Field(None, pattern=LABEL_VALUE_PATTERN,
+                                    description="Value of the node label nvidia.com/gpu.product.")
+    gpu_memory_gib: float = Field(80, gt=0, le=1024, alias="gpuMemoryGiB")
+    gpus_per_node: int = Field(8, ge=1, le=16)
+    cross_node_gbps: float | None = Field(
+        None, gt=0, description="Bandwidth between nodes when nodes do not carry the label.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    worker_resources: WorkerResources | None = None
+
+
+class PhaseParallelism(ApiModel):
+    cel_rules = (CelRule("self.tensor in [1, 2, 4, 8]",
+                         "tensor size must be a power of two no larger than 8 (1, 2, 4 or 8)"),)
+
+    tensor: Tensor = 1
+    pipeline: int = Field(1, ge=1, le=64)
+    replicas: int | None = Field(None, ge=0, le=1000,
+                                 description="Instances of this phase; absent: chosen by the planner.")
+
+
+class Parallelism(ApiModel):
+    prefill: PhaseParallelism
+    decode: PhaseParallelism
+
+
+class PhaseBounds(ApiModel):
+    prefill: int = Field(ge=0, le=1000)
+    decode: int = Field(ge=0, le=1000)
+
+
+class MetricsSource(ApiModel):
+    prometheus_url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
+    window_seconds: int = Field(120, ge=15, le=86_400)
+
+
+class Autoscaling(ApiModel):
+    cel_rules = (
+        CelRule("self.minReplicas.prefill <= self.maxReplicas.prefill",
+                "autoscaling.minReplicas.prefill must not exceed autoscaling.maxReplicas.prefill"),
+        CelRule("self.minReplicas.decode <= self.maxReplicas.decode",
+                "autoscaling.minReplicas.decode must not exceed autoscaling.maxReplicas.decode"),
+    )
+
+    enabled: bool = False
+    interval_seconds: int = Field(30, ge=5, le=3600)
+    min_replicas: PhaseBounds = Field(default_factory=lambda: PhaseBounds(prefill=1, decode=1))
+    max_replicas: PhaseBounds = Field(default_factory=lambda: PhaseBounds(prefill=16, decode=16))
+    max_gpus: int | None = Field(None, ge=1, le=100_000)
+    scale_down_stabilization_seconds: int = Field(300, ge=0, le=86_400)
+    metrics: MetricsSource = Field(default_factory=MetricsSource)
+
+
+class Speculation(ApiModel):
+    cel_rules = (
+        CelRule("self.mode == 'off' || self.proposer != 'draft' || has(self.draftModel)",
+                "speculation.draftModel is required when proposer is draft"),
+        CelRule("self.ngramMin <= self.ngramMax",
+                "speculation.ngramMin must not exceed speculation.ngramMax"),
+    )
+
+    mode: Literal["off", "fixed", "adaptive"] = "off"
+    proposer: Literal["ngram", "draft"] = "ngram"
+    max_tokens: int = Field(4, ge=1, le=16)
+    ngram_min: int = Field(1, ge=1, le=16)
+    ngram_max: int = Field(3, ge=1, le=16)
+    draft_model: ModelSource | None = None
+
+
+class ConfigMapKeyRef(ApiModel):
+    name: str = Field(pattern=DNS_NAME_PATTERN)
+    key: str = Field("profile.json", pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(pattern=DNS_NAME_PATTERN)
+    key: str = Field("api-key", pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class ProfileRef(ApiModel):
+    config_map_ref: ConfigMapKeyRef | None = None
+    builtin: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$",
+                                description="Name of a profile shipped with the operator.")
+
+
+class Image(ApiModel):
+    repository: str = Field("ghcr.io/disaggserve/worker", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
+    tag: str = Field("0.1.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+    @property
+    def reference(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+
+class Router(ApiModel):
+    replicas: int = Field(1, ge=1, le=100)
+    api_key_secret_ref: SecretKeyRef | None = None
+
+
+class DisaggServeSpec(ApiModel):
+    cel_rules = (
+        CelRule(
+            "!has(self.parallelism) || !has(self.hardware) || self.hardware.device != 'gpu' || "
+            "(self.parallelism.prefill.tensor * self.parallelism.prefill.pipeline <= "
+            "self.hardware.gpusPerNode && self.parallelism.decode.tensor * "
+            "self.parallelism.decode.pipeline <= self.hardware.gpusPerNode)",
+            "an instance (tensor x pipeline GPUs) must fit on one node: "
+            "tensor * pipeline must not exceed hardware.gpusPerNode",
+        ),
+    )
+
+    model: ModelSpec
+    slo: Slo
+    workload: Workload
+    hardware: Hardware = Field(default_factory=lambda: Hardware(device="cpu"))
+    parallelism: Parallelism | None = None
+    placement: Literal["auto", "high-affinity", "low-affinity"] = "auto"
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    speculation: Speculation = Field(default_factory=Speculation)
+    profile: ProfileRef | None = None
+    image: Image = Field(default_factory=Image)
+    router: Router = Field(default_factory=Router)
+
+
+class SpecError(ValueError):
+    """A spec that cannot be served, with one line per problem naming the field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def describe_validation_error(error: ValidationError, root: str = "spec") -> list[str]:
+    """Turn pydantic's errors into lines that name the wire field path (camelCase)."""
+    lines = []
+    for item in error.errors():
+        path = ".".join([root, *(str(p) for p in item["loc"])])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; check the spelling against `disaggserve crd` or the docs"
+        lines.append(f"{path}: {message}")
+    return lines
+
+
+def parse_spec(raw: dict[str, Any] | None) -> DisaggServeSpec:
+    """Validate a spec as it comes from the API server or a file; raise SpecError on bad input."""
+    try:
+        return DisaggServeSpec.model_validate(raw or {})
+    except ValidationError as e:
+        raise SpecError(describe_validation_error(e)) from None

@@ -1,0 +1,99 @@
+"""The wire contract with the worker image, control-plane side.
+
+The worker package keeps its own copy (`disaggserve_worker.contract`): the two packages never
+import each other. `tests/test_contract.py` renders pods with the operator and parses their
+command lines with the worker's own argument parser, so a drift on either side fails a test.
+"""
+
+from __future__ import annotations
+
+ROUTER_PORT = 8000
+WORKER_PORT = 8100
+KV_PORT = 8101
+
+WORKER_BINARY = "disaggserve-worker"
+
+# Identity of a pod, injected through the downward API (or by the local node agent).
+ENV_POD_NAME = "DISAGGSERVE_POD_NAME"
+ENV_POD_IP = "DISAGGSERVE_POD_IP"
+ENV_NAMESPACE = "DISAGGSERVE_NAMESPACE"
+ENV_UNIT = "DISAGGSERVE_UNIT"
+
+# HTTP paths every worker and the router serve.
+PATH_HEALTH = "/healthz"
+PATH_READY = "/readyz"
+PATH_METRICS = "/metrics"
+PATH_DRAIN = "/internal/drain"
+
+# Labels on every object the operator creates; the router discovers workers by them.
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_UNIT = "disaggserve.io/unit"
+LABEL_PLAN_HASH = "disaggserve.io/plan-hash"
+APP_NAME = "disaggserve"
+MANAGED_BY = "disaggserve-operator"
+
+# Metric names (DESIGN.md §5), read by the autoscaler from Prometheus or the router.
+METRIC_TTFT = "disaggserve_ttft_seconds"
+METRIC_TPOT = "disaggserve_tpot_seconds"
+METRIC_E2E = "disaggserve_e2e_seconds"
+METRIC_REQUESTS = "disaggserve_requests_total"
+METRIC_PROMPT_TOKENS = "disaggserve_prompt_tokens_total"
+METRIC_GENERATION_TOKENS = "disaggserve_generation_tokens_total"
+METRIC_SLO_MET = "disaggserve_slo_met_total"
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+def worker_args(
+    *,
+    role: str,
+    model: str,
+    model_name: str,
+    tensor: int,
+    pipeline: int,
+    device: str,
+    ttft_slo_ms: float,
+    tpot_slo_ms: float,
+    max_model_len: int | None = None,
+    speculation: dict[str, str | int] | None = None,
+) -> list[str]:
+    """Command line of `disaggserve-worker serve` for one pod."""
+    if role not in ROLES:
+        raise ValueError(f"unknown worker role {role!r}; expected one of {ROLES}")
+    args = [
+        "serve", "--role", role, "--model", model, "--model-name", model_name,
+        "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--kv-port", str(KV_PORT),
+        "--tensor-parallel", str(tensor), "--pipeline-parallel", str(pipeline),
+        "--device", device, "--ttft-slo-ms", f"{ttft_slo_ms:g}", "--tpot-slo-ms", f"{tpot_slo_ms:g}",
+    ]
+    if max_model_len:
+        args += ["--max-model-len", str(max_model_len)]
+    for key, value in (speculation or {}).items():
+        args += [f"--speculation-{key}", str(value)]
+    return args
+
+
+def router_args(
+    *,
+    model: str,
+    model_name: str,
+    namespace: str,
+    instance: str,
+    ttft_slo_ms: float,
+    tpot_slo_ms: float,
+    api_key_file: str | None = None,
+) -> list[str]:
+    """Command line of `disaggserve-worker router`, discovering workers through the API."""
+    args = [
+        "router", "--model", model, "--model-name", model_name,
+        "--host", "0.0.0.0", "--port", str(ROUTER_PORT),
+        "--discovery", "kubernetes", "--namespace", namespace,
+        "--selector", f"{LABEL_INSTANCE}={instance}",
+        "--ttft-slo-ms", f"{ttft_slo_ms:g}", "--tpot-slo-ms", f"{tpot_slo_ms:g}",
+    ]
+    if api_key_file:
+        args += ["--api-key-file", api_key_file]
+    return args

@@ -1,0 +1,47 @@
+"""The one function the controller, the CLI and the autoscaler call to get a plan."""
+
+from __future__ import annotations
+
+from math import gcd
+
+from disaggserve.api.plan import PhasePlan, Plan
+from disaggserve.api.spec import DisaggServeSpec
+
+
+class PlanningError(Exception):
+    """No deployable plan; `reason` is a condition reason, the message says what to change."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+def manual_plan(spec: DisaggServeSpec) -> Plan:
+    """The plan a user wrote down in `spec.parallelism` (replicas default to 1)."""
+    assert spec.parallelism is not None
+    prefill = spec.parallelism.prefill
+    decode = spec.parallelism.decode
+    p_replicas = 1 if prefill.replicas is None else prefill.replicas
+    d_replicas = 1 if decode.replicas is None else decode.replicas
+    placement = "low-affinity" if spec.placement == "low-affinity" else "high-affinity"
+    units = max(1, gcd(p_replicas, d_replicas)) if placement == "low-affinity" else 1
+    return Plan(
+        placement=placement,
+        prefill=PhasePlan(tensor=prefill.tensor, pipeline=prefill.pipeline, replicas=p_replicas),
+        decode=PhasePlan(tensor=decode.tensor, pipeline=decode.pipeline, replicas=d_replicas),
+        units=units,
+        source="manual",
+        reason=f"manual: spec.parallelism ({p_replicas} prefill x {prefill.tensor * prefill.pipeline} GPU, "
+        f"{d_replicas} decode x {decode.tensor * decode.pipeline} GPU, {placement}, {units} unit(s))",
+    )
+
+
+def plan_for(spec: DisaggServeSpec) -> Plan:
+    """Plan a resource. Raises PlanningError with a reason a person can act on."""
+    if spec.parallelism is not None:
+        return manual_plan(spec)
+    raise PlanningError(
+        "PlannerUnavailable",
+        "automatic planning is not available yet: set spec.parallelism (tensor, pipeline, replicas "
+        "for prefill and decode)",
+    )
