@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from math import gcd
+from typing import Any
 
 from disaggserve.api.plan import PhasePlan, Plan
 from disaggserve.api.spec import DisaggServeSpec
@@ -36,8 +37,19 @@ def manual_plan(spec: DisaggServeSpec) -> Plan:
     )
 
 
-def plan_for(spec: DisaggServeSpec) -> Plan:
-    """Plan a resource. Raises PlanningError with a reason a person can act on."""
+def plan_for(
+    spec: DisaggServeSpec,
+    *,
+    nodes: list[dict[str, Any]] | None = None,
+    profile: dict[str, Any] | None = None,
+    rate: float | None = None,
+) -> Plan:
+    """Plan a resource. Raises PlanningError with a reason a person can act on.
+
+    `nodes` are Node objects as the API returns them (None: no cluster view, plan on the spec's
+    hardware alone), `profile` a latency profile document (None: built-in), `rate` overrides
+    `spec.workload.requestRate` (the autoscaler passes the measured rate).
+    """
     if spec.parallelism is not None:
         return manual_plan(spec)
     raise PlanningError(
