@@ -184,6 +184,14 @@ class _NoAliasDumper(yaml.SafeDumper):
         return True
 
 
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_NoAliasDumper.add_representer(str, _str_representer)
+
+
 def dump_yaml(obj: Any) -> str:
     return yaml.dump(obj, Dumper=_NoAliasDumper, sort_keys=False, width=120)
 

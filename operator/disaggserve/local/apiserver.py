@@ -191,6 +191,17 @@ class LocalApiServer(kmock.KubernetesEmulator):
                     version.get("schema", {}).get("openAPIV3Schema", {}), names["kind"]
                 )
 
+    def add_crd(self, crd: dict[str, Any]) -> dict[str, Any]:
+        """Store a CRD object (as `kubectl apply` would) and serve its resource."""
+        obj = copy.deepcopy(crd)
+        meta = obj.setdefault("metadata", {})
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), resourceVersion=self._next_rv(), generation=1)
+        obj["status"] = {"conditions": [{"type": "Established", "status": "True"}]}
+        self.store[("apiextensions.k8s.io", "customresourcedefinitions", None, meta["name"])] = obj
+        self.install_crd(obj)
+        self._emit("ADDED", "apiextensions.k8s.io", "customresourcedefinitions", obj)
+        return obj
+
     # ----------------------------------------------------------------- dispatch
 
     async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
@@ -623,7 +634,7 @@ async def serve_api(
     """Run the local API on host:port (0: any free port); yields the server and its URL."""
     api = LocalApiServer()
     for crd in crds or []:
-        api.install_crd(crd)
+        api.add_crd(crd)
     api.store[("", "namespaces", None, "default")] = {
         "apiVersion": "v1",
         "kind": "Namespace",
