@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from disaggserve.api.crd import build_crd
+from disaggserve.api.peering import build_peering_crds
 from disaggserve.local.apiserver import LocalApiServer, serve_api, write_kubeconfig
 
 ROOT = Path(__file__).resolve().parent.parent
-CRDS = [build_crd(), *yaml.safe_load_all((ROOT / "crds" / "kopf-peering.yaml").read_text())]
+CRDS = [build_crd(), *build_peering_crds()]
 
 
 class Api:
