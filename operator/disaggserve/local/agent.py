@@ -167,7 +167,8 @@ class NodeAgent:
         await self._start_missing(desired, api_pods)
         await self._supervise(api_pods)
         await self._report_workloads(workloads, by_workload)
-        await self.proxy.sync(list(api_pods.values()))
+        # Readiness changed during this pass: route by what the API says now, not at its start.
+        await self.proxy.sync(await self.kube.list("v1", "Pod"))
 
     async def _retire(
         self, desired: dict[tuple[str, str], DesiredPod], by_workload: dict[tuple[str, str, str], list[DesiredPod]]

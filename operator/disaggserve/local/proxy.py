@@ -79,8 +79,13 @@ class ServiceProxy:
         self, key: tuple[str, str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         backends = self._backends.get(key) or []
+        for _ in range(50):  # like a Service with no ready endpoint yet: hold the client up to 5 s
+            if backends:
+                break
+            await asyncio.sleep(0.1)
+            backends = self._backends.get(key) or []
         if not backends:
-            writer.close()  # no ready endpoint: the client sees a refused/closed connection
+            writer.close()
             return
         host, port = backends[next(self._turn) % len(backends)]
         try:
