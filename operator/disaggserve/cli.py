@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from disaggserve import cli_plan
 from disaggserve.api.crd import render_crd_yaml
 
 Command = Callable[[argparse.Namespace], int]
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the API models")
     crd.add_argument("-o", "--output", help="write to this file instead of stdout")
     crd.set_defaults(func=_cmd_crd)
+    cli_plan.register(sub)
     return parser
 
 

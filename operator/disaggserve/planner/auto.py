@@ -223,8 +223,8 @@ def _explain_no_shape(s: Searcher, topo: Topology) -> PlanningError:
         "ModelTooLarge",
         f"weights of {s.facts.weight_bytes / gib:.0f} GiB plus KV room for a {s.need_tokens}-token request "
         f"({s.need_tokens * s.facts.kv_bytes_per_token / gib:.1f} GiB) do not fit any instance: "
-        f"the largest is one node's {largest} GPUs × {per_gpu:.0f} GiB usable = {largest * per_gpu:.0f} GiB; use nodes with "
-        "more or larger GPUs, or a quantised model",
+        f"the largest is one node's {largest} GPUs × {per_gpu:.0f} GiB usable = "
+        f"{largest * per_gpu:.0f} GiB; use nodes with more or larger GPUs, or a quantised model",
     )
 
 
