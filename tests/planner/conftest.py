@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from disaggserve.planner.profile import LatencyProfile, parse_profile
 
 
@@ -14,17 +13,41 @@ def coeffs(a: float, b: float, c: float = 0.0) -> dict[str, float]:
 
 
 def entry(tensor: int, prefill: dict[str, float], decode: dict[str, float]) -> dict[str, Any]:
-    return {"tensor": tensor, "pipeline": 1, "prefill": prefill, "decode_small": decode, "decode_large": decode,
-            "decode_batch_threshold": 95}
+    return {
+        "tensor": tensor,
+        "pipeline": 1,
+        "prefill": prefill,
+        "decode_small": decode,
+        "decode_large": decode,
+        "decode_batch_threshold": 95,
+    }
 
 
-def synthetic_profile(entries: list[dict[str, Any]], *, layers: int = 3, heads: int = 8,
-                      parameters: int = 1_000_000, **extra: Any) -> LatencyProfile:
+def synthetic_profile(
+    entries: list[dict[str, Any]],
+    *,
+    layers: int = 3,
+    heads: int = 8,
+    parameters: int = 1_000_000,
+    **extra: Any,
+) -> LatencyProfile:
     """A tiny model (weights ≈ nothing) so memory never decides; `layers` = 3 allows pipeline 1 or 3."""
-    doc = {"model": "synthetic", "gpu": "TEST-GPU", "source": "constructed for tests",
-           "model_facts": {"layers": layers, "attention_heads": heads, "kv_heads": heads, "hidden_size": 64,
-                           "parameters": parameters, "dtype_bytes": 2},
-           "stage_overhead_ms": 0.0, "entries": entries, **extra}
+    doc = {
+        "model": "synthetic",
+        "gpu": "TEST-GPU",
+        "source": "constructed for tests",
+        "model_facts": {
+            "layers": layers,
+            "attention_heads": heads,
+            "kv_heads": heads,
+            "hidden_size": 64,
+            "parameters": parameters,
+            "dtype_bytes": 2,
+        },
+        "stage_overhead_ms": 0.0,
+        "entries": entries,
+        **extra,
+    }
     return parse_profile(doc)
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from conftest import coeffs, entry, synthetic_profile
-
 from disaggserve.planner import queueing
 from disaggserve.planner.profile import phase_latency
 from disaggserve.planner.simulator import simulate_prefill
 from disaggserve.planner.workload import LengthDistribution, WorkloadModel, sample_requests
 
-FIXED = WorkloadModel(rate=1, input=LengthDistribution(kind="fixed", mean=500),
-                      output=LengthDistribution(kind="fixed", mean=10))
+FIXED = WorkloadModel(
+    rate=1, input=LengthDistribution(kind="fixed", mean=500), output=LengthDistribution(kind="fixed", mean=10)
+)
 D = 10 + 0.1 * 500  # ms: prefill of one 500-token prompt on tensor size 1 below
 
 
@@ -23,10 +25,13 @@ def long_sample():
 
 def _profile(speedup: float = 1.3):
     # tensor 2 is `speedup` times faster than tensor 1 for every prompt
-    return synthetic_profile([
-        entry(1, coeffs(10, 0.1), coeffs(5, 0.0)),
-        entry(2, coeffs(10 / speedup, 0.1 / speedup), coeffs(5, 0.0)),
-    ], layers=2)
+    return synthetic_profile(
+        [
+            entry(1, coeffs(10, 0.1), coeffs(5, 0.0)),
+            entry(2, coeffs(10 / speedup, 0.1 / speedup), coeffs(5, 0.0)),
+        ],
+        layers=2,
+    )
 
 
 def test_zero_load_ttft_is_the_prefill_time(long_sample):
@@ -62,7 +67,7 @@ def test_attainment_falls_as_rate_rises(long_sample):
     sample = long_sample.head(3000)
     attainments = [simulate_prefill(sample, r, lat).attainment(150, 1e9) for r in (2, 10, 14, 17, 25)]
     assert attainments[0] > 0.99
-    assert all(a >= b for a, b in zip(attainments, attainments[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(attainments))
     assert attainments[-1] < 0.5
 
 

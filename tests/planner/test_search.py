@@ -6,7 +6,6 @@ import math
 
 import pytest
 from conftest import coeffs, entry, spec_dict
-
 from disaggserve.api.spec import parse_spec
 from disaggserve.planner import plan_for
 from disaggserve.planner.profile import builtin_profiles
@@ -17,9 +16,18 @@ from disaggserve.planner.workload import LengthDistribution, WorkloadModel, samp
 # tensor 4 barely faster. Decode: every tensor size takes the same step time, so tensor 1 wins
 # per GPU. Memory never binds (a tiny model).
 CONSTRUCTED = {
-    "model": "synthetic", "gpu": "TEST-GPU", "source": "constructed for tests", "stage_overhead_ms": 0.0,
-    "model_facts": {"layers": 1, "attention_heads": 8, "kv_heads": 8, "hidden_size": 64, "parameters": 1000,
-                    "dtype_bytes": 2},
+    "model": "synthetic",
+    "gpu": "TEST-GPU",
+    "source": "constructed for tests",
+    "stage_overhead_ms": 0.0,
+    "model_facts": {
+        "layers": 1,
+        "attention_heads": 8,
+        "kv_heads": 8,
+        "hidden_size": 64,
+        "parameters": 1000,
+        "dtype_bytes": 2,
+    },
     "entries": [
         entry(1, coeffs(20, 0.2), coeffs(2, 0, 0.01)),
         entry(2, coeffs(4, 0.06), coeffs(2, 0, 0.01)),
@@ -65,10 +73,19 @@ def test_low_rate_prefers_the_smallest_sufficient_configuration():
 @pytest.fixture(scope="module")
 def opt66b_searcher() -> Searcher:
     prof = builtin_profiles()["opt-66b-a100"]
-    work = WorkloadModel(rate=1, input=LengthDistribution(kind="lognormal", mean=512, sigma=0.5),
-                         output=LengthDistribution(kind="lognormal", mean=128, sigma=0.5))
-    return Searcher(prof, prof.model_facts.to_facts(), sample_requests(work, 6000), Slo(2000, 150, 0.9),
-                    HardwareView(8, 80 * 1024**3, 2400, 200), target_rate=40)
+    work = WorkloadModel(
+        rate=1,
+        input=LengthDistribution(kind="lognormal", mean=512, sigma=0.5),
+        output=LengthDistribution(kind="lognormal", mean=128, sigma=0.5),
+    )
+    return Searcher(
+        prof,
+        prof.model_facts.to_facts(),
+        sample_requests(work, 6000),
+        Slo(2000, 150, 0.9),
+        HardwareView(8, 80 * 1024**3, 2400, 200),
+        target_rate=40,
+    )
 
 
 def test_pruned_low_affinity_search_matches_exhaustive(opt66b_searcher):
@@ -77,8 +94,12 @@ def test_pruned_low_affinity_search_matches_exhaustive(opt66b_searcher):
     simulated = s.stats.simulated
     full = s.low_affinity(exhaustive=True)
     assert s.stats.simulated > simulated  # the exhaustive pass really did more work
-    assert (pruned.prefill, pruned.prefill_count, pruned.decode, pruned.decode_count) == \
-        (full[0].prefill, full[0].prefill_count, full[0].decode, full[0].decode_count)
+    assert (pruned.prefill, pruned.prefill_count, pruned.decode, pruned.decode_count) == (
+        full[0].prefill,
+        full[0].prefill_count,
+        full[0].decode,
+        full[0].decode_count,
+    )
 
 
 def test_pruned_high_affinity_search_matches_exhaustive(opt66b_searcher):
@@ -102,6 +123,7 @@ def test_goodput_is_where_attainment_crosses_the_target(opt66b_searcher):
     g = s.prefill_goodput(Shape(4, 1))
     assert g > 0
     from disaggserve.planner.simulator import simulate_prefill
+
     lat = s.latency(Shape(4, 1))
 
     def att(rate: float) -> float:

@@ -9,7 +9,6 @@ from collections import deque
 import numpy as np
 import pytest
 from conftest import coeffs, entry, synthetic_profile
-
 from disaggserve.planner.profile import PhaseLatency, builtin_profiles, phase_latency
 from disaggserve.planner.simulator import (
     INF,
@@ -90,8 +89,11 @@ def test_steps_before_matches_brute_force():
 
 
 def _two_requests() -> RequestSample:
-    return RequestSample(unit_arrivals_s=np.array([0.0, 0.0025]), input_tokens=np.array([4, 4]),
-                         output_tokens=np.array([10, 3]))
+    return RequestSample(
+        unit_arrivals_s=np.array([0.0, 0.0025]),
+        input_tokens=np.array([4, 4]),
+        output_tokens=np.array([10, 3]),
+    )
 
 
 def test_colocated_prefill_stalls_running_decodes():
@@ -136,8 +138,11 @@ def test_request_longer_than_kv_memory_fails_instead_of_blocking():
 def test_more_decode_instances_carry_more_load():
     prof = builtin_profiles()["opt-13b-a100"]
     lat = phase_latency(prof, 1, 1)
-    work = WorkloadModel(rate=1, input=LengthDistribution(kind="lognormal", mean=512),
-                         output=LengthDistribution(kind="lognormal", mean=128))
+    work = WorkloadModel(
+        rate=1,
+        input=LengthDistribution(kind="lognormal", mean=512),
+        output=LengthDistribution(kind="lognormal", mean=128),
+    )
     sample = sample_requests(work, 1500, seed=3)
     one = simulate_decode(sample, 30, DecodeSetup(lat, 1, 30_000, 819_200, INF)).attainment(1e9, 60)
     two = simulate_decode(sample, 30, DecodeSetup(lat, 2, 30_000, 819_200, INF)).attainment(1e9, 60)

@@ -335,7 +335,7 @@ def _tpot(first: np.ndarray, done: np.ndarray, out: np.ndarray) -> np.ndarray:
     steps = np.maximum(out - 1, 1)
     with np.errstate(invalid="ignore"):
         tpot = np.where(out > 1, (done - first) / steps, np.where(done < INF, 0.0, INF))
-    return np.nan_to_num(tpot, nan=INF)
+    return np.nan_to_num(tpot, nan=INF, posinf=INF)
 
 
 @dataclass(frozen=True)
