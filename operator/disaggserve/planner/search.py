@@ -402,9 +402,13 @@ class Searcher:
         return ranked
 
     def colocated(self) -> list[PhaseChoice]:
-        """The baseline: one engine doing both phases, per shape, best per-GPU goodput first."""
+        """The baseline: one engine doing both phases, per shape, best first. Tensor parallelism
+        only, as in DistServe's vLLM baseline (vLLM then had no pipeline parallelism), so the
+        comparison is the paper's."""
         ranked = []
         for s in self.shapes(colocated=True):
+            if s.pipeline != 1:
+                continue
             if not (self.prefill_reachable(s) and self.decode_reachable(s, math.inf)):
                 self.stats.pruned_zero_load += 1
                 continue
