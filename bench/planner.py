@@ -45,11 +45,15 @@ def spec_for(model: str, rate: float, placement: str, cross_gbps: float | None =
     hardware = {"gpuProduct": A100, "gpuMemoryGiB": 80, "gpusPerNode": 8}
     if cross_gbps:
         hardware["crossNodeGbps"] = cross_gbps
-    return parse_spec({
-        "model": {"name": m["name"], "source": {"path": f"/models/{model}"}, "maxModelLen": 2048},
-        "slo": m["slo"], "workload": {"requestRate": rate, **CHATBOT}, "hardware": hardware,
-        "placement": placement,
-    })
+    return parse_spec(
+        {
+            "model": {"name": m["name"], "source": {"path": f"/models/{model}"}, "maxModelLen": 2048},
+            "slo": m["slo"],
+            "workload": {"requestRate": rate, **CHATBOT},
+            "hardware": hardware,
+            "placement": placement,
+        }
+    )
 
 
 def cluster(nodes: int, cross_gbps: float) -> list[dict]:
@@ -61,18 +65,29 @@ def timed_search(model: str, rate: float, placement: str, nodes: int, repeats: i
     outcome = None
     for _ in range(repeats):
         started = time.perf_counter()
-        outcome = plan_automatically(spec_for(model, rate, placement), nodes=cluster(nodes, cross),
-                                     with_baseline=False)
+        outcome = plan_automatically(
+            spec_for(model, rate, placement), nodes=cluster(nodes, cross), with_baseline=False
+        )
         seconds.append(time.perf_counter() - started)
     assert outcome is not None
     plan = outcome.plan
     return {
-        "model": model, "cluster": f"{nodes}x8", "placement": plan.placement, "rate": rate,
-        "median_seconds": round(statistics.median(seconds), 3), "seconds": [round(x, 3) for x in seconds],
-        "configs_simulated": outcome.stats.simulated, "pruned": outcome.stats.pruned_bound
-        + outcome.stats.pruned_zero_load, "simulations": outcome.stats.probes,
-        "plan": {"prefill": plan.prefill.model_dump(), "decode": plan.decode.model_dump(), "units": plan.units,
-                 "gpus_total": plan.gpus_total, "goodput_per_gpu": plan.predicted_goodput_per_gpu},
+        "model": model,
+        "cluster": f"{nodes}x8",
+        "placement": plan.placement,
+        "rate": rate,
+        "median_seconds": round(statistics.median(seconds), 3),
+        "seconds": [round(x, 3) for x in seconds],
+        "configs_simulated": outcome.stats.simulated,
+        "pruned": outcome.stats.pruned_bound + outcome.stats.pruned_zero_load,
+        "simulations": outcome.stats.probes,
+        "plan": {
+            "prefill": plan.prefill.model_dump(),
+            "decode": plan.decode.model_dump(),
+            "units": plan.units,
+            "gpus_total": plan.gpus_total,
+            "goodput_per_gpu": plan.predicted_goodput_per_gpu,
+        },
     }
 
 
@@ -86,12 +101,21 @@ def optimality(model: str, rate: float, placement: str, nodes: int, cross: float
     t_full = time.perf_counter() - started
     a, b = pruned.plan.predicted_goodput_per_gpu, full.plan.predicted_goodput_per_gpu
     return {
-        "model": model, "cluster": f"{nodes}x8", "placement": placement, "rate": rate,
-        "chosen_goodput_per_gpu": a, "exhaustive_goodput_per_gpu": b, "ratio": round(a / b, 4) if b else None,
-        "chosen_gpus": pruned.plan.gpus_total, "exhaustive_gpus": full.plan.gpus_total,
-        "chosen_configs_simulated": pruned.stats.simulated, "exhaustive_configs_simulated": full.stats.simulated,
-        "seconds_chosen": round(t_pruned, 3), "seconds_exhaustive": round(t_full, 3),
-        "chosen": pruned.plan.reason, "exhaustive": full.plan.reason,
+        "model": model,
+        "cluster": f"{nodes}x8",
+        "placement": placement,
+        "rate": rate,
+        "chosen_goodput_per_gpu": a,
+        "exhaustive_goodput_per_gpu": b,
+        "ratio": round(a / b, 4) if b else None,
+        "chosen_gpus": pruned.plan.gpus_total,
+        "exhaustive_gpus": full.plan.gpus_total,
+        "chosen_configs_simulated": pruned.stats.simulated,
+        "exhaustive_configs_simulated": full.stats.simulated,
+        "seconds_chosen": round(t_pruned, 3),
+        "seconds_exhaustive": round(t_full, 3),
+        "chosen": pruned.plan.reason,
+        "exhaustive": full.plan.reason,
     }
 
 
@@ -99,7 +123,10 @@ def disagg_vs_colocated(model: str, rate: float, nodes: int, cross: float, place
     o = plan_automatically(spec_for(model, rate, placement), nodes=cluster(nodes, cross))
     plan, base = o.plan, o.baseline
     return {
-        "model": model, "rate": rate, "cluster": f"{nodes}x8", "placement": plan.placement,
+        "model": model,
+        "rate": rate,
+        "cluster": f"{nodes}x8",
+        "placement": plan.placement,
         "disaggregated_goodput_per_gpu": plan.predicted_goodput_per_gpu,
         "disaggregated_gpus": plan.gpus_total,
         "colocated_goodput_per_gpu": round(base.goodput_per_gpu, 4) if base else None,
@@ -114,27 +141,47 @@ def main() -> int:
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     result: dict = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform()},
-        "workload": CHATBOT, "slos": {k: v["slo"] for k, v in MODELS.items()},
-        "search_time": [], "optimality": [], "disaggregated_vs_colocated": [],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+        "workload": CHATBOT,
+        "slos": {k: v["slo"] for k, v in MODELS.items()},
+        "search_time": [],
+        "optimality": [],
+        "disaggregated_vs_colocated": [],
     }
     # 25 Gbps is DistServe's testbed (low affinity); 200 Gbps stands for an InfiniBand cluster.
-    runs = [("opt-66b", 8, "high-affinity", 4, 200), ("opt-66b", 8, "low-affinity", 4, 25),
-            ("opt-66b", 40, "high-affinity", 16, 200), ("opt-66b", 40, "low-affinity", 16, 25)]
+    runs = [
+        ("opt-66b", 8, "high-affinity", 4, 200),
+        ("opt-66b", 8, "low-affinity", 4, 25),
+        ("opt-66b", 40, "high-affinity", 16, 200),
+        ("opt-66b", 40, "low-affinity", 16, 25),
+    ]
     for model, rate, placement, nodes, cross in runs:
         row = timed_search(model, rate, placement, nodes, args.repeats, cross)
-        print(f"search {model} {nodes}x8 {placement}: median {row['median_seconds']} s "
-              f"({row['configs_simulated']} configs simulated, {row['pruned']} pruned)", flush=True)
+        print(
+            f"search {model} {nodes}x8 {placement}: median {row['median_seconds']} s "
+            f"({row['configs_simulated']} configs simulated, {row['pruned']} pruned)",
+            flush=True,
+        )
         result["search_time"].append(row)
     for model, rate, placement, nodes, cross in runs[:2]:
         row = optimality(model, rate, placement, nodes, cross)
-        print(f"optimality {model} {placement}: chosen/exhaustive = {row['ratio']} "
-              f"({row['seconds_chosen']} s vs {row['seconds_exhaustive']} s)", flush=True)
+        print(
+            f"optimality {model} {placement}: chosen/exhaustive = {row['ratio']} "
+            f"({row['seconds_chosen']} s vs {row['seconds_exhaustive']} s)",
+            flush=True,
+        )
         result["optimality"].append(row)
     for model, rate in (("opt-13b", 20), ("opt-66b", 8)):
         row = disagg_vs_colocated(model, rate, 4, 25, "low-affinity")
-        print(f"{model}: disaggregated {row['disaggregated_goodput_per_gpu']} rps/GPU vs colocated "
-              f"{row['colocated_goodput_per_gpu']} ({row['ratio']}x)", flush=True)
+        print(
+            f"{model}: disaggregated {row['disaggregated_goodput_per_gpu']} rps/GPU vs colocated "
+            f"{row['colocated_goodput_per_gpu']} ({row['ratio']}x)",
+            flush=True,
+        )
         result["disaggregated_vs_colocated"].append(row)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")

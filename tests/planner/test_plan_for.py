@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import spec_dict
@@ -160,3 +161,21 @@ def test_builtin_profile_by_name_and_unknown_name():
     with pytest.raises(PlanningError) as err:
         plan_for(spec, nodes=nodes(1))
     assert err.value.reason == "ProfileMissing" and "opt-66b-a100" in str(err.value)
+
+
+def test_builtin_cpu_model_plans_from_the_builtin_cpu_profile():
+    import yaml
+
+    raw = yaml.safe_load(Path("examples/tiny-cpu.yaml").read_text())["spec"]
+    raw.pop("parallelism")
+    from disaggserve.planner.auto import plan_automatically
+
+    outcome = plan_automatically(parse_spec(raw), nodes=nodes(1))  # CPU workers: GPU nodes do not limit
+    assert outcome.profile_source == "built-in profile for tiny-llama on cpu"
+    assert outcome.plan.source == "planner" and outcome.plan.predicted.attainment >= 0.9
+
+
+def test_too_few_free_gpus_for_one_instance_is_no_capacity():
+    with pytest.raises(PlanningError) as err:
+        plan_for(parse_spec(spec_dict()), nodes=nodes(2), used_gpus={"node-0": 7, "node-1": 7})
+    assert err.value.reason == "NoCapacity" and "[1, 1]" in str(err.value)

@@ -139,7 +139,7 @@ def resolve_profile(spec: DisaggServeSpec, doc: dict[str, Any] | None) -> tuple[
     raise PlanningError(
         "ProfileMissing",
         f"no latency profile for model {spec.model.name!r} on {product}: run `disaggserve-worker profile "
-        f"--model {source.worker_arg()} --output profile.json` on one such node, then `kubectl create "
+        f"--model {source.worker_arg()} --out profile.json` on one such node, then `kubectl create "
         "configmap <name> --from-file=profile.json` and set spec.profile.configMapRef.name "
         "(or set spec.parallelism to plan by hand)",
     )

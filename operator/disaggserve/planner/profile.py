@@ -106,8 +106,9 @@ class LatencyProfile(BaseModel):
 
 
 def normalise_model_name(name: str) -> str:
-    """`facebook/opt-13b`, `OPT-13B` and `opt-13b` name the same weights."""
-    return name.rsplit("/", 1)[-1].lower()
+    """`facebook/opt-13b`, `OPT-13B` and `opt-13b` name the same weights; `builtin:tiny-llama`
+    (the worker's `--model` spelling) and `tiny-llama` the same built-in model."""
+    return name.removeprefix("builtin:").rsplit("/", 1)[-1].lower()
 
 
 @dataclass(frozen=True)
