@@ -179,3 +179,17 @@ def test_too_few_free_gpus_for_one_instance_is_no_capacity():
     with pytest.raises(PlanningError) as err:
         plan_for(parse_spec(spec_dict()), nodes=nodes(2), used_gpus={"node-0": 7, "node-1": 7})
     assert err.value.reason == "NoCapacity" and "[1, 1]" in str(err.value)
+
+
+def test_replanning_at_a_new_rate_reuses_memoised_goodputs():
+    from disaggserve.planner.auto import plan_automatically
+    from disaggserve.planner.search import clear_shared_goodputs
+
+    clear_shared_goodputs()
+    spec = parse_spec(spec_dict())
+    first = plan_automatically(spec, nodes=nodes(4), with_baseline=False)
+    again = plan_automatically(spec, nodes=nodes(4), rate=7, with_baseline=False)
+    assert again.stats.simulated < first.stats.simulated
+    clear_shared_goodputs()
+    cold = plan_automatically(spec, nodes=nodes(4), rate=7, with_baseline=False)
+    assert cold.plan == again.plan  # memoised and fresh searches agree

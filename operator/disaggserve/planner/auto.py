@@ -34,6 +34,7 @@ from disaggserve.planner.search import (
     Shape,
     Slo,
     UnitChoice,
+    shared_goodputs,
 )
 from disaggserve.planner.simulator import SimResult
 from disaggserve.planner.workload import (
@@ -338,8 +339,10 @@ def plan_automatically(
     target = work.rate
     slo = Slo(spec.slo.ttft_ms, spec.slo.tpot_ms, spec.slo.attainment)
     hw = HardwareView(topo.gpus_per_node, topo.gpu_memory_bytes, topo.intra_gbps, topo.cross_gbps)
+    memo = shared_goodputs((prof.model_dump_json(), facts, work.input, work.output, seed, requests, slo, hw))
     s = Searcher(
-        prof, facts, sample_requests(work, MAX_REQUESTS, seed), slo, hw, target, min_requests=requests
+        prof, facts, sample_requests(work, MAX_REQUESTS, seed), slo, hw, target, min_requests=requests,
+        _goodputs=memo,
     )
     if not s.shapes():
         raise _explain_no_shape(s, topo)

@@ -13,6 +13,8 @@ stops as soon as no remaining candidate can beat the best one found.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +44,33 @@ POOLING_SLACK = 1.3
 # requests is not counted.
 WINDOW_LIFETIMES = 4.0
 WARMUP = 0.2
+
+
+# Goodputs do not depend on the target rate, so the operator's re-plans (every spec change,
+# every autoscaling step with a new measured rate) reuse them across calls. Keyed by
+# everything a goodput does depend on; a few dozen floats per entry.
+SHARED_CACHE_ENTRIES = 32
+_shared: OrderedDict[tuple, dict[tuple, float]] = OrderedDict()
+_shared_lock = threading.Lock()
+
+
+def shared_goodputs(key: tuple) -> dict[tuple, float]:
+    """The goodput memo for one (profile, model, workload, SLO, hardware) setting, LRU-kept."""
+    with _shared_lock:
+        if key in _shared:
+            _shared.move_to_end(key)
+            return _shared[key]
+        memo: dict[tuple, float] = {}
+        _shared[key] = memo
+        while len(_shared) > SHARED_CACHE_ENTRIES:
+            _shared.popitem(last=False)
+        return memo
+
+
+def clear_shared_goodputs() -> None:
+    """Forget every memoised goodput (benchmarks of cold searches)."""
+    with _shared_lock:
+        _shared.clear()
 
 
 @dataclass(frozen=True)
