@@ -48,6 +48,11 @@ from disaggserve.planner.workload import (
 from disaggserve.topology import Topology, build_topology, choose_placement, hardware_only
 
 MAX_TOP_UPS = 8  # extra replicas/units the joint check may add before giving up on the target
+MAX_SIMULATED_INSTANCES = 8  # see Deployment.scaled
+BASELINE_SIMULATED_INSTANCES = 4
+# Candidates (best by per-instance goodputs) that are sized as whole deployments before the
+# choice: pooling across instances makes deployment goodput differ from the sum of the parts.
+RERANK_TOP = 3
 
 
 @dataclass(frozen=True)
@@ -65,19 +70,46 @@ class Deployment:
     def gpus(self) -> int:
         return self.prefill.gpus * self.prefill_count + self.decode.gpus * self.decode_count
 
+    def scaled(self) -> tuple[Deployment, float]:
+        """A deployment of at most MAX_SIMULATED_INSTANCES with the same mix, and the share of
+        the traffic it stands for. Large deployments are symmetric copies (units) or nearly so,
+        and simulating thousands of instances would make planning a big rate take minutes;
+        rounding the mix down keeps the estimate on the safe side."""
+        total = self.prefill_count + self.decode_count
+        if total <= MAX_SIMULATED_INSTANCES:
+            return self, 1.0
+        if self.units > 1:
+            keep = max(1, MAX_SIMULATED_INSTANCES * self.units // total)
+            per_p, per_d = self.prefill_count // self.units, self.decode_count // self.units
+            return Deployment(
+                self.prefill, per_p * keep, self.decode, per_d * keep, keep, self.gbps
+            ), keep / self.units
+        factor = total / MAX_SIMULATED_INSTANCES
+        n_p = max(1, int(self.prefill_count / factor))
+        n_d = max(1, int(self.decode_count / factor))
+        share = min(n_p / self.prefill_count, n_d / self.decode_count)
+        return Deployment(self.prefill, n_p, self.decode, n_d, 1, self.gbps), share
+
     def simulate(self, searcher: Searcher, rate: float) -> SimResult:
+        small, share = self.scaled()
         return searcher.simulate_plan(
-            rate, self.prefill, self.prefill_count, self.decode, self.decode_count, self.gbps, self.units
+            rate * share,
+            small.prefill,
+            small.prefill_count,
+            small.decode,
+            small.decode_count,
+            small.gbps,
+            small.units,
         )
 
     def goodput(self, searcher: Searcher) -> float:
-        return searcher.unit_goodput(
-            self.prefill,
-            self.prefill_count // self.units,
-            self.decode,
-            self.decode_count // self.units,
-            self.gbps,
-            self.units,
+        small, share = self.scaled()
+        per_unit_p, per_unit_d = small.prefill_count // small.units, small.decode_count // small.units
+        return (
+            searcher.unit_goodput(
+                small.prefill, per_unit_p, small.decode, per_unit_d, small.gbps, small.units
+            )
+            / share
         )
 
 
@@ -259,6 +291,10 @@ def _joint_check(s: Searcher, dep: Deployment, rate: float) -> tuple[SimResult, 
     return result, result.attainment(s.slo.ttft_ms, s.slo.tpot_ms)
 
 
+def _meets(s: Searcher, dep: Deployment, rate: float) -> bool:
+    return _joint_check(s, dep, rate)[1] >= s.slo.attainment
+
+
 def _size_high(
     s: Searcher,
     p: PhaseChoice,
@@ -268,10 +304,10 @@ def _size_high(
     max_gpus: int | None,
     gbps: float,
 ) -> tuple[Deployment, int]:
-    """Replicas for the rate, topped up by the joint check, then fitted. Returns (deployment,
-    GPUs the unconstrained deployment needs)."""
-    n_p, n_d = math.ceil(rate / p.goodput), math.ceil(rate / d.goodput)
-    dep = Deployment(p.shape, n_p, d.shape, n_d, 1, gbps)
+    """Replicas for the rate from per-instance goodputs, corrected by the joint check — up where
+    requests miss both SLOs, down where pooled instances carry more than the sum of their parts
+    — then fitted into free GPUs. Returns (deployment, GPUs the target needs)."""
+    dep = Deployment(p.shape, math.ceil(rate / p.goodput), d.shape, math.ceil(rate / d.goodput), 1, gbps)
     for _ in range(MAX_TOP_UPS):
         result, att = _joint_check(s, dep, rate)
         if att >= s.slo.attainment:
@@ -282,37 +318,58 @@ def _size_high(
             dep = Deployment(p.shape, dep.prefill_count + 1, d.shape, dep.decode_count, 1, gbps)
         else:
             dep = Deployment(p.shape, dep.prefill_count, d.shape, dep.decode_count + 1, 1, gbps)
-    needed = dep.gpus
+    else:
+        return _fit_high(dep, free, max_gpus), dep.gpus
+    for _ in range(MAX_TOP_UPS):
+        fewer = [
+            Deployment(p.shape, dep.prefill_count - dp, d.shape, dep.decode_count - dd, 1, gbps)
+            for dp, dd in ((1, 0), (0, 1))
+            if dep.prefill_count - dp >= 1 and dep.decode_count - dd >= 1
+        ]
+        trimmed = next((x for x in sorted(fewer, key=lambda x: x.gpus) if _meets(s, x, rate)), None)
+        if trimmed is None:
+            break
+        dep = trimmed
+    return _fit_high(dep, free, max_gpus), dep.gpus
+
+
+def _fit_high(dep: Deployment, free: list[int] | None, max_gpus: int | None) -> Deployment:
     got_p, got_d = fit_instances(
-        free, [(p.shape.gpus, dep.prefill_count), (d.shape.gpus, dep.decode_count)], max_gpus
+        free, [(dep.prefill.gpus, dep.prefill_count), (dep.decode.gpus, dep.decode_count)], max_gpus
     )
-    return Deployment(p.shape, got_p, d.shape, got_d, 1, gbps), needed
+    return Deployment(dep.prefill, got_p, dep.decode, got_d, 1, dep.gbps)
 
 
 def _size_low(
     s: Searcher, u: UnitChoice, rate: float, free: list[int] | None, max_gpus: int | None, gbps: float
 ) -> tuple[Deployment, int]:
+    """Units for the rate from the unit's goodput, corrected by the joint check in both
+    directions (least-loaded dispatch pools prefill across units), then fitted."""
     units = math.ceil(rate / u.goodput)
 
     def dep_of(n: int) -> Deployment:
         return Deployment(u.prefill, u.prefill_count * n, u.decode, u.decode_count * n, n, gbps)
 
+    grew = False
     for _ in range(MAX_TOP_UPS):
-        _, att = _joint_check(s, dep_of(units), rate)
-        if att >= s.slo.attainment:
+        if _meets(s, dep_of(units), rate):
             break
         units += 1
+        grew = True
+    if not grew:
+        for _ in range(MAX_TOP_UPS):
+            if units <= 1 or not _meets(s, dep_of(units - 1), rate):
+                break
+            units -= 1
     needed = units * u.gpus
     return dep_of(fit_units(free, u.gpus, units, max_gpus)), needed
 
 
-def _pick(s: Searcher, sized: list, exhaustive: bool):
-    """First candidate (pruned search), or the best per-GPU deployment among those that carry
-    the target without capacity limits (exhaustive)."""
-    if not exhaustive:
-        return sized[0]
+def _pick(s: Searcher, sized: list):
+    """Among sized candidates, the deployment that carries the target on the fewest GPUs, then
+    with the highest per-GPU goodput; candidates cut short by capacity count only if none is not."""
     full = [x for x in sized if x[1].gpus >= x[2]] or sized
-    return max(full, key=lambda x: x[1].goodput(s) / x[1].gpus)
+    return min(full, key=lambda x: (x[2], -x[1].goodput(s) / x[1].gpus))
 
 
 def plan_automatically(
@@ -328,9 +385,9 @@ def plan_automatically(
     with_baseline: bool = True,
     exhaustive: bool = False,
 ) -> PlanOutcome:
-    """Plan `spec` (see `plan_for`). `exhaustive` turns pruning off and sizes every candidate,
-    keeping the deployment with the best per-GPU goodput that meets the target — the reference
-    the benchmark compares the pruned search with."""
+    """Plan `spec` (see `plan_for`). `exhaustive` turns pruning off and sizes every candidate
+    as a whole deployment (not only the best RERANK_TOP) before choosing by the same rule —
+    the reference the benchmark compares the pruned search with."""
     started = time.perf_counter()
     prof, prof_source = resolve_profile(spec, profile)
     facts = resolve_facts(spec, prof)
@@ -341,7 +398,13 @@ def plan_automatically(
     hw = HardwareView(topo.gpus_per_node, topo.gpu_memory_bytes, topo.intra_gbps, topo.cross_gbps)
     memo = shared_goodputs((prof.model_dump_json(), facts, work.input, work.output, seed, requests, slo, hw))
     s = Searcher(
-        prof, facts, sample_requests(work, MAX_REQUESTS, seed), slo, hw, target, min_requests=requests,
+        prof,
+        facts,
+        sample_requests(work, MAX_REQUESTS, seed),
+        slo,
+        hw,
+        target,
+        min_requests=requests,
         _goodputs=memo,
     )
     if not s.shapes():
@@ -373,9 +436,9 @@ def plan_automatically(
             dep, needed = _size_high(s, p, d, target, free, max_gpus, gbps)
             if dep.prefill_count and dep.decode_count:
                 sized.append(((p, d), dep, needed))
-                if not exhaustive:
+                if not exhaustive and len(sized) >= RERANK_TOP:
                     break
-        (chosen_p, chosen_d), dep, needed = _pick(s, sized, exhaustive) if sized else ((None, None), None, 0)
+        (chosen_p, chosen_d), dep, needed = _pick(s, sized) if sized else ((None, None), None, 0)
         alternatives = [f"prefill {c.shape}: {c.per_gpu:.3g} rps/GPU" for c in prefill[1:3]] + [
             f"decode {c.shape}: {c.per_gpu:.3g} rps/GPU" for c in decode[1:3]
         ]
@@ -397,9 +460,9 @@ def plan_automatically(
             dep, needed = _size_low(s, u, target, free, max_gpus, gbps)
             if dep.units:
                 sized.append((u, dep, needed))
-                if not exhaustive:
+                if not exhaustive and len(sized) >= RERANK_TOP:
                     break
-        chosen_unit, dep, needed = _pick(s, sized, exhaustive) if sized else (None, None, 0)
+        chosen_unit, dep, needed = _pick(s, sized) if sized else (None, None, 0)
         alternatives = [f"unit {u}: {u.per_gpu:.3g} rps/GPU" for u in units if u is not chosen_unit][:3]
         choice_text = (
             ""
@@ -441,9 +504,10 @@ def plan_automatically(
         if coloc:
             best = coloc[0]
             n_c = max(1, math.ceil(target / best.goodput))
-            baseline = Baseline(
-                best.shape, n_c, s.colocated_goodput(best.shape, n_c) / (n_c * best.shape.gpus)
-            )
+            # Replicas of one engine behind least-loaded dispatch: a few stand for many (as in
+            # Deployment.scaled), which keeps the baseline cheap at high rates.
+            k = min(n_c, BASELINE_SIMULATED_INSTANCES)
+            baseline = Baseline(best.shape, n_c, s.colocated_goodput(best.shape, k) / (k * best.shape.gpus))
     per_gpu = achievable / dep.gpus
     ratio = (
         f" ({per_gpu / baseline.goodput_per_gpu:.2f}× colocated {baseline.shape} at "
@@ -458,6 +522,11 @@ def plan_automatically(
     )
     if scaling:
         reason += f"; scaling limited: {scaling.message}"
+    elif attainment < slo.attainment:
+        reason += (
+            f"; below the {slo.attainment:.0%} target after {MAX_TOP_UPS} top-ups: the simulation "
+            "is noisy at this size, verify with measured attainment"
+        )
     plan = Plan(
         placement=placement,
         prefill=PhasePlan(

@@ -42,7 +42,7 @@ POOLING_SLACK = 1.3
 # Each simulated run spans this many request lifetimes (TTFT SLO + output × TPOT SLO) of
 # arrivals, so that queues reach steady state even at high rates; the first WARMUP share of
 # requests is not counted.
-WINDOW_LIFETIMES = 4.0
+WINDOW_LIFETIMES = 2.0
 WARMUP = 0.2
 
 
