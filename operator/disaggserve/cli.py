@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from disaggserve import cli_plan
 from disaggserve.api.crd import dump_yaml, render_crd_yaml
 from disaggserve.api.files import ResourceFileError, load_resource
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     from disaggserve.local import up
 
     up.register(sub)
+    cli_plan.register(sub)
     return parser
 
 
