@@ -28,15 +28,14 @@ class InputError(Exception):
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("plan", help="plan GPUs, parallelism and placement for a DisaggServe resource",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "plan", help="plan GPUs, parallelism and placement for a DisaggServe resource", description=__doc__
+    )
     p.add_argument("-f", "--filename", required=True, help="DisaggServe resource (YAML), or just its spec")
-    p.add_argument("--profile",
-                   help="latency profile JSON (worker `profile` output) or a ConfigMap YAML holding it")
+    p.add_argument("--profile", help="latency profile JSON (worker `profile` output) or a ConfigMap YAML holding it")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--nodes", help="Node objects (YAML/JSON: a List, a list, or several documents)")
-    where.add_argument("--cluster",
-                       help="a described cluster NODESxGPUS, e.g. 4x8 (GPU type from spec.hardware)")
+    where.add_argument("--cluster", help="a described cluster NODESxGPUS, e.g. 4x8 (GPU type from spec.hardware)")
     p.add_argument("--rate", type=float, help="requests per second (default: spec.workload.requestRate)")
     p.add_argument("--trace", help="JSONL of {input_tokens, output_tokens}: lengths from a real trace")
     p.add_argument("--output", choices=("table", "json"), default="table")
@@ -62,8 +61,7 @@ def load_spec(path: str) -> DisaggServeSpec:
     docs = _read_yaml(path, "resource")
     resources = [d for d in docs if isinstance(d, dict) and d.get("kind", "DisaggServe") == "DisaggServe"]
     if len(resources) != 1:
-        raise InputError(f"resource {path}: expected one DisaggServe (or a bare spec), "
-                         f"found {len(resources)}")
+        raise InputError(f"resource {path}: expected one DisaggServe (or a bare spec), found {len(resources)}")
     doc = resources[0]
     raw = doc.get("spec", doc) if "kind" in doc or "spec" in doc else doc
     try:
@@ -84,8 +82,7 @@ def load_nodes(path: str) -> list[dict[str, Any]]:
             nodes.append(d)
     bad = [n for n in nodes if not isinstance(n, dict) or n.get("kind", "Node") != "Node"]
     if bad:
-        raise InputError(f"nodes {path}: expected Node objects (kubectl get nodes -o yaml), "
-                         f"found {bad[0]!r:.80}")
+        raise InputError(f"nodes {path}: expected Node objects (kubectl get nodes -o yaml), found {bad[0]!r:.80}")
     return nodes
 
 
@@ -100,8 +97,11 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
     """The JSON output: stable keys (documented in the issue), safe for scripts."""
     plan = o.plan
     base = o.baseline
-    ratio = (plan.predicted_goodput_per_gpu / base.goodput_per_gpu
-             if base and base.goodput_per_gpu and plan.predicted_goodput_per_gpu else None)
+    ratio = (
+        plan.predicted_goodput_per_gpu / base.goodput_per_gpu
+        if base and base.goodput_per_gpu and plan.predicted_goodput_per_gpu
+        else None
+    )
     return {
         "placement": plan.placement,
         "placement_reason": o.placement_why,
@@ -112,15 +112,24 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
         "rate": o.rate,
         "goodput_per_gpu": plan.predicted_goodput_per_gpu,
         "predicted": plan.predicted.model_dump() if plan.predicted else None,
-        "baseline_colocated": None if base is None else {
-            "tensor": base.shape.tensor, "pipeline": base.shape.pipeline, "instances": base.instances,
-            "goodput_per_gpu": round(base.goodput_per_gpu, 4)},
+        "baseline_colocated": None
+        if base is None
+        else {
+            "tensor": base.shape.tensor,
+            "pipeline": base.shape.pipeline,
+            "instances": base.instances,
+            "goodput_per_gpu": round(base.goodput_per_gpu, 4),
+        },
         "ratio_vs_colocated": round(ratio, 3) if ratio else None,
         "scaling_limited": plan.scaling_limited.model_dump() if plan.scaling_limited else None,
         "alternatives": o.alternatives,
         "profile": o.profile_source,
-        "search": {"configs": o.stats.simulated, "pruned": o.stats.pruned_bound + o.stats.pruned_zero_load,
-                   "simulations": o.stats.probes, "seconds": round(o.seconds, 3)},
+        "search": {
+            "configs": o.stats.simulated,
+            "pruned": o.stats.pruned_bound + o.stats.pruned_zero_load,
+            "simulations": o.stats.probes,
+            "seconds": round(o.seconds, 3),
+        },
         "reason": plan.reason,
     }
 
@@ -145,14 +154,18 @@ def _print_table(facts: dict[str, Any]) -> None:
     console.print(table)
     pred = facts["predicted"] or {}
     if pred:
-        console.print(f"predicted at {facts['rate']:g} rps: TTFT p90 {pred['ttft_p90_ms']:.1f} ms, TPOT p90 "
-                      f"{pred['tpot_p90_ms']:.1f} ms, attainment {pred['attainment']:.1%}")
+        console.print(
+            f"predicted at {facts['rate']:g} rps: TTFT p90 {pred['ttft_p90_ms']:.1f} ms, TPOT p90 "
+            f"{pred['tpot_p90_ms']:.1f} ms, attainment {pred['attainment']:.1%}"
+        )
     if facts["goodput_per_gpu"] is not None:
         line = f"goodput per GPU: {facts['goodput_per_gpu']:.3g} rps"
         base = facts["baseline_colocated"]
         if base:
-            line += (f"; colocated baseline (tp{base['tensor']}·pp{base['pipeline']} × {base['instances']}): "
-                     f"{base['goodput_per_gpu']:.3g} rps/GPU; ratio {facts['ratio_vs_colocated']}×")
+            line += (
+                f"; colocated baseline (tp{base['tensor']}·pp{base['pipeline']} × {base['instances']}): "
+                f"{base['goodput_per_gpu']:.3g} rps/GPU; ratio {facts['ratio_vs_colocated']}×"
+            )
         console.print(line)
     if facts.get("scaling_limited"):
         console.print(f"[yellow]ScalingLimited: {facts['scaling_limited']['message']}[/yellow]")
@@ -160,8 +173,10 @@ def _print_table(facts: dict[str, Any]) -> None:
         console.print("next best: " + "; ".join(facts["alternatives"]))
     s = facts.get("search")
     if s:
-        console.print(f"search: {s['configs']} configurations simulated, {s['pruned']} pruned, "
-                      f"{s['simulations']} simulations, {s['seconds']:.2f} s; profile: {facts['profile']}")
+        console.print(
+            f"search: {s['configs']} configurations simulated, {s['pruned']} pruned, "
+            f"{s['simulations']} simulations, {s['seconds']:.2f} s; profile: {facts['profile']}"
+        )
     console.print(f"why: {facts['reason']}")
 
 
@@ -185,11 +200,15 @@ def plot_attainment(o: PlanOutcome, path: str) -> None:
     if o.baseline:
         b = o.baseline
         lat = s.latency(b.shape, colocated=True)
-        base = [simulate_colocated(s.requests_for(float(r)), float(r), lat, s.capacity_tokens(b.shape),
-                                   b.instances).after_warmup(0.2).attainment(slo.ttft_ms, slo.tpot_ms)
-                for r in rates]
-        ax.plot(rates, base, marker="s", label=f"colocated {b.shape} × {b.instances} "
-                                               f"({b.instances * b.shape.gpus} GPUs)")
+        base = [
+            simulate_colocated(s.requests_for(float(r)), float(r), lat, s.capacity_tokens(b.shape), b.instances)
+            .after_warmup(0.2)
+            .attainment(slo.ttft_ms, slo.tpot_ms)
+            for r in rates
+        ]
+        ax.plot(
+            rates, base, marker="s", label=f"colocated {b.shape} × {b.instances} ({b.instances * b.shape.gpus} GPUs)"
+        )
     ax.axhline(slo.attainment, color="grey", linestyle="--", label=f"target {slo.attainment:.0%}")
     ax.axvline(o.rate, color="grey", linestyle=":", label=f"planned rate {o.rate:g} rps")
     ax.set_xlabel("request rate (rps)")
@@ -209,9 +228,13 @@ def run(args: argparse.Namespace) -> int:
             nodes = load_nodes(args.nodes)
         elif args.cluster:
             count, gpus = parse_cluster(args.cluster)
-            nodes = synthetic_nodes(count, gpus, product=spec.hardware.gpu_product,
-                                    memory_gib=spec.hardware.gpu_memory_gib,
-                                    cross_gbps=spec.hardware.cross_node_gbps)
+            nodes = synthetic_nodes(
+                count,
+                gpus,
+                product=spec.hardware.gpu_product,
+                memory_gib=spec.hardware.gpu_memory_gib,
+                cross_gbps=spec.hardware.cross_node_gbps,
+            )
         profile = load_profile_doc(args.profile) if args.profile else None
         lengths = load_trace(args.trace) if args.trace else None
         if args.rate is not None and args.rate <= 0:
@@ -222,9 +245,19 @@ def run(args: argparse.Namespace) -> int:
     if spec.parallelism is not None:
         plan = manual_plan(spec)
         if args.output == "json":
-            print(json.dumps({"placement": plan.placement, "prefill": _phase(plan, "prefill"),
-                              "decode": _phase(plan, "decode"), "units": plan.units,
-                              "gpus_total": plan.gpus_total, "reason": plan.reason}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "placement": plan.placement,
+                        "prefill": _phase(plan, "prefill"),
+                        "decode": _phase(plan, "decode"),
+                        "units": plan.units,
+                        "gpus_total": plan.gpus_total,
+                        "reason": plan.reason,
+                    },
+                    indent=2,
+                )
+            )
         else:
             print(plan.reason)
         return 0

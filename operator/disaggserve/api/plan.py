@@ -65,7 +65,8 @@ class Plan(ApiModel):
     predicted_goodput_per_gpu: float | None = None
     predicted: Prediction | None = None
     baseline_goodput_per_gpu: float | None = Field(
-        None, description="Per-GPU goodput the best colocated (vLLM-style) deployment would reach.")
+        None, description="Per-GPU goodput the best colocated (vLLM-style) deployment would reach."
+    )
     scaling_limited: ScalingLimit | None = None
     reason: str = ""
     updated_at: str | None = None

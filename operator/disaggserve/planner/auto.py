@@ -81,9 +81,7 @@ class Deployment:
         if self.units > 1:
             keep = max(1, MAX_SIMULATED_INSTANCES * self.units // total)
             per_p, per_d = self.prefill_count // self.units, self.decode_count // self.units
-            return Deployment(
-                self.prefill, per_p * keep, self.decode, per_d * keep, keep, self.gbps
-            ), keep / self.units
+            return Deployment(self.prefill, per_p * keep, self.decode, per_d * keep, keep, self.gbps), keep / self.units
         factor = total / MAX_SIMULATED_INSTANCES
         n_p = max(1, int(self.prefill_count / factor))
         n_d = max(1, int(self.decode_count / factor))
@@ -106,10 +104,7 @@ class Deployment:
         small, share = self.scaled()
         per_unit_p, per_unit_d = small.prefill_count // small.units, small.decode_count // small.units
         return (
-            searcher.unit_goodput(
-                small.prefill, per_unit_p, small.decode, per_unit_d, small.gbps, small.units
-            )
-            / share
+            searcher.unit_goodput(small.prefill, per_unit_p, small.decode, per_unit_d, small.gbps, small.units) / share
         )
 
 
@@ -207,9 +202,7 @@ def workload_model(
             LengthDistribution(kind=w.distribution, mean=w.input_tokens, sigma=w.sigma, maximum=limit),
             LengthDistribution(kind=w.distribution, mean=w.output_tokens, sigma=w.sigma, maximum=limit),
         )
-    return WorkloadModel(
-        rate=rate if rate is not None else w.request_rate, input=lengths[0], output=lengths[1]
-    )
+    return WorkloadModel(rate=rate if rate is not None else w.request_rate, input=lengths[0], output=lengths[1])
 
 
 def resolve_topology(
@@ -220,9 +213,7 @@ def resolve_topology(
         return hardware_only(spec.hardware)
     topo = build_topology(nodes, spec.hardware, used)
     if not topo.nodes:
-        why = (
-            "; ".join(f"{k}: {v}" for k, v in sorted(topo.excluded.items())[:5]) or "the cluster has no nodes"
-        )
+        why = "; ".join(f"{k}: {v}" for k, v in sorted(topo.excluded.items())[:5]) or "the cluster has no nodes"
         raise PlanningError(
             "NoCapacity",
             f"no node can run this resource's GPU pods ({why}); check "
@@ -231,8 +222,7 @@ def resolve_topology(
     if topo.free_total == 0:
         raise PlanningError(
             "NoCapacity",
-            f"all {sum(n.gpus for n in topo.nodes)} GPUs of the "
-            f"{len(topo.nodes)} eligible node(s) are in use",
+            f"all {sum(n.gpus for n in topo.nodes)} GPUs of the {len(topo.nodes)} eligible node(s) are in use",
         )
     return topo
 
@@ -427,9 +417,7 @@ def plan_automatically(
             )
         pairs = sorted(
             ((p, d) for p in prefill for d in decode),
-            key=lambda pd: (
-                s.gpus_for(pd[0].goodput, pd[0].shape.gpus) + s.gpus_for(pd[1].goodput, pd[1].shape.gpus)
-            ),
+            key=lambda pd: s.gpus_for(pd[0].goodput, pd[0].shape.gpus) + s.gpus_for(pd[1].goodput, pd[1].shape.gpus),
         )
         sized = []
         for p, d in pairs:
@@ -472,9 +460,7 @@ def plan_automatically(
     if dep is None:
         smallest = min((x for x in (s.shapes())), key=lambda x: x.gpus).gpus * 2
         limit = f"maxGpus {max_gpus}" if max_gpus is not None else "the cluster"
-        free_text = (
-            f"free GPUs per node {sorted(topo.free, reverse=True)[:8]}" if topo.nodes else "no node limit"
-        )
+        free_text = f"free GPUs per node {sorted(topo.free, reverse=True)[:8]}" if topo.nodes else "no node limit"
         raise PlanningError(
             "NoCapacity",
             f"not even one prefill and one decode instance fit ({limit}; {free_text}); the smallest "
@@ -510,8 +496,7 @@ def plan_automatically(
             baseline = Baseline(best.shape, n_c, s.colocated_goodput(best.shape, k) / (k * best.shape.gpus))
     per_gpu = achievable / dep.gpus
     ratio = (
-        f" ({per_gpu / baseline.goodput_per_gpu:.2f}× colocated {baseline.shape} at "
-        f"{baseline.goodput_per_gpu:.3g})"
+        f" ({per_gpu / baseline.goodput_per_gpu:.2f}× colocated {baseline.shape} at {baseline.goodput_per_gpu:.3g})"
         if baseline and baseline.goodput_per_gpu > 0
         else ""
     )
@@ -529,9 +514,7 @@ def plan_automatically(
         )
     plan = Plan(
         placement=placement,
-        prefill=PhasePlan(
-            tensor=dep.prefill.tensor, pipeline=dep.prefill.pipeline, replicas=dep.prefill_count
-        ),
+        prefill=PhasePlan(tensor=dep.prefill.tensor, pipeline=dep.prefill.pipeline, replicas=dep.prefill_count),
         decode=PhasePlan(tensor=dep.decode.tensor, pipeline=dep.decode.pipeline, replicas=dep.decode_count),
         units=dep.units,
         source="planner",

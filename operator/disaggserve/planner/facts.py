@@ -59,25 +59,15 @@ BUILTIN_FACTS: dict[str, Facts] = {
     # OPT: Zhang et al. 2022, table 1; heads/hidden as in DISTSERVE.md.
     "opt-13b": Facts(layers=40, attention_heads=40, kv_heads=40, hidden_size=5120, parameters=12_853_000_000),
     "opt-66b": Facts(layers=64, attention_heads=72, kv_heads=72, hidden_size=9216, parameters=65_700_000_000),
-    "opt-175b": Facts(
-        layers=96, attention_heads=96, kv_heads=96, hidden_size=12288, parameters=175_000_000_000
-    ),
+    "opt-175b": Facts(layers=96, attention_heads=96, kv_heads=96, hidden_size=12288, parameters=175_000_000_000),
     # Llama 3 model card (8B: GQA with 8 KV heads; 70B: 80 layers, 64 heads, 8 KV heads).
-    "meta-llama-3-8b": Facts(
-        layers=32, attention_heads=32, kv_heads=8, hidden_size=4096, parameters=8_030_000_000
-    ),
+    "meta-llama-3-8b": Facts(layers=32, attention_heads=32, kv_heads=8, hidden_size=4096, parameters=8_030_000_000),
     "meta-llama-3-8b-instruct": Facts(
         layers=32, attention_heads=32, kv_heads=8, hidden_size=4096, parameters=8_030_000_000
     ),
-    "llama-3-8b": Facts(
-        layers=32, attention_heads=32, kv_heads=8, hidden_size=4096, parameters=8_030_000_000
-    ),
-    "meta-llama-3-70b": Facts(
-        layers=80, attention_heads=64, kv_heads=8, hidden_size=8192, parameters=70_550_000_000
-    ),
-    "llama-3-70b": Facts(
-        layers=80, attention_heads=64, kv_heads=8, hidden_size=8192, parameters=70_550_000_000
-    ),
+    "llama-3-8b": Facts(layers=32, attention_heads=32, kv_heads=8, hidden_size=4096, parameters=8_030_000_000),
+    "meta-llama-3-70b": Facts(layers=80, attention_heads=64, kv_heads=8, hidden_size=8192, parameters=70_550_000_000),
+    "llama-3-70b": Facts(layers=80, attention_heads=64, kv_heads=8, hidden_size=8192, parameters=70_550_000_000),
 }
 
 

@@ -15,8 +15,9 @@ DEFAULT_REL_TOL = 0.02
 MAX_EXPANSIONS = 12
 
 
-def max_rate(attainment_at: Callable[[float], float], target: float, guess: float,
-             rel_tol: float = DEFAULT_REL_TOL) -> float:
+def max_rate(
+    attainment_at: Callable[[float], float], target: float, guess: float, rel_tol: float = DEFAULT_REL_TOL
+) -> float:
     """Largest rate (within `rel_tol`) whose attainment is at least `target`; 0 if even a
     rate far below `guess` misses it. `guess` should be near the capacity (any positive number
     works, a good one saves probes)."""

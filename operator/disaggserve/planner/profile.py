@@ -60,9 +60,14 @@ class ProfileFacts(BaseModel):
     dtype_bytes: int = Field(2, ge=1, le=8)
 
     def to_facts(self) -> Facts:
-        return Facts(layers=self.layers, attention_heads=self.attention_heads,
-                     kv_heads=self.kv_heads or self.attention_heads, hidden_size=self.hidden_size,
-                     parameters=self.parameters, dtype_bytes=self.dtype_bytes)
+        return Facts(
+            layers=self.layers,
+            attention_heads=self.attention_heads,
+            kv_heads=self.kv_heads or self.attention_heads,
+            hidden_size=self.hidden_size,
+            parameters=self.parameters,
+            dtype_bytes=self.dtype_bytes,
+        )
 
 
 class LatencyProfile(BaseModel):
@@ -149,15 +154,22 @@ class PhaseLatency:
         return d.a + d.b * sum_ctx + d.c * batch + self.pipeline * self.stage_overhead_ms
 
 
-def phase_latency(profile: LatencyProfile, tensor: int, pipeline: int, *,
-                  colocated: bool = False) -> PhaseLatency | None:
+def phase_latency(
+    profile: LatencyProfile, tensor: int, pipeline: int, *, colocated: bool = False
+) -> PhaseLatency | None:
     e = profile.entry(tensor, colocated=colocated)
     if e is None:
         return None
     overhead = profile.stage_overhead_ms if pipeline > 1 else 0.0
-    return PhaseLatency(tensor=tensor, pipeline=pipeline, prefill=e.prefill, decode_small=e.decode_small,
-                        decode_large=e.decode_large, decode_batch_threshold=e.decode_batch_threshold,
-                        stage_overhead_ms=overhead)
+    return PhaseLatency(
+        tensor=tensor,
+        pipeline=pipeline,
+        prefill=e.prefill,
+        decode_small=e.decode_small,
+        decode_large=e.decode_large,
+        decode_batch_threshold=e.decode_batch_threshold,
+        stage_overhead_ms=overhead,
+    )
 
 
 def parse_profile(doc: Any, *, origin: str = "profile") -> LatencyProfile:
@@ -166,11 +178,12 @@ def parse_profile(doc: Any, *, origin: str = "profile") -> LatencyProfile:
         try:
             doc = json.loads(doc)
         except json.JSONDecodeError as e:
-            raise ProfileError(f"{origin}: not valid JSON ({e.msg} at line {e.lineno}); expected the "
-                               "output of `disaggserve-worker profile`") from None
+            raise ProfileError(
+                f"{origin}: not valid JSON ({e.msg} at line {e.lineno}); expected the "
+                "output of `disaggserve-worker profile`"
+            ) from None
     if not isinstance(doc, dict):
-        raise ProfileError(f"{origin}: expected a JSON object with model, gpu and entries, "
-                           f"got {type(doc).__name__}")
+        raise ProfileError(f"{origin}: expected a JSON object with model, gpu and entries, got {type(doc).__name__}")
     try:
         return LatencyProfile.model_validate(doc)
     except ValidationError as e:
@@ -184,8 +197,10 @@ def profile_from_configmap(configmap: dict[str, Any], key: str = "profile.json")
     data = configmap.get("data") or {}
     if key not in data:
         keys = ", ".join(sorted(data)) or "none"
-        raise ProfileError(f"ConfigMap {name}: no key {key!r} (keys: {keys}); set "
-                           "spec.profile.configMapRef.key to the key holding the profile JSON")
+        raise ProfileError(
+            f"ConfigMap {name}: no key {key!r} (keys: {keys}); set "
+            "spec.profile.configMapRef.key to the key holding the profile JSON"
+        )
     return parse_profile(data[key], origin=f"ConfigMap {name} key {key}")
 
 

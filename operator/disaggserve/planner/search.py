@@ -201,9 +201,7 @@ class Searcher:
     def prefill_zero_load_ms(self, shape: Shape) -> np.ndarray:
         lat = self.latency(shape)
         n = self.sample.input_tokens.astype(float)
-        return (
-            lat.prefill.a + lat.prefill.b * n + lat.prefill.c * n * n + lat.pipeline * lat.stage_overhead_ms
-        )
+        return lat.prefill.a + lat.prefill.b * n + lat.prefill.c * n * n + lat.pipeline * lat.stage_overhead_ms
 
     def decode_zero_load_ms(self, shape: Shape, gbps: float) -> np.ndarray:
         """TPOT of each request alone on the instance: batch 1, mean context, plus its KV transfer."""
@@ -222,15 +220,11 @@ class Searcher:
         return float(np.mean(self.prefill_zero_load_ms(shape) <= self.slo.ttft_ms)) >= self.slo.attainment
 
     def decode_reachable(self, shape: Shape, gbps: float) -> bool:
-        return (
-            float(np.mean(self.decode_zero_load_ms(shape, gbps) <= self.slo.tpot_ms)) >= self.slo.attainment
-        )
+        return float(np.mean(self.decode_zero_load_ms(shape, gbps) <= self.slo.tpot_ms)) >= self.slo.attainment
 
     def fastest_prefill(self) -> tuple[Shape, float]:
         """The shape with the lowest prefill time at the attainment quantile, and that time."""
-        return min(
-            ((s, self._quantile(self.prefill_zero_load_ms(s))) for s in self.shapes()), key=lambda x: x[1]
-        )
+        return min(((s, self._quantile(self.prefill_zero_load_ms(s))) for s in self.shapes()), key=lambda x: x[1])
 
     def fastest_decode(self, gbps: float) -> tuple[Shape, float]:
         return min(

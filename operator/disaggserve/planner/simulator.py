@@ -52,10 +52,10 @@ class SimResult:
         return float(np.mean((self.ttft_ms[w:] <= ttft_slo_ms) & (self.tpot_ms[w:] <= tpot_slo_ms)))
 
     def ttft_p(self, q: float = 90) -> float:
-        return float(np.percentile(self.ttft_ms[self.warmup:], q))
+        return float(np.percentile(self.ttft_ms[self.warmup :], q))
 
     def tpot_p(self, q: float = 90) -> float:
-        return float(np.percentile(self.tpot_ms[self.warmup:], q))
+        return float(np.percentile(self.tpot_ms[self.warmup :], q))
 
     def after_warmup(self, fraction: float) -> SimResult:
         return SimResult(self.ttft_ms, self.tpot_ms, int(len(self.ttft_ms) * fraction))
@@ -142,11 +142,33 @@ class Lane:
     whenever there are any (stalling the decodes), otherwise a decode step.
     """
 
-    __slots__ = ("batch", "capacity", "colocated", "counter", "lat", "max_batch", "pending", "prefill_budget",
-                 "reserved", "running", "seq", "sum_ctx", "time", "used", "waiting")
+    __slots__ = (
+        "batch",
+        "capacity",
+        "colocated",
+        "counter",
+        "lat",
+        "max_batch",
+        "pending",
+        "prefill_budget",
+        "reserved",
+        "running",
+        "seq",
+        "sum_ctx",
+        "time",
+        "used",
+        "waiting",
+    )
 
-    def __init__(self, lat: PhaseLatency, capacity_tokens: int, *, colocated: bool = False,
-                 max_batch: int = DEFAULT_MAX_BATCH, prefill_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET):
+    def __init__(
+        self,
+        lat: PhaseLatency,
+        capacity_tokens: int,
+        *,
+        colocated: bool = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        prefill_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+    ):
         self.lat = lat
         self.capacity = capacity_tokens
         self.colocated = colocated
@@ -219,8 +241,7 @@ class Lane:
             self._join(rid, inp, out, done)
         return True
 
-    def advance_to(self, t: float, inp: np.ndarray, out: np.ndarray, first: np.ndarray,
-                   done: np.ndarray) -> None:
+    def advance_to(self, t: float, inp: np.ndarray, out: np.ndarray, first: np.ndarray, done: np.ndarray) -> None:
         """Run every iteration that starts before `t`."""
         lat = self.lat
         overhead = lat.pipeline * lat.stage_overhead_ms
@@ -258,15 +279,18 @@ class Lane:
                 self.batch -= 1
 
 
-def _lanes_for(lat: PhaseLatency, capacity_tokens: int, *, colocated: bool = False,
-               prefill_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET) -> list[Lane]:
+def _lanes_for(
+    lat: PhaseLatency,
+    capacity_tokens: int,
+    *,
+    colocated: bool = False,
+    prefill_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+) -> list[Lane]:
     per_lane = capacity_tokens // lat.pipeline
-    return [Lane(lat, per_lane, colocated=colocated, prefill_budget=prefill_budget)
-            for _ in range(lat.pipeline)]
+    return [Lane(lat, per_lane, colocated=colocated, prefill_budget=prefill_budget) for _ in range(lat.pipeline)]
 
 
-def _run_prefill(servers: list[PrefillServer], arrival: np.ndarray, inp: np.ndarray,
-                 first: np.ndarray) -> np.ndarray:
+def _run_prefill(servers: list[PrefillServer], arrival: np.ndarray, inp: np.ndarray, first: np.ndarray) -> np.ndarray:
     """Dispatch prompts least-loaded over `servers`; return the server index of each request."""
     chosen = np.zeros(len(arrival), dtype=np.int64)
     single = len(servers) == 1
@@ -289,18 +313,29 @@ def _run_prefill(servers: list[PrefillServer], arrival: np.ndarray, inp: np.ndar
     return chosen
 
 
-def simulate_prefill(sample: RequestSample, rate: float, lat: PhaseLatency, instances: int = 1,
-                     budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET) -> SimResult:
+def simulate_prefill(
+    sample: RequestSample,
+    rate: float,
+    lat: PhaseLatency,
+    instances: int = 1,
+    budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+) -> SimResult:
     """Prefill instances alone: TTFT per request (TPOT reported as 0)."""
     arrival = sample.arrivals_ms(rate)
     first = np.full(len(sample), INF)
-    _run_prefill([PrefillServer(lat, budget_tokens) for _ in range(instances)], arrival,
-                 sample.input_tokens, first)
+    _run_prefill([PrefillServer(lat, budget_tokens) for _ in range(instances)], arrival, sample.input_tokens, first)
     return SimResult(ttft_ms=first - arrival, tpot_ms=np.zeros(len(sample)))
 
 
-def _run_decode(groups: list[list[Lane]], link_of: dict[int, int], group_of: np.ndarray, first: np.ndarray,
-                inp: np.ndarray, out: np.ndarray, xfer_ms: np.ndarray) -> np.ndarray:
+def _run_decode(
+    groups: list[list[Lane]],
+    link_of: dict[int, int],
+    group_of: np.ndarray,
+    first: np.ndarray,
+    inp: np.ndarray,
+    out: np.ndarray,
+    xfer_ms: np.ndarray,
+) -> np.ndarray:
     """Send each request, in first-token order, to the least-loaded lane of its group; the KV
     cache crosses the decode instance's link (one transfer at a time). Returns completion times."""
     done = np.full(len(first), INF)
@@ -371,14 +406,28 @@ def simulate_decode(sample: RequestSample, rate: float, setup: DecodeSetup) -> S
     TPOT per request, including the KV transfer; TTFT reported as 0."""
     arrival = sample.arrivals_ms(rate)
     groups, link_of = _build_decode(setup, 1)
-    done = _run_decode(groups, link_of, np.zeros(len(sample), dtype=np.int64), arrival,
-                       sample.input_tokens, sample.output_tokens, setup.xfer_ms(sample.input_tokens))
+    done = _run_decode(
+        groups,
+        link_of,
+        np.zeros(len(sample), dtype=np.int64),
+        arrival,
+        sample.input_tokens,
+        sample.output_tokens,
+        setup.xfer_ms(sample.input_tokens),
+    )
     return SimResult(ttft_ms=np.zeros(len(sample)), tpot_ms=_tpot(arrival, done, sample.output_tokens))
 
 
-def simulate_disaggregated(sample: RequestSample, rate: float, prefill: PhaseLatency, prefill_instances: int,
-                           decode: DecodeSetup, *, units: int = 1,
-                           budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET) -> SimResult:
+def simulate_disaggregated(
+    sample: RequestSample,
+    rate: float,
+    prefill: PhaseLatency,
+    prefill_instances: int,
+    decode: DecodeSetup,
+    *,
+    units: int = 1,
+    budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+) -> SimResult:
     """The whole system: prefill instances → KV transfer → decode instances.
 
     With `units` > 1 (low node-affinity), prefill and decode instances are split evenly into
@@ -397,16 +446,25 @@ def simulate_disaggregated(sample: RequestSample, rate: float, prefill: PhaseLat
     return SimResult(ttft_ms=first - arrival, tpot_ms=_tpot(first, done, out))
 
 
-def simulate_colocated(sample: RequestSample, rate: float, lat: PhaseLatency, capacity_tokens: int,
-                       instances: int = 1, budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET) -> SimResult:
+def simulate_colocated(
+    sample: RequestSample,
+    rate: float,
+    lat: PhaseLatency,
+    capacity_tokens: int,
+    instances: int = 1,
+    budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+) -> SimResult:
     """Colocated (vLLM-style) instances: prefill and decode share iterations on the same GPUs."""
     arrival = sample.arrivals_ms(rate)
     inp, out = sample.input_tokens, sample.output_tokens
     n = len(sample)
     first = np.full(n, INF)
     done = np.full(n, INF)
-    lanes = [lane for _ in range(instances)
-             for lane in _lanes_for(lat, capacity_tokens, colocated=True, prefill_budget=budget_tokens)]
+    lanes = [
+        lane
+        for _ in range(instances)
+        for lane in _lanes_for(lat, capacity_tokens, colocated=True, prefill_budget=budget_tokens)
+    ]
     for rid in range(n):
         t = arrival[rid]
         need = int(inp[rid]) + int(out[rid])

@@ -83,9 +83,7 @@ class RequestSample:
         return self.unit_arrivals_s * (1000.0 / rate)
 
 
-def sample_requests(
-    workload: WorkloadModel, n: int = DEFAULT_REQUESTS, seed: int = DEFAULT_SEED
-) -> RequestSample:
+def sample_requests(workload: WorkloadModel, n: int = DEFAULT_REQUESTS, seed: int = DEFAULT_SEED) -> RequestSample:
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0, n)
     return RequestSample(

@@ -100,10 +100,16 @@ def parse_node(obj: dict[str, Any]) -> GpuNode:
 
     taints = tuple((t.get("key", ""), t.get("value"), t.get("effect", "")) for t in spec.get("taints") or [])
     return GpuNode(
-        name=name, product=labels.get(LABEL_GPU_PRODUCT), gpus=gpus,
+        name=name,
+        product=labels.get(LABEL_GPU_PRODUCT),
+        gpus=gpus,
         memory_mib=_int(labels.get(LABEL_GPU_MEMORY_MIB), f"node {name} label {LABEL_GPU_MEMORY_MIB}"),
-        zone=labels.get(LABEL_ZONE), rack=labels.get(LABEL_RACK), cross_gbps=bw(KEY_CROSS_GBPS),
-        intra_gbps=bw(KEY_INTRA_GBPS), schedulable=not spec.get("unschedulable", False), taints=taints,
+        zone=labels.get(LABEL_ZONE),
+        rack=labels.get(LABEL_RACK),
+        cross_gbps=bw(KEY_CROSS_GBPS),
+        intra_gbps=bw(KEY_INTRA_GBPS),
+        schedulable=not spec.get("unschedulable", False),
+        taints=taints,
         labels=labels,
     )
 
@@ -158,8 +164,7 @@ class Topology:
         return sum(self.free)
 
 
-def build_topology(objects: list[dict[str, Any]], hardware: Hardware,
-                   used: dict[str, int] | None = None) -> Topology:
+def build_topology(objects: list[dict[str, Any]], hardware: Hardware, used: dict[str, int] | None = None) -> Topology:
     """GPU pool for `hardware` from Node objects; `used` = GPUs already requested per node by
     pods that are not ours (the caller lists pods; this module cannot)."""
     used = used or {}
@@ -187,11 +192,15 @@ def build_topology(objects: list[dict[str, Any]], hardware: Hardware,
     for n in eligible:
         domains["/".join(p for p in (n.zone or "default", n.rack) if p)].append(n.name)
     return Topology(
-        nodes=tuple(eligible), free=free,
+        nodes=tuple(eligible),
+        free=free,
         gpus_per_node=min(max((n.gpus for n in eligible), default=hardware.gpus_per_node), 64),
-        gpu_memory_bytes=float(memory), cross_gbps=float(cross),
-        intra_gbps=float(min(intras)) if intras else DEFAULT_INTRA_NODE_GBPS, bandwidth_source=source,
-        domains={k: tuple(v) for k, v in domains.items()}, excluded=excluded,
+        gpu_memory_bytes=float(memory),
+        cross_gbps=float(cross),
+        intra_gbps=float(min(intras)) if intras else DEFAULT_INTRA_NODE_GBPS,
+        bandwidth_source=source,
+        domains={k: tuple(v) for k, v in domains.items()},
+        excluded=excluded,
     )
 
 
@@ -199,9 +208,17 @@ def hardware_only(hardware: Hardware) -> Topology:
     """No cluster view: plan on the spec's hardware, capacity unbounded (only maxGpus)."""
     cross = hardware.cross_node_gbps or DEFAULT_CROSS_NODE_GBPS
     source = "spec.hardware.crossNodeGbps" if hardware.cross_node_gbps else "default"
-    return Topology(nodes=(), free=(), gpus_per_node=hardware.gpus_per_node,
-                    gpu_memory_bytes=hardware.gpu_memory_gib * GIB, cross_gbps=float(cross),
-                    intra_gbps=DEFAULT_INTRA_NODE_GBPS, bandwidth_source=source, domains={}, excluded={})
+    return Topology(
+        nodes=(),
+        free=(),
+        gpus_per_node=hardware.gpus_per_node,
+        gpu_memory_bytes=hardware.gpu_memory_gib * GIB,
+        cross_gbps=float(cross),
+        intra_gbps=DEFAULT_INTRA_NODE_GBPS,
+        bandwidth_source=source,
+        domains={},
+        excluded={},
+    )
 
 
 def choose_placement(requested: str, cross_gbps: float) -> tuple[str, str]:
@@ -209,10 +226,12 @@ def choose_placement(requested: str, cross_gbps: float) -> tuple[str, str]:
     if requested in ("high-affinity", "low-affinity"):
         return requested, f"{requested} as requested in spec.placement"
     if cross_gbps >= HIGH_AFFINITY_MIN_GBPS:
-        return "high-affinity", (f"auto: cross-node {cross_gbps:g} Gbps ≥ {HIGH_AFFINITY_MIN_GBPS:g} Gbps, "
-                                 "KV cache may cross nodes")
-    return "low-affinity", (f"auto: cross-node {cross_gbps:g} Gbps < {HIGH_AFFINITY_MIN_GBPS:g} Gbps, "
-                            "KV cache stays inside a node")
+        return "high-affinity", (
+            f"auto: cross-node {cross_gbps:g} Gbps ≥ {HIGH_AFFINITY_MIN_GBPS:g} Gbps, KV cache may cross nodes"
+        )
+    return "low-affinity", (
+        f"auto: cross-node {cross_gbps:g} Gbps < {HIGH_AFFINITY_MIN_GBPS:g} Gbps, KV cache stays inside a node"
+    )
 
 
 _CLUSTER = re.compile(r"^(\d+)x(\d+)$")
@@ -226,8 +245,9 @@ def parse_cluster(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def synthetic_nodes(count: int, gpus: int, *, product: str | None, memory_gib: float,
-                    cross_gbps: float | None = None) -> list[dict[str, Any]]:
+def synthetic_nodes(
+    count: int, gpus: int, *, product: str | None, memory_gib: float, cross_gbps: float | None = None
+) -> list[dict[str, Any]]:
     """Node objects for a described cluster (`--cluster 4x8`), labelled as GPU discovery would."""
     out = []
     for i in range(count):
@@ -236,6 +256,13 @@ def synthetic_nodes(count: int, gpus: int, *, product: str | None, memory_gib: f
             labels[LABEL_GPU_PRODUCT] = product
         if cross_gbps:
             labels[KEY_CROSS_GBPS] = f"{cross_gbps:g}"
-        out.append({"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"node-{i}", "labels": labels},
-                    "spec": {}, "status": {"allocatable": {RESOURCE_GPU: str(gpus)}}})
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": f"node-{i}", "labels": labels},
+                "spec": {},
+                "status": {"allocatable": {RESOURCE_GPU: str(gpus)}},
+            }
+        )
     return out
