@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from disaggserve.api.plan import PhasePlan, Plan, Prediction, ScalingLimit
@@ -134,7 +134,6 @@ class PlanOutcome:
     rate: float
     placement_why: str
     profile_source: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 # ---- inputs ----------------------------------------------------------------------------------
