@@ -8,7 +8,8 @@ import sys
 
 def test_planner_imports_no_io_or_torch():
     code = (
-        "import sys, disaggserve.planner, disaggserve.planner.auto, disaggserve.topology, disaggserve.cli_plan\n"
+        "import sys, disaggserve.planner, disaggserve.planner.auto, disaggserve.topology\n"
+        "import disaggserve.cli_plan\n"
         "bad = [m for m in ('torch', 'kopf', 'kubernetes', 'httpx', 'aiohttp') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
