@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from disaggserve.api.plan import PhasePlan, Plan, Prediction, ScalingLimit
@@ -52,7 +52,9 @@ MAX_SIMULATED_INSTANCES = 8  # see Deployment.scaled
 BASELINE_SIMULATED_INSTANCES = 4
 # Candidates (best by per-instance goodputs) that are sized as whole deployments before the
 # choice: pooling across instances makes deployment goodput differ from the sum of the parts.
-RERANK_TOP = 3
+# High affinity sizes more: its pairs are cheap to size and their ranking is looser (measured
+# in bench/planner.py against the exhaustive reference).
+RERANK_TOP = {"high-affinity": 6, "low-affinity": 3}
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,6 @@ class PlanOutcome:
     rate: float
     placement_why: str
     profile_source: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -357,9 +358,14 @@ def _size_low(
 
 def _pick(s: Searcher, sized: list):
     """Among sized candidates, the deployment that carries the target on the fewest GPUs, then
-    with the highest per-GPU goodput; candidates cut short by capacity count only if none is not."""
+    with the highest per-GPU goodput (simulated only for the ties); candidates cut short by
+    capacity count only if all are."""
     full = [x for x in sized if x[1].gpus >= x[2]] or sized
-    return min(full, key=lambda x: (x[2], -x[1].goodput(s) / x[1].gpus))
+    fewest = min(x[2] for x in full)
+    tied = [x for x in full if x[2] == fewest]
+    if len(tied) == 1:
+        return tied[0]
+    return max(tied, key=lambda x: x[1].goodput(s) / x[1].gpus)
 
 
 def plan_automatically(
@@ -376,7 +382,7 @@ def plan_automatically(
     exhaustive: bool = False,
 ) -> PlanOutcome:
     """Plan `spec` (see `plan_for`). `exhaustive` turns pruning off and sizes every candidate
-    as a whole deployment (not only the best RERANK_TOP) before choosing by the same rule —
+    as a whole deployment (not only the best few, RERANK_TOP) before choosing by the same rule —
     the reference the benchmark compares the pruned search with."""
     started = time.perf_counter()
     prof, prof_source = resolve_profile(spec, profile)
@@ -424,7 +430,7 @@ def plan_automatically(
             dep, needed = _size_high(s, p, d, target, free, max_gpus, gbps)
             if dep.prefill_count and dep.decode_count:
                 sized.append(((p, d), dep, needed))
-                if not exhaustive and len(sized) >= RERANK_TOP:
+                if not exhaustive and len(sized) >= RERANK_TOP["high-affinity"]:
                     break
         (chosen_p, chosen_d), dep, needed = _pick(s, sized) if sized else ((None, None), None, 0)
         alternatives = [f"prefill {c.shape}: {c.per_gpu:.3g} rps/GPU" for c in prefill[1:3]] + [
@@ -448,7 +454,7 @@ def plan_automatically(
             dep, needed = _size_low(s, u, target, free, max_gpus, gbps)
             if dep.units:
                 sized.append((u, dep, needed))
-                if not exhaustive and len(sized) >= RERANK_TOP:
+                if not exhaustive and len(sized) >= RERANK_TOP["low-affinity"]:
                     break
         chosen_unit, dep, needed = _pick(s, sized) if sized else (None, None, 0)
         alternatives = [f"unit {u}: {u.per_gpu:.3g} rps/GPU" for u in units if u is not chosen_unit][:3]
