@@ -1,0 +1,159 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) in plain torch.
+
+Module names mirror Hugging Face's `LlamaForCausalLM` so checkpoints load with a plain
+`load_state_dict`. Two forward paths share every weight: `forward_step` reads and writes a
+paged KV pool (what the engine runs) and `reference_logits` is the textbook uncached causal
+forward that tests hold the engine against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from disaggserve_worker.model.batch import BatchLayout
+from disaggserve_worker.model.config import ModelConfig
+from disaggserve_worker.model.rope import Rotary, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference implementation; bf16 variance loses too much.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads, config.kv_heads, config.dim_per_head)
+        h, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        # Llama's `attention_bias` covers o_proj too; Qwen2 biases only q/k/v.
+        self.o_proj = nn.Linear(self.heads * self.head_dim, h,
+                                bias=bias and config.model_type != "qwen2")
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(t, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     layout: BatchLayout, layer_cache: torch.Tensor) -> torch.Tensor:
+        """x: (T, hidden) packed; layer_cache: (2, slots, kv_heads, head_dim), written in place."""
+        q, k, v = self._qkv(x, cos, sin)
+        layer_cache[0, layout.write_slots] = k
+        layer_cache[1, layout.write_slots] = v
+        keys = layer_cache[0][layout.context_slots].transpose(1, 2)  # (B, KVH, K, D)
+        values = layer_cache[1][layout.context_slots].transpose(1, 2)
+        padded = q.new_zeros(layout.num_seqs, layout.max_query, self.heads, self.head_dim)
+        padded[layout.seq_index, layout.q_index] = q
+        out = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values,
+                                             attn_mask=layout.attn_mask, enable_gqa=True)
+        out = out.transpose(1, 2)[layout.seq_index, layout.q_index]  # (T, H, D)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+    def forward_reference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          window: int | None) -> torch.Tensor:
+        q, k, v = self._qkv(x, cos, sin)
+        t = x.shape[0]
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        if window is not None:
+            mask &= ~torch.ones_like(mask).tril(-window)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = Rotary(config)
+        self.sliding_window = config.effective_sliding_window
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_kv_pool(self, slots: int) -> torch.Tensor:
+        """(layers, 2, slots, kv_heads, head_dim) on the model's device and dtype."""
+        c = self.config
+        return torch.zeros(c.num_hidden_layers, 2, slots, c.kv_heads, c.dim_per_head,
+                           dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward_step(self, input_ids: torch.Tensor, layout: BatchLayout, kv_pool: torch.Tensor,
+                     all_logits: bool = False) -> torch.Tensor:
+        """Logits of each sequence's last new token (B, vocab), or of every packed token."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(layout.positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = x + layer.self_attn.forward_step(layer.input_layernorm(x), cos, sin, layout, kv_pool[i])
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if not all_logits:
+            x = x[layout.last_index]
+        return self.lm_head(self.model.norm(x)).float()
+
+    @torch.inference_mode()
+    def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Uncached full-sequence forward of one sequence: (T,) ids -> (T, vocab) fp32 logits."""
+        x = self.model.embed_tokens(input_ids)
+        positions = torch.arange(input_ids.shape[0], device=input_ids.device)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.model.layers:
+            x = x + layer.self_attn.forward_reference(layer.input_layernorm(x), cos, sin,
+                                                      self.sliding_window)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.model.norm(x)).float()
