@@ -237,6 +237,10 @@ class Engine:
                 "free_kv_tokens": self.allocator.free_tokens, "held_caches": self.held_count}
 
     @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def idle(self) -> bool:
         return not (self._inbox or self._waiting or self._prefilling or self._running or self.busy)
 

@@ -41,7 +41,8 @@ class SamplingParams(BaseModel):
         return value
 
     def generator(self) -> torch.Generator:
-        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**63)
+        # Unseeded requests draw from `random`, which `--seed` seeds for reproducible runs.
+        seed = self.seed if self.seed is not None else random.randrange(2**63)
         return torch.Generator().manual_seed(seed)
 
 
