@@ -103,7 +103,8 @@ class Dispatcher:
                 if fault.blame:
                     fault.worker.mark_failed()
                 if not fault.retryable:
-                    raise UpstreamError(str(fault), retryable=False) from None
+                    raise UpstreamError(str(fault), retryable=False,
+                                        client_fault=fault.reason == "worker_refused") from None
                 self.metrics.retries.labels(reason=fault.reason).inc()
                 if generated:
                     self.metrics.resumed.inc()

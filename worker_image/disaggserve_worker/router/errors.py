@@ -53,11 +53,14 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 class UpstreamError(Exception):
     """No worker could finish the request after the retries allowed; safe for the client to retry."""
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    def __init__(self, message: str, *, retryable: bool = True, client_fault: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.client_fault = client_fault
 
     def api_error(self) -> APIError:
+        if self.client_fault:  # a worker judged the request itself wrong (e.g. too long for its cache)
+            return APIError(400, f"{self}.", code="rejected_by_worker")
         return APIError(
             503 if self.retryable else 502,
             self.message_for_client(),

@@ -48,6 +48,7 @@ class Worker:
     inflight_tokens: int = 0
     failed_until: float = 0.0
     last_poll_ok: float | None = None
+    poll_failing: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -188,10 +189,14 @@ class LoadPoller:
                 resp.raise_for_status()
                 load = await resp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            if worker.last_poll_ok is None or worker.available:
+            if not worker.poll_failing:  # log the transition, not every poll of a dead worker
                 log.warning("load poll of %s failed: %s", worker.url, exc)
+            worker.poll_failing = True
             worker.mark_failed()
             return
+        if worker.poll_failing:
+            log.info("worker %s answers again", worker.url)
+            worker.poll_failing = False
         worker.queued_tokens = int(load.get("queued_tokens", 0))
         worker.running = int(load.get("running", 0))
         free = load.get("free_kv_tokens")
