@@ -62,6 +62,7 @@ class WorkerServer:
         self.draining = False
         self.inflight = 0
         self.kv_server: KVServer | None = None
+        self.port = config.port
         self._runner: web.AppRunner | None = None
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.add_routes([
@@ -94,6 +95,7 @@ class WorkerServer:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.config.host, self.config.port).start()
+        self.port = int(self._runner.addresses[0][1])  # the real one when asked for port 0
 
     async def stop(self) -> None:
         if self._runner is not None:
