@@ -43,7 +43,7 @@ class ApiKeys:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._mtime: float | None = None
+        self._stamp: tuple[int, int] | None = None
         self._keys: list[bytes] = []
 
     @property
@@ -62,11 +62,12 @@ class ApiKeys:
 
     def _current(self) -> list[bytes]:
         assert self.path is not None
-        mtime = self.path.stat().st_mtime
-        if mtime != self._mtime:
+        stat = self.path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
             lines = self.path.read_text().splitlines()
             self._keys = [line.strip().encode() for line in lines if line.strip()]
-            self._mtime = mtime
+            self._stamp = stamp
         return self._keys
 
 
