@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream
@@ -112,7 +111,8 @@ def main() -> None:
     result = asyncio.run(run(args.model, args.tokens, args.repeats))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "kv_transfer.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"KV transfer {result['kv_gbytes_per_s']:.2f} GB/s vs raw TCP {result['raw_tcp_gbytes_per_s']:.2f} GB/s "
+    print(f"KV transfer {result['kv_gbytes_per_s']:.2f} GB/s vs raw TCP "
+          f"{result['raw_tcp_gbytes_per_s']:.2f} GB/s "
           f"(ratio {result['kv_over_raw_throughput']:.2f}) for {result['bytes'] / 1e6:.1f} MB, "
           f"median of {args.repeats}")
 

@@ -10,7 +10,6 @@ import time
 import urllib.request
 
 import pytest
-
 from disaggserve_worker import contract
 from disaggserve_worker.cli import build_parser, main, validate_serve_args
 

@@ -23,7 +23,8 @@ def _requests(tiny: LoadedModel) -> list[tuple[list[int], SamplingParams]]:
 
 
 def _engine(tiny: LoadedModel, role: str, **kw: int) -> Engine:
-    config = EngineConfig(role=role, kv_cache_tokens=kw.get("kv", 1024), max_batch_tokens=kw.get("budget", 2048))
+    config = EngineConfig(role=role, kv_cache_tokens=kw.get("kv", 1024),
+                          max_batch_tokens=kw.get("budget", 2048))
     engine = Engine(tiny.model, tiny.tokenizer, tiny.eos_token_ids, config)
     engine.start()
     return engine

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-
 from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream
@@ -118,7 +117,7 @@ async def _prefilled(tiny: LoadedModel, ttl: float) -> tuple[Engine, KVServer, s
 
 
 async def test_ttl_expiry_gives_retryable_error_and_frees_cache(tiny: LoadedModel) -> None:
-    engine, server, address, handle, prompt = await _prefilled(tiny, ttl=0.2)
+    engine, server, address, handle, _prompt = await _prefilled(tiny, ttl=0.2)
     try:
         assert engine.allocator.free_tokens < engine.allocator.capacity_tokens
         await asyncio.sleep(0.6)  # the engine sweeps expired caches while idle
@@ -133,7 +132,7 @@ async def test_ttl_expiry_gives_retryable_error_and_frees_cache(tiny: LoadedMode
 
 
 async def test_mismatched_receiver_is_not_retryable(tiny: LoadedModel) -> None:
-    engine, server, address, handle, _ = await _prefilled(tiny, ttl=30)
+    engine, server, address, handle, _prompt = await _prefilled(tiny, ttl=30)
     try:
         wrong = KVLayout(torch.float16, tiny.config.num_hidden_layers, tiny.config.kv_heads,
                          tiny.config.dim_per_head)

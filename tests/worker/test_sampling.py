@@ -70,7 +70,8 @@ async def test_stop_token_and_eos(tiny: LoadedModel) -> None:
     free = await _generate(tiny, "Hello", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     third = free[2].token_id
     assert third is not None
-    by_id = await _generate(tiny, "Hello", SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[third]))
+    by_id = await _generate(tiny, "Hello",
+                            SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[third]))
     assert [e.token_id for e in by_id] == [e.token_id for e in free[:3]]
     assert by_id[-1].finish_reason == "stop"
     by_eos = await _generate(tiny, "Hello", SamplingParams(temperature=0, max_tokens=6), eos=[third])

@@ -9,7 +9,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel
@@ -59,7 +58,8 @@ async def test_disaggregated_http_equals_colocated_and_reference(
     async with session.post(urls["prefill"] + "/internal/prefill", json=body) as resp:
         assert resp.status == 200
         first = await resp.json()
-    assert first["kv"]["bytes"] > 0 and first["finish_reason"] is None and first["prompt_tokens"] == len(prompt)
+    assert first["kv"]["bytes"] > 0 and first["finish_reason"] is None
+    assert first["prompt_tokens"] == len(prompt)
     decode_body = {**body, "first_token_id": first["first_token_id"], "kv": first["kv"]}
     async with session.post(urls["decode"] + "/internal/decode", json=decode_body) as resp:
         rest = await _ndjson(resp)
@@ -79,8 +79,10 @@ async def test_disaggregated_http_equals_colocated_and_reference(
 
 
 async def test_first_token_that_finishes_holds_no_cache(cluster: dict[str, Any], tiny: LoadedModel) -> None:
-    body = {"request_id": "one", "prompt_token_ids": [5, 6, 7], "sampling": {"temperature": 0, "max_tokens": 1}}
-    async with cluster["session"].post(cluster["urls"]["prefill"] + "/internal/prefill", json=body) as resp:
+    body = {"request_id": "one", "prompt_token_ids": [5, 6, 7],
+            "sampling": {"temperature": 0, "max_tokens": 1}}
+    url = cluster["urls"]["prefill"] + "/internal/prefill"
+    async with cluster["session"].post(url, json=body) as resp:
         reply = await resp.json()
     assert reply["finish_reason"] == "length" and reply["kv"] is None
     assert cluster["servers"]["prefill"].engine.held_count == 0
@@ -140,7 +142,8 @@ async def test_decode_admission_waits_then_refuses(cluster: dict[str, Any], tiny
     async def decode_once(rid: str) -> list[dict[str, Any]]:
         async with session.post(urls["prefill"] + "/internal/prefill", json={**body, "request_id": rid}) as r:
             first = await r.json()
-        decode_body = {**body, "request_id": rid, "first_token_id": first["first_token_id"], "kv": first["kv"]}
+        decode_body = {**body, "request_id": rid, "first_token_id": first["first_token_id"],
+                       "kv": first["kv"]}
         async with session.post(urls["decode"] + "/internal/decode", json=decode_body) as resp:
             return await _ndjson(resp)
 

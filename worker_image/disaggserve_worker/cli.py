@@ -134,10 +134,12 @@ def validate_serve_args(args: argparse.Namespace) -> list[str]:
                         "yet by this worker; use --speculation-mode off")
     if args.speculation_ngram_min > args.speculation_ngram_max:
         problems.append("--speculation-ngram-min must not exceed --speculation-ngram-max")
-    if args.speculation_proposer == "draft" and args.speculation_mode != "off" and not args.speculation_draft_model:
+    needs_draft = args.speculation_proposer == "draft" and args.speculation_mode != "off"
+    if needs_draft and not args.speculation_draft_model:
         problems.append("--speculation-proposer draft needs --speculation-draft-model")
     if args.tensor_parallel > 1 or args.pipeline_parallel > 1:
-        problems.append(f"--tensor-parallel {args.tensor_parallel} --pipeline-parallel {args.pipeline_parallel}: "
+        problems.append(f"--tensor-parallel {args.tensor_parallel} "
+                        f"--pipeline-parallel {args.pipeline_parallel}: "
                         "this worker runs a model on one device only (1 and 1); multi-GPU parallelism is "
                         "not implemented yet — plan with tensor=1, pipeline=1")
     return problems

@@ -144,7 +144,8 @@ class Engine:
                 f"model length limit {self.config.max_model_len}; shorten the prompt or lower max_tokens")
         if total > self.allocator.capacity_tokens:
             raise RequestError(f"request needs {total} KV-cache tokens but this worker holds only "
-                               f"{self.allocator.capacity_tokens}; lower max_tokens or raise --kv-cache-tokens")
+                               f"{self.allocator.capacity_tokens}; lower max_tokens or raise "
+                               "--kv-cache-tokens")
 
     def _new_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       stream: RequestStream, hold_kv: bool, first: list[int]) -> Sequence:
@@ -308,8 +309,8 @@ class Engine:
             n = min(len(seq.prompt_ids) - seq.num_cached, budget)
             chosen.append((seq, n))
             budget -= n
-        ids = torch.tensor([t for seq, n in chosen for t in seq.prompt_ids[seq.num_cached:seq.num_cached + n]],
-                           dtype=torch.long, device=self.device)
+        tokens = [t for seq, n in chosen for t in seq.prompt_ids[seq.num_cached:seq.num_cached + n]]
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         layout = BatchLayout.build([n for _, n in chosen], [s.num_cached for s, _ in chosen],
                                    [s.slot_table for s, _ in chosen], self.device,  # type: ignore[misc]
                                    self.model.sliding_window)

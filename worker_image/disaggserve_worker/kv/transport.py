@@ -87,7 +87,8 @@ class TcpKVTransport:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.connect_timeout)
         except (TimeoutError, OSError) as error:
-            raise KVTransferError("kv_unavailable", f"cannot reach KV port {address}: {error!r}", True) from None
+            raise KVTransferError("kv_unavailable", f"cannot reach KV port {address}: {error!r}",
+                                  True) from None
         total = 0
         try:
             writer.write(encode_json(FrameType.REQUEST, {"handle": handle, "request_id": request_id}))

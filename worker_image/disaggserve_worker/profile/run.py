@@ -39,9 +39,10 @@ class Sweep:
 
 QUICK = Sweep(prefill=[(b, n) for b in (1, 2, 4) for n in (16, 64, 128, 256)],
               decode=[(b, c) for b in (1, 2, 4, 8, 16, 32) for c in (32, 128, 512)], repeats=3)
-FULL = Sweep(prefill=[(b, n) for b in (1, 2, 4, 8) for n in (16, 64, 128, 256, 512, 1024, 2048) if b * n <= 8192],
-             decode=[(b, c) for b in (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256) for c in (64, 256, 1024, 2048)
-                     if b * c <= 131072], repeats=7)
+FULL = Sweep(prefill=[(b, n) for b in (1, 2, 4, 8) for n in (16, 64, 128, 256, 512, 1024, 2048)
+                      if b * n <= 8192],
+             decode=[(b, c) for b in (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+                     for c in (64, 256, 1024, 2048) if b * c <= 131072], repeats=7)
 
 
 @dataclass

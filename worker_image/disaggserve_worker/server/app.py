@@ -167,7 +167,8 @@ class WorkerServer:
     # ---- endpoints -------------------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:
         alive = self.engine.alive
-        return web.json_response({"status": "ok" if alive else "engine stopped"}, status=200 if alive else 500)
+        return web.json_response({"status": "ok" if alive else "engine stopped"},
+                                 status=200 if alive else 500)
 
     async def readyz(self, request: web.Request) -> web.Response:
         alive = self.engine.alive
@@ -203,7 +204,8 @@ class WorkerServer:
                 raise
             if event.error is not None:
                 self.metrics.request("error")
-                return web.json_response({"error": event.error}, status=503 if event.error["retryable"] else 500)
+                status = 503 if event.error["retryable"] else 500
+                return web.json_response({"error": event.error}, status=status)
             kv = None
             if event.kv_handle is not None:
                 per_token = self.engine.model.config.kv_bytes_per_token(self.engine.model.dtype.itemsize)
@@ -238,9 +240,10 @@ class WorkerServer:
             reservation = await self._reserve(body)
             if reservation is None:
                 self.metrics.request("overloaded")
+                need = len(body.prompt_token_ids) + body.sampling.max_tokens
                 await response.write((json.dumps(error_body(
-                    "overloaded", f"no KV-cache room for {len(body.prompt_token_ids) + body.sampling.max_tokens}"
-                    f" tokens within {self.config.admission_timeout_s:g} s", True)) + "\n").encode())
+                    "overloaded", f"no KV-cache room for {need} tokens within "
+                    f"{self.config.admission_timeout_s:g} s", True)) + "\n").encode())
                 return response
             try:
                 stats = await self.transport.pull(body.kv.address, body.kv.handle, body.request_id,
