@@ -87,3 +87,49 @@ async def test_disaggregated_over_tcp_equals_reference(
     assert prefill.held_count == 0, "pulled caches are freed on the prefill side"
     assert prefill.allocator.free_tokens == prefill.allocator.capacity_tokens
     assert decode.allocator.free_tokens == decode.allocator.capacity_tokens
+
+
+async def test_engine_fault_reaches_every_running_client(tiny: LoadedModel,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    engine = _engine(tiny, "colocated")
+    calls = {"n": 0}
+    real = tiny.model.forward_step
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny.model, "forward_step", flaky)
+    try:
+        stream = RequestStream("f", loop)
+        engine.submit("f", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), stream)
+        events = [event async for event in stream]
+        assert events[-1].error is not None and events[-1].error["type"] == "engine_error"
+        assert "illegal memory access" in events[-1].error["message"] and events[-1].error["retryable"]
+        assert engine.allocator.free_tokens == engine.allocator.capacity_tokens
+        again = RequestStream("g", loop)  # the engine keeps serving after a fault
+        engine.submit("g", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), again)
+        assert [e.finish_reason async for e in again][-1] == "length"
+    finally:
+        engine.stop()
+
+
+async def test_abort_frees_the_cache(tiny: LoadedModel) -> None:
+    loop = asyncio.get_running_loop()
+    engine = _engine(tiny, "colocated")
+    try:
+        stream = RequestStream("a", loop)
+        engine.submit("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True), stream)
+        await stream.queue.get()
+        assert engine.allocator.free_tokens < engine.allocator.capacity_tokens
+        engine.abort("a")
+        for _ in range(100):
+            if engine.idle and engine.allocator.free_tokens == engine.allocator.capacity_tokens:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.allocator.free_tokens == engine.allocator.capacity_tokens
+    finally:
+        engine.stop()

@@ -116,3 +116,11 @@ def test_builtin_models_are_deterministic_and_distinct() -> None:
     text = "Hello, disaggregated world! ünïcode ✓"
     tokenizer = draft.tokenizer
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+def test_hf_model_without_huggingface_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import now fails
+    with pytest.raises(ModelLoadError, match="needs the huggingface_hub package"):
+        load_model("hf:meta-llama/Llama-3.2-1B", device="cpu")
