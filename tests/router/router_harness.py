@@ -74,15 +74,13 @@ def start_workers(specs: list[tuple[str, str]], tmp: Path, model: str = MODEL) -
     for worker in workers:
         while True:
             if worker.proc.poll() is not None:
-                for w in workers:
-                    w.stop()
+                stop_all(workers)
                 raise RuntimeError(f"worker {worker.role} at {worker.url} exited:\n{worker.log.read_text()}")
             with suppress(OSError), urllib.request.urlopen(worker.url + "/readyz", timeout=1) as resp:
                 if resp.status == 200:
                     break
             if time.monotonic() > deadline:
-                for w in workers:
-                    w.stop()
+                stop_all(workers)
                 raise RuntimeError(f"worker {worker.url} not ready in time:\n{worker.log.read_text()}")
             time.sleep(0.1)
     return workers
@@ -95,6 +93,17 @@ def disagg_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Wo
     workers = start_workers([("prefill", f"{block}.1"), ("decode", f"{block}.2")],
                             tmp_path_factory.mktemp("workers"))
     yield workers
+    stop_all(workers)
+
+
+def stop_all(workers: list[WorkerProcess], *, graceful: bool = True) -> None:
+    """SIGTERM to all first, then wait: the workers drain in parallel. Not graceful: SIGKILL, for
+    workers a test left holding KV caches nobody will pull (they would wait out the TTL)."""
+    for worker in workers:
+        if not graceful:
+            worker.kill()
+        if worker.proc.poll() is None:
+            worker.proc.terminate()
     for worker in workers:
         worker.stop()
 

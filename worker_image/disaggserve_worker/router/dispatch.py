@@ -133,6 +133,8 @@ class Dispatcher:
             return
         if mode is None:
             raise NoWorkerAvailable("no workers are known to the router (check discovery)")
+        if not self.pool.has_available("decode", excluded):  # no point computing a prefill nobody pulls
+            raise NoWorkerAvailable(self.pool.why_none("decode", excluded))
         prefill = self.pool.pick_prefill(excluded)
         first = await self._prefill(prefill, body, len(context))
         yield Token(int(first["first_token_id"]), first.get("finish_reason"))

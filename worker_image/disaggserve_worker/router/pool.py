@@ -130,6 +130,9 @@ class WorkerPool:
                 w.available for w in self.of_role("decode"))
         return mode == "colocated" and any(w.available for w in self.of_role("colocated"))
 
+    def has_available(self, role: str, exclude: AbstractSet[str] = frozenset()) -> bool:
+        return any(w.available and w.url not in exclude for w in self.of_role(role))
+
     def pick_prefill(self, exclude: AbstractSet[str] = frozenset()) -> Worker:
         return self._pick("prefill", exclude, key=lambda w: (w.prefill_score(), w.inflight_requests))
 
@@ -147,16 +150,16 @@ class WorkerPool:
         if unit is not None:
             roomy = [w for w in roomy if w.unit == unit] or roomy
         if not roomy:
-            raise NoWorkerAvailable(self._why_none("decode", exclude))
+            raise NoWorkerAvailable(self.why_none("decode", exclude))
         return min(roomy, key=lambda w: (w.decode_score(), -(w.free_kv_tokens or 0)))
 
     def _pick(self, role: str, exclude: AbstractSet[str], key: Callable[[Worker], tuple[int, int]]) -> Worker:
         candidates = [w for w in self.of_role(role) if w.available and w.url not in exclude]
         if not candidates:
-            raise NoWorkerAvailable(self._why_none(role, exclude))
+            raise NoWorkerAvailable(self.why_none(role, exclude))
         return min(candidates, key=key)
 
-    def _why_none(self, role: str, exclude: AbstractSet[str]) -> str:
+    def why_none(self, role: str, exclude: AbstractSet[str]) -> str:
         known = self.of_role(role)
         if not known:
             return f"no {role} worker is known to the router (check discovery and that {role} pods are ready)"
