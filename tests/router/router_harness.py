@@ -1,6 +1,6 @@
 """Test support for the router: real worker processes on loopback, an in-process router.
 
-Each test module gets its own 127.x.y.0/24 block chosen at random, so several engineers (or test
+Each group of workers gets its own 127.x.y.0/24 block chosen at random, so several engineers (or test
 runs) can use the contract's fixed worker ports side by side without colliding.
 """
 
@@ -86,9 +86,9 @@ def start_workers(specs: list[tuple[str, str]], tmp: Path, model: str = MODEL) -
     return workers
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def disagg_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProcess]]:
-    """One prefill and one decode worker, shared by a module's tests (they start in seconds)."""
+    """One prefill and one decode worker, shared by the tests that do not harm them."""
     block = random_block()
     workers = start_workers([("prefill", f"{block}.1"), ("decode", f"{block}.2")],
                             tmp_path_factory.mktemp("workers"))

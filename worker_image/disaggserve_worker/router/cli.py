@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -103,7 +104,7 @@ def main_router(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"])
-            print(f"disaggserve-worker router: {where + ': ' if where else ''}{err['msg']}")
+            print(f"disaggserve-worker router: {where + ': ' if where else ''}{err['msg']}", file=sys.stderr)
         return 2
     router = build_router(config)
     asyncio.run(serve(router, config.host, config.port))
