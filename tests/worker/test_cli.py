@@ -38,7 +38,8 @@ def test_operator_rendering_is_accepted_when_the_control_plane_is_installed() ->
 
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--speculation-mode", "adaptive"], "not supported yet"),
-    (["--tensor-parallel", "2"], "one device only"),
+    (["--tensor-parallel", "2"], "tensor parallelism is not implemented"),
+    (["--pipeline-parallel", "2", "--device", "cpu"], "splits layers over CUDA devices"),
     (["--speculation-ngram-min", "4", "--speculation-ngram-max", "2"], "must not exceed"),
 ])
 def test_unsupported_or_inconsistent_flags_are_refused(extra: list[str], needle: str,
@@ -81,3 +82,12 @@ def test_serve_runs_and_exits_cleanly_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_pipeline_parallel_without_enough_gpus_is_refused() -> None:
+    import torch
+    from disaggserve_worker.model.loader import ModelLoadError, stage_devices
+
+    assert stage_devices(torch.device("cpu"), 1) == [torch.device("cpu")]
+    with pytest.raises(ModelLoadError, match="needs 2 CUDA devices"):
+        stage_devices(torch.device("cpu"), 2)

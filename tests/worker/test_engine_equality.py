@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+import torch
 from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream
@@ -133,3 +134,24 @@ async def test_abort_frees_the_cache(tiny: LoadedModel) -> None:
         assert engine.allocator.free_tokens == engine.allocator.capacity_tokens
     finally:
         engine.stop()
+
+
+async def test_pipeline_stages_give_the_same_tokens(reference_greedy: Callable[[list[int], int], list[int]]
+                                                    ) -> None:
+    """Layers split into stages (on CPU both stages share the device; on GPUs each has its own)."""
+    from disaggserve_worker.model.loader import load_model
+
+    staged = load_model("builtin:tiny-llama", device="cpu")
+    staged.model.place([torch.device("cpu")] * 2)
+    assert staged.model.layer_devices is not None and len(staged.model.layer_devices) == 4
+    engine = Engine(staged.model, staged.tokenizer, [], EngineConfig(role="colocated", kv_cache_tokens=256))
+    engine.start()
+    try:
+        prompt = staged.tokenizer.encode("pipeline stages").ids
+        stream = RequestStream("p", asyncio.get_running_loop())
+        engine.submit("p", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), stream)
+        assert await _collect(stream) == reference_greedy(prompt, 6)
+    finally:
+        engine.stop()
+    with pytest.raises(ValueError, match="between 1 and the layer count"):
+        staged.model.place([torch.device("cpu")] * 5)

@@ -152,13 +152,15 @@ async def test_pulled_cache_equals_source_and_is_freed_after_ack(tiny: LoadedMod
         held = engine.pin_held(handle)
         assert held is not None
         engine.unpin_held(handle, release=False)
-        source = engine.kv_pool[:, :, held.slot_table[: len(prompt)]].clone()
+        source = torch.stack([layer[:, held.slot_table[: len(prompt)]] for layer in engine.kv_pool])
         reservation = receiver.reserve(prompt, SamplingParams(max_tokens=8))
         assert reservation is not None
         stats = await TcpKVTransport().pull(address, handle, "r", layout_of(receiver),
                                             pool_sink(receiver, reservation.slot_table))
         assert stats.bytes == source.numel() * 4
-        assert torch.equal(receiver.kv_pool[:, :, reservation.slot_table[: len(prompt)]], source)
+        slots = reservation.slot_table[: len(prompt)]
+        received = torch.stack([layer[:, slots] for layer in receiver.kv_pool])
+        assert torch.equal(received, source)
         for _ in range(50):
             if engine.held_count == 0:
                 break

@@ -137,11 +137,13 @@ def validate_serve_args(args: argparse.Namespace) -> list[str]:
     needs_draft = args.speculation_proposer == "draft" and args.speculation_mode != "off"
     if needs_draft and not args.speculation_draft_model:
         problems.append("--speculation-proposer draft needs --speculation-draft-model")
-    if args.tensor_parallel > 1 or args.pipeline_parallel > 1:
-        problems.append(f"--tensor-parallel {args.tensor_parallel} "
-                        f"--pipeline-parallel {args.pipeline_parallel}: "
-                        "this worker runs a model on one device only (1 and 1); multi-GPU parallelism is "
-                        "not implemented yet — plan with tensor=1, pipeline=1")
+    if args.tensor_parallel > 1:
+        problems.append(f"--tensor-parallel {args.tensor_parallel}: tensor parallelism is not implemented "
+                        "yet in this worker; plan with tensor=1 (pipeline parallelism over the pod's GPUs "
+                        "is supported with --pipeline-parallel)")
+    if args.pipeline_parallel > 1 and args.device == "cpu":
+        problems.append(f"--pipeline-parallel {args.pipeline_parallel} splits layers over CUDA devices; "
+                        "with --device cpu use --pipeline-parallel 1")
     return problems
 
 
@@ -171,9 +173,10 @@ def serve(args: argparse.Namespace) -> int:
     from disaggserve_worker.server.worker_metrics import WorkerMetrics
 
     try:
-        loaded = load_model(args.model, args.device, args.dtype)
+        loaded = load_model(args.model, args.device, args.dtype, pipeline=args.pipeline_parallel)
+        layer_devices = loaded.model.layer_devices or [loaded.model.device]
         kv_tokens = args.kv_cache_tokens or auto_kv_cache_tokens(loaded.config, loaded.model.dtype,
-                                                                 loaded.model.device)
+                                                                 layer_devices)
     except (ModelLoadError, MemoryError) as error:
         print(f"disaggserve-worker serve: {error}", file=sys.stderr)
         return 2

@@ -196,15 +196,17 @@ class KVServer:
                 await writer.wait_closed()
 
     async def _send(self, writer: asyncio.StreamWriter, request_id: str, slots: torch.Tensor) -> int:
-        pool = self.engine.kv_pool
-        layers, _, _, kv_heads, head_dim = pool.shape
+        pool = self.engine.kv_pool  # one tensor per layer, each on its pipeline stage's device
+        _, _, kv_heads, head_dim = pool[0].shape
         shape = [2, int(slots.numel()), kv_heads, head_dim]
         writer.write(encode_json(FrameType.HEADER, {
-            "request_id": request_id, "dtype": DTYPE_NAMES[pool.dtype], "layers": layers, "shape": shape}))
+            "request_id": request_id, "dtype": DTYPE_NAMES[pool[0].dtype], "layers": len(pool),
+            "shape": shape}))
         sent = 0
-        for layer in range(layers):
+        for layer in range(len(pool)):
             # Gather off the event loop: on a GPU this is a device-to-host copy.
-            data = await asyncio.to_thread(lambda i=layer: tensor_bytes(pool[i][:, slots]))
+            data = await asyncio.to_thread(
+                lambda i=layer: tensor_bytes(pool[i][:, slots.to(pool[i].device)]))
             writer.writelines([HEADER.pack(int(FrameType.LAYER), LAYER_INDEX.size + len(data)),
                                LAYER_INDEX.pack(layer), data])
             await writer.drain()
@@ -217,13 +219,14 @@ class KVServer:
 def pool_sink(engine: Engine, slots: torch.Tensor) -> LayerSink:
     """Write pulled layers straight into the reserved slots of the receiver's pool."""
     pool = engine.kv_pool
-    device_slots = slots.to(pool.device)
+    per_device = {t.device: slots.to(t.device) for t in pool}
 
     def write(layer: int, tensor: torch.Tensor) -> None:
         tokens = tensor.shape[1]
-        if tokens > device_slots.numel():
+        if tokens > slots.numel():
             raise KVTransferError("kv_mismatch", f"KV cache of {tokens} tokens exceeds the "
-                                  f"{device_slots.numel()} reserved slots", False)
-        pool[layer][:, device_slots[:tokens]] = tensor.to(pool.device)
+                                  f"{slots.numel()} reserved slots", False)
+        target = pool[layer]
+        target[:, per_device[target.device][:tokens]] = tensor.to(target.device)
 
     return write

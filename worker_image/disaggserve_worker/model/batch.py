@@ -9,7 +9,7 @@ longest query/context in the step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -25,6 +25,13 @@ class BatchLayout:
     attn_mask: torch.Tensor  # (B, 1, Q, K) True where a query may attend a key
     last_index: torch.Tensor  # (B,) packed index of each sequence's last new token
     max_query: int
+
+    def to(self, device: torch.device) -> BatchLayout:
+        """The same layout on another pipeline stage's device."""
+        return replace(self, positions=self.positions.to(device), seq_index=self.seq_index.to(device),
+                       q_index=self.q_index.to(device), write_slots=self.write_slots.to(device),
+                       context_slots=self.context_slots.to(device), attn_mask=self.attn_mask.to(device),
+                       last_index=self.last_index.to(device))
 
     @property
     def num_seqs(self) -> int:

@@ -4,6 +4,9 @@ Module names mirror Hugging Face's `LlamaForCausalLM` so checkpoints load with a
 `load_state_dict`. Two forward paths share every weight: `forward_step` reads and writes a
 paged KV pool (what the engine runs) and `reference_logits` is the textbook uncached causal
 forward that tests hold the engine against.
+
+Pipeline parallelism (`place`) splits the layers into contiguous stages on local devices;
+the hidden state hops from stage to stage and each layer's KV cache lives on its stage.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class LlamaForCausalLM(nn.Module):
         self.sliding_window = config.effective_sliding_window
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.layer_devices: list[torch.device] | None = None  # None: everything on one device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,35 +129,67 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first pipeline stage."""
         return self.model.embed_tokens.weight.device
 
-    def new_kv_pool(self, slots: int) -> torch.Tensor:
-        """(layers, 2, slots, kv_heads, head_dim) on the model's device and dtype."""
+    def place(self, stage_devices: list[torch.device]) -> LlamaForCausalLM:
+        """Split the layers into len(stage_devices) contiguous, near-equal stages."""
+        layers = self.config.num_hidden_layers
+        if not 1 <= len(stage_devices) <= layers:
+            raise ValueError(f"pipeline size {len(stage_devices)} must be between 1 and the layer "
+                             f"count {layers}")
+        first, last = stage_devices[0], stage_devices[-1]
+        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        self.model.embed_tokens.to(first)
+        self.layer_devices = [stage_devices[i * len(stage_devices) // layers] for i in range(layers)]
+        for layer, device in zip(self.model.layers, self.layer_devices, strict=True):
+            layer.to(device)
+        self.model.norm.to(last)
+        if tied and first != last:  # one tensor cannot live on two devices: the head gets a copy
+            self.lm_head.weight = nn.Parameter(self.model.embed_tokens.weight.detach().to(last),
+                                               requires_grad=False)
+        else:
+            self.lm_head.to(last)
+        return self
+
+    def _layer_device(self, index: int) -> torch.device:
+        return self.layer_devices[index] if self.layer_devices else self.device
+
+    def new_kv_pool(self, slots: int) -> list[torch.Tensor]:
+        """Per layer, (2, slots, kv_heads, head_dim) on that layer's device, model dtype."""
         c = self.config
-        return torch.zeros(c.num_hidden_layers, 2, slots, c.kv_heads, c.dim_per_head,
-                           dtype=self.dtype, device=self.device)
+        return [torch.zeros(2, slots, c.kv_heads, c.dim_per_head, dtype=self.dtype,
+                            device=self._layer_device(i)) for i in range(c.num_hidden_layers)]
 
     @torch.inference_mode()
-    def forward_step(self, input_ids: torch.Tensor, layout: BatchLayout, kv_pool: torch.Tensor,
+    def forward_step(self, input_ids: torch.Tensor, layout: BatchLayout, kv_pool: list[torch.Tensor],
                      all_logits: bool = False) -> torch.Tensor:
         """Logits of each sequence's last new token (B, vocab), or of every packed token."""
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(layout.positions, x.dtype)
+        x = self.model.embed_tokens(input_ids.to(self.device))
+        stages: dict[torch.device, tuple[BatchLayout, torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(self.model.layers):
-            x = x + layer.self_attn.forward_step(layer.input_layernorm(x), cos, sin, layout, kv_pool[i])
+            device = self._layer_device(i)
+            if device not in stages:
+                here = layout if layout.positions.device == device else layout.to(device)
+                stages[device] = (here, *self.rotary.cos_sin(here.positions, x.dtype))
+            here, cos, sin = stages[device]
+            x = x.to(device)
+            x = x + layer.self_attn.forward_step(layer.input_layernorm(x), cos, sin, here, kv_pool[i])
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x.to(self.lm_head.weight.device)
         if not all_logits:
-            x = x[layout.last_index]
+            x = x[layout.last_index.to(x.device)]
         return self.lm_head(self.model.norm(x)).float()
 
     @torch.inference_mode()
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Uncached full-sequence forward of one sequence: (T,) ids -> (T, vocab) fp32 logits."""
-        x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(input_ids.shape[0], device=input_ids.device)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.model.layers:
+        x = self.model.embed_tokens(input_ids.to(self.device))
+        positions = torch.arange(input_ids.shape[0])
+        for i, layer in enumerate(self.model.layers):
+            x = x.to(self._layer_device(i))
+            cos, sin = self.rotary.cos_sin(positions.to(x.device), x.dtype)
             x = x + layer.self_attn.forward_reference(layer.input_layernorm(x), cos, sin,
                                                       self.sliding_window)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.model.norm(x)).float()
+        return self.lm_head(self.model.norm(x.to(self.lm_head.weight.device))).float()

@@ -141,9 +141,32 @@ def load_tokenizer(model: str) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def stage_devices(device: torch.device, pipeline: int) -> list[torch.device]:
+    """Local devices of the pipeline stages: cuda:0..pipeline-1 of this pod."""
+    if pipeline == 1:
+        return [device]
+    if device.type != "cuda":
+        raise ModelLoadError(f"pipeline parallel size {pipeline} needs {pipeline} CUDA devices; on a CPU "
+                             "run with --pipeline-parallel 1")
+    available = torch.cuda.device_count()
+    if pipeline > available:
+        raise ModelLoadError(f"pipeline parallel size {pipeline} needs {pipeline} CUDA devices but this "
+                             f"pod sees {available}; request nvidia.com/gpu: {pipeline} or lower the size")
+    return [torch.device("cuda", i) for i in range(pipeline)]
+
+
+def load_model(model: str, device: str = "auto", dtype: str = "auto", pipeline: int = 1) -> LoadedModel:
+    """Load onto `device`; with pipeline > 1 the layers are split over that many local GPUs."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    stages = stage_devices(torch_device, pipeline)
+    loaded = _load(model, torch_device if pipeline == 1 else torch.device("cpu"), torch_dtype)
+    if pipeline > 1:
+        loaded.model.place(stages)
+    return loaded
+
+
+def _load(model: str, torch_device: torch.device, torch_dtype: torch.dtype) -> LoadedModel:
     if model.startswith("builtin:"):
         name = model.removeprefix("builtin:")
         if name not in BUILTIN_CONFIGS:

@@ -67,7 +67,7 @@ class ProfileResult:
     points: list[Point] = field(default_factory=list)
 
 
-def _time_step(loaded: LoadedModel, pool: torch.Tensor, news: list[int], pasts: list[int],
+def _time_step(loaded: LoadedModel, pool: list[torch.Tensor], news: list[int], pasts: list[int],
                repeats: int) -> float:
     model, device = loaded.model, loaded.model.device
     tables, offset = [], 0
