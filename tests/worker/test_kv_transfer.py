@@ -183,3 +183,28 @@ async def test_decode_reservation_refuses_when_full(tiny: LoadedModel) -> None:
     engine.cancel_reservation(first)
     assert engine.reserve(list(range(20)), params) is not None
     assert json.dumps(KVTransferError("kv_timeout", "m", True).wire())
+
+
+async def test_bfloat16_cache_crosses_the_wire_bit_exact() -> None:
+    """GPUs serve bf16: numpy has no bf16, so the wire carries raw bytes and both ends view them."""
+    from disaggserve_worker.model.loader import load_model
+
+    loaded = load_model("builtin:tiny-llama", device="cpu", dtype="bfloat16")
+    engine, server, address, handle, prompt = await _prefilled(loaded, ttl=30)
+    receiver = Engine(loaded.model, loaded.tokenizer, [], EngineConfig(role="decode", kv_cache_tokens=256))
+    try:
+        assert engine.kv_pool[0].dtype == torch.bfloat16
+        held = engine.pin_held(handle)
+        assert held is not None
+        engine.unpin_held(handle, release=False)
+        source = torch.stack([layer[:, held.slot_table[: len(prompt)]] for layer in engine.kv_pool])
+        reservation = receiver.reserve(prompt, SamplingParams(max_tokens=4))
+        assert reservation is not None
+        await TcpKVTransport().pull(address, handle, "r", layout_of(receiver),
+                                    pool_sink(receiver, reservation.slot_table))
+        slots = reservation.slot_table[: len(prompt)]
+        assert torch.equal(torch.stack([layer[:, slots] for layer in receiver.kv_pool]), source)
+        assert source.abs().sum() > 0
+    finally:
+        await server.stop()
+        engine.stop()
