@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,38 @@ async def test_pipeline_stages_give_the_same_tokens(reference_greedy: Callable[[
         engine.stop()
     with pytest.raises(ValueError, match="between 1 and the layer count"):
         staged.model.place([torch.device("cpu")] * 5)
+
+
+def _cpu_ticks(stat: Path) -> int | None:
+    """utime + stime of one thread (Linux), in clock ticks; None where /proc is absent."""
+    if not stat.exists():
+        return None
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+async def test_prefill_waits_without_spinning_until_a_pull_frees_memory(tiny: LoadedModel) -> None:
+    loop = asyncio.get_running_loop()
+    engine = _engine(tiny, "prefill", kv=32)  # two blocks of 16: one held prompt fills it
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        first = RequestStream("a", loop)
+        engine.submit("a", list(range(1, 30)), params, first)
+        handle = (await first.queue.get()).kv_handle
+        assert handle is not None
+        second = RequestStream("b", loop)
+        engine.submit("b", list(range(1, 20)), params, second)
+        await asyncio.sleep(0.05)
+        assert engine._thread is not None
+        stat = Path(f"/proc/self/task/{engine._thread.native_id}/stat")
+        before = _cpu_ticks(stat)
+        await asyncio.sleep(0.5)
+        assert second.queue.empty() and engine.load()["queued_requests"] == 1
+        if before is not None:
+            assert _cpu_ticks(stat) - before < 10, "the engine thread must sleep while nothing fits"
+        assert engine.pin_held(handle) is not None
+        engine.unpin_held(handle, release=True)  # a decode worker pulled it
+        event = await asyncio.wait_for(second.queue.get(), 5)
+        assert event.kv_handle is not None
+    finally:
+        engine.stop()

@@ -175,6 +175,7 @@ class Engine:
 
     def cancel_reservation(self, reservation: Reservation) -> None:
         self.allocator.free(reservation.blocks)
+        self._notify()
 
     def submit_decode(self, request_id: str, prompt_ids: list[int], first_token_id: int,
                       params: SamplingParams, reservation: Reservation, stream: RequestStream) -> None:
@@ -193,6 +194,11 @@ class Engine:
     def _post(self, seq: Sequence) -> None:
         with self._wake:
             self._inbox.append(seq)
+            self._wake.notify()
+
+    def _notify(self) -> None:
+        """Memory was freed outside the engine thread: waiting requests may fit now."""
+        with self._wake:
             self._wake.notify()
 
     # ---- held caches (prefill role) ----------------------------------------------------------
@@ -215,6 +221,8 @@ class Engine:
             if release:
                 del self._held[handle]
                 self.allocator.free(held.blocks)
+        if release:
+            self._notify()
 
     def expire_held(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
@@ -249,8 +257,9 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                if not self._stop and not (self._inbox or self._aborts or self._waiting
-                                           or self._prefilling or self._running):
+                # Sleep unless there is compute to do. Waiting requests alone are no reason to
+                # spin: they need memory, and whoever frees memory outside this thread notifies.
+                if not self._stop and not (self._inbox or self._aborts or self._prefilling or self._running):
                     self._wake.wait(timeout=0.25)
                 if self._stop:
                     break
