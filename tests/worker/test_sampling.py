@@ -99,3 +99,21 @@ def test_bad_sampling_is_refused() -> None:
     with pytest.raises(ValidationError, match="frequency_penalty"):
         SamplingParams.model_validate({"frequency_penalty": 1})
     assert SamplingParams.model_validate({"stop": "x"}).stop == ["x"]
+
+
+def test_incremental_text_equals_full_decode_across_the_prefill_decode_split(tiny: LoadedModel) -> None:
+    tokenizer = tiny.tokenizer
+    prompt = tokenizer.encode("Prompt: ").ids
+    text = "héllo wörld ✓ 日本語 and 🎉 emoji"
+    ids = tokenizer.encode(text).ids
+    whole = IncrementalDetokenizer(tokenizer, prompt, stop=[])
+    streamed = "".join(whole.add(t)[0] for t in ids) + whole.flush()
+    assert streamed == text
+    for split in range(1, len(ids)):
+        prefill = IncrementalDetokenizer(tokenizer, prompt, stop=[])
+        for token in ids[:split]:
+            prefill.add(token)
+        head = prefill.settled()  # what the prefill worker sends with the first token
+        decode = IncrementalDetokenizer(tokenizer, prompt, stop=[], initial_ids=ids[:split])
+        tail = "".join(decode.add(t)[0] for t in ids[split:]) + decode.flush()
+        assert head + tail == text, split

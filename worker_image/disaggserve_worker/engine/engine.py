@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from disaggserve_worker.engine.detokenizer import IncrementalDetokenizer
 from disaggserve_worker.engine.kv_cache import BlockAllocator
-from disaggserve_worker.engine.sampling import SamplingParams, sample
+from disaggserve_worker.engine.sampling import SamplingParams, sample_rows
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.llama import LlamaForCausalLM
@@ -329,12 +329,13 @@ class Engine:
             torch.cuda.synchronize()
         if self.observer:
             self.observer("prefill", time.perf_counter() - start, int(ids.numel()), len(chosen))
+        tokens = sample_rows(logits, [s.params for s, _ in chosen], [s.generator for s, _ in chosen])
         for row, (seq, n) in enumerate(chosen):
             seq.num_cached += n
             if seq.num_cached < len(seq.prompt_ids):
                 continue  # more chunks to go
             self._prefilling.remove(seq)
-            finished = self._accept_token(seq, logits[row])
+            finished = self._accept_token(seq, tokens[row])
             if finished:
                 continue
             if seq.hold_kv:
@@ -354,14 +355,14 @@ class Engine:
             torch.cuda.synchronize()
         if self.observer:
             self.observer("decode", time.perf_counter() - start, len(batch), len(batch))
+        tokens = sample_rows(logits, [s.params for s in batch], [s.generator for s in batch])
         for row, seq in enumerate(batch):
             seq.num_cached += 1
-            if self._accept_token(seq, logits[row]):
+            if self._accept_token(seq, tokens[row]):
                 self._running.remove(seq)
 
-    def _accept_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Sample, detokenise, emit; True when the sequence finished (its cache is freed)."""
-        token = sample(logits, seq.params, seq.generator)
+    def _accept_token(self, seq: Sequence, token: int) -> bool:
+        """Detokenise and emit a sampled token; True when the sequence finished (cache freed)."""
         seq.tokens.append(token)
         finish: str | None = None
         if token in seq.params.stop_token_ids or (token in self.eos and not seq.params.ignore_eos):
@@ -393,7 +394,7 @@ class Engine:
             self._held[handle] = held
         seq.blocks = []
         token = seq.tokens[-1]
-        seq.stream.push(TokenEvent(token, seq.detok.text(), None, kv_handle=handle))
+        seq.stream.push(TokenEvent(token, seq.detok.settled(), None, kv_handle=handle))
 
     def _free(self, seq: Sequence) -> None:
         if seq.blocks:

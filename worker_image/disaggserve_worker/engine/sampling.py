@@ -69,3 +69,16 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return int(torch.argmax(logits).item())
     probs = torch.softmax(filter_logits(logits.float().cpu(), params), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator]) -> list[int]:
+    """One token per row with one device sync: argmax for all rows on the device, then only
+    the rows that really sample move to the CPU (a full-vocabulary copy per row is costly)."""
+    tokens: list[int] = logits.argmax(dim=-1).tolist()
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0.0]
+    if sampled:
+        rows = logits[sampled].float().cpu()
+        for j, i in enumerate(sampled):
+            tokens[i] = sample(rows[j], params[i], generators[i])
+    return tokens
