@@ -44,6 +44,10 @@ disaggserve_prefill_iteration_seconds, disaggserve_decode_iteration_seconds (his
 disaggserve_worker_prompt_tokens_total, disaggserve_worker_generation_tokens_total,
 disaggserve_worker_requests_total{outcome} (counters); every series has a `role` label.
 
+Parallelism flags: `--pipeline-parallel N` splits the layers over the pod's N local GPUs
+(cuda:0..N-1); `--tensor-parallel` > 1 is refused at start-up (not implemented yet), so plans
+must keep tensor = 1 for now.
+
 Note to the router engineer: the tokenizer of any `--model` value comes from
 `disaggserve_worker.model.loader.load_tokenizer`; the `router` subcommand is registered by
 `disaggserve_worker.cli` calling `disaggserve_worker.router.cli.register(subparsers)`, whose

@@ -35,7 +35,10 @@ class RequestStream:
 
     def push(self, event: TokenEvent) -> None:
         """Thread-safe: called from the engine thread."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:
+            pass  # the event loop is closed: the server and with it every consumer are gone
 
     async def __aiter__(self):  # type: ignore[no-untyped-def]
         while True:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 LayerSink = Callable[[int, torch.Tensor], None]
+OFFLOAD_BYTES = 1 << 20
 
 
 @dataclass
@@ -123,7 +124,10 @@ class TcpKVTransport:
                                           f"{len(payload)} bytes, expected {expected_layer})", False)
                 data = bytearray(memoryview(payload)[LAYER_INDEX.size:])
                 tensor = torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
-                sink(layer, tensor)
+                if layer_bytes >= OFFLOAD_BYTES:  # a host-to-device copy must not stall the loop
+                    await asyncio.to_thread(sink, layer, tensor)
+                else:
+                    sink(layer, tensor)
                 total += layer_bytes
             kind, _ = await read_frame(reader, self.frame_timeout)
             if kind is not FrameType.END:
