@@ -93,6 +93,10 @@ async def test_bad_request_then_good(strict_router: RunningRouter, case: tuple[A
         async with http.post(strict_router.url + COMPLETIONS, json=GOOD) as resp:
             assert resp.status == 200, await resp.text()
             assert (await resp.json())["usage"]["completion_tokens"] >= 1
+    metrics = strict_router.router.metrics.render().decode()
+    if path.startswith("/v1/"):
+        assert 'disaggserve_requests_total{status="client_error"} 1.0' in metrics
+    assert 'disaggserve_requests_total{status="ok"} 1.0' in metrics
     assert len(CASES) >= 15
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..contract import PATH_HEALTH, PATH_METRICS, PATH_READY
 from ..engine.detokenizer import IncrementalDetokenizer
@@ -35,7 +36,8 @@ from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = (PATH_HEALTH, PATH_READY, PATH_METRICS)
+# Set once a request's outcome is counted in disaggserve_requests_total, so it is counted once.
+COUNTED = web.RequestKey("disaggserve_counted", bool)
 
 
 class ApiKeys:
@@ -143,10 +145,14 @@ class Router:
         try:
             return await handler(request)
         except APIError as exc:
+            if request.path.startswith("/v1/") and not request.get(COUNTED):
+                self.metrics.requests.labels(status="client_error" if exc.status < 500 else "rejected").inc()
             return exc.response()
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
+            if request.path.startswith("/v1/") and not request.get(COUNTED):
+                self.metrics.requests.labels(status="client_error").inc()
             message = {
                 404: f"Unknown path {request.path!r}. This server serves POST /v1/completions, "
                      "POST /v1/chat/completions and GET /v1/models.",
@@ -164,9 +170,11 @@ class Router:
                 self.keys.check(request.headers.get("Authorization"))
             except APIError:
                 self.metrics.requests.labels(status="unauthorized").inc()
+                request[COUNTED] = True
                 raise
             if self.draining and request.method == "POST":
                 self.metrics.requests.labels(status="rejected_draining").inc()
+                request[COUNTED] = True
                 raise APIError(503, "The router is shutting down; retry the request (another replica "
                                "will take it).", type_="server_error", code="draining")
         return await handler(request)
@@ -186,7 +194,7 @@ class Router:
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         for role in ("prefill", "decode", "colocated"):
             self.metrics.workers.labels(role=role).set(len(self.pool.of_role(role)))
-        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{
@@ -252,6 +260,7 @@ class Router:
                      gen: GenerationRequest, shape: _Shape) -> web.StreamResponse:
         assert self.dispatcher is not None
         started = time.monotonic()
+        request[COUNTED] = True  # the outcome is counted below, whatever it is
         self._begin()
         status = "upstream_error"
         try:

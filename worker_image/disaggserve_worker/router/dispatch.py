@@ -140,7 +140,7 @@ class Dispatcher:
         yield Token(int(first["first_token_id"]), first.get("finish_reason"))
         if first.get("finish_reason") is not None:
             return
-        decode = self.pool.pick_decode(len(context) + req.max_tokens, prefill.unit, excluded)
+        decode = self.pool.pick_decode(len(context) + req.max_tokens - len(generated), prefill.unit, excluded)
         decode_body = {**body, "first_token_id": int(first["first_token_id"]), "kv": first["kv"]}
         async with aclosing(self._stream(decode, PATH_DECODE, decode_body, 0, prefill=prefill)) as stream:
             async for token in stream:

@@ -78,7 +78,6 @@ class WorkerPool:
     """Workers keyed by URL; discovery calls `replace`/`upsert`/`remove`, requests call `pick_*`."""
 
     workers: dict[str, Worker] = field(default_factory=dict)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
     forced_mode: str | None = None  # --mode; None: decided by which workers exist
 
     def upsert(self, worker: Worker) -> None:
@@ -89,12 +88,10 @@ class WorkerPool:
             self.workers[worker.url] = worker
         else:
             known.unit, known.name = worker.unit, worker.name
-        self._notify()
 
     def remove(self, url: str) -> None:
         if self.workers.pop(url.rstrip("/"), None) is not None:
             log.info("worker removed: %s", url)
-            self._notify()
 
     def replace(self, workers: Iterable[Worker]) -> None:
         """A full resync: keep state for workers still present, drop the rest."""
@@ -104,10 +101,6 @@ class WorkerPool:
                 self.remove(url)
         for worker in fresh.values():
             self.upsert(worker)
-
-    def _notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
 
     def of_role(self, role: str) -> list[Worker]:
         return [w for w in self.workers.values() if w.role == role]
