@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -44,6 +45,7 @@ class KVLayout:
     layers: int
     kv_heads: int
     head_dim: int
+    on_gpu: bool = False
 
 
 @dataclass
@@ -60,11 +62,21 @@ class KVTransport(Protocol):
 
 def layout_of(engine: Engine) -> KVLayout:
     c = engine.model.config
-    return KVLayout(engine.model.dtype, c.num_hidden_layers, c.kv_heads, c.dim_per_head)
+    return KVLayout(engine.model.dtype, c.num_hidden_layers, c.kv_heads, c.dim_per_head,
+                    on_gpu=engine.kv_pool[0].is_cuda)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def _view(payload: bytes, offset: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A zero-copy tensor over the received bytes; the sink copies it into the pool at once,
+    so the read-only buffer (which torch warns about) is never written."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(payload, dtype=torch.uint8, offset=offset)
+    return flat.view(dtype).reshape(shape)
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -122,9 +134,8 @@ class TcpKVTransport:
                         len(payload) - LAYER_INDEX.size != layer_bytes:
                     raise KVTransferError("kv_protocol", f"bad KV layer frame (layer {layer}, "
                                           f"{len(payload)} bytes, expected {expected_layer})", False)
-                data = bytearray(memoryview(payload)[LAYER_INDEX.size:])
-                tensor = torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
-                if layer_bytes >= OFFLOAD_BYTES:  # a host-to-device copy must not stall the loop
+                tensor = _view(payload, LAYER_INDEX.size, dtype, shape)
+                if expect.on_gpu and layer_bytes >= OFFLOAD_BYTES:  # host-to-device: keep the loop free
                     await asyncio.to_thread(sink, layer, tensor)
                 else:
                     sink(layer, tensor)
@@ -208,9 +219,12 @@ class KVServer:
             "shape": shape}))
         sent = 0
         for layer in range(len(pool)):
-            # Gather off the event loop: on a GPU this is a device-to-host copy.
-            data = await asyncio.to_thread(
-                lambda i=layer: tensor_bytes(pool[i][:, slots.to(pool[i].device)]))
+            def gather(i: int = layer) -> memoryview:
+                return tensor_bytes(pool[i].index_select(1, slots.to(pool[i].device)))
+
+            # A device-to-host copy waits for the GPU: keep it off the event loop. On a CPU the
+            # gather is a memcpy that costs less than the thread hop.
+            data = await asyncio.to_thread(gather) if pool[layer].is_cuda else gather()
             writer.writelines([HEADER.pack(int(FrameType.LAYER), LAYER_INDEX.size + len(data)),
                                LAYER_INDEX.pack(layer), data])
             await writer.drain()
@@ -231,6 +245,6 @@ def pool_sink(engine: Engine, slots: torch.Tensor) -> LayerSink:
             raise KVTransferError("kv_mismatch", f"KV cache of {tokens} tokens exceeds the "
                                   f"{slots.numel()} reserved slots", False)
         target = pool[layer]
-        target[:, per_device[target.device][:tokens]] = tensor.to(target.device)
+        target.index_copy_(1, per_device[target.device][:tokens], tensor.to(target.device))
 
     return write

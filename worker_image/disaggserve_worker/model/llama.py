@@ -59,10 +59,14 @@ class Attention(nn.Module):
                      layout: BatchLayout, layer_cache: torch.Tensor) -> torch.Tensor:
         """x: (T, hidden) packed; layer_cache: (2, slots, kv_heads, head_dim), written in place."""
         q, k, v = self._qkv(x, cos, sin)
-        layer_cache[0, layout.write_slots] = k
-        layer_cache[1, layout.write_slots] = v
-        keys = layer_cache[0][layout.context_slots].transpose(1, 2)  # (B, KVH, K, D)
-        values = layer_cache[1][layout.context_slots].transpose(1, 2)
+        # index_copy_/index_select, not advanced indexing: several times faster on CPU.
+        layer_cache[0].index_copy_(0, layout.write_slots, k.to(layer_cache.dtype))
+        layer_cache[1].index_copy_(0, layout.write_slots, v.to(layer_cache.dtype))
+        batch, context = layout.context_slots.shape
+        flat = layout.context_slots.reshape(-1)
+        keys = layer_cache[0].index_select(0, flat).view(batch, context, self.kv_heads, self.head_dim)
+        values = layer_cache[1].index_select(0, flat).view(batch, context, self.kv_heads, self.head_dim)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, KVH, K, D)
         padded = q.new_zeros(layout.num_seqs, layout.max_query, self.heads, self.head_dim)
         padded[layout.seq_index, layout.q_index] = q
         out = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values,
