@@ -57,17 +57,17 @@ def test_malformed_flags_exit_with_usage(bad: list[str]) -> None:
 
 
 def test_serve_runs_and_exits_cleanly_on_sigterm() -> None:
-    env = {**os.environ, contract.ENV_POD_IP: "127.0.0.51", contract.ENV_POD_NAME: "tiny-prefill-0"}
+    env = {**os.environ, contract.ENV_POD_IP: "127.0.93.51", contract.ENV_POD_NAME: "tiny-prefill-0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "disaggserve_worker.cli", "serve", "--role", "prefill", "--model",
-         "builtin:tiny-llama", "--host", "127.0.0.51", "--port", "18100", "--kv-port", "18101",
+         "builtin:tiny-llama", "--host", "127.0.93.51", "--port", "18100", "--kv-port", "18101",
          "--device", "cpu", "--threads", "1", "--kv-cache-tokens", "1024", "--drain-grace-s", "5"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen("http://127.0.0.51:18100/readyz", timeout=1) as resp:
+                with urllib.request.urlopen("http://127.0.93.51:18100/readyz", timeout=1) as resp:
                     if resp.status == 200:
                         break
             except OSError:
@@ -77,7 +77,7 @@ def test_serve_runs_and_exits_cleanly_on_sigterm() -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
         output = proc.stdout.read() if proc.stdout else ""
-        assert "draining" in output and "127.0.0.51:18101" in output
+        assert "draining" in output and "127.0.93.51:18101" in output
     finally:
         if proc.poll() is None:
             proc.kill()

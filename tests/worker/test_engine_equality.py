@@ -191,3 +191,12 @@ async def test_prefill_waits_without_spinning_until_a_pull_frees_memory(tiny: Lo
         assert event.kv_handle is not None
     finally:
         engine.stop()
+
+
+async def test_requests_after_stop_fail_fast_and_retryable(tiny: LoadedModel) -> None:
+    engine = _engine(tiny, "colocated")
+    engine.stop()
+    stream = RequestStream("late", asyncio.get_running_loop())
+    engine.submit("late", [1, 2], SamplingParams(max_tokens=2), stream)
+    event = await asyncio.wait_for(stream.queue.get(), 2)
+    assert event.error == {"type": "shutdown", "message": "worker is shutting down", "retryable": True}

@@ -105,6 +105,8 @@ class Engine:
         self.allocator = BlockAllocator(-(-config.kv_cache_tokens // config.block_size), config.block_size)
         self.kv_pool = model.new_kv_pool(self.allocator.capacity_tokens)
         self.device = model.device
+        self._cuda_devices = sorted({d for d in (model.layer_devices or [model.device]) if d.type == "cuda"},
+                                    key=str)
         self._inbox: deque[Sequence] = deque()
         self._aborts: set[str] = set()
         self._waiting: deque[Sequence] = deque()
@@ -193,8 +195,11 @@ class Engine:
 
     def _post(self, seq: Sequence) -> None:
         with self._wake:
-            self._inbox.append(seq)
-            self._wake.notify()
+            if not self._stop:
+                self._inbox.append(seq)
+                self._wake.notify()
+                return
+        self._fail(seq, "shutdown", "worker is shutting down", retryable=True)
 
     def _notify(self) -> None:
         """Memory was freed outside the engine thread: waiting requests may fit now."""
@@ -277,7 +282,10 @@ class Engine:
                 self._prefilling, self._running = [], []
             finally:
                 self.busy = False
-        for seq in list(self._waiting) + self._prefilling + self._running:
+        with self._wake:
+            leftover = list(self._inbox) + list(self._waiting) + self._prefilling + self._running
+            self._inbox.clear()
+        for seq in leftover:
             self._fail(seq, "shutdown", "worker is shutting down", retryable=True)
 
     def _intake(self, inbox: list[Sequence], aborts: set[str]) -> None:
@@ -325,8 +333,7 @@ class Engine:
                                    self.model.sliding_window)
         start = time.perf_counter()
         logits = self.model.forward_step(ids, layout, self.kv_pool)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        self._sync()
         if self.observer:
             self.observer("prefill", time.perf_counter() - start, int(ids.numel()), len(chosen))
         tokens = sample_rows(logits, [s.params for s, _ in chosen], [s.generator for s, _ in chosen])
@@ -351,8 +358,7 @@ class Engine:
                                    self.model.sliding_window)
         start = time.perf_counter()
         logits = self.model.forward_step(ids, layout, self.kv_pool)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        self._sync()
         if self.observer:
             self.observer("decode", time.perf_counter() - start, len(batch), len(batch))
         tokens = sample_rows(logits, [s.params for s in batch], [s.generator for s in batch])
@@ -360,6 +366,11 @@ class Engine:
             seq.num_cached += 1
             if self._accept_token(seq, tokens[row]):
                 self._running.remove(seq)
+
+    def _sync(self) -> None:
+        """Wait for every pipeline stage so iteration timings measure the GPU work."""
+        for device in self._cuda_devices:
+            torch.cuda.synchronize(device)
 
     def _accept_token(self, seq: Sequence, token: int) -> bool:
         """Detokenise and emit a sampled token; True when the sequence finished (cache freed)."""
