@@ -4,11 +4,15 @@ appear, turn ready, change address and go away, and ignores pods of other instan
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import kmock as kmocklib
+import openai
 import pytest
+from disaggserve_worker.router.config import RouterConfig
 from disaggserve_worker.router.discovery import (
     ApiAccess,
     KubernetesDiscovery,
@@ -16,6 +20,7 @@ from disaggserve_worker.router.discovery import (
     pod_to_worker,
 )
 from disaggserve_worker.router.pool import WorkerPool
+from router_harness import MODEL, SERVED, WorkerProcess, start_router
 
 PODS = "/api/v1/namespaces/serving/pods"
 SELECTOR = "app.kubernetes.io/instance=demo"
@@ -142,3 +147,33 @@ def test_pod_filters() -> None:
 def test_selector_refuses_non_equality(bad: str) -> None:
     with pytest.raises(ValueError, match="selector"):
         parse_selector(bad)
+
+
+async def test_router_serves_workers_found_through_kubeconfig(
+        k8s_api: kmocklib.KubernetesEmulator, disagg_workers: list[WorkerProcess], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole path a cluster takes: $KUBECONFIG → list/watch → pool → a served request."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": str(k8s_api.url).rstrip("/")}}],
+        "users": [{"name": "kmock", "user": {"token": "t0k3n"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    config = RouterConfig(model=MODEL, model_name=SERVED, host="127.0.0.1", port=0, discovery="kubernetes",
+                          namespace="serving", selector=SELECTOR, queue_timeout_s=10)
+    running = await start_router(config)
+    try:
+        assert running.router.pool.mode is None  # nothing discovered yet
+        for i, worker in enumerate(disagg_workers):
+            ip, port = worker.url.removeprefix("http://").split(":")
+            await k8s_api.post(PODS, json=pod(f"demo-{worker.role}-{i}", worker.role, ip, ready=True,
+                                              port=int(port)))
+        api = openai.AsyncOpenAI(base_url=running.base_url, api_key="x", max_retries=0)
+        done = await api.completions.create(model=SERVED, prompt="Hello", max_tokens=3)
+        assert done.usage is not None and done.usage.completion_tokens == 3
+        assert running.router.pool.mode == "disaggregated"
+        seen = [r for r in k8s_api if r.method == "GET" and str(r.url.path).endswith("/pods")]  # the router's
+        assert seen and all(r.headers.get("Authorization") == "Bearer t0k3n" for r in seen)
+    finally:
+        await running.runner.cleanup()

@@ -140,3 +140,25 @@ async def test_drain_finishes_in_flight_and_refuses_new(disagg_router: RunningRo
     assert sum(len(c.choices) for c in [first, *rest]) >= 2
     assert rest[-1].choices[0].finish_reason == "length"
     await asyncio.wait_for(drained, 10)
+
+
+async def test_client_gone_mid_stream_stops_the_worker(disagg_router: RunningRouter,
+                                                       disagg_workers: list[WorkerProcess]) -> None:
+    decode = next(w for w in disagg_workers if w.role == "decode")
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(disagg_router.url + "/v1/completions", json={
+            "model": SERVED, "prompt": PROMPT, "max_tokens": 2000, "stream": True, "ignore_eos": True})
+        assert resp.status == 200
+        await resp.content.readline()
+        resp.close()  # the client hangs up
+        async with asyncio.timeout(10):
+            while True:
+                async with http.get(decode.url + "/internal/load") as load:
+                    if (await load.json())["running"] == 0:
+                        break
+                await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):
+        while disagg_router.router.inflight:
+            await asyncio.sleep(0.05)
+    metrics = disagg_router.router.metrics.render().decode()
+    assert 'disaggserve_requests_total{status="cancelled"} 1.0' in metrics
