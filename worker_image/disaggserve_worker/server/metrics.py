@@ -16,13 +16,22 @@ BASE_BUCKETS_S: tuple[float, ...] = (
 )
 
 
-def slo_buckets(*thresholds_s: float | None, base: Iterable[float] = BASE_BUCKETS_S) -> list[float]:
+def slo_buckets(*thresholds_s: float | Iterable[float | None] | None,
+                base: Iterable[float] = BASE_BUCKETS_S) -> list[float]:
     """Histogram bucket edges (seconds): `base` plus every given SLO threshold, sorted, unique.
 
-    Thresholds that are None or not positive are skipped, so callers can pass optional SLOs as is.
+    Thresholds may be given one by one (`slo_buckets(ttft, tpot)`) or as a list
+    (`slo_buckets([ttft, tpot])`). Thresholds that are None or not positive are skipped, so
+    callers can pass optional SLOs as is.
     """
     edges = {round(float(b), 9) for b in base}
-    for threshold in thresholds_s:
+    flat: list[float | None] = []
+    for item in thresholds_s:
+        if isinstance(item, Iterable):
+            flat.extend(item)
+        else:
+            flat.append(item)
+    for threshold in flat:
         if threshold is not None and threshold > 0:
             edges.add(round(float(threshold), 9))
     return sorted(edges)
