@@ -57,6 +57,16 @@ def test_bad_flags_are_explained(argv: list[str], message: str, capsys: pytest.C
     assert message in capsys.readouterr().err
 
 
+def test_kubernetes_discovery_without_credentials_fails_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    args = build_parser().parse_args(["router", "--model", MODEL, "--model-name", SERVED, "--discovery",
+                                      "kubernetes", "--selector", "app.kubernetes.io/instance=x"])
+    assert args.handler(args) == 2
+    assert "found no credentials" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def colocated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[WorkerProcess]]:
     block = random_block()

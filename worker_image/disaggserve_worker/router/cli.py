@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from ..contract import ENV_NAMESPACE, ROUTER_PORT
 from .app import Router
 from .config import RouterConfig
-from .discovery import KubernetesDiscovery, static_workers
+from .discovery import ApiAccess, KubernetesDiscovery, static_workers
 from .pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,12 @@ def main_router(args: argparse.Namespace) -> int:
             where = ".".join(str(p) for p in err["loc"])
             print(f"disaggserve-worker router: {where + ': ' if where else ''}{err['msg']}", file=sys.stderr)
         return 2
+    if config.discovery == "kubernetes":
+        try:  # fail at start, not in a background loop, when there are no credentials at all
+            ApiAccess.load()
+        except RuntimeError as exc:
+            print(f"disaggserve-worker router: {exc}", file=sys.stderr)
+            return 2
     router = build_router(config)
     asyncio.run(serve(router, config.host, config.port))
     return 0
