@@ -26,7 +26,7 @@ def _server(tiny: LoadedModel, role: str, host: str, kv_tokens: int = 1024, admi
                     observer=lambda *a: holder["f"](*a))
     metrics = WorkerMetrics(role, engine.load, 0.25, 0.05)
     holder["f"] = metrics.observe_iteration
-    return WorkerServer(engine, ServerConfig(role=role, host=host, port=0, kv_port=0,
+    return WorkerServer(engine, ServerConfig(role=role, host=host, port=0, kv_port=0, model_name="tiny",
                                              admission_timeout_s=admission_s), metrics)
 
 
@@ -167,6 +167,7 @@ async def test_load_drain_and_readiness(cluster: dict[str, Any]) -> None:
     async with session.get(url + "/internal/load") as resp:
         load = await resp.json()
     assert load["role"] == "prefill" and load["draining"] is False and load["free_kv_tokens"] == 1024
+    assert load["model"] == "tiny"
     assert {"queued_tokens", "running"} <= load.keys()
     async with session.post(url + "/internal/drain") as resp:
         assert resp.status == 200

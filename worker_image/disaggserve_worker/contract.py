@@ -22,8 +22,9 @@ Internal HTTP protocol between router and workers (JSON bodies, NDJSON streams):
        batch. `sampling.max_tokens` counts the first token too, so it must be >= 2 here.
 - colocated worker POST /internal/generate  {request_id, prompt_token_ids, sampling}
     -> 200 NDJSON stream, the first event carries the first token.
-- every worker     GET /internal/load -> {role, queued_tokens, queued_requests, running,
-                                          free_kv_tokens, held_caches, draining}
+- every worker     GET /internal/load -> {role, model (--model-name), queued_tokens,
+                                          queued_requests, running, free_kv_tokens,
+                                          held_caches, draining}
                    POST /internal/drain  (stop admitting; readiness turns false; a prefill
                                           worker keeps serving pulls of caches it holds)
                    GET /healthz, /readyz, /metrics

@@ -180,7 +180,8 @@ class WorkerServer:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def load(self, request: web.Request) -> web.Response:
-        return web.json_response({"role": self.config.role, "draining": self.draining, **self.engine.load()})
+        return web.json_response({"role": self.config.role, "model": self.config.model_name,
+                                  "draining": self.draining, **self.engine.load()})
 
     async def drain(self, request: web.Request) -> web.Response:
         self.draining = True
