@@ -49,8 +49,8 @@ class WorkerProcess:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(10)
+            try:  # a prefill worker holding unpulled KV caches would wait out their TTL: not here
+                self.proc.wait(3)
             except subprocess.TimeoutExpired:
                 self.kill()
 

@@ -50,6 +50,8 @@ def test_operator_rendered_flags_parse(tmp_path: Path) -> None:
     (["--prefill-endpoints", "http://127.0.0.1:1"], "both --prefill-endpoints and --decode-endpoints"),
     (["--colocated-endpoints", "127.0.0.1:8100"], "http://host:port"),
     (["--discovery", "kubernetes"], "needs --selector"),
+    (["--mode", "colocated", "--prefill-endpoints", "http://a:1", "--decode-endpoints", "http://b:1"],
+     "--mode colocated needs --colocated-endpoints"),
 ])
 def test_bad_flags_are_explained(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser().parse_args(["router", "--model", MODEL, "--model-name", SERVED, *argv])

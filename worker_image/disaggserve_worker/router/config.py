@@ -43,6 +43,10 @@ class RouterConfig(BaseModel):
             if bool(self.prefill_endpoints) != bool(self.decode_endpoints):
                 raise ValueError("disaggregated serving needs both --prefill-endpoints and "
                                  "--decode-endpoints")
+            if self.mode == "disaggregated" and not self.prefill_endpoints:
+                raise ValueError("--mode disaggregated needs --prefill-endpoints and --decode-endpoints")
+            if self.mode == "colocated" and not self.colocated_endpoints:
+                raise ValueError("--mode colocated needs --colocated-endpoints")
             for url in self.prefill_endpoints + self.decode_endpoints + self.colocated_endpoints:
                 if not url.startswith(("http://", "https://")):
                     raise ValueError(f"endpoint {url!r} must be an http://host:port URL")
