@@ -86,5 +86,11 @@ METRIC_REQUESTS = "disaggserve_requests_total"
 METRIC_PROMPT_TOKENS = "disaggserve_prompt_tokens_total"
 METRIC_GENERATION_TOKENS = "disaggserve_generation_tokens_total"
 METRIC_SLO_MET = "disaggserve_slo_met_total"
+# Router-only: its own load and fault handling (the autoscaler may read queue depth).
+METRIC_ROUTER_INFLIGHT = "disaggserve_router_inflight_requests"
+METRIC_ROUTER_QUEUED = "disaggserve_router_queued_requests"
+METRIC_ROUTER_RETRIES = "disaggserve_router_retries_total"
+METRIC_ROUTER_RESUMED = "disaggserve_router_resumed_total"
+METRIC_ROUTER_WORKERS = "disaggserve_router_workers"
 
 ROLES = ("prefill", "decode", "colocated")

@@ -14,6 +14,11 @@ from ..contract import (
     METRIC_GENERATION_TOKENS,
     METRIC_PROMPT_TOKENS,
     METRIC_REQUESTS,
+    METRIC_ROUTER_INFLIGHT,
+    METRIC_ROUTER_QUEUED,
+    METRIC_ROUTER_RESUMED,
+    METRIC_ROUTER_RETRIES,
+    METRIC_ROUTER_WORKERS,
     METRIC_SLO_MET,
     METRIC_TPOT,
     METRIC_TTFT,
@@ -44,16 +49,17 @@ class RouterMetrics:
         self.prompt_tokens = Counter(_PROMPT, "Prompt tokens of served requests.", registry=r)
         self.generation_tokens = Counter(_GENERATION, "Tokens generated for clients.", registry=r)
         self.slo_met = Counter(_SLO_MET, "Requests that met both the TTFT and the TPOT SLO.", registry=r)
-        self.inflight = Gauge("disaggserve_router_inflight_requests", "Requests being served now.",
+        self.inflight = Gauge(METRIC_ROUTER_INFLIGHT, "Requests being served now.",
                               registry=r)
-        self.queued = Gauge("disaggserve_router_queued_requests",
+        self.queued = Gauge(METRIC_ROUTER_QUEUED,
                             "Requests waiting for a worker (none available yet).", registry=r)
-        self.retries = Counter("disaggserve_router_retries", "Attempts re-run on another worker, by reason.",
+        self.retries = Counter(METRIC_ROUTER_RETRIES.removesuffix("_total"),
+                               "Attempts re-run on another worker, by reason.",
                                ["reason"], registry=r)
-        self.resumed = Counter("disaggserve_router_resumed",
+        self.resumed = Counter(METRIC_ROUTER_RESUMED.removesuffix("_total"),
                                "Streams resumed on another worker after tokens were already sent.",
                                registry=r)
-        self.workers = Gauge("disaggserve_router_workers", "Workers known to the router, by role.",
+        self.workers = Gauge(METRIC_ROUTER_WORKERS, "Workers known to the router, by role.",
                              ["role"], registry=r)
 
     def observe_finished(self, *, ttft_s: float, e2e_s: float, output_tokens: int) -> None:
