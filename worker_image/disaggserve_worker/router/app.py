@@ -9,14 +9,12 @@ gets a plain 503 instead of a stream that opens and then fails.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,12 +23,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..contract import PATH_HEALTH, PATH_METRICS, PATH_READY
 from ..engine.detokenizer import IncrementalDetokenizer
+from .auth import ApiKeys
 from .config import RouterConfig
 from .dispatch import Dispatcher, GenerationRequest, Timeouts, Token
 from .errors import APIError, UpstreamError, error_body, invalid
 from .metrics import RouterMetrics
 from .model_info import ModelInfo
 from .pool import LoadPoller, WorkerPool
+from .responses import ChatShape, CompletionShape, Progress, Shape, usage_of
 from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
 
 log = logging.getLogger(__name__)
@@ -38,39 +38,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Set once a request's outcome is counted in disaggserve_requests_total, so it is counted once.
 COUNTED = web.RequestKey("disaggserve_counted", bool)
-
-
-class ApiKeys:
-    """Bearer keys from a Secret-mounted file (one per line), re-read when the file changes."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._stamp: tuple[int, int] | None = None
-        self._keys: list[bytes] = []
-
-    @property
-    def enabled(self) -> bool:
-        return self.path is not None
-
-    def check(self, header: str | None) -> None:
-        if self.path is None:
-            return
-        if not header or not header.startswith("Bearer "):
-            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
-        given = header.removeprefix("Bearer ").strip().encode()
-        if not any(hmac.compare_digest(given, key) for key in self._current()):
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-    def _current(self) -> list[bytes]:
-        assert self.path is not None
-        stat = self.path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp != self._stamp:
-            lines = self.path.read_text().splitlines()
-            self._keys = [line.strip().encode() for line in lines if line.strip()]
-            self._stamp = stamp
-        return self._keys
 
 
 class Router:
@@ -217,7 +184,7 @@ class Router:
                               "prompt")
             prompt_ids, prompt_text = list(prompt), self.model.decode(list(prompt))
         gen = self._generation(req, prompt_ids, req.max_tokens)
-        shape = _CompletionShape(self.model.name, echo=prompt_text if req.echo else "")
+        shape = CompletionShape(self.model.name, echo=prompt_text if req.echo else "")
         return await self._serve(request, req, gen, shape)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -226,7 +193,7 @@ class Router:
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
         prompt_ids = self.model.encode(self.model.chat_template.render(messages))
         gen = self._generation(req, prompt_ids, req.requested_max_tokens)
-        return await self._serve(request, req, gen, _ChatShape(self.model.name))
+        return await self._serve(request, req, gen, ChatShape(self.model.name))
 
     def _check_model(self, name: str) -> None:
         if name != self.model.name:
@@ -257,7 +224,7 @@ class Router:
             stop=req.stop_list())
 
     async def _serve(self, request: web.Request, req: CompletionRequest | ChatCompletionRequest,
-                     gen: GenerationRequest, shape: _Shape) -> web.StreamResponse:
+                     gen: GenerationRequest, shape: Shape) -> web.StreamResponse:
         assert self.dispatcher is not None
         started = time.monotonic()
         request[COUNTED] = True  # the outcome is counted below, whatever it is
@@ -266,13 +233,14 @@ class Router:
         try:
             await self._wait_for_workers()
             detok = IncrementalDetokenizer(self.model.tokenizer, gen.prompt_ids, gen.stop)
-            tokens = _Progress(started)
+            tokens = Progress(started)
             async with aclosing(self._text_deltas(self.dispatcher.generate(gen), detok, tokens)) as deltas:
                 if req.stream:
                     response = await self._stream(request, req, shape, gen, deltas, tokens)
                 else:
                     text = "".join([d async for d, _ in deltas])
-                    response = web.json_response(shape.full(text, tokens.finish_reason, _usage(gen, tokens)))
+                    body = shape.full(text, tokens.finish_reason, usage_of(gen, tokens))
+                    response = web.json_response(body)
             status = "ok" if tokens.finish_reason else "upstream_error"
             if tokens.finish_reason:
                 self.metrics.observe_finished(ttft_s=tokens.ttft_s or 0.0, e2e_s=time.monotonic() - started,
@@ -289,7 +257,7 @@ class Router:
             self._end()
 
     async def _text_deltas(self, stream: AsyncIterator[Token], detok: IncrementalDetokenizer,
-                           progress: _Progress) -> AsyncIterator[tuple[str, str | None]]:
+                           progress: Progress) -> AsyncIterator[tuple[str, str | None]]:
         """(text delta, finish_reason) pairs; stops the workers as soon as a stop string shows."""
         async with aclosing(stream) as tokens:
             async for token in tokens:
@@ -306,8 +274,8 @@ class Router:
                 yield delta, None
 
     async def _stream(self, request: web.Request, req: CompletionRequest | ChatCompletionRequest,
-                      shape: _Shape, gen: GenerationRequest, deltas: AsyncIterator[tuple[str, str | None]],
-                      progress: _Progress) -> web.StreamResponse:
+                      shape: Shape, gen: GenerationRequest, deltas: AsyncIterator[tuple[str, str | None]],
+                      progress: Progress) -> web.StreamResponse:
         include_usage = req.include_usage
         # Wait for the first token before answering 200: failures before it become a plain error reply.
         first = await anext(deltas)
@@ -336,7 +304,7 @@ class Router:
             await response.write_eof()
             return response
         if include_usage:
-            await send(shape.usage_chunk(_usage(gen, progress)))
+            await send(shape.usage_chunk(usage_of(gen, progress)))
         await send("[DONE]")
         await response.write_eof()
         return response
@@ -367,97 +335,6 @@ class Router:
         self.metrics.inflight.dec()
         if self.inflight == 0:
             self._idle.set()
-
-
-class _Progress:
-    """Counts and times the tokens of one request as they pass to the client."""
-
-    def __init__(self, started: float) -> None:
-        self.started = started
-        self.count = 0
-        self.ttft_s: float | None = None
-        self.finish_reason: str | None = None
-
-    def add(self) -> None:
-        if self.ttft_s is None:
-            self.ttft_s = time.monotonic() - self.started
-        self.count += 1
-
-
-def _usage(gen: GenerationRequest, progress: _Progress) -> dict[str, int]:
-    prompt = len(gen.prompt_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": progress.count,
-            "total_tokens": prompt + progress.count}
-
-
-class _Shape:
-    """The JSON shapes of one endpoint (completions vs chat)."""
-
-    def __init__(self, model: str, prefix: str) -> None:
-        self.model = model
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def opening(self, include_usage: bool) -> list[dict[str, Any]]:
-        return []
-
-    def chunk(self, delta: str, finish: str | None, include_usage: bool) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def full(self, text: str, finish: str | None, usage: dict[str, int]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        return {**self._head(), "choices": [], "usage": usage}
-
-    def _head(self) -> dict[str, Any]:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
-
-    object = ""
-
-
-class _CompletionShape(_Shape):
-    object = "text_completion"
-
-    def __init__(self, model: str, echo: str = "") -> None:
-        super().__init__(model, "cmpl")
-        self.echo = echo
-
-    def opening(self, include_usage: bool) -> list[dict[str, Any]]:
-        return [self.chunk("", None, include_usage)] if self.echo else []
-
-    def chunk(self, delta: str, finish: str | None, include_usage: bool) -> dict[str, Any]:
-        text, self.echo = self.echo + delta, ""
-        body = {**self._head(), "choices": [{"index": 0, "text": text, "finish_reason": finish,
-                                             "logprobs": None}]}
-        return {**body, "usage": None} if include_usage else body
-
-    def full(self, text: str, finish: str | None, usage: dict[str, int]) -> dict[str, Any]:
-        return {**self._head(), "choices": [{"index": 0, "text": self.echo + text, "finish_reason": finish,
-                                             "logprobs": None}], "usage": usage}
-
-
-class _ChatShape(_Shape):
-    object = "chat.completion.chunk"
-
-    def __init__(self, model: str) -> None:
-        super().__init__(model, "chatcmpl")
-
-    def opening(self, include_usage: bool) -> list[dict[str, Any]]:
-        return [self._chunk({"role": "assistant", "content": ""}, None, include_usage)]
-
-    def chunk(self, delta: str, finish: str | None, include_usage: bool) -> dict[str, Any]:
-        return self._chunk({"content": delta} if delta else {}, finish, include_usage)
-
-    def _chunk(self, delta: dict[str, Any], finish: str | None, include_usage: bool) -> dict[str, Any]:
-        body = {**self._head(), "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                             "logprobs": None}]}
-        return {**body, "usage": None} if include_usage else body
-
-    def full(self, text: str, finish: str | None, usage: dict[str, int]) -> dict[str, Any]:
-        return {**self._head(), "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-            "logprobs": None}], "usage": usage}
 
 
 async def _json_body(request: web.Request) -> Any:
