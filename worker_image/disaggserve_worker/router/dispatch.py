@@ -105,6 +105,10 @@ class Dispatcher:
                 if not fault.retryable:
                     raise UpstreamError(str(fault), retryable=False,
                                         client_fault=fault.reason == "worker_refused") from None
+                if attempt + 1 == self.max_attempts:
+                    log.warning("request %s attempt %d failed (%s); no attempts left", req.request_id,
+                                attempt + 1, fault)
+                    break
                 self.metrics.retries.labels(reason=fault.reason).inc()
                 if generated:
                     self.metrics.resumed.inc()
