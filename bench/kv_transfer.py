@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream

@@ -16,6 +16,7 @@ import yaml
 
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
+from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL
 from disaggserve.planner.auto import PlanOutcome, plan_automatically
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.hook import manual_plan
@@ -40,6 +41,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trace", help="JSONL of {input_tokens, output_tokens}: lengths from a real trace")
     p.add_argument("--output", choices=("table", "json"), default="table")
     p.add_argument("--plot", help="write attainment vs rate for the plan and the colocated baseline (PNG)")
+    p.add_argument(
+        "--max-tensor",
+        type=int,
+        choices=(1, 2, 4, 8),
+        default=8,
+        help=f"largest tensor-parallel size to consider (the operator uses {WORKER_MAX_TENSOR_PARALLEL}, what this "
+        "release's worker runs; the default shows the method unconstrained)",
+    )
     p.set_defaults(func=run)
 
 
@@ -262,7 +271,9 @@ def run(args: argparse.Namespace) -> int:
             print(plan.reason)
         return 0
     try:
-        outcome = plan_automatically(spec, nodes=nodes, profile=profile, rate=args.rate, lengths=lengths)
+        outcome = plan_automatically(
+            spec, nodes=nodes, profile=profile, rate=args.rate, lengths=lengths, max_tensor=args.max_tensor
+        )
     except PlanningError as e:
         print(f"error: {e.reason}: {e}", file=sys.stderr)
         return 1
@@ -270,6 +281,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     facts = outcome_facts(outcome)
+    facts["deployable_by_operator"] = max(outcome.plan.prefill.tensor, outcome.plan.decode.tensor) <= (
+        WORKER_MAX_TENSOR_PARALLEL
+    )
+    if not facts["deployable_by_operator"] and args.output != "json":
+        print(
+            f"note: this plan uses tensor parallelism; the worker of this release runs tensor size "
+            f"{WORKER_MAX_TENSOR_PARALLEL}, so the operator plans with --max-tensor {WORKER_MAX_TENSOR_PARALLEL}",
+            file=sys.stderr,
+        )
     if args.output == "json":
         print(json.dumps(facts, indent=2, ensure_ascii=False))
     else:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+
 from disaggserve_worker.router.app import Router
 from disaggserve_worker.router.cli import build_router
 from disaggserve_worker.router.config import RouterConfig

@@ -4,6 +4,7 @@ one get the documented plain form."""
 from __future__ import annotations
 
 import pytest
+
 from disaggserve_worker.router.chat_template import ChatTemplate
 from disaggserve_worker.router.errors import APIError
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import openai
 import pytest
-from disaggserve_worker.cli import build_parser
 from router_harness import (
     MODEL,
     SERVED,
@@ -25,6 +24,8 @@ from router_harness import (
     start_router,
     start_workers,
 )
+
+from disaggserve_worker.cli import build_parser
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,8 @@ from typing import Any
 import kmock as kmocklib
 import openai
 import pytest
+from router_harness import MODEL, SERVED, WorkerProcess, start_router
+
 from disaggserve_worker.router.config import RouterConfig
 from disaggserve_worker.router.discovery import (
     ApiAccess,
@@ -20,7 +22,6 @@ from disaggserve_worker.router.discovery import (
     pod_to_worker,
 )
 from disaggserve_worker.router.pool import WorkerPool
-from router_harness import MODEL, SERVED, WorkerProcess, start_router
 
 PODS = "/api/v1/namespaces/serving/pods"
 SELECTOR = "app.kubernetes.io/instance=demo"

@@ -4,6 +4,7 @@ failed or draining one."""
 from __future__ import annotations
 
 import pytest
+
 from disaggserve_worker.router.pool import NoWorkerAvailable, Worker, WorkerPool
 
 

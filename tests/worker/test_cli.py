@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+
 from disaggserve_worker import contract
 from disaggserve_worker.cli import build_parser, main, validate_serve_args
 
@@ -86,6 +87,7 @@ def test_serve_runs_and_exits_cleanly_on_sigterm() -> None:
 
 def test_pipeline_parallel_without_enough_gpus_is_refused() -> None:
     import torch
+
     from disaggserve_worker.model.loader import ModelLoadError, stage_devices
 
     assert stage_devices(torch.device("cpu"), 1) == [torch.device("cpu")]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream

@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 import torch
+
 from disaggserve_worker.kv.framing import KVTransferError
 from disaggserve_worker.kv.transport import KVLayout, TcpKVTransport
 from disaggserve_worker.model.builtin import builtin_config

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from disaggserve_worker.cli import main
 from disaggserve_worker.profile.fit import fit_relative_nonnegative
 

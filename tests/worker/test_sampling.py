@@ -6,12 +6,13 @@ import asyncio
 
 import pytest
 import torch
+from pydantic import ValidationError
+
 from disaggserve_worker.engine.detokenizer import IncrementalDetokenizer
 from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams, filter_logits, sample
 from disaggserve_worker.engine.types import RequestStream, TokenEvent
 from disaggserve_worker.model.loader import LoadedModel
-from pydantic import ValidationError
 
 
 async def _generate(tiny: LoadedModel, prompt: str, params: SamplingParams, eos: list[int] | None = None

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+
 from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel

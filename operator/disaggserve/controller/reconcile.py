@@ -14,6 +14,7 @@ from typing import Any
 from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
+from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL
 from disaggserve.controller.drain import prepare_scale_down
 from disaggserve.controller.kube import Kube, KubeError
 from disaggserve.planner import PlanningError, plan_for
@@ -55,6 +56,14 @@ class Refused(Exception):
 
 
 def _unsupported(spec: DisaggServeSpec) -> None:
+    if spec.parallelism and max(spec.parallelism.prefill.tensor, spec.parallelism.decode.tensor) > (
+        WORKER_MAX_TENSOR_PARALLEL
+    ):
+        raise Refused(
+            "TensorParallelUnavailable",
+            f"the worker of this release runs tensor-parallel size {WORKER_MAX_TENSOR_PARALLEL}: set "
+            "spec.parallelism.*.tensor to 1 and use pipeline (GPUs of one pod) or more replicas instead",
+        )
     if spec.speculation.mode != "off":
         raise Refused(
             "SpeculationUnavailable",
@@ -121,7 +130,7 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
         profile = await _profile(kube, spec, namespace)
         nodes = await kube.list("v1", "Node") if spec.parallelism is None else None
         try:
-            plan = plan_for(spec, nodes=nodes, profile=profile)
+            plan = plan_for(spec, nodes=nodes, profile=profile, max_tensor=WORKER_MAX_TENSOR_PARALLEL)
         except PlanningError as e:
             raise Refused(e.reason, str(e)) from None
         try:

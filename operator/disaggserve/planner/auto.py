@@ -27,6 +27,7 @@ from disaggserve.planner.profile import (
     load_profile_input,
 )
 from disaggserve.planner.search import (
+    TENSOR_SIZES,
     HardwareView,
     PhaseChoice,
     Searcher,
@@ -368,6 +369,56 @@ def _pick(s: Searcher, sized: list):
     return max(tied, key=lambda x: x[1].goodput(s) / x[1].gpus)
 
 
+@dataclass
+class SearchSetup:
+    searcher: Searcher
+    topology: Topology
+    rate: float
+    profile_source: str
+
+
+def build_search(
+    spec: DisaggServeSpec,
+    *,
+    nodes: list[dict[str, Any]] | None = None,
+    profile: dict[str, Any] | None = None,
+    rate: float | None = None,
+    used_gpus: dict[str, int] | None = None,
+    lengths: tuple[LengthDistribution, LengthDistribution] | None = None,
+    requests: int = DEFAULT_REQUESTS,
+    seed: int = DEFAULT_SEED,
+    max_tensor: int | None = None,
+    profile_scale: tuple[float, float] | None = None,
+) -> SearchSetup:
+    """Resolve the inputs (profile, model facts, topology, workload) into a Searcher.
+
+    `profile_scale` multiplies the profile's (prefill, decode) times: the autoscaler's
+    correction from measured/predicted latency.
+    """
+    prof, prof_source = resolve_profile(spec, profile)
+    if profile_scale is not None:
+        prof = prof.scaled(*profile_scale)
+        prof_source += f" x ({profile_scale[0]:.2f} prefill, {profile_scale[1]:.2f} decode) measured"
+    facts = resolve_facts(spec, prof)
+    topo = resolve_topology(spec, nodes, used_gpus)
+    work = workload_model(spec, rate, lengths)
+    slo = Slo(spec.slo.ttft_ms, spec.slo.tpot_ms, spec.slo.attainment)
+    hw = HardwareView(topo.gpus_per_node, topo.gpu_memory_bytes, topo.intra_gbps, topo.cross_gbps)
+    memo = shared_goodputs((prof.model_dump_json(), facts, work.input, work.output, seed, requests, slo, hw))
+    searcher = Searcher(
+        prof,
+        facts,
+        sample_requests(work, MAX_REQUESTS, seed),
+        slo,
+        hw,
+        work.rate,
+        min_requests=requests,
+        max_tensor=max_tensor or max(TENSOR_SIZES),
+        _goodputs=memo,
+    )
+    return SearchSetup(searcher, topo, work.rate, prof_source)
+
+
 def plan_automatically(
     spec: DisaggServeSpec,
     *,
@@ -380,29 +431,25 @@ def plan_automatically(
     seed: int = DEFAULT_SEED,
     with_baseline: bool = True,
     exhaustive: bool = False,
+    max_tensor: int | None = None,
 ) -> PlanOutcome:
     """Plan `spec` (see `plan_for`). `exhaustive` turns pruning off and sizes every candidate
     as a whole deployment (not only the best few, RERANK_TOP) before choosing by the same rule —
     the reference the benchmark compares the pruned search with."""
     started = time.perf_counter()
-    prof, prof_source = resolve_profile(spec, profile)
-    facts = resolve_facts(spec, prof)
-    topo = resolve_topology(spec, nodes, used_gpus)
-    work = workload_model(spec, rate, lengths)
-    target = work.rate
-    slo = Slo(spec.slo.ttft_ms, spec.slo.tpot_ms, spec.slo.attainment)
-    hw = HardwareView(topo.gpus_per_node, topo.gpu_memory_bytes, topo.intra_gbps, topo.cross_gbps)
-    memo = shared_goodputs((prof.model_dump_json(), facts, work.input, work.output, seed, requests, slo, hw))
-    s = Searcher(
-        prof,
-        facts,
-        sample_requests(work, MAX_REQUESTS, seed),
-        slo,
-        hw,
-        target,
-        min_requests=requests,
-        _goodputs=memo,
+    setup = build_search(
+        spec,
+        nodes=nodes,
+        profile=profile,
+        rate=rate,
+        used_gpus=used_gpus,
+        lengths=lengths,
+        requests=requests,
+        seed=seed,
+        max_tensor=max_tensor,
     )
+    s, topo, target, prof_source = setup.searcher, setup.topology, setup.rate, setup.profile_source
+    slo = s.slo
     if not s.shapes():
         raise _explain_no_shape(s, topo)
     placement, why = choose_placement(spec.placement, topo.cross_gbps)

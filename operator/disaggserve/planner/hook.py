@@ -41,6 +41,7 @@ def plan_for(
     profile: dict[str, Any] | None = None,
     rate: float | None = None,
     used_gpus: dict[str, int] | None = None,
+    max_tensor: int | None = None,
 ) -> Plan:
     """Plan a resource. Raises PlanningError with a reason a person can act on.
 
@@ -48,11 +49,14 @@ def plan_for(
     hardware alone), `profile` a latency profile document (None: built-in), `rate` overrides
     `spec.workload.requestRate` (the autoscaler passes the measured rate), `used_gpus` the GPUs
     per node already requested by pods that are not this resource's (free = allocatable − used).
-    Without `spec.parallelism` the DistServe planner chooses everything (planner.auto).
+    Without `spec.parallelism` the DistServe planner chooses everything (planner.auto);
+    `max_tensor` caps the tensor-parallel size at what the deployed worker runs.
     """
     if spec.parallelism is not None:
         return manual_plan(spec)
     try:
-        return plan_automatically(spec, nodes=nodes, profile=profile, rate=rate, used_gpus=used_gpus).plan
+        return plan_automatically(
+            spec, nodes=nodes, profile=profile, rate=rate, used_gpus=used_gpus, max_tensor=max_tensor
+        ).plan
     except TopologyError as e:
         raise PlanningError("NodeLabelsInvalid", str(e)) from None

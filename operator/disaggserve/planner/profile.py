@@ -100,6 +100,29 @@ class LatencyProfile(BaseModel):
         table = self.colocated if colocated and self.colocated else self.entries
         return sorted({e.tensor for e in table if e.pipeline == 1})
 
+    def scaled(self, prefill: float, decode: float) -> LatencyProfile:
+        """The profile with prefill and decode times multiplied by measured/predicted ratios.
+
+        The autoscaler corrects a profile this way when the live system runs slower (or
+        faster) than it predicted: other hardware, other software versions, noisy neighbours.
+        """
+
+        def entry(e: ProfileEntry) -> ProfileEntry:
+            def times(c: Coefficients, k: float) -> Coefficients:
+                return Coefficients(a=c.a * k, b=c.b * k, c=c.c * k)
+
+            return e.model_copy(
+                update={
+                    "prefill": times(e.prefill, prefill),
+                    "decode_small": times(e.decode_small, decode),
+                    "decode_large": times(e.decode_large, decode),
+                }
+            )
+
+        return self.model_copy(
+            update={"entries": [entry(e) for e in self.entries], "colocated": [entry(e) for e in self.colocated]}
+        )
+
     def matches(self, model_name: str, gpu_product: str | None) -> bool:
         names = {normalise_model_name(n) for n in [self.model, *self.model_aliases]}
         if normalise_model_name(model_name) not in names:

@@ -151,6 +151,7 @@ class Searcher:
     target_rate: float
     budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET
     min_requests: int = DEFAULT_REQUESTS
+    max_tensor: int = max(TENSOR_SIZES)  # what the deployed worker can run
     stats: SearchStats = field(default_factory=SearchStats)
     _goodputs: dict[tuple, float] = field(default_factory=dict)
     _probes: dict[tuple, SimResult] = field(default_factory=dict)
@@ -180,7 +181,7 @@ class Searcher:
         """Shapes allowed by the profile, divisibility, one node, and memory."""
         out = []
         for tp in self.profile.tensor_sizes(colocated=colocated):
-            if tp not in TENSOR_SIZES or tp > self.hardware.gpus_per_node:
+            if tp not in TENSOR_SIZES or tp > self.hardware.gpus_per_node or tp > self.max_tensor:
                 continue
             for pp in range(1, self.hardware.gpus_per_node // tp + 1):
                 shape = Shape(tp, pp)

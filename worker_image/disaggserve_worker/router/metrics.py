@@ -32,6 +32,10 @@ _GENERATION = METRIC_GENERATION_TOKENS.removesuffix("_total")
 _SLO_MET = METRIC_SLO_MET.removesuffix("_total")
 
 
+REQUEST_OUTCOMES = ("ok", "client_error", "upstream_error", "cancelled", "unauthorized", "rejected",
+                    "rejected_draining")
+
+
 class RouterMetrics:
     def __init__(self, ttft_slo_s: float | None, tpot_slo_s: float | None) -> None:
         self.registry = CollectorRegistry()
@@ -45,7 +49,11 @@ class RouterMetrics:
         self.e2e = Histogram(METRIC_E2E, "Request latency from arrival to last token.",
                              registry=r, buckets=slo_buckets(ttft_slo_s))
         self.requests = Counter(_REQUESTS, "Requests by outcome (ok, client_error, upstream_error, "
-                                "cancelled, unauthorized, rejected_draining).", ["status"], registry=r)
+                                "cancelled, unauthorized, rejected, rejected_draining).", ["status"], registry=r)
+        # Every outcome series exists from the start at 0: Prometheus' increase() cannot count the
+        # requests that create a series, so a first burst would otherwise read as no traffic.
+        for status in REQUEST_OUTCOMES:
+            self.requests.labels(status=status)
         self.prompt_tokens = Counter(_PROMPT, "Prompt tokens of served requests.", registry=r)
         self.generation_tokens = Counter(_GENERATION, "Tokens generated for clients.", registry=r)
         self.slo_met = Counter(_SLO_MET, "Requests that met both the TTFT and the TPOT SLO.", registry=r)
