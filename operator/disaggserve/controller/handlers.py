@@ -10,25 +10,32 @@ removes them, so an absent operator never blocks `kubectl delete`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
+import prometheus_client
 
 from disaggserve.api.constants import GROUP, PLURAL, VERSION
 from disaggserve.contract import LABEL_MANAGED_BY, MANAGED_BY
+from disaggserve.controller.autoscaler import Autoscaler
 from disaggserve.controller.kube import Kube, KubeError
-from disaggserve.controller.reconcile import desired_replicas, reconcile, refresh_status
+from disaggserve.controller.reconcile import desired_replicas, reconcile, refresh_status, to_plain
 from disaggserve.controller.settings import configure
 
 RETRY_DELAY = 2.0
 STATUS_SAFETY_INTERVAL = 30.0
+AUTOSCALE_TICK = float(os.environ.get("DISAGGSERVE_AUTOSCALE_TICK", "2"))  # observe this often
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configure(settings)
     memo.kube = Kube()
+    memo.autoscaler = Autoscaler(memo.kube)
+    if port := os.environ.get("DISAGGSERVE_METRICS_PORT"):
+        prometheus_client.start_http_server(int(port))  # disaggserve_operator_* metrics
 
 
 @kopf.on.cleanup()
@@ -36,6 +43,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     kube = getattr(memo, "kube", None)
     if kube is not None:
         await kube.aclose()
+    if getattr(memo, "autoscaler", None) is not None:
+        await memo.autoscaler.aclose()
 
 
 @kopf.on.login()
@@ -106,6 +115,26 @@ async def child_changed(
     except KubeError as e:
         # Event handlers are not retried by kopf; the next event or the safety timer catches up.
         logger.warning(f"could not update {owner_name} after a change of its {body['kind']}: {e}")
+
+
+def _autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("autoscaling") or {}).get("enabled"))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=AUTOSCALE_TICK, when=_autoscaling_enabled)
+async def autoscale(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Observe, re-plan and scale (decisions every spec.autoscaling.intervalSeconds)."""
+    try:
+        update = await memo.autoscaler.step(body, _emitter(body))
+        if update is None:
+            return
+        if "plan" in update:  # new replica counts: apply them (drain-safe) through the reconcile
+            current = to_plain(body)
+            current["status"] = {**(current.get("status") or {}), **update}
+            update = {**update, **await reconcile(memo.kube, current, _emitter(body))}
+        patch.status.update(update)
+    except KubeError as e:
+        logger.warning(f"autoscaling step failed, retrying next tick: {e}")
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_SAFETY_INTERVAL, initial_delay=STATUS_SAFETY_INTERVAL)

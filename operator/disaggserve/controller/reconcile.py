@@ -18,6 +18,7 @@ from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL
 from disaggserve.controller.drain import prepare_scale_down
 from disaggserve.controller.kube import Kube, KubeError
 from disaggserve.planner import PlanningError, plan_for
+from disaggserve.planner.replan import carry_over
 from disaggserve.resources import Owner, RenderError, build_children
 from disaggserve.resources.names import instance_selector
 from disaggserve.resources.router import endpoint
@@ -133,6 +134,7 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
             plan = plan_for(spec, nodes=nodes, profile=profile, max_tensor=WORKER_MAX_TENSOR_PARALLEL)
         except PlanningError as e:
             raise Refused(e.reason, str(e)) from None
+        plan = carry_over(plan, old_status.get("plan"), spec)
         try:
             desired = build_children(Owner(name, namespace, uid), spec, plan, profile)
         except RenderError as e:

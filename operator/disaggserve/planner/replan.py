@@ -34,6 +34,46 @@ class Recommendation:
     profile_source: str
 
 
+def carry_over(new: Plan, previous: dict[str, Any] | None, spec: DisaggServeSpec) -> Plan:
+    """Keep the autoscaler's replica counts across re-plans of an unchanged shape.
+
+    Every spec change re-plans from the spec's expected workload; while autoscaling, the counts
+    the autoscaler chose from measurements stay (within the possibly new bounds) unless the
+    shapes themselves changed, which starts over from the planner's counts.
+    """
+    if not spec.autoscaling.enabled:
+        return new
+    lo, hi = spec.autoscaling.min_replicas, spec.autoscaling.max_replicas
+    counts = {"prefill": new.prefill.replicas, "decode": new.decode.replicas}
+    units, source, reason = new.units, new.source, new.reason
+    if previous and previous.get("source") == "autoscaler":
+        old = Plan.model_validate(previous)
+        same_shapes = (
+            old.placement == new.placement
+            and (old.prefill.tensor, old.prefill.pipeline) == (new.prefill.tensor, new.prefill.pipeline)
+            and (old.decode.tensor, old.decode.pipeline) == (new.decode.tensor, new.decode.pipeline)
+            and (
+                new.placement == "high-affinity"
+                or (old.per_unit("prefill"), old.per_unit("decode"))
+                == (new.per_unit("prefill"), new.per_unit("decode"))
+            )
+        )
+        if same_shapes:
+            counts = {"prefill": old.prefill.replicas, "decode": old.decode.replicas}
+            units, source, reason = old.units, old.source, old.reason
+    if new.placement == "high-affinity":
+        counts = {p: min(max(n, getattr(lo, p)), getattr(hi, p)) for p, n in counts.items()}
+    return new.model_copy(
+        update={
+            "prefill": new.prefill.model_copy(update={"replicas": counts["prefill"]}),
+            "decode": new.decode.model_copy(update={"replicas": counts["decode"]}),
+            "units": units,
+            "source": source,
+            "reason": reason,
+        }
+    )
+
+
 def _require(goodput: float, what: str, spec: DisaggServeSpec) -> None:
     if goodput <= 0:
         raise PlanningError(

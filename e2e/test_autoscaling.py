@@ -1,0 +1,98 @@
+"""Closed loop on the local cluster: measured overload -> the operator adds replicas; load
+drops -> replicas fall after the stabilization window, draining first, and no request fails.
+
+Every worker process here shares the same two CPU cores, so extra replicas add queues, not
+compute: this test checks the loop (decisions, bounds, timing, drain safety), while the
+benefit of scaling is measured where capacity is real, in bench/autoscale.py."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import pytest_asyncio
+
+from disaggserve.local.cluster import LocalCluster, default_resource
+from loadgen import run_poisson, summarize
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
+INTERVAL = 5
+STABILIZATION = 12
+
+
+def autoscaled() -> dict:
+    r = copy.deepcopy(default_resource())
+    r["spec"]["slo"] = {"ttftMs": 150, "tpotMs": 30, "attainment": 0.9}
+    r["spec"]["autoscaling"] = {
+        "enabled": True,
+        "intervalSeconds": INTERVAL,
+        "minReplicas": {"prefill": 1, "decode": 1},
+        "maxReplicas": {"prefill": 3, "decode": 3},
+        "scaleDownStabilizationSeconds": STABILIZATION,
+        "metrics": {"windowSeconds": 15},
+    }
+    return r
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def cluster(tmp_path_factory):
+    env = {"DISAGGSERVE_AUTOSCALE_TICK": "1"}
+    async with LocalCluster(tmp_path_factory.mktemp("autoscale"), interval=0.3, operator_env=env) as c:
+        await c.apply(autoscaled())
+        await c.wait_ready("tiny", timeout=180)
+        yield c
+
+
+async def plan_of(cluster) -> dict:
+    return ((await cluster.get("tiny")) or {}).get("status", {}).get("plan", {})
+
+
+async def test_overload_scales_up_and_quiet_scales_down_without_failures(cluster):
+    url = (await cluster.endpoint("tiny")).removesuffix("/v1")
+    history: list[tuple[float, int, int, str]] = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def record():
+        while True:
+            plan = await plan_of(cluster)
+            history.append(
+                (loop.time() - start, plan["prefill"]["replicas"], plan["decode"]["replicas"], plan.get("source", ""))
+            )
+            await asyncio.sleep(0.5)
+
+    recorder = asyncio.create_task(record())
+    try:
+        # Overload: far above what one prefill + one decode serve within these SLOs on this machine.
+        heavy = await run_poisson(url, "tiny-llama", rate=40, num_requests=600, input_tokens=96, output_tokens=48)
+        scaled_up = [h for h in history if h[1] + h[2] > 2]
+        assert scaled_up, f"no scale-up under overload; plans seen: {history[-3:]}"
+        assert scaled_up[0][3] == "autoscaler"
+        assert scaled_up[0][0] < 6 * INTERVAL + 15, "scale-up within a bounded number of intervals"
+        status = (await cluster.get("tiny"))["status"]
+        assert any(c["type"] == "MetricsAvailable" and c["status"] == "True" for c in status["conditions"])
+        assert summarize(heavy, 0.15, 0.03)["failed"] == 0
+
+        # Quiet: light traffic keeps flowing while the operator scales back down, draining first.
+        peak = max(h[1] + h[2] for h in history)
+        light = await run_poisson(
+            url,
+            "tiny-llama",
+            rate=2,
+            num_requests=int(2 * (STABILIZATION + 6 * INTERVAL)),
+            input_tokens=32,
+            output_tokens=16,
+            seed=1,
+        )
+        quiet = summarize(light, 0.15, 0.03)
+        assert quiet["failed"] == 0, quiet["errors"]
+        for _ in range(60):
+            plan = await plan_of(cluster)
+            if plan["prefill"]["replicas"] + plan["decode"]["replicas"] < peak:
+                break
+            await asyncio.sleep(1)
+        assert plan["prefill"]["replicas"] + plan["decode"]["replicas"] < peak, "no scale-down after the load dropped"
+        assert "scale-down" in plan["reason"]
+    finally:
+        recorder.cancel()

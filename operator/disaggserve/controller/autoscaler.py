@@ -1,0 +1,213 @@
+"""The autoscaler loop for one resource: observe -> correct the profile -> re-plan -> policy.
+
+Kept free of kopf (the timer in handlers.py calls `step`). State that only smooths decisions
+(scrape windows, recent recommendations) lives in memory: after an operator restart the
+autoscaler waits one window before it acts again, which errs on the side of holding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client import Gauge
+
+from disaggserve.api.plan import PHASES, Plan
+from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
+from disaggserve.contract import LABEL_COMPONENT, LABEL_INSTANCE, ROUTER_PORT
+from disaggserve.controller.kube import Kube
+from disaggserve.metrics import MetricsUnavailable, Observed
+from disaggserve.metrics.promql import PrometheusSource
+from disaggserve.metrics.scrape import ScrapeWindow, scrape_router
+from disaggserve.planner import PlanningError
+from disaggserve.planner.replan import correction, recommend
+from disaggserve.planner.scaling_policy import Counts, Decision, Limits, PolicyState, Signals, decide
+from disaggserve.status_logic import now as now_text
+from disaggserve.status_logic import set_condition
+
+DESIRED_REPLICAS = Gauge(
+    "disaggserve_operator_desired_replicas",
+    "Instances the operator wants per phase (after autoscaling decisions).",
+    ["namespace", "name", "phase"],
+)
+
+
+@dataclass
+class _Tracked:
+    window: ScrapeWindow
+    policy: PolicyState = field(default_factory=PolicyState)
+    last_decision: float = 0.0
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in (pod.get("status") or {}).get("conditions", [])
+    )
+
+
+class Autoscaler:
+    def __init__(self, kube: Kube, http: httpx.AsyncClient | None = None):
+        self.kube = kube
+        self.http = http or httpx.AsyncClient(timeout=3.0)
+        self.tracked: dict[tuple[str, str], _Tracked] = {}
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _observe(self, spec: DisaggServeSpec, namespace: str, name: str, tracked: _Tracked) -> Observed:
+        slo_ttft, slo_tpot = spec.slo.ttft_ms / 1000, spec.slo.tpot_ms / 1000
+        source = spec.autoscaling.metrics
+        if source.prometheus_url:
+            return await PrometheusSource(source.prometheus_url, self.http).observe(
+                namespace, name, source.window_seconds, slo_ttft, slo_tpot
+            )
+        pods = await self.kube.list("v1", "Pod", namespace, f"{LABEL_INSTANCE}={name},{LABEL_COMPONENT}=router")
+        live = set()
+        for pod in pods:
+            ip = (pod.get("status") or {}).get("podIP")
+            if not ip or not _ready(pod):
+                continue
+            try:
+                tracked.window.add(pod["metadata"]["name"], await scrape_router(self.http, ip, ROUTER_PORT))
+                live.add(pod["metadata"]["name"])
+            except httpx.HTTPError:
+                continue  # a router that does not answer contributes nothing; staleness is judged below
+        tracked.window.forget_missing(live)
+        return tracked.window.observe(time.monotonic(), slo_ttft, slo_tpot)
+
+    async def step(self, body: Mapping[str, Any], emit: Any) -> dict[str, Any] | None:
+        """One tick: returns the status patch to write (with a new plan when replicas change), or None."""
+        meta, status = body["metadata"], dict(body.get("status") or {})
+        namespace, name = meta["namespace"], meta["name"]
+        try:
+            spec = parse_spec(body.get("spec"))
+        except SpecError:
+            return None
+        if not spec.autoscaling.enabled or not status.get("plan") or status.get("phase") == "Failed":
+            self.tracked.pop((namespace, name), None)
+            return None
+        scaling = spec.autoscaling
+        tracked = self.tracked.setdefault(
+            (namespace, name),
+            _Tracked(ScrapeWindow(scaling.metrics.window_seconds, stale_after=max(3.0 * scaling.interval_seconds, 30))),
+        )
+        plan = Plan.model_validate(status["plan"])
+        conditions = list(status.get("conditions") or [])
+        generation = status.get("observedGeneration")
+        try:
+            observed: Observed | None = await self._observe(spec, namespace, name, tracked)
+            conditions = set_condition(
+                conditions,
+                "MetricsAvailable",
+                True,
+                "MetricsFresh",
+                f"{observed.source}: {observed.requests:.0f} requests in {observed.window_seconds:.0f}s",
+                generation,
+            )
+        except MetricsUnavailable as e:
+            observed = None
+            conditions = set_condition(conditions, "MetricsAvailable", False, "MetricsUnavailable", str(e), generation)
+        now = time.monotonic()
+        if now - tracked.last_decision < scaling.interval_seconds:
+            return {"conditions": conditions, **self._slo(observed)}  # keep observing between decisions
+        tracked.last_decision = now
+        decision, rec_text = await self._decide(spec, plan, status, observed, tracked, now)
+        conditions = set_condition(
+            conditions,
+            "ScalingLimited",
+            bool(decision.limited),
+            "ScalingLimited" if decision.limited else "WithinLimits",
+            decision.limited or "replicas within bounds",
+            generation,
+        )
+        patch: dict[str, Any] = {"conditions": conditions, **self._slo(observed)}
+        current = Counts(plan.prefill.replicas, plan.decode.replicas)
+        for phase in PHASES:
+            DESIRED_REPLICAS.labels(namespace, name, phase).set(decision.counts.get(phase))
+        if decision.counts != current:
+            units = plan.units
+            if plan.placement == "low-affinity":
+                per_p, per_d = plan.per_unit("prefill"), plan.per_unit("decode")
+                units = max(1, math.ceil(decision.counts.prefill / per_p), math.ceil(decision.counts.decode / per_d))
+                counts = Counts(units * per_p, units * per_d)
+            else:
+                counts = decision.counts
+            new_plan = plan.model_copy(
+                update={
+                    "prefill": plan.prefill.model_copy(update={"replicas": counts.prefill}),
+                    "decode": plan.decode.model_copy(update={"replicas": counts.decode}),
+                    "units": units,
+                    "source": "autoscaler",
+                    "reason": f"autoscaler: {decision.reason}{rec_text}",
+                    "updated_at": now_text(),
+                }
+            )
+            patch["plan"] = new_plan.wire()
+            emit("Normal", "Scaled", new_plan.reason)
+        return patch
+
+    async def _decide(
+        self,
+        spec: DisaggServeSpec,
+        plan: Plan,
+        status: dict[str, Any],
+        observed: Observed | None,
+        tracked: _Tracked,
+        now: float,
+    ) -> tuple[Decision, str]:
+        scaling = spec.autoscaling
+        current = Counts(plan.prefill.replicas, plan.decode.replicas)
+        replicas = status.get("replicas") or {}
+        rolling = bool(status.get("draining")) or any(
+            (replicas.get(p) or {}).get("ready", 0) < (replicas.get(p) or {}).get("desired", 0) for p in PHASES
+        )
+        recommended, rec_text = current, ""
+        if observed is not None:
+            scale = correction(plan, observed)
+            try:
+                rec = await asyncio.to_thread(recommend, spec, plan, observed, scale=scale)
+                recommended = Counts(rec.prefill, rec.decode)
+                rec_text = (
+                    f" (planner at {rec.rate:.3g} rps, {observed.mean_input_tokens or 0:.0f}/"
+                    f"{observed.mean_output_tokens or 0:.0f} tokens, profile x{scale[0]:.2f}/x{scale[1]:.2f})"
+                )
+            except PlanningError as e:
+                rec_text = f" (planner: {e})"
+        limits = Limits(
+            min=Counts(scaling.min_replicas.prefill, scaling.min_replicas.decode),
+            max=Counts(scaling.max_replicas.prefill, scaling.max_replicas.decode),
+            gpus_per_instance=Counts(plan.prefill.gpus_per_instance, plan.decode.gpus_per_instance)
+            if spec.hardware.device == "gpu"
+            else Counts(0, 0),
+            max_gpus=scaling.max_gpus if spec.hardware.device == "gpu" else None,
+        )
+        signals = Signals(
+            metrics_available=observed is not None,
+            rolling_out=rolling,
+            attainment=observed.attainment if observed else None,
+            target_attainment=spec.slo.attainment,
+            ttft_within_slo=observed.ttft_within_slo if observed else None,
+            tpot_within_slo=observed.tpot_within_slo if observed else None,
+        )
+        decision = decide(
+            current, recommended, signals, limits, tracked.policy, now, scaling.scale_down_stabilization_seconds
+        )
+        return decision, rec_text
+
+    @staticmethod
+    def _slo(observed: Observed | None) -> dict[str, Any]:
+        if observed is None:
+            return {}
+        return {
+            "slo": {
+                "ttftP90Ms": observed.ttft_p90_ms,
+                "tpotP90Ms": observed.tpot_p90_ms,
+                "attainment": observed.attainment,
+                "windowSeconds": round(observed.window_seconds),
+            }
+        }
