@@ -13,12 +13,12 @@ def run(current, recommended, signals=OK, limits=LIMITS, state=None, now=0.0):
     return decide(current, recommended, signals, limits, state or PolicyState(), now, WINDOW)
 
 
-def test_scale_up_is_immediate_but_at_most_doubles():
-    d = run(Counts(1, 1), Counts(5, 2))
-    assert d.counts == Counts(2, 2) and d.action == "scale-up"
-    d = run(Counts(2, 2), Counts(5, 2))
-    assert d.counts == Counts(4, 2)
-    assert "1 prefill / 1 decode -> 2 prefill / 2 decode" in run(Counts(1, 1), Counts(5, 2)).reason
+def test_scale_up_is_immediate_but_bounded():
+    d = run(Counts(1, 1), Counts(8, 2))
+    assert d.counts == Counts(5, 2) and d.action == "scale-up", "+4 when small"
+    d = run(Counts(6, 2), Counts(20, 2), limits=Limits(Counts(1, 1), Counts(32, 32), Counts(1, 1)))
+    assert d.counts == Counts(12, 2), "doubling when large"
+    assert "1 prefill / 1 decode -> 5 prefill / 2 decode" in run(Counts(1, 1), Counts(8, 2)).reason
 
 
 def test_scale_down_waits_for_the_stabilization_window():

@@ -8,7 +8,7 @@ from disaggserve.api import parse_spec
 from disaggserve.api.plan import PhasePlan, Plan, Prediction
 from disaggserve.metrics import Observed
 from disaggserve.planner import PlanningError
-from disaggserve.planner.replan import correction, measured_spec, recommend
+from disaggserve.planner.replan import measured_spec, recommend
 from helpers import example
 
 
@@ -44,16 +44,22 @@ def test_more_traffic_needs_more_instances_of_the_same_shapes():
 
 def test_a_slower_than_predicted_system_gets_more_capacity():
     spec = tiny_spec()
-    as_predicted = recommend(spec, deployed(), observed(50))
-    scale = correction(deployed(), observed(50, ttft=120, tpot=30))
-    assert scale == (3.0, 3.0)
-    slower = recommend(spec, deployed(), observed(50), scale=scale)
+    as_predicted = recommend(spec, deployed(), observed(50), correct=False)
+    slower = recommend(spec, deployed(), observed(50, ttft=5000, tpot=500))
+    assert slower.correction == (4.0, 4.0), "clamped measured/predicted ratios"
     assert slower.prefill + slower.decode > as_predicted.prefill + as_predicted.decode
     assert "measured" in slower.profile_source
 
 
-def test_corrections_are_clamped_and_measured_lengths_are_used():
-    assert correction(deployed(), observed(1, ttft=4000, tpot=1)) == (4.0, 0.5)
+def test_corrections_compare_with_the_current_deployment_at_the_measured_rate():
+    spec = tiny_spec()
+    faster = recommend(spec, deployed(), observed(5, ttft=0.001, tpot=0.0001))
+    assert faster.correction == (0.5, 0.5)
+    quiet = recommend(spec, deployed(), observed(5, ttft=200, tpot=50)).correction
+    busy = recommend(spec, deployed(), observed(200, ttft=200, tpot=50)).correction
+    assert busy[0] <= quiet[0] and busy[1] <= quiet[1] and busy != quiet, (
+        "the same latencies under more load are less of a surprise: load alone is not a profile error"
+    )
     spec = measured_spec(tiny_spec(), observed(0.0))
     assert spec.workload.request_rate > 0 and spec.workload.input_tokens == 64
 

@@ -25,7 +25,7 @@ from disaggserve.metrics import MetricsUnavailable, Observed
 from disaggserve.metrics.promql import PrometheusSource
 from disaggserve.metrics.scrape import ScrapeWindow, scrape_router
 from disaggserve.planner import PlanningError
-from disaggserve.planner.replan import correction, recommend
+from disaggserve.planner.replan import recommend
 from disaggserve.planner.scaling_policy import Counts, Decision, Limits, PolicyState, Signals, decide
 from disaggserve.status_logic import now as now_text
 from disaggserve.status_logic import set_condition
@@ -168,9 +168,9 @@ class Autoscaler:
         )
         recommended, rec_text = current, ""
         if observed is not None:
-            scale = correction(plan, observed)
             try:
-                rec = await asyncio.to_thread(recommend, spec, plan, observed, scale=scale)
+                rec = await asyncio.to_thread(recommend, spec, plan, observed)
+                scale = rec.correction
                 recommended = Counts(rec.prefill, rec.decode)
                 rec_text = (
                     f" (planner at {rec.rate:.3g} rps, {observed.mean_input_tokens or 0:.0f}/"

@@ -15,13 +15,16 @@ from typing import Any
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.metrics.observed import Observed
-from disaggserve.planner.auto import _joint_check, _size_high, _size_low, build_search
+from disaggserve.planner.auto import Deployment, SearchSetup, _joint_check, _size_high, _size_low, build_search
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.search import PhaseChoice, Shape, UnitChoice
 
 # A correction outside this range means the profile is for other hardware: don't trust it blindly.
 MIN_CORRECTION, MAX_CORRECTION = 0.5, 4.0
 MIN_RATE = 0.01  # requests/s: an idle system is planned for a trickle, bounded by min replicas
+# Plan for this much more traffic than measured: new replicas take an interval or more to start,
+# and traffic that is ramping up keeps growing meanwhile.
+GROWTH_HEADROOM = 1.25
 
 
 @dataclass(frozen=True)
@@ -83,25 +86,27 @@ def _require(goodput: float, what: str, spec: DisaggServeSpec) -> None:
         )
 
 
-def correction(plan: Plan, observed: Observed) -> tuple[float, float]:
-    """Measured/predicted p90 ratios for (prefill via TTFT, decode via TPOT), clamped; 1 without data."""
+def _ratio(measured: float | None, predicted: float | None) -> float:
+    if not measured or not predicted:
+        return 1.0
+    return min(max(measured / predicted, MIN_CORRECTION), MAX_CORRECTION)
 
-    def ratio(measured: float | None, predicted: float | None) -> float:
-        if not measured or not predicted:
-            return 1.0
-        return min(max(measured / predicted, MIN_CORRECTION), MAX_CORRECTION)
 
-    predicted = plan.predicted
-    if predicted is None:
-        return 1.0, 1.0
-    return ratio(observed.ttft_p90_ms, predicted.ttft_p90_ms), ratio(observed.tpot_p90_ms, predicted.tpot_p90_ms)
+def correction(searcher: Any, deployed: Deployment, observed: Observed) -> tuple[float, float]:
+    """Measured/predicted p90 of (TTFT, TPOT) for the deployment as it runs, at the measured rate.
+
+    Predicting the *current* deployment at the *measured* rate separates a wrong profile from
+    plain load: an overloaded system is slow in both, and needs replicas, not a slower profile.
+    """
+    predicted = deployed.simulate(searcher, max(observed.request_rate, MIN_RATE))
+    return _ratio(observed.ttft_p90_ms, predicted.ttft_p()), _ratio(observed.tpot_p90_ms, predicted.tpot_p())
 
 
 def measured_spec(spec: DisaggServeSpec, observed: Observed) -> DisaggServeSpec:
     """The spec with the workload as measured (rate and mean lengths), shapes left to the caller."""
     work = spec.workload.model_copy(
         update={
-            "request_rate": max(observed.request_rate, MIN_RATE),
+            "request_rate": max(observed.request_rate * GROWTH_HEADROOM, MIN_RATE),
             "input_tokens": max(1, round(observed.mean_input_tokens or spec.workload.input_tokens)),
             "output_tokens": max(1, round(observed.mean_output_tokens or spec.workload.output_tokens)),
         }
@@ -116,10 +121,14 @@ def recommend(
     *,
     nodes: list[dict[str, Any]] | None = None,
     profile: dict[str, Any] | None = None,
-    scale: tuple[float, float] = (1.0, 1.0),
+    correct: bool = True,
 ) -> Recommendation:
     """Instances of the deployed shapes that carry the measured workload within the SLOs."""
     measured = measured_spec(spec, observed)
+    scale = (1.0, 1.0)
+    if correct:
+        base = build_search(measured, nodes=nodes, profile=profile)
+        scale = correction(base.searcher, _deployment(plan, base), observed)
     setup = build_search(measured, nodes=nodes, profile=profile, profile_scale=scale)
     s, topo, rate = setup.searcher, setup.topology, setup.rate
     p_shape = Shape(plan.prefill.tensor, plan.prefill.pipeline)
@@ -139,3 +148,15 @@ def recommend(
         dep, _ = _size_low(s, unit, rate, None, None, gbps)
     _, attainment = _joint_check(s, dep, rate)
     return Recommendation(dep.prefill_count, dep.decode_count, rate, attainment, scale, setup.profile_source)
+
+
+def _deployment(plan: Plan, setup: SearchSetup) -> Deployment:
+    gbps = setup.topology.cross_gbps if plan.placement == "high-affinity" else setup.topology.intra_gbps
+    return Deployment(
+        Shape(plan.prefill.tensor, plan.prefill.pipeline),
+        plan.prefill.replicas,
+        Shape(plan.decode.tensor, plan.decode.pipeline),
+        plan.decode.replicas,
+        plan.units,
+        gbps,
+    )

@@ -5,7 +5,8 @@ Why each rule:
 - up fast, down slowly: a missed SLO costs users now; an idle GPU costs money later. Scale-up
   acts on the latest recommendation; scale-down acts on the *highest* recommendation seen
   during the stabilization window (as the HPA does), so a brief lull does not shed capacity.
-- bounded steps: at most doubling up, at most halving down, per decision; large jumps follow
+- bounded steps: at most doubling (or +4 instances when small, as the HPA allows) up, at most
+  halving down, per decision; large jumps follow
   over a few intervals, each re-checked against fresh metrics.
 - no action while a previous change is still rolling out: new replicas are not yet measured.
 - missing metrics never shrink anything; bounds (min/max per phase, maxGpus) always hold.
@@ -19,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 
 from disaggserve.api.plan import PHASES, Phase
+
+MAX_UP_STEP = 4
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def decide(
     for phase in PHASES:
         cur, want = current.get(phase), wanted.get(phase)
         if want > cur:
-            values[phase] = min(want, max(cur * 2, cur + 1))  # up now, at most doubling
+            values[phase] = min(want, max(cur * 2, cur + MAX_UP_STEP))  # up now: double, or +4 when small
         else:
             stable = held.get(phase)  # down only to the highest recent recommendation
             values[phase] = max(stable, cur - max(1, math.ceil(cur / 2))) if stable < cur else cur
