@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,3 +28,14 @@ def require_tool(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(f"{name} is not installed; scripts/test installs it")
     pytest.skip(f"{name} is not installed (run scripts/install-helm.sh)")
+
+
+@asynccontextmanager
+async def ready_cluster(folder: Path, resource: dict[str, Any], env: dict[str, str] | None = None):
+    """A local cluster with `resource` applied and Ready (what `disaggserve up` does)."""
+    from disaggserve.local.cluster import LocalCluster
+
+    async with LocalCluster(folder, interval=0.3, operator_env=env) as cluster:
+        await cluster.apply(resource)
+        await cluster.wait_ready(resource["metadata"]["name"], timeout=180)
+        yield cluster

@@ -13,7 +13,8 @@ import copy
 import pytest
 import pytest_asyncio
 
-from disaggserve.local.cluster import LocalCluster, default_resource
+from disaggserve.local.cluster import default_resource
+from e2e_tools import ready_cluster
 from loadgen import run_poisson, summarize
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
@@ -38,9 +39,7 @@ def autoscaled() -> dict:
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def cluster(tmp_path_factory):
     env = {"DISAGGSERVE_AUTOSCALE_TICK": "1"}
-    async with LocalCluster(tmp_path_factory.mktemp("autoscale"), interval=0.3, operator_env=env) as c:
-        await c.apply(autoscaled())
-        await c.wait_ready("tiny", timeout=180)
+    async with ready_cluster(tmp_path_factory.mktemp("autoscale"), autoscaled(), env) as c:
         yield c
 
 

@@ -15,8 +15,8 @@ import openai
 import pytest
 import pytest_asyncio
 
-from disaggserve.local.cluster import LocalCluster, default_resource
-from e2e_tools import require_tool
+from disaggserve.local.cluster import default_resource
+from e2e_tools import ready_cluster, require_tool
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
@@ -35,9 +35,7 @@ async def until(predicate, timeout: float = 60, message: str = "condition"):
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def cluster(tmp_path_factory):
-    async with LocalCluster(tmp_path_factory.mktemp("cluster"), interval=0.3) as c:
-        await c.apply(default_resource())
-        await c.wait_ready("tiny", timeout=180)
+    async with ready_cluster(tmp_path_factory.mktemp("cluster"), default_resource()) as c:
         yield c
 
 
@@ -49,6 +47,15 @@ async def scale(cluster, decode: int) -> None:
     resource = copy.deepcopy(default_resource())
     resource["spec"]["parallelism"]["decode"]["replicas"] = decode
     await cluster.apply(resource)
+
+
+async def two_decode_workers(cluster) -> None:
+    await scale(cluster, decode=2)
+    await until(
+        lambda: len(decode_pods(cluster)) == 2 and all(p.ready for p in decode_pods(cluster).values()),
+        timeout=90,
+        message="two ready decode workers",
+    )
 
 
 def decode_pods(cluster) -> dict[str, object]:
@@ -84,12 +91,7 @@ async def test_kubectl_shows_the_printer_columns(cluster):
 
 
 async def test_scaling_the_spec_adds_and_removes_workers_and_the_router_follows(cluster):
-    await scale(cluster, decode=2)
-    await until(
-        lambda: len(decode_pods(cluster)) == 2 and all(p.ready for p in decode_pods(cluster).values()),
-        timeout=90,
-        message="two ready decode workers",
-    )
+    await two_decode_workers(cluster)
     c = await client(cluster)
     await asyncio.gather(
         *(c.completions.create(model="tiny-llama", prompt=f"{i} {PROMPT}", max_tokens=6) for i in range(10))
@@ -113,12 +115,7 @@ async def test_scaling_the_spec_adds_and_removes_workers_and_the_router_follows(
 
 
 async def test_killing_a_decode_worker_mid_stream(cluster):
-    await scale(cluster, decode=2)
-    await until(
-        lambda: len(decode_pods(cluster)) == 2 and all(p.ready for p in decode_pods(cluster).values()),
-        timeout=90,
-        message="two ready decode workers",
-    )
+    await two_decode_workers(cluster)
     c = await client(cluster)
     reference = await c.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=400, temperature=0)
     stream = await c.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=400, temperature=0, stream=True)
@@ -149,12 +146,7 @@ async def test_killing_a_decode_worker_mid_stream(cluster):
 
 
 async def test_scale_down_drains_first_and_fails_no_request(cluster):
-    await scale(cluster, decode=2)
-    await until(
-        lambda: len(decode_pods(cluster)) == 2 and all(p.ready for p in decode_pods(cluster).values()),
-        timeout=90,
-        message="two ready decode workers",
-    )
+    await two_decode_workers(cluster)
     c = await client(cluster)
 
     async def long_stream(i: int) -> int:

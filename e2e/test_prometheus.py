@@ -13,10 +13,10 @@ import openai
 import pytest
 import pytest_asyncio
 
-from disaggserve.local.cluster import LocalCluster, default_resource
+from disaggserve.local.cluster import default_resource
 from disaggserve.metrics.promql import PrometheusSource
 from disaggserve.metrics.scrape import ScrapeWindow, scrape_router
-from e2e_tools import require_tool
+from e2e_tools import ready_cluster, require_tool
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 TTFT_SLO_S, TPOT_SLO_S = 0.5, 0.1  # examples/tiny-cpu.yaml
@@ -30,9 +30,7 @@ def free_port() -> int:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def cluster(tmp_path_factory):
-    async with LocalCluster(tmp_path_factory.mktemp("cluster"), interval=0.3) as c:
-        await c.apply(default_resource())
-        await c.wait_ready("tiny", timeout=180)
+    async with ready_cluster(tmp_path_factory.mktemp("cluster"), default_resource()) as c:
         yield c
 
 
@@ -63,9 +61,12 @@ async def prometheus(cluster, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient() as http:
-            for _ in range(100):
+            # Ready is not enough: targets are first scraped about 5 s later (discovery throttle).
+            # Wait for the first sample so the load below starts from a recorded baseline.
+            for _ in range(150):
                 try:
-                    if (await http.get(f"{url}/-/ready")).status_code == 200:
+                    answer = await http.get(f"{url}/api/v1/query", params={"query": "up"})
+                    if answer.status_code == 200 and answer.json()["data"]["result"]:
                         break
                 except httpx.HTTPError:
                     pass
@@ -81,7 +82,7 @@ async def test_promql_and_direct_scrape_agree_on_real_traffic(cluster, prometheu
     window = ScrapeWindow(window_seconds=120, stale_after=60)
     async with httpx.AsyncClient(timeout=10) as http:
         window.add("router", await scrape_router(http, router_ip))
-        await asyncio.sleep(2.5)  # Prometheus has a baseline sample before the load
+        await asyncio.sleep(1.5)  # one more baseline scrape before the load
         client = openai.AsyncOpenAI(base_url=await cluster.endpoint("tiny"), api_key="x", max_retries=0)
         started = time.monotonic()
         results = await asyncio.gather(
