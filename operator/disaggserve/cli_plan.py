@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from disaggserve.api.files import ResourceFileError, load_resource, read_yaml_documents
 from disaggserve.api.plan import Plan
-from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
+from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL
 from disaggserve.planner.auto import PlanOutcome, plan_automatically
 from disaggserve.planner.errors import PlanningError
@@ -53,30 +51,17 @@ def register(subparsers: Any) -> None:
 
 
 def _read_yaml(path: str, what: str) -> list[Any]:
-    p = Path(path)
     try:
-        text = p.read_text()
-    except OSError as e:
-        raise InputError(f"{what} {path}: cannot read ({e.strerror})") from None
-    try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise InputError(f"{what} {path}: not valid YAML{where} ({getattr(e, 'problem', e)})") from None
+        return read_yaml_documents(path, what)
+    except ResourceFileError as e:
+        raise InputError(str(e)) from None
 
 
 def load_spec(path: str) -> DisaggServeSpec:
-    docs = _read_yaml(path, "resource")
-    resources = [d for d in docs if isinstance(d, dict) and d.get("kind", "DisaggServe") == "DisaggServe"]
-    if len(resources) != 1:
-        raise InputError(f"resource {path}: expected one DisaggServe (or a bare spec), found {len(resources)}")
-    doc = resources[0]
-    raw = doc.get("spec", doc) if "kind" in doc or "spec" in doc else doc
     try:
-        return parse_spec(raw)
-    except SpecError as e:
-        raise InputError(f"resource {path}: invalid spec: {e}") from None
+        return load_resource(path, allow_bare_spec=True).spec
+    except ResourceFileError as e:
+        raise InputError(str(e)) from None
 
 
 def load_nodes(path: str) -> list[dict[str, Any]]:

@@ -24,15 +24,28 @@ class ResourceFile:
     raw: dict[str, Any]
 
 
-def load_resource(path: str | Path, namespace: str | None = None) -> ResourceFile:
+def read_yaml_documents(path: str | Path, what: str = "file") -> list[Any]:
+    """All non-empty YAML documents of a file; ResourceFileError names the file and the problem."""
     path = Path(path)
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        text = path.read_text()
     except OSError as e:
-        raise ResourceFileError(f"{path}: cannot read: {e.strerror}") from None
+        raise ResourceFileError(f"{what} {path}: cannot read: {e.strerror}") from None
+    try:
+        return [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
-        raise ResourceFileError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ResourceFileError(f"{what} {path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+
+
+def load_resource(path: str | Path, namespace: str | None = None, *, allow_bare_spec: bool = False) -> ResourceFile:
+    """One DisaggServe from a file (`allow_bare_spec`: a file holding only the spec also works)."""
+    docs = read_yaml_documents(path, "resource")
     found = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if allow_bare_spec and not found and len(docs) == 1 and isinstance(docs[0], dict) and "kind" not in docs[0]:
+        bare = docs[0].get("spec", docs[0])
+        found = [{"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "plan"}, "spec": bare}]
     if len(found) != 1:
         raise ResourceFileError(f"{path}: expected exactly one {KIND} document, found {len(found)}")
     raw = found[0]
@@ -44,5 +57,5 @@ def load_resource(path: str | Path, namespace: str | None = None) -> ResourceFil
     try:
         spec = parse_spec(raw.get("spec"))
     except SpecError as e:
-        raise ResourceFileError(f"{path}: invalid spec:\n  " + "\n  ".join(e.problems)) from None
+        raise ResourceFileError(f"{path}: invalid spec: " + "; ".join(e.problems)) from None
     return ResourceFile(meta["name"], namespace or meta.get("namespace") or "default", spec, raw)
