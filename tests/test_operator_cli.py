@@ -72,3 +72,27 @@ def test_peering_crds_are_generated(tmp_path):
     assert out.read_text() == (ROOT / "crds" / "kopf-peering.yaml").read_text()
     kinds = [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(out.read_text())]
     assert kinds == ["ClusterKopfPeering", "KopfPeering"]
+
+
+def test_up_refuses_bad_input_before_starting_anything(tmp_path, capsys):
+    state = tmp_path / "state"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: disaggserve.io/v1alpha1\nkind: DisaggServe\nmetadata: {name: x}\nspec: {}\n")
+    assert main(["up", "-f", str(bad), "--state-dir", str(state)]) == 2
+    assert "spec.model: Field required" in capsys.readouterr().err
+    assert not (state / "kubeconfig").exists(), "nothing was started"
+
+
+def test_up_refuses_a_second_instance(tmp_path, capsys):
+    import os
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "up.pid").write_text(str(os.getpid()))  # a live process holds the state folder
+    assert main(["up", "--state-dir", str(state)]) == 2
+    assert "already running" in capsys.readouterr().err
+
+
+def test_down_with_nothing_running(tmp_path, capsys):
+    assert main(["down", "--state-dir", str(tmp_path)]) == 0
+    assert "nothing is running" in capsys.readouterr().out
