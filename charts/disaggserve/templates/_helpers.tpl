@@ -1,0 +1,85 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "disaggserve.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "disaggserve.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "disaggserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "disaggserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: disaggserve
+{{- end -}}
+
+{{/* The operator's pods; distinct from the "disaggserve" name the operator puts on the workloads it creates. */}}
+{{- define "disaggserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "disaggserve.name" . }}-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "disaggserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "disaggserve.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false: name an existing ServiceAccount" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "disaggserve.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Namespaces the operator watches (scope namespaced), one per line. */}}
+{{- define "disaggserve.watchedNamespaces" -}}
+{{- $nss := .Values.watch.namespaces | default (list .Release.Namespace) -}}
+{{- range $nss | uniq }}
+{{ . }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Rules for namespaced resources: exactly what the operator calls (tests/chart/test_rbac.py compares
+them with the API calls the operator makes). `peering` is the kopf peering resource of this scope.
+*/}}
+{{- define "disaggserve.namespacedRules" -}}
+- apiGroups: ["disaggserve.io"]
+  resources: ["disaggserves"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["disaggserve.io"]
+  resources: ["disaggserves/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["apps"]
+  resources: ["statefulsets", "deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services", "configmaps", "serviceaccounts"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The router's RoleBinding to the {{ .Values.router.clusterRoleName }} ClusterRole. Creating it needs
+# no `bind` verb: the operator already holds every permission that ClusterRole grants.
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["rolebindings"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
