@@ -64,10 +64,29 @@ def worker_args(
     if role not in ROLES:
         raise ValueError(f"unknown worker role {role!r}; expected one of {ROLES}")
     args = [
-        "serve", "--role", role, "--model", model, "--model-name", model_name,
-        "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--kv-port", str(KV_PORT),
-        "--tensor-parallel", str(tensor), "--pipeline-parallel", str(pipeline),
-        "--device", device, "--ttft-slo-ms", f"{ttft_slo_ms:g}", "--tpot-slo-ms", f"{tpot_slo_ms:g}",
+        "serve",
+        "--role",
+        role,
+        "--model",
+        model,
+        "--model-name",
+        model_name,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(WORKER_PORT),
+        "--kv-port",
+        str(KV_PORT),
+        "--tensor-parallel",
+        str(tensor),
+        "--pipeline-parallel",
+        str(pipeline),
+        "--device",
+        device,
+        "--ttft-slo-ms",
+        f"{ttft_slo_ms:g}",
+        "--tpot-slo-ms",
+        f"{tpot_slo_ms:g}",
     ]
     if max_model_len:
         args += ["--max-model-len", str(max_model_len)]
@@ -88,11 +107,25 @@ def router_args(
 ) -> list[str]:
     """Command line of `disaggserve-worker router`, discovering workers through the API."""
     args = [
-        "router", "--model", model, "--model-name", model_name,
-        "--host", "0.0.0.0", "--port", str(ROUTER_PORT),
-        "--discovery", "kubernetes", "--namespace", namespace,
-        "--selector", f"{LABEL_INSTANCE}={instance}",
-        "--ttft-slo-ms", f"{ttft_slo_ms:g}", "--tpot-slo-ms", f"{tpot_slo_ms:g}",
+        "router",
+        "--model",
+        model,
+        "--model-name",
+        model_name,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(ROUTER_PORT),
+        "--discovery",
+        "kubernetes",
+        "--namespace",
+        namespace,
+        "--selector",
+        f"{LABEL_INSTANCE}={instance}",
+        "--ttft-slo-ms",
+        f"{ttft_slo_ms:g}",
+        "--tpot-slo-ms",
+        f"{tpot_slo_ms:g}",
     ]
     if api_key_file:
         args += ["--api-key-file", api_key_file]

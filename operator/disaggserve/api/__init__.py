@@ -18,8 +18,23 @@ from disaggserve.api.spec import (
 from disaggserve.api.status import Condition, DisaggServeStatus
 
 __all__ = [
-    "GROUP", "KIND", "PLURAL", "SINGULAR", "VERSION",
-    "Autoscaling", "Condition", "DisaggServeSpec", "DisaggServeStatus", "Hardware", "ModelSource",
-    "ModelSpec", "Parallelism", "PhaseBounds", "PhaseParallelism", "Slo", "Speculation", "Workload",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SINGULAR",
+    "VERSION",
+    "Autoscaling",
+    "Condition",
+    "DisaggServeSpec",
+    "DisaggServeStatus",
+    "Hardware",
+    "ModelSource",
+    "ModelSpec",
+    "Parallelism",
+    "PhaseBounds",
+    "PhaseParallelism",
+    "Slo",
+    "Speculation",
+    "Workload",
     "parse_spec",
 ]

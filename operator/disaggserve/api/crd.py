@@ -114,41 +114,65 @@ def build_crd() -> dict[str, Any]:
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
-            "names": {"kind": KIND, "plural": PLURAL, "singular": SINGULAR, "shortNames": SHORT_NAMES,
-                      "listKind": f"{KIND}List", "categories": ["all"]},
-            "versions": [{
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": [
-                    {"name": "Ready", "type": "string",
-                     "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
-                    {"name": "Prefill", "type": "string", "description": "ready/desired prefill instances",
-                     "jsonPath": ".status.replicas.prefill.display"},
-                    {"name": "Decode", "type": "string", "description": "ready/desired decode instances",
-                     "jsonPath": ".status.replicas.decode.display"},
-                    {"name": "Attainment", "type": "number", "format": "float",
-                     "description": "measured share of requests within both SLOs",
-                     "jsonPath": ".status.slo.attainment"},
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    {"name": "Placement", "type": "string", "priority": 1,
-                     "jsonPath": ".status.plan.placement"},
-                    {"name": "Endpoint", "type": "string", "priority": 1, "jsonPath": ".status.endpoint"},
-                ],
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "A language model served with prefill and decode on separate GPUs.",
-                    "required": ["spec"],
-                    "properties": {
-                        "apiVersion": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": spec_schema,
-                        "status": status_schema,
+            "names": {
+                "kind": KIND,
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "listKind": f"{KIND}List",
+                "categories": ["all"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                        },
+                        {
+                            "name": "Prefill",
+                            "type": "string",
+                            "description": "ready/desired prefill instances",
+                            "jsonPath": ".status.replicas.prefill.display",
+                        },
+                        {
+                            "name": "Decode",
+                            "type": "string",
+                            "description": "ready/desired decode instances",
+                            "jsonPath": ".status.replicas.decode.display",
+                        },
+                        {
+                            "name": "Attainment",
+                            "type": "number",
+                            "format": "float",
+                            "description": "measured share of requests within both SLOs",
+                            "jsonPath": ".status.slo.attainment",
+                        },
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                        {"name": "Placement", "type": "string", "priority": 1, "jsonPath": ".status.plan.placement"},
+                        {"name": "Endpoint", "type": "string", "priority": 1, "jsonPath": ".status.endpoint"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A language model served with prefill and decode on separate GPUs.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema,
+                                "status": status_schema,
+                            },
+                        }
                     },
-                }},
-            }],
+                }
+            ],
         },
     }
 
@@ -158,6 +182,14 @@ class _NoAliasDumper(yaml.SafeDumper):
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_NoAliasDumper.add_representer(str, _str_representer)
 
 
 def dump_yaml(obj: Any) -> str:

@@ -32,18 +32,27 @@ class ModelSource(ApiModel):
             "(has(self.builtin) ? 1 : 0) + (has(self.path) ? 1 : 0) + (has(self.hf) ? 1 : 0) == 1",
             "model source: set exactly one of builtin, path or hf",
         ),
-        CelRule("!has(self.pvc) || has(self.path)",
-                "model source: pvc is the volume that holds `path`; set path too"),
+        CelRule("!has(self.pvc) || has(self.path)", "model source: pvc is the volume that holds `path`; set path too"),
     )
 
     builtin: Literal[BUILTIN_MODELS] | None = Field(  # type: ignore[valid-type]
-        None, description="A built-in random-weight model that runs on a CPU (tiny-llama).")
-    path: str | None = Field(None, min_length=1, max_length=4096, pattern=r"^/",
-                             description="Absolute path of a checkpoint folder inside the pod.")
-    pvc: str | None = Field(None, pattern=DNS_NAME_PATTERN,
-                            description="PersistentVolumeClaim mounted read-only at `path`'s root.")
-    hf: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$",
-                           description="Hugging Face repository id (org/name), downloaded by the worker.")
+        None, description="A built-in random-weight model that runs on a CPU (tiny-llama)."
+    )
+    path: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        pattern=r"^/",
+        description="Absolute path of a checkpoint folder inside the pod.",
+    )
+    pvc: str | None = Field(
+        None, pattern=DNS_NAME_PATTERN, description="PersistentVolumeClaim mounted read-only at `path`'s root."
+    )
+    hf: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$",
+        description="Hugging Face repository id (org/name), downloaded by the worker.",
+    )
 
     def worker_arg(self) -> str:
         """The `--model` value of the worker contract."""
@@ -66,17 +75,19 @@ class ModelFacts(ApiModel):
 
 
 class ModelSpec(ApiModel):
-    name: str = Field(pattern=MODEL_NAME_PATTERN,
-                      description="Name clients send in the OpenAI `model` field.")
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Name clients send in the OpenAI `model` field.")
     source: ModelSource
-    max_model_len: int | None = Field(None, ge=16, le=1_048_576,
-                                      description="Longest prompt + completion, in tokens.")
+    max_model_len: int | None = Field(None, ge=16, le=1_048_576, description="Longest prompt + completion, in tokens.")
     facts: ModelFacts | None = None
 
 
 class Slo(ApiModel):
-    cel_rules = (CelRule("self.attainment > 0.0 && self.attainment <= 1.0",
-                         "slo.attainment must be in (0, 1], e.g. 0.9 for 90 % of requests"),)
+    cel_rules = (
+        CelRule(
+            "self.attainment > 0.0 && self.attainment <= 1.0",
+            "slo.attainment must be in (0, 1], e.g. 0.9 for 90 % of requests",
+        ),
+    )
 
     ttft_ms: float = Field(gt=0, le=600_000, description="Time-to-first-token target, milliseconds.")
     tpot_ms: float = Field(gt=0, le=60_000, description="Time-per-output-token target, milliseconds.")
@@ -106,32 +117,39 @@ class WorkerResources(ApiModel):
 
 class Hardware(ApiModel):
     cel_rules = (
-        CelRule("self.device != 'gpu' || has(self.gpuProduct)",
-                "hardware.gpuProduct is required on GPUs: the node label nvidia.com/gpu.product, "
-                "e.g. NVIDIA-H100-80GB-HBM3 (or set device: cpu)"),
+        CelRule(
+            "self.device != 'gpu' || has(self.gpuProduct)",
+            "hardware.gpuProduct is required on GPUs: the node label nvidia.com/gpu.product, "
+            "e.g. NVIDIA-H100-80GB-HBM3 (or set device: cpu)",
+        ),
     )
 
     device: Literal["gpu", "cpu"] = Field(
-        "gpu", description="cpu runs workers without GPU requests (local clusters, kind).")
-    gpu_product: str | None = Field(None, pattern=LABEL_VALUE_PATTERN,
-                                    description="Value of the node label nvidia.com/gpu.product.")
+        "gpu", description="cpu runs workers without GPU requests (local clusters, kind)."
+    )
+    gpu_product: str | None = Field(
+        None, pattern=LABEL_VALUE_PATTERN, description="Value of the node label nvidia.com/gpu.product."
+    )
     gpu_memory_gib: float = Field(80, gt=0, le=1024, alias="gpuMemoryGiB")
     gpus_per_node: int = Field(8, ge=1, le=16)
     cross_node_gbps: float | None = Field(
-        None, gt=0, description="Bandwidth between nodes when nodes do not carry the label.")
+        None, gt=0, description="Bandwidth between nodes when nodes do not carry the label."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     worker_resources: WorkerResources | None = None
 
 
 class PhaseParallelism(ApiModel):
-    cel_rules = (CelRule("self.tensor in [1, 2, 4, 8]",
-                         "tensor size must be a power of two no larger than 8 (1, 2, 4 or 8)"),)
+    cel_rules = (
+        CelRule("self.tensor in [1, 2, 4, 8]", "tensor size must be a power of two no larger than 8 (1, 2, 4 or 8)"),
+    )
 
     tensor: Tensor = 1
     pipeline: int = Field(1, ge=1, le=64)
-    replicas: int | None = Field(None, ge=0, le=1000,
-                                 description="Instances of this phase; absent: chosen by the planner.")
+    replicas: int | None = Field(
+        None, ge=0, le=1000, description="Instances of this phase; absent: chosen by the planner."
+    )
 
 
 class Parallelism(ApiModel):
@@ -151,10 +169,14 @@ class MetricsSource(ApiModel):
 
 class Autoscaling(ApiModel):
     cel_rules = (
-        CelRule("self.minReplicas.prefill <= self.maxReplicas.prefill",
-                "autoscaling.minReplicas.prefill must not exceed autoscaling.maxReplicas.prefill"),
-        CelRule("self.minReplicas.decode <= self.maxReplicas.decode",
-                "autoscaling.minReplicas.decode must not exceed autoscaling.maxReplicas.decode"),
+        CelRule(
+            "self.minReplicas.prefill <= self.maxReplicas.prefill",
+            "autoscaling.minReplicas.prefill must not exceed autoscaling.maxReplicas.prefill",
+        ),
+        CelRule(
+            "self.minReplicas.decode <= self.maxReplicas.decode",
+            "autoscaling.minReplicas.decode must not exceed autoscaling.maxReplicas.decode",
+        ),
     )
 
     enabled: bool = False
@@ -168,10 +190,11 @@ class Autoscaling(ApiModel):
 
 class Speculation(ApiModel):
     cel_rules = (
-        CelRule("self.mode == 'off' || self.proposer != 'draft' || has(self.draftModel)",
-                "speculation.draftModel is required when proposer is draft"),
-        CelRule("self.ngramMin <= self.ngramMax",
-                "speculation.ngramMin must not exceed speculation.ngramMax"),
+        CelRule(
+            "self.mode == 'off' || self.proposer != 'draft' || has(self.draftModel)",
+            "speculation.draftModel is required when proposer is draft",
+        ),
+        CelRule("self.ngramMin <= self.ngramMax", "speculation.ngramMin must not exceed speculation.ngramMax"),
     )
 
     mode: Literal["off", "fixed", "adaptive"] = "off"
@@ -194,8 +217,9 @@ class SecretKeyRef(ApiModel):
 
 class ProfileRef(ApiModel):
     config_map_ref: ConfigMapKeyRef | None = None
-    builtin: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$",
-                                description="Name of a profile shipped with the operator.")
+    builtin: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]+$", description="Name of a profile shipped with the operator."
+    )
 
 
 class Image(ApiModel):

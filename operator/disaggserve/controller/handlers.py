@@ -1,0 +1,114 @@
+"""kopf handlers: thin wiring of `reconcile` and `refresh_status` to the API server's events.
+
+Errors: a failed API call that can succeed later (409, 429, 5xx, timeouts) is a kopf
+TemporaryError, so kopf retries the handler with a short delay; anything the user must fix
+is reported in the resource's conditions and an Event, and is not retried until the spec
+changes. Deletion needs no handler: children carry ownerReferences and the garbage collector
+removes them, so an absent operator never blocks `kubectl delete`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from disaggserve.api.constants import GROUP, PLURAL, VERSION
+from disaggserve.contract import LABEL_MANAGED_BY, MANAGED_BY
+from disaggserve.controller.kube import Kube, KubeError
+from disaggserve.controller.reconcile import desired_replicas, reconcile, refresh_status
+from disaggserve.controller.settings import configure
+
+RETRY_DELAY = 2.0
+STATUS_SAFETY_INTERVAL = 30.0
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    configure(settings)
+    memo.kube = Kube()
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    kube = getattr(memo, "kube", None)
+    if kube is not None:
+        await kube.aclose()
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # In a pod: the service account; elsewhere: $KUBECONFIG, read at call time.
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def _emitter(body: Mapping[str, Any]) -> Any:
+    def emit(type_: str, reason: str, message: str) -> None:
+        kopf.event(body, type=type_, reason=reason, message=message)
+
+    return emit
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=RETRY_DELAY)
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=RETRY_DELAY)
+@kopf.on.update(GROUP, VERSION, PLURAL, backoff=RETRY_DELAY)
+async def reconcile_handler(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        status = await reconcile(memo.kube, body, _emitter(body))
+    except KubeError as e:
+        if e.retryable:
+            raise kopf.TemporaryError(f"API server: {e}", delay=RETRY_DELAY) from e
+        raise kopf.PermanentError(f"API server refused a child object: {e}") from e
+    patch.status.update(status)
+
+
+def _owner(body: kopf.Body) -> str | None:
+    for ref in body.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "DisaggServe" and ref.get("apiVersion", "").startswith(GROUP + "/"):
+            return str(ref["name"])
+    return None
+
+
+@kopf.on.event("apps", "v1", "statefulsets", labels={LABEL_MANAGED_BY: MANAGED_BY})
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGED_BY})
+async def child_changed(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
+) -> None:
+    """Keep readiness current, and restore children that someone deleted or rescaled."""
+    owner_name = _owner(body)
+    if owner_name is None:
+        return
+    try:
+        owner = await memo.kube.get(f"{GROUP}/{VERSION}", "DisaggServe", namespace, owner_name)
+        if owner is None or owner["metadata"].get("deletionTimestamp"):
+            return
+        drifted = event.get("type") == "DELETED" or (
+            (want := desired_replicas(owner, body)) is not None and body.get("spec", {}).get("replicas") != want
+        )
+        if drifted:
+            logger.info(f"{body['kind']} {body['metadata']['name']} drifted from the plan; re-applying")
+            status = await reconcile(memo.kube, owner, _emitter(owner))
+            await memo.kube.patch_status(
+                f"{GROUP}/{VERSION}",
+                "DisaggServe",
+                namespace,
+                owner_name,
+                status,
+                resource_version=owner["metadata"]["resourceVersion"],
+            )
+        else:
+            await refresh_status(memo.kube, namespace, owner_name)
+    except KubeError as e:
+        # Event handlers are not retried by kopf; the next event or the safety timer catches up.
+        logger.warning(f"could not update {owner_name} after a change of its {body['kind']}: {e}")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_SAFETY_INTERVAL, initial_delay=STATUS_SAFETY_INTERVAL)
+async def status_safety_net(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Recompute readiness even if a workload event was lost (watch reconnects can drop some)."""
+    try:
+        await refresh_status(memo.kube, namespace, name)
+    except KubeError as e:
+        logger.warning(f"status refresh failed: {e}")

@@ -1,0 +1,60 @@
+"""Everything one DisaggServe owns, in apply order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from disaggserve.api.constants import API_VERSION, KIND
+from disaggserve.api.plan import Plan
+from disaggserve.api.spec import DisaggServeSpec
+from disaggserve.resources.configmap import build_plan_configmap
+from disaggserve.resources.names import MAX_NAME_LENGTH
+from disaggserve.resources.policy import build_pdb
+from disaggserve.resources.router import router_objects
+from disaggserve.resources.workers import worker_objects
+
+
+class RenderError(ValueError):
+    """The resource cannot be turned into valid children (the message says how to fix it)."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    name: str
+    namespace: str
+    uid: str | None = None  # None when rendering offline (`disaggserve render`)
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def build_children(
+    owner: Owner, spec: DisaggServeSpec, plan: Plan, profile: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    if len(owner.name) > MAX_NAME_LENGTH:
+        raise RenderError(
+            f"metadata.name {owner.name!r} is {len(owner.name)} characters; at most {MAX_NAME_LENGTH} fit the "
+            "names of the pods it creates. Choose a shorter name."
+        )
+    if plan.placement == "low-affinity" and any(plan.phase(p).replicas % plan.units for p in ("prefill", "decode")):
+        raise RenderError(f"plan has {plan.units} units but replicas that do not divide evenly among them")
+    name, ns = owner.name, owner.namespace
+    objects = [
+        build_plan_configmap(name, ns, plan, profile),
+        *worker_objects(spec, plan, name, ns),
+        build_pdb(name, ns, "prefill"),
+        build_pdb(name, ns, "decode"),
+        *router_objects(spec, name, ns),
+    ]
+    if owner.uid:
+        for obj in objects:
+            obj["metadata"]["ownerReferences"] = [owner.reference()]
+    return objects

@@ -1,0 +1,64 @@
+"""Small helpers for operator tests: the example resource and HTTP calls to the local API."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CR_PATH = "/apis/disaggserve.io/v1alpha1/namespaces/{ns}/disaggserves"
+GROUP = "disaggserve.io"
+
+
+def example(name: str = "tiny", namespace: str = "default", file: str = "tiny-cpu.yaml") -> dict[str, Any]:
+    body = yaml.safe_load((ROOT / "examples" / file).read_text())
+    body = copy.deepcopy(body)
+    body["metadata"] = {"name": name, "namespace": namespace}
+    return body
+
+
+async def create(url: str, body: dict[str, Any], strict: bool = True) -> httpx.Response:
+    ns = body["metadata"].get("namespace", "default")
+    params = {"fieldValidation": "Strict"} if strict else None
+    async with httpx.AsyncClient(base_url=url) as client:
+        return await client.post(CR_PATH.format(ns=ns), json=body, params=params)
+
+
+async def patch_spec(url: str, name: str, spec_patch: dict[str, Any], namespace: str = "default") -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url) as client:
+        return await client.patch(
+            f"{CR_PATH.format(ns=namespace)}/{name}",
+            json={"spec": spec_patch},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+
+
+async def delete(url: str, name: str, namespace: str = "default") -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url) as client:
+        return await client.delete(f"{CR_PATH.format(ns=namespace)}/{name}")
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return cond
+    return None
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, message: str = "condition") -> Any:
+    """Poll until predicate() is truthy (and return it); the operator works asynchronously."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"{message} not reached within {timeout}s")
+        await asyncio.sleep(0.05)
