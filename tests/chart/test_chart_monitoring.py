@@ -62,7 +62,7 @@ def test_dashboard_queries_use_exported_metrics() -> None:
         used |= names
     # Every exported series the issue asks for has a panel.
     assert {contract.METRIC_TTFT, contract.METRIC_TPOT, contract.METRIC_SLO_MET, contract.METRIC_REQUESTS} <= used
-    assert EXTRA_METRICS <= used
+    assert used >= EXTRA_METRICS
 
 
 def test_dashboard_has_the_panels_operators_need() -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from chartlib import documents, template
+from chartlib import ROOT, documents, template
 from rbaclib import Call, denied, grants_for, unused
 
 SA = "disaggserve"
 OPERATOR_NS = "disaggserve-system"
 CHILDREN = [("apps", "statefulsets"), ("apps", "deployments"), ("", "services"), ("", "configmaps"),
-            ("", "serviceaccounts"), ("policy", "poddisruptionbudgets"), ("rbac.authorization.k8s.io", "rolebindings")]
+            ("", "serviceaccounts"), ("policy", "poddisruptionbudgets"), ("rbac.authorization.k8s.io", "roles"),
+            ("rbac.authorization.k8s.io", "rolebindings")]
 
 
 def operator_calls(namespaces: list[str], *, cluster: bool) -> list[Call]:
@@ -75,22 +76,28 @@ def test_namespaced_scope_stays_in_its_namespaces(helm_bin: str) -> None:
         Call("patch", "", "nodes"),                                        # nodes are read-only
         Call("patch", "kopf.dev", "clusterkopfpeerings"),                  # cluster peering is for scope cluster
         Call("delete", "disaggserve.io", "disaggserves", namespace="team-a"),  # never deletes user objects
-        Call("create", "rbac.authorization.k8s.io", "roles", namespace="team-a"),
+        Call("create", "rbac.authorization.k8s.io", "clusterroles"),  # no cluster-wide RBAC writes
     ]
     assert denied(refused, grants) == refused
 
 
-def test_router_cluster_role_is_pods_read_only_and_unbound(helm_bin: str) -> None:
-    """The chart ships the router's ClusterRole for the operator to bind; it binds it to nobody itself."""
-    objs = documents(template())
-    (router,) = [o for o in objs if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "disaggserve-router"]
-    assert router["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
-    bindings = [o for o in objs if o["kind"].endswith("Binding")]
-    assert all(b["roleRef"]["name"] != "disaggserve-router" for b in bindings)
-    # The operator can create the router's RoleBinding without `bind`: it holds the same permissions
-    # in every watched namespace (RBAC escalation check).
-    grants = _grants({})
-    assert not denied([Call(v, "", "pods", namespace=OPERATOR_NS) for v in ("get", "list", "watch")], grants)
+def test_operator_may_write_the_router_role_it_renders(helm_bin: str) -> None:
+    """RBAC lets a subject create a Role only with permissions it holds itself (escalation check):
+    the operator must hold every rule of the router's Role in each namespace it manages."""
+    from disaggserve.api import parse_spec
+    from disaggserve.planner import plan_for
+    from disaggserve.resources import Owner, build_children
+
+    body = documents((ROOT / "examples" / "tiny-cpu.yaml").read_text())[0]
+    spec = parse_spec(body["spec"])
+    children = build_children(Owner("tiny", "team-a"), spec, plan_for(spec))
+    roles = [c for c in children if c["kind"] == "Role"]
+    assert roles, "the operator no longer renders a router Role: drop `roles` from the chart's RBAC"
+    grants = _grants({"watch": {"namespaces": ["team-a"]}})
+    needed = [Call(verb, group, resource, namespace="team-a")
+              for role in roles for rule in role["rules"]
+              for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]]
+    assert not denied(needed, grants), denied(needed, grants)
 
 
 def test_call_parsing_accepts_audit_shapes() -> None:

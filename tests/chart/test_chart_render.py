@@ -8,6 +8,7 @@ CRD schemas that ship with the chart.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from typing import Any
 
@@ -31,9 +32,12 @@ from chartlib import (
 )
 
 from disaggserve import contract
+from disaggserve.cli import build_parser
 
 KUBE_VERSIONS = ("1.28.0", "1.33.0")
-VALUE_SETS: dict[str, dict[str, Any]] = {"default": {}, "all-features": ALL_FEATURES, "multi-namespace": MULTI_NAMESPACE}
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {}, "all-features": ALL_FEATURES, "multi-namespace": MULTI_NAMESPACE,
+}
 # Kinds whose schemas live in the Prometheus Operator's CRDs, which are not available offline;
 # test_chart_monitoring.py checks their content (promtool for the rules).
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
@@ -177,10 +181,12 @@ def test_operator_runs_two_peered_replicas(helm_bin: str) -> None:
     deployment = _deployment()
     assert deployment["spec"]["replicas"] == 2
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[0] == "operator"
-    assert "--peering=disaggserve" in args
-    assert "--liveness-endpoint=http://0.0.0.0:8080/healthz" in args
-    assert "--namespace=disaggserve-system" in args and "--all-namespaces" not in args
+    # The image's entrypoint is `disaggserve`: its own parser must accept what the chart passes.
+    parsed = build_parser().parse_args(args)
+    assert parsed.command == "operator"
+    assert parsed.peering == "disaggserve"
+    assert parsed.liveness == "http://0.0.0.0:8080/healthz"
+    assert parsed.namespace == ["disaggserve-system"] and not parsed.all_namespaces
     objs = documents(template())
     peering = [o for o in objs if o["kind"] == "KopfPeering"]
     assert [(p["metadata"]["name"], p["metadata"]["namespace"]) for p in peering] == [
@@ -191,13 +197,14 @@ def test_operator_runs_two_peered_replicas(helm_bin: str) -> None:
 def test_scope_decides_flags_peering_and_roles(helm_bin: str) -> None:
     multi = documents(template(MULTI_NAMESPACE))
     args = next(o for o in multi if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
+    assert build_parser().parse_args(args).namespace == ["team-a", "team-b"]
     assert sorted(o["metadata"]["namespace"] for o in multi if o["kind"] == "Role") == ["team-a", "team-b"]
     assert sorted(o["metadata"]["namespace"] for o in multi if o["kind"] == "KopfPeering") == ["team-a", "team-b"]
 
     cluster = documents(template({"watch": {"scope": "cluster"}}))
     args = next(o for o in cluster if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--all-namespaces" in args and not [a for a in args if a.startswith("--namespace")]
+    parsed = build_parser().parse_args(args)
+    assert parsed.all_namespaces and not parsed.namespace
     assert not [o for o in cluster if o["kind"] in ("Role", "RoleBinding", "KopfPeering")]
     assert [o["metadata"]["name"] for o in cluster if o["kind"] == "ClusterKopfPeering"] == ["disaggserve"]
 
@@ -218,6 +225,28 @@ def test_podmonitor_matches_the_wire_contract(helm_bin: str) -> None:
     ports = sorted(e["targetPort"] for e in monitor["spec"]["podMetricsEndpoints"])
     assert ports == sorted([contract.ROUTER_PORT, contract.WORKER_PORT])
     assert {e["path"] for e in monitor["spec"]["podMetricsEndpoints"]} == {contract.PATH_METRICS}
+
+
+def test_podmonitor_selects_every_pod_the_operator_renders(helm_bin: str) -> None:
+    """Each router/worker pod the operator renders is selected, kept by one endpoint, on a declared port."""
+    from disaggserve.api import parse_spec
+    from disaggserve.planner import plan_for
+    from disaggserve.resources import Owner, build_children
+
+    monitor = next(o for o in documents(template(ALL_FEATURES)) if o["kind"] == "PodMonitor")
+    spec = parse_spec(documents((ROOT / "examples" / "tiny-cpu.yaml").read_text())[0]["spec"])
+    workloads = [c for c in build_children(Owner("tiny", "default"), spec, plan_for(spec))
+                 if c["kind"] in ("StatefulSet", "Deployment")]
+    assert {w["kind"] for w in workloads} == {"StatefulSet", "Deployment"}
+    for workload in workloads:
+        pod = workload["spec"]["template"]
+        labels = pod["metadata"]["labels"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items(), workload["metadata"]["name"]
+        ports = {p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        keeping = [e for e in monitor["spec"]["podMetricsEndpoints"]
+                   if re.fullmatch(e["relabelings"][0]["regex"], labels[contract.LABEL_COMPONENT])]
+        assert len(keeping) == 1, f"{workload['metadata']['name']}: scraped by {len(keeping)} endpoints"
+        assert keeping[0]["targetPort"] in ports, f"{workload['metadata']['name']} does not declare the scraped port"
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))

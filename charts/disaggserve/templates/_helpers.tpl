@@ -71,10 +71,10 @@ them with the API calls the operator makes). `peering` is the kopf peering resou
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The router's RoleBinding to the {{ .Values.router.clusterRoleName }} ClusterRole. Creating it needs
-# no `bind` verb: the operator already holds every permission that ClusterRole grants.
+# Each router's own Role (get/list/watch pods) and RoleBinding. RBAC's escalation check lets the
+# operator write only a Role whose permissions it holds itself in that namespace: no `escalate`/`bind`.
 - apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["rolebindings"]
+  resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
