@@ -25,12 +25,13 @@ def operator_calls(namespaces: list[str], *, cluster: bool) -> list[Call]:
     """Every call the operator makes when it manages `namespaces` (None: all, with cluster scope)."""
     calls = [
         Call("list", "", "nodes"), Call("watch", "", "nodes"), Call("get", "", "nodes"),
-        Call("list", "", "namespaces"), Call("watch", "", "namespaces"),
         Call("list", "apiextensions.k8s.io", "customresourcedefinitions"),
         Call("watch", "apiextensions.k8s.io", "customresourcedefinitions"),
     ]
     if cluster:
         calls += [Call(v, "kopf.dev", "clusterkopfpeerings") for v in ("get", "list", "watch", "patch")]
+    else:  # kopf follows the existence of the namespaces it serves
+        calls += [Call("list", "", "namespaces"), Call("watch", "", "namespaces")]
     scopes: list[str | None] = [None] if cluster else list(namespaces)
     for ns in scopes:
         if not cluster:
@@ -41,7 +42,7 @@ def operator_calls(namespaces: list[str], *, cluster: bool) -> list[Call]:
             calls += [Call(v, group, resource, namespace=ns)
                       for v in ("get", "list", "watch", "create", "patch", "delete")]
         calls += [Call(v, "", "pods", namespace=ns) for v in ("get", "list", "watch")]
-        calls += [Call(v, g, "events", namespace=ns) for g in ("", "events.k8s.io") for v in ("create", "patch")]
+        calls += [Call(v, "", "events", namespace=ns) for v in ("create", "patch")]
     return calls
 
 

@@ -76,10 +76,13 @@ them with the API calls the operator makes). `peering` is the kopf peering resou
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Not called by the operator itself: RBAC lets it write the router's Role (pods get/list/watch)
+# only while it holds those permissions (escalation check).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-- apiGroups: ["", "events.k8s.io"]
+# kopf posts Events through the core API (not events.k8s.io).
+- apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end -}}
