@@ -69,3 +69,11 @@ def test_checkov_all_features_and_default_render(helm_bin: str, tmp_path: Path) 
     (tmp_path / "default.yaml").write_text(template())
     (tmp_path / "all-features.yaml").write_text(template(ALL_FEATURES))
     _assert_clean(_checkov(helm_bin, "--framework", "kubernetes", "--directory", str(tmp_path)), "rendered chart")
+
+
+def test_checkov_operator_dockerfile(helm_bin: str) -> None:
+    reports = _checkov(helm_bin, "--framework", "dockerfile", "--file", str(ROOT / "operator" / "Dockerfile"))
+    for report in reports:
+        assert report["summary"]["passed"] > 20, "checkov scanned nothing in operator/Dockerfile"
+        failed = [c["check_id"] for c in report["results"]["failed_checks"]]
+        assert not failed, f"checkov failures in operator/Dockerfile: {failed}"
