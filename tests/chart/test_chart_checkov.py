@@ -38,8 +38,15 @@ def _checkov(helm_bin: str, *args: str) -> list[dict[str, Any]]:
     # checkov exits 1 on failed checks; anything else (or no JSON) is a crash of its own.
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     assert "Failed to run" not in proc.stderr, proc.stderr[-3000:]
-    reports = json.loads(proc.stdout)
-    return reports if isinstance(reports, list) else [reports]
+    # One JSON value per scanned target kind, written back to back when -d and -f are mixed.
+    decoder, text, reports, pos = json.JSONDecoder(), proc.stdout, [], 0
+    while pos < len(text.rstrip()):
+        value, end = decoder.raw_decode(text, pos)
+        reports.extend(value if isinstance(value, list) else [value])
+        pos = end
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return reports
 
 
 def _assert_clean(reports: list[dict[str, Any]], where: str) -> None:
@@ -61,14 +68,18 @@ def test_checkov_chart(helm_bin: str) -> None:
     _assert_clean(reports, "charts/disaggserve")
 
 
-def test_checkov_deploy(helm_bin: str) -> None:
-    _assert_clean(_checkov(helm_bin, "--framework", "kubernetes", "--directory", str(DEPLOY)), "deploy/")
-
-
-def test_checkov_all_features_and_default_render(helm_bin: str, tmp_path: Path) -> None:
+def test_checkov_manifests(helm_bin: str, tmp_path: Path) -> None:
+    """deploy/ and the default and all-features renders, in one checkov run."""
     (tmp_path / "default.yaml").write_text(template())
     (tmp_path / "all-features.yaml").write_text(template(ALL_FEATURES))
-    _assert_clean(_checkov(helm_bin, "--framework", "kubernetes", "--directory", str(tmp_path)), "rendered chart")
+    # checkov scans only the first of several --directory flags: gather everything in one.
+    for manifest in DEPLOY.glob("*.yaml"):
+        (tmp_path / f"deploy-{manifest.name}").write_text(manifest.read_text())
+    reports = _checkov(helm_bin, "--framework", "kubernetes", "--directory", str(tmp_path))
+    _assert_clean(reports, "deploy/ and the rendered chart")
+    scanned = {r["file_path"] for report in reports for r in report["results"]["passed_checks"]}
+    expected = {"/deploy-disaggserve.yaml", "/deploy-monitoring.yaml", "/default.yaml", "/all-features.yaml"}
+    assert expected <= scanned, scanned
 
 
 def test_checkov_operator_dockerfile(helm_bin: str) -> None:

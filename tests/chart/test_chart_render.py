@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -263,3 +265,14 @@ def test_crd_schema_refuses_a_bad_example() -> None:
     obj["spec"]["slo"]["ttftMs"] = "fast"
     with pytest.raises(jsonschema.ValidationError):
         _validate_custom(obj, schemas[(obj["apiVersion"], obj["kind"])])
+
+
+def test_packaged_chart_carries_the_crds(helm_bin: str, tmp_path: Path) -> None:
+    """What `helm package` ships (what users install from a repository) holds the very same CRDs."""
+    helm("package", str(CHART), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("disaggserve-*.tgz")
+    with tarfile.open(archive) as tar:
+        for crd in sorted(CRDS.glob("*.yaml")):
+            member = tar.extractfile(f"disaggserve/crds/{crd.name}")
+            assert member is not None and member.read() == crd.read_bytes(), f"packaged crds/{crd.name} differs"
+        assert "disaggserve/dashboards/disaggserve.json" in tar.getnames()
