@@ -89,7 +89,9 @@ def _load_configuration() -> kubernetes.client.Configuration:
 class Kube:
     """Async API access with the operator's field manager and a bounded timeout per call."""
 
-    def __init__(self, timeout: float = 15.0):
+    def __init__(self, timeout: float | None = None):
+        # A hung API server must not hang a handler: calls time out and the handler is retried.
+        timeout = timeout or float(os.environ.get("DISAGGSERVE_API_TIMEOUT", "15"))
         self._cfg = _load_configuration()
         verify: ssl.SSLContext | bool = False
         if self._cfg.verify_ssl:
