@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from chartlib import HelmMissing, helm_binary, in_ci
+
+from chart.chartlib import HelmMissing, helm_binary, in_ci
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chartlib import ALL_FEATURES, CHART, DEPLOY, ROOT, in_ci, template
+
+from chart.chartlib import ALL_FEATURES, CHART, DEPLOY, ROOT, in_ci, template
 
 CHECKOV = ROOT / ".venv" / "checkov" / "bin" / "checkov"
 # checkov's helm runner renders the chart into namespace `default` (it has no --namespace);

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from chartlib import ALL_FEATURES, CHART, documents, template
 
+from chart.chartlib import ALL_FEATURES, CHART, documents, template
 from disaggserve import contract
 
 # Names the workers and the operator export besides the request metrics in contract.py

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from chartlib import documents, template
 
+from chart.chartlib import documents, template
 from helpers import create, example, wait_for
 
 

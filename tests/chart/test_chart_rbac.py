@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from chartlib import ROOT, documents, template
-from rbaclib import Call, denied, grants_for, unused
+
+from chart.chartlib import ROOT, documents, template
+from chart.rbaclib import Call, denied, grants_for, unused
 
 SA = "disaggserve"
 OPERATOR_NS = "disaggserve-system"

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from chartlib import documents, template
-from rbaclib import Call, denied, grants_for, unused
 
+from chart.chartlib import documents, template
+from chart.rbaclib import Call, denied, grants_for, unused
 from helpers import create, delete, example, patch_spec, wait_for
 
 SA, OPERATOR_NS = "disaggserve", "disaggserve-system"

@@ -18,7 +18,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chartlib import (
+
+from chart.chartlib import (
     ALL_FEATURES,
     CHART,
     CRDS,
@@ -32,7 +33,6 @@ from chartlib import (
     render_deploy,
     template,
 )
-
 from disaggserve import contract
 from disaggserve.cli import build_parser
 

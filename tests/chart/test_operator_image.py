@@ -6,8 +6,7 @@ import json
 import re
 import tomllib
 
-from chartlib import ROOT, documents, template
-
+from chart.chartlib import ROOT, documents, template
 from disaggserve.cli import build_parser
 
 DOCKERFILE = (ROOT / "operator" / "Dockerfile").read_text()
