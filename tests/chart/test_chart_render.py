@@ -155,6 +155,8 @@ def test_every_value_is_described() -> None:
         ({"replicaCount": 0}, "replicaCount"),
         ({"prometheusRule": {"attainmentTarget": 1.5}}, "attainmentTarget"),
         ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
+        ({"watch": {"scope": "cluster", "namespaces": ["a"]}}, "watch.namespaces lists namespaces but watch.scope"),
+        ({"replicaCount": 2, "podDisruptionBudget": {"minAvailable": 2}}, "minAvailable .2. must be below"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(helm_bin: str, values: dict[str, Any], expected: str) -> None:

@@ -44,6 +44,16 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{/* Namespaces the operator watches (scope namespaced), one per line. */}}
+{{/* Combinations the schema cannot refuse; included once by deployment.yaml. */}}
+{{- define "disaggserve.validateValues" -}}
+{{- if and (eq .Values.watch.scope "cluster") .Values.watch.namespaces -}}
+{{- fail "watch.namespaces lists namespaces but watch.scope is cluster (every namespace): drop watch.namespaces, or set watch.scope=namespaced" -}}
+{{- end -}}
+{{- if and .Values.podDisruptionBudget.enabled (ge (int .Values.podDisruptionBudget.minAvailable) (int .Values.replicaCount)) (gt (int .Values.replicaCount) 1) -}}
+{{- fail (printf "podDisruptionBudget.minAvailable (%v) must be below replicaCount (%v), or no node could ever be drained" .Values.podDisruptionBudget.minAvailable .Values.replicaCount) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "disaggserve.watchedNamespaces" -}}
 {{- $nss := .Values.watch.namespaces | default (list .Release.Namespace) -}}
 {{- range $nss | uniq }}
