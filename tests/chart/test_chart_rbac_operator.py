@@ -105,6 +105,9 @@ def _role_permissions(roles: list[dict[str, Any]]) -> list[Call]:
 async def _scenario(apiserver: Any, namespace: str, peering_path: str, peering_call: Call) -> OwnCalls:
     own = OwnCalls(apiserver.audit)
     async with httpx.AsyncClient(base_url=apiserver.url) as client:
+        if apiserver.get("", "namespaces", None, namespace) is None:  # watched namespaces exist before install
+            await own.do(Call("create", "", "namespaces"), client.post("/api/v1/namespaces", json={
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}))
         # The chart creates the peering object; kopf refuses to start peered without it.
         await own.do(peering_call, client.post(peering_path, json={
             "apiVersion": "kopf.dev/v1", "kind": peering_call_kind(peering_call),
