@@ -5,6 +5,7 @@ Kept free of kopf so it can be read as a plain sequence; the handlers wrap it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -77,9 +78,10 @@ async def _profile(kube: Kube, spec: DisaggServeSpec, namespace: str) -> dict[st
 
 
 async def owned_children(kube: Kube, name: str, namespace: str, uid: str, kinds=OWNED_KINDS) -> dict[tuple, dict]:
+    lists = await asyncio.gather(*(kube.list(av, kind, namespace, instance_selector(name)) for av, kind in kinds))
     found: dict[tuple, dict] = {}
-    for api_version, kind in kinds:
-        for obj in await kube.list(api_version, kind, namespace, instance_selector(name)):
+    for (api_version, kind), items in zip(kinds, lists, strict=True):
+        for obj in items:
             owners = obj["metadata"].get("ownerReferences") or []
             if any(o.get("uid") == uid for o in owners):
                 found[(api_version, kind, obj["metadata"]["name"])] = obj
@@ -129,18 +131,18 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
         return _refusal_status(conditions, generation, e.reason, str(e))
 
     existing = await owned_children(kube, name, namespace, uid)
-    applied = []
-    for obj in desired:
-        key = (obj["apiVersion"], obj["kind"], obj["metadata"]["name"])
-        before = existing.pop(key, None)
-        after = await kube.apply(obj)
-        applied.append(after)
+    # Children are independent objects: apply them concurrently (one round trip of latency).
+    applied = list(await asyncio.gather(*(kube.apply(obj) for obj in desired)))
+    for obj, after in zip(desired, applied, strict=True):
+        before = existing.pop((obj["apiVersion"], obj["kind"], obj["metadata"]["name"]), None)
         if before is None:
             emit("Normal", "Created", f"created {obj['kind']} {obj['metadata']['name']}")
         elif before["metadata"].get("resourceVersion") != after["metadata"].get("resourceVersion"):
             emit("Normal", "Updated", f"updated {obj['kind']} {obj['metadata']['name']}")
-    for (api_version, kind, child), _ in existing.items():
-        if await kube.delete(api_version, kind, namespace, child):
+    obsolete = list(existing)
+    deleted = await asyncio.gather(*(kube.delete(av, kind, namespace, child) for av, kind, child in obsolete))
+    for (_, kind, child), gone in zip(obsolete, deleted, strict=True):
+        if gone:
             emit("Normal", "Deleted", f"deleted {kind} {child}: no longer part of the plan")
 
     plan = _stable_plan(plan, old_status.get("plan"))
