@@ -186,3 +186,23 @@ def test_alerts_fire_on_synthetic_series(helm_bin: str, tmp_path: Path) -> None:
     path = _write(tmp_path / "rules.test.yaml", tests)
     proc = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_queries_select_only_labels_the_monitors_attach(helm_bin: str) -> None:
+    """Dashboard and alerts filter on labels that the PodMonitor/ServiceMonitor relabelings create."""
+    objs = documents(template(ALL_FEATURES))
+    pod_monitor = next(o for o in objs if o["kind"] == "PodMonitor")
+    service_monitor = next(o for o in objs if o["kind"] == "ServiceMonitor")
+    attached = {r["targetLabel"] for e in pod_monitor["spec"]["podMetricsEndpoints"] for r in e["relabelings"]
+                if "targetLabel" in r}
+    attached |= {r["targetLabel"] for e in service_monitor["spec"]["endpoints"] for r in e["metricRelabelings"]}
+    # `phase` is the operator metric's own label; `job` is Prometheus's.
+    known = attached | {"phase", "job"}
+    exprs = [e for _, e in _exprs()] + [r["expr"] for g in _rule_groups(helm_bin) for r in g["rules"]]
+    for expr in exprs:
+        for selector in re.findall(r"\{([^}]*)\}", expr):
+            used = set(re.findall(r"(\w+)\s*(?:=~|!=|!~|=)", selector))
+            assert used <= known, f"{expr!r} filters on {used - known}, which no monitor attaches"
+        for grouping in re.findall(r"by \(([^)]*)\)", expr):
+            used = {g.strip() for g in grouping.split(",")} - {"le"}
+            assert used <= known, f"{expr!r} groups by {used - known}, which no monitor attaches"
