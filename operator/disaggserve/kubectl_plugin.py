@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import urllib3
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
@@ -77,8 +78,10 @@ def fetch(name: str, namespace: str) -> dict[str, Any]:
             raise PluginError(f"not allowed to read DisaggServe {name!r} in {namespace!r}: "
                               f"{e.reason}. Ask for `get` on {PLURAL}.{GROUP}.") from None
         raise PluginError(f"the API server answered {e.status} {e.reason} for {name!r}") from None
-    except OSError as e:  # urllib3 wraps connection failures in OSError subclasses
-        raise PluginError(f"cannot reach the API server: {e}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as e:  # refused, DNS, TLS, timeouts (after retries)
+        host = api.api_client.configuration.host
+        raise PluginError(f"cannot reach the API server at {host}: {type(e).__name__}. "
+                          "Check the kubeconfig's server and your network.") from None
     return obj
 
 

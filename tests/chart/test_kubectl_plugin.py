@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,19 @@ async def test_unreadable_kubeconfig_is_a_clear_error(tmp_path: Path, capsys: py
     code, _ = await _run("status", "tiny", "--kubeconfig", str(tmp_path / "missing"))
     assert code == 1
     assert "cannot load a Kubernetes configuration" in capsys.readouterr().err
+
+
+async def test_unreachable_api_server_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    code, _ = await _run("status", "tiny", "--kubeconfig", str(path))
+    assert code == 1
+    assert f"cannot reach the API server at http://127.0.0.1:{port}" in capsys.readouterr().err
