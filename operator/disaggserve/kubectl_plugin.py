@@ -35,18 +35,25 @@ class PluginError(Exception):
 def _load_client_config(kubeconfig: str | None, context: str | None) -> str | None:
     """Configure the `kubernetes` client; return the context's default namespace, if any.
 
-    In a pod the service account wins; elsewhere $KUBECONFIG (read now, not at import time:
-    the kubernetes package caches it on import) or ~/.kube/config.
+    kubectl's order: --kubeconfig, then $KUBECONFIG (read now, not at import time: the
+    kubernetes package caches it on import), then ~/.kube/config, and only when none exists
+    the pod's service account.
     """
     import kubernetes
 
-    if kubeconfig is None and context is None:
+    default_file = os.path.expanduser("~/.kube/config")
+    explicit = kubeconfig or context or os.environ.get("KUBECONFIG")
+    if not explicit and not os.path.exists(default_file):
         try:
             kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            raise PluginError("no kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config) and not in a pod: "
+                              "point $KUBECONFIG at your cluster's kubeconfig") from None
+        try:
             with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
                 return f.read().strip() or None
-        except (kubernetes.config.ConfigException, OSError):
-            pass
+        except OSError:
+            return None
     path = kubeconfig or os.environ.get("KUBECONFIG") or None
     try:
         kubernetes.config.load_kube_config(config_file=path, context=context)
