@@ -155,3 +155,14 @@ async def test_unreachable_api_server_is_a_clear_error(tmp_path: Path, capsys: p
     code, _ = await _run("status", "tiny", "--kubeconfig", str(path))
     assert code == 1
     assert f"cannot reach the API server at http://127.0.0.1:{port}" in capsys.readouterr().err
+
+
+async def test_no_configuration_at_all_says_what_to_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+    code, _ = await _run("plan", "tiny")
+    assert code == 1
+    assert "point $KUBECONFIG at your cluster's kubeconfig" in capsys.readouterr().err
