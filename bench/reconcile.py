@@ -16,8 +16,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +23,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from disaggserve.api.crd import build_crd
-from disaggserve.local.apiserver import serve_api, write_kubeconfig
+from disaggserve.local.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILDREN_PER_RESOURCE = 12
@@ -79,39 +76,34 @@ async def one_round(api, url: str, n: int, ns: str) -> list[float]:
 async def main_async(args: argparse.Namespace) -> dict:
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
-    async with serve_api(crds=[build_crd()]) as (api, url):
-        with tempfile.TemporaryDirectory() as tmp:
-            kubeconfig = write_kubeconfig(url, Path(tmp) / "kubeconfig")
-            env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(ROOT / "operator")}
-            log = open(Path(tmp) / "operator.log", "w")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "disaggserve.cli", "operator", "--all-namespaces"],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            )
-            try:
-                await asyncio.sleep(3)  # operator start-up (imports, login, first list/watch)
-                for n in sizes:
-                    rounds = []
-                    for r in range(args.repeats):
-                        latencies = await one_round(api, url, n, ns=f"b{n}-{r}")
-                        rounds.append({"p50_s": statistics.median(latencies), "max_s": max(latencies)})
-                        print(f"N={n:4d} round {r}: p50 {rounds[-1]['p50_s'] * 1000:7.1f} ms, "
-                              f"max {rounds[-1]['max_s'] * 1000:7.1f} ms", flush=True)
-                    results.append({
+    with tempfile.TemporaryDirectory() as tmp:
+        async with LocalCluster(Path(tmp), run_pods=False) as cluster:
+            assert cluster.api is not None and cluster.operator_pid is not None
+            await asyncio.sleep(3)  # operator start-up (imports, login, first list/watch)
+            for n in sizes:
+                rounds = []
+                for r in range(args.repeats):
+                    latencies = await one_round(cluster.api, cluster.url, n, ns=f"b{n}-{r}")
+                    rounds.append({"p50_s": statistics.median(latencies), "max_s": max(latencies)})
+                    print(
+                        f"N={n:4d} round {r}: p50 {rounds[-1]['p50_s'] * 1000:7.1f} ms, "
+                        f"max {rounds[-1]['max_s'] * 1000:7.1f} ms",
+                        flush=True,
+                    )
+                results.append(
+                    {
                         "resources": n,
                         "p50_create_to_children_ms": round(statistics.median(x["p50_s"] for x in rounds) * 1000, 1),
                         "max_create_to_children_ms": round(statistics.median(x["max_s"] for x in rounds) * 1000, 1),
                         "repeats": args.repeats,
-                    })
-                rss = peak_rss_mib(proc.pid)
-            finally:
-                proc.terminate()
-                proc.wait(20)
+                    }
+                )
+            rss = peak_rss_mib(cluster.operator_pid)
     return {
         "benchmark": "reconcile",
         "what": "time from creating N DisaggServes at once to all 12 children of each existing; medians over repeats",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "api_server": "disaggserve.local.apiserver (in-process, loopback)",
+        "api_server": "disaggserve.local.apiserver (in-process, loopback); operator: `disaggserve operator` subprocess",
         "results": results,
         "operator_peak_rss_mib": round(rss, 1),
     }

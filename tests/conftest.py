@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from disaggserve.api.crd import build_crd
+from disaggserve.api.peering import build_peering_crds
 from disaggserve.local.apiserver import LocalApiServer, serve_api, write_kubeconfig
+from helpers import OperatorRunner
 
 ROOT = Path(__file__).resolve().parent.parent
-CRDS = [build_crd(), *yaml.safe_load_all((ROOT / "crds" / "kopf-peering.yaml").read_text())]
+CRDS = [build_crd(), *build_peering_crds()]
 
 
 class Api:
@@ -42,55 +42,6 @@ async def apiserver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
     async with serve_api(crds=CRDS) as (server, url):
         monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(url, tmp_path / "kubeconfig")))
         yield Api(server, url)
-
-
-class OperatorRunner:
-    """Runs the real kopf operator in its own thread and event loop.
-
-    kopf.operator() cancels every task of its loop on exit, pytest-asyncio's included, so it
-    cannot share the test's loop (ENVIRONMENT.md).
-    """
-
-    def __init__(self) -> None:
-        self._stop: threading.Event | None = None
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-    def start(self, *, peering: str | None = None, priority: int = 0) -> None:
-        import kopf
-
-        import disaggserve.controller  # noqa: F401
-
-        stop, ready = threading.Event(), threading.Event()
-
-        def run() -> None:
-            try:
-                asyncio.run(
-                    kopf.operator(
-                        clusterwide=True,
-                        standalone=peering is None,
-                        peering_name=peering,
-                        priority=priority,
-                        stop_flag=stop,
-                        ready_flag=ready,
-                    )
-                )
-            except BaseException as e:  # surfaced by stop()
-                self.error = e
-
-        self._stop = stop
-        self._thread = threading.Thread(target=run, name="kopf-operator", daemon=True)
-        self._thread.start()
-        if not ready.wait(15):
-            raise AssertionError("the operator did not start")
-
-    def stop(self) -> None:
-        if self._stop is not None and self._thread is not None:
-            self._stop.set()
-            self._thread.join(20)
-            self._stop = self._thread = None
-        if self.error is not None:
-            raise self.error
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,52 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, message:
         if loop.time() > deadline:
             raise AssertionError(f"{message} not reached within {timeout}s")
         await asyncio.sleep(0.05)
+
+
+class OperatorRunner:
+    """Runs the real kopf operator in its own thread and event loop.
+
+    kopf.operator() cancels every task of its loop on exit, pytest-asyncio's included, so it
+    cannot share the test's loop (ENVIRONMENT.md).
+    """
+
+    def __init__(self) -> None:
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self, *, peering: str | None = None, priority: int = 0) -> None:
+        import kopf
+
+        import disaggserve.controller  # noqa: F401
+
+        stop, ready = threading.Event(), threading.Event()
+
+        def run() -> None:
+            try:
+                asyncio.run(
+                    kopf.operator(
+                        clusterwide=True,
+                        standalone=peering is None,
+                        peering_name=peering,
+                        priority=priority,
+                        stop_flag=stop,
+                        ready_flag=ready,
+                    )
+                )
+            except BaseException as e:  # surfaced by stop()
+                self.error = e
+
+        self._stop = stop
+        self._thread = threading.Thread(target=run, name="kopf-operator", daemon=True)
+        self._thread.start()
+        if not ready.wait(15):
+            raise AssertionError("the operator did not start")
+
+    def stop(self) -> None:
+        if self._stop is not None and self._thread is not None:
+            self._stop.set()
+            self._thread.join(20)
+            self._stop = self._thread = None
+        if self.error is not None:
+            raise self.error

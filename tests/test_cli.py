@@ -64,3 +64,11 @@ def test_console_script_entry_point_runs():
         env={"PYTHONPATH": str(ROOT / "operator"), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_peering_crds_are_generated(tmp_path):
+    out = tmp_path / "peering.yaml"
+    assert main(["crd", "--peering", "-o", str(out)]) == 0
+    assert out.read_text() == (ROOT / "crds" / "kopf-peering.yaml").read_text()
+    kinds = [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(out.read_text())]
+    assert kinds == ["ClusterKopfPeering", "KopfPeering"]

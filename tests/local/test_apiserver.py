@@ -166,3 +166,54 @@ async def test_audit_and_faults(api):
 async def test_unknown_resource_is_404(api):
     r = await api.get("/apis/example.com/v1/namespaces/default/widgets")
     assert r.status_code == 404
+
+
+async def test_kubectl_tables_use_printer_columns():
+    import datetime
+
+    from disaggserve.api.crd import build_crd
+    from disaggserve.local.tables import human_age
+
+    async with serve_api(crds=[build_crd()]) as (_, url), httpx.AsyncClient(base_url=url) as client:
+        body = {
+            "apiVersion": "disaggserve.io/v1alpha1",
+            "kind": "DisaggServe",
+            "metadata": {"name": "t"},
+            "spec": {
+                "model": {"name": "m", "source": {"builtin": "tiny-llama"}},
+                "slo": {"ttftMs": 100, "tpotMs": 10},
+                "workload": {"requestRate": 1, "inputTokens": 1, "outputTokens": 1},
+            },
+        }
+        base = "/apis/disaggserve.io/v1alpha1/namespaces/default/disaggserves"
+        await client.post(base, json=body)
+        status = {
+            "conditions": [{"type": "Ready", "status": "True", "reason": "R"}],
+            "replicas": {"prefill": {"display": "1/2"}, "decode": {"display": "3/3"}},
+            "slo": {"attainment": 0.93},
+        }
+        await client.patch(f"{base}/t/status", json={"status": status}, headers=MERGE)
+        r = await client.get(base, headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
+        table = r.json()
+        assert table["kind"] == "Table"
+        names = [c["name"] for c in table["columnDefinitions"]]
+        assert names[:6] == ["Name", "Ready", "Prefill", "Decode", "Attainment", "Age"]
+        assert table["rows"][0]["cells"][:5] == ["t", "True", "1/2", "3/3", 0.93]
+        assert table["rows"][0]["cells"][5].endswith("s")
+        pods = await client.get("/api/v1/namespaces/default/pods", headers={"Accept": "application/json;as=Table"})
+        assert [c["name"] for c in pods.json()["columnDefinitions"]] == [
+            "Name",
+            "Ready",
+            "Status",
+            "Restarts",
+            "IP",
+            "Node",
+            "Age",
+        ]
+        core = (await client.get("/api/v1")).json()
+        assert core["groupVersion"] == "v1"
+    now = datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)
+    assert human_age("2026-01-01T23:59:15Z", now) == "45s"
+    assert human_age("2026-01-01T23:54:48Z", now) == "5m12s"
+    assert human_age("2026-01-01T21:00:00Z", now) == "3h"
+    assert human_age("2025-12-30T00:00:00Z", now) == "3d"

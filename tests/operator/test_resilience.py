@@ -9,8 +9,7 @@ import asyncio
 import httpx
 import pytest
 
-from conftest import OperatorRunner
-from helpers import GROUP, condition, create, example, wait_for
+from helpers import GROUP, OperatorRunner, condition, create, example, wait_for
 
 KINDS = [("apps", "statefulsets"), ("apps", "deployments"), ("", "services"), ("", "configmaps")]
 

@@ -66,7 +66,7 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
     except KeyError:
         raise ValueError(f"the operator does not manage {kind} ({api_version})") from None
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    if namespaced:
+    if namespaced and namespace is not None:  # None on a namespaced kind: across all namespaces
         prefix += f"/namespaces/{namespace}"
     out = f"{prefix}/{plural}"
     if name:
@@ -76,8 +76,11 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
     return out
 
 
-def _load_configuration() -> kubernetes.client.Configuration:
+def _load_configuration(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
     cfg = kubernetes.client.Configuration()
+    if kubeconfig:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        return cfg
     try:
         kubernetes.config.load_incluster_config(client_configuration=cfg)
     except kubernetes.config.ConfigException:
@@ -89,10 +92,10 @@ def _load_configuration() -> kubernetes.client.Configuration:
 class Kube:
     """Async API access with the operator's field manager and a bounded timeout per call."""
 
-    def __init__(self, timeout: float | None = None):
+    def __init__(self, timeout: float | None = None, kubeconfig: str | None = None):
         # A hung API server must not hang a handler: calls time out and the handler is retried.
         timeout = timeout or float(os.environ.get("DISAGGSERVE_API_TIMEOUT", "15"))
-        self._cfg = _load_configuration()
+        self._cfg = _load_configuration(kubeconfig)
         verify: ssl.SSLContext | bool = False
         if self._cfg.verify_ssl:
             verify = ssl.create_default_context(cafile=self._cfg.ssl_ca_cert) if self._cfg.ssl_ca_cert else True
@@ -143,13 +146,13 @@ class Kube:
             raise KubeError(response.status_code, f"{method} {url}: {message}")
         return response.json()
 
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply: we own exactly the fields we send, under FIELD_MANAGER."""
+    async def apply(self, obj: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
+        """Server-side apply: we own exactly the fields we send, under our field manager."""
         ref = Ref.of(obj)
         result = await self._call(
             "PATCH",
             path(ref.api_version, ref.kind, ref.namespace, ref.name),
-            params={"fieldManager": FIELD_MANAGER, "force": "true"},
+            params={"fieldManager": field_manager, "force": "true"},
             body=obj,
             content_type="application/apply-patch+yaml",
         )
@@ -179,6 +182,18 @@ class Kube:
             missing_ok=True,
         )
         return result is not None
+
+    async def patch(
+        self, api_version: str, kind: str, namespace: str | None, name: str, body: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """JSON merge patch of the main resource (fields outside what we apply, e.g. a clusterIP)."""
+        return await self._call(
+            "PATCH",
+            path(api_version, kind, namespace, name),
+            body=body,
+            content_type="application/merge-patch+json",
+            missing_ok=True,
+        )
 
     async def patch_status(
         self,

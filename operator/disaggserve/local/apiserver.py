@@ -48,6 +48,7 @@ import yaml
 
 from disaggserve.local.schema import FieldError, validate
 from disaggserve.local.selectors import parse_field_selector, parse_label_selector
+from disaggserve.local.tables import table
 
 Key = tuple[str, str, str | None, str]  # group, plural, namespace, name
 MAX_EVENT_HISTORY = 50_000
@@ -98,6 +99,7 @@ class Fault:
 class _CustomResource:
     schema: dict[str, Any]
     kind: str
+    printer_columns: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -126,6 +128,9 @@ class LocalApiServer(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.resources.load_bundled()
+        for known in list(self.resources.keys()):
+            if known.group == "metrics.k8s.io":  # not served here; kubectl would resolve `pods` to it
+                del self.resources[known]
         self.store: dict[Key, dict[str, Any]] = {}
         self.audit: list[AuditRecord] = []
         self.faults: list[Fault] = []
@@ -188,7 +193,9 @@ class LocalApiServer(kmock.KubernetesEmulator):
             )
             if version.get("storage", True):
                 self._custom[(spec["group"], names["plural"])] = _CustomResource(
-                    version.get("schema", {}).get("openAPIV3Schema", {}), names["kind"]
+                    version.get("schema", {}).get("openAPIV3Schema", {}),
+                    names["kind"],
+                    version.get("additionalPrinterColumns", []),
                 )
 
     def add_crd(self, crd: dict[str, Any]) -> dict[str, Any]:
@@ -201,6 +208,13 @@ class LocalApiServer(kmock.KubernetesEmulator):
         self.install_crd(obj)
         self._emit("ADDED", "apiextensions.k8s.io", "customresourcedefinitions", obj)
         return obj
+
+    async def _serve_version(self, request: Any) -> Any:
+        # kmock 0.8 names the core group version "/v1"; kubectl then finds no core resources.
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict) and str(payload.get("groupVersion", "")).startswith("/"):
+            payload["groupVersion"] = payload["groupVersion"].lstrip("/")
+        return payload
 
     # ----------------------------------------------------------------- dispatch
 
@@ -294,14 +308,24 @@ class LocalApiServer(kmock.KubernetesEmulator):
             and fields(o)
         ]
 
+    def _table(self, request: Any, group: str, resource: Any, objects: list[dict[str, Any]]) -> dict | None:
+        """A Table when the client asked for one (kubectl get), else None."""
+        if "as=Table" not in (request.headers.get("Accept") or ""):
+            return None
+        custom = self._custom.get((group, resource.plural))
+        return table(objects, resource.plural, custom.printer_columns if custom else None, str(self._rv))
+
     async def _do_get(self, request: Any, group: str, resource: Any, info: Any) -> aiohttp.web.StreamResponse:
-        return aiohttp.web.json_response(self._existing(request, group, resource))
+        obj = self._existing(request, group, resource)
+        return aiohttp.web.json_response(self._table(request, group, resource, [obj]) or obj)
 
     async def _do_list(self, request: Any, group: str, resource: Any, info: Any) -> aiohttp.web.StreamResponse:
         items = sorted(
             self._selected(request, group, resource.plural),
             key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]),
         )
+        if (as_table := self._table(request, group, resource, items)) is not None:
+            return aiohttp.web.json_response(as_table)
         return aiohttp.web.json_response(
             {
                 "apiVersion": self._api_version(group, resource),

@@ -1,0 +1,156 @@
+"""The whole system on one machine, as `disaggserve up` runs it: the local API, the real
+operator process, the node agent and real worker and router processes, driven with the
+official `openai` client and kubectl."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import signal
+import subprocess
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+
+from disaggserve.local.cluster import LocalCluster, default_resource
+from e2e_tools import require_tool
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
+
+
+async def until(predicate, timeout: float = 60, message: str = "condition"):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        value = await predicate() if asyncio.iscoroutinefunction(predicate) else predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{message} not reached within {timeout}s")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def cluster(tmp_path_factory):
+    async with LocalCluster(tmp_path_factory.mktemp("cluster"), interval=0.3) as c:
+        await c.apply(default_resource())
+        await c.wait_ready("tiny", timeout=180)
+        yield c
+
+
+async def client(cluster) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=await cluster.endpoint("tiny"), api_key="unused", max_retries=0)
+
+
+async def scale(cluster, decode: int) -> None:
+    resource = copy.deepcopy(default_resource())
+    resource["spec"]["parallelism"]["decode"]["replicas"] = decode
+    await cluster.apply(resource)
+
+
+def decode_pods(cluster) -> dict[str, object]:
+    return {k[1]: p for k, p in cluster.agent.pods.items() if k[1].startswith("tiny-decode-") and not p.terminating}
+
+
+async def test_openai_client_completions_and_streamed_chat(cluster):
+    c = await client(cluster)
+    completion = await c.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert completion.choices[0].text
+    assert completion.usage.completion_tokens == 12 and completion.usage.prompt_tokens > 10
+    stream = await c.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "Hello there"}], max_tokens=10, stream=True
+    )
+    pieces, finish = [], None
+    async for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) and finish == "length"
+
+
+async def test_kubectl_shows_the_printer_columns(cluster):
+    kubectl = require_tool("kubectl")
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    out = await asyncio.to_thread(
+        subprocess.run, [kubectl, "get", "disaggserve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    header, row = out.stdout.splitlines()[:2]
+    assert header.split() == ["NAME", "READY", "PREFILL", "DECODE", "ATTAINMENT", "AGE"]
+    assert row.split()[:4] == ["tiny", "True", "1/1", "1/1"]
+
+
+async def test_scaling_the_spec_adds_and_removes_workers_and_the_router_follows(cluster):
+    await scale(cluster, decode=2)
+    await until(
+        lambda: len(decode_pods(cluster)) == 2 and all(p.ready for p in decode_pods(cluster).values()),
+        timeout=90,
+        message="two ready decode workers",
+    )
+    c = await client(cluster)
+    await asyncio.gather(
+        *(c.completions.create(model="tiny-llama", prompt=f"{i} {PROMPT}", max_tokens=6) for i in range(10))
+    )
+    async with httpx.AsyncClient() as http:
+        for pod in decode_pods(cluster).values():
+            text = (await http.get(f"http://{pod.ip}:8100/metrics")).text
+            served = [
+                line for line in text.splitlines() if line.startswith("disaggserve_worker_generation_tokens_total")
+            ]
+            assert served and float(served[0].split()[-1]) > 0, f"{pod.desired.name} got no work from the router"
+    leaving = decode_pods(cluster)["tiny-decode-1"].proc
+    await scale(cluster, decode=1)
+    await until(
+        lambda: not any(k[1] == "tiny-decode-1" for k in cluster.agent.pods), timeout=60, message="decode-1 stopped"
+    )
+    assert leaving.returncode is not None, "the scaled-down worker process must have exited"
+    assert set(decode_pods(cluster)) == {"tiny-decode-0"}
+    completion = await c.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=6)
+    assert completion.choices[0].text
+
+
+async def test_killing_a_decode_worker_mid_stream(cluster):
+    await scale(cluster, decode=2)
+    await until(
+        lambda: len(decode_pods(cluster)) == 2 and all(p.ready for p in decode_pods(cluster).values()),
+        timeout=90,
+        message="two ready decode workers",
+    )
+    c = await client(cluster)
+    reference = await c.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=400, temperature=0)
+    stream = await c.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=400, temperature=0, stream=True)
+    text, killed, error = [], None, None
+    try:
+        async for chunk in stream:
+            text.append(chunk.choices[0].text if chunk.choices else "")
+            if killed is None and len(text) >= 5:
+                busy = [p for p in decode_pods(cluster).values() if p.proc is not None]
+                # the decode worker holding this stream is the one with a running sequence
+                async with httpx.AsyncClient() as http:
+                    for pod in busy:
+                        load = (await http.get(f"http://{pod.ip}:8100/internal/load")).json()
+                        if load.get("running"):
+                            killed = pod
+                            os.kill(pod.proc.pid, signal.SIGKILL)
+                            break
+    except openai.APIError as e:  # a clear, retryable error is the other acceptable outcome
+        error = e
+    assert killed is not None, "no decode worker was running the stream"
+    if error is None:
+        assert "".join(text) == reference.choices[0].text, "resumed stream must equal the greedy reference"
+    else:
+        assert "retry" in str(error).lower()
+    restarted = await until(lambda: killed.restarts >= 1 and killed.ready, timeout=90, message="worker restarted")
+    assert restarted
+    await cluster.wait_ready("tiny", timeout=60)
+
+
+async def test_deleting_the_resource_leaves_no_processes(cluster):
+    procs = [p.proc for p in cluster.agent.pods.values() if p.proc is not None]
+    assert procs
+    await cluster.kube.delete("disaggserve.io/v1alpha1", "DisaggServe", "default", "tiny")
+    await until(lambda: not cluster.agent.pods, timeout=120, message="every pod stopped")
+    assert all(p.returncode is not None for p in procs)

@@ -1,0 +1,122 @@
+"""The autoscaler's PromQL against a real Prometheus server scraping a real router under load,
+cross-checked with the operator's own scrape window over the same traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+
+from disaggserve.local.cluster import LocalCluster, default_resource
+from disaggserve.metrics.promql import PrometheusSource
+from disaggserve.metrics.scrape import ScrapeWindow, scrape_router
+from e2e_tools import require_tool
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
+TTFT_SLO_S, TPOT_SLO_S = 0.5, 0.1  # examples/tiny-cpu.yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def cluster(tmp_path_factory):
+    async with LocalCluster(tmp_path_factory.mktemp("cluster"), interval=0.3) as c:
+        await c.apply(default_resource())
+        await c.wait_ready("tiny", timeout=180)
+        yield c
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def prometheus(cluster, tmp_path_factory):
+    binary = require_tool("prometheus")
+    router = next(p for k, p in cluster.agent.pods.items() if k[1].startswith("tiny-router-"))
+    folder = tmp_path_factory.mktemp("prometheus")
+    (folder / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "- job_name: disaggserve-router\n"
+        "  static_configs:\n"
+        f"  - targets: ['{router.ip}:8000']\n"
+        "    labels: {namespace: default, disaggserve: tiny, component: router}\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "prometheus.log", "wb"),  # noqa: SIM115
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(100):
+                try:
+                    if (await http.get(f"{url}/-/ready")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.2)
+        yield url, router.ip
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+async def test_promql_and_direct_scrape_agree_on_real_traffic(cluster, prometheus):
+    url, router_ip = prometheus
+    window = ScrapeWindow(window_seconds=120, stale_after=60)
+    async with httpx.AsyncClient(timeout=10) as http:
+        window.add("router", await scrape_router(http, router_ip))
+        await asyncio.sleep(2.5)  # Prometheus has a baseline sample before the load
+        client = openai.AsyncOpenAI(base_url=await cluster.endpoint("tiny"), api_key="x", max_retries=0)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(
+                client.completions.create(model="tiny-llama", prompt="word " * (20 + i), max_tokens=8 + i % 4)
+                for i in range(20)
+            )
+        )
+        with pytest.raises(openai.BadRequestError):
+            await client.completions.create(model="tiny-llama", prompt="x", max_tokens=0)
+        sent_output = sum(r.usage.completion_tokens for r in results)
+        await asyncio.sleep(3)  # two more Prometheus scrapes
+        window.add("router", await scrape_router(http, router_ip))
+        scraped = window.observe(now=time.monotonic(), slo_ttft_s=TTFT_SLO_S, slo_tpot_s=TPOT_SLO_S)
+        span = time.monotonic() - started + 5
+        promql = await PrometheusSource(url, http).observe("default", "tiny", span, TTFT_SLO_S, TPOT_SLO_S)
+
+    assert scraped.requests == 20, "client errors are not served requests"
+    assert scraped.mean_output_tokens == pytest.approx(sent_output / 20)
+    assert 0 <= scraped.attainment <= 1 and scraped.ttft_p90_ms > 0
+    # Prometheus extrapolates increase() to the window's edges: counts are close, ratios exact.
+    assert promql.requests == pytest.approx(20, rel=0.35)
+    assert promql.mean_output_tokens == pytest.approx(scraped.mean_output_tokens, rel=0.01)
+    assert promql.mean_input_tokens == pytest.approx(scraped.mean_input_tokens, rel=0.01)
+    assert promql.attainment == pytest.approx(scraped.attainment, abs=0.01)
+    assert promql.ttft_within_slo == pytest.approx(scraped.ttft_within_slo, abs=0.01)
+    assert promql.ttft_p90_ms == pytest.approx(scraped.ttft_p90_ms, rel=0.05)
+
+
+async def test_missing_targets_are_unavailable_not_zero(cluster, prometheus):
+    from disaggserve.metrics import MetricsUnavailable
+
+    url, _ = prometheus
+    async with httpx.AsyncClient(timeout=10) as http:
+        with pytest.raises(MetricsUnavailable, match="no live router"):
+            await PrometheusSource(url, http).observe("default", "other", 60)
+        with pytest.raises(MetricsUnavailable, match="did not answer"):
+            await PrometheusSource(f"http://127.0.0.1:{free_port()}", http).observe("default", "tiny", 60)

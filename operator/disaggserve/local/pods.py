@@ -1,0 +1,164 @@
+"""Pure pieces of the local node agent: which pods a workload wants, where they may run.
+
+The agent plays the parts of the StatefulSet/Deployment controllers, the scheduler and the
+kubelet on one machine; what can be decided without I/O lives here and is unit-tested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+GPU = "nvidia.com/gpu"
+HOSTNAME = "kubernetes.io/hostname"
+
+
+def template_hash(template: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class DesiredPod:
+    namespace: str
+    name: str
+    owner_kind: str
+    owner_name: str
+    owner_uid: str
+    ordinal: int
+    template: dict[str, Any] = field(hash=False, compare=False)
+    revision: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+
+def desired_pods(workload: dict[str, Any]) -> list[DesiredPod]:
+    """Pods a StatefulSet (`<name>-<ordinal>`) or Deployment (`<name>-<revision>-<i>`) asks for."""
+    meta, spec = workload["metadata"], workload["spec"]
+    template = spec["template"]
+    revision = template_hash(template)
+    out = []
+    for i in range(int(spec.get("replicas", 1))):
+        name = f"{meta['name']}-{i}" if workload["kind"] == "StatefulSet" else f"{meta['name']}-{revision[:8]}-{i}"
+        out.append(
+            DesiredPod(meta["namespace"], name, workload["kind"], meta["name"], meta["uid"], i, template, revision)
+        )
+    return out
+
+
+def pod_manifest(pod: DesiredPod, node: str | None, ip: str | None) -> dict[str, Any]:
+    tmpl = pod.template
+    meta = tmpl.get("metadata") or {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod.name,
+            "namespace": pod.namespace,
+            "labels": {**(meta.get("labels") or {}), "controller-revision-hash": pod.revision},
+            "annotations": dict(meta.get("annotations") or {}),
+            "ownerReferences": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": pod.owner_kind,
+                    "name": pod.owner_name,
+                    "uid": pod.owner_uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {**tmpl["spec"], **({"nodeName": node} if node else {})},
+    }
+
+
+def gpu_request(pod_spec: dict[str, Any]) -> int:
+    total = 0
+    for c in pod_spec.get("containers", []):
+        limits = (c.get("resources") or {}).get("limits") or {}
+        requests = (c.get("resources") or {}).get("requests") or {}
+        total += int(limits.get(GPU) or requests.get(GPU) or 0)
+    return total
+
+
+def _node_affinity_ok(pod_spec: dict[str, Any], labels: dict[str, str]) -> bool:
+    required = (
+        ((pod_spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        )
+        or {}
+    ).get("nodeSelectorTerms")
+    if not required:
+        return True
+    for term in required:  # terms are ORed, expressions inside a term ANDed
+        ok = True
+        for expr in term.get("matchExpressions", []):
+            value, op, values = labels.get(expr["key"]), expr["operator"], expr.get("values", [])
+            ok &= {
+                "In": value in values,
+                "NotIn": value not in values,
+                "Exists": value is not None,
+                "DoesNotExist": value is None,
+            }.get(op, False)
+        if ok:
+            return True
+    return False
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+@dataclass
+class NodeView:
+    name: str
+    labels: dict[str, str]
+    gpus: int
+    unschedulable: bool = False
+
+
+def schedule(pod_spec: dict[str, Any], nodes: list[NodeView], placed: list[tuple[str, dict, dict]]) -> str | None:
+    """Pick a node, or None when none fits. `placed` are (node, labels, spec) of pods already bound.
+
+    Honours what our pods use: GPU requests against allocatable, nodeSelector, required node
+    affinity, required pod affinity on the hostname (low node-affinity units), and spreading
+    (fewest pods first) otherwise.
+    """
+    want_gpus = gpu_request(pod_spec)
+    selector = pod_spec.get("nodeSelector") or {}
+    affinity_terms = (
+        ((pod_spec.get("affinity") or {}).get("podAffinity") or {}).get(
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        )
+    ) or []
+    candidates = []
+    for node in nodes:
+        if node.unschedulable or any(node.labels.get(k) != v for k, v in selector.items()):
+            continue
+        if not _node_affinity_ok(pod_spec, node.labels):
+            continue
+        used = sum(gpu_request(spec) for n, _, spec in placed if n == node.name)
+        if want_gpus and used + want_gpus > node.gpus:
+            continue
+        ok = True
+        for term in affinity_terms:
+            peers = [n for n, labels, _ in placed if _matches(term.get("labelSelector") or {}, labels)]
+            if peers and node.name not in peers:
+                ok = False
+        if ok:
+            candidates.append((sum(1 for n, _, _ in placed if n == node.name), node.name))
+    return min(candidates)[1] if candidates else None
+
+
+def cpu_threads(pod_spec: dict[str, Any]) -> int:
+    """Torch threads for a local pod: its CPU request, rounded up (at least 1)."""
+    for c in pod_spec.get("containers", []):
+        cpu = ((c.get("resources") or {}).get("requests") or {}).get("cpu")
+        if cpu:
+            value = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+            return max(1, math.ceil(value))
+    return 1

@@ -1,0 +1,110 @@
+"""kube-proxy for the local cluster: each ClusterIP Service gets a loopback address whose ports
+forward TCP to the Service's ready pods (round robin), so clients use one stable endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import logging
+from typing import Any
+
+from disaggserve.controller.kube import Kube
+
+log = logging.getLogger("disaggserve.proxy")
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _target_port(pod: dict[str, Any], target: int | str) -> int | None:
+    if isinstance(target, int):
+        return target
+    for container in pod["spec"].get("containers", []):
+        for port in container.get("ports", []):
+            if port.get("name") == target:
+                return int(port["containerPort"])
+    return None
+
+
+class ServiceProxy:
+    def __init__(self, kube: Kube, ip_prefix: str = "127.43.0.0/16"):
+        self.kube = kube
+        self._ips = (str(ip) for ip in ipaddress.ip_network(ip_prefix).hosts())
+        self.cluster_ips: dict[tuple[str, str], str] = {}
+        self._servers: dict[tuple[str, str, int], asyncio.AbstractServer] = {}
+        self._backends: dict[tuple[str, str, int], list[tuple[str, int]]] = {}
+        self._turn = itertools.count()
+
+    async def sync(self, pods: list[dict[str, Any]]) -> None:
+        services = [s for s in await self.kube.list("v1", "Service") if s["spec"].get("clusterIP") != "None"]
+        live = set()
+        for svc in services:
+            meta = svc["metadata"]
+            key = (meta["namespace"], meta["name"])
+            ip = self.cluster_ips.get(key) or svc["spec"].get("clusterIP")
+            if not ip or not ip.startswith("127."):
+                ip = next(self._ips)
+            if svc["spec"].get("clusterIP") != ip:
+                await self.kube.patch("v1", "Service", meta["namespace"], meta["name"], {"spec": {"clusterIP": ip}})
+            self.cluster_ips[key] = ip
+            selector = svc["spec"].get("selector") or {}
+            members = [
+                p
+                for p in pods
+                if p["metadata"]["namespace"] == meta["namespace"]
+                and _ready(p)
+                and all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
+            ]
+            for port in svc["spec"].get("ports", []):
+                skey = (*key, int(port["port"]))
+                live.add(skey)
+                target = port.get("targetPort", port["port"])
+                self._backends[skey] = [
+                    (p["status"]["podIP"], tp) for p in members if (tp := _target_port(p, target)) is not None
+                ]
+                if skey not in self._servers:
+                    self._servers[skey] = await asyncio.start_server(
+                        lambda r, w, k=skey: self._forward(k, r, w), ip, int(port["port"])
+                    )
+                    log.info("service %s/%s:%s listens on %s", *skey, ip)
+        for skey in set(self._servers) - live:
+            self._servers.pop(skey).close()
+            self._backends.pop(skey, None)
+
+    async def _forward(
+        self, key: tuple[str, str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        backends = self._backends.get(key) or []
+        for _ in range(50):  # like a Service with no ready endpoint yet: hold the client up to 5 s
+            if backends:
+                break
+            await asyncio.sleep(0.1)
+            backends = self._backends.get(key) or []
+        if not backends:
+            writer.close()
+            return
+        host, port = backends[next(self._turn) % len(backends)]
+        try:
+            up_reader, up_writer = await asyncio.open_connection(host, port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def close(self) -> None:
+        for server in self._servers.values():
+            server.close()
+        self._servers.clear()

@@ -1,0 +1,25 @@
+"""What the autoscaler learns about one DisaggServe from its metrics over a window."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class MetricsUnavailable(Exception):
+    """No fresh metrics: the caller reports MetricsAvailable=False and must not scale down."""
+
+
+class Observed(BaseModel):
+    source: str = Field(description="prometheus or scrape")
+    window_seconds: float
+    requests: float = Field(description="requests finished in the window (not client errors)")
+    request_rate: float
+    mean_input_tokens: float | None = None
+    mean_output_tokens: float | None = None
+    ttft_p90_ms: float | None = None
+    tpot_p90_ms: float | None = None
+    attainment: float | None = Field(None, description="share of requests that met both SLOs")
+    # The router counts requests meeting *both* SLOs exactly (disaggserve_slo_met_total); the
+    # per-SLO shares below come from histogram buckets whose edges include the thresholds.
+    ttft_within_slo: float | None = None
+    tpot_within_slo: float | None = None

@@ -1,0 +1,87 @@
+"""The same observation from Prometheus (PromQL over HTTP), for clusters that run one.
+
+Series carry the labels the chart's PodMonitor sets: `namespace`, `disaggserve` (the
+resource's name) and `component` ("router").
+"""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+from prometheus_client.utils import floatToGoString
+
+from disaggserve.contract import (
+    METRIC_GENERATION_TOKENS,
+    METRIC_PROMPT_TOKENS,
+    METRIC_REQUESTS,
+    METRIC_SLO_MET,
+    METRIC_TPOT,
+    METRIC_TTFT,
+)
+from disaggserve.metrics.observed import MetricsUnavailable, Observed
+from disaggserve.metrics.series import NOT_SERVED
+
+
+class PrometheusSource:
+    def __init__(self, url: str, http: httpx.AsyncClient):
+        self.url = url.rstrip("/")
+        self.http = http
+
+    async def scalar(self, expr: str) -> float | None:
+        """Value of an instant query that yields one series (sum/max/...), None when empty or NaN."""
+        try:
+            response = await self.http.get(f"{self.url}/api/v1/query", params={"query": expr})
+        except httpx.HTTPError as e:
+            raise MetricsUnavailable(f"Prometheus at {self.url} did not answer: {type(e).__name__}") from None
+        if response.status_code != 200:
+            raise MetricsUnavailable(f"Prometheus answered {response.status_code}: {response.text[:200]}")
+        result = response.json().get("data", {}).get("result", [])
+        if not result:
+            return None
+        value = float(result[0]["value"][1])
+        return None if math.isnan(value) or math.isinf(value) else value
+
+    async def observe(
+        self,
+        namespace: str,
+        name: str,
+        window_seconds: float,
+        slo_ttft_s: float | None = None,
+        slo_tpot_s: float | None = None,
+    ) -> Observed:
+        sel = f'namespace="{namespace}",disaggserve="{name}",component="router"'
+        w = f"{max(int(window_seconds), 1)}s"
+        not_served = "|".join(sorted(NOT_SERVED))
+        up = await self.scalar(f"max(up{{{sel}}})")
+        if not up:
+            raise MetricsUnavailable(f"Prometheus has no live router target for {namespace}/{name}")
+        served = await self.scalar(f'sum(increase({METRIC_REQUESTS}{{{sel},status!~"{not_served}"}}[{w}]))') or 0.0
+        ok = await self.scalar(f'sum(increase({METRIC_REQUESTS}{{{sel},status="ok"}}[{w}]))') or 0.0
+        prompt = await self.scalar(f"sum(increase({METRIC_PROMPT_TOKENS}{{{sel}}}[{w}]))") or 0.0
+        generated = await self.scalar(f"sum(increase({METRIC_GENERATION_TOKENS}{{{sel}}}[{w}]))") or 0.0
+        met = await self.scalar(f"sum(increase({METRIC_SLO_MET}{{{sel}}}[{w}]))") or 0.0
+        ttft = await self.scalar(f"histogram_quantile(0.9, sum by (le) (rate({METRIC_TTFT}_bucket{{{sel}}}[{w}])))")
+        tpot = await self.scalar(f"histogram_quantile(0.9, sum by (le) (rate({METRIC_TPOT}_bucket{{{sel}}}[{w}])))")
+
+        async def share(metric: str, threshold: float | None) -> float | None:
+            if not threshold:
+                return None
+            return await self.scalar(
+                f'sum(rate({metric}_bucket{{{sel},le="{floatToGoString(threshold)}"}}[{w}])) / '
+                f'sum(rate({metric}_bucket{{{sel},le="+Inf"}}[{w}]))'
+            )
+
+        return Observed(
+            source="prometheus",
+            window_seconds=window_seconds,
+            requests=served,
+            request_rate=served / window_seconds,
+            mean_input_tokens=prompt / ok if ok else None,
+            mean_output_tokens=generated / ok if ok else None,
+            ttft_p90_ms=ttft * 1000 if ttft is not None else None,
+            tpot_p90_ms=tpot * 1000 if tpot is not None else None,
+            attainment=met / served if served else None,
+            ttft_within_slo=await share(METRIC_TTFT, slo_ttft_s),
+            tpot_within_slo=await share(METRIC_TPOT, slo_tpot_s),
+        )

@@ -1,0 +1,152 @@
+"""The autoscaler's policy: from a recommendation (the planner's replica counts for the measured
+workload) and what is running now, decide what to run next. Pure and clocked by the caller.
+
+Why each rule:
+- up fast, down slowly: a missed SLO costs users now; an idle GPU costs money later. Scale-up
+  acts on the latest recommendation; scale-down acts on the *highest* recommendation seen
+  during the stabilization window (as the HPA does), so a brief lull does not shed capacity.
+- bounded steps: at most doubling up, at most halving down, per decision; large jumps follow
+  over a few intervals, each re-checked against fresh metrics.
+- no action while a previous change is still rolling out: new replicas are not yet measured.
+- missing metrics never shrink anything; bounds (min/max per phase, maxGpus) always hold.
+- a measured SLO miss the planner did not predict still adds capacity to the phase that misses
+  (TTFT -> prefill, TPOT -> decode): the profile may be off, the users' latency is not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from disaggserve.api.plan import PHASES, Phase
+
+
+@dataclass(frozen=True)
+class Counts:
+    prefill: int
+    decode: int
+
+    def get(self, phase: Phase) -> int:
+        return self.prefill if phase == "prefill" else self.decode
+
+    def with_(self, phase: Phase, value: int) -> Counts:
+        return Counts(value, self.decode) if phase == "prefill" else Counts(self.prefill, value)
+
+    def __str__(self) -> str:
+        return f"{self.prefill} prefill / {self.decode} decode"
+
+
+@dataclass(frozen=True)
+class Limits:
+    min: Counts
+    max: Counts
+    gpus_per_instance: Counts
+    max_gpus: int | None = None
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Measurements for one decision (None: not measured)."""
+
+    metrics_available: bool
+    rolling_out: bool
+    attainment: float | None = None
+    target_attainment: float = 0.9
+    ttft_within_slo: float | None = None
+    tpot_within_slo: float | None = None
+
+
+@dataclass
+class PolicyState:
+    """What the policy remembers between decisions (kept in the resource's status)."""
+
+    recommendations: list[tuple[float, Counts]] = field(default_factory=list)
+    last_change_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    counts: Counts
+    action: str  # "scale-up", "scale-down", "mixed", "hold"
+    reason: str
+    limited: str | None = None
+
+
+def _clamp(counts: Counts, limits: Limits) -> tuple[Counts, str | None]:
+    p = min(max(counts.prefill, limits.min.prefill), limits.max.prefill)
+    d = min(max(counts.decode, limits.min.decode), limits.max.decode)
+    note = None
+    if (p, d) != (counts.prefill, counts.decode):
+        note = f"bounded by min/max replicas to {p} prefill / {d} decode (wanted {counts})"
+    if limits.max_gpus is not None:
+
+        def gpus(pp: int, dd: int) -> int:
+            return pp * limits.gpus_per_instance.prefill + dd * limits.gpus_per_instance.decode
+
+        wanted = gpus(p, d)
+        while gpus(p, d) > limits.max_gpus and (p > limits.min.prefill or d > limits.min.decode):
+            # shed from the phase holding the larger share of the GPUs first
+            if p > limits.min.prefill and (
+                p * limits.gpus_per_instance.prefill >= d * limits.gpus_per_instance.decode or d <= limits.min.decode
+            ):
+                p -= 1
+            else:
+                d -= 1
+        if gpus(p, d) < wanted:
+            note = f"maxGpus {limits.max_gpus} allows {gpus(p, d)} of the {wanted} GPUs wanted ({counts})"
+    return Counts(p, d), note
+
+
+def decide(
+    current: Counts,
+    recommended: Counts,
+    signals: Signals,
+    limits: Limits,
+    state: PolicyState,
+    now: float,
+    stabilization_seconds: float,
+) -> Decision:
+    if not signals.metrics_available:
+        return Decision(current, "hold", "metrics unavailable: holding replicas (never scale down blind)")
+    if signals.rolling_out:
+        return Decision(current, "hold", "a previous change is still rolling out")
+
+    # A measured miss in one phase adds a replica there even if the planner thought it enough.
+    target = signals.target_attainment
+    wanted = recommended
+    notes = []
+    if signals.attainment is not None and signals.attainment < target:
+        if signals.ttft_within_slo is not None and signals.ttft_within_slo < target:
+            wanted = wanted.with_("prefill", max(wanted.prefill, current.prefill + 1))
+            notes.append(f"TTFT met by {signals.ttft_within_slo:.0%} < {target:.0%}")
+        if signals.tpot_within_slo is not None and signals.tpot_within_slo < target:
+            wanted = wanted.with_("decode", max(wanted.decode, current.decode + 1))
+            notes.append(f"TPOT met by {signals.tpot_within_slo:.0%} < {target:.0%}")
+
+    state.recommendations = [(t, c) for t, c in state.recommendations if t > now - stabilization_seconds]
+    state.recommendations.append((now, wanted))
+    held = Counts(max(c.prefill for _, c in state.recommendations), max(c.decode for _, c in state.recommendations))
+    values = {}
+    for phase in PHASES:
+        cur, want = current.get(phase), wanted.get(phase)
+        if want > cur:
+            values[phase] = min(want, max(cur * 2, cur + 1))  # up now, at most doubling
+        else:
+            stable = held.get(phase)  # down only to the highest recent recommendation
+            values[phase] = max(stable, cur - max(1, math.ceil(cur / 2))) if stable < cur else cur
+    proposed, limited = _clamp(Counts(values["prefill"], values["decode"]), limits)
+    ups = [p for p in PHASES if proposed.get(p) > current.get(p)]
+    downs = [p for p in PHASES if proposed.get(p) < current.get(p)]
+    action = "hold" if not ups and not downs else ("mixed" if ups and downs else ("scale-up" if ups else "scale-down"))
+    attained = "n/a" if signals.attainment is None else f"{signals.attainment:.1%}"
+    why = f"measured attainment {attained} (target {target:.0%}); planner recommends {recommended}"
+    if notes:
+        why += "; " + ", ".join(notes)
+    if action != "hold":
+        state.last_change_at = now
+        reason = f"{action}: {current} -> {proposed}; {why}"
+    else:
+        reason = f"hold at {current}; {why}"
+        if any(wanted.get(p) < current.get(p) for p in PHASES):
+            reason += f" (scale-down waits for {stabilization_seconds:.0f}s of lower recommendations)"
+    return Decision(proposed, action, reason, limited)

@@ -1,0 +1,65 @@
+"""The autoscaling policy: hysteresis, bounds, cooldown while rolling out, stale metrics, GPU budget."""
+
+from __future__ import annotations
+
+from disaggserve.planner.scaling_policy import Counts, Limits, PolicyState, Signals, decide
+
+LIMITS = Limits(min=Counts(1, 1), max=Counts(8, 8), gpus_per_instance=Counts(1, 1))
+OK = Signals(metrics_available=True, rolling_out=False, attainment=0.95)
+WINDOW = 300.0
+
+
+def run(current, recommended, signals=OK, limits=LIMITS, state=None, now=0.0):
+    return decide(current, recommended, signals, limits, state or PolicyState(), now, WINDOW)
+
+
+def test_scale_up_is_immediate_but_at_most_doubles():
+    d = run(Counts(1, 1), Counts(5, 2))
+    assert d.counts == Counts(2, 2) and d.action == "scale-up"
+    d = run(Counts(2, 2), Counts(5, 2))
+    assert d.counts == Counts(4, 2)
+    assert "1 prefill / 1 decode -> 2 prefill / 2 decode" in run(Counts(1, 1), Counts(5, 2)).reason
+
+
+def test_scale_down_waits_for_the_stabilization_window():
+    state = PolicyState()
+    assert run(Counts(4, 4), Counts(4, 4), state=state, now=0).action == "hold"
+    d = run(Counts(4, 4), Counts(1, 1), state=state, now=60)
+    assert d.action == "hold" and "scale-down waits" in d.reason, "a higher recommendation is still in the window"
+    d = run(Counts(4, 4), Counts(1, 1), state=state, now=301)
+    assert d.action == "scale-down" and d.counts == Counts(2, 2), "halving at most per step"
+    d = run(Counts(2, 2), Counts(1, 1), state=state, now=330)
+    assert d.counts == Counts(1, 1)
+
+
+def test_a_brief_spike_inside_the_window_keeps_capacity():
+    state = PolicyState()
+    run(Counts(4, 4), Counts(1, 1), state=state, now=0)
+    run(Counts(4, 4), Counts(4, 4), state=state, now=200)  # spike
+    assert run(Counts(4, 4), Counts(1, 1), state=state, now=400).action == "hold"
+    assert run(Counts(4, 4), Counts(1, 1), state=state, now=501).action == "scale-down"
+
+
+def test_no_action_while_rolling_out_or_without_metrics():
+    rolling = Signals(metrics_available=True, rolling_out=True, attainment=0.1)
+    assert run(Counts(1, 1), Counts(8, 8), rolling).action == "hold"
+    blind = Signals(metrics_available=False, rolling_out=False)
+    d = run(Counts(6, 6), Counts(1, 1), blind, state=PolicyState(), now=10_000)
+    assert d.action == "hold" and d.counts == Counts(6, 6) and "never scale down blind" in d.reason
+
+
+def test_bounds_and_gpu_budget():
+    limits = Limits(min=Counts(2, 1), max=Counts(3, 8), gpus_per_instance=Counts(2, 1), max_gpus=8)
+    d = run(Counts(2, 1), Counts(1, 1), limits=limits, state=PolicyState(), now=1000)
+    assert d.counts.prefill == 2, "never below min"
+    d = run(Counts(3, 4), Counts(8, 8), limits=limits)
+    assert d.counts.prefill <= 3, "never above max"
+    assert d.counts.prefill * 2 + d.counts.decode <= 8 and d.limited and "maxGpus 8" in d.limited
+
+
+def test_measured_misses_add_capacity_to_the_missing_phase():
+    ttft_miss = Signals(True, False, attainment=0.6, target_attainment=0.9, ttft_within_slo=0.6, tpot_within_slo=0.99)
+    d = run(Counts(2, 2), Counts(2, 2), ttft_miss)
+    assert d.counts == Counts(3, 2) and "TTFT met by 60%" in d.reason
+    tpot_miss = Signals(True, False, attainment=0.7, target_attainment=0.9, ttft_within_slo=0.99, tpot_within_slo=0.7)
+    assert run(Counts(2, 2), Counts(2, 2), tpot_miss).counts == Counts(2, 3)
