@@ -126,12 +126,16 @@ def test_alerts_fire_on_synthetic_series(helm_bin: str, tmp_path: Path) -> None:
     tiny = {"namespace": "default", "disaggserve": "tiny"}
     good = {"namespace": "default", "disaggserve": "good"}
     ghost = {"namespace": "default", "disaggserve": "ghost"}
+    router = {"component": "router"}
     series = [
-        # 10 requests a minute each; tiny meets the SLO for half of them, good for all.
-        _series("disaggserve_requests_total", tiny, "0+10x40"),
-        _series("disaggserve_slo_met_total", tiny, "0+5x40"),
-        _series("disaggserve_requests_total", good, "0+10x40"),
-        _series("disaggserve_slo_met_total", good, "0+10x40"),
+        # 10 served requests a minute each (router series); tiny meets the SLO for half of them,
+        # good for all. good's cancelled requests and its workers' series must not count.
+        _series("disaggserve_requests_total", {**tiny, **router, "status": "ok"}, "0+10x40"),
+        _series("disaggserve_slo_met_total", {**tiny, **router}, "0+5x40"),
+        _series("disaggserve_requests_total", {**good, **router, "status": "ok"}, "0+10x40"),
+        _series("disaggserve_requests_total", {**good, **router, "status": "cancelled"}, "0+30x40"),
+        _series("disaggserve_slo_met_total", {**good, **router}, "0+10x40"),
+        _series("disaggserve_requests_total", {**good, "component": "decode", "status": "ok"}, "0+50x40"),
         # tiny wants 2 prefill + 1 decode but only one prefill pod answers; good has all it wants.
         _series("disaggserve_operator_desired_replicas", {**tiny, "phase": "prefill"}, "2x40"),
         _series("disaggserve_operator_desired_replicas", {**tiny, "phase": "decode"}, "1x40"),
@@ -171,6 +175,9 @@ def test_alerts_fire_on_synthetic_series(helm_bin: str, tmp_path: Path) -> None:
                     {"expr": 'disaggserve:slo_attainment:ratio{disaggserve="tiny"}', "eval_time": "30m",
                      "exp_samples": [{"labels": 'disaggserve:slo_attainment:ratio{namespace="default", '
                                                 'disaggserve="tiny"}', "value": 0.5}]},
+                    {"expr": 'disaggserve:slo_attainment:ratio{disaggserve="good"}', "eval_time": "30m",
+                     "exp_samples": [{"labels": 'disaggserve:slo_attainment:ratio{namespace="default", '
+                                                'disaggserve="good"}', "value": 1.0}]},
                 ],
             },
             {
@@ -196,8 +203,8 @@ def test_queries_select_only_labels_the_monitors_attach(helm_bin: str) -> None:
     attached = {r["targetLabel"] for e in pod_monitor["spec"]["podMetricsEndpoints"] for r in e["relabelings"]
                 if "targetLabel" in r}
     attached |= {r["targetLabel"] for e in service_monitor["spec"]["endpoints"] for r in e["metricRelabelings"]}
-    # `phase` is the operator metric's own label; `job` is Prometheus's.
-    known = attached | {"phase", "job"}
+    # The metrics' own labels: `phase` (operator), `status` (router requests); `job` is Prometheus's.
+    known = attached | {"phase", "status", "job"}
     exprs = [e for _, e in _exprs()] + [r["expr"] for g in _rule_groups(helm_bin) for r in g["rules"]]
     for expr in exprs:
         for selector in re.findall(r"\{([^}]*)\}", expr):
@@ -206,3 +213,15 @@ def test_queries_select_only_labels_the_monitors_attach(helm_bin: str) -> None:
         for grouping in re.findall(r"by \(([^)]*)\)", expr):
             used = {g.strip() for g in grouping.split(",")} - {"le"}
             assert used <= known, f"{expr!r} groups by {used - known}, which no monitor attaches"
+
+
+def test_attainment_counts_what_the_autoscaler_counts(helm_bin: str) -> None:
+    """Dashboard, alert and autoscaler agree on which requests were served (disaggserve.metrics)."""
+    from disaggserve.metrics.series import NOT_SERVED
+
+    excluded = f'status!~"{"|".join(sorted(NOT_SERVED))}"'
+    record = next(r for g in _rule_groups(helm_bin) for r in g["rules"] if r.get("record"))
+    panel = next(p for p in DASHBOARD["panels"] if p["title"] == "SLO attainment")
+    for expr in (record["expr"], panel["targets"][0]["expr"]):
+        assert excluded in expr, f"{expr!r} does not exclude {sorted(NOT_SERVED)}"
+        assert expr.count('component="router"') == 2, expr
