@@ -148,6 +148,42 @@ async def test_killing_a_decode_worker_mid_stream(cluster):
     await cluster.wait_ready("tiny", timeout=60)
 
 
+async def test_scale_down_drains_first_and_fails_no_request(cluster):
+    await scale(cluster, decode=2)
+    await until(
+        lambda: len(decode_pods(cluster)) == 2 and all(p.ready for p in decode_pods(cluster).values()),
+        timeout=90,
+        message="two ready decode workers",
+    )
+    c = await client(cluster)
+
+    async def long_stream(i: int) -> int:
+        stream = await c.completions.create(
+            model="tiny-llama", prompt=f"{i} {PROMPT}", max_tokens=300, temperature=0, stream=True
+        )
+        return sum(1 for _ in [chunk async for chunk in stream if chunk.choices and chunk.choices[0].text])
+
+    streams = [asyncio.create_task(long_stream(i)) for i in range(6)]
+    await until(lambda: all(p.ready for p in decode_pods(cluster).values()), timeout=5)
+    await asyncio.sleep(0.3)  # the streams are decoding on both workers
+    seen_draining = []
+
+    async def watch_status():
+        while not all(t.done() for t in streams):
+            status = (await cluster.get("tiny") or {}).get("status") or {}
+            if status.get("draining"):
+                seen_draining.append(status["draining"])
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch_status())
+    await scale(cluster, decode=1)
+    counts = await asyncio.gather(*streams)  # raises if any request failed
+    await watcher
+    assert all(n > 0 for n in counts)
+    assert seen_draining and "tiny-decode" in seen_draining[0], "the scale-down waited for the drain"
+    await until(lambda: not any(k[1] == "tiny-decode-1" for k in cluster.agent.pods), timeout=60)
+
+
 async def test_deleting_the_resource_leaves_no_processes(cluster):
     procs = [p.proc for p in cluster.agent.pods.values() if p.proc is not None]
     assert procs

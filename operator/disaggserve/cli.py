@@ -8,8 +8,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from disaggserve import cli_plan
 from disaggserve.api.crd import dump_yaml, render_crd_yaml
 from disaggserve.api.files import ResourceFileError, load_resource
+from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -43,7 +45,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     except ResourceFileError as e:
         return fail(str(e))
     try:
-        plan = plan_for(resource.spec)
+        plan = plan_for(resource.spec, max_tensor=WORKER_MAX_TENSOR_PARALLEL)
         objects = build_children(Owner(resource.name, resource.namespace), resource.spec, plan)
     except (PlanningError, RenderError) as e:
         return fail(str(e), code=1)
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     from disaggserve.local import up
 
     up.register(sub)
+    cli_plan.register(sub)
     return parser
 
 

@@ -46,6 +46,10 @@ METRIC_SLO_MET = "disaggserve_slo_met_total"
 
 ROLES = ("prefill", "decode", "colocated")
 
+# The worker image of this release runs tensor-parallel size 1 (pipeline parallelism over the
+# pod's GPUs is supported). The operator plans within it; `disaggserve plan` shows the method.
+WORKER_MAX_TENSOR_PARALLEL = 1
+
 
 def worker_args(
     *,

@@ -7,19 +7,52 @@ Internal HTTP protocol between router and workers (JSON bodies, NDJSON streams):
 
 - prefill worker   POST /internal/prefill   {request_id, prompt_token_ids, sampling}
     -> 200 {request_id, first_token_id, text, finish_reason|null, prompt_tokens,
-            kv: {address: "ip:kv_port", handle, bytes}}
-    The KV cache stays on the prefill worker (with a TTL) until a decode worker pulls it.
+            kv: {address: "ip:kv_port", handle, bytes} | null}
+    The KV cache stays on the prefill worker (with a TTL, `--kv-ttl-s`) until a decode worker
+    pulls it. `kv` is null when the first token already finished the request (EOS, stop,
+    max_tokens 1): nothing is held and no decode call is needed.
 - decode worker    POST /internal/decode    {request_id, prompt_token_ids, first_token_id,
                                              sampling, kv: {address, handle}}
-    -> 200 NDJSON stream of {token_id, text, finish_reason|null} events; an event
-       {"error": {"type": "kv_unavailable" | "overloaded" | ..., "message", "retryable"}}
-       ends a failed stream. The decode worker admits the request (free KV memory), pulls the
-       KV cache over TCP (framed, layer by layer) and joins its continuous batch.
+    -> 200 NDJSON stream of {token_id, text, finish_reason|null} events (tokens after the
+       first); an event {"error": {"type": "kv_unavailable" | "kv_timeout" | "overloaded" |
+       "kv_mismatch" | "engine_error" | ..., "message", "retryable"}} ends a failed stream.
+       The decode worker admits the request (room for prompt + max_tokens in its KV cache,
+       waiting up to `--admission-timeout-s`, else "overloaded"), pulls the KV cache over TCP
+       (framed, layer by layer; `disaggserve_worker.kv.framing`) and joins its continuous
+       batch. `sampling.max_tokens` counts the first token too, so it must be >= 2 here.
 - colocated worker POST /internal/generate  {request_id, prompt_token_ids, sampling}
     -> 200 NDJSON stream, the first event carries the first token.
-- every worker     GET /internal/load -> {role, queued_tokens, running, free_kv_tokens, draining}
-                   POST /internal/drain  (stop admitting; readiness turns false)
+- every worker     GET /internal/load -> {role, model (--model-name), queued_tokens,
+                                          queued_requests, running, free_kv_tokens,
+                                          held_caches, draining}
+                   POST /internal/drain  (stop admitting; readiness turns false; a prefill
+                                          worker keeps serving pulls of caches it holds)
                    GET /healthz, /readyz, /metrics
+
+`sampling` (all optional, unknown keys refused): max_tokens (16), temperature (1.0; 0 is
+greedy), top_p (1.0), top_k (0 = off), seed, stop (string or list of strings), stop_token_ids,
+ignore_eos (false).
+
+Status codes: 400 {"error": {type: "invalid_request" | "invalid_json", message, retryable:
+false}} for a body that is wrong (the message names the field); 409 "wrong_role" for an
+endpoint of another role; 503 {"error": {type: "draining", retryable: true}} while draining;
+a prefill that fails inside the engine answers 503 (retryable) or 500 with the same shape.
+
+Worker metrics (own names, so router counters are not double counted): disaggserve_queue_depth,
+disaggserve_queued_tokens, disaggserve_running_sequences, disaggserve_free_kv_tokens,
+disaggserve_held_kv_caches (gauges), disaggserve_kv_transfer_bytes, disaggserve_kv_transfer_seconds,
+disaggserve_prefill_iteration_seconds, disaggserve_decode_iteration_seconds (histograms),
+disaggserve_worker_prompt_tokens_total, disaggserve_worker_generation_tokens_total,
+disaggserve_worker_requests_total{outcome} (counters); every series has a `role` label.
+
+Parallelism flags: `--pipeline-parallel N` splits the layers over the pod's N local GPUs
+(cuda:0..N-1); `--tensor-parallel` > 1 is refused at start-up (not implemented yet), so plans
+must keep tensor = 1 for now.
+
+Note to the router engineer: the tokenizer of any `--model` value comes from
+`disaggserve_worker.model.loader.load_tokenizer`; the `router` subcommand is registered by
+`disaggserve_worker.cli` calling `disaggserve_worker.router.cli.register(subparsers)`, whose
+parser must `set_defaults(handler=<callable(args) -> int>)`.
 """
 
 from __future__ import annotations
@@ -53,5 +86,11 @@ METRIC_REQUESTS = "disaggserve_requests_total"
 METRIC_PROMPT_TOKENS = "disaggserve_prompt_tokens_total"
 METRIC_GENERATION_TOKENS = "disaggserve_generation_tokens_total"
 METRIC_SLO_MET = "disaggserve_slo_met_total"
+# Router-only: its own load and fault handling (the autoscaler may read queue depth).
+METRIC_ROUTER_INFLIGHT = "disaggserve_router_inflight_requests"
+METRIC_ROUTER_QUEUED = "disaggserve_router_queued_requests"
+METRIC_ROUTER_RETRIES = "disaggserve_router_retries_total"
+METRIC_ROUTER_RESUMED = "disaggserve_router_resumed_total"
+METRIC_ROUTER_WORKERS = "disaggserve_router_workers"
 
 ROLES = ("prefill", "decode", "colocated")

@@ -36,6 +36,18 @@ class Prediction(ApiModel):
     attainment: float | None = None
 
 
+class ScalingLimit(ApiModel):
+    """Set when the plan is smaller than the target rate needs (maxGpus or free GPUs): the
+    operator reports it as the `ScalingLimited` condition with these numbers."""
+
+    target_rate: float = Field(description="Requests per second the plan was asked to carry.")
+    achievable_rate: float = Field(description="Predicted goodput of the plan as deployed.")
+    gpus_needed: int = Field(ge=0, description="GPUs the target rate would need.")
+    gpus_available: int = Field(ge=0, description="GPUs the plan could use (free GPUs, maxGpus).")
+    limited_by: Literal["maxGpus", "freeGpus"]
+    message: str = ""
+
+
 class Plan(ApiModel):
     """A deployable plan.
 
@@ -52,6 +64,10 @@ class Plan(ApiModel):
     source: Literal["manual", "planner", "autoscaler"] = "manual"
     predicted_goodput_per_gpu: float | None = None
     predicted: Prediction | None = None
+    baseline_goodput_per_gpu: float | None = Field(
+        None, description="Per-GPU goodput the best colocated (vLLM-style) deployment would reach."
+    )
+    scaling_limited: ScalingLimit | None = None
     reason: str = ""
     updated_at: str | None = None
 

@@ -47,3 +47,6 @@ class DisaggServeStatus(ApiModel):
     replicas: ReplicaStatus = Field(default_factory=ReplicaStatus)
     slo: SloStatus | None = None
     endpoint: str | None = None
+    draining: dict[str, str] | None = Field(
+        None, description="StatefulSets whose scale-down waits for their leaving pods to drain, and since when."
+    )

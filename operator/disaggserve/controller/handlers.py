@@ -62,6 +62,9 @@ async def reconcile_handler(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
             raise kopf.TemporaryError(f"API server: {e}", delay=RETRY_DELAY) from e
         raise kopf.PermanentError(f"API server refused a child object: {e}") from e
     patch.status.update(status)
+    if status.get("draining"):
+        # Look again shortly: the scale-down proceeds once the leaving pods are idle.
+        raise kopf.TemporaryError(f"draining before scale-down: {', '.join(status['draining'])}", delay=RETRY_DELAY)
 
 
 def _owner(body: kopf.Body) -> str | None:

@@ -6,6 +6,7 @@ Kept free of kopf so it can be read as a plain sequence; the handlers wrap it.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
+from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL
+from disaggserve.controller.drain import prepare_scale_down
 from disaggserve.controller.kube import Kube, KubeError
 from disaggserve.planner import PlanningError, plan_for
 from disaggserve.resources import Owner, RenderError, build_children
@@ -53,6 +56,14 @@ class Refused(Exception):
 
 
 def _unsupported(spec: DisaggServeSpec) -> None:
+    if spec.parallelism and max(spec.parallelism.prefill.tensor, spec.parallelism.decode.tensor) > (
+        WORKER_MAX_TENSOR_PARALLEL
+    ):
+        raise Refused(
+            "TensorParallelUnavailable",
+            f"the worker of this release runs tensor-parallel size {WORKER_MAX_TENSOR_PARALLEL}: set "
+            "spec.parallelism.*.tensor to 1 and use pipeline (GPUs of one pod) or more replicas instead",
+        )
     if spec.speculation.mode != "off":
         raise Refused(
             "SpeculationUnavailable",
@@ -119,7 +130,7 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
         profile = await _profile(kube, spec, namespace)
         nodes = await kube.list("v1", "Node") if spec.parallelism is None else None
         try:
-            plan = plan_for(spec, nodes=nodes, profile=profile)
+            plan = plan_for(spec, nodes=nodes, profile=profile, max_tensor=WORKER_MAX_TENSOR_PARALLEL)
         except PlanningError as e:
             raise Refused(e.reason, str(e)) from None
         try:
@@ -131,6 +142,11 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
         return _refusal_status(conditions, generation, e.reason, str(e))
 
     existing = await owned_children(kube, name, namespace, uid)
+    drain = await prepare_scale_down(
+        kube, desired, existing, namespace, dict(old_status.get("draining") or {}), datetime.datetime.now(datetime.UTC)
+    )
+    for sts in drain.pending:
+        emit("Normal", "Draining", f"StatefulSet {sts}: waiting for the pods it loses to finish their requests")
     # Children are independent objects: apply them concurrently (one round trip of latency).
     applied = list(await asyncio.gather(*(kube.apply(obj) for obj in desired)))
     for obj, after in zip(desired, applied, strict=True):
@@ -158,6 +174,8 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
         "plan": plan.wire(),
         "replicas": replicas.wire(),
         "endpoint": endpoint(name, namespace),
+        # A merge patch removes a key set to None: the field disappears once nothing drains.
+        "draining": drain.since or None,
     }
 
 

@@ -23,6 +23,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 import shutil
 import signal
 import sys
@@ -40,6 +41,7 @@ from disaggserve.status_logic import now
 log = logging.getLogger("disaggserve.agent")
 FIELD_MANAGER = "disaggserve-agent"
 MAX_BACKOFF = 30.0
+PYTHON_ENTRY_POINTS = {"disaggserve-worker": "disaggserve_worker.cli", "disaggserve": "disaggserve.cli"}
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class NodeAgent:
         state_dir: Path,
         nodes: list[NodeSpec] | None = None,
         *,
-        ip_prefix: str = "127.42.0.0/16",
+        ip_prefix: str | None = None,
         interval: float = 0.5,
         pod_env: dict[str, str] | None = None,
     ):
@@ -117,11 +119,13 @@ class NodeAgent:
         self.interval = interval
         self.pod_env = pod_env or {}  # what a cluster mounts into every pod (e.g. API credentials)
         self.pods: dict[tuple[str, str], LocalPod] = {}
+        # A random /16 of 127/8 per agent: two local clusters (or a stale one) never share pod IPs.
+        ip_prefix = ip_prefix or f"127.{random.randint(100, 199)}.0.0/16"
         self._ips = (str(ip) for ip in ipaddress.ip_network(ip_prefix).hosts())
         self._ip_of: dict[tuple[str, str], str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http = httpx.AsyncClient(timeout=1.0)
-        self.proxy = ServiceProxy(kube)
+        self.proxy = ServiceProxy(kube, f"127.{random.randint(200, 254)}.0.0/16")
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -273,9 +277,12 @@ class NodeAgent:
         container = pod.desired.template["spec"]["containers"][0]
         command = list(container.get("command") or [])
         args = list(container.get("args") or [])
-        if command and os.sep not in command[0]:
-            beside = Path(sys.executable).parent / command[0]  # the same virtualenv as the agent
-            command[0] = str(beside) if beside.exists() else (shutil.which(command[0]) or command[0])
+        if command and command[0] in PYTHON_ENTRY_POINTS:
+            # Our own console scripts run on the agent's interpreter, so a pod sees exactly the
+            # packages the agent sees (an image would bring its own).
+            command = [sys.executable, "-m", PYTHON_ENTRY_POINTS[command[0]], *command[1:]]
+        elif command and os.sep not in command[0]:
+            command[0] = shutil.which(command[0]) or command[0]
         for i, arg in enumerate(args[:-1]):
             if arg == "--host" and args[i + 1] in ("0.0.0.0", "::"):
                 args[i + 1] = pod.ip
@@ -350,6 +357,13 @@ class NodeAgent:
             with contextlib.suppress(KubeError):
                 await self.kube.delete("v1", "Pod", pod.desired.namespace, pod.desired.name)
         log.info("stopped pod %s/%s", *pod.desired.key)
+
+    def kill_all(self) -> None:
+        """Last resort on exit: no pod process outlives its agent, whatever happened before."""
+        for pod in self.pods.values():
+            if pod.proc is not None and pod.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pod.proc.pid, signal.SIGKILL)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -8,7 +8,7 @@ exactly as in a cluster; the agent runs pods as local processes (see `local/agen
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +26,8 @@ from disaggserve.api.peering import build_peering_crds
 from disaggserve.controller.kube import Kube
 from disaggserve.local.agent import NodeAgent, NodeSpec
 from disaggserve.local.apiserver import LocalApiServer, serve_api, write_kubeconfig
+
+log = logging.getLogger("disaggserve.local")
 
 
 def default_resource() -> dict[str, Any]:
@@ -109,8 +111,13 @@ class LocalCluster:
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
         if self._agent_task is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await self._agent_task
+            except Exception:  # the agent failed to stop its pods cleanly: make sure they are gone
+                log.exception("the node agent failed while stopping")
+            finally:
+                if self.agent is not None:
+                    self.agent.kill_all()
         await asyncio.to_thread(self.stop_operator)
         if self.kube is not None:
             await self.kube.aclose()

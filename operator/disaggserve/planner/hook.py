@@ -7,14 +7,11 @@ from typing import Any
 
 from disaggserve.api.plan import PhasePlan, Plan
 from disaggserve.api.spec import DisaggServeSpec
+from disaggserve.planner.auto import plan_automatically
+from disaggserve.planner.errors import PlanningError
+from disaggserve.topology import TopologyError
 
-
-class PlanningError(Exception):
-    """No deployable plan; `reason` is a condition reason, the message says what to change."""
-
-    def __init__(self, reason: str, message: str):
-        self.reason = reason
-        super().__init__(message)
+__all__ = ["PlanningError", "manual_plan", "plan_for"]
 
 
 def manual_plan(spec: DisaggServeSpec) -> Plan:
@@ -43,17 +40,23 @@ def plan_for(
     nodes: list[dict[str, Any]] | None = None,
     profile: dict[str, Any] | None = None,
     rate: float | None = None,
+    used_gpus: dict[str, int] | None = None,
+    max_tensor: int | None = None,
 ) -> Plan:
     """Plan a resource. Raises PlanningError with a reason a person can act on.
 
     `nodes` are Node objects as the API returns them (None: no cluster view, plan on the spec's
     hardware alone), `profile` a latency profile document (None: built-in), `rate` overrides
-    `spec.workload.requestRate` (the autoscaler passes the measured rate).
+    `spec.workload.requestRate` (the autoscaler passes the measured rate), `used_gpus` the GPUs
+    per node already requested by pods that are not this resource's (free = allocatable − used).
+    Without `spec.parallelism` the DistServe planner chooses everything (planner.auto);
+    `max_tensor` caps the tensor-parallel size at what the deployed worker runs.
     """
     if spec.parallelism is not None:
         return manual_plan(spec)
-    raise PlanningError(
-        "PlannerUnavailable",
-        "automatic planning is not available yet: set spec.parallelism (tensor, pipeline, replicas "
-        "for prefill and decode)",
-    )
+    try:
+        return plan_automatically(
+            spec, nodes=nodes, profile=profile, rate=rate, used_gpus=used_gpus, max_tensor=max_tensor
+        ).plan
+    except TopologyError as e:
+        raise PlanningError("NodeLabelsInvalid", str(e)) from None

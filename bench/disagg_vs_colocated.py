@@ -1,0 +1,312 @@
+"""Disaggregated (1 prefill + 1 decode worker) vs colocated (2 workers), same cores, Poisson load.
+
+Each worker is pinned to one core (`taskset`, one torch thread), so both systems get exactly two
+cores for the model; the routers and this load generator run unpinned and are the same for both.
+Both systems stay up for the whole run and are measured interleaved at every rate (A, B, then B, A
+on the next repeat), so drift in the machine's background load hits both alike.
+
+SLOs: unless given, they are set from the baseline's own unloaded latency — TTFT SLO = 5x and TPOT
+SLO = 3x the colocated system's latency at one request at a time (minimum TTFT, median TPOT) — the
+DistServe setting of SLOs tight enough that interference matters. Goodput is the highest tested
+rate up to which at least 90 % of requests meet both SLOs (per GPU here: per core; both use two).
+
+Also measured: the router's added latency — the same small request sent to a colocated worker
+directly (`/internal/generate`) and through the router (`/v1/completions`), interleaved.
+
+Writes bench/results/disagg_vs_colocated[-quick].json and .png. `--quick`: a smoke run (< 1 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import one_request, run_poisson, summarize, synthetic_prompt
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SERVED = "bench"
+TTFT_SLO_SCALE, TPOT_SLO_SCALE = 5.0, 3.0
+
+
+@dataclass
+class Proc:
+    name: str
+    url: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+
+def spawn(name: str, args: list[str], url: str, logdir: Path, core: int | None = None) -> Proc:
+    cmd = [sys.executable, "-m", "disaggserve_worker.cli", *args]
+    if core is not None:
+        if shutil.which("taskset") is None:
+            raise SystemExit("taskset (util-linux) is needed to pin workers to cores")
+        cmd = ["taskset", "-c", str(core), *cmd]
+    log = logdir / f"{name}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    popen = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    return Proc(name, url, popen, log)
+
+
+def wait_ready(procs: list[Proc], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        while True:
+            if proc.popen.poll() is not None:
+                raise SystemExit(f"{proc.name} exited:\n{proc.log.read_text()[-3000:]}")
+            with suppress(OSError), urllib.request.urlopen(proc.url + "/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{proc.name} not ready after {timeout_s:.0f}s:\n"
+                                 f"{proc.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+
+def worker(name: str, role: str, ip: str, core: int, model: str, logdir: Path) -> Proc:
+    return spawn(name, ["serve", "--role", role, "--model", model, "--model-name", SERVED, "--host", ip,
+                        "--port", "8100", "--kv-port", "8101", "--device", "cpu", "--threads", "1",
+                        "--log-level", "WARNING"], f"http://{ip}:8100", logdir, core)
+
+
+def router(name: str, ip: str, model: str, endpoints: list[str], logdir: Path) -> Proc:
+    return spawn(name, ["router", "--model", model, "--model-name", SERVED, "--host", ip, "--port", "8000",
+                        *endpoints, "--log-level", "WARNING"], f"http://{ip}:8000", logdir)
+
+
+async def router_overhead(worker_url: str, router_url: str, repeats: int) -> dict[str, Any]:
+    """Same small request, directly and through the router, interleaved; medians of e2e latency."""
+    rng = random.Random(7)
+    prompt = synthetic_prompt(rng, 16)
+    direct, routed = [], []
+    async with aiohttp.ClientSession() as session:
+        for i in range(repeats + 2):
+            body = {"request_id": f"overhead-{i}", "prompt_token_ids": prompt,
+                    "sampling": {"max_tokens": 8, "temperature": 0, "ignore_eos": True}}
+            t0 = time.perf_counter()
+            async with session.post(worker_url + "/internal/generate", json=body) as resp:
+                lines = [line async for line in resp.content if line.strip()]
+            t_direct = time.perf_counter() - t0
+            assert json.loads(lines[-1])["finish_reason"] == "length", lines[-1]
+            t0 = time.perf_counter()
+            async with session.post(router_url + "/v1/completions", json={
+                    "model": SERVED, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                    "ignore_eos": True}) as resp:
+                answer = await resp.json()
+            t_routed = time.perf_counter() - t0
+            assert answer["usage"]["completion_tokens"] == 8, answer
+            if i >= 2:  # the first two warm connections and caches
+                direct.append(t_direct * 1000)
+                routed.append(t_routed * 1000)
+    d, r = statistics.median(direct), statistics.median(routed)
+    return {"repeats": repeats, "request": "16 prompt tokens, 8 output tokens, non-streaming",
+            "direct_p50_ms": d, "router_p50_ms": r, "added_p50_ms": r - d, "ratio": r / d}
+
+
+async def unloaded(url: str, input_tokens: int, output_tokens: int, n: int) -> dict[str, float]:
+    """TTFT and TPOT of requests sent one at a time (the first, a warm-up, is dropped)."""
+    rng = random.Random(11)
+    ttft, tpot = [], []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(n + 1):
+            res = await one_request(session, url, SERVED, synthetic_prompt(rng, input_tokens), output_tokens,
+                                    time.perf_counter())
+            if not res.ok:
+                raise SystemExit(f"calibration request failed: {res.error}")
+            ttft.append(res.ttft_s)
+            tpot.append(res.tpot_s)
+    # TTFT: the minimum, the prefill time itself (background load on a shared machine only adds);
+    # TPOT: the median, already an average over all the request's decode steps.
+    return {"ttft_ms": min(ttft[1:]) * 1000, "tpot_ms": statistics.median(tpot[1:]) * 1000}
+
+
+def goodput(rows: list[dict[str, Any]], target: float) -> float:
+    """Highest rate up to which every tested rate met the target: one lucky point past a miss, on a
+    noisy machine, does not count."""
+    best = 0.0
+    for row in sorted(rows, key=lambda r: r["rate"]):
+        if row["attainment"] < target:
+            break
+        best = row["rate"]
+    return best
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, style in (("disaggregated", "o-"), ("colocated", "s--")):
+        rows = result["systems"][name]["rates"]
+        ax.plot([r["rate"] for r in rows], [100 * r["attainment"] for r in rows], style, label=(
+            f"{name} (goodput {result['systems'][name]['goodput_rps']:g} req/s)"))
+    ax.axhline(100 * result["target_attainment"], color="grey", lw=0.8, ls=":")
+    slo = result["slo"]
+    ax.set(xlabel="request rate (req/s, Poisson)", ylabel="SLO attainment (%)", ylim=(-2, 102),
+           title=f"{result['model']} on 2 CPU cores: TTFT ≤ {slo['ttft_ms']:.0f} ms, "
+                 f"TPOT ≤ {slo['tpot_ms']:.1f} ms")
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: str) -> dict[str, Any]:
+    overhead = await router_overhead(coloc_worker, urls["colocated"], args.overhead_repeats)
+    print(f"router overhead: p50 {overhead['added_p50_ms']:.2f} ms added "
+          f"({overhead['direct_p50_ms']:.1f} → {overhead['router_p50_ms']:.1f} ms)", flush=True)
+    base = {name: await unloaded(url, args.input_tokens, args.output_tokens, args.calibration)
+            for name, url in urls.items()}
+    ttft_slo = args.ttft_slo_ms or TTFT_SLO_SCALE * base["colocated"]["ttft_ms"]
+    tpot_slo = args.tpot_slo_ms or TPOT_SLO_SCALE * base["colocated"]["tpot_ms"]
+    print(f"unloaded: {base}; SLO TTFT {ttft_slo:.0f} ms, TPOT {tpot_slo:.1f} ms", flush=True)
+    rates = args.rates or [round(f * 1000 / base["colocated"]["ttft_ms"], 2) for f in args.rate_factors]
+    per_rate: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+    for rate in rates:
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+        # A fixed arrival window per point keeps the run's length independent of the machine's speed.
+        count = max(args.min_requests, min(args.max_requests, round(rate * args.point_seconds)))
+        for rep in range(args.repeats):
+            order = list(urls) if rep % 2 == 0 else list(reversed(urls))
+            for name in order:
+                results = await run_poisson(urls[name], SERVED, rate=rate, num_requests=count,
+                                            input_tokens=args.input_tokens, output_tokens=args.output_tokens,
+                                            seed=rep)
+                runs[name].append(summarize(results, ttft_slo / 1000, tpot_slo / 1000))
+        for name, summaries in runs.items():
+            row = {"rate": rate, "attainment": statistics.median(s["attainment"] for s in summaries),
+                   "ttft_attainment": statistics.median(s["ttft_attainment"] for s in summaries),
+                   "tpot_attainment": statistics.median(s["tpot_attainment"] for s in summaries),
+                   "ttft_ms": _median_dicts([s["ttft_ms"] for s in summaries]),
+                   "tpot_ms": _median_dicts([s["tpot_ms"] for s in summaries]),
+                   "failed": sum(s["failed"] for s in summaries), "repeats": summaries}
+            per_rate[name].append(row)
+            print(f"rate {rate:6.2f}  {name:14s} attainment {row['attainment']:.0%}  "
+                  f"TTFT p90 {row['ttft_ms']['p90']:.0f} ms  TPOT p90 {row['tpot_ms']['p90']:.1f} ms",
+                  flush=True)
+    systems = {name: {"rates": rows, "goodput_rps": goodput(rows, args.target),
+                      "goodput_rps_per_core": goodput(rows, args.target) / 2,
+                      "unloaded": base[name]} for name, rows in per_rate.items()}
+    ratio = (systems["disaggregated"]["goodput_rps"] / systems["colocated"]["goodput_rps"]
+             if systems["colocated"]["goodput_rps"] else None)
+    source = "flags" if args.ttft_slo_ms and args.tpot_slo_ms else \
+        f"{TTFT_SLO_SCALE:g}x TTFT / {TPOT_SLO_SCALE:g}x TPOT of the colocated system unloaded"
+    return {"slo": {"ttft_ms": ttft_slo, "tpot_ms": tpot_slo, "source": source},
+            "target_attainment": args.target, "systems": systems,
+            "goodput_ratio_disagg_over_colocated": ratio, "router_overhead": overhead}
+
+
+def _median_dicts(dicts: list[dict[str, float | None]]) -> dict[str, float | None]:
+    out = {}
+    for key in dicts[0]:
+        values = [d[key] for d in dicts if d[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 rates, few requests, 1 repeat")
+    parser.add_argument("--model", default="builtin:small-llama")
+    parser.add_argument("--input-tokens", type=int, default=512)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--point-seconds", type=float, default=8.0,
+                        help="arrival window per rate and repeat; requests = rate x this, clamped")
+    parser.add_argument("--min-requests", type=int, default=16)
+    parser.add_argument("--max-requests", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rates", type=float, nargs="*", help="req/s; default: factors of 1/unloaded TTFT")
+    parser.add_argument("--rate-factors", type=float, nargs="*", default=[0.12, 0.2, 0.3, 0.45, 0.6],
+                        help="rates as fractions of one core's prefill capacity (1 / unloaded TTFT)")
+    parser.add_argument("--ttft-slo-ms", type=float)
+    parser.add_argument("--tpot-slo-ms", type=float)
+    parser.add_argument("--target", type=float, default=0.9, help="SLO attainment goodput is defined at")
+    parser.add_argument("--calibration", type=int, default=7, help="unloaded requests for the SLO base")
+    parser.add_argument("--overhead-repeats", type=int, default=30)
+    args = parser.parse_args()
+    if args.quick:
+        args.point_seconds, args.min_requests, args.repeats, args.calibration = 3.0, 8, 1, 3
+        args.overhead_repeats = 10
+        args.rate_factors = [0.2, 0.5, 0.8]
+    # SIGTERM (a timeout, a CI cancel) must still stop the workers: raise, so `finally` runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit(f"needs at least 2 CPU cores to pin workers to, this process may use {cores}")
+    block = f"127.{random.randint(20, 250)}.{random.randint(0, 255)}"
+    logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"disagg-bench-{os.getpid()}"
+    logdir.mkdir(parents=True, exist_ok=True)
+    c0, c1 = cores[0], cores[1]
+    procs: list[Proc] = []
+    started = time.monotonic()
+    try:
+        workers = [worker("prefill", "prefill", f"{block}.1", c0, args.model, logdir),
+                   worker("decode", "decode", f"{block}.2", c1, args.model, logdir),
+                   worker("colocated-a", "colocated", f"{block}.3", c0, args.model, logdir),
+                   worker("colocated-b", "colocated", f"{block}.4", c1, args.model, logdir)]
+        procs += workers
+        wait_ready(workers)
+        routers = [router("router-disagg", f"{block}.10", args.model,
+                          ["--prefill-endpoints", workers[0].url, "--decode-endpoints", workers[1].url],
+                          logdir),
+                   router("router-coloc", f"{block}.11", args.model,
+                          ["--colocated-endpoints", f"{workers[2].url},{workers[3].url}"], logdir)]
+        procs += routers
+        wait_ready(routers)
+        urls = {"disaggregated": routers[0].url, "colocated": routers[1].url}
+        result = asyncio.run(measure(args, urls, workers[2].url))
+    finally:
+        for proc in procs:
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+    result.update({
+        "benchmark": "disagg_vs_colocated", "quick": args.quick, "model": args.model,
+        "workload": {"input_tokens": args.input_tokens, "output_tokens": args.output_tokens,
+                     "requests_per_rate": f"rate x {args.point_seconds:g} s, in [{args.min_requests}, "
+                                          f"{args.max_requests}]",
+                     "repeats": args.repeats, "arrivals": "Poisson"},
+        "setup": {"cores": [c0, c1], "pinning": "taskset, 1 torch thread per worker",
+                  "disaggregated": "prefill on core A, decode on core B",
+                  "colocated": "one colocated worker on each core", "routers_and_loadgen": "unpinned"},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "wall_s": time.monotonic() - started,
+    })
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "disagg_vs_colocated" + ("-quick" if args.quick else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"{stem}.png")
+    g = {n: s["goodput_rps"] for n, s in result["systems"].items()}
+    print(f"goodput at {args.target:.0%}: disaggregated {g['disaggregated']:g} req/s, colocated "
+          f"{g['colocated']:g} req/s, ratio {result['goodput_ratio_disagg_over_colocated']}; "
+          f"router adds {result['router_overhead']['added_p50_ms']:.2f} ms p50; "
+          f"wrote {RESULTS / stem}.json/.png")
+
+
+if __name__ == "__main__":
+    main()

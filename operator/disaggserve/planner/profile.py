@@ -1,0 +1,253 @@
+"""Latency profiles: how long a prefill batch and a decode step take, per model, GPU and tensor size.
+
+The form is DistServe's (reference/DISTSERVE.md): prefill `T = a + b·Σl + c·Σl²`, decode
+`T = a + b·Σctx + c·B` with one coefficient set below `decode_batch_threshold` and one above,
+times in ms. The same JSON comes from three places — the worker's `profile` command, a
+ConfigMap holding that output, and the profiles shipped in `disaggserve/data/profiles/` — so
+there is one parser and one error style for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from disaggserve.planner.facts import Facts
+
+# Per pipeline-stage hand-off cost (activation send between GPUs of one node), in ms, used when
+# a profile was measured at pipeline size 1 and a plan needs more stages.
+DEFAULT_STAGE_OVERHEAD_MS = 0.3
+
+
+class ProfileError(ValueError):
+    """A profile document that cannot be used; the message names the field and the fix."""
+
+
+class Coefficients(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    a: float = Field(ge=0)
+    b: float = Field(ge=0)
+    c: float = Field(ge=0)
+
+
+class ProfileEntry(BaseModel):
+    """Coefficients for one (tensor, pipeline) shape of an instance."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tensor: int = Field(ge=1, le=64)
+    pipeline: int = Field(1, ge=1, le=64)
+    prefill: Coefficients
+    decode_small: Coefficients
+    decode_large: Coefficients
+    decode_batch_threshold: int = Field(95, ge=1)
+
+
+class ProfileFacts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: int = Field(ge=1)
+    attention_heads: int = Field(ge=1)
+    kv_heads: int | None = Field(None, ge=1)
+    hidden_size: int = Field(ge=1)
+    parameters: int = Field(ge=1)
+    dtype_bytes: int = Field(2, ge=1, le=8)
+
+    def to_facts(self) -> Facts:
+        return Facts(
+            layers=self.layers,
+            attention_heads=self.attention_heads,
+            kv_heads=self.kv_heads or self.attention_heads,
+            hidden_size=self.hidden_size,
+            parameters=self.parameters,
+            dtype_bytes=self.dtype_bytes,
+        )
+
+
+class LatencyProfile(BaseModel):
+    """A whole profile document. Unknown top-level keys are ignored so that the worker may add
+    provenance fields (host, date) without breaking older operators; inside entries, unknown
+    keys are refused because a misspelt coefficient would silently plan with wrong numbers."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    gpu: str = Field(min_length=1)
+    dtype: str = "float16"
+    source: str = ""
+    model_aliases: list[str] = Field(default_factory=list)
+    gpu_products: list[str] = Field(default_factory=list)
+    model_facts: ProfileFacts | None = None
+    stage_overhead_ms: float = Field(DEFAULT_STAGE_OVERHEAD_MS, ge=0)
+    entries: list[ProfileEntry] = Field(min_length=1)
+    colocated: list[ProfileEntry] = Field(default_factory=list)
+
+    def entry(self, tensor: int, *, colocated: bool = False) -> ProfileEntry | None:
+        """The measured entry for a tensor size at pipeline 1 (stages are derived from it)."""
+        table = self.colocated if colocated and self.colocated else self.entries
+        for e in table:
+            if e.tensor == tensor and e.pipeline == 1:
+                return e
+        return None
+
+    def tensor_sizes(self, *, colocated: bool = False) -> list[int]:
+        table = self.colocated if colocated and self.colocated else self.entries
+        return sorted({e.tensor for e in table if e.pipeline == 1})
+
+    def scaled(self, prefill: float, decode: float) -> LatencyProfile:
+        """The profile with prefill and decode times multiplied by measured/predicted ratios.
+
+        The autoscaler corrects a profile this way when the live system runs slower (or
+        faster) than it predicted: other hardware, other software versions, noisy neighbours.
+        """
+
+        def entry(e: ProfileEntry) -> ProfileEntry:
+            def times(c: Coefficients, k: float) -> Coefficients:
+                return Coefficients(a=c.a * k, b=c.b * k, c=c.c * k)
+
+            return e.model_copy(
+                update={
+                    "prefill": times(e.prefill, prefill),
+                    "decode_small": times(e.decode_small, decode),
+                    "decode_large": times(e.decode_large, decode),
+                }
+            )
+
+        return self.model_copy(
+            update={"entries": [entry(e) for e in self.entries], "colocated": [entry(e) for e in self.colocated]}
+        )
+
+    def matches(self, model_name: str, gpu_product: str | None) -> bool:
+        names = {normalise_model_name(n) for n in [self.model, *self.model_aliases]}
+        if normalise_model_name(model_name) not in names:
+            return False
+        if gpu_product is None:
+            return True
+        products = {p.lower() for p in [self.gpu, *self.gpu_products]}
+        return gpu_product.lower() in products
+
+
+def normalise_model_name(name: str) -> str:
+    """`facebook/opt-13b`, `OPT-13B` and `opt-13b` name the same weights; `builtin:tiny-llama`
+    (the worker's `--model` spelling) and `tiny-llama` the same built-in model."""
+    return name.removeprefix("builtin:").rsplit("/", 1)[-1].lower()
+
+
+@dataclass(frozen=True)
+class PhaseLatency:
+    """Latency of one instance shape (tensor × pipeline), ready for the simulator.
+
+    `prefill_ms` is the time a batch takes from entering the first stage to leaving the last;
+    `prefill_stage_ms` is how long it occupies each stage, so a new batch may enter that much
+    later (T/pp plus the stage hand-off). Decode steps likewise take the full-pipeline time
+    for a request, while `pipeline` micro-batches are in flight at once.
+    """
+
+    tensor: int
+    pipeline: int
+    prefill: Coefficients
+    decode_small: Coefficients
+    decode_large: Coefficients
+    decode_batch_threshold: int
+    stage_overhead_ms: float
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor * self.pipeline
+
+    def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
+        p = self.prefill
+        return p.a + p.b * sum_len + p.c * sum_len_sq + self.pipeline * self.stage_overhead_ms
+
+    def prefill_stage_ms(self, sum_len: float, sum_len_sq: float) -> float:
+        p = self.prefill
+        return (p.a + p.b * sum_len + p.c * sum_len_sq) / self.pipeline + self.stage_overhead_ms
+
+    def decode_coefficients(self, batch: int) -> Coefficients:
+        return self.decode_small if batch < self.decode_batch_threshold else self.decode_large
+
+    def decode_step_ms(self, batch: int, sum_ctx: float) -> float:
+        d = self.decode_coefficients(batch)
+        return d.a + d.b * sum_ctx + d.c * batch + self.pipeline * self.stage_overhead_ms
+
+
+def phase_latency(
+    profile: LatencyProfile, tensor: int, pipeline: int, *, colocated: bool = False
+) -> PhaseLatency | None:
+    e = profile.entry(tensor, colocated=colocated)
+    if e is None:
+        return None
+    overhead = profile.stage_overhead_ms if pipeline > 1 else 0.0
+    return PhaseLatency(
+        tensor=tensor,
+        pipeline=pipeline,
+        prefill=e.prefill,
+        decode_small=e.decode_small,
+        decode_large=e.decode_large,
+        decode_batch_threshold=e.decode_batch_threshold,
+        stage_overhead_ms=overhead,
+    )
+
+
+def parse_profile(doc: Any, *, origin: str = "profile") -> LatencyProfile:
+    """Validate a profile from a dict or a JSON string; errors name the field and the source."""
+    if isinstance(doc, str | bytes):
+        try:
+            doc = json.loads(doc)
+        except json.JSONDecodeError as e:
+            raise ProfileError(
+                f"{origin}: not valid JSON ({e.msg} at line {e.lineno}); expected the "
+                "output of `disaggserve-worker profile`"
+            ) from None
+    if not isinstance(doc, dict):
+        raise ProfileError(f"{origin}: expected a JSON object with model, gpu and entries, got {type(doc).__name__}")
+    try:
+        return LatencyProfile.model_validate(doc)
+    except ValidationError as e:
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
+        raise ProfileError(f"{origin}: " + "; ".join(problems)) from None
+
+
+def profile_from_configmap(configmap: dict[str, Any], key: str = "profile.json") -> LatencyProfile:
+    """A ConfigMap object (as the API returns it) whose `data[key]` holds profile JSON."""
+    name = (configmap.get("metadata") or {}).get("name", "<unnamed>")
+    data = configmap.get("data") or {}
+    if key not in data:
+        keys = ", ".join(sorted(data)) or "none"
+        raise ProfileError(
+            f"ConfigMap {name}: no key {key!r} (keys: {keys}); set "
+            "spec.profile.configMapRef.key to the key holding the profile JSON"
+        )
+    return parse_profile(data[key], origin=f"ConfigMap {name} key {key}")
+
+
+def load_profile_input(doc: dict[str, Any]) -> LatencyProfile:
+    """Accept either a profile document or a ConfigMap wrapping one (what the operator passes)."""
+    if doc.get("kind") == "ConfigMap" or ("data" in doc and "entries" not in doc):
+        return profile_from_configmap(doc)
+    return parse_profile(doc)
+
+
+@lru_cache(maxsize=1)
+def builtin_profiles() -> dict[str, LatencyProfile]:
+    """Profiles shipped with the operator, by file stem (what `spec.profile.builtin` names)."""
+    found: dict[str, LatencyProfile] = {}
+    folder = resources.files("disaggserve") / "data" / "profiles"
+    for item in sorted(folder.iterdir(), key=lambda p: p.name):
+        if item.name.endswith(".json"):
+            stem = item.name.removesuffix(".json")
+            found[stem] = parse_profile(item.read_text(), origin=f"built-in profile {stem}")
+    return found
+
+
+def find_builtin(model_name: str, gpu_product: str | None) -> LatencyProfile | None:
+    for prof in builtin_profiles().values():
+        if prof.matches(model_name, gpu_product):
+            return prof
+    return None

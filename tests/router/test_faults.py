@@ -1,0 +1,164 @@
+"""Worker faults under a live request: a decode worker killed mid-stream, a prefill worker that is
+gone, and the router's own shutdown. The client always gets the whole answer or a clear retryable
+error; never a hang, never a silently shortened answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from router_harness import (
+    SERVED,
+    RunningRouter,
+    WorkerProcess,
+    random_block,
+    router_config,
+    start_router,
+    start_workers,
+    stop_all,
+)
+
+pytestmark = pytest.mark.slow
+LONG = {"ignore_eos": True}
+PROMPT = "Kubernetes runs containers in pods"
+MAX_TOKENS = 160
+
+
+@pytest.fixture
+def fresh_workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
+    """Workers these tests may kill: one prefill, two decode, in a block of their own."""
+    block = random_block()
+    workers = start_workers([("prefill", f"{block}.1"), ("decode", f"{block}.2"), ("decode", f"{block}.3")],
+                            tmp_path)
+    yield workers
+    stop_all(workers, graceful=False)
+
+
+@pytest.fixture
+async def router(fresh_workers: list[WorkerProcess]) -> AsyncIterator[RunningRouter]:
+    running = await start_router(router_config(fresh_workers, queue_timeout_s=0.5))
+    yield running
+    await running.runner.cleanup()
+
+
+def api(router: RunningRouter) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=router.base_url, api_key="x", max_retries=0, timeout=60)
+
+
+def decode_serving(router: RunningRouter, workers: list[WorkerProcess]) -> WorkerProcess:
+    busy = [w for w in router.router.pool.of_role("decode") if w.inflight_requests > 0]
+    assert len(busy) == 1, "exactly one decode worker should be streaming the request"
+    return next(p for p in workers if p.url == busy[0].url)
+
+
+async def test_decode_killed_mid_stream_resumes_with_same_text(router: RunningRouter,
+                                                               fresh_workers: list[WorkerProcess]) -> None:
+    reference = await api(router).completions.create(model=SERVED, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                                     temperature=0, extra_body=LONG)
+    stream = await api(router).completions.create(model=SERVED, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                                  temperature=0, stream=True,
+                                                  stream_options={"include_usage": True}, extra_body=LONG)
+    pieces: list[str] = []
+    finish: list[str | None] = []
+    usage = None
+    killed: WorkerProcess | None = None
+    async with asyncio.timeout(60):
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.choices:
+                pieces.append(chunk.choices[0].text)
+                finish.append(chunk.choices[0].finish_reason)
+            if len(pieces) == 5 and killed is None:
+                killed = decode_serving(router, fresh_workers)
+                killed.kill()
+    assert killed is not None and killed.proc.returncode is not None
+    assert "".join(pieces) == reference.choices[0].text  # greedy: the resumed stream continues exactly
+    assert finish[-1] == "length" and usage is not None and usage.completion_tokens == MAX_TOKENS
+    metrics = router.router.metrics.render().decode()
+    assert "disaggserve_router_resumed_total 1.0" in metrics
+    assert 'disaggserve_router_retries_total{reason="stream_broken"} 1.0' in metrics
+
+
+async def test_last_decode_killed_gives_a_retryable_error(router: RunningRouter,
+                                                          fresh_workers: list[WorkerProcess]) -> None:
+    decodes = [w for w in fresh_workers if w.role == "decode"]
+    decodes[0].kill()
+    router.router.pool.workers[decodes[0].url].mark_failed()  # as the next poll would
+    stream = await api(router).completions.create(model=SERVED, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                                  temperature=0, stream=True, extra_body=LONG)
+    received = 0
+    with pytest.raises(openai.APIError) as info:
+        async with asyncio.timeout(60):
+            async for _chunk in stream:
+                received += 1
+                if received == 3:
+                    decodes[1].kill()
+    assert "can be retried" in str(info.value)
+    assert received < MAX_TOKENS  # the error arrived instead of a quietly short answer
+    # With no decode worker left, a new request is refused at once, not accepted and dropped.
+    with pytest.raises(openai.APIStatusError) as refused:
+        await api(router).completions.create(model=SERVED, prompt=PROMPT, max_tokens=4)
+    assert refused.value.status_code == 503
+
+
+async def test_dead_prefill_is_retried_on_another(disagg_workers: list[WorkerProcess],
+                                                  tmp_path: Path) -> None:
+    block = random_block()
+    extra = start_workers([("prefill", f"{block}.1")], tmp_path)
+    try:
+        running = await start_router(router_config(disagg_workers + extra, poll_interval_s=60))
+        try:
+            extra[0].kill()  # the router has not noticed: its first pick may be the dead one
+            for _ in range(3):
+                done = await api(running).completions.create(model=SERVED, prompt=PROMPT, max_tokens=4,
+                                                             extra_body=LONG)
+                assert done.usage is not None and done.usage.completion_tokens == 4
+        finally:
+            await running.runner.cleanup()
+    finally:
+        stop_all(extra)
+
+
+async def test_drain_finishes_in_flight_and_refuses_new(disagg_router: RunningRouter) -> None:
+    router = disagg_router
+    stream = await api(router).completions.create(model=SERVED, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                                  temperature=0, stream=True, extra_body=LONG)
+    first = await anext(aiter(stream))
+    drained = asyncio.create_task(router.router.drain())
+    async with aiohttp.ClientSession() as http:
+        async with http.get(router.url + "/readyz") as resp:
+            assert resp.status == 503 and (await resp.json())["draining"] is True
+        async with http.post(router.url + "/v1/completions", json={"model": SERVED, "prompt": "x"}) as resp:
+            assert resp.status == 503 and (await resp.json())["error"]["code"] == "draining"
+    assert not drained.done()
+    rest = [c async for c in stream]
+    assert sum(len(c.choices) for c in [first, *rest]) >= 2
+    assert rest[-1].choices[0].finish_reason == "length"
+    await asyncio.wait_for(drained, 10)
+
+
+async def test_client_gone_mid_stream_stops_the_worker(disagg_router: RunningRouter,
+                                                       disagg_workers: list[WorkerProcess]) -> None:
+    decode = next(w for w in disagg_workers if w.role == "decode")
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(disagg_router.url + "/v1/completions", json={
+            "model": SERVED, "prompt": PROMPT, "max_tokens": 2000, "stream": True, "ignore_eos": True})
+        assert resp.status == 200
+        await resp.content.readline()
+        resp.close()  # the client hangs up
+        async with asyncio.timeout(10):
+            while True:
+                async with http.get(decode.url + "/internal/load") as load:
+                    if (await load.json())["running"] == 0:
+                        break
+                await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):
+        while disagg_router.router.inflight:
+            await asyncio.sleep(0.05)
+    metrics = disagg_router.router.metrics.render().decode()
+    assert 'disaggserve_requests_total{status="cancelled"} 1.0' in metrics

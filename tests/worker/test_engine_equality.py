@@ -1,0 +1,203 @@
+"""Greedy output is the same token for token: reference, colocated, disaggregated over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from disaggserve_worker.engine.engine import Engine, EngineConfig
+from disaggserve_worker.engine.sampling import SamplingParams
+from disaggserve_worker.engine.types import RequestStream
+from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
+from disaggserve_worker.model.loader import LoadedModel
+
+TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog and keeps running", "a",
+         "Kubernetes runs containers in pods; an operator watches custom resources."]
+OUTPUT_LENGTHS = [7, 12, 3, 9]
+
+
+def _requests(tiny: LoadedModel) -> list[tuple[list[int], SamplingParams]]:
+    return [(tiny.tokenizer.encode(text).ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+            for text, n in zip(TEXTS, OUTPUT_LENGTHS, strict=True)]
+
+
+def _engine(tiny: LoadedModel, role: str, **kw: int) -> Engine:
+    config = EngineConfig(role=role, kv_cache_tokens=kw.get("kv", 1024),
+                          max_batch_tokens=kw.get("budget", 2048))
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.eos_token_ids, config)
+    engine.start()
+    return engine
+
+
+async def _collect(stream: RequestStream) -> list[int]:
+    return [event.token_id async for event in stream]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("budget", [2048, 8])  # 8: prompts are chunked and mixed with decode steps
+async def test_colocated_equals_reference(tiny: LoadedModel, budget: int,
+                                          reference_greedy: Callable[[list[int], int], list[int]]) -> None:
+    loop = asyncio.get_running_loop()
+    engine = _engine(tiny, "colocated", budget=budget)
+    try:
+        streams = []
+        for i, (prompt, params) in enumerate(_requests(tiny)):
+            stream = RequestStream(f"r{i}", loop)
+            engine.submit(f"r{i}", prompt, params, stream)
+            streams.append(stream)
+            await asyncio.sleep(0.01 * i)  # later requests join a running batch
+        got = await asyncio.gather(*map(_collect, streams))
+    finally:
+        engine.stop()
+    expected = [reference_greedy(p, s.max_tokens) for p, s in _requests(tiny)]
+    assert got == expected
+    assert engine.allocator.free_tokens == engine.allocator.capacity_tokens
+
+
+async def test_disaggregated_over_tcp_equals_reference(
+        tiny: LoadedModel, reference_greedy: Callable[[list[int], int], list[int]]) -> None:
+    loop = asyncio.get_running_loop()
+    prefill, decode = _engine(tiny, "prefill"), _engine(tiny, "decode")
+    server = KVServer(prefill)
+    await server.start("127.0.0.21", 0)
+    transport = TcpKVTransport(frame_timeout=5)
+
+    async def one(i: int, prompt: list[int], params: SamplingParams) -> list[int]:
+        first_stream = RequestStream(f"r{i}", loop)
+        prefill.submit(f"r{i}", prompt, params, first_stream)
+        first = await first_stream.queue.get()
+        assert first.kv_handle is not None
+        reservation = decode.reserve(prompt, params)
+        assert reservation is not None
+        stats = await transport.pull(f"127.0.0.21:{server.port}", first.kv_handle, f"r{i}",
+                                     layout_of(decode), pool_sink(decode, reservation.slot_table))
+        assert stats.tokens == len(prompt)
+        rest = RequestStream(f"r{i}", loop)
+        decode.submit_decode(f"r{i}", prompt, first.token_id, params, reservation, rest)  # type: ignore[arg-type]
+        return [first.token_id, *await _collect(rest)]  # type: ignore[list-item]
+
+    try:
+        got = await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(_requests(tiny))))
+    finally:
+        await server.stop()
+        prefill.stop()
+        decode.stop()
+    expected = [reference_greedy(p, s.max_tokens) for p, s in _requests(tiny)]
+    assert got == expected
+    assert prefill.held_count == 0, "pulled caches are freed on the prefill side"
+    assert prefill.allocator.free_tokens == prefill.allocator.capacity_tokens
+    assert decode.allocator.free_tokens == decode.allocator.capacity_tokens
+
+
+async def test_engine_fault_reaches_every_running_client(tiny: LoadedModel,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    engine = _engine(tiny, "colocated")
+    calls = {"n": 0}
+    real = tiny.model.forward_step
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny.model, "forward_step", flaky)
+    try:
+        stream = RequestStream("f", loop)
+        engine.submit("f", [1, 2, 3], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), stream)
+        events = [event async for event in stream]
+        assert events[-1].error is not None and events[-1].error["type"] == "engine_error"
+        assert "illegal memory access" in events[-1].error["message"] and events[-1].error["retryable"]
+        assert engine.allocator.free_tokens == engine.allocator.capacity_tokens
+        again = RequestStream("g", loop)  # the engine keeps serving after a fault
+        engine.submit("g", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), again)
+        assert [e.finish_reason async for e in again][-1] == "length"
+    finally:
+        engine.stop()
+
+
+async def test_abort_frees_the_cache(tiny: LoadedModel) -> None:
+    loop = asyncio.get_running_loop()
+    engine = _engine(tiny, "colocated")
+    try:
+        stream = RequestStream("a", loop)
+        engine.submit("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True), stream)
+        await stream.queue.get()
+        assert engine.allocator.free_tokens < engine.allocator.capacity_tokens
+        engine.abort("a")
+        for _ in range(100):
+            if engine.idle and engine.allocator.free_tokens == engine.allocator.capacity_tokens:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.allocator.free_tokens == engine.allocator.capacity_tokens
+    finally:
+        engine.stop()
+
+
+async def test_pipeline_stages_give_the_same_tokens(reference_greedy: Callable[[list[int], int], list[int]]
+                                                    ) -> None:
+    """Layers split into stages (on CPU both stages share the device; on GPUs each has its own)."""
+    from disaggserve_worker.model.loader import load_model
+
+    staged = load_model("builtin:tiny-llama", device="cpu")
+    staged.model.place([torch.device("cpu")] * 2)
+    assert staged.model.layer_devices is not None and len(staged.model.layer_devices) == 4
+    engine = Engine(staged.model, staged.tokenizer, [], EngineConfig(role="colocated", kv_cache_tokens=256))
+    engine.start()
+    try:
+        prompt = staged.tokenizer.encode("pipeline stages").ids
+        stream = RequestStream("p", asyncio.get_running_loop())
+        engine.submit("p", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), stream)
+        assert await _collect(stream) == reference_greedy(prompt, 6)
+    finally:
+        engine.stop()
+    with pytest.raises(ValueError, match="between 1 and the layer count"):
+        staged.model.place([torch.device("cpu")] * 5)
+
+
+def _cpu_ticks(stat: Path) -> int | None:
+    """utime + stime of one thread (Linux), in clock ticks; None where /proc is absent."""
+    if not stat.exists():
+        return None
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+async def test_prefill_waits_without_spinning_until_a_pull_frees_memory(tiny: LoadedModel) -> None:
+    loop = asyncio.get_running_loop()
+    engine = _engine(tiny, "prefill", kv=32)  # two blocks of 16: one held prompt fills it
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        first = RequestStream("a", loop)
+        engine.submit("a", list(range(1, 30)), params, first)
+        handle = (await first.queue.get()).kv_handle
+        assert handle is not None
+        second = RequestStream("b", loop)
+        engine.submit("b", list(range(1, 20)), params, second)
+        await asyncio.sleep(0.05)
+        assert engine._thread is not None
+        stat = Path(f"/proc/self/task/{engine._thread.native_id}/stat")
+        before = _cpu_ticks(stat)
+        await asyncio.sleep(0.5)
+        assert second.queue.empty() and engine.load()["queued_requests"] == 1
+        if before is not None:
+            assert _cpu_ticks(stat) - before < 10, "the engine thread must sleep while nothing fits"
+        assert engine.pin_held(handle) is not None
+        engine.unpin_held(handle, release=True)  # a decode worker pulled it
+        event = await asyncio.wait_for(second.queue.get(), 5)
+        assert event.kv_handle is not None
+    finally:
+        engine.stop()
+
+
+async def test_requests_after_stop_fail_fast_and_retryable(tiny: LoadedModel) -> None:
+    engine = _engine(tiny, "colocated")
+    engine.stop()
+    stream = RequestStream("late", asyncio.get_running_loop())
+    engine.submit("late", [1, 2], SamplingParams(max_tokens=2), stream)
+    event = await asyncio.wait_for(stream.queue.get(), 2)
+    assert event.error == {"type": "shutdown", "message": "worker is shutting down", "retryable": True}

@@ -1,0 +1,51 @@
+"""Profiling: the quick sweep writes a planner-readable JSON whose fit predicts what it measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from disaggserve_worker.cli import main
+from disaggserve_worker.profile.fit import fit_relative_nonnegative
+
+
+def test_fit_recovers_known_coefficients_and_stays_non_negative() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(16, 2048, size=40).astype(float)
+    features = np.stack([np.ones_like(lengths), lengths, lengths**2], axis=1)
+    truth = np.array([18.1, 0.1019, 7.1e-6])  # DistServe's OPT-13B prefill coefficients
+    times = features @ truth * rng.normal(1.0, 0.002, size=40)
+    coef = fit_relative_nonnegative(features, times)
+    assert np.allclose(coef, truth, rtol=0.1)
+    # A pure line measured with noise must not get a negative quadratic term.
+    line = features[:, :2] @ np.array([5.0, 0.01])
+    bent = line * (1 - 1e-7 * lengths**2)  # slightly concave: unconstrained LSQ wants c < 0
+    assert np.all(fit_relative_nonnegative(features, bent) >= 0)
+    with pytest.raises(ValueError, match="positive"):
+        fit_relative_nonnegative(features, np.zeros(40))
+
+
+def test_quick_profile_writes_a_valid_profile(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    assert main(["profile", "--model", "builtin:tiny-llama", "--device", "cpu", "--quick",
+                 "--out", str(out), "--threads", "1"]) == 0
+    profile = json.loads(out.read_text())
+    assert profile["model"] == "tiny-llama" and profile["gpu"] == "cpu" and profile["dtype"] == "float32"
+    assert profile["source"].startswith("disaggserve-worker profile, ")
+    assert profile["model_facts"] == {"layers": 4, "attention_heads": 4, "kv_heads": 2, "hidden_size": 128,
+                                      "parameters": profile["model_facts"]["parameters"], "dtype_bytes": 4}
+    (entry,) = profile["entries"]
+    assert entry["tensor"] == 1 and entry["pipeline"] == 1 and entry["decode_batch_threshold"] >= 1
+    for key in ("prefill", "decode_small", "decode_large"):
+        assert set(entry[key]) == {"a", "b", "c"} and all(v >= 0 for v in entry[key].values())
+    assert entry["prefill"]["b"] > 0, "prefill time grows with prompt tokens"
+    points = profile["measurements"]
+    errors = [abs(p["predicted_ms"] - p["ms"]) / p["ms"] for p in points]
+    # A shared CPU is noisy; the fit must still describe the bulk of what it measured.
+    assert float(np.median(errors)) < 0.35
+    longest = max((p for p in points if p["phase"] == "prefill"), key=lambda p: p["batch"] * p["length"])
+    shortest = min((p for p in points if p["phase"] == "prefill"), key=lambda p: p["batch"] * p["length"])
+    assert longest["predicted_ms"] > shortest["predicted_ms"]

@@ -1,0 +1,241 @@
+"""`disaggserve-worker`: serve one worker (prefill, decode, colocated), profile, or route.
+
+The `serve` flags are the wire contract with the operator (`disaggserve.contract.worker_args`
+renders them; `build_parser()` is what the contract test parses them with). Every subcommand
+sets `handler` (args -> exit code) on its parser; the router subcommand is registered by
+`disaggserve_worker.router.cli.register(subparsers)` when that module exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import random
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from disaggserve_worker import contract
+
+log = logging.getLogger("disaggserve_worker")
+
+SPECULATION_MODES = ("off", "fixed", "adaptive")
+SPECULATION_PROPOSERS = ("ngram", "draft")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be greater than 0")
+    return number
+
+
+def _port(value: str) -> int:
+    number = _positive_int(value) if value != "0" else 0
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (0-65535)")
+    return number
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="builtin:<tiny-llama|tiny-llama-draft|small-llama>, a checkpoint folder, "
+                             "or hf:<org/name>")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="auto: float32 on CPU, bfloat16 (or float16) on GPUs")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+
+
+def _add_serve(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="run one worker process")
+    p.add_argument("--role", choices=contract.ROLES, required=True)
+    _add_model_flags(p)
+    p.add_argument("--model-name", default=None, help="name clients use (default: from --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=contract.WORKER_PORT)
+    p.add_argument("--kv-port", type=_port, default=contract.KV_PORT)
+    p.add_argument("--tensor-parallel", type=_positive_int, default=1)
+    p.add_argument("--pipeline-parallel", type=_positive_int, default=1)
+    p.add_argument("--ttft-slo-ms", type=_positive_float, default=None)
+    p.add_argument("--tpot-slo-ms", type=_positive_float, default=None)
+    p.add_argument("--max-model-len", type=_positive_int, default=None)
+    p.add_argument("--speculation-mode", choices=SPECULATION_MODES, default="off")
+    p.add_argument("--speculation-proposer", choices=SPECULATION_PROPOSERS, default="ngram")
+    p.add_argument("--speculation-max-tokens", type=_positive_int, default=4)
+    p.add_argument("--speculation-ngram-min", type=_positive_int, default=1)
+    p.add_argument("--speculation-ngram-max", type=_positive_int, default=3)
+    p.add_argument("--speculation-draft-model", default=None)
+    p.add_argument("--max-batch-tokens", type=_positive_int, default=2048,
+                   help="token budget of one prefill (or mixed) iteration")
+    p.add_argument("--kv-cache-tokens", type=_positive_int, default=None,
+                   help="KV-cache slots (default: from free memory)")
+    p.add_argument("--block-size", type=_positive_int, default=16)
+    p.add_argument("--seed", type=int, default=None, help="seed for unseeded sampling")
+    p.add_argument("--kv-ttl-s", type=_positive_float, default=60.0,
+                   help="prefill: how long a computed KV cache waits for its pull")
+    p.add_argument("--admission-timeout-s", type=_positive_float, default=30.0,
+                   help="decode: how long a request waits for KV-cache room before 'overloaded'")
+    p.add_argument("--drain-grace-s", type=_positive_float, default=60.0,
+                   help="on SIGTERM: longest wait for in-flight work before exiting")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(handler=serve)
+
+
+def _add_profile(subparsers: Any) -> None:
+    p = subparsers.add_parser("profile", help="measure iteration latency and fit the DistServe model")
+    _add_model_flags(p)
+    p.add_argument("--out", default="profile.json")
+    p.add_argument("--quick", action="store_true", help="small sweep (about 20 s on a laptop CPU)")
+    p.add_argument("--repeats", type=_positive_int, default=None)
+    p.set_defaults(handler=profile)
+
+
+def _register_router(subparsers: Any) -> None:
+    try:
+        from disaggserve_worker.router import cli as router_cli
+    except ModuleNotFoundError as error:
+        if error.name in ("disaggserve_worker.router", "disaggserve_worker.router.cli"):
+            return  # router not installed in this build
+        raise
+    router_cli.register(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disaggserve-worker", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve(subparsers)
+    _add_profile(subparsers)
+    _register_router(subparsers)
+    return parser
+
+
+def validate_serve_args(args: argparse.Namespace) -> list[str]:
+    """Problems a flag parser cannot see; each line says what to change."""
+    problems = []
+    if args.speculation_mode != "off":
+        problems.append(f"--speculation-mode {args.speculation_mode}: speculative decoding is not supported "
+                        "yet by this worker; use --speculation-mode off")
+    if args.speculation_ngram_min > args.speculation_ngram_max:
+        problems.append("--speculation-ngram-min must not exceed --speculation-ngram-max")
+    needs_draft = args.speculation_proposer == "draft" and args.speculation_mode != "off"
+    if needs_draft and not args.speculation_draft_model:
+        problems.append("--speculation-proposer draft needs --speculation-draft-model")
+    if args.tensor_parallel > 1:
+        problems.append(f"--tensor-parallel {args.tensor_parallel}: tensor parallelism is not implemented "
+                        "yet in this worker; plan with tensor=1 (pipeline parallelism over the pod's GPUs "
+                        "is supported with --pipeline-parallel)")
+    if args.pipeline_parallel > 1 and args.device == "cpu":
+        problems.append(f"--pipeline-parallel {args.pipeline_parallel} splits layers over CUDA devices; "
+                        "with --device cpu use --pipeline-parallel 1")
+    return problems
+
+
+def _setup(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed = getattr(args, "seed", None)
+    if seed is not None:
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    problems = validate_serve_args(args)
+    if problems:
+        for problem in problems:
+            print(f"disaggserve-worker serve: {problem}", file=sys.stderr)
+        return 2
+    _setup(args)
+    from disaggserve_worker.engine.engine import Engine, EngineConfig
+    from disaggserve_worker.engine.memory import auto_kv_cache_tokens
+    from disaggserve_worker.model.loader import ModelLoadError, load_model
+    from disaggserve_worker.server.app import ServerConfig, WorkerServer
+    from disaggserve_worker.server.worker_metrics import WorkerMetrics
+
+    try:
+        loaded = load_model(args.model, args.device, args.dtype, pipeline=args.pipeline_parallel)
+        layer_devices = loaded.model.layer_devices or [loaded.model.device]
+        kv_tokens = args.kv_cache_tokens or auto_kv_cache_tokens(loaded.config, loaded.model.dtype,
+                                                                 layer_devices)
+    except (ModelLoadError, MemoryError) as error:
+        print(f"disaggserve-worker serve: {error}", file=sys.stderr)
+        return 2
+    max_len = min(args.max_model_len or loaded.config.max_position_embeddings, kv_tokens)
+    identity = {k: os.environ.get(k) for k in (contract.ENV_POD_NAME, contract.ENV_POD_IP,
+                                               contract.ENV_NAMESPACE, contract.ENV_UNIT)}
+    advertise = identity[contract.ENV_POD_IP] or (args.host if args.host not in ("0.0.0.0", "::", "") else
+                                                  "127.0.0.1")
+    metrics_holder: dict[str, Callable[..., None]] = {}
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids,
+                    EngineConfig(role=args.role, kv_cache_tokens=kv_tokens, block_size=args.block_size,
+                                 max_batch_tokens=args.max_batch_tokens, max_model_len=max_len,
+                                 kv_ttl_seconds=args.kv_ttl_s),
+                    observer=lambda *a: metrics_holder["observe"](*a))
+    metrics = WorkerMetrics(args.role, engine.load, args.ttft_slo_ms and args.ttft_slo_ms / 1000,
+                            args.tpot_slo_ms and args.tpot_slo_ms / 1000)
+    metrics_holder["observe"] = metrics.observe_iteration
+    server = WorkerServer(engine, ServerConfig(
+        role=args.role, host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=advertise,
+        model_name=args.model_name or loaded.name, admission_timeout_s=args.admission_timeout_s), metrics)
+    log.info("serving %s as %s on %s:%d (kv %s), device %s %s, %d KV tokens, identity %s", args.model,
+             args.role, args.host, args.port, server.kv_address, loaded.model.device, loaded.model.dtype,
+             kv_tokens, identity)
+    return asyncio.run(_serve(server, args.drain_grace_s))
+
+
+async def _serve(server: Any, grace_s: float) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("signal received: draining (grace %.0f s)", grace_s)
+    drained = await server.drain_and_wait(grace_s)
+    if not drained:
+        log.warning("grace period over with work in flight; exiting anyway: %s", server.engine.load())
+    await server.stop()
+    return 0
+
+
+def profile(args: argparse.Namespace) -> int:
+    _setup(args)
+    from disaggserve_worker.model.loader import ModelLoadError
+    from disaggserve_worker.profile.run import run_profile
+
+    try:
+        run_profile(args.model, device=args.device, dtype=args.dtype, out=args.out, quick=args.quick,
+                    repeats=args.repeats)
+    except ModelLoadError as error:
+        print(f"disaggserve-worker profile: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

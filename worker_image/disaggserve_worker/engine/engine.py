@@ -1,0 +1,421 @@
+"""The engine loop: admission, prefill chunks, continuous decode batches, sampling.
+
+All torch work happens on one engine thread, so the asyncio loop (HTTP, KV transfer
+control) never blocks on a forward pass; results come back through `RequestStream`s.
+
+Roles share the loop:
+- prefill: prompts are prefilled (chunked to the token budget), the first token is sampled
+  and the prompt's KV cache is *held* under a handle until a decode worker pulls it (or a
+  TTL passes);
+- decode: sequences arrive with their prompt KV already written (by a KV pull into a
+  reservation) and join the running batch between steps;
+- colocated: both, vLLM style — each iteration runs one decode step for every running
+  sequence and fills the rest of the token budget with (chunked) prefills of waiting ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from disaggserve_worker.engine.detokenizer import IncrementalDetokenizer
+from disaggserve_worker.engine.kv_cache import BlockAllocator
+from disaggserve_worker.engine.sampling import SamplingParams, sample_rows
+from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent
+from disaggserve_worker.model.batch import BatchLayout
+from disaggserve_worker.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+IterationObserver = Callable[[str, float, int, int], None]  # phase, seconds, tokens, sequences
+
+
+@dataclass
+class EngineConfig:
+    role: str = "colocated"
+    kv_cache_tokens: int = 16384
+    block_size: int = 16
+    max_batch_tokens: int = 2048
+    max_model_len: int = 4096
+    kv_ttl_seconds: float = 60.0
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: RequestStream
+    detok: IncrementalDetokenizer
+    generator: torch.Generator
+    hold_kv: bool
+    tokens: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    blocks: list[int] = field(default_factory=list)
+    slot_table: torch.Tensor | None = None
+    aborted: bool = False
+
+    @property
+    def reserve_tokens(self) -> int:
+        if self.hold_kv:
+            return len(self.prompt_ids)
+        return len(self.prompt_ids) + self.params.max_tokens
+
+
+@dataclass
+class Reservation:
+    """Blocks set aside for a request before its KV cache arrives (decode role)."""
+
+    blocks: list[int]
+    slot_table: torch.Tensor
+    tokens: int
+
+
+@dataclass
+class HeldCache:
+    """A prefilled prompt's KV cache kept for a decode worker to pull."""
+
+    handle: str
+    request_id: str
+    blocks: list[int]
+    slot_table: torch.Tensor
+    num_tokens: int
+    expires_at: float
+    pins: int = 0
+
+
+class Engine:
+    def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, eos_token_ids: list[int],
+                 config: EngineConfig, observer: IterationObserver | None = None):
+        if config.role not in ("prefill", "decode", "colocated"):
+            raise ValueError(f"unknown engine role {config.role!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos = set(eos_token_ids)
+        self.config = config
+        self.observer = observer
+        self.allocator = BlockAllocator(-(-config.kv_cache_tokens // config.block_size), config.block_size)
+        self.kv_pool = model.new_kv_pool(self.allocator.capacity_tokens)
+        self.device = model.device
+        self._cuda_devices = sorted({d for d in (model.layer_devices or [model.device]) if d.type == "cuda"},
+                                    key=str)
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: set[str] = set()
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._held: dict[str, HeldCache] = {}
+        self._held_lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.busy = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="disaggserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- asyncio-facing API ----------------------------------------------------------------
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise RequestError("prompt_token_ids must not be empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt_token_ids hold ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        total = len(prompt_ids) + (0 if self.config.role == "prefill" else params.max_tokens)
+        if total > self.config.max_model_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model length limit {self.config.max_model_len}; shorten the prompt or lower max_tokens")
+        if total > self.allocator.capacity_tokens:
+            raise RequestError(f"request needs {total} KV-cache tokens but this worker holds only "
+                               f"{self.allocator.capacity_tokens}; lower max_tokens or raise "
+                               "--kv-cache-tokens")
+
+    def _new_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                      stream: RequestStream, hold_kv: bool, first: list[int]) -> Sequence:
+        return Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, stream=stream,
+                        detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, first),
+                        generator=params.generator(), hold_kv=hold_kv, tokens=list(first))
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               stream: RequestStream) -> None:
+        """Queue a prompt (prefill and colocated roles)."""
+        if self.config.role == "decode":
+            raise RequestError("a decode worker takes /internal/decode requests with a KV handle, "
+                               "not prompts")
+        self.check_request(prompt_ids, params)
+        seq = self._new_sequence(request_id, prompt_ids, params, stream,
+                                 hold_kv=self.config.role == "prefill", first=[])
+        self._post(seq)
+
+    def reserve(self, prompt_ids: list[int], params: SamplingParams) -> Reservation | None:
+        """Cache room for a decode request (prompt + completion), or None when full now."""
+        self.check_request(prompt_ids, params)
+        tokens = len(prompt_ids) + params.max_tokens
+        blocks = self.allocator.try_allocate(tokens)
+        if blocks is None:
+            return None
+        return Reservation(blocks, self.allocator.slot_table(blocks, self.device), tokens)
+
+    def cancel_reservation(self, reservation: Reservation) -> None:
+        self.allocator.free(reservation.blocks)
+        self._notify()
+
+    def submit_decode(self, request_id: str, prompt_ids: list[int], first_token_id: int,
+                      params: SamplingParams, reservation: Reservation, stream: RequestStream) -> None:
+        """Join the decode batch with the prompt's KV already written into `reservation`."""
+        seq = self._new_sequence(request_id, prompt_ids, params, stream, hold_kv=False,
+                                 first=[first_token_id])
+        seq.blocks, seq.slot_table = reservation.blocks, reservation.slot_table
+        seq.num_cached = len(prompt_ids)
+        self._post(seq)
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._aborts.add(request_id)
+            self._wake.notify()
+
+    def _post(self, seq: Sequence) -> None:
+        with self._wake:
+            if not self._stop:
+                self._inbox.append(seq)
+                self._wake.notify()
+                return
+        self._fail(seq, "shutdown", "worker is shutting down", retryable=True)
+
+    def _notify(self) -> None:
+        """Memory was freed outside the engine thread: waiting requests may fit now."""
+        with self._wake:
+            self._wake.notify()
+
+    # ---- held caches (prefill role) ----------------------------------------------------------
+    def pin_held(self, handle: str) -> HeldCache | None:
+        """Take a held cache for transfer; None if unknown or expired (retryable upstream)."""
+        with self._held_lock:
+            held = self._held.get(handle)
+            if held is None or held.expires_at < time.monotonic():
+                return None
+            held.pins += 1
+            return held
+
+    def unpin_held(self, handle: str, release: bool) -> None:
+        """End a transfer; `release` frees the cache (it was delivered)."""
+        with self._held_lock:
+            held = self._held.get(handle)
+            if held is None:
+                return
+            held.pins -= 1
+            if release:
+                del self._held[handle]
+                self.allocator.free(held.blocks)
+        if release:
+            self._notify()
+
+    def expire_held(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        with self._held_lock:
+            expired = [h for h in self._held.values() if h.expires_at < now and h.pins == 0]
+            for held in expired:
+                del self._held[held.handle]
+                self.allocator.free(held.blocks)
+        return len(expired)
+
+    @property
+    def held_count(self) -> int:
+        with self._held_lock:
+            return len(self._held)
+
+    def load(self) -> dict[str, int]:
+        queued = sum(len(s.prompt_ids) - s.num_cached for s in list(self._waiting) + list(self._inbox)
+                     + list(self._prefilling) if not s.tokens)
+        return {"queued_tokens": queued, "queued_requests": len(self._waiting) + len(self._inbox),
+                "running": len(self._running) + len(self._prefilling),
+                "free_kv_tokens": self.allocator.free_tokens, "held_caches": self.held_count}
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def idle(self) -> bool:
+        return not (self._inbox or self._waiting or self._prefilling or self._running or self.busy)
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                # Sleep unless there is compute to do. Waiting requests alone are no reason to
+                # spin: they need memory, and whoever frees memory outside this thread notifies.
+                if not self._stop and not (self._inbox or self._aborts or self._prefilling or self._running):
+                    self._wake.wait(timeout=0.25)
+                if self._stop:
+                    break
+                inbox, self._inbox = list(self._inbox), deque()
+                aborts, self._aborts = self._aborts, set()
+                self.busy = True
+            try:
+                self._intake(inbox, aborts)
+                self.expire_held()
+                self._step()
+            except Exception as error:  # a fault must reach every affected client
+                log.exception("engine step failed")
+                for seq in self._prefilling + self._running:
+                    self._fail(seq, "engine_error", f"engine step failed: {error}", retryable=True)
+                self._prefilling, self._running = [], []
+            finally:
+                self.busy = False
+        with self._wake:
+            leftover = list(self._inbox) + list(self._waiting) + self._prefilling + self._running
+            self._inbox.clear()
+        for seq in leftover:
+            self._fail(seq, "shutdown", "worker is shutting down", retryable=True)
+
+    def _intake(self, inbox: list[Sequence], aborts: set[str]) -> None:
+        for seq in inbox:
+            if seq.num_cached:  # decode role: KV already in place
+                self._running.append(seq)
+            else:
+                self._waiting.append(seq)
+        if aborts:
+            for group in (self._waiting, self._prefilling, self._running):
+                for seq in list(group):
+                    if seq.request_id in aborts:
+                        group.remove(seq)
+                        self._free(seq)
+        # FCFS admission: the head waits for room so large prompts are not starved.
+        while self._waiting:
+            seq = self._waiting[0]
+            blocks = self.allocator.try_allocate(seq.reserve_tokens)
+            if blocks is None:
+                break
+            self._waiting.popleft()
+            seq.blocks, seq.slot_table = blocks, self.allocator.slot_table(blocks, self.device)
+            self._prefilling.append(seq)
+
+    def _step(self) -> None:
+        if self._running:
+            self._decode_step()
+        if self._prefilling:
+            self._prefill_step()
+
+    def _prefill_step(self) -> None:
+        budget = self.config.max_batch_tokens - len(self._running)
+        budget = max(budget, 1)
+        chosen: list[tuple[Sequence, int]] = []
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            n = min(len(seq.prompt_ids) - seq.num_cached, budget)
+            chosen.append((seq, n))
+            budget -= n
+        tokens = [t for seq, n in chosen for t in seq.prompt_ids[seq.num_cached:seq.num_cached + n]]
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        layout = BatchLayout.build([n for _, n in chosen], [s.num_cached for s, _ in chosen],
+                                   [s.slot_table for s, _ in chosen], self.device,  # type: ignore[misc]
+                                   self.model.sliding_window)
+        start = time.perf_counter()
+        logits = self.model.forward_step(ids, layout, self.kv_pool)
+        self._sync()
+        if self.observer:
+            self.observer("prefill", time.perf_counter() - start, int(ids.numel()), len(chosen))
+        tokens = sample_rows(logits, [s.params for s, _ in chosen], [s.generator for s, _ in chosen])
+        for row, (seq, n) in enumerate(chosen):
+            seq.num_cached += n
+            if seq.num_cached < len(seq.prompt_ids):
+                continue  # more chunks to go
+            self._prefilling.remove(seq)
+            finished = self._accept_token(seq, tokens[row])
+            if finished:
+                continue
+            if seq.hold_kv:
+                self._hold(seq)
+            else:
+                self._running.append(seq)
+
+    def _decode_step(self) -> None:
+        batch = list(self._running)
+        ids = torch.tensor([s.tokens[-1] for s in batch], dtype=torch.long, device=self.device)
+        layout = BatchLayout.build([1] * len(batch), [s.num_cached for s in batch],
+                                   [s.slot_table for s in batch], self.device,  # type: ignore[misc]
+                                   self.model.sliding_window)
+        start = time.perf_counter()
+        logits = self.model.forward_step(ids, layout, self.kv_pool)
+        self._sync()
+        if self.observer:
+            self.observer("decode", time.perf_counter() - start, len(batch), len(batch))
+        tokens = sample_rows(logits, [s.params for s in batch], [s.generator for s in batch])
+        for row, seq in enumerate(batch):
+            seq.num_cached += 1
+            if self._accept_token(seq, tokens[row]):
+                self._running.remove(seq)
+
+    def _sync(self) -> None:
+        """Wait for every pipeline stage so iteration timings measure the GPU work."""
+        for device in self._cuda_devices:
+            torch.cuda.synchronize(device)
+
+    def _accept_token(self, seq: Sequence, token: int) -> bool:
+        """Detokenise and emit a sampled token; True when the sequence finished (cache freed)."""
+        seq.tokens.append(token)
+        finish: str | None = None
+        if token in seq.params.stop_token_ids or (token in self.eos and not seq.params.ignore_eos):
+            finish = "stop"
+            text = seq.detok.flush()
+        else:
+            text, stopped = seq.detok.add(token)
+            if stopped:
+                finish = "stop"
+            elif (len(seq.tokens) >= seq.params.max_tokens
+                  or len(seq.prompt_ids) + len(seq.tokens) >= self.config.max_model_len):
+                finish = "length"
+            if finish == "length":
+                text += seq.detok.flush()
+        if finish is not None:
+            seq.stream.push(TokenEvent(token, text, finish))
+            self._free(seq)
+            return True
+        if seq.hold_kv:
+            return False  # the prefill path emits the first token together with the KV handle
+        seq.stream.push(TokenEvent(token, text, None))
+        return False
+
+    def _hold(self, seq: Sequence) -> None:
+        handle = f"{seq.request_id}-{uuid.uuid4().hex[:12]}"
+        held = HeldCache(handle, seq.request_id, seq.blocks, seq.slot_table,  # type: ignore[arg-type]
+                         len(seq.prompt_ids), time.monotonic() + self.config.kv_ttl_seconds)
+        with self._held_lock:
+            self._held[handle] = held
+        seq.blocks = []
+        token = seq.tokens[-1]
+        seq.stream.push(TokenEvent(token, seq.detok.settled(), None, kv_handle=handle))
+
+    def _free(self, seq: Sequence) -> None:
+        if seq.blocks:
+            self.allocator.free(seq.blocks)
+            seq.blocks = []
+
+    def _fail(self, seq: Sequence, kind: str, message: str, retryable: bool) -> None:
+        self._free(seq)
+        seq.stream.push(TokenEvent(None, "", None,
+                                   error={"type": kind, "message": message, "retryable": retryable}))
+
+
+__all__ = ["Engine", "EngineConfig", "HeldCache", "RequestError", "RequestStream", "Reservation"]

@@ -1,0 +1,1 @@
+"""Llama-family decoder in plain torch, its configuration, weights and tokenizer."""

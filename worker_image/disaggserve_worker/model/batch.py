@@ -1,0 +1,84 @@
+"""The shape of one ragged forward step over a paged KV pool.
+
+Prefill, chunked prefill, decode and mixes of them are all "sequence b has `past[b]` tokens
+cached and `new[b]` new tokens": one layout describes them all, so the engine has a single
+attention path and the cached result equals the uncached reference by construction.
+Linear layers run on the packed tokens (no padding waste); only attention pads to the
+longest query/context in the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+
+@dataclass
+class BatchLayout:
+    positions: torch.Tensor  # (T,) absolute position of each packed token
+    seq_index: torch.Tensor  # (T,) which sequence each packed token belongs to
+    q_index: torch.Tensor  # (T,) index of the token among its sequence's new tokens
+    write_slots: torch.Tensor  # (T,) KV-pool slot each new token's K/V is written to
+    context_slots: torch.Tensor  # (B, K) pool slots of each sequence's context, padded
+    attn_mask: torch.Tensor  # (B, 1, Q, K) True where a query may attend a key
+    last_index: torch.Tensor  # (B,) packed index of each sequence's last new token
+    max_query: int
+
+    def to(self, device: torch.device) -> BatchLayout:
+        """The same layout on another pipeline stage's device."""
+        return replace(self, positions=self.positions.to(device), seq_index=self.seq_index.to(device),
+                       q_index=self.q_index.to(device), write_slots=self.write_slots.to(device),
+                       context_slots=self.context_slots.to(device), attn_mask=self.attn_mask.to(device),
+                       last_index=self.last_index.to(device))
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.context_slots.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        new_lens: list[int],
+        past_lens: list[int],
+        slot_tables: list[torch.Tensor],
+        device: torch.device,
+        sliding_window: int | None = None,
+    ) -> BatchLayout:
+        """`slot_tables[b]` lists the pool slots of sequence b's positions 0..past+new-1 (or more)."""
+        if not new_lens or len(new_lens) != len(past_lens) or len(new_lens) != len(slot_tables):
+            raise ValueError("a batch needs one new-length, past-length and slot table per sequence")
+        if min(new_lens) < 1:
+            raise ValueError("every sequence in a step must bring at least one new token")
+        new = torch.tensor(new_lens, dtype=torch.long)
+        past = torch.tensor(past_lens, dtype=torch.long)
+        total = new + past
+        seq_index = torch.repeat_interleave(torch.arange(len(new_lens)), new)
+        starts = torch.cumsum(new, 0) - new
+        q_index = torch.arange(int(new.sum())) - starts[seq_index]
+        positions = past[seq_index] + q_index
+        contexts = [table[: int(n)].cpu() for table, n in zip(slot_tables, total, strict=True)]
+        for b, ctx in enumerate(contexts):
+            if ctx.numel() < int(total[b]):
+                raise ValueError(f"sequence {b}: slot table holds {ctx.numel()} slots, needs {int(total[b])}")
+        write_slots = torch.cat([ctx[int(p):] for ctx, p in zip(contexts, past, strict=True)])
+        context_slots = pad_sequence(contexts, batch_first=True, padding_value=0)
+        max_query, max_key = int(new.max()), int(context_slots.shape[1])
+        # Padded query rows attend like the sequence's last real query so no row is all-masked.
+        q_rel = torch.minimum(torch.arange(max_query)[None, :], (new - 1)[:, None])
+        q_pos = past[:, None] + q_rel
+        k_pos = torch.arange(max_key)[None, None, :]
+        mask = k_pos <= q_pos[:, :, None]
+        if sliding_window is not None:
+            mask &= k_pos > q_pos[:, :, None] - sliding_window
+        return cls(
+            positions=positions.to(device),
+            seq_index=seq_index.to(device),
+            q_index=q_index.to(device),
+            write_slots=write_slots.to(device),
+            context_slots=context_slots.to(device),
+            attn_mask=mask[:, None, :, :].to(device),
+            last_index=(starts + new - 1).to(device),
+            max_query=max_query,
+        )

@@ -1,0 +1,186 @@
+"""Turn a `--model` value into a model, its tokenizer and its facts.
+
+Accepted values (the worker contract): `builtin:<name>`, a checkpoint folder path (config.json,
+*.safetensors — sharded via model.safetensors.index.json — and tokenizer.json), or
+`hf:org/name` (downloaded with `huggingface_hub` when it is installed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from disaggserve_worker.model.builtin import BUILTIN_CONFIGS, builtin_model
+from disaggserve_worker.model.builtin_tokenizer import builtin_tokenizer
+from disaggserve_worker.model.config import ModelConfig
+from disaggserve_worker.model.llama import LlamaForCausalLM
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded, with what to fix."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    config: ModelConfig
+    eos_token_ids: list[int]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but torch sees no CUDA device; "
+                             "use --device auto or cpu")
+    if device not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device {device!r}; expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that have it, else fp16."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _download_hf(repo: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:
+        raise ModelLoadError(f"--model hf:{repo} needs the huggingface_hub package; install it or "
+                             "mount the checkpoint and pass its folder path") from error
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as error:  # the hub raises many types; all mean "could not fetch"
+        raise ModelLoadError(f"could not download {repo!r} from the Hugging Face hub: {error}") from error
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder} holds no *.safetensors weights (PyTorch .bin files are not "
+                             "loaded: convert them with safetensors first)")
+    return files
+
+
+def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ModelLoadError(f"{folder} has no config.json; point --model at a checkpoint folder")
+    try:
+        config = ModelConfig.model_validate(json.loads(config_path.read_text()))
+    except ValueError as error:
+        raise ModelLoadError(f"{config_path}: {error}") from error
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                state[key] = handle.get_tensor(key).to(device=device, dtype=dtype)
+    if config.tie_word_embeddings or "lm_head.weight" not in state:
+        if "model.embed_tokens.weight" not in state:
+            raise ModelLoadError(f"{folder}: no model.embed_tokens.weight in the checkpoint")
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    expected = set(model.state_dict().keys())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ModelLoadError(f"{folder}: weights do not match a {config.model_type} model of this config; "
+                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, assign=True, strict=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rotary = type(model.rotary)(config)
+    return model.eval()
+
+
+def _eos_ids(folder: Path | None, config: ModelConfig) -> list[int]:
+    ids = list(config.eos_token_ids)
+    if folder is not None and (folder / "generation_config.json").exists():
+        generation = json.loads((folder / "generation_config.json").read_text())
+        extra = generation.get("eos_token_id")
+        for token in [extra] if isinstance(extra, int) else (extra or []):
+            if token not in ids:
+                ids.append(token)
+    return ids
+
+
+def load_tokenizer(model: str) -> Tokenizer:
+    """Only the tokenizer of a `--model` value (what a router needs)."""
+    if model.startswith("builtin:"):
+        if model.removeprefix("builtin:") not in BUILTIN_CONFIGS:
+            raise ModelLoadError(f"unknown built-in model {model!r}; choose one of "
+                                 + ", ".join(f"builtin:{n}" for n in BUILTIN_CONFIGS))
+        return builtin_tokenizer()
+    folder = _download_hf(model[3:]) if model.startswith("hf:") else Path(model)
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise ModelLoadError(f"{folder} has no tokenizer.json (the fast-tokenizer file); "
+                             "save one with transformers' tokenizer.save_pretrained")
+    return Tokenizer.from_file(str(path))
+
+
+def stage_devices(device: torch.device, pipeline: int) -> list[torch.device]:
+    """Local devices of the pipeline stages: cuda:0..pipeline-1 of this pod."""
+    if pipeline == 1:
+        return [device]
+    if device.type != "cuda":
+        raise ModelLoadError(f"pipeline parallel size {pipeline} needs {pipeline} CUDA devices; on a CPU "
+                             "run with --pipeline-parallel 1")
+    available = torch.cuda.device_count()
+    if pipeline > available:
+        raise ModelLoadError(f"pipeline parallel size {pipeline} needs {pipeline} CUDA devices but this "
+                             f"pod sees {available}; request nvidia.com/gpu: {pipeline} or lower the size")
+    return [torch.device("cuda", i) for i in range(pipeline)]
+
+
+def load_model(model: str, device: str = "auto", dtype: str = "auto", pipeline: int = 1) -> LoadedModel:
+    """Load onto `device`; with pipeline > 1 the layers are split over that many local GPUs."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    stages = stage_devices(torch_device, pipeline)
+    loaded = _load(model, torch_device if pipeline == 1 else torch.device("cpu"), torch_dtype)
+    if pipeline > 1:
+        loaded.model.place(stages)
+    return loaded
+
+
+def _load(model: str, torch_device: torch.device, torch_dtype: torch.dtype) -> LoadedModel:
+    if model.startswith("builtin:"):
+        name = model.removeprefix("builtin:")
+        if name not in BUILTIN_CONFIGS:
+            raise ModelLoadError(f"unknown built-in model {model!r}; choose one of "
+                                 + ", ".join(f"builtin:{n}" for n in BUILTIN_CONFIGS))
+        net = builtin_model(name).to(device=torch_device, dtype=torch_dtype)
+        return LoadedModel(name, net, builtin_tokenizer(), net.config, net.config.eos_token_ids)
+    if model.startswith("hf:"):
+        folder = _download_hf(model[3:])
+    else:
+        folder = Path(model)
+        if not folder.is_dir():
+            raise ModelLoadError(f"--model {model!r} is neither builtin:<name>, hf:<org/name> nor an "
+                                 "existing checkpoint folder")
+    net = load_checkpoint(folder, torch_device, torch_dtype)
+    return LoadedModel(folder.name, net, load_tokenizer(str(folder)), net.config,
+                       _eos_ids(folder, net.config))

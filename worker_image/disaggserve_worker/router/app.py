@@ -1,0 +1,360 @@
+"""The router's HTTP face: OpenAI-compatible endpoints, health, metrics, auth and draining.
+
+Everything a client can get wrong is refused here, before any worker is touched, with OpenAI's
+error shape; everything a worker can get wrong is the dispatcher's business. A streamed answer
+starts (HTTP 200) only once the first token exists, so a request that no worker can serve still
+gets a plain 503 instead of a stream that opens and then fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..contract import PATH_HEALTH, PATH_METRICS, PATH_READY
+from ..engine.detokenizer import IncrementalDetokenizer
+from .auth import ApiKeys
+from .config import RouterConfig
+from .dispatch import Dispatcher, GenerationRequest, Timeouts, Token
+from .errors import APIError, UpstreamError, error_body, invalid
+from .metrics import RouterMetrics
+from .model_info import ModelInfo
+from .pool import LoadPoller, WorkerPool
+from .responses import ChatShape, CompletionShape, Progress, Shape, usage_of
+from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Set once a request's outcome is counted in disaggserve_requests_total, so it is counted once.
+COUNTED = web.RequestKey("disaggserve_counted", bool)
+
+
+class Router:
+    """State shared by the handlers of one router process."""
+
+    def __init__(self, config: RouterConfig, model: ModelInfo, pool: WorkerPool) -> None:
+        self.config = config
+        self.model = model
+        self.pool = pool
+        self.metrics = RouterMetrics(
+            config.ttft_slo_ms / 1000 if config.ttft_slo_ms else None,
+            config.tpot_slo_ms / 1000 if config.tpot_slo_ms else None)
+        self.keys = ApiKeys(config.api_key_file)
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.session: aiohttp.ClientSession | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._loops: list[Callable[[], Awaitable[None]]] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes,
+                              middlewares=[self._errors_middleware, self._guard_middleware])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get(PATH_HEALTH, self.healthz)
+        app.router.add_get(PATH_READY, self.readyz)
+        app.router.add_get(PATH_METRICS, self.metrics_endpoint)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    def add_background(self, factory: Callable[[], Awaitable[None]]) -> None:
+        """Discovery and other loops that live as long as the app; started on startup."""
+        self._loops.append(factory)
+
+    async def _start(self, app: web.Application) -> None:
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self.dispatcher = Dispatcher(
+            self.pool, self.session, self.metrics, max_attempts=self.config.max_attempts,
+            timeouts=Timeouts(prefill_s=self.config.prefill_timeout_s, token_s=self.config.token_timeout_s))
+        poller = LoadPoller(self.pool, self.session, self.config.poll_interval_s)
+        for factory in [poller.run, *self._loops]:
+            self._background.append(asyncio.create_task(_logged(factory)))
+
+    async def _stop(self, app: web.Application) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new work (readyz turns false first, so Services stop sending), finish the rest."""
+        self.draining = True
+        log.info("draining: %d request(s) in flight", self.inflight)
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout_s)
+        except TimeoutError:
+            log.warning("drain timeout: %d request(s) still in flight are cut off", self.inflight)
+
+    # ---- middlewares -----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every failure leaves as an OpenAI error body, aiohttp's own 404/405/413 included."""
+        try:
+            return await handler(request)
+        except APIError as exc:
+            if request.path.startswith("/v1/") and not request.get(COUNTED):
+                self.metrics.requests.labels(status="client_error" if exc.status < 500 else "rejected").inc()
+            return exc.response()
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            if request.path.startswith("/v1/") and not request.get(COUNTED):
+                self.metrics.requests.labels(status="client_error").inc()
+            message = {
+                404: f"Unknown path {request.path!r}. This server serves POST /v1/completions, "
+                     "POST /v1/chat/completions and GET /v1/models.",
+                405: f"Method {request.method} is not allowed on {request.path}.",
+                413: f"The request body is larger than the {self.config.max_body_bytes} bytes allowed.",
+            }.get(exc.status, exc.reason)
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return web.json_response(error_body(message, code=str(exc.status)), status=exc.status,
+                                     headers=headers)
+
+    @web.middleware
+    async def _guard_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v1/"):
+            try:
+                self.keys.check(request.headers.get("Authorization"))
+            except APIError:
+                self.metrics.requests.labels(status="unauthorized").inc()
+                request[COUNTED] = True
+                raise
+            if self.draining and request.method == "POST":
+                self.metrics.requests.labels(status="rejected_draining").inc()
+                request[COUNTED] = True
+                raise APIError(503, "The router is shutting down; retry the request (another replica "
+                               "will take it).", type_="server_error", code="draining")
+        return await handler(request)
+
+    # ---- plain endpoints -------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready = not self.draining and self.pool.ready()
+        body = {"ready": ready, "draining": self.draining, "mode": self.pool.mode,
+                "workers": {role: sum(w.available for w in self.pool.of_role(role))
+                            for role in ("prefill", "decode", "colocated")}}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        for role in ("prefill", "decode", "colocated"):
+            self.metrics.workers.labels(role=role).set(len(self.pool.of_role(role)))
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{
+            "id": self.model.name, "object": "model", "created": 0, "owned_by": "disaggserve",
+            "max_model_len": self.model.max_model_len}]})
+
+    # ---- generation endpoints --------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req: CompletionRequest = parse_request(CompletionRequest, await _json_body(request))
+        self._check_model(req.model)
+        prompt = req.prompt_input()
+        if isinstance(prompt, str):
+            prompt_ids = self.model.encode(prompt)
+            prompt_text = prompt
+        else:
+            bad = [t for t in prompt if not 0 <= t < self.model.vocab_size]
+            if bad:
+                raise invalid(f"prompt token ids must be in [0, {self.model.vocab_size}); got {bad[:5]}.",
+                              "prompt")
+            prompt_ids, prompt_text = list(prompt), self.model.decode(list(prompt))
+        gen = self._generation(req, prompt_ids, req.max_tokens)
+        shape = CompletionShape(self.model.name, echo=prompt_text if req.echo else "")
+        return await self._serve(request, req, gen, shape)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await _json_body(request))
+        self._check_model(req.model)
+        messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
+        prompt_ids = self.model.encode(self.model.chat_template.render(messages))
+        gen = self._generation(req, prompt_ids, req.requested_max_tokens)
+        return await self._serve(request, req, gen, ChatShape(self.model.name))
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model.name:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves "
+                           f"{self.model.name!r} (see GET /v1/models).", param="model",
+                           code="model_not_found")
+
+    def _generation(self, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
+                    max_tokens: int | None) -> GenerationRequest:
+        limit = self.model.max_model_len
+        if not prompt_ids:
+            raise invalid("the prompt is empty after tokenization; send at least one token.", "prompt")
+        if max_tokens is None:
+            max_tokens = limit - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > limit:
+            raise invalid(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for "
+                "the completion). Please reduce the prompt or max_tokens.",
+                "messages" if isinstance(req, ChatCompletionRequest) else "prompt", "context_length_exceeded")
+        if max_tokens < 1:
+            raise invalid(f"the prompt ({len(prompt_ids)} tokens) leaves no room to generate in the "
+                          f"{limit}-token context.", "messages", "context_length_exceeded")
+        return GenerationRequest(
+            request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p), seed=req.seed, ignore_eos=req.ignore_eos,
+            stop=req.stop_list())
+
+    async def _serve(self, request: web.Request, req: CompletionRequest | ChatCompletionRequest,
+                     gen: GenerationRequest, shape: Shape) -> web.StreamResponse:
+        assert self.dispatcher is not None
+        started = time.monotonic()
+        request[COUNTED] = True  # the outcome is counted below, whatever it is
+        self._begin()
+        status = "upstream_error"
+        try:
+            await self._wait_for_workers()
+            detok = IncrementalDetokenizer(self.model.tokenizer, gen.prompt_ids, gen.stop)
+            tokens = Progress(started)
+            async with aclosing(self._text_deltas(self.dispatcher.generate(gen), detok, tokens)) as deltas:
+                if req.stream:
+                    response = await self._stream(request, req, shape, gen, deltas, tokens)
+                else:
+                    text = "".join([d async for d, _ in deltas])
+                    body = shape.full(text, tokens.finish_reason, usage_of(gen, tokens))
+                    response = web.json_response(body)
+            status = "ok" if tokens.finish_reason else "upstream_error"
+            if tokens.finish_reason:
+                self.metrics.observe_finished(ttft_s=tokens.ttft_s or 0.0, e2e_s=time.monotonic() - started,
+                                              output_tokens=tokens.count)
+                self.metrics.prompt_tokens.inc(len(gen.prompt_ids))
+            return response
+        except UpstreamError as exc:
+            raise exc.api_error() from None
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = "cancelled"
+            raise
+        finally:
+            self.metrics.requests.labels(status=status).inc()
+            self._end()
+
+    async def _text_deltas(self, stream: AsyncIterator[Token], detok: IncrementalDetokenizer,
+                           progress: Progress) -> AsyncIterator[tuple[str, str | None]]:
+        """(text delta, finish_reason) pairs; stops the workers as soon as a stop string shows."""
+        async with aclosing(stream) as tokens:
+            async for token in tokens:
+                delta, stopped = ("", False)
+                if token.token_id is not None:
+                    progress.add()
+                    self.metrics.generation_tokens.inc()
+                    delta, stopped = detok.add(token.token_id)
+                finish = "stop" if stopped else token.finish_reason
+                if finish is not None:
+                    progress.finish_reason = finish
+                    yield delta + ("" if stopped else detok.flush()), finish
+                    return
+                yield delta, None
+
+    async def _stream(self, request: web.Request, req: CompletionRequest | ChatCompletionRequest,
+                      shape: Shape, gen: GenerationRequest, deltas: AsyncIterator[tuple[str, str | None]],
+                      progress: Progress) -> web.StreamResponse:
+        include_usage = req.include_usage
+        # Wait for the first token before answering 200: failures before it become a plain error reply.
+        first = await anext(deltas)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+
+        async def send(payload: dict[str, Any] | str) -> None:
+            data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+            await response.write(f"data: {data}\n\n".encode())
+
+        for chunk in shape.opening(include_usage):
+            await send(chunk)
+        try:
+            delta, finish = first
+            while True:
+                if delta or finish:
+                    await send(shape.chunk(delta, finish, include_usage))
+                if finish is not None:
+                    break
+                delta, finish = await anext(deltas)
+        except UpstreamError as exc:
+            # Headers are gone: the error travels in the stream, as OpenAI's API does, and no [DONE]
+            # follows, so no client can take the partial answer for a complete one.
+            await send(exc.api_error().body())
+            await response.write_eof()
+            return response
+        if include_usage:
+            await send(shape.usage_chunk(usage_of(gen, progress)))
+        await send("[DONE]")
+        await response.write_eof()
+        return response
+
+    async def _wait_for_workers(self) -> None:
+        """A short queue in front of the workers, for a router that starts before them or a scale-up."""
+        deadline = time.monotonic() + self.config.queue_timeout_s
+        if self.pool.ready():
+            return
+        self.metrics.queued.inc()
+        try:
+            while not self.pool.ready():
+                if time.monotonic() >= deadline:
+                    mode = self.pool.mode or "no workers discovered"
+                    raise APIError(503, f"No worker can take the request now ({mode}); retry shortly.",
+                                   type_="server_error", code="no_workers")
+                await asyncio.sleep(0.05)
+        finally:
+            self.metrics.queued.dec()
+
+    def _begin(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+        self.metrics.inflight.inc()
+
+    def _end(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.dec()
+        if self.inflight == 0:
+            self._idle.set()
+
+
+async def _json_body(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}.",
+                       code="unsupported_media_type")
+    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"The request body is not valid JSON: {exc}. Send a JSON object.",
+                      code="invalid_json") from None
+
+
+async def _logged(factory: Callable[[], Awaitable[None]]) -> None:
+    """Background loops must not die quietly: log, then keep the failure visible in the task."""
+    try:
+        await factory()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("router background task %s failed", getattr(factory, "__qualname__", factory))
+        raise

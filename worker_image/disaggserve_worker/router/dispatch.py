@@ -1,0 +1,242 @@
+"""Running one generation on the workers, surviving worker faults.
+
+Disaggregated: prefill worker (`/internal/prefill`) → first token + KV handle → decode worker
+(`/internal/decode`, pulls the KV cache) → the remaining tokens as an NDJSON stream. Colocated:
+one `/internal/generate` stream.
+
+A worker that refuses, dies or stalls is excluded for this request and the attempt re-runs on
+another pair. When tokens were already handed to the client, the new attempt starts from the prompt
+plus those tokens (a recompute), so greedy decoding continues exactly where it broke and sampling
+continues from the same text. Only when every attempt fails does the caller get an `UpstreamError`,
+which it reports to the client as a retryable error; a stream is never silently cut short.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from ..contract import PATH_DECODE, PATH_GENERATE, PATH_PREFILL
+from .errors import UpstreamError
+from .metrics import RouterMetrics
+from .pool import NoWorkerAvailable, Worker, WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Token:
+    """One generated token; `token_id` is None only for a bare end-of-stream marker."""
+
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Timeouts:
+    connect_s: float = 5.0
+    prefill_s: float = 120.0  # a whole prefill, queueing included
+    token_s: float = 30.0  # longest silence between two streamed tokens
+
+
+class WorkerFault(Exception):
+    """An attempt failed because of one worker; `blame` says whether to sit it out for a while."""
+
+    def __init__(self, worker: Worker, reason: str, message: str, *, blame: bool = True,
+                 retryable: bool = True, exclude: bool = True) -> None:
+        super().__init__(f"{worker.role} worker {worker.url}: {message}")
+        self.worker = worker
+        self.reason = reason
+        self.blame = blame
+        self.retryable = retryable
+        self.exclude = exclude
+
+
+class Dispatcher:
+    def __init__(self, pool: WorkerPool, session: aiohttp.ClientSession, metrics: RouterMetrics, *,
+                 max_attempts: int = 3, timeouts: Timeouts | None = None) -> None:
+        self.pool = pool
+        self.session = session
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.timeouts = timeouts or Timeouts()
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Token]:
+        """Yields the tokens of `req`, the last one with a finish_reason; raises UpstreamError."""
+        generated: list[int] = []
+        excluded: set[str] = set()
+        errors: list[str] = []
+        for attempt in range(self.max_attempts):
+            remaining = req.max_tokens - len(generated)
+            if remaining <= 0:  # the stream broke right after its last token
+                yield Token(None, "length")
+                return
+            try:
+                async with aclosing(self._one_attempt(req, generated, attempt, excluded)) as tokens:
+                    async for token in tokens:
+                        generated.append(token.token_id)  # type: ignore[arg-type]
+                        yield token
+                        if token.finish_reason is not None:
+                            return
+            except WorkerFault as fault:
+                errors.append(str(fault))
+                if fault.exclude:
+                    excluded.add(fault.worker.url)
+                if fault.blame:
+                    fault.worker.mark_failed()
+                if not fault.retryable:
+                    raise UpstreamError(str(fault), retryable=False,
+                                        client_fault=fault.reason == "worker_refused") from None
+                if attempt + 1 == self.max_attempts:
+                    log.warning("request %s attempt %d failed (%s); no attempts left", req.request_id,
+                                attempt + 1, fault)
+                    break
+                self.metrics.retries.labels(reason=fault.reason).inc()
+                if generated:
+                    self.metrics.resumed.inc()
+                log.warning("request %s attempt %d failed (%s); %s", req.request_id, attempt + 1, fault,
+                            f"resuming after {len(generated)} tokens" if generated else "retrying")
+            except NoWorkerAvailable as exc:
+                errors.append(str(exc))
+                break
+        raise UpstreamError(
+            f"the request could not be completed after {len(errors)} attempt(s): " + "; ".join(errors))
+
+    async def _one_attempt(self, req: GenerationRequest, generated: list[int], attempt: int,
+                           excluded: set[str]) -> AsyncIterator[Token]:
+        context = req.prompt_ids + generated
+        body = {
+            "request_id": req.request_id if attempt == 0 else f"{req.request_id}-retry{attempt}",
+            "prompt_token_ids": context,
+            "sampling": self._sampling(req, req.max_tokens - len(generated)),
+        }
+        mode = self.pool.mode
+        if mode == "colocated":
+            worker = self.pool.pick_colocated(excluded)
+            async with aclosing(self._stream(worker, PATH_GENERATE, body, len(context))) as stream:
+                async for token in stream:
+                    yield token
+            return
+        if mode is None:
+            raise NoWorkerAvailable("no workers are known to the router (check discovery)")
+        if not self.pool.has_available("decode", excluded):  # no point computing a prefill nobody pulls
+            raise NoWorkerAvailable(self.pool.why_none("decode", excluded))
+        prefill = self.pool.pick_prefill(excluded)
+        first = await self._prefill(prefill, body, len(context))
+        yield Token(int(first["first_token_id"]), first.get("finish_reason"))
+        if first.get("finish_reason") is not None:
+            return
+        decode = self.pool.pick_decode(len(context) + req.max_tokens - len(generated), prefill.unit, excluded)
+        decode_body = {**body, "first_token_id": int(first["first_token_id"]), "kv": first["kv"]}
+        async with aclosing(self._stream(decode, PATH_DECODE, decode_body, 0, prefill=prefill)) as stream:
+            async for token in stream:
+                yield token
+
+    @staticmethod
+    def _sampling(req: GenerationRequest, max_tokens: int) -> dict[str, Any]:
+        sampling: dict[str, Any] = {
+            "max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p}
+        if req.seed is not None:
+            sampling["seed"] = req.seed
+        if req.ignore_eos:
+            sampling["ignore_eos"] = True
+        if req.stop:  # the router cuts the text itself; the worker stopping too saves its compute
+            sampling["stop"] = req.stop
+        return sampling
+
+    async def _prefill(self, worker: Worker, body: dict[str, Any], tokens: int) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=self.timeouts.prefill_s, connect=self.timeouts.connect_s)
+        worker.inflight_requests += 1
+        worker.inflight_tokens += tokens
+        try:
+            async with self.session.post(worker.url + PATH_PREFILL, json=body, timeout=timeout) as resp:
+                await _check_status(worker, resp)
+                result = await resp.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise WorkerFault(worker, "prefill_unreachable", _describe(exc)) from None
+        finally:
+            worker.inflight_requests -= 1
+            worker.inflight_tokens -= tokens
+        if not isinstance(result, dict) or "first_token_id" not in result or "kv" not in result:
+            raise WorkerFault(worker, "prefill_bad_reply", f"reply lacks first_token_id/kv: {result!r:.200}")
+        return result
+
+    async def _stream(self, worker: Worker, path: str, body: dict[str, Any], tokens: int,
+                      prefill: Worker | None = None) -> AsyncIterator[Token]:
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect_s,
+                                        sock_read=self.timeouts.token_s)
+        worker.inflight_requests += 1
+        worker.inflight_tokens += tokens
+        finished = False
+        try:
+            async with self.session.post(worker.url + path, json=body, timeout=timeout) as resp:
+                await _check_status(worker, resp)
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    if "error" in event:
+                        raise _stream_error(worker, event["error"], prefill)
+                    if tokens:  # colocated: the prompt is done once the first token arrives
+                        worker.inflight_tokens -= tokens
+                        tokens = 0
+                    finish = event.get("finish_reason")
+                    yield Token(int(event["token_id"]), finish)
+                    if finish is not None:
+                        finished = True
+                        return
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            raise WorkerFault(worker, "stream_broken", _describe(exc)) from None
+        finally:
+            worker.inflight_requests -= 1
+            worker.inflight_tokens -= tokens
+        if not finished:
+            raise WorkerFault(worker, "stream_broken", "the stream ended without a finish_reason")
+
+
+async def _check_status(worker: Worker, resp: aiohttp.ClientResponse) -> None:
+    if resp.status == 200:
+        return
+    text = (await resp.text())[:300]
+    if resp.status in (429, 503):  # busy or draining: try another, no blame
+        raise WorkerFault(worker, "worker_busy", f"answered {resp.status}: {text}", blame=False)
+    if 400 <= resp.status < 500:  # the worker judged the request itself wrong: another would too
+        raise WorkerFault(worker, "worker_refused", f"refused the request ({resp.status}): {text}",
+                          blame=False, retryable=False)
+    raise WorkerFault(worker, "worker_error", f"answered {resp.status}: {text}")
+
+
+def _stream_error(worker: Worker, error: Any, prefill: Worker | None) -> WorkerFault:
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    kind = str(error.get("type", "error"))
+    message = f"{kind}: {error.get('message', '')}"
+    if kind == "kv_unavailable" and prefill is not None:
+        # The KV cache could not be pulled: the prefill side lost it; blame that one, not decode.
+        return WorkerFault(prefill, "kv_unavailable", message, blame=False, exclude=False)
+    return WorkerFault(worker, kind, message, blame=kind != "overloaded",
+                       retryable=bool(error.get("retryable", True)))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

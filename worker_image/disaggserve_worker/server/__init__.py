@@ -1,0 +1,1 @@
+"""The worker HTTP server and the Prometheus helpers it shares with the router."""
