@@ -86,11 +86,12 @@ them with the API calls the operator makes). `peering` is the kopf peering resou
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Not called by the operator itself: RBAC lets it write the router's Role (pods get/list/watch)
-# only while it holds those permissions (escalation check).
+# Pods: read for drain-safe scale-down and autoscaling (readiness, pod IPs); delete restarts a pod
+# left drained by a scale-down that was called off. get/list/watch are also what the router's
+# Role grants, which RBAC lets the operator write only while it holds them itself.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "delete"]
 # kopf posts Events through the core API (not events.k8s.io).
 - apiGroups: [""]
   resources: ["events"]
