@@ -90,6 +90,18 @@ async def test_kubectl_shows_the_printer_columns(cluster):
     assert row.split()[:4] == ["tiny", "True", "1/1", "1/1"]
 
 
+async def test_status_command_shows_plan_replicas_and_slos(cluster, capsys):
+    from disaggserve.cli import main
+
+    code = await asyncio.to_thread(main, ["status", "tiny", "--kubeconfig", str(cluster.kubeconfig), "-o", "json"])
+    assert code == 0
+    import json
+
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["phase"] == "Ready"
+    assert shown["replicas"]["prefill"]["ready"] == 1
+
+
 async def test_scaling_the_spec_adds_and_removes_workers_and_the_router_follows(cluster):
     await two_decode_workers(cluster)
     c = await client(cluster)

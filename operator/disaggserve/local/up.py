@@ -71,6 +71,7 @@ async def _up(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[bold]local Kubernetes API[/] {cluster.url}  (kubeconfig: {cluster.kubeconfig})")
         console.print(f"logs: {state_dir / 'logs'}")
         await cluster.apply(resource)
+        (state_dir / "resource").write_text(f"{namespace}/{name}\n")
         with console.status(f"applying {name}…") as spinner:
             waiter = asyncio.create_task(
                 cluster.wait_ready(
@@ -155,6 +156,28 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """`kubectl disaggserve status` against what `up` runs (or any cluster with --kubeconfig)."""
+    from disaggserve import kubectl_plugin
+
+    state_dir = Path(args.state_dir).resolve()
+    name, namespace = args.name, args.namespace
+    if name is None:
+        try:
+            namespace_default, name = (state_dir / "resource").read_text().strip().split("/", 1)
+        except (OSError, ValueError):
+            print("disaggserve: error: name a resource (nothing started by `disaggserve up` here)", file=sys.stderr)
+            return 2
+        namespace = namespace or namespace_default
+    kubeconfig = args.kubeconfig or (str(state_dir / "kubeconfig") if (state_dir / "kubeconfig").exists() else None)
+    argv = ["status", name, "-o", args.output]
+    if namespace:
+        argv += ["-n", namespace]
+    if kubeconfig:
+        argv += ["--kubeconfig", kubeconfig]
+    return kubectl_plugin.main(argv)
+
+
 def register(sub: Any) -> None:
     up = sub.add_parser("up", help="run the whole system on this machine (local API, operator, workers)")
     up.add_argument("-f", "--file", help="a DisaggServe YAML (default: the built-in tiny model on CPU)")
@@ -165,6 +188,13 @@ def register(sub: Any) -> None:
     up.add_argument("--gpus-per-node", type=int, default=8)
     up.add_argument("--gpu-product", default="NVIDIA-H100-80GB-HBM3")
     up.set_defaults(func=cmd_up)
+    status = sub.add_parser("status", help="a resource's phase, plan, replicas and SLO table")
+    status.add_argument("name", nargs="?", help="default: the resource `disaggserve up` applied")
+    status.add_argument("-n", "--namespace")
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status.add_argument("--kubeconfig", help="default: the one `disaggserve up` wrote, else $KUBECONFIG")
+    status.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    status.set_defaults(func=cmd_status)
     down = sub.add_parser("down", help="stop what `disaggserve up` started")
     down.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
     down.set_defaults(func=cmd_down)
