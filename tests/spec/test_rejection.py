@@ -96,7 +96,8 @@ def test_greedy_verification_takes_the_matching_prefix_then_the_target_token() -
     ([1, 2, 3, 9, 2, 3, 7, 2, 3], 3, [7, 2, 3]),  # the most recent match wins
     ([5, 1, 2, 3, 6, 0, 2, 3], 1, [6]),  # longest n first: '2 3' (not '3')
     ([1, 2, 3, 4], 3, []),  # no earlier occurrence
-    ([7, 7], 4, [7]),  # a match right before the tail proposes only what followed it
+    ([7, 7], 4, [7, 7, 7, 7]),  # a loop continues past the tail (overlapping copy)
+    ([1, 5, 6, 9, 5, 6, 9, 5], 5, [6, 9, 5, 6, 9]),  # period-3 loop
     ([1, 2, 1], 0, []),
 ])
 def test_ngram_lookup(history: list[int], k: int, expected: list[int]) -> None:

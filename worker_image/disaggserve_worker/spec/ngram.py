@@ -27,5 +27,11 @@ class NgramProposer:
             hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
             if hits.size:
                 start = int(hits[-1]) + n
-                return arr[start:start + k].tolist()
+                copied = arr[start:start + k].tolist()
+                # Overlapping copy (as in LZ77): a match one loop-period back runs into the tail,
+                # and the loop goes on with the tokens just proposed — a period-P loop still
+                # yields k proposals, not P.
+                while len(copied) < k:
+                    copied.append(copied[len(copied) - (len(arr) - start)])
+                return copied
         return []
