@@ -384,16 +384,16 @@ class Engine:
         batch = list(self._running)
         start = time.perf_counter()
         emitted = self.speculator.step(batch)  # type: ignore[union-attr]
-        seconds, count = time.perf_counter() - start, 0
+        if self.observer:  # before emitting, so a client that saw its last token sees it counted
+            count = sum(min(len(out), seq.params.max_tokens - len(seq.tokens))
+                        for seq, out in zip(batch, emitted, strict=True))
+            self.observer("decode", time.perf_counter() - start, count, len(batch))
         for seq, tokens in zip(batch, emitted, strict=True):
             for token in tokens:  # tokens after a stop are dropped
                 seq.num_cached += 1
-                count += 1
                 if self._accept_token(seq, token):
                     self._running.remove(seq)
                     break
-        if self.observer:
-            self.observer("decode", seconds, count, len(batch))
 
     def _sync(self) -> None:
         """Wait for every pipeline stage so iteration timings measure the GPU work."""
