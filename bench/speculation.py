@@ -282,7 +282,7 @@ def main() -> int:
     if args.quick:
         args.rates, args.window, args.repeats, args.prompts, args.output = [0.3, 3.0], 3.0, 1, 4, 32
     else:
-        args.rates, args.window, args.repeats, args.prompts, args.output = [0.3, 1.0, 2.0, 4.0], 5.0, 2, 6, 48
+        args.rates, args.window, args.repeats, args.prompts, args.output = [0.3, 1.0, 2.0, 4.0], 3.5, 3, 6, 48
     result = asyncio.run(main_async(args))
     RESULTS.mkdir(exist_ok=True)
     stem = "speculation-quick" if args.quick else "speculation"

@@ -107,38 +107,51 @@ class Speculator:
         return [max(0, min(self.config.max_tokens, s.params.max_tokens - len(s.tokens) - 1,
                            self.max_model_len - len(s.prompt_ids) - len(s.tokens) - 1)) for s in batch]
 
-    def _choose(self, batch: list[SpecSequence], caps: list[int]) -> list[int]:
+    def _lookups(self, histories: list[list[int]], caps: list[int]) -> list[list[int]]:
+        assert self.ngram is not None
+        return [self.ngram.propose(h, c) if c else [] for h, c in zip(histories, caps, strict=True)]
+
+    def _plan(self, batch: list[SpecSequence], histories: list[list[int]], caps: list[int]
+              ) -> tuple[list[int], list[list[int]]]:
+        """k per request, and the n-gram lookups (n-gram proposer) bounding them."""
         if self.config.mode == "fixed":
-            return list(caps)
+            lookups = self._lookups(histories, caps) if self.ngram is not None else []
+            return ([len(f) for f in lookups] if lookups else list(caps)), lookups
         states = [self._requests.setdefault(s.request_id, _RequestState()) for s in batch]
         alphas = [self.controller.alpha(st.acceptance) for st in states]
-        ks = self.controller.choose([s.num_cached + 1 for s in batch], alphas, caps).ks
-        if any(ks) or not any(caps):
-            self._zero_steps = 0
-            return ks
-        # Acceptance is learnt only from proposals: probe with k=1 now and then, or a
-        # pessimistic estimate would never be corrected.
-        self._zero_steps += 1
-        if self._zero_steps >= self.config.probe_every:
-            self._zero_steps = 0
-            return [min(1, c) for c in caps]
-        return ks
+        contexts = [s.num_cached + 1 for s in batch]
+        # Decide on the request's own caps first: a lookup only lowers caps, so when that says
+        # k = 0 everywhere the lookups (the proposer's whole cost) can be skipped.
+        ks = self.controller.choose(contexts, alphas, caps).ks
+        probe = False
+        if not any(ks):
+            # Acceptance is learnt only from proposals: probe with k=1 now and then, or a
+            # pessimistic estimate would never be corrected.
+            self._zero_steps += 1
+            probe = self._zero_steps >= self.config.probe_every
+            if not probe:
+                return ks, []
+            caps = [min(1, c) for c in caps]
+        self._zero_steps = 0
+        if self.ngram is None:
+            return (caps if probe else ks), []
+        lookups = self._lookups(histories, caps)
+        found = [len(f) for f in lookups]
+        if probe:
+            return found, lookups
+        return self.controller.choose(contexts, alphas, found).ks, lookups
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self, batch: list[SpecSequence]) -> list[list[int]]:
         assert self.kv_pool is not None, "attach() the engine's KV pool first"
         histories = [s.prompt_ids + s.tokens for s in batch]
-        caps = self._caps(batch)
-        lookups: list[list[int]] = []
-        if self.ngram is not None:
-            lookups = [self.ngram.propose(h, c) for h, c in zip(histories, caps, strict=True)]
-            caps = [len(found) for found in lookups]  # nothing to verify beyond what the prompt offers
-        ks = self._choose(batch, caps)
+        ks, lookups = self._plan(batch, histories, self._caps(batch))
         start = time.perf_counter()
         proposals: list[list[int]]
         draft_probs: list[torch.Tensor | None]
         if self.ngram is not None:
-            proposals = [found[:k] for found, k in zip(lookups, ks, strict=True)]
+            proposals = ([found[:k] for found, k in zip(lookups, ks, strict=True)] if lookups
+                         else [[] for _ in batch])
             draft_probs = [None] * len(batch)
         else:
             assert self.draft is not None and self.controller.draft is not None
