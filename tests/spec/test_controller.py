@@ -154,3 +154,20 @@ async def test_adaptive_on_the_engine_speculates_far_on_copy_heavy_prompts(tiny:
         engine.stop()
     assert spec.controller.alpha() > 0.8
     assert mean(ks) >= 3, ks
+
+
+def test_step_time_fit_stays_non_negative_without_distorting_the_rest() -> None:
+    """No context cost at all: b comes out near 0 (the prior holds it a little) and a, c right."""
+    true = StepCoefficients(a=0.003, b=0.0, c=2e-4)
+    model = StepTimeModel(StepCoefficients(a=0.01, b=1e-6, c=1e-5), refit_every=1000)
+    rng = random.Random(6)
+    for _ in range(256):
+        batch = rng.randint(1, 64)
+        tokens = batch * rng.randint(1, 5)
+        model.observe(true.time(0, tokens) * rng.uniform(0.97, 1.03), batch * rng.randint(100, 400), tokens)
+    model.refit()
+    got = model.coefficients
+    assert min(got.a, got.b, got.c) >= 0
+    assert got.b * 64 * 400 < 0.2 * true.time(0, 64), "context cost should be small"
+    assert got.c == pytest.approx(true.c, rel=0.2)
+    assert got.a == pytest.approx(true.a, rel=0.3)

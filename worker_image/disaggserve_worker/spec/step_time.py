@@ -60,9 +60,19 @@ class StepTimeModel:
         s = np.array([self.seed.a, self.seed.b, self.seed.c])
         # Scale the prior per coefficient so the pull is "prior_weight steps' worth" in every unit.
         scale = np.maximum(np.abs(xw).mean(axis=0), 1e-12) * np.sqrt(self.prior_weight)
-        prior_x = np.diag(scale)
-        coef, *_ = np.linalg.lstsq(np.vstack([xw, prior_x]), np.concatenate([yw, prior_x @ s]), rcond=None)
-        a, b, c = (float(v) for v in np.maximum(coef, 0.0))
+        design = np.vstack([xw, np.diag(scale)])
+        target = np.concatenate([yw, scale * s])
+        # Non-negative least squares by elimination: a negative coefficient is fixed at 0 and the
+        # rest refitted (clipping alone would leave the others fitted to a wrong model).
+        free = [0, 1, 2]
+        coef = np.zeros(3)
+        while free:
+            sol, *_ = np.linalg.lstsq(design[:, free], target, rcond=None)
+            if (sol >= 0).all():
+                coef[free] = sol
+                break
+            free.pop(int(np.argmin(sol)))
+        a, b, c = (float(v) for v in coef)
         self.coefficients = StepCoefficients(a=max(a, 1e-6), b=b, c=c)
 
     def time(self, context_tokens: float, batched_tokens: float) -> float:
