@@ -126,7 +126,7 @@ class Engine:
         # Speculative decoding (decode and colocated roles): replaces the plain decode forward.
         self.speculator = speculator
         if speculator is not None:
-            speculator.attach(self.kv_pool, config.max_model_len, self._sync)
+            speculator.attach(self.kv_pool, config.max_model_len, self._sync, self.allocator)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

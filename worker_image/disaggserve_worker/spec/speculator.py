@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from disaggserve_worker.engine.kv_cache import BlockAllocator
 from disaggserve_worker.engine.sampling import SamplingParams, filter_logits
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.llama import LlamaForCausalLM
@@ -89,11 +90,51 @@ class Speculator:
         self.sync: Callable[[], None] = lambda: None
         self.last: StepReport | None = None
 
-    def attach(self, kv_pool: list[torch.Tensor], max_model_len: int, sync: Callable[[], None]) -> None:
-        """Called by the engine once its KV pool exists."""
+    def attach(self, kv_pool: list[torch.Tensor], max_model_len: int, sync: Callable[[], None],
+               allocator: BlockAllocator | None = None) -> None:
+        """Called by the engine once its KV pool exists (before it serves anything)."""
         self.kv_pool, self.max_model_len, self.sync = kv_pool, max_model_len, sync
         if self.draft is not None:
             self.draft.sync = sync
+        if allocator is not None and self.config.mode == "adaptive":
+            self.calibrate(allocator)
+
+    def calibrate(self, allocator: BlockAllocator, repeats: int = 2) -> None:
+        """Seed the verification step-time model from a few real forward passes (a micro profile
+        in the planner's form) on scratch slots of the idle pool.
+
+        Why: online, the controller mostly repeats the same k, so measured steps alone barely
+        tell the per-token cost from the fixed cost; a seed measured on this device with k
+        varied on purpose does, and the online fit then tracks drift from it.
+        """
+        k = self.config.max_tokens
+        shapes = [(1, 64, 0), (1, 64, k), (8, 64, 0), (8, 64, k), (8, 256, 0), (1, 256, k)]
+        span = 256 + k + 1
+        blocks = allocator.try_allocate(8 * span)
+        if blocks is None:
+            log.info("no scratch KV room to calibrate speculation; using the default step-time seed")
+            return
+        device = self.model.device
+        try:
+            table = allocator.slot_table(blocks, device)
+            fit = StepTimeModel(self.controller.verify.seed, prior_weight=0.5, refit_every=1 << 30)
+            for rep in range(repeats + 1):
+                for batch, ctx, extra in shapes:
+                    tables = [table[i * span:(i + 1) * span] for i in range(batch)]
+                    layout = BatchLayout.build([extra + 1] * batch, [ctx] * batch, tables, device,
+                                               self.model.sliding_window)
+                    ids = torch.zeros(batch * (extra + 1), dtype=torch.long, device=device)
+                    start = time.perf_counter()
+                    self.model.forward_step(ids, layout, self.kv_pool, all_logits=True)  # type: ignore[arg-type]
+                    self.sync()
+                    if rep:  # the first round warms up kernels and caches
+                        fit.observe(time.perf_counter() - start, batch * (ctx + extra + 1),
+                                    batch * (extra + 1))
+            fit.refit()
+        finally:
+            allocator.free(blocks)
+        self.controller.verify = StepTimeModel(fit.coefficients, prior_weight=16.0)
+        log.info("speculation step-time seed measured: %s", fit.coefficients)
 
     def release(self, seq: SpecSequence) -> None:
         """The sequence left the engine (finished, aborted, failed): drop its state and draft cache."""
