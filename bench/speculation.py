@@ -271,9 +271,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     for ax, (workload, rows) in zip(axes, result["workloads"].items(), strict=True):
         rates = [r["rate_per_s"] for r in rows]
-        for config, style in (("off", "o-"), ("fixed", "s--"), ("adaptive", "^-")):
-            ax.plot(rates, [r[config]["mean_s"] * 1000 for r in rows], style, label=f"{config} mean")
-            ax.plot(rates, [r[config]["p90_s"] * 1000 for r in rows], style, alpha=0.35,
+        for config, style, color in (("off", "o-", "C0"), ("fixed", "s--", "C1"), ("adaptive", "^-", "C2")):
+            ax.plot(rates, [r[config]["mean_s"] * 1000 for r in rows], style, color=color,
+                    label=f"{config} mean")
+            ax.plot(rates, [r[config]["p90_s"] * 1000 for r in rows], style, color=color, alpha=0.35,
                     label=f"{config} p90")
         ax.set_title(f"{workload} prompts (n-gram, k ≤ {result['max_k']})")
         ax.set_xlabel("request rate (1/s)")
@@ -281,7 +282,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("small-llama on CPU: no speculation vs fixed k=4 vs goodput-adaptive")
+    fig.suptitle("small-llama on CPU: no speculation vs fixed k=4 vs goodput-adaptive "
+                 f"(medians of {result['repeats']} runs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
