@@ -82,3 +82,21 @@ def test_a_missing_draft_checkpoint_is_reported(tiny: LoadedModel) -> None:
                                       "--speculation-draft-model", "/nonexistent/draft"])
     with pytest.raises(ModelLoadError, match="/nonexistent/draft"):
         build_speculator(args, tiny, 2048, WorkerMetrics("decode", dict, None, None).registry)
+
+
+@pytest.mark.parametrize("speculation", [
+    {"mode": "adaptive", "proposer": "ngram", "max-tokens": 8, "ngram-min": 1, "ngram-max": 4},
+    {"mode": "fixed", "proposer": "draft", "max-tokens": 4, "draft-model": "builtin:tiny-llama-draft"},
+])
+def test_operator_rendered_speculation_flags_are_accepted_on_decode(
+        tiny: LoadedModel, speculation: dict[str, str | int]) -> None:
+    operator_contract = pytest.importorskip("disaggserve.contract")
+    rendered = operator_contract.worker_args(role="decode", model="builtin:tiny-llama", model_name="tiny",
+                                             tensor=1, pipeline=1, device="cpu", ttft_slo_ms=200,
+                                             tpot_slo_ms=50, speculation=speculation)
+    args = build_parser().parse_args(rendered)
+    assert validate_serve_args(args) == []
+    speculator = build_speculator(args, tiny, 4096, WorkerMetrics("decode", dict, None, None).registry)
+    assert speculator is not None
+    assert (speculator.config.mode, speculator.config.max_tokens) == (speculation["mode"],
+                                                                      speculation["max-tokens"])
