@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from disaggserve_worker.model.loader import LoadedModel, load_model
 
 torch.set_num_threads(1)

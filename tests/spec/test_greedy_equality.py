@@ -12,12 +12,13 @@ import random
 from collections.abc import Callable
 
 import pytest
+from spec_harness import make_engine, make_speculator, run_requests
+
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream
 from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.loader import LoadedModel
 from disaggserve_worker.spec.speculator import Speculator
-from spec_harness import make_engine, make_speculator, run_requests
 
 TEXTS = ["Hello world hello world hello world hello", "a",
          "The quick brown fox jumps over the lazy dog and the quick brown fox",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from chi_square import chi_square, critical_value
+
 from disaggserve_worker.spec.ngram import NgramProposer
 from disaggserve_worker.spec.rejection import verify_greedy, verify_sampled
 

@@ -7,6 +7,7 @@ import re
 
 import aiohttp
 import pytest
+
 from disaggserve_worker.cli import build_parser, build_speculator, validate_serve_args
 from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.model.loader import LoadedModel
