@@ -24,7 +24,7 @@ STABILIZATION = 12
 
 def autoscaled() -> dict:
     r = copy.deepcopy(default_resource())
-    r["spec"]["slo"] = {"ttftMs": 150, "tpotMs": 30, "attainment": 0.9}
+    r["spec"]["slo"] = {"ttftMs": 100, "tpotMs": 10, "attainment": 0.9}
     r["spec"]["autoscaling"] = {
         "enabled": True,
         "intervalSeconds": INTERVAL,
@@ -64,14 +64,16 @@ async def test_overload_scales_up_and_quiet_scales_down_without_failures(cluster
     recorder = asyncio.create_task(record())
     try:
         # Overload: far above what one prefill + one decode serve within these SLOs on this machine.
-        heavy = await run_poisson(url, "tiny-llama", rate=40, num_requests=600, input_tokens=96, output_tokens=48)
+        heavy = await run_poisson(url, "tiny-llama", rate=60, num_requests=1500, input_tokens=128, output_tokens=64)
         scaled_up = [h for h in history if h[1] + h[2] > 2]
         assert scaled_up, f"no scale-up under overload; plans seen: {history[-3:]}"
         assert scaled_up[0][3] == "autoscaler"
         assert scaled_up[0][0] < 6 * INTERVAL + 15, "scale-up within a bounded number of intervals"
         status = (await cluster.get("tiny"))["status"]
         assert any(c["type"] == "MetricsAvailable" and c["status"] == "True" for c in status["conditions"])
-        assert summarize(heavy, 0.15, 0.03)["failed"] == 0
+        overloaded = summarize(heavy, 0.1, 0.01)
+        assert overloaded["failed"] == 0
+        assert overloaded["attainment"] < 0.9, f"the load did not overload this machine: {overloaded}"
 
         # Quiet: light traffic keeps flowing while the operator scales back down, draining first.
         peak = max(h[1] + h[2] for h in history)
@@ -84,7 +86,7 @@ async def test_overload_scales_up_and_quiet_scales_down_without_failures(cluster
             output_tokens=16,
             seed=1,
         )
-        quiet = summarize(light, 0.15, 0.03)
+        quiet = summarize(light, 0.1, 0.01)
         assert quiet["failed"] == 0, quiet["errors"]
         for _ in range(60):
             plan = await plan_of(cluster)

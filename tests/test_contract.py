@@ -58,10 +58,14 @@ def bodies():
     keyed = copy.deepcopy(cpu)
     keyed["spec"]["router"] = {"apiKeySecretRef": {"name": "k"}}
     keyed["spec"]["model"]["maxModelLen"] = 2048
-    return {"cpu": cpu, "gpu-low": gpu, "gpu-high": high, "api-key": keyed}
+    ngram = copy.deepcopy(cpu)
+    ngram["spec"]["speculation"] = {"mode": "adaptive", "proposer": "ngram", "maxTokens": 6}
+    draft = copy.deepcopy(cpu)
+    draft["spec"]["speculation"] = {"mode": "fixed", "proposer": "draft", "draftModel": {"builtin": "tiny-llama-draft"}}
+    return {"cpu": cpu, "gpu-low": gpu, "gpu-high": high, "api-key": keyed, "spec-ngram": ngram, "spec-draft": draft}
 
 
-@pytest.mark.parametrize("case", ["cpu", "gpu-low", "gpu-high", "api-key"])
+@pytest.mark.parametrize("case", ["cpu", "gpu-low", "gpu-high", "api-key", "spec-ngram", "spec-draft"])
 def test_every_rendered_container_is_accepted_by_the_worker(case):
     body = bodies()[case]
     spec = parse_spec(body["spec"])
@@ -76,6 +80,10 @@ def test_every_rendered_container_is_accepted_by_the_worker(case):
         args = parser.parse_args(container["args"])
         if args.command == "serve":
             assert validate_serve_args(args) == [], container["args"]
+            speculating = args.speculation_mode != "off"
+            assert speculating == (
+                args.role == "decode" and body["spec"].get("speculation", {}).get("mode", "off") != "off"
+            )
             assert args.port == wk.WORKER_PORT and args.kv_port == wk.KV_PORT
         else:
             assert args.command == "router" and args.port == wk.ROUTER_PORT

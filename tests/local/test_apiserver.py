@@ -217,3 +217,15 @@ async def test_kubectl_tables_use_printer_columns():
     assert human_age("2026-01-01T23:54:48Z", now) == "5m12s"
     assert human_age("2026-01-01T21:00:00Z", now) == "3h"
     assert human_age("2025-12-30T00:00:00Z", now) == "3d"
+
+
+async def test_namespaces_are_served_as_a_cluster_scoped_resource(api):
+    r = await api.get("/api/v1/namespaces")
+    assert r.status_code == 200 and [n["metadata"]["name"] for n in r.json()["items"]] == ["default"]
+    created = await api.post(
+        "/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}}
+    )
+    assert created.status_code == 201
+    assert (await api.get("/api/v1/namespaces/team-a")).json()["metadata"]["name"] == "team-a"
+    watch = await api.get("/api/v1/namespaces", params={"watch": "true", "timeoutSeconds": "1"})
+    assert [json.loads(x)["object"]["metadata"]["name"] for x in watch.text.splitlines()] == ["default", "team-a"]

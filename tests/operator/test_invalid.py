@@ -90,8 +90,8 @@ def _long_name() -> dict:
     return example(name="a-name-that-is-far-too-long-for-its-pod-names")
 
 
-def _speculation() -> dict:
-    return _set(example(name="spec-on"), "speculation", {"mode": "adaptive"})
+def _tensor_parallel() -> dict:
+    return _set(example(name="tp-two"), "parallelism.prefill.tensor", 2)
 
 
 def _missing_profile() -> dict:
@@ -100,7 +100,7 @@ def _missing_profile() -> dict:
 
 OPERATOR_CASES = [
     ("name-too-long", _long_name, "InvalidSpec"),
-    ("speculation-not-in-this-release", _speculation, "SpeculationUnavailable"),
+    ("tensor-parallel-not-in-this-release", _tensor_parallel, "TensorParallelUnavailable"),
     ("profile-configmap-missing", _missing_profile, "ProfileMissing"),
 ]
 
@@ -133,11 +133,11 @@ async def test_operator_refuses_with_condition_and_event_and_creates_nothing(api
 
 
 async def test_fixing_the_spec_recovers(apiserver, operator):
-    await create(apiserver.url, _speculation())
-    obj = lambda: apiserver.get(GROUP, "disaggserves", "default", "spec-on")  # noqa: E731
-    await wait_for(lambda: (condition(obj(), "Ready") or {}).get("reason") == "SpeculationUnavailable")
+    await create(apiserver.url, _tensor_parallel())
+    obj = lambda: apiserver.get(GROUP, "disaggserves", "default", "tp-two")  # noqa: E731
+    await wait_for(lambda: (condition(obj(), "Ready") or {}).get("reason") == "TensorParallelUnavailable")
     from helpers import patch_spec
 
-    await patch_spec(apiserver.url, "spec-on", {"speculation": {"mode": "off"}})
-    await wait_for(lambda: apiserver.get("apps", "statefulsets", "default", "spec-on-decode"), message="created")
+    await patch_spec(apiserver.url, "tp-two", {"parallelism": {"prefill": {"tensor": 1}}})
+    await wait_for(lambda: apiserver.get("apps", "statefulsets", "default", "tp-two-decode"), message="created")
     await wait_for(lambda: condition(obj(), "Planned")["status"] == "True")

@@ -38,7 +38,9 @@ def test_operator_rendering_is_accepted_when_the_control_plane_is_installed() ->
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
-    (["--speculation-mode", "adaptive"], "not supported yet"),
+    (["--role", "prefill", "--speculation-mode", "adaptive"], "a prefill worker does none"),
+    (["--speculation-mode", "fixed", "--speculation-proposer", "draft"], "needs --speculation-draft-model"),
+    (["--speculation-max-tokens", "17"], "at most 16"),
     (["--tensor-parallel", "2"], "tensor parallelism is not implemented"),
     (["--pipeline-parallel", "2", "--device", "cpu"], "splits layers over CUDA devices"),
     (["--speculation-ngram-min", "4", "--speculation-ngram-max", "2"], "must not exceed"),

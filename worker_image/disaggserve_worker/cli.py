@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from disaggserve_worker import contract
@@ -129,9 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 def validate_serve_args(args: argparse.Namespace) -> list[str]:
     """Problems a flag parser cannot see; each line says what to change."""
     problems = []
-    if args.speculation_mode != "off":
-        problems.append(f"--speculation-mode {args.speculation_mode}: speculative decoding is not supported "
-                        "yet by this worker; use --speculation-mode off")
+    if args.speculation_mode != "off" and args.role == "prefill":
+        problems.append(f"--speculation-mode {args.speculation_mode}: speculation runs on decode steps; "
+                        "a prefill worker does none, so pass it to decode or colocated workers only")
+    if args.speculation_max_tokens > 16:
+        problems.append(f"--speculation-max-tokens {args.speculation_max_tokens}: at most 16 (acceptance "
+                        "of long proposals is negligible and verification cost is not)")
     if args.speculation_ngram_min > args.speculation_ngram_max:
         problems.append("--speculation-ngram-min must not exceed --speculation-ngram-max")
     needs_draft = args.speculation_proposer == "draft" and args.speculation_mode != "off"
@@ -185,15 +188,18 @@ def serve(args: argparse.Namespace) -> int:
                                                contract.ENV_NAMESPACE, contract.ENV_UNIT)}
     advertise = identity[contract.ENV_POD_IP] or (args.host if args.host not in ("0.0.0.0", "::", "") else
                                                   "127.0.0.1")
-    metrics_holder: dict[str, Callable[..., None]] = {}
+    metrics = WorkerMetrics(args.role, lambda: engine.load(), args.ttft_slo_ms and args.ttft_slo_ms / 1000,
+                            args.tpot_slo_ms and args.tpot_slo_ms / 1000)
+    try:
+        speculator = build_speculator(args, loaded, kv_tokens, metrics.registry)
+    except (ModelLoadError, ValueError) as error:
+        print(f"disaggserve-worker serve: {error}", file=sys.stderr)
+        return 2
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids,
                     EngineConfig(role=args.role, kv_cache_tokens=kv_tokens, block_size=args.block_size,
                                  max_batch_tokens=args.max_batch_tokens, max_model_len=max_len,
                                  kv_ttl_seconds=args.kv_ttl_s),
-                    observer=lambda *a: metrics_holder["observe"](*a))
-    metrics = WorkerMetrics(args.role, engine.load, args.ttft_slo_ms and args.ttft_slo_ms / 1000,
-                            args.tpot_slo_ms and args.tpot_slo_ms / 1000)
-    metrics_holder["observe"] = metrics.observe_iteration
+                    observer=metrics.observe_iteration, speculator=speculator)
     server = WorkerServer(engine, ServerConfig(
         role=args.role, host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=advertise,
         model_name=args.model_name or loaded.name, admission_timeout_s=args.admission_timeout_s), metrics)
@@ -201,6 +207,35 @@ def serve(args: argparse.Namespace) -> int:
              args.role, args.host, args.port, server.kv_address, loaded.model.device, loaded.model.dtype,
              kv_tokens, identity)
     return asyncio.run(_serve(server, args.drain_grace_s))
+
+
+def build_speculator(args: argparse.Namespace, loaded: Any, kv_tokens: int, registry: Any) -> Any:
+    """The decode loop's speculator from the --speculation-* flags, or None when off."""
+    from disaggserve_worker.spec.config import SpeculationConfig
+
+    config = SpeculationConfig(mode=args.speculation_mode, proposer=args.speculation_proposer,
+                               max_tokens=args.speculation_max_tokens, ngram_min=args.speculation_ngram_min,
+                               ngram_max=args.speculation_ngram_max, draft_model=args.speculation_draft_model)
+    if not config.enabled:
+        return None
+    from disaggserve_worker.model.loader import load_model
+    from disaggserve_worker.spec.draft import DraftProposer, check_compatible
+    from disaggserve_worker.spec.metrics import SpecMetrics
+    from disaggserve_worker.spec.speculator import Speculator
+
+    draft = None
+    if config.proposer == "draft":
+        # The draft runs beside the target's first stage, in the target's dtype.
+        device = loaded.model.device
+        draft_loaded = load_model(config.draft_model, "cuda" if device.type == "cuda" else "cpu",  # type: ignore[arg-type]
+                                  args.dtype)
+        draft_loaded.model.to(device)
+        check_compatible(loaded.config.vocab_size, draft_loaded.model,
+                         draft_loaded.tokenizer.get_vocab() == loaded.tokenizer.get_vocab())
+        draft = DraftProposer(draft_loaded.model, kv_tokens, args.block_size)
+    log.info("speculation %s with %s proposer, up to %d tokens", config.mode, config.proposer,
+             config.max_tokens)
+    return Speculator(config, loaded.model, draft, SpecMetrics(registry, args.role))
 
 
 async def _serve(server: Any, grace_s: float) -> int:

@@ -45,6 +45,15 @@ disaggserve_prefill_iteration_seconds, disaggserve_decode_iteration_seconds (his
 disaggserve_worker_prompt_tokens_total, disaggserve_worker_generation_tokens_total,
 disaggserve_worker_requests_total{outcome} (counters); every series has a `role` label.
 
+Speculation (decode and colocated workers; a prefill worker refuses it): `--speculation-mode
+off|fixed|adaptive`, `--speculation-proposer ngram|draft`, `--speculation-max-tokens` (1-16),
+`--speculation-ngram-min/-max`, `--speculation-draft-model` (builtin:<name> or a checkpoint
+folder; same tokenizer as the target). Metrics: disaggserve_spec_proposed_tokens_total,
+disaggserve_spec_accepted_tokens_total (counters), disaggserve_spec_chosen_k (histogram, per
+request and step), disaggserve_spec_tokens_per_step (gauge: moving average of tokens emitted per
+sequence per decode step — divide the decode step time by it for TPOT),
+disaggserve_spec_goodput_tokens_per_second and disaggserve_spec_acceptance_rate (gauges).
+
 Parallelism flags: `--pipeline-parallel N` splits the layers over the pod's N local GPUs
 (cuda:0..N-1); `--tensor-parallel` > 1 is refused at start-up (not implemented yet), so plans
 must keep tensor = 1 for now.

@@ -65,11 +65,6 @@ def _unsupported(spec: DisaggServeSpec) -> None:
             f"the worker of this release runs tensor-parallel size {WORKER_MAX_TENSOR_PARALLEL}: set "
             "spec.parallelism.*.tensor to 1 and use pipeline (GPUs of one pod) or more replicas instead",
         )
-    if spec.speculation.mode != "off":
-        raise Refused(
-            "SpeculationUnavailable",
-            "speculative decoding is not available in this release: set spec.speculation.mode to off",
-        )
 
 
 async def _profile(kube: Kube, spec: DisaggServeSpec, namespace: str) -> dict[str, Any] | None:

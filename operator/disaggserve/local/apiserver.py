@@ -33,6 +33,7 @@ import copy
 import datetime
 import json
 import random
+import re
 import string
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -45,12 +46,14 @@ import aiohttp.web
 import jsonpatch
 import kmock
 import yaml
+from kmock._internal import rendering
 
 from disaggserve.local.schema import FieldError, validate
 from disaggserve.local.selectors import parse_field_selector, parse_label_selector
 from disaggserve.local.tables import table
 
 Key = tuple[str, str, str | None, str]  # group, plural, namespace, name
+_NAMESPACES_PATH = re.compile(r"^/api/v1/namespaces(?:/([^/]+))?(?:/(status|finalize))?/?$")
 MAX_EVENT_HISTORY = 50_000
 
 
@@ -208,6 +211,36 @@ class LocalApiServer(kmock.KubernetesEmulator):
         self.install_crd(obj)
         self._emit("ADDED", "apiextensions.k8s.io", "customresourcedefinitions", obj)
         return obj
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock 0.8 parses /api/v1/namespaces[/NAME] as "inside namespace NAME" and fails on the
+        # bare list; kopf's namespaced mode lists and watches exactly that. Route it ourselves.
+        match = _NAMESPACES_PATH.match(raw_request.path)
+        if match is None:
+            return await super().__call__(raw_request)
+        body = await raw_request.read()
+        try:
+            data = await raw_request.json()
+        except ValueError:
+            data = None
+        request = rendering.Request(
+            id=len(self._requests),
+            raw_request=raw_request,
+            url=raw_request.url,
+            method=raw_request.method,
+            params=dict(raw_request.query),
+            headers=dict(raw_request.headers),
+            cookies=dict(raw_request.cookies),
+            data=data,
+            body=body,
+            text=body.decode(errors="replace"),
+            resource=kmock.resource(group="", version="v1", plural="namespaces"),
+            namespace=None,
+            name=match.group(1),
+            subresource=match.group(2),
+        )
+        self._requests.append(request)
+        return await self._handle(request)
 
     async def _serve_version(self, request: Any) -> Any:
         # kmock 0.8 names the core group version "/v1"; kubectl then finds no core resources.

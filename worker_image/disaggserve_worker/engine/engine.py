@@ -22,6 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
@@ -32,6 +33,9 @@ from disaggserve_worker.engine.sampling import SamplingParams, sample_rows
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from disaggserve_worker.spec.speculator import Speculator
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,8 @@ class HeldCache:
 
 class Engine:
     def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, eos_token_ids: list[int],
-                 config: EngineConfig, observer: IterationObserver | None = None):
+                 config: EngineConfig, observer: IterationObserver | None = None,
+                 speculator: Speculator | None = None):
         if config.role not in ("prefill", "decode", "colocated"):
             raise ValueError(f"unknown engine role {config.role!r}")
         self.model = model
@@ -118,6 +123,10 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.busy = False
+        # Speculative decoding (decode and colocated roles): replaces the plain decode forward.
+        self.speculator = speculator
+        if speculator is not None:
+            speculator.attach(self.kv_pool, config.max_model_len, self._sync, self.allocator)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -351,6 +360,9 @@ class Engine:
                 self._running.append(seq)
 
     def _decode_step(self) -> None:
+        if self.speculator is not None:
+            self._speculative_step()
+            return
         batch = list(self._running)
         ids = torch.tensor([s.tokens[-1] for s in batch], dtype=torch.long, device=self.device)
         layout = BatchLayout.build([1] * len(batch), [s.num_cached for s in batch],
@@ -366,6 +378,22 @@ class Engine:
             seq.num_cached += 1
             if self._accept_token(seq, tokens[row]):
                 self._running.remove(seq)
+
+    def _speculative_step(self) -> None:
+        """One verification step: each sequence emits its accepted proposal plus the target's token."""
+        batch = list(self._running)
+        start = time.perf_counter()
+        emitted = self.speculator.step(batch)  # type: ignore[union-attr]
+        if self.observer:  # before emitting, so a client that saw its last token sees it counted
+            count = sum(min(len(out), seq.params.max_tokens - len(seq.tokens))
+                        for seq, out in zip(batch, emitted, strict=True))
+            self.observer("decode", time.perf_counter() - start, count, len(batch))
+        for seq, tokens in zip(batch, emitted, strict=True):
+            for token in tokens:  # tokens after a stop are dropped
+                seq.num_cached += 1
+                if self._accept_token(seq, token):
+                    self._running.remove(seq)
+                    break
 
     def _sync(self) -> None:
         """Wait for every pipeline stage so iteration timings measure the GPU work."""
@@ -408,6 +436,8 @@ class Engine:
         seq.stream.push(TokenEvent(token, seq.detok.settled(), None, kv_handle=handle))
 
     def _free(self, seq: Sequence) -> None:
+        if self.speculator is not None:
+            self.speculator.release(seq)
         if seq.blocks:
             self.allocator.free(seq.blocks)
             seq.blocks = []

@@ -1,0 +1,174 @@
+"""The goodput controller: k from acceptance and step cost, and the online step-time fit."""
+
+from __future__ import annotations
+
+import random
+from statistics import mean
+
+import pytest
+from spec_harness import copy_heavy_prompt, make_engine, make_speculator, run_requests
+
+from disaggserve_worker.engine.sampling import SamplingParams
+from disaggserve_worker.model.loader import LoadedModel
+from disaggserve_worker.spec.controller import Acceptance, GoodputController, expected_tokens
+from disaggserve_worker.spec.step_time import StepCoefficients, StepTimeModel
+
+# GPU-like decode: a fixed cost per step (weights streamed once) and a small cost per token.
+TARGET = StepCoefficients(a=0.020, b=2e-8, c=2e-4)
+DRAFT = StepCoefficients(a=0.002, b=0.0, c=2e-5)
+
+
+def _controller(max_tokens: int = 8, draft: bool = True) -> GoodputController:
+    return GoodputController(max_tokens=max_tokens, verify=StepTimeModel(TARGET),
+                             draft=StepTimeModel(DRAFT) if draft else None)
+
+
+def _learn(controller: GoodputController, own: Acceptance, rate: float, steps: int = 200) -> None:
+    """Feed observations of k=4 proposals accepted token by token with probability `rate`."""
+    rng = random.Random(3)
+    for _ in range(steps):
+        accepted = 0
+        while accepted < 4 and rng.random() < rate:
+            accepted += 1
+        controller.observe(own, 4, accepted)
+
+
+def test_acceptance_estimate_is_unbiased_for_truncated_observations() -> None:
+    controller, own = _controller(), Acceptance(decay=0.999)
+    _learn(controller, own, 0.6, steps=3000)
+    assert controller.alpha(own) == pytest.approx(0.6, abs=0.03)
+
+
+def test_random_draft_gets_k_zero() -> None:
+    controller, own = _controller(), Acceptance()
+    _learn(controller, own, 0.02)
+    choice = controller.choose([512], [controller.alpha(own)], [8])
+    assert choice.ks == [0]
+    assert choice.goodput == choice.baseline
+
+
+def test_perfect_draft_gets_the_longest_k() -> None:
+    controller, own = _controller(), Acceptance()
+    _learn(controller, own, 1.0)
+    assert controller.alpha(own) > 0.95
+    assert controller.choose([512], [controller.alpha(own)], [8]).ks == [8]
+
+
+def test_larger_batches_speculate_less_at_the_same_acceptance() -> None:
+    controller = _controller(draft=False)
+    for alpha in (0.5, 0.7, 0.9):
+        small = controller.choose([512], [alpha], [8]).ks
+        large = controller.choose([512] * 256, [alpha] * 256, [8] * 256).ks
+        assert mean(large) < mean(small), (alpha, small, mean(large))
+        assert small[0] >= 2
+
+
+def test_requests_with_better_acceptance_get_longer_proposals() -> None:
+    controller = _controller(draft=False)
+    ks = controller.choose([512] * 32, [0.95] * 16 + [0.3] * 16, [8] * 32).ks
+    assert min(ks[:16]) > max(ks[16:]), ks
+
+
+def test_caps_bound_each_request() -> None:
+    ks = _controller(draft=False).choose([100, 100, 100], [0.99] * 3, [0, 2, 8]).ks
+    assert ks[0] == 0 and ks[1] == 2 and ks[2] > 2
+
+
+def test_bias_keeps_k_zero_when_the_gain_is_marginal() -> None:
+    """Find an acceptance where speculation wins by under 5 %: the biased controller stays at 0."""
+    controller = _controller(draft=False)
+    unbiased = GoodputController(max_tokens=8, verify=StepTimeModel(TARGET), bias=0.0)
+    batch = 128
+    for alpha in [i / 100 for i in range(1, 100)]:
+        free = unbiased.choose([512] * batch, [alpha] * batch, [8] * batch)
+        if free.goodput > free.baseline * 1.001 and free.goodput < free.baseline * 1.04:
+            assert controller.choose([512] * batch, [alpha] * batch, [8] * batch).ks == [0] * batch
+            return
+    pytest.fail("no acceptance with a marginal gain found")
+
+
+def test_expected_tokens_formula() -> None:
+    assert expected_tokens(0.5, 0) == 1
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens(0.0, 5) == 1
+
+
+def test_step_time_fit_recovers_coefficients_from_noisy_steps() -> None:
+    true = StepCoefficients(a=0.004, b=1e-7, c=5e-4)
+    model = StepTimeModel(StepCoefficients(a=0.02, b=0.0, c=1e-5), refit_every=1000)
+    rng = random.Random(5)
+    for _ in range(256):
+        batch = rng.randint(1, 32)
+        tokens = batch * rng.randint(1, 5)
+        ctx = batch * rng.randint(50, 2000)
+        model.observe(true.time(ctx, tokens) * rng.uniform(0.95, 1.05), ctx, tokens)
+    model.refit()
+    got = model.coefficients
+    assert got.a == pytest.approx(true.a, rel=0.2)
+    assert got.c == pytest.approx(true.c, rel=0.2)
+    assert got.b == pytest.approx(true.b, rel=0.5)
+
+
+async def test_adaptive_on_the_engine_skips_a_random_draft(tiny: LoadedModel,
+                                                          tiny_draft: LoadedModel) -> None:
+    spec = make_speculator(tiny, tiny_draft, "adaptive", "draft")
+    engine = make_engine(tiny, spec)
+    ks: list[int] = []
+    real = spec.step
+
+    def step(batch):  # type: ignore[no-untyped-def]
+        out = real(batch)
+        assert spec.last is not None
+        ks.extend(spec.last.ks)
+        return out
+
+    spec.step = step  # type: ignore[method-assign]
+    try:
+        rng = random.Random(2)
+        prompts = [[rng.randrange(3, 512) for _ in range(16)] for _ in range(4)]
+        await run_requests(engine, [(p, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+                                    for p in prompts])
+    finally:
+        engine.stop()
+    assert spec.controller.alpha() < 0.3
+    late = ks[len(ks) // 2:]
+    assert sum(1 for k in late if k) <= len(late) * 0.15, f"speculated too often with a random draft: {late}"
+
+
+async def test_adaptive_on_the_engine_speculates_far_on_copy_heavy_prompts(tiny: LoadedModel) -> None:
+    prompt = await copy_heavy_prompt(tiny)
+    spec = make_speculator(tiny, None, "adaptive", "ngram", max_tokens=6)
+    engine = make_engine(tiny, spec)
+    ks: list[int] = []
+    real = spec.step
+
+    def step(batch):  # type: ignore[no-untyped-def]
+        out = real(batch)
+        assert spec.last is not None
+        ks.append(max(spec.last.ks))
+        return out
+
+    spec.step = step  # type: ignore[method-assign]
+    try:
+        await run_requests(engine, [(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))])
+    finally:
+        engine.stop()
+    assert spec.controller.alpha() > 0.8
+    assert mean(ks) >= 3, ks
+
+
+def test_step_time_fit_stays_non_negative_without_distorting_the_rest() -> None:
+    """No context cost at all: b comes out near 0 (the prior holds it a little) and a, c right."""
+    true = StepCoefficients(a=0.003, b=0.0, c=2e-4)
+    model = StepTimeModel(StepCoefficients(a=0.01, b=1e-6, c=1e-5), refit_every=1000)
+    rng = random.Random(6)
+    for _ in range(256):
+        batch = rng.randint(1, 64)
+        tokens = batch * rng.randint(1, 5)
+        model.observe(true.time(0, tokens) * rng.uniform(0.97, 1.03), batch * rng.randint(100, 400), tokens)
+    model.refit()
+    got = model.coefficients
+    assert min(got.a, got.b, got.c) >= 0
+    assert got.b * 64 * 400 < 0.2 * true.time(0, 64), "context cost should be small"
+    assert got.c == pytest.approx(true.c, rel=0.2)
+    assert got.a == pytest.approx(true.a, rel=0.3)

@@ -1,0 +1,127 @@
+"""Greedy output with speculation is the target's own output, token for token.
+
+Concurrent ragged batches: prompts of different lengths, outputs of different lengths (some
+so short that k is capped), staggered arrivals (sequences join a speculating batch), and
+k differing between requests in the same step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+import pytest
+from spec_harness import make_engine, make_speculator, run_requests
+
+from disaggserve_worker.engine.sampling import SamplingParams
+from disaggserve_worker.engine.types import RequestStream
+from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
+from disaggserve_worker.model.loader import LoadedModel
+from disaggserve_worker.spec.speculator import Speculator
+
+TEXTS = ["Hello world hello world hello world hello", "a",
+         "The quick brown fox jumps over the lazy dog and the quick brown fox",
+         "Kubernetes runs containers in pods; an operator watches custom resources. Kubernetes runs"]
+OUTPUT_LENGTHS = [24, 2, 17, 31, 9]
+
+
+def _requests(tiny: LoadedModel) -> list[tuple[list[int], SamplingParams]]:
+    rng = random.Random(7)
+    prompts = [tiny.tokenizer.encode(t).ids for t in TEXTS]
+    prompts.append([rng.randrange(3, 512) for _ in range(40)])  # non-repetitive
+    return [(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+            for p, n in zip(prompts, OUTPUT_LENGTHS, strict=True)]
+
+
+def _record_ks(spec: Speculator) -> list[list[int]]:
+    """Wrap step() to keep each step's per-request proposal lengths."""
+    seen: list[list[int]] = []
+    real = spec.step
+
+    def step(batch):  # type: ignore[no-untyped-def]
+        out = real(batch)
+        assert spec.last is not None
+        seen.append(list(spec.last.ks))
+        return out
+
+    spec.step = step  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive"])
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+async def test_colocated_speculation_equals_reference(
+        tiny: LoadedModel, tiny_draft: LoadedModel, mode: str, proposer: str,
+        reference_greedy: Callable[[list[int], int], list[int]]) -> None:
+    spec = make_speculator(tiny, tiny_draft, mode, proposer)
+    ks = _record_ks(spec)
+    engine = make_engine(tiny, spec)
+    try:
+        # Fixed: all arrive together, so caps near each request's end make k differ within steps
+        # deterministically; adaptive: staggered, so sequences join a speculating batch.
+        got = await run_requests(engine, _requests(tiny), stagger_s=0.01 if mode == "adaptive" else 0.0)
+    finally:
+        engine.stop()
+    expected = [reference_greedy(p, s.max_tokens) for p, s in _requests(tiny)]
+    assert got == expected
+    assert engine.allocator.free_tokens == engine.allocator.capacity_tokens
+    if spec.draft is not None:
+        assert spec.draft.tracked == 0, "finished sequences give their draft cache back"
+        assert spec.draft.allocator.free_tokens == spec.draft.allocator.capacity_tokens
+    if mode == "fixed":
+        assert any(len({k for k in step if k}) > 1 for step in ks), f"no step mixed proposal lengths: {ks}"
+        assert any(0 in step and any(step) for step in ks), "no step mixed speculating and plain rows"
+
+
+async def test_draft_with_target_as_draft_accepts_everything(
+        tiny: LoadedModel, reference_greedy: Callable[[list[int], int], list[int]]) -> None:
+    """Draft = target: every proposal is accepted, so output and cache rollback bookkeeping are
+    exercised at full k (each step emits k + 1 tokens)."""
+    spec = make_speculator(tiny, tiny, "fixed", "draft")
+    ks = _record_ks(spec)
+    engine = make_engine(tiny, spec)
+    try:
+        got = await run_requests(engine, _requests(tiny))
+    finally:
+        engine.stop()
+    assert got == [reference_greedy(p, s.max_tokens) for p, s in _requests(tiny)]
+    assert spec.controller.alpha() > 0.9
+    assert max(max(step) for step in ks) == 4
+
+
+async def test_decode_role_over_tcp_with_draft_catches_up_the_prompt(
+        tiny: LoadedModel, tiny_draft: LoadedModel,
+        reference_greedy: Callable[[list[int], int], list[int]]) -> None:
+    """On a decode worker the prompt KV arrives from prefill; the draft has never seen the
+    prompt and must prefill it itself in its first catch-up step."""
+    loop = asyncio.get_running_loop()
+    prefill = make_engine(tiny, None, role="prefill")
+    spec = make_speculator(tiny, tiny, "fixed", "draft")  # target as draft: any catch-up gap shows up
+    decode = make_engine(tiny, spec, role="decode")
+    server = KVServer(prefill)
+    await server.start("127.0.0.71", 0)
+    transport = TcpKVTransport(frame_timeout=5)
+
+    async def one(i: int, prompt: list[int], params: SamplingParams) -> list[int]:
+        first_stream = RequestStream(f"r{i}", loop)
+        prefill.submit(f"r{i}", prompt, params, first_stream)
+        first = await first_stream.queue.get()
+        reservation = decode.reserve(prompt, params)
+        assert first.kv_handle is not None and reservation is not None
+        await transport.pull(f"127.0.0.71:{server.port}", first.kv_handle, f"r{i}", layout_of(decode),
+                             pool_sink(decode, reservation.slot_table))
+        rest = RequestStream(f"r{i}", loop)
+        decode.submit_decode(f"r{i}", prompt, first.token_id, params, reservation, rest)  # type: ignore[arg-type]
+        return [first.token_id, *[e.token_id async for e in rest]]  # type: ignore[list-item]
+
+    requests = [r for r in _requests(tiny) if r[1].max_tokens >= 2]
+    try:
+        got = await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(requests)))
+    finally:
+        await server.stop()
+        prefill.stop()
+        decode.stop()
+    assert got == [reference_greedy(p, s.max_tokens) for p, s in requests]
+    assert spec.controller.alpha() > 0.9, "a draft identical to the target must agree after catch-up"
+    assert decode.allocator.free_tokens == decode.allocator.capacity_tokens

@@ -1,0 +1,1 @@
+"""Speculative decoding for the decode loop: proposers, verification, goodput-chosen length."""

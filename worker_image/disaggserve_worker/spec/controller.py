@@ -1,0 +1,117 @@
+"""Goodput controller (SmartSpec): pick how many tokens each request proposes this step.
+
+Goodput of a step = expected tokens the batch generates / predicted time of the step. A
+request with acceptance α that proposes k tokens yields E(k) = (1 − α^(k+1)) / (1 − α);
+the step costs the target's verification (StepTimeModel over Σctx and batched tokens) plus
+the proposer's own steps. Why per request: E's marginal gain of the j-th proposed token is
+α^j, so with a cost linear in batched tokens the best allocation takes proposed tokens in
+order of α_i^j while each still raises tokens/second — requests with high acceptance get a
+long k, poor ones none. The outer loop over the longest k (K) accounts for a draft model's
+cost, which grows with K, not with the sum. At large batches the fixed step cost is shared
+by many requests, so extra verified tokens are relatively dearer and k shrinks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from disaggserve_worker.spec.step_time import StepCoefficients, StepTimeModel
+
+ALPHA_CAP = 0.99  # E(k) is finite and marginal gains strictly decrease
+
+
+@dataclass
+class Acceptance:
+    """Moving average of per-token acceptance from truncated observations.
+
+    A step that proposed k and accepted a < k saw a successes and 1 failure (later tokens
+    were never judged); a = k is k successes. Counting it that way makes accepted/judged an
+    unbiased estimate of α, unlike accepted/proposed which undercounts long proposals.
+    """
+
+    decay: float = 0.9
+    accepted: float = 0.0
+    judged: float = 0.0
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if proposed <= 0:
+            return
+        self.accepted = self.decay * self.accepted + accepted
+        self.judged = self.decay * self.judged + accepted + (1 if accepted < proposed else 0)
+
+    def rate(self, prior: float, prior_weight: float = 2.0) -> float:
+        return (self.accepted + prior * prior_weight) / (self.judged + prior_weight)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    alpha = min(max(alpha, 0.0), ALPHA_CAP)
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+@dataclass
+class Choice:
+    ks: list[int]
+    goodput: float  # predicted tokens/second of the chosen allocation
+    baseline: float  # predicted tokens/second with no speculation
+
+
+@dataclass
+class GoodputController:
+    max_tokens: int
+    verify: StepTimeModel
+    draft: StepTimeModel | None = None  # None: proposals cost nothing (n-gram)
+    bias: float = 0.05
+    global_acceptance: Acceptance = field(default_factory=lambda: Acceptance(decay=0.98))
+    initial_alpha: float = 0.5
+
+    def alpha(self, own: Acceptance | None = None) -> float:
+        g = self.global_acceptance.rate(self.initial_alpha)
+        return g if own is None else own.rate(g)
+
+    def observe(self, own: Acceptance | None, proposed: int, accepted: int) -> None:
+        self.global_acceptance.update(proposed, accepted)
+        if own is not None:
+            own.update(proposed, accepted)
+
+    def _draft_time(self, longest: int, proposing: int, catch_up: int) -> float:
+        if self.draft is None or longest == 0:
+            return 0.0
+        # One catch-up step over the tokens the draft has not seen, then longest−1 single-token steps.
+        return (self.draft.time(0, catch_up) + (longest - 1) * self.draft.time(0, proposing))
+
+    def choose(self, contexts: list[int], alphas: list[float], caps: list[int]) -> Choice:
+        """k per request (≤ caps[i]: what the request can still use, or what the proposer has)."""
+        batch = len(contexts)
+        ctx = float(sum(contexts))
+        c = self.verify.coefficients.c
+        base_time = self.verify.time(ctx, batch)
+        baseline = batch / base_time
+        best = Choice([0] * batch, baseline, baseline)
+        longest_cap = min(max(caps, default=0), self.max_tokens)
+        for longest in range(1, longest_cap + 1):
+            gains = sorted(((min(max(alphas[i], 0.0), ALPHA_CAP) ** j, i, j) for i in range(batch)
+                            for j in range(1, min(longest, caps[i]) + 1)), key=lambda g: (-g[0], g[2], g[1]))
+            ks = [0] * batch
+            tokens, time = float(batch), base_time
+            for gain, i, j in gains:
+                if j != ks[i] + 1:
+                    continue  # equal gains may arrive out of order; take prefixes only
+                if gain * time <= c * tokens:  # adding it would not raise tokens/time
+                    break
+                tokens += gain
+                time += c
+                ks[i] = j
+            if max(ks) < longest:
+                continue  # a shorter `longest` already covers this allocation without its draft cost
+            proposing = sum(1 for k in ks if k > 0)
+            total = time + self._draft_time(longest, proposing, proposing)
+            goodput = tokens / total
+            if goodput > best.goodput and goodput > baseline * (1 + self.bias):
+                best = Choice(ks, goodput, baseline)
+        return best
+
+    @staticmethod
+    def default_seed() -> StepCoefficients:
+        """Seed for an unprofiled worker: a fixed cost that dominates a small batch (true of
+        memory-bound decode on GPUs and of Python overhead on CPUs); the fit takes over fast."""
+        return StepCoefficients(a=0.01, b=1e-8, c=2e-4)

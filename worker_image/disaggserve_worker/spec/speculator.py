@@ -1,0 +1,250 @@
+"""One speculative decode step for the engine's running batch.
+
+The engine calls `step(batch)` instead of its plain decode forward and gets back, per
+sequence, the tokens to emit (one or more). Everything happens in one batched target
+forward: sequence i brings its last token plus k_i proposed tokens (k_i may differ, and be
+0), so speculation lives inside continuous batching with no extra target passes.
+
+KV cache: the target writes K/V for all 1 + k_i positions; only the accepted prefix stays
+meaningful. The engine advances `num_cached` by the tokens it emits, which leaves the
+rejected positions beyond it, to be overwritten by the next step — the rollback is that the
+cache length never counts them. The reservation of prompt + max_tokens slots made at
+admission covers every position written, because k_i is capped by what the request can
+still emit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from disaggserve_worker.engine.kv_cache import BlockAllocator
+from disaggserve_worker.engine.sampling import SamplingParams, filter_logits
+from disaggserve_worker.model.batch import BatchLayout
+from disaggserve_worker.model.llama import LlamaForCausalLM
+from disaggserve_worker.spec.config import SpeculationConfig
+from disaggserve_worker.spec.controller import Acceptance, GoodputController
+from disaggserve_worker.spec.draft import DraftProposer, DraftRequest
+from disaggserve_worker.spec.metrics import SpecMetrics
+from disaggserve_worker.spec.ngram import NgramProposer
+from disaggserve_worker.spec.rejection import verify_greedy, verify_sampled
+from disaggserve_worker.spec.step_time import StepCoefficients, StepTimeModel
+
+log = logging.getLogger(__name__)
+
+
+class SpecSequence(Protocol):
+    """What the speculator reads of an engine sequence (engine.Sequence satisfies it)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    tokens: list[int]
+    num_cached: int
+    slot_table: torch.Tensor | None
+    params: SamplingParams
+    generator: torch.Generator
+
+
+@dataclass
+class _RequestState:
+    acceptance: Acceptance = field(default_factory=Acceptance)
+
+
+@dataclass
+class StepReport:
+    """What the last step did (tests and the bench read it; metrics get the same)."""
+
+    ks: list[int]
+    proposed: list[int]
+    accepted: list[int]
+    seconds: float
+
+
+class Speculator:
+    def __init__(self, config: SpeculationConfig, model: LlamaForCausalLM, draft: DraftProposer | None = None,
+                 metrics: SpecMetrics | None = None, seed: StepCoefficients | None = None,
+                 draft_seed: StepCoefficients | None = None):
+        if not config.enabled:
+            raise ValueError("a Speculator needs speculation mode fixed or adaptive")
+        if config.proposer == "draft" and draft is None:
+            raise ValueError("the draft proposer needs a loaded draft model")
+        self.config = config
+        self.model = model
+        self.draft = draft if config.proposer == "draft" else None
+        self.ngram = NgramProposer(config.ngram_min, config.ngram_max) if config.proposer == "ngram" else None
+        self.metrics = metrics
+        self.controller = GoodputController(
+            max_tokens=config.max_tokens, verify=StepTimeModel(seed or GoodputController.default_seed()),
+            draft=(StepTimeModel(draft_seed or StepCoefficients(a=0.005, b=0.0, c=1e-4))
+                   if self.draft is not None else None),
+            bias=config.bias)
+        self._requests: dict[str, _RequestState] = {}
+        self._zero_steps = 0
+        self.kv_pool: list[torch.Tensor] | None = None
+        self.max_model_len = 1 << 30
+        self.sync: Callable[[], None] = lambda: None
+        self.last: StepReport | None = None
+
+    def attach(self, kv_pool: list[torch.Tensor], max_model_len: int, sync: Callable[[], None],
+               allocator: BlockAllocator | None = None) -> None:
+        """Called by the engine once its KV pool exists (before it serves anything)."""
+        self.kv_pool, self.max_model_len, self.sync = kv_pool, max_model_len, sync
+        if self.draft is not None:
+            self.draft.sync = sync
+        if allocator is not None and self.config.mode == "adaptive":
+            self.calibrate(allocator)
+
+    def calibrate(self, allocator: BlockAllocator, repeats: int = 2) -> None:
+        """Seed the verification step-time model from a few real forward passes (a micro profile
+        in the planner's form) on scratch slots of the idle pool.
+
+        Why: online, the controller mostly repeats the same k, so measured steps alone barely
+        tell the per-token cost from the fixed cost; a seed measured on this device with k
+        varied on purpose does, and the online fit then tracks drift from it.
+        """
+        k = self.config.max_tokens
+        shapes = [(1, 64, 0), (1, 64, k), (8, 64, 0), (8, 64, k), (8, 256, 0), (1, 256, k)]
+        span = 256 + k + 1
+        blocks = allocator.try_allocate(8 * span)
+        if blocks is None:
+            log.info("no scratch KV room to calibrate speculation; using the default step-time seed")
+            return
+        device = self.model.device
+        try:
+            table = allocator.slot_table(blocks, device)
+            fit = StepTimeModel(self.controller.verify.seed, prior_weight=0.5, refit_every=1 << 30)
+            for rep in range(repeats + 1):
+                for batch, ctx, extra in shapes:
+                    tables = [table[i * span:(i + 1) * span] for i in range(batch)]
+                    layout = BatchLayout.build([extra + 1] * batch, [ctx] * batch, tables, device,
+                                               self.model.sliding_window)
+                    ids = torch.zeros(batch * (extra + 1), dtype=torch.long, device=device)
+                    start = time.perf_counter()
+                    self.model.forward_step(ids, layout, self.kv_pool, all_logits=True)  # type: ignore[arg-type]
+                    self.sync()
+                    if rep:  # the first round warms up kernels and caches
+                        fit.observe(time.perf_counter() - start, batch * (ctx + extra + 1),
+                                    batch * (extra + 1))
+            fit.refit()
+        finally:
+            allocator.free(blocks)
+        self.controller.verify = StepTimeModel(fit.coefficients, prior_weight=16.0)
+        log.info("speculation step-time seed measured: %s", fit.coefficients)
+
+    def release(self, seq: SpecSequence) -> None:
+        """The sequence left the engine (finished, aborted, failed): drop its state and draft cache."""
+        self._requests.pop(seq.request_id, None)
+        if self.draft is not None:
+            self.draft.release(id(seq))
+
+    # ---- choosing k ---------------------------------------------------------------------------
+    def _caps(self, batch: list[SpecSequence]) -> list[int]:
+        """Tokens each request can still use: k + 1 emitted tokens must fit max_tokens and the model."""
+        return [max(0, min(self.config.max_tokens, s.params.max_tokens - len(s.tokens) - 1,
+                           self.max_model_len - len(s.prompt_ids) - len(s.tokens) - 1)) for s in batch]
+
+    def _lookups(self, histories: list[list[int]], caps: list[int]) -> list[list[int]]:
+        assert self.ngram is not None
+        return [self.ngram.propose(h, c) if c else [] for h, c in zip(histories, caps, strict=True)]
+
+    def _plan(self, batch: list[SpecSequence], histories: list[list[int]], caps: list[int]
+              ) -> tuple[list[int], list[list[int]]]:
+        """k per request, and the n-gram lookups (n-gram proposer) bounding them."""
+        if self.config.mode == "fixed":
+            lookups = self._lookups(histories, caps) if self.ngram is not None else []
+            return ([len(f) for f in lookups] if lookups else list(caps)), lookups
+        states = [self._requests.setdefault(s.request_id, _RequestState()) for s in batch]
+        alphas = [self.controller.alpha(st.acceptance) for st in states]
+        contexts = [s.num_cached + 1 for s in batch]
+        # Decide on the request's own caps first: a lookup only lowers caps, so when that says
+        # k = 0 everywhere the lookups (the proposer's whole cost) can be skipped.
+        ks = self.controller.choose(contexts, alphas, caps).ks
+        probe = False
+        if not any(ks):
+            # Acceptance is learnt only from proposals: probe with k=1 now and then, or a
+            # pessimistic estimate would never be corrected.
+            self._zero_steps += 1
+            probe = self._zero_steps >= self.config.probe_every
+            if not probe:
+                return ks, []
+            caps = [min(1, c) for c in caps]
+        self._zero_steps = 0
+        if self.ngram is None:
+            return (caps if probe else ks), []
+        lookups = self._lookups(histories, caps)
+        found = [len(f) for f in lookups]
+        if probe:
+            return found, lookups
+        return self.controller.choose(contexts, alphas, found).ks, lookups
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self, batch: list[SpecSequence]) -> list[list[int]]:
+        assert self.kv_pool is not None, "attach() the engine's KV pool first"
+        histories = [s.prompt_ids + s.tokens for s in batch]
+        ks, lookups = self._plan(batch, histories, self._caps(batch))
+        start = time.perf_counter()
+        proposals: list[list[int]]
+        draft_probs: list[torch.Tensor | None]
+        if self.ngram is not None:
+            proposals = ([found[:k] for found, k in zip(lookups, ks, strict=True)] if lookups
+                         else [[] for _ in batch])
+            draft_probs = [None] * len(batch)
+        else:
+            assert self.draft is not None and self.controller.draft is not None
+            draft_model = self.controller.draft
+            made = self.draft.propose(
+                [DraftRequest(id(s), h, k, len(s.prompt_ids) + s.params.max_tokens, s.params, s.generator)
+                 for s, h, k in zip(batch, histories, ks, strict=True)],
+                observe=lambda sec, _ctx, n: draft_model.observe(sec, 0, n))
+            proposals = [p.tokens for p in made]
+            draft_probs = [p.probs for p in made]
+        propose_seconds = time.perf_counter() - start
+        emitted, verify_seconds = self._verify(batch, proposals, draft_probs)
+        accepted = [len(e) - 1 for e in emitted]
+        for seq, history, proposal, n_ok in zip(batch, histories, proposals, accepted, strict=True):
+            if proposal:
+                state = self._requests.setdefault(seq.request_id, _RequestState())
+                self.controller.observe(state.acceptance, len(proposal), n_ok)
+            if self.draft is not None:
+                self.draft.rollback(id(seq), len(history) + n_ok)
+        proposed = [len(p) for p in proposals]
+        self.last = StepReport(ks=[len(p) for p in proposals], proposed=proposed, accepted=accepted,
+                               seconds=propose_seconds + verify_seconds)
+        if self.metrics is not None:
+            self.metrics.observe_step(self.last.ks, sum(proposed), sum(accepted), sum(map(len, emitted)),
+                                      len(batch), self.last.seconds, self.controller.alpha())
+        return emitted
+
+    def _verify(self, batch: list[SpecSequence], proposals: list[list[int]],
+                draft_probs: list[torch.Tensor | None]) -> tuple[list[list[int]], float]:
+        """One target forward over every sequence's last token + proposal; accept per sequence."""
+        device = self.model.device
+        new = [[s.tokens[-1], *p] for s, p in zip(batch, proposals, strict=True)]
+        ids = torch.tensor([t for row in new for t in row], dtype=torch.long, device=device)
+        past = [s.num_cached for s in batch]
+        layout = BatchLayout.build([len(r) for r in new], past, [s.slot_table for s in batch],  # type: ignore[misc]
+                                   device, self.model.sliding_window)
+        start = time.perf_counter()
+        logits = self.model.forward_step(ids, layout, self.kv_pool, all_logits=True)  # type: ignore[arg-type]
+        self.sync()
+        seconds = time.perf_counter() - start
+        self.controller.verify.observe(seconds, sum(past) + int(ids.numel()), int(ids.numel()))
+        argmax: list[int] = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
+        offsets = [0]
+        for row in new:
+            offsets.append(offsets[-1] + len(row))
+        emitted: list[list[int]] = []
+        for i, (seq, proposal) in enumerate(zip(batch, proposals, strict=True)):
+            lo, hi = offsets[i], offsets[i + 1]
+            if seq.params.temperature == 0.0:
+                emitted.append(verify_greedy(argmax[lo:hi], proposal))
+                continue
+            rows = logits[lo:hi].float().cpu()
+            probs = torch.stack([torch.softmax(filter_logits(r, seq.params), dim=-1) for r in rows])
+            emitted.append(verify_sampled(probs, proposal, draft_probs[i], seq.generator))
+        return emitted, seconds
