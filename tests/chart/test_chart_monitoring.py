@@ -202,7 +202,10 @@ def test_queries_select_only_labels_the_monitors_attach(helm_bin: str) -> None:
     service_monitor = next(o for o in objs if o["kind"] == "ServiceMonitor")
     attached = {r["targetLabel"] for e in pod_monitor["spec"]["podMetricsEndpoints"] for r in e["relabelings"]
                 if "targetLabel" in r}
-    attached |= {r["targetLabel"] for e in service_monitor["spec"]["endpoints"] for r in e["metricRelabelings"]}
+    # The operator labels its own series with the resource's `namespace` and `disaggserve`; the
+    # ServiceMonitor keeps them (honorLabels) instead of the operator pod's namespace.
+    assert all(e.get("honorLabels") for e in service_monitor["spec"]["endpoints"])
+    attached |= {"namespace", "disaggserve"}
     # The metrics' own labels: `phase` (operator), `status` (router requests); `job` is Prometheus's.
     known = attached | {"phase", "status", "job"}
     exprs = [e for _, e in _exprs()] + [r["expr"] for g in _rule_groups(helm_bin) for r in g["rules"]]

@@ -33,7 +33,7 @@ from disaggserve.status_logic import set_condition
 DESIRED_REPLICAS = Gauge(
     "disaggserve_operator_desired_replicas",
     "Instances the operator wants per phase (after autoscaling decisions).",
-    ["namespace", "name", "phase"],
+    ["namespace", "disaggserve", "phase"],
 )
 
 
