@@ -10,6 +10,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -25,25 +27,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.slow
-async def test_rendered_command_runs_the_operator(helm_bin: str, apiserver: Any) -> None:
+def _rendered() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(operator container, ClusterKopfPeering) of the cluster-scoped render."""
     objs = documents(template({"watch": {"scope": "cluster"}}))
     deployment = next(o for o in objs if o["kind"] == "Deployment")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    probe = container["livenessProbe"]["httpGet"]
-    port = _free_port()
-    # The pod listens on 0.0.0.0:<probe port>; here: loopback on a free port, everything else as rendered.
-    args = [a.replace(f"0.0.0.0:{container['ports'][0]['containerPort']}", f"127.0.0.1:{port}")
-            for a in container["args"]]
-    assert any(f"127.0.0.1:{port}{probe['path']}" in a for a in args), args
+    return deployment["spec"]["template"]["spec"]["containers"][0], next(
+        o for o in objs if o["kind"] == "ClusterKopfPeering")
 
-    peering = next(o for o in objs if o["kind"] == "ClusterKopfPeering")
-    async with httpx.AsyncClient(base_url=apiserver.url) as client:
+
+async def _install_peering(url: str, peering: dict[str, Any]) -> None:
+    async with httpx.AsyncClient(base_url=url) as client:
         resp = await client.post("/apis/kopf.dev/v1/clusterkopfpeerings", json=peering)
         assert resp.status_code in (200, 201), resp.text
 
-    env = {**os.environ, "DISAGGSERVE_WATCH_BACKOFF": "0.1"}
+
+@asynccontextmanager
+async def operator_process(container: dict[str, Any], pod_name: str) -> AsyncIterator[str]:
+    """One operator replica as the pod runs it; yields its liveness URL once that answers."""
+    probe_path = container["livenessProbe"]["httpGet"]["path"]
+    pod_port = container["ports"][0]["containerPort"]
+    port = _free_port()
+    # The pod listens on 0.0.0.0:<probe port>; here: loopback on a free port, everything else as rendered.
+    args = [a.replace(f"0.0.0.0:{pod_port}", f"127.0.0.1:{port}") for a in container["args"]]
+    url = f"http://127.0.0.1:{port}{probe_path}"
+    assert any(url in a for a in args), args
+    env = {**os.environ, "DISAGGSERVE_WATCH_BACKOFF": "0.1", "DISAGGSERVE_POD_NAME": pod_name}
     env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
+    env.pop("DISAGGSERVE_METRICS_PORT", None)  # two replicas on one host would collide on it
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "disaggserve.cli", *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -52,7 +62,7 @@ async def test_rendered_command_runs_the_operator(helm_bin: str, apiserver: Any)
         async with httpx.AsyncClient() as client:
             async def live() -> bool:
                 try:
-                    return (await client.get(f"http://127.0.0.1:{port}{probe['path']}")).status_code == 200
+                    return (await client.get(url)).status_code == 200
                 except httpx.TransportError:
                     return False
 
@@ -60,15 +70,11 @@ async def test_rendered_command_runs_the_operator(helm_bin: str, apiserver: Any)
                 if proc.returncode is not None or await live():
                     break
                 await asyncio.sleep(0.1)
-            assert proc.returncode is None, "the operator exited: " + (await proc.stdout.read()).decode()[-3000:]
+            if proc.returncode is not None:
+                output = (await proc.stdout.read()).decode() if proc.stdout else ""
+                raise AssertionError(f"the operator exited: {output[-3000:]}")
             assert await live(), "no answer on the liveness endpoint within 30 s"
-
-        await wait_for(lambda: (apiserver.get("kopf.dev", "clusterkopfpeerings", None, peering["metadata"]["name"])
-                                or {}).get("status"), timeout=20, message="operator registered in the peering")
-        resp = await create(apiserver.url, example())
-        assert resp.status_code == 201, resp.text
-        await wait_for(lambda: apiserver.get("apps", "statefulsets", "default", "tiny-decode"), timeout=20,
-                       message="the operator process reconciled the DisaggServe")
+        yield url
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -77,3 +83,36 @@ async def test_rendered_command_runs_the_operator(helm_bin: str, apiserver: Any)
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+@pytest.mark.slow
+async def test_rendered_command_runs_the_operator(helm_bin: str, apiserver: Any) -> None:
+    container, peering = _rendered()
+    await _install_peering(apiserver.url, peering)
+    async with operator_process(container, "disaggserve-0"):
+        await wait_for(lambda: (apiserver.get("kopf.dev", "clusterkopfpeerings", None, peering["metadata"]["name"])
+                                or {}).get("status"), timeout=20, message="operator registered in the peering")
+        resp = await create(apiserver.url, example())
+        assert resp.status_code == 201, resp.text
+        await wait_for(lambda: apiserver.get("apps", "statefulsets", "default", "tiny-decode"), timeout=20,
+                       message="the operator process reconciled the DisaggServe")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="`disaggserve operator` passes no kopf priority: replicas of one Deployment share priority 0, and "
+    "kopf pauses every operator with an equal-priority peer, so the chart's two replicas both stand still. "
+    "Fix in the CLI (a per-process priority); this test then passes and the marker must go.",
+)
+async def test_two_replicas_elect_one_that_works(helm_bin: str, apiserver: Any) -> None:
+    """The chart's default: two replicas with identical arguments; one must reconcile."""
+    container, peering = _rendered()
+    await _install_peering(apiserver.url, peering)
+    async with AsyncExitStack() as stack:
+        for pod in ("disaggserve-a", "disaggserve-b"):
+            await stack.enter_async_context(operator_process(container, pod))
+        resp = await create(apiserver.url, example())
+        assert resp.status_code == 201, resp.text
+        await wait_for(lambda: apiserver.get("apps", "statefulsets", "default", "tiny-decode"), timeout=10,
+                       message="one of two peered replicas reconciled the DisaggServe")
