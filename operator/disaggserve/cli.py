@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,10 +67,15 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             namespaces=[] if clusterwide else args.namespace,
             standalone=args.peering is None,
             peering_name=args.peering,
+            priority=args.priority,
             liveness_endpoint=args.liveness,
         )
     )
     return 0
+
+
+def _default_priority() -> int:
+    return random.SystemRandom().randint(1, 1_000_000)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     op.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
     op.add_argument("--peering", help="kopf peering name for high availability (replicas elect one leader)")
+    op.add_argument(
+        "--priority",
+        type=int,
+        default=_default_priority(),
+        help="peering priority; the highest running replica is active (default: a random one per process, "
+        "so that replicas never tie: kopf pauses every replica when two share the top priority)",
+    )
     op.add_argument("--liveness", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
     op.add_argument("-v", "--verbose", action="store_true")
     op.set_defaults(func=_cmd_operator)

@@ -99,12 +99,6 @@ async def test_rendered_command_runs_the_operator(helm_bin: str, apiserver: Any)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="`disaggserve operator` passes no kopf priority: replicas of one Deployment share priority 0, and "
-    "kopf pauses every operator with an equal-priority peer, so the chart's two replicas both stand still. "
-    "Fix in the CLI (a per-process priority); this test then passes and the marker must go.",
-)
 async def test_two_replicas_elect_one_that_works(helm_bin: str, apiserver: Any) -> None:
     """The chart's default: two replicas with identical arguments; one must reconcile."""
     container, peering = _rendered()

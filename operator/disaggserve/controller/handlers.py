@@ -4,7 +4,9 @@ Errors: a failed API call that can succeed later (409, 429, 5xx, timeouts) is a 
 TemporaryError, so kopf retries the handler with a short delay; anything the user must fix
 is reported in the resource's conditions and an Event, and is not retried until the spec
 changes. Deletion needs no handler: children carry ownerReferences and the garbage collector
-removes them, so an absent operator never blocks `kubectl delete`.
+removes them. kopf still puts its finalizer (`disaggserve.io/finalizer`) on each resource, to
+stop the per-resource timers cleanly; with no operator running, `kubectl delete` waits until the
+finalizer is removed by hand (docs/install.md, "Uninstall").
 """
 
 from __future__ import annotations
