@@ -36,6 +36,7 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
 }
 
 RETRYABLE_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+MAX_CONNECTIONS = 32  # to the API server, shared by all handlers of this operator
 
 
 class KubeError(Exception):
@@ -102,7 +103,15 @@ class Kube:
         cert = (self._cfg.cert_file, self._cfg.key_file) if self._cfg.cert_file else None
         if cert and isinstance(verify, ssl.SSLContext):
             verify.load_cert_chain(*cert)
-        self._http = httpx.AsyncClient(base_url=self._cfg.host, verify=verify, timeout=timeout)
+        # Waiting for a free connection is not an API failure: with many resources reconciling at
+        # once (each applying its children concurrently) a pool timeout would fail them all and
+        # their retries would collide again. Only connect/read/write are bounded.
+        self._http = httpx.AsyncClient(
+            base_url=self._cfg.host,
+            verify=verify,
+            timeout=httpx.Timeout(timeout, pool=None),
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()
