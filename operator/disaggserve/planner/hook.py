@@ -23,14 +23,15 @@ def manual_plan(spec: DisaggServeSpec) -> Plan:
     d_replicas = 1 if decode.replicas is None else decode.replicas
     placement = "low-affinity" if spec.placement == "low-affinity" else "high-affinity"
     units = max(1, gcd(p_replicas, d_replicas)) if placement == "low-affinity" else 1
+    unit = "GPU" if spec.hardware.device == "gpu" else "CPU worker"
     return Plan(
         placement=placement,
         prefill=PhasePlan(tensor=prefill.tensor, pipeline=prefill.pipeline, replicas=p_replicas),
         decode=PhasePlan(tensor=decode.tensor, pipeline=decode.pipeline, replicas=d_replicas),
         units=units,
         source="manual",
-        reason=f"manual: spec.parallelism ({p_replicas} prefill x {prefill.tensor * prefill.pipeline} GPU, "
-        f"{d_replicas} decode x {decode.tensor * decode.pipeline} GPU, {placement}, {units} unit(s))",
+        reason=f"manual: spec.parallelism ({p_replicas} prefill x {prefill.tensor * prefill.pipeline} {unit}, "
+        f"{d_replicas} decode x {decode.tensor * decode.pipeline} {unit}, {placement}, {units} unit(s))",
     )
 
 
