@@ -47,9 +47,14 @@ async def plan_of(cluster) -> dict:
     return ((await cluster.get("tiny")) or {}).get("status", {}).get("plan", {})
 
 
+def scaled_down(history: list[tuple[float, int, int, str, str]], after: float, peak: int) -> bool:
+    """True when the autoscaler published a scale-down step below the peak after it was reached."""
+    return any(t > after and p + d < peak and "scale-down" in reason for t, p, d, _, reason in history)
+
+
 async def test_overload_scales_up_and_quiet_scales_down_without_failures(cluster):
     url = (await cluster.endpoint("tiny")).removesuffix("/v1")
-    history: list[tuple[float, int, int, str]] = []
+    history: list[tuple[float, int, int, str, str]] = []
     loop = asyncio.get_running_loop()
     start = loop.time()
 
@@ -57,7 +62,13 @@ async def test_overload_scales_up_and_quiet_scales_down_without_failures(cluster
         while True:
             plan = await plan_of(cluster)
             history.append(
-                (loop.time() - start, plan["prefill"]["replicas"], plan["decode"]["replicas"], plan.get("source", ""))
+                (
+                    loop.time() - start,
+                    plan["prefill"]["replicas"],
+                    plan["decode"]["replicas"],
+                    plan.get("source", ""),
+                    plan.get("reason", ""),
+                )
             )
             await asyncio.sleep(0.5)
 
@@ -88,12 +99,14 @@ async def test_overload_scales_up_and_quiet_scales_down_without_failures(cluster
         )
         quiet = summarize(light, 0.1, 0.01)
         assert quiet["failed"] == 0, quiet["errors"]
+        peaked_at = min(h[0] for h in history if h[1] + h[2] == peak)
         for _ in range(60):
-            plan = await plan_of(cluster)
-            if plan["prefill"]["replicas"] + plan["decode"]["replicas"] < peak:
+            if scaled_down(history, peaked_at, peak):
                 break
             await asyncio.sleep(1)
-        assert plan["prefill"]["replicas"] + plan["decode"]["replicas"] < peak, "no scale-down after the load dropped"
-        assert "scale-down" in plan["reason"]
+        # The claim is that a scale-down step happened, not that the last plan is one: on a
+        # shared two-core machine light traffic can still miss a 10 ms TPOT after the step,
+        # and the autoscaler rightly scales back up then.
+        assert scaled_down(history, peaked_at, peak), f"no scale-down after the load dropped: {history[-3:]}"
     finally:
         recorder.cancel()
