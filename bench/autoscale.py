@@ -22,6 +22,7 @@ from typing import Any
 
 from disaggserve.api import parse_spec
 from disaggserve.api.plan import PhasePlan, Plan, Prediction
+from disaggserve.contract import max_tensor_parallel
 from disaggserve.metrics import Observed
 from disaggserve.planner.auto import Deployment, build_search, plan_automatically
 from disaggserve.planner.replan import recommend
@@ -31,6 +32,7 @@ from disaggserve.planner.search import Shape
 ROOT = Path(__file__).resolve().parent.parent
 INTERVAL_S = 30.0
 HPA_TARGET = 0.7
+MAX_TENSOR = max_tensor_parallel("gpu")  # what the operator plans with on GPUs
 HPA_STABILIZATION_S = 300.0  # the HPA's default scale-down stabilization
 SLO_STABILIZATION_S = 300.0
 NODES = [
@@ -88,7 +90,7 @@ class World:
     def measure(self, counts: Counts, rate: float) -> Observed:
         key = (counts.prefill, counts.decode, rate)
         if key not in self.cache:
-            setup = build_search(parse_spec(spec_dict(rate)), nodes=NODES, max_tensor=1)
+            setup = build_search(parse_spec(spec_dict(rate)), nodes=NODES, max_tensor=MAX_TENSOR)
             s = setup.searcher
             dep = Deployment(self.p_shape, counts.prefill, self.d_shape, counts.decode, 1, setup.topology.cross_gbps)
             result = dep.simulate(s, rate)
@@ -115,7 +117,7 @@ def phase_utilization(world: World, rate: float, counts: Counts) -> tuple[float,
     """Throughput utilisation per phase, the SLO-blind signal an HPA-style policy scales on:
     the prefill pipeline's bottleneck stage busy time per second per instance, and decode
     tokens/s demanded over what an instance produces at a full batch (128 sequences)."""
-    s = build_search(parse_spec(spec_dict(rate)), nodes=NODES, max_tensor=1).searcher
+    s = build_search(parse_spec(spec_dict(rate)), nodes=NODES, max_tensor=MAX_TENSOR).searcher
     length, output, batch = 512, 128, 128
     prefill = s.latency(world.p_shape)
     decode = s.latency(world.d_shape)
@@ -189,8 +191,8 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     rates = trace(args.quick)
-    peak_plan = plan_automatically(parse_spec(spec_dict(max(rates))), nodes=NODES, max_tensor=1).plan
-    start_plan = plan_automatically(parse_spec(spec_dict(rates[0])), nodes=NODES, max_tensor=1).plan
+    peak_plan = plan_automatically(parse_spec(spec_dict(max(rates))), nodes=NODES, max_tensor=MAX_TENSOR).plan
+    start_plan = plan_automatically(parse_spec(spec_dict(rates[0])), nodes=NODES, max_tensor=MAX_TENSOR).plan
     shapes = {
         "prefill": PhasePlan(tensor=peak_plan.prefill.tensor, pipeline=peak_plan.prefill.pipeline, replicas=1),
         "decode": PhasePlan(tensor=peak_plan.decode.tensor, pipeline=peak_plan.decode.pipeline, replicas=1),

@@ -12,7 +12,7 @@ from pathlib import Path
 from disaggserve import cli_plan
 from disaggserve.api.crd import dump_yaml, render_crd_yaml
 from disaggserve.api.files import ResourceFileError, load_resource
-from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL
+from disaggserve.contract import max_tensor_parallel
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -46,7 +46,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     except ResourceFileError as e:
         return fail(str(e))
     try:
-        plan = plan_for(resource.spec, max_tensor=WORKER_MAX_TENSOR_PARALLEL)
+        plan = plan_for(resource.spec, max_tensor=max_tensor_parallel(resource.spec.hardware.device))
         objects = build_children(Owner(resource.name, resource.namespace), resource.spec, plan)
     except (PlanningError, RenderError) as e:
         return fail(str(e), code=1)

@@ -14,7 +14,7 @@ from typing import Any
 from disaggserve.api.files import ResourceFileError, load_resource, read_yaml_documents
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
-from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL
+from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL, max_tensor_parallel
 from disaggserve.planner.auto import PlanOutcome, plan_automatically
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.hook import manual_plan
@@ -44,8 +44,8 @@ def register(subparsers: Any) -> None:
         type=int,
         choices=(1, 2, 4, 8),
         default=8,
-        help=f"largest tensor-parallel size to consider (the operator uses {WORKER_MAX_TENSOR_PARALLEL}, what this "
-        "release's worker runs; the default shows the method unconstrained)",
+        help=f"largest tensor-parallel size to consider (default {WORKER_MAX_TENSOR_PARALLEL}, what the operator "
+        "plans with on GPUs; a CPU worker runs size 1)",
     )
     p.set_defaults(func=run)
 
@@ -266,13 +266,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     facts = outcome_facts(outcome)
-    facts["deployable_by_operator"] = max(outcome.plan.prefill.tensor, outcome.plan.decode.tensor) <= (
-        WORKER_MAX_TENSOR_PARALLEL
-    )
+    worker_max = max_tensor_parallel(spec.hardware.device)
+    facts["deployable_by_operator"] = max(outcome.plan.prefill.tensor, outcome.plan.decode.tensor) <= worker_max
     if not facts["deployable_by_operator"] and args.output != "json":
         print(
-            f"note: this plan uses tensor parallelism; the worker of this release runs tensor size "
-            f"{WORKER_MAX_TENSOR_PARALLEL}, so the operator plans with --max-tensor {WORKER_MAX_TENSOR_PARALLEL}",
+            f"note: this plan uses tensor parallelism; a {spec.hardware.device.upper()} worker runs tensor size "
+            f"{worker_max}, so the operator plans with --max-tensor {worker_max}",
             file=sys.stderr,
         )
     if args.output == "json":

@@ -46,9 +46,14 @@ METRIC_SLO_MET = "disaggserve_slo_met_total"
 
 ROLES = ("prefill", "decode", "colocated")
 
-# The worker image of this release runs tensor-parallel size 1 (pipeline parallelism over the
-# pod's GPUs is supported). The operator plans within it; `disaggserve plan` shows the method.
-WORKER_MAX_TENSOR_PARALLEL = 1
+# The worker shards each layer over the GPUs of its pod (tensor) and splits layers into stages
+# (pipeline); a CPU worker has no devices to split over, so it runs size 1 of both.
+WORKER_MAX_TENSOR_PARALLEL = 8
+
+
+def max_tensor_parallel(device: str) -> int:
+    """The largest tensor-parallel size the worker runs on `spec.hardware.device`."""
+    return 1 if device == "cpu" else WORKER_MAX_TENSOR_PARALLEL
 
 
 def worker_args(

@@ -94,13 +94,18 @@ def _tensor_parallel() -> dict:
     return _set(example(name="tp-two"), "parallelism.prefill.tensor", 2)
 
 
+def _pipeline_on_cpu() -> dict:
+    return _set(example(name="pp-cpu"), "parallelism.decode.pipeline", 2)
+
+
 def _missing_profile() -> dict:
     return _set(example(name="no-profile"), "profile", {"configMapRef": {"name": "absent"}})
 
 
 OPERATOR_CASES = [
     ("name-too-long", _long_name, "InvalidSpec"),
-    ("tensor-parallel-not-in-this-release", _tensor_parallel, "TensorParallelUnavailable"),
+    ("tensor-parallel-on-a-cpu-worker", _tensor_parallel, "TensorParallelUnavailable"),
+    ("pipeline-parallel-on-a-cpu-worker", _pipeline_on_cpu, "PipelineParallelUnavailable"),
     ("profile-configmap-missing", _missing_profile, "ProfileMissing"),
 ]
 
@@ -141,3 +146,4 @@ async def test_fixing_the_spec_recovers(apiserver, operator):
     await patch_spec(apiserver.url, "tp-two", {"parallelism": {"prefill": {"tensor": 1}}})
     await wait_for(lambda: apiserver.get("apps", "statefulsets", "default", "tp-two-decode"), message="created")
     await wait_for(lambda: condition(obj(), "Planned")["status"] == "True")
+

@@ -127,3 +127,17 @@ async def test_delete_removes_every_child(apiserver, operator):
     assert resp.status_code in (200, 202)
     await wait_for(lambda: cr(apiserver) is None, message="resource gone (finalizer released)")
     await wait_for(lambda: children(apiserver) == {}, message="children garbage-collected")
+
+
+async def test_gpu_tensor_parallel_is_deployed_with_tensor_x_pipeline_gpus(apiserver, operator):
+    body = example(name="tp-gpu", file="opt-13b-low-affinity.yaml")
+    body["spec"]["parallelism"]["decode"].update(tensor=2, pipeline=2)
+    assert (await create(apiserver.url, body)).status_code == 201
+    decode = await wait_for(
+        lambda: apiserver.get("apps", "statefulsets", NS, "tp-gpu-u0-decode"), message="decode created"
+    )
+    container = decode["spec"]["template"]["spec"]["containers"][0]
+    assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "4"
+    args = container["args"]
+    assert args[args.index("--tensor-parallel") + 1] == "2"
+    assert args[args.index("--pipeline-parallel") + 1] == "2"

@@ -14,7 +14,7 @@ from typing import Any
 from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
-from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL
+from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL, max_tensor_parallel
 from disaggserve.controller.drain import prepare_scale_down
 from disaggserve.controller.kube import Kube, KubeError
 from disaggserve.planner import PlanningError, plan_for
@@ -57,13 +57,22 @@ class Refused(Exception):
 
 
 def _unsupported(spec: DisaggServeSpec) -> None:
-    if spec.parallelism and max(spec.parallelism.prefill.tensor, spec.parallelism.decode.tensor) > (
-        WORKER_MAX_TENSOR_PARALLEL
-    ):
+    """A CPU worker is one process on one device: it has nothing to shard or stage over."""
+    if spec.parallelism is None or spec.hardware.device != "cpu":
+        return
+    sizes = (spec.parallelism.prefill, spec.parallelism.decode)
+    if any(p.tensor > 1 for p in sizes):
         raise Refused(
             "TensorParallelUnavailable",
-            f"the worker of this release runs tensor-parallel size {WORKER_MAX_TENSOR_PARALLEL}: set "
-            "spec.parallelism.*.tensor to 1 and use pipeline (GPUs of one pod) or more replicas instead",
+            "a CPU worker runs tensor-parallel size 1: set spec.parallelism.*.tensor to 1 and add replicas, "
+            "or run on GPUs (hardware.device: gpu), where tensor sizes up to "
+            f"{WORKER_MAX_TENSOR_PARALLEL} shard each layer over the pod's GPUs",
+        )
+    if any(p.pipeline > 1 for p in sizes):
+        raise Refused(
+            "PipelineParallelUnavailable",
+            "a CPU worker runs pipeline-parallel size 1: set spec.parallelism.*.pipeline to 1 and add replicas, "
+            "or run on GPUs (hardware.device: gpu), where pipeline stages go to the pod's GPUs",
         )
 
 
@@ -126,7 +135,9 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
         profile = await _profile(kube, spec, namespace)
         nodes = await kube.list("v1", "Node") if spec.parallelism is None else None
         try:
-            plan = plan_for(spec, nodes=nodes, profile=profile, max_tensor=WORKER_MAX_TENSOR_PARALLEL)
+            plan = plan_for(
+                spec, nodes=nodes, profile=profile, max_tensor=max_tensor_parallel(spec.hardware.device)
+            )
         except PlanningError as e:
             raise Refused(e.reason, str(e)) from None
         plan = carry_over(plan, old_status.get("plan"), spec)
