@@ -41,7 +41,9 @@ def test_operator_rendering_is_accepted_when_the_control_plane_is_installed() ->
     (["--role", "prefill", "--speculation-mode", "adaptive"], "a prefill worker does none"),
     (["--speculation-mode", "fixed", "--speculation-proposer", "draft"], "needs --speculation-draft-model"),
     (["--speculation-max-tokens", "17"], "at most 16"),
-    (["--tensor-parallel", "2"], "tensor parallelism is not implemented"),
+    (["--tensor-parallel", "2", "--device", "cpu"], "with --device cpu use --tensor-parallel 1"),
+    (["--tensor-parallel", "3"], "must be one of 1, 2, 4, 8"),
+    (["--tensor-parallel", "16"], "a power of two no larger than 8"),
     (["--pipeline-parallel", "2", "--device", "cpu"], "splits layers over CUDA devices"),
     (["--speculation-ngram-min", "4", "--speculation-ngram-max", "2"], "must not exceed"),
 ])
@@ -87,11 +89,21 @@ def test_serve_runs_and_exits_cleanly_on_sigterm() -> None:
             proc.wait()
 
 
-def test_pipeline_parallel_without_enough_gpus_is_refused() -> None:
+def test_parallel_sizes_without_enough_gpus_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from disaggserve_worker.model.loader import ModelLoadError, stage_devices
+    from disaggserve_worker.model.loader import ModelLoadError, device_grid
 
-    assert stage_devices(torch.device("cpu"), 1) == [torch.device("cpu")]
+    assert device_grid(torch.device("cpu")) == [[torch.device("cpu")]]
     with pytest.raises(ModelLoadError, match="needs 2 CUDA devices"):
-        stage_devices(torch.device("cpu"), 2)
+        device_grid(torch.device("cpu"), pipeline=2)
+    with pytest.raises(ModelLoadError, match="tensor parallel size 2 needs 2 CUDA devices"):
+        device_grid(torch.device("cpu"), tensor=2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ModelLoadError, match=r"needs 8 CUDA devices but this pod sees 4; request "
+                                             r"nvidia.com/gpu: 8"):
+        device_grid(torch.device("cuda"), pipeline=2, tensor=4)
+    cuda = [torch.device("cuda", i) for i in range(4)]
+    # Stage s takes cuda:s*T .. s*T+T-1: a stage's shards are neighbours (one NVLink island).
+    assert device_grid(torch.device("cuda"), pipeline=2, tensor=2) == [cuda[:2], cuda[2:]]
+    assert device_grid(torch.device("cuda"), pipeline=1, tensor=4) == [cuda]

@@ -23,6 +23,9 @@ from disaggserve_worker import contract
 log = logging.getLogger("disaggserve_worker")
 
 SPECULATION_MODES = ("off", "fixed", "adaptive")
+# The operator's CRD admits these tensor sizes (powers of two up to a node's 8 GPUs); the worker
+# refuses others up front instead of failing later on a model whose heads happen not to split.
+TENSOR_SIZES = (1, 2, 4, 8)
 SPECULATION_PROPOSERS = ("ngram", "draft")
 
 
@@ -63,6 +66,30 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
 
 
+def _add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor-parallel", type=_positive_int, default=1,
+                        help="shard each layer over this many local GPUs (1, 2, 4 or 8)")
+    parser.add_argument("--pipeline-parallel", type=_positive_int, default=1,
+                        help="split the layers into this many stages; the pod needs tensor x pipeline GPUs")
+
+
+def parallel_problems(args: argparse.Namespace) -> list[str]:
+    """Parallel sizes this worker cannot run, whatever the model (serve and profile share them)."""
+    problems = []
+    if args.tensor_parallel not in TENSOR_SIZES:
+        problems.append(f"--tensor-parallel {args.tensor_parallel}: must be one of "
+                        f"{', '.join(map(str, TENSOR_SIZES))} (a power of two no larger than 8, as the "
+                        "operator plans it); the model's attention heads, KV heads and intermediate size "
+                        "must also divide by it")
+    if args.tensor_parallel > 1 and args.device == "cpu":
+        problems.append(f"--tensor-parallel {args.tensor_parallel} shards each layer over CUDA devices; "
+                        "with --device cpu use --tensor-parallel 1")
+    if args.pipeline_parallel > 1 and args.device == "cpu":
+        problems.append(f"--pipeline-parallel {args.pipeline_parallel} splits layers over CUDA devices; "
+                        "with --device cpu use --pipeline-parallel 1")
+    return problems
+
+
 def _add_serve(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="run one worker process")
     p.add_argument("--role", choices=contract.ROLES, required=True)
@@ -71,8 +98,7 @@ def _add_serve(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=contract.WORKER_PORT)
     p.add_argument("--kv-port", type=_port, default=contract.KV_PORT)
-    p.add_argument("--tensor-parallel", type=_positive_int, default=1)
-    p.add_argument("--pipeline-parallel", type=_positive_int, default=1)
+    _add_parallel_flags(p)
     p.add_argument("--ttft-slo-ms", type=_positive_float, default=None)
     p.add_argument("--tpot-slo-ms", type=_positive_float, default=None)
     p.add_argument("--max-model-len", type=_positive_int, default=None)
@@ -104,6 +130,7 @@ def _add_profile(subparsers: Any) -> None:
     p.add_argument("--out", default="profile.json")
     p.add_argument("--quick", action="store_true", help="small sweep (about 20 s on a laptop CPU)")
     p.add_argument("--repeats", type=_positive_int, default=None)
+    _add_parallel_flags(p)
     p.set_defaults(handler=profile)
 
 
@@ -140,14 +167,7 @@ def validate_serve_args(args: argparse.Namespace) -> list[str]:
     needs_draft = args.speculation_proposer == "draft" and args.speculation_mode != "off"
     if needs_draft and not args.speculation_draft_model:
         problems.append("--speculation-proposer draft needs --speculation-draft-model")
-    if args.tensor_parallel > 1:
-        problems.append(f"--tensor-parallel {args.tensor_parallel}: tensor parallelism is not implemented "
-                        "yet in this worker; plan with tensor=1 (pipeline parallelism over the pod's GPUs "
-                        "is supported with --pipeline-parallel)")
-    if args.pipeline_parallel > 1 and args.device == "cpu":
-        problems.append(f"--pipeline-parallel {args.pipeline_parallel} splits layers over CUDA devices; "
-                        "with --device cpu use --pipeline-parallel 1")
-    return problems
+    return problems + parallel_problems(args)
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -176,10 +196,9 @@ def serve(args: argparse.Namespace) -> int:
     from disaggserve_worker.server.worker_metrics import WorkerMetrics
 
     try:
-        loaded = load_model(args.model, args.device, args.dtype, pipeline=args.pipeline_parallel)
-        layer_devices = loaded.model.layer_devices or [loaded.model.device]
-        kv_tokens = args.kv_cache_tokens or auto_kv_cache_tokens(loaded.config, loaded.model.dtype,
-                                                                 layer_devices)
+        loaded = load_model(args.model, args.device, args.dtype, pipeline=args.pipeline_parallel,
+                            tensor=args.tensor_parallel)
+        kv_tokens = args.kv_cache_tokens or auto_kv_cache_tokens(loaded.model.kv_bytes_per_token())
     except (ModelLoadError, MemoryError) as error:
         print(f"disaggserve-worker serve: {error}", file=sys.stderr)
         return 2
@@ -203,9 +222,10 @@ def serve(args: argparse.Namespace) -> int:
     server = WorkerServer(engine, ServerConfig(
         role=args.role, host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=advertise,
         model_name=args.model_name or loaded.name, admission_timeout_s=args.admission_timeout_s), metrics)
-    log.info("serving %s as %s on %s:%d (kv %s), device %s %s, %d KV tokens, identity %s", args.model,
-             args.role, args.host, args.port, server.kv_address, loaded.model.device, loaded.model.dtype,
-             kv_tokens, identity)
+    log.info("serving %s as %s on %s:%d (kv %s), devices %s (tensor %d x pipeline %d) %s, %d KV tokens, "
+             "identity %s", args.model, args.role, args.host, args.port, server.kv_address,
+             ",".join(map(str, loaded.model.devices)), args.tensor_parallel, args.pipeline_parallel,
+             loaded.model.dtype, kv_tokens, identity)
     return asyncio.run(_serve(server, args.drain_grace_s))
 
 
@@ -254,13 +274,18 @@ async def _serve(server: Any, grace_s: float) -> int:
 
 
 def profile(args: argparse.Namespace) -> int:
+    problems = parallel_problems(args)
+    if problems:
+        for problem in problems:
+            print(f"disaggserve-worker profile: {problem}", file=sys.stderr)
+        return 2
     _setup(args)
     from disaggserve_worker.model.loader import ModelLoadError
     from disaggserve_worker.profile.run import run_profile
 
     try:
         run_profile(args.model, device=args.device, dtype=args.dtype, out=args.out, quick=args.quick,
-                    repeats=args.repeats)
+                    repeats=args.repeats, tensor=args.tensor_parallel, pipeline=args.pipeline_parallel)
     except ModelLoadError as error:
         print(f"disaggserve-worker profile: {error}", file=sys.stderr)
         return 2
