@@ -53,6 +53,15 @@ def test_unsupported_or_inconsistent_flags_are_refused(extra: list[str], needle:
     assert needle in capsys.readouterr().err
 
 
+def test_tensor_parallel_without_gpus_names_the_gpus_to_request(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.device_count() >= 4:
+        pytest.skip("this machine has the GPUs: the worker would start")
+    assert main([*RENDERED, "--tensor-parallel", "2", "--pipeline-parallel", "2"]) == 2
+    assert "tensor parallel size 2 needs 4 CUDA devices" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bad", [["--role", "router"], ["--port", "70000"], ["--tensor-parallel", "0"],
                                  ["--device", "tpu"], ["--ttft-slo-ms", "-1"]])
 def test_malformed_flags_exit_with_usage(bad: list[str]) -> None:
