@@ -23,8 +23,6 @@ from disaggserve_worker.model.layers import MLP, Attention, RMSNorm, StepInputs
 from disaggserve_worker.model.rope import Rotary
 from disaggserve_worker.model.tensor_parallel import ShardedAttention, ShardedMLP, check_divisible
 
-__all__ = ["MLP", "Attention", "KVPool", "LlamaForCausalLM", "RMSNorm"]
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -58,6 +56,7 @@ class LlamaForCausalLM(nn.Module):
         self.layer_devices: list[tuple[torch.device, ...]] | None = None
         self.tensor_parallel = 1
         self.pipeline_parallel = 1
+        self._placed_devices: list[torch.device] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -70,11 +69,11 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def devices(self) -> list[torch.device]:
-        """Every device the model computes on, in first-use order."""
-        seen = dict.fromkeys([self.device, *(d for i in range(self.config.num_hidden_layers)
-                                              for d in self._layer_devices(i)),
-                              self.lm_head.weight.device])
-        return list(seen)
+        """Every device the model computes on, in first-use order (read on every engine step,
+        so a placed model answers from the list `place` made)."""
+        if self._placed_devices is not None:
+            return self._placed_devices
+        return list(dict.fromkeys([self.device, self.lm_head.weight.device]))
 
     def place(self, grid: list[list[torch.device]]) -> LlamaForCausalLM:
         """Spread over `grid[stage][shard]`: len(grid) pipeline stages of near-equal contiguous
@@ -114,6 +113,7 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head.to(last)
         self.tensor_parallel, self.pipeline_parallel = tensor, len(grid)
+        self._placed_devices = list(dict.fromkeys(d for row in grid for d in row))
         return self
 
     def _layer_devices(self, index: int) -> tuple[torch.device, ...]:
