@@ -198,8 +198,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         loaded = load_model(args.model, args.device, args.dtype, pipeline=args.pipeline_parallel,
                             tensor=args.tensor_parallel)
-        kv_tokens = args.kv_cache_tokens or auto_kv_cache_tokens(loaded.model.kv_bytes_per_token())
-    except (ModelLoadError, MemoryError) as error:
+        draft = load_draft(args, loaded)
+        kv_tokens = args.kv_cache_tokens or auto_kv_cache_tokens(kv_bytes_per_token(loaded, draft))
+    except (ModelLoadError, MemoryError, ValueError) as error:
         print(f"disaggserve-worker serve: {error}", file=sys.stderr)
         return 2
     max_len = min(args.max_model_len or loaded.config.max_position_embeddings, kv_tokens)
@@ -209,11 +210,7 @@ def serve(args: argparse.Namespace) -> int:
                                                   "127.0.0.1")
     metrics = WorkerMetrics(args.role, lambda: engine.load(), args.ttft_slo_ms and args.ttft_slo_ms / 1000,
                             args.tpot_slo_ms and args.tpot_slo_ms / 1000)
-    try:
-        speculator = build_speculator(args, loaded, kv_tokens, metrics.registry)
-    except (ModelLoadError, ValueError) as error:
-        print(f"disaggserve-worker serve: {error}", file=sys.stderr)
-        return 2
+    speculator = build_speculator(args, loaded, kv_tokens, metrics.registry, draft)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids,
                     EngineConfig(role=args.role, kv_cache_tokens=kv_tokens, block_size=args.block_size,
                                  max_batch_tokens=args.max_batch_tokens, max_model_len=max_len,
@@ -229,29 +226,58 @@ def serve(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(server, args.drain_grace_s))
 
 
-def build_speculator(args: argparse.Namespace, loaded: Any, kv_tokens: int, registry: Any) -> Any:
-    """The decode loop's speculator from the --speculation-* flags, or None when off."""
+def _speculation_config(args: argparse.Namespace) -> Any:
     from disaggserve_worker.spec.config import SpeculationConfig
 
-    config = SpeculationConfig(mode=args.speculation_mode, proposer=args.speculation_proposer,
-                               max_tokens=args.speculation_max_tokens, ngram_min=args.speculation_ngram_min,
-                               ngram_max=args.speculation_ngram_max, draft_model=args.speculation_draft_model)
-    if not config.enabled:
+    return SpeculationConfig(mode=args.speculation_mode, proposer=args.speculation_proposer,
+                             max_tokens=args.speculation_max_tokens, ngram_min=args.speculation_ngram_min,
+                             ngram_max=args.speculation_ngram_max, draft_model=args.speculation_draft_model)
+
+
+def load_draft(args: argparse.Namespace, loaded: Any) -> Any:
+    """The draft model when the flags ask for one (else None), checked against the target.
+
+    Loaded before the KV pools are sized: its cache (as many slots as the target's) shares the
+    target's first device, so `kv_bytes_per_token` must count it or the pools overrun memory.
+    """
+    config = _speculation_config(args)
+    if not config.enabled or config.proposer != "draft":
         return None
     from disaggserve_worker.model.loader import load_model
-    from disaggserve_worker.spec.draft import DraftProposer, check_compatible
+    from disaggserve_worker.spec.draft import check_compatible
+
+    # The draft runs unsharded beside the target's first stage and shard, in the target's dtype.
+    device = loaded.model.device
+    draft = load_model(config.draft_model, "cuda" if device.type == "cuda" else "cpu", args.dtype)
+    draft.model.to(device)
+    check_compatible(loaded.config.vocab_size, draft.model,
+                     draft.tokenizer.get_vocab() == loaded.tokenizer.get_vocab())
+    return draft
+
+
+def kv_bytes_per_token(loaded: Any, draft: Any = None) -> dict[Any, int]:
+    """What one KV slot costs on each device: the target's stages and shards, plus the draft's cache."""
+    out = dict(loaded.model.kv_bytes_per_token())
+    if draft is not None:
+        for device, size in draft.model.kv_bytes_per_token().items():
+            out[device] = out.get(device, 0) + size
+    return out
+
+
+def build_speculator(args: argparse.Namespace, loaded: Any, kv_tokens: int, registry: Any,
+                     draft_loaded: Any = None) -> Any:
+    """The decode loop's speculator from the --speculation-* flags, or None when off (the draft
+    model is loaded here unless `load_draft` already did)."""
+    config = _speculation_config(args)
+    if not config.enabled:
+        return None
+    from disaggserve_worker.spec.draft import DraftProposer
     from disaggserve_worker.spec.metrics import SpecMetrics
     from disaggserve_worker.spec.speculator import Speculator
 
     draft = None
     if config.proposer == "draft":
-        # The draft runs beside the target's first stage, in the target's dtype.
-        device = loaded.model.device
-        draft_loaded = load_model(config.draft_model, "cuda" if device.type == "cuda" else "cpu",  # type: ignore[arg-type]
-                                  args.dtype)
-        draft_loaded.model.to(device)
-        check_compatible(loaded.config.vocab_size, draft_loaded.model,
-                         draft_loaded.tokenizer.get_vocab() == loaded.tokenizer.get_vocab())
+        draft_loaded = draft_loaded or load_draft(args, loaded)
         draft = DraftProposer(draft_loaded.model, kv_tokens, args.block_size)
     log.info("speculation %s with %s proposer, up to %d tokens", config.mode, config.proposer,
              config.max_tokens)
