@@ -37,6 +37,17 @@ def test_operator_rendering_is_accepted_when_the_control_plane_is_installed() ->
     assert validate_serve_args(build_parser().parse_args(rendered)) == []
 
 
+@pytest.mark.parametrize("tensor", [2, 4, 8])
+def test_operator_rendered_tensor_sizes_are_accepted_on_gpus(tensor: int) -> None:
+    operator_contract = pytest.importorskip("disaggserve.contract")
+    rendered = operator_contract.worker_args(role="decode", model="builtin:tiny-llama", model_name="tiny",
+                                             tensor=tensor, pipeline=2, device="cuda", ttft_slo_ms=200,
+                                             tpot_slo_ms=50)
+    args = build_parser().parse_args(rendered)
+    assert (args.tensor_parallel, args.pipeline_parallel) == (tensor, 2)
+    assert validate_serve_args(args) == []
+
+
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--role", "prefill", "--speculation-mode", "adaptive"], "a prefill worker does none"),
     (["--speculation-mode", "fixed", "--speculation-proposer", "draft"], "needs --speculation-draft-model"),
