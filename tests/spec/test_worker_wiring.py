@@ -101,3 +101,22 @@ def test_operator_rendered_speculation_flags_are_accepted_on_decode(
     assert speculator is not None
     assert (speculator.config.mode, speculator.config.max_tokens) == (speculation["mode"],
                                                                       speculation["max-tokens"])
+
+
+def test_the_draft_cache_counts_in_kv_sizing(tiny: LoadedModel) -> None:
+    """The draft's pool (as many slots as the target's) sits on the target's first device: sizing
+    the target's pool from free memory without it would overrun that device."""
+    from disaggserve_worker.cli import kv_bytes_per_token, load_draft
+
+    ngram = build_parser().parse_args([*FLAGS, "--speculation-proposer", "ngram"])
+    assert load_draft(ngram, tiny) is None
+    assert kv_bytes_per_token(tiny) == tiny.model.kv_bytes_per_token()
+    args = build_parser().parse_args([*FLAGS, "--speculation-proposer", "draft",
+                                      "--speculation-draft-model", "builtin:tiny-llama-draft"])
+    draft = load_draft(args, tiny)
+    assert draft is not None and draft.model.device == tiny.model.device
+    (device,) = kv_bytes_per_token(tiny, draft)
+    assert kv_bytes_per_token(tiny, draft)[device] == (tiny.config.kv_bytes_per_token(4)
+                                                       + draft.config.kv_bytes_per_token(4))
+    assert build_speculator(args, tiny, 256, WorkerMetrics("decode", dict, None, None).registry,
+                            draft).draft.model is draft.model  # the loaded draft is used, not reloaded

@@ -37,11 +37,24 @@ def test_operator_rendering_is_accepted_when_the_control_plane_is_installed() ->
     assert validate_serve_args(build_parser().parse_args(rendered)) == []
 
 
+@pytest.mark.parametrize("tensor", [2, 4, 8])
+def test_operator_rendered_tensor_sizes_are_accepted_on_gpus(tensor: int) -> None:
+    operator_contract = pytest.importorskip("disaggserve.contract")
+    rendered = operator_contract.worker_args(role="decode", model="builtin:tiny-llama", model_name="tiny",
+                                             tensor=tensor, pipeline=2, device="cuda", ttft_slo_ms=200,
+                                             tpot_slo_ms=50)
+    args = build_parser().parse_args(rendered)
+    assert (args.tensor_parallel, args.pipeline_parallel) == (tensor, 2)
+    assert validate_serve_args(args) == []
+
+
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--role", "prefill", "--speculation-mode", "adaptive"], "a prefill worker does none"),
     (["--speculation-mode", "fixed", "--speculation-proposer", "draft"], "needs --speculation-draft-model"),
     (["--speculation-max-tokens", "17"], "at most 16"),
-    (["--tensor-parallel", "2"], "tensor parallelism is not implemented"),
+    (["--tensor-parallel", "2", "--device", "cpu"], "with --device cpu use --tensor-parallel 1"),
+    (["--tensor-parallel", "3"], "must be one of 1, 2, 4, 8"),
+    (["--tensor-parallel", "16"], "a power of two no larger than 8"),
     (["--pipeline-parallel", "2", "--device", "cpu"], "splits layers over CUDA devices"),
     (["--speculation-ngram-min", "4", "--speculation-ngram-max", "2"], "must not exceed"),
 ])
@@ -49,6 +62,15 @@ def test_unsupported_or_inconsistent_flags_are_refused(extra: list[str], needle:
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*RENDERED, *extra]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_tensor_parallel_without_gpus_names_the_gpus_to_request(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.device_count() >= 4:
+        pytest.skip("this machine has the GPUs: the worker would start")
+    assert main([*RENDERED, "--tensor-parallel", "2", "--pipeline-parallel", "2"]) == 2
+    assert "tensor parallel size 2 needs 4 CUDA devices" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", [["--role", "router"], ["--port", "70000"], ["--tensor-parallel", "0"],
@@ -87,11 +109,21 @@ def test_serve_runs_and_exits_cleanly_on_sigterm() -> None:
             proc.wait()
 
 
-def test_pipeline_parallel_without_enough_gpus_is_refused() -> None:
+def test_parallel_sizes_without_enough_gpus_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from disaggserve_worker.model.loader import ModelLoadError, stage_devices
+    from disaggserve_worker.model.loader import ModelLoadError, device_grid
 
-    assert stage_devices(torch.device("cpu"), 1) == [torch.device("cpu")]
+    assert device_grid(torch.device("cpu")) == [[torch.device("cpu")]]
     with pytest.raises(ModelLoadError, match="needs 2 CUDA devices"):
-        stage_devices(torch.device("cpu"), 2)
+        device_grid(torch.device("cpu"), pipeline=2)
+    with pytest.raises(ModelLoadError, match="tensor parallel size 2 needs 2 CUDA devices"):
+        device_grid(torch.device("cpu"), tensor=2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ModelLoadError, match=r"needs 8 CUDA devices but this pod sees 4; request "
+                                             r"nvidia.com/gpu: 8"):
+        device_grid(torch.device("cuda"), pipeline=2, tensor=4)
+    cuda = [torch.device("cuda", i) for i in range(4)]
+    # Stage s takes cuda:s*T .. s*T+T-1: a stage's shards are neighbours (one NVLink island).
+    assert device_grid(torch.device("cuda"), pipeline=2, tensor=2) == [cuda[:2], cuda[2:]]
+    assert device_grid(torch.device("cuda"), pipeline=1, tensor=4) == [cuda]

@@ -144,7 +144,7 @@ async def test_pipeline_stages_give_the_same_tokens(reference_greedy: Callable[[
     from disaggserve_worker.model.loader import load_model
 
     staged = load_model("builtin:tiny-llama", device="cpu")
-    staged.model.place([torch.device("cpu")] * 2)
+    staged.model.place([[torch.device("cpu")]] * 2)
     assert staged.model.layer_devices is not None and len(staged.model.layer_devices) == 4
     engine = Engine(staged.model, staged.tokenizer, [], EngineConfig(role="colocated", kv_cache_tokens=256))
     engine.start()
@@ -156,7 +156,7 @@ async def test_pipeline_stages_give_the_same_tokens(reference_greedy: Callable[[
     finally:
         engine.stop()
     with pytest.raises(ValueError, match="between 1 and the layer count"):
-        staged.model.place([torch.device("cpu")] * 5)
+        staged.model.place([[torch.device("cpu")]] * 5)
 
 
 def _cpu_ticks(stat: Path) -> int | None:

@@ -153,14 +153,15 @@ async def test_pulled_cache_equals_source_and_is_freed_after_ack(tiny: LoadedMod
         held = engine.pin_held(handle)
         assert held is not None
         engine.unpin_held(handle, release=False)
-        source = torch.stack([layer[:, held.slot_table[: len(prompt)]] for layer in engine.kv_pool])
+        source = torch.stack([engine.kv_pool.read(i, held.slot_table[: len(prompt)])
+                              for i in range(len(engine.kv_pool))])
         reservation = receiver.reserve(prompt, SamplingParams(max_tokens=8))
         assert reservation is not None
         stats = await TcpKVTransport().pull(address, handle, "r", layout_of(receiver),
                                             pool_sink(receiver, reservation.slot_table))
         assert stats.bytes == source.numel() * 4
         slots = reservation.slot_table[: len(prompt)]
-        received = torch.stack([layer[:, slots] for layer in receiver.kv_pool])
+        received = torch.stack([receiver.kv_pool.read(i, slots) for i in range(len(receiver.kv_pool))])
         assert torch.equal(received, source)
         for _ in range(50):
             if engine.held_count == 0:
@@ -194,17 +195,19 @@ async def test_bfloat16_cache_crosses_the_wire_bit_exact() -> None:
     engine, server, address, handle, prompt = await _prefilled(loaded, ttl=30)
     receiver = Engine(loaded.model, loaded.tokenizer, [], EngineConfig(role="decode", kv_cache_tokens=256))
     try:
-        assert engine.kv_pool[0].dtype == torch.bfloat16
+        assert engine.kv_pool.dtype == torch.bfloat16
         held = engine.pin_held(handle)
         assert held is not None
         engine.unpin_held(handle, release=False)
-        source = torch.stack([layer[:, held.slot_table[: len(prompt)]] for layer in engine.kv_pool])
+        source = torch.stack([engine.kv_pool.read(i, held.slot_table[: len(prompt)])
+                              for i in range(len(engine.kv_pool))])
         reservation = receiver.reserve(prompt, SamplingParams(max_tokens=4))
         assert reservation is not None
         await TcpKVTransport().pull(address, handle, "r", layout_of(receiver),
                                     pool_sink(receiver, reservation.slot_table))
         slots = reservation.slot_table[: len(prompt)]
-        assert torch.equal(torch.stack([layer[:, slots] for layer in receiver.kv_pool]), source)
+        assert torch.equal(torch.stack([receiver.kv_pool.read(i, slots) for i in range(len(receiver.kv_pool))]),
+                           source)
         assert source.abs().sum() > 0
     finally:
         await server.stop()

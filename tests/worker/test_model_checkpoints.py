@@ -32,8 +32,10 @@ def _write(tmp_path: Path, hf_model: torch.nn.Module, shard: str | None = None) 
     return folder
 
 
-def _compare(folder: Path, hf_model: torch.nn.Module, length: int = 40) -> None:
+def _compare(folder: Path, hf_model: torch.nn.Module, length: int = 40, tensor: int = 1) -> None:
     ours = load_model(str(folder), device="cpu")
+    if tensor > 1:  # shards on one CPU: the split weights and biases must still give HF's logits
+        ours.model.place([[torch.device("cpu")] * tensor])
     ids = torch.randint(0, 512, (length,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf_model.eval()(ids[None]).logits[0].float()
@@ -67,6 +69,19 @@ def test_qwen2_checkpoint_with_biases_matches_transformers(tmp_path: Path) -> No
     hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL))
     assert hf.model.layers[0].self_attn.q_proj.bias is not None
     _compare(_write(tmp_path, hf), hf)
+
+
+@pytest.mark.parametrize("family", ["llama-biases", "qwen2"])
+def test_tensor_sharded_checkpoint_matches_transformers(tmp_path: Path, family: str) -> None:
+    """o_proj/down_proj biases are added once (not once per shard); q/k/v biases split by heads."""
+    if family == "qwen2":
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, attention_bias=True,
+                                                                    mlp_bias=True))
+        assert hf.model.layers[0].self_attn.o_proj.bias is not None
+        assert hf.model.layers[0].mlp.down_proj.bias is not None
+    _compare(_write(tmp_path, hf), hf, tensor=2)
 
 
 def test_mistral_checkpoint_with_sliding_window_matches_transformers(tmp_path: Path) -> None:

@@ -49,3 +49,21 @@ def test_quick_profile_writes_a_valid_profile(tmp_path: Path) -> None:
     longest = max((p for p in points if p["phase"] == "prefill"), key=lambda p: p["batch"] * p["length"])
     shortest = min((p for p in points if p["phase"] == "prefill"), key=lambda p: p["batch"] * p["length"])
     assert longest["predicted_ms"] > shortest["predicted_ms"]
+
+
+def test_profile_records_the_parallel_sizes_it_ran(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from disaggserve_worker.model.loader import load_model
+    from disaggserve_worker.profile.run import Sweep, profile_model
+
+    loaded = load_model("builtin:tiny-llama", device="cpu")
+    loaded.model.place([[torch.device("cpu")] * 2])
+    sweep = Sweep(prefill=[(1, 8), (1, 16), (2, 16)], decode=[(1, 8), (2, 8), (4, 16)], repeats=1)
+    (entry,) = profile_model(loaded, sweep).profile["entries"]
+    assert (entry["tensor"], entry["pipeline"]) == (2, 1)
+    # On a CPU there are no devices to shard over: refused before anything is measured.
+    out = tmp_path / "p.json"
+    assert main(["profile", "--model", "builtin:tiny-llama", "--device", "cpu", "--tensor-parallel", "2",
+                 "--out", str(out)]) == 2
+    assert "with --device cpu use --tensor-parallel 1" in capsys.readouterr().err and not out.exists()

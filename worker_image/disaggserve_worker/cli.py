@@ -23,6 +23,9 @@ from disaggserve_worker import contract
 log = logging.getLogger("disaggserve_worker")
 
 SPECULATION_MODES = ("off", "fixed", "adaptive")
+# The operator's CRD admits these tensor sizes (powers of two up to a node's 8 GPUs); the worker
+# refuses others up front instead of failing later on a model whose heads happen not to split.
+TENSOR_SIZES = (1, 2, 4, 8)
 SPECULATION_PROPOSERS = ("ngram", "draft")
 
 
@@ -63,6 +66,30 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
 
 
+def _add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor-parallel", type=_positive_int, default=1,
+                        help="shard each layer over this many local GPUs (1, 2, 4 or 8)")
+    parser.add_argument("--pipeline-parallel", type=_positive_int, default=1,
+                        help="split the layers into this many stages; the pod needs tensor x pipeline GPUs")
+
+
+def parallel_problems(args: argparse.Namespace) -> list[str]:
+    """Parallel sizes this worker cannot run, whatever the model (serve and profile share them)."""
+    problems = []
+    if args.tensor_parallel not in TENSOR_SIZES:
+        problems.append(f"--tensor-parallel {args.tensor_parallel}: must be one of "
+                        f"{', '.join(map(str, TENSOR_SIZES))} (a power of two no larger than 8, as the "
+                        "operator plans it); the model's attention heads, KV heads and intermediate size "
+                        "must also divide by it")
+    if args.tensor_parallel > 1 and args.device == "cpu":
+        problems.append(f"--tensor-parallel {args.tensor_parallel} shards each layer over CUDA devices; "
+                        "with --device cpu use --tensor-parallel 1")
+    if args.pipeline_parallel > 1 and args.device == "cpu":
+        problems.append(f"--pipeline-parallel {args.pipeline_parallel} splits layers over CUDA devices; "
+                        "with --device cpu use --pipeline-parallel 1")
+    return problems
+
+
 def _add_serve(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="run one worker process")
     p.add_argument("--role", choices=contract.ROLES, required=True)
@@ -71,8 +98,7 @@ def _add_serve(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=contract.WORKER_PORT)
     p.add_argument("--kv-port", type=_port, default=contract.KV_PORT)
-    p.add_argument("--tensor-parallel", type=_positive_int, default=1)
-    p.add_argument("--pipeline-parallel", type=_positive_int, default=1)
+    _add_parallel_flags(p)
     p.add_argument("--ttft-slo-ms", type=_positive_float, default=None)
     p.add_argument("--tpot-slo-ms", type=_positive_float, default=None)
     p.add_argument("--max-model-len", type=_positive_int, default=None)
@@ -104,6 +130,7 @@ def _add_profile(subparsers: Any) -> None:
     p.add_argument("--out", default="profile.json")
     p.add_argument("--quick", action="store_true", help="small sweep (about 20 s on a laptop CPU)")
     p.add_argument("--repeats", type=_positive_int, default=None)
+    _add_parallel_flags(p)
     p.set_defaults(handler=profile)
 
 
@@ -140,14 +167,7 @@ def validate_serve_args(args: argparse.Namespace) -> list[str]:
     needs_draft = args.speculation_proposer == "draft" and args.speculation_mode != "off"
     if needs_draft and not args.speculation_draft_model:
         problems.append("--speculation-proposer draft needs --speculation-draft-model")
-    if args.tensor_parallel > 1:
-        problems.append(f"--tensor-parallel {args.tensor_parallel}: tensor parallelism is not implemented "
-                        "yet in this worker; plan with tensor=1 (pipeline parallelism over the pod's GPUs "
-                        "is supported with --pipeline-parallel)")
-    if args.pipeline_parallel > 1 and args.device == "cpu":
-        problems.append(f"--pipeline-parallel {args.pipeline_parallel} splits layers over CUDA devices; "
-                        "with --device cpu use --pipeline-parallel 1")
-    return problems
+    return problems + parallel_problems(args)
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -176,11 +196,11 @@ def serve(args: argparse.Namespace) -> int:
     from disaggserve_worker.server.worker_metrics import WorkerMetrics
 
     try:
-        loaded = load_model(args.model, args.device, args.dtype, pipeline=args.pipeline_parallel)
-        layer_devices = loaded.model.layer_devices or [loaded.model.device]
-        kv_tokens = args.kv_cache_tokens or auto_kv_cache_tokens(loaded.config, loaded.model.dtype,
-                                                                 layer_devices)
-    except (ModelLoadError, MemoryError) as error:
+        loaded = load_model(args.model, args.device, args.dtype, pipeline=args.pipeline_parallel,
+                            tensor=args.tensor_parallel)
+        draft = load_draft(args, loaded)
+        kv_tokens = args.kv_cache_tokens or auto_kv_cache_tokens(kv_bytes_per_token(loaded, draft))
+    except (ModelLoadError, MemoryError, ValueError) as error:
         print(f"disaggserve-worker serve: {error}", file=sys.stderr)
         return 2
     max_len = min(args.max_model_len or loaded.config.max_position_embeddings, kv_tokens)
@@ -190,11 +210,7 @@ def serve(args: argparse.Namespace) -> int:
                                                   "127.0.0.1")
     metrics = WorkerMetrics(args.role, lambda: engine.load(), args.ttft_slo_ms and args.ttft_slo_ms / 1000,
                             args.tpot_slo_ms and args.tpot_slo_ms / 1000)
-    try:
-        speculator = build_speculator(args, loaded, kv_tokens, metrics.registry)
-    except (ModelLoadError, ValueError) as error:
-        print(f"disaggserve-worker serve: {error}", file=sys.stderr)
-        return 2
+    speculator = build_speculator(args, loaded, kv_tokens, metrics.registry, draft)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids,
                     EngineConfig(role=args.role, kv_cache_tokens=kv_tokens, block_size=args.block_size,
                                  max_batch_tokens=args.max_batch_tokens, max_model_len=max_len,
@@ -203,35 +219,65 @@ def serve(args: argparse.Namespace) -> int:
     server = WorkerServer(engine, ServerConfig(
         role=args.role, host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=advertise,
         model_name=args.model_name or loaded.name, admission_timeout_s=args.admission_timeout_s), metrics)
-    log.info("serving %s as %s on %s:%d (kv %s), device %s %s, %d KV tokens, identity %s", args.model,
-             args.role, args.host, args.port, server.kv_address, loaded.model.device, loaded.model.dtype,
-             kv_tokens, identity)
+    log.info("serving %s as %s on %s:%d (kv %s), devices %s (tensor %d x pipeline %d) %s, %d KV tokens, "
+             "identity %s", args.model, args.role, args.host, args.port, server.kv_address,
+             ",".join(map(str, loaded.model.devices)), args.tensor_parallel, args.pipeline_parallel,
+             loaded.model.dtype, kv_tokens, identity)
     return asyncio.run(_serve(server, args.drain_grace_s))
 
 
-def build_speculator(args: argparse.Namespace, loaded: Any, kv_tokens: int, registry: Any) -> Any:
-    """The decode loop's speculator from the --speculation-* flags, or None when off."""
+def _speculation_config(args: argparse.Namespace) -> Any:
     from disaggserve_worker.spec.config import SpeculationConfig
 
-    config = SpeculationConfig(mode=args.speculation_mode, proposer=args.speculation_proposer,
-                               max_tokens=args.speculation_max_tokens, ngram_min=args.speculation_ngram_min,
-                               ngram_max=args.speculation_ngram_max, draft_model=args.speculation_draft_model)
-    if not config.enabled:
+    return SpeculationConfig(mode=args.speculation_mode, proposer=args.speculation_proposer,
+                             max_tokens=args.speculation_max_tokens, ngram_min=args.speculation_ngram_min,
+                             ngram_max=args.speculation_ngram_max, draft_model=args.speculation_draft_model)
+
+
+def load_draft(args: argparse.Namespace, loaded: Any) -> Any:
+    """The draft model when the flags ask for one (else None), checked against the target.
+
+    Loaded before the KV pools are sized: its cache (as many slots as the target's) shares the
+    target's first device, so `kv_bytes_per_token` must count it or the pools overrun memory.
+    """
+    config = _speculation_config(args)
+    if not config.enabled or config.proposer != "draft":
         return None
     from disaggserve_worker.model.loader import load_model
-    from disaggserve_worker.spec.draft import DraftProposer, check_compatible
+    from disaggserve_worker.spec.draft import check_compatible
+
+    # The draft runs unsharded beside the target's first stage and shard, in the target's dtype.
+    device = loaded.model.device
+    draft = load_model(config.draft_model, "cuda" if device.type == "cuda" else "cpu", args.dtype)
+    draft.model.to(device)
+    check_compatible(loaded.config.vocab_size, draft.model,
+                     draft.tokenizer.get_vocab() == loaded.tokenizer.get_vocab())
+    return draft
+
+
+def kv_bytes_per_token(loaded: Any, draft: Any = None) -> dict[Any, int]:
+    """What one KV slot costs on each device: the target's stages and shards, plus the draft's cache."""
+    out = dict(loaded.model.kv_bytes_per_token())
+    if draft is not None:
+        for device, size in draft.model.kv_bytes_per_token().items():
+            out[device] = out.get(device, 0) + size
+    return out
+
+
+def build_speculator(args: argparse.Namespace, loaded: Any, kv_tokens: int, registry: Any,
+                     draft_loaded: Any = None) -> Any:
+    """The decode loop's speculator from the --speculation-* flags, or None when off (the draft
+    model is loaded here unless `load_draft` already did)."""
+    config = _speculation_config(args)
+    if not config.enabled:
+        return None
+    from disaggserve_worker.spec.draft import DraftProposer
     from disaggserve_worker.spec.metrics import SpecMetrics
     from disaggserve_worker.spec.speculator import Speculator
 
     draft = None
     if config.proposer == "draft":
-        # The draft runs beside the target's first stage, in the target's dtype.
-        device = loaded.model.device
-        draft_loaded = load_model(config.draft_model, "cuda" if device.type == "cuda" else "cpu",  # type: ignore[arg-type]
-                                  args.dtype)
-        draft_loaded.model.to(device)
-        check_compatible(loaded.config.vocab_size, draft_loaded.model,
-                         draft_loaded.tokenizer.get_vocab() == loaded.tokenizer.get_vocab())
+        draft_loaded = draft_loaded or load_draft(args, loaded)
         draft = DraftProposer(draft_loaded.model, kv_tokens, args.block_size)
     log.info("speculation %s with %s proposer, up to %d tokens", config.mode, config.proposer,
              config.max_tokens)
@@ -254,13 +300,18 @@ async def _serve(server: Any, grace_s: float) -> int:
 
 
 def profile(args: argparse.Namespace) -> int:
+    problems = parallel_problems(args)
+    if problems:
+        for problem in problems:
+            print(f"disaggserve-worker profile: {problem}", file=sys.stderr)
+        return 2
     _setup(args)
     from disaggserve_worker.model.loader import ModelLoadError
     from disaggserve_worker.profile.run import run_profile
 
     try:
         run_profile(args.model, device=args.device, dtype=args.dtype, out=args.out, quick=args.quick,
-                    repeats=args.repeats)
+                    repeats=args.repeats, tensor=args.tensor_parallel, pipeline=args.pipeline_parallel)
     except ModelLoadError as error:
         print(f"disaggserve-worker profile: {error}", file=sys.stderr)
         return 2

@@ -54,9 +54,13 @@ request and step), disaggserve_spec_tokens_per_step (gauge: moving average of to
 sequence per decode step — divide the decode step time by it for TPOT),
 disaggserve_spec_goodput_tokens_per_second and disaggserve_spec_acceptance_rate (gauges).
 
-Parallelism flags: `--pipeline-parallel N` splits the layers over the pod's N local GPUs
-(cuda:0..N-1); `--tensor-parallel` > 1 is refused at start-up (not implemented yet), so plans
-must keep tensor = 1 for now.
+Parallelism flags: `--tensor-parallel T` (1, 2, 4 or 8) shards each layer's attention (by
+heads) and MLP over T local GPUs; `--pipeline-parallel P` splits the layers into P stages. A pod
+needs T x P GPUs (nvidia.com/gpu: T*P); stage s runs on cuda:s*T .. cuda:s*T+T-1. The model's
+attention heads, KV heads and intermediate size must divide by T (else the worker exits 2 naming
+the sizes that work). With `--device cpu` both must be 1. The KV wire format is full-head
+whatever T is, so prefill and decode workers may use different tensor sizes.
+`disaggserve-worker profile` takes the same two flags and records them in its profile entry.
 
 Note to the router engineer: the tokenizer of any `--model` value comes from
 `disaggserve_worker.model.loader.load_tokenizer`; the `router` subcommand is registered by

@@ -110,8 +110,6 @@ class Engine:
         self.allocator = BlockAllocator(-(-config.kv_cache_tokens // config.block_size), config.block_size)
         self.kv_pool = model.new_kv_pool(self.allocator.capacity_tokens)
         self.device = model.device
-        self._cuda_devices = sorted({d for d in (model.layer_devices or [model.device]) if d.type == "cuda"},
-                                    key=str)
         self._inbox: deque[Sequence] = deque()
         self._aborts: set[str] = set()
         self._waiting: deque[Sequence] = deque()
@@ -396,9 +394,8 @@ class Engine:
                     break
 
     def _sync(self) -> None:
-        """Wait for every pipeline stage so iteration timings measure the GPU work."""
-        for device in self._cuda_devices:
-            torch.cuda.synchronize(device)
+        """Wait for every pipeline stage and tensor shard so iteration timings measure the GPU work."""
+        self.model.synchronize()
 
     def _accept_token(self, seq: Sequence, token: int) -> bool:
         """Detokenise and emit a sampled token; True when the sequence finished (cache freed)."""

@@ -1,6 +1,9 @@
-"""Paged KV-cache bookkeeping: fixed-size blocks of token slots in one pool tensor.
+"""Paged KV-cache bookkeeping: fixed-size blocks of token slots in one preallocated pool.
 
-Why paged: the pool is one preallocated tensor, so a sequence of any length fits without
+(The storage — per layer, one tensor per tensor-parallel shard, all indexed by the same slot
+numbers — is `model.kv_pool.KVPool`; this module only hands out slots.)
+
+Why paged: the pool is preallocated, so a sequence of any length fits without
 fragmentation and without reallocating; a KV transfer writes straight into the receiver's
 slots. Why reserve the whole request (prompt + max_tokens) at admission: the engine then
 never has to preempt or swap a running sequence when memory runs out mid-decode — admission

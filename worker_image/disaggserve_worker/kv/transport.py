@@ -63,7 +63,7 @@ class KVTransport(Protocol):
 def layout_of(engine: Engine) -> KVLayout:
     c = engine.model.config
     return KVLayout(engine.model.dtype, c.num_hidden_layers, c.kv_heads, c.dim_per_head,
-                    on_gpu=engine.kv_pool[0].is_cuda)
+                    on_gpu=engine.kv_pool.is_cuda)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -211,20 +211,21 @@ class KVServer:
                 await writer.wait_closed()
 
     async def _send(self, writer: asyncio.StreamWriter, request_id: str, slots: torch.Tensor) -> int:
-        pool = self.engine.kv_pool  # one tensor per layer, each on its pipeline stage's device
-        _, _, kv_heads, head_dim = pool[0].shape
-        shape = [2, int(slots.numel()), kv_heads, head_dim]
+        # Full-head layers on the wire whatever this worker's tensor size: the pool joins its
+        # shards, so a receiver of another tensor size splits them its own way.
+        pool = self.engine.kv_pool
+        shape = [2, int(slots.numel()), pool.kv_heads, pool.head_dim]
         writer.write(encode_json(FrameType.HEADER, {
-            "request_id": request_id, "dtype": DTYPE_NAMES[pool[0].dtype], "layers": len(pool),
+            "request_id": request_id, "dtype": DTYPE_NAMES[pool.dtype], "layers": len(pool),
             "shape": shape}))
         sent = 0
         for layer in range(len(pool)):
             def gather(i: int = layer) -> memoryview:
-                return tensor_bytes(pool[i].index_select(1, slots.to(pool[i].device)))
+                return tensor_bytes(pool.read(i, slots))
 
             # A device-to-host copy waits for the GPU: keep it off the event loop. On a CPU the
             # gather is a memcpy that costs less than the thread hop.
-            data = await asyncio.to_thread(gather) if pool[layer].is_cuda else gather()
+            data = await asyncio.to_thread(gather) if pool.is_cuda else gather()
             writer.writelines([HEADER.pack(int(FrameType.LAYER), LAYER_INDEX.size + len(data)),
                                LAYER_INDEX.pack(layer), data])
             await writer.drain()
@@ -235,16 +236,14 @@ class KVServer:
 
 
 def pool_sink(engine: Engine, slots: torch.Tensor) -> LayerSink:
-    """Write pulled layers straight into the reserved slots of the receiver's pool."""
+    """Write pulled (full-head) layers straight into the reserved slots of the receiver's pool."""
     pool = engine.kv_pool
-    per_device = {t.device: slots.to(t.device) for t in pool}
 
     def write(layer: int, tensor: torch.Tensor) -> None:
         tokens = tensor.shape[1]
         if tokens > slots.numel():
             raise KVTransferError("kv_mismatch", f"KV cache of {tokens} tokens exceeds the "
                                   f"{slots.numel()} reserved slots", False)
-        target = pool[layer]
-        target.index_copy_(1, per_device[target.device][:tokens], tensor.to(target.device))
+        pool.write(layer, slots[:tokens], tensor)
 
     return write

@@ -5,104 +5,31 @@ Module names mirror Hugging Face's `LlamaForCausalLM` so checkpoints load with a
 paged KV pool (what the engine runs) and `reference_logits` is the textbook uncached causal
 forward that tests hold the engine against.
 
-Pipeline parallelism (`place`) splits the layers into contiguous stages on local devices;
-the hidden state hops from stage to stage and each layer's KV cache lives on its stage.
+`place` spreads the model over a grid of local devices: pipeline stages (rows) take
+contiguous, near-equal runs of layers, and within a stage each layer's attention and MLP are
+tensor-sharded over the row's devices (`tensor_parallel`). The hidden state hops from stage
+to stage on each row's first device, and each layer's KV cache lives with its shards.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.config import ModelConfig
-from disaggserve_worker.model.rope import Rotary, apply_rotary
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementation; bf16 variance loses too much.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = (
-            config.num_attention_heads, config.kv_heads, config.dim_per_head)
-        h, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
-        # Llama's `attention_bias` covers o_proj too; Qwen2 biases only q/k/v.
-        self.o_proj = nn.Linear(self.heads * self.head_dim, h,
-                                bias=bias and config.model_type != "qwen2")
-
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        return q, k, v
-
-    def forward_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     layout: BatchLayout, layer_cache: torch.Tensor) -> torch.Tensor:
-        """x: (T, hidden) packed; layer_cache: (2, slots, kv_heads, head_dim), written in place."""
-        q, k, v = self._qkv(x, cos, sin)
-        # index_copy_/index_select, not advanced indexing: several times faster on CPU.
-        layer_cache[0].index_copy_(0, layout.write_slots, k.to(layer_cache.dtype))
-        layer_cache[1].index_copy_(0, layout.write_slots, v.to(layer_cache.dtype))
-        batch, context = layout.context_slots.shape
-        flat = layout.context_slots.reshape(-1)
-        keys = layer_cache[0].index_select(0, flat).view(batch, context, self.kv_heads, self.head_dim)
-        values = layer_cache[1].index_select(0, flat).view(batch, context, self.kv_heads, self.head_dim)
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, KVH, K, D)
-        padded = q.new_zeros(layout.num_seqs, layout.max_query, self.heads, self.head_dim)
-        padded[layout.seq_index, layout.q_index] = q
-        out = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values,
-                                             attn_mask=layout.attn_mask, enable_gqa=True)
-        out = out.transpose(1, 2)[layout.seq_index, layout.q_index]  # (T, H, D)
-        return self.o_proj(out.reshape(x.shape[0], -1))
-
-    def forward_reference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          window: int | None) -> torch.Tensor:
-        q, k, v = self._qkv(x, cos, sin)
-        t = x.shape[0]
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        if window is not None:
-            mask &= ~torch.ones_like(mask).tril(-window)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                             v.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+from disaggserve_worker.model.kv_pool import KVPool
+from disaggserve_worker.model.layers import MLP, Attention, RMSNorm, StepInputs
+from disaggserve_worker.model.rope import Rotary
+from disaggserve_worker.model.tensor_parallel import ShardedAttention, ShardedMLP, check_divisible
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        # Sharded by `LlamaForCausalLM.place` when its stage has more than one device.
+        self.self_attn: Attention | ShardedAttention = Attention(config)
+        self.mlp: MLP | ShardedMLP = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -125,7 +52,11 @@ class LlamaForCausalLM(nn.Module):
         self.sliding_window = config.effective_sliding_window
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.layer_devices: list[torch.device] | None = None  # None: everything on one device
+        # Per layer, the devices of its tensor shards (home first); None: all on `device`.
+        self.layer_devices: list[tuple[torch.device, ...]] | None = None
+        self.tensor_parallel = 1
+        self.pipeline_parallel = 1
+        self._placed_devices: list[torch.device] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -133,52 +64,106 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the first pipeline stage."""
+        """Where inputs go: the first pipeline stage's first device."""
         return self.model.embed_tokens.weight.device
 
-    def place(self, stage_devices: list[torch.device]) -> LlamaForCausalLM:
-        """Split the layers into len(stage_devices) contiguous, near-equal stages."""
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device the model computes on, in first-use order (read on every engine step,
+        so a placed model answers from the list `place` made)."""
+        if self._placed_devices is not None:
+            return self._placed_devices
+        return list(dict.fromkeys([self.device, self.lm_head.weight.device]))
+
+    def place(self, grid: list[list[torch.device]]) -> LlamaForCausalLM:
+        """Spread over `grid[stage][shard]`: len(grid) pipeline stages of near-equal contiguous
+        layers, each layer tensor-sharded over its stage's len(grid[0]) devices.
+
+        The grid may repeat a device (all `cpu` in tests): the sharded math is then exercised
+        on one device. Sharding is one-way (the full weights are dropped), so place a freshly
+        loaded model.
+        """
         layers = self.config.num_hidden_layers
-        if not 1 <= len(stage_devices) <= layers:
-            raise ValueError(f"pipeline size {len(stage_devices)} must be between 1 and the layer "
-                             f"count {layers}")
-        first, last = stage_devices[0], stage_devices[-1]
+        if not 1 <= len(grid) <= layers:
+            raise ValueError(f"pipeline size {len(grid)} must be between 1 and the layer count {layers}")
+        tensor = len(grid[0])
+        if tensor < 1 or any(len(row) != tensor for row in grid):
+            raise ValueError(f"every pipeline stage needs the same number (>= 1) of tensor devices; "
+                             f"got {[len(row) for row in grid]}")
+        check_divisible(self.config, tensor)
+        if self.tensor_parallel > 1:
+            raise ValueError("this model is already tensor-sharded; place a freshly loaded model")
+        first, last = grid[0][0], grid[-1][0]
         tied = self.lm_head.weight is self.model.embed_tokens.weight
         self.model.embed_tokens.to(first)
-        self.layer_devices = [stage_devices[i * len(stage_devices) // layers] for i in range(layers)]
-        for layer, device in zip(self.model.layers, self.layer_devices, strict=True):
-            layer.to(device)
+        self.layer_devices = [tuple(grid[i * len(grid) // layers]) for i in range(layers)]
+        for layer, devices in zip(self.model.layers, self.layer_devices, strict=True):
+            if tensor == 1:
+                layer.to(devices[0])
+                continue
+            layer.input_layernorm.to(devices[0])
+            layer.post_attention_layernorm.to(devices[0])
+            assert isinstance(layer.self_attn, Attention) and isinstance(layer.mlp, MLP)
+            layer.self_attn = ShardedAttention(layer.self_attn, self.config, list(devices))
+            layer.mlp = ShardedMLP(layer.mlp, self.config, list(devices))
         self.model.norm.to(last)
         if tied and first != last:  # one tensor cannot live on two devices: the head gets a copy
             self.lm_head.weight = nn.Parameter(self.model.embed_tokens.weight.detach().to(last),
                                                requires_grad=False)
         else:
             self.lm_head.to(last)
+        self.tensor_parallel, self.pipeline_parallel = tensor, len(grid)
+        self._placed_devices = list(dict.fromkeys(d for row in grid for d in row))
         return self
 
-    def _layer_device(self, index: int) -> torch.device:
-        return self.layer_devices[index] if self.layer_devices else self.device
+    def _layer_devices(self, index: int) -> tuple[torch.device, ...]:
+        return self.layer_devices[index] if self.layer_devices else (self.device,)
 
-    def new_kv_pool(self, slots: int) -> list[torch.Tensor]:
-        """Per layer, (2, slots, kv_heads, head_dim) on that layer's device, model dtype."""
+    def new_kv_pool(self, slots: int) -> KVPool:
+        """Per layer, (2, slots, kv_heads/T, head_dim) per shard on that shard's device, model dtype."""
         c = self.config
-        return [torch.zeros(2, slots, c.kv_heads, c.dim_per_head, dtype=self.dtype,
-                            device=self._layer_device(i)) for i in range(c.num_hidden_layers)]
+        heads = c.kv_heads // self.tensor_parallel
+        return KVPool([[torch.zeros(2, slots, heads, c.dim_per_head, dtype=self.dtype, device=device)
+                        for device in self._layer_devices(i)] for i in range(c.num_hidden_layers)])
+
+    def kv_bytes_per_token(self) -> dict[torch.device, int]:
+        """KV-cache bytes one token slot costs on each device (what sizes the pool per device)."""
+        c = self.config
+        shard = 2 * (c.kv_heads // self.tensor_parallel) * c.dim_per_head * self.dtype.itemsize
+        out: dict[torch.device, int] = {}
+        for i in range(c.num_hidden_layers):
+            for device in self._layer_devices(i):
+                out[device] = out.get(device, 0) + shard
+        return out
+
+    def synchronize(self) -> None:
+        """Wait for every CUDA device's queued work, so a timing measures the GPU work itself."""
+        for device in self.devices:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
     @torch.inference_mode()
-    def forward_step(self, input_ids: torch.Tensor, layout: BatchLayout, kv_pool: list[torch.Tensor],
+    def forward_step(self, input_ids: torch.Tensor, layout: BatchLayout, kv_pool: KVPool,
                      all_logits: bool = False) -> torch.Tensor:
         """Logits of each sequence's last new token (B, vocab), or of every packed token."""
         x = self.model.embed_tokens(input_ids.to(self.device))
-        stages: dict[torch.device, tuple[BatchLayout, torch.Tensor, torch.Tensor]] = {}
-        for i, layer in enumerate(self.model.layers):
-            device = self._layer_device(i)
-            if device not in stages:
+        inputs: dict[torch.device, StepInputs] = {}
+
+        def on(device: torch.device) -> StepInputs:  # the step's layout and rotary, once per device
+            if device not in inputs:
                 here = layout if layout.positions.device == device else layout.to(device)
-                stages[device] = (here, *self.rotary.cos_sin(here.positions, x.dtype))
-            here, cos, sin = stages[device]
-            x = x.to(device)
-            x = x + layer.self_attn.forward_step(layer.input_layernorm(x), cos, sin, here, kv_pool[i])
+                inputs[device] = StepInputs(here, *self.rotary.cos_sin(here.positions, x.dtype))
+            return inputs[device]
+
+        for i, layer in enumerate(self.model.layers):
+            devices = self._layer_devices(i)
+            caches = kv_pool.layer(i)
+            x = x.to(devices[0])
+            h = layer.input_layernorm(x)
+            if isinstance(layer.self_attn, ShardedAttention):
+                x = x + layer.self_attn.forward_step(h, [on(d) for d in devices], caches)
+            else:
+                x = x + layer.self_attn.forward_step(h, on(devices[0]), caches[0])
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = x.to(self.lm_head.weight.device)
         if not all_logits:
@@ -191,9 +176,13 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids.to(self.device))
         positions = torch.arange(input_ids.shape[0])
         for i, layer in enumerate(self.model.layers):
-            x = x.to(self._layer_device(i))
-            cos, sin = self.rotary.cos_sin(positions.to(x.device), x.dtype)
-            x = x + layer.self_attn.forward_reference(layer.input_layernorm(x), cos, sin,
-                                                      self.sliding_window)
+            devices = self._layer_devices(i)
+            x = x.to(devices[0])
+            tables = [self.rotary.cos_sin(positions.to(d), x.dtype) for d in devices]
+            h = layer.input_layernorm(x)
+            if isinstance(layer.self_attn, ShardedAttention):
+                x = x + layer.self_attn.forward_reference(h, tables, self.sliding_window)
+            else:
+                x = x + layer.self_attn.forward_reference(h, *tables[0], self.sliding_window)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.model.norm(x.to(self.lm_head.weight.device))).float()

@@ -18,11 +18,10 @@ from tokenizers import Tokenizer
 from disaggserve_worker.model.builtin import BUILTIN_CONFIGS, builtin_model
 from disaggserve_worker.model.builtin_tokenizer import builtin_tokenizer
 from disaggserve_worker.model.config import ModelConfig
+from disaggserve_worker.model.errors import ModelLoadError
 from disaggserve_worker.model.llama import LlamaForCausalLM
 
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded, with what to fix."""
+__all__ = ["LoadedModel", "ModelLoadError", "device_grid", "load_model", "load_tokenizer"]
 
 
 @dataclass
@@ -141,28 +140,35 @@ def load_tokenizer(model: str) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def stage_devices(device: torch.device, pipeline: int) -> list[torch.device]:
-    """Local devices of the pipeline stages: cuda:0..pipeline-1 of this pod."""
-    if pipeline == 1:
-        return [device]
+def device_grid(device: torch.device, pipeline: int = 1, tensor: int = 1) -> list[list[torch.device]]:
+    """`grid[stage][shard]` of this pod's local devices: stage s uses cuda:s*T .. cuda:s*T+T-1."""
+    if pipeline * tensor == 1:
+        return [[device]]
+    sizes = f"pipeline parallel size {pipeline} x tensor parallel size {tensor}"
     if device.type != "cuda":
-        raise ModelLoadError(f"pipeline parallel size {pipeline} needs {pipeline} CUDA devices; on a CPU "
-                             "run with --pipeline-parallel 1")
+        raise ModelLoadError(f"{sizes} needs {pipeline * tensor} CUDA devices; on a CPU run with "
+                             "--pipeline-parallel 1 --tensor-parallel 1")
     available = torch.cuda.device_count()
-    if pipeline > available:
-        raise ModelLoadError(f"pipeline parallel size {pipeline} needs {pipeline} CUDA devices but this "
-                             f"pod sees {available}; request nvidia.com/gpu: {pipeline} or lower the size")
-    return [torch.device("cuda", i) for i in range(pipeline)]
+    if pipeline * tensor > available:
+        raise ModelLoadError(f"{sizes} needs {pipeline * tensor} CUDA devices but this pod sees "
+                             f"{available}; request nvidia.com/gpu: {pipeline * tensor} or lower the sizes")
+    return [[torch.device("cuda", s * tensor + r) for r in range(tensor)] for s in range(pipeline)]
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto", pipeline: int = 1) -> LoadedModel:
-    """Load onto `device`; with pipeline > 1 the layers are split over that many local GPUs."""
+def load_model(model: str, device: str = "auto", dtype: str = "auto", pipeline: int = 1,
+               tensor: int = 1) -> LoadedModel:
+    """Load onto `device`; with pipeline x tensor > 1 the model is spread over that many local
+    GPUs (loaded on the host first, then each device gets only its own layers and shards)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    stages = stage_devices(torch_device, pipeline)
-    loaded = _load(model, torch_device if pipeline == 1 else torch.device("cpu"), torch_dtype)
-    if pipeline > 1:
-        loaded.model.place(stages)
+    grid = device_grid(torch_device, pipeline, tensor)
+    spread = pipeline * tensor > 1
+    loaded = _load(model, torch.device("cpu") if spread else torch_device, torch_dtype)
+    if spread:
+        try:
+            loaded.model.place(grid)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"--model {model}: {error}") from None
     return loaded
 
 

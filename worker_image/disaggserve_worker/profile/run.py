@@ -24,6 +24,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from disaggserve_worker.model.batch import BatchLayout
+from disaggserve_worker.model.kv_pool import KVPool
 from disaggserve_worker.model.loader import LoadedModel, load_model
 from disaggserve_worker.profile.fit import fit_relative_nonnegative
 
@@ -67,7 +68,7 @@ class ProfileResult:
     points: list[Point] = field(default_factory=list)
 
 
-def _time_step(loaded: LoadedModel, pool: list[torch.Tensor], news: list[int], pasts: list[int],
+def _time_step(loaded: LoadedModel, pool: KVPool, news: list[int], pasts: list[int],
                repeats: int) -> float:
     model, device = loaded.model, loaded.model.device
     tables, offset = [], 0
@@ -78,12 +79,10 @@ def _time_step(loaded: LoadedModel, pool: list[torch.Tensor], news: list[int], p
     ids = torch.randint(0, model.config.vocab_size, (sum(news),), device=device)
     samples = []
     for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        model.synchronize()
         start = time.perf_counter()
         model.forward_step(ids, layout, pool)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        model.synchronize()  # every stage and shard, not only the current device
         if i:  # the first run warms caches and kernels
             samples.append((time.perf_counter() - start) * 1000)
     return statistics.median(samples)
@@ -134,7 +133,8 @@ def profile_model(loaded: LoadedModel, sweep: Sweep, console: Console | None = N
     small = [p for p in decode if p.batch < threshold]
     large = [p for p in decode if p.batch >= threshold]
     dtype_bytes = torch.empty(0, dtype=loaded.model.dtype).element_size()
-    entry = {"tensor": 1, "pipeline": 1, "prefill": _coefficients(prefill),
+    entry = {"tensor": loaded.model.tensor_parallel, "pipeline": loaded.model.pipeline_parallel,
+             "prefill": _coefficients(prefill),
              "decode_small": _coefficients(small), "decode_large": _coefficients(large),
              "decode_batch_threshold": threshold}
     profile = {
@@ -169,9 +169,11 @@ def report(result: ProfileResult, console: Console) -> None:
 
 
 def run_profile(model: str, device: str = "auto", dtype: str = "auto", out: str = "profile.json",
-                quick: bool = False, repeats: int | None = None) -> ProfileResult:
+                quick: bool = False, repeats: int | None = None, tensor: int = 1,
+                pipeline: int = 1) -> ProfileResult:
+    """Profile one parallel configuration (the planner keys its entries by tensor and pipeline)."""
     console = Console(stderr=True)
-    loaded = load_model(model, device, dtype)
+    loaded = load_model(model, device, dtype, pipeline=pipeline, tensor=tensor)
     sweep = QUICK if quick else FULL
     if repeats:
         sweep = Sweep(sweep.prefill, sweep.decode, repeats)

@@ -26,6 +26,7 @@ import torch
 from disaggserve_worker.engine.kv_cache import BlockAllocator
 from disaggserve_worker.engine.sampling import SamplingParams, filter_logits
 from disaggserve_worker.model.batch import BatchLayout
+from disaggserve_worker.model.kv_pool import KVPool
 from disaggserve_worker.model.llama import LlamaForCausalLM
 from disaggserve_worker.spec.config import SpeculationConfig
 from disaggserve_worker.spec.controller import Acceptance, GoodputController
@@ -85,12 +86,12 @@ class Speculator:
             bias=config.bias)
         self._requests: dict[str, _RequestState] = {}
         self._zero_steps = 0
-        self.kv_pool: list[torch.Tensor] | None = None
+        self.kv_pool: KVPool | None = None
         self.max_model_len = 1 << 30
         self.sync: Callable[[], None] = lambda: None
         self.last: StepReport | None = None
 
-    def attach(self, kv_pool: list[torch.Tensor], max_model_len: int, sync: Callable[[], None],
+    def attach(self, kv_pool: KVPool, max_model_len: int, sync: Callable[[], None],
                allocator: BlockAllocator | None = None) -> None:
         """Called by the engine once its KV pool exists (before it serves anything)."""
         self.kv_pool, self.max_model_len, self.sync = kv_pool, max_model_len, sync

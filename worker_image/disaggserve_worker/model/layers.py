@@ -1,0 +1,108 @@
+"""The sublayers of a Llama-family decoder layer: RMSNorm, attention over a paged KV cache, MLP.
+
+Attention and MLP take `parts`/`rank` so one class builds both the whole sublayer and one
+tensor-parallel shard of it (`parts` heads-groups / intermediate slices, `rank` picks which):
+a shard is the same computation on fewer heads or columns, so the engine's single attention
+path, and its equality with the uncached reference, holds for every shard by construction.
+Output biases (o_proj, down_proj) live only in rank 0, so summing the shards' partial
+outputs adds them exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from disaggserve_worker.model.batch import BatchLayout
+from disaggserve_worker.model.config import ModelConfig
+from disaggserve_worker.model.rope import apply_rotary
+
+
+@dataclass
+class StepInputs:
+    """One forward step's layout and rotary tables, on one device (each device gets its copy)."""
+
+    layout: BatchLayout
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference implementation; bf16 variance loses too much.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, parts: int = 1, rank: int = 0):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads // parts, config.kv_heads // parts, config.dim_per_head)
+        h, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        # Llama's `attention_bias` covers o_proj too; Qwen2 biases only q/k/v.
+        self.o_proj = nn.Linear(self.heads * self.head_dim, h,
+                                bias=bias and config.model_type != "qwen2" and rank == 0)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(t, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        return q, k, v
+
+    def forward_step(self, x: torch.Tensor, step: StepInputs, layer_cache: torch.Tensor) -> torch.Tensor:
+        """x: (T, hidden) packed; layer_cache: (2, slots, kv_heads, head_dim), written in place."""
+        layout = step.layout
+        q, k, v = self._qkv(x, step.cos, step.sin)
+        # index_copy_/index_select, not advanced indexing: several times faster on CPU.
+        layer_cache[0].index_copy_(0, layout.write_slots, k.to(layer_cache.dtype))
+        layer_cache[1].index_copy_(0, layout.write_slots, v.to(layer_cache.dtype))
+        batch, context = layout.context_slots.shape
+        flat = layout.context_slots.reshape(-1)
+        keys = layer_cache[0].index_select(0, flat).view(batch, context, self.kv_heads, self.head_dim)
+        values = layer_cache[1].index_select(0, flat).view(batch, context, self.kv_heads, self.head_dim)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, KVH, K, D)
+        padded = q.new_zeros(layout.num_seqs, layout.max_query, self.heads, self.head_dim)
+        padded[layout.seq_index, layout.q_index] = q
+        out = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values,
+                                             attn_mask=layout.attn_mask, enable_gqa=True)
+        out = out.transpose(1, 2)[layout.seq_index, layout.q_index]  # (T, H, D)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+    def forward_reference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          window: int | None) -> torch.Tensor:
+        q, k, v = self._qkv(x, cos, sin)
+        t = x.shape[0]
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        if window is not None:
+            mask &= ~torch.ones_like(mask).tril(-window)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, parts: int = 1, rank: int = 0):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size // parts, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias and rank == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
