@@ -52,7 +52,6 @@ def test_both_copies_agree(name):
 def bodies():
     cpu = example()
     gpu = example("opt", file="opt-13b-low-affinity.yaml")
-    gpu["spec"]["parallelism"]["prefill"]["tensor"] = 1
     high = copy.deepcopy(gpu)
     high["spec"]["placement"] = "high-affinity"
     keyed = copy.deepcopy(cpu)

@@ -51,19 +51,35 @@ def test_quick_profile_writes_a_valid_profile(tmp_path: Path) -> None:
     assert longest["predicted_ms"] > shortest["predicted_ms"]
 
 
-def test_profile_records_the_parallel_sizes_it_ran(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_profile_has_an_entry_per_tensor_size_for_the_planner(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
     from disaggserve_worker.model.loader import load_model
-    from disaggserve_worker.profile.run import Sweep, profile_model
+    from disaggserve_worker.profile.run import Sweep, merge, profile_model
 
-    loaded = load_model("builtin:tiny-llama", device="cpu")
-    loaded.model.place([[torch.device("cpu")] * 2])
     sweep = Sweep(prefill=[(1, 8), (1, 16), (2, 16)], decode=[(1, 8), (2, 8), (4, 16)], repeats=1)
-    (entry,) = profile_model(loaded, sweep).profile["entries"]
-    assert (entry["tensor"], entry["pipeline"]) == (2, 1)
+    results = []
+    for size in (1, 2):
+        loaded = load_model("builtin:tiny-llama", device="cpu")
+        loaded.model.place([[torch.device("cpu")] * size])  # the sharded math, on one CPU
+        results.append(profile_model(loaded, sweep))
+    profile = merge(results)
+    assert [(e["tensor"], e["pipeline"]) for e in profile["entries"]] == [(1, 1), (2, 1)]
+    assert {m["tensor"] for m in profile["measurements"]} == {1, 2}
+    assert len(profile["measurements"]) == 2 * (len(sweep.prefill) + len(sweep.decode))
+
     # On a CPU there are no devices to shard over: refused before anything is measured.
     out = tmp_path / "p.json"
-    assert main(["profile", "--model", "builtin:tiny-llama", "--device", "cpu", "--tensor-parallel", "2",
+    assert main(["profile", "--model", "builtin:tiny-llama", "--device", "cpu", "--tensor-sizes", "1,2",
                  "--out", str(out)]) == 2
-    assert "with --device cpu use --tensor-parallel 1" in capsys.readouterr().err and not out.exists()
+    assert "with --device cpu use --tensor-sizes 1" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        main(["profile", "--model", "builtin:tiny-llama", "--tensor-sizes", "3", "--out", str(out)])
+    assert "tensor sizes must be among 1, 2, 4, 8" in capsys.readouterr().err
+
+
+def test_profile_sizes_default_to_what_the_machine_runs() -> None:
+    from disaggserve_worker.profile.run import auto_tensor_sizes
+
+    assert auto_tensor_sizes("cpu") == [1]

@@ -23,9 +23,6 @@ from disaggserve_worker import contract
 log = logging.getLogger("disaggserve_worker")
 
 SPECULATION_MODES = ("off", "fixed", "adaptive")
-# The operator's CRD admits these tensor sizes (powers of two up to a node's 8 GPUs); the worker
-# refuses others up front instead of failing later on a model whose heads happen not to split.
-TENSOR_SIZES = (1, 2, 4, 8)
 SPECULATION_PROPOSERS = ("ngram", "draft")
 
 
@@ -56,6 +53,18 @@ def _port(value: str) -> int:
     return number
 
 
+def _tensor_sizes(value: str) -> list[int]:
+    try:
+        sizes = sorted({int(part) for part in value.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected comma-separated sizes such as 1,2,4") from None
+    wrong = [size for size in sizes if size not in contract.TENSOR_SIZES]
+    if wrong:
+        allowed = ", ".join(map(str, contract.TENSOR_SIZES))
+        raise argparse.ArgumentTypeError(f"{value!r}: tensor sizes must be among {allowed}")
+    return sizes
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="builtin:<tiny-llama|tiny-llama-draft|small-llama>, a checkpoint folder, "
@@ -74,11 +83,11 @@ def _add_parallel_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def parallel_problems(args: argparse.Namespace) -> list[str]:
-    """Parallel sizes this worker cannot run, whatever the model (serve and profile share them)."""
+    """Parallel sizes this worker cannot run, whatever the model."""
     problems = []
-    if args.tensor_parallel not in TENSOR_SIZES:
+    if args.tensor_parallel not in contract.TENSOR_SIZES:
         problems.append(f"--tensor-parallel {args.tensor_parallel}: must be one of "
-                        f"{', '.join(map(str, TENSOR_SIZES))} (a power of two no larger than 8, as the "
+                        f"{', '.join(map(str, contract.TENSOR_SIZES))} (a power of two no larger than 8, as the "
                         "operator plans it); the model's attention heads, KV heads and intermediate size "
                         "must also divide by it")
     if args.tensor_parallel > 1 and args.device == "cpu":
@@ -130,7 +139,10 @@ def _add_profile(subparsers: Any) -> None:
     p.add_argument("--out", default="profile.json")
     p.add_argument("--quick", action="store_true", help="small sweep (about 20 s on a laptop CPU)")
     p.add_argument("--repeats", type=_positive_int, default=None)
-    _add_parallel_flags(p)
+    p.add_argument("--tensor-sizes", type=_tensor_sizes, default=None,
+                   help="comma-separated tensor-parallel sizes to profile, one entry each for the planner to "
+                        "choose among, e.g. 1,2,4 (default: every size of 1, 2, 4, 8 that this machine's GPUs "
+                        "hold and the model's heads divide by; 1 on a CPU)")
     p.set_defaults(handler=profile)
 
 
@@ -300,10 +312,10 @@ async def _serve(server: Any, grace_s: float) -> int:
 
 
 def profile(args: argparse.Namespace) -> int:
-    problems = parallel_problems(args)
-    if problems:
-        for problem in problems:
-            print(f"disaggserve-worker profile: {problem}", file=sys.stderr)
+    if args.device == "cpu" and args.tensor_sizes and max(args.tensor_sizes) > 1:
+        print(f"disaggserve-worker profile: --tensor-sizes {','.join(map(str, args.tensor_sizes))}: tensor "
+              "parallelism shards each layer over CUDA devices; with --device cpu use --tensor-sizes 1",
+              file=sys.stderr)
         return 2
     _setup(args)
     from disaggserve_worker.model.loader import ModelLoadError
@@ -311,7 +323,7 @@ def profile(args: argparse.Namespace) -> int:
 
     try:
         run_profile(args.model, device=args.device, dtype=args.dtype, out=args.out, quick=args.quick,
-                    repeats=args.repeats, tensor=args.tensor_parallel, pipeline=args.pipeline_parallel)
+                    repeats=args.repeats, tensor_sizes=args.tensor_sizes)
     except ModelLoadError as error:
         print(f"disaggserve-worker profile: {error}", file=sys.stderr)
         return 2

@@ -107,3 +107,7 @@ METRIC_ROUTER_RESUMED = "disaggserve_router_resumed_total"
 METRIC_ROUTER_WORKERS = "disaggserve_router_workers"
 
 ROLES = ("prefill", "decode", "colocated")
+
+# The operator's CRD admits these tensor sizes (powers of two up to a node's 8 GPUs); the worker
+# refuses others up front instead of failing later on a model whose heads happen not to split.
+TENSOR_SIZES = (1, 2, 4, 8)

@@ -23,9 +23,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from disaggserve_worker.contract import TENSOR_SIZES
 from disaggserve_worker.model.batch import BatchLayout
+from disaggserve_worker.model.errors import ModelLoadError
 from disaggserve_worker.model.kv_pool import KVPool
-from disaggserve_worker.model.loader import LoadedModel, load_model
+from disaggserve_worker.model.loader import LoadedModel, load_model, resolve_device
 from disaggserve_worker.profile.fit import fit_relative_nonnegative
 
 DISTSERVE_BATCH_THRESHOLD = 95
@@ -146,8 +148,8 @@ def profile_model(loaded: LoadedModel, sweep: Sweep, console: Console | None = N
                         "kv_heads": config.kv_heads, "hidden_size": config.hidden_size,
                         "parameters": config.parameter_count(), "dtype_bytes": dtype_bytes},
         "entries": [entry],
-        "measurements": [{"phase": p.phase, "batch": p.batch, "length": p.length, "ms": round(p.ms, 4),
-                          "predicted_ms": round(p.predicted_ms, 4)} for p in points],
+        "measurements": [{"tensor": entry["tensor"], "phase": p.phase, "batch": p.batch, "length": p.length,
+                          "ms": round(p.ms, 4), "predicted_ms": round(p.predicted_ms, 4)} for p in points],
     }
     return ProfileResult(profile, points)
 
@@ -159,26 +161,66 @@ def fit_errors(points: list[Point]) -> np.ndarray:
 
 def report(result: ProfileResult, console: Console) -> None:
     table = Table(title=f"profile of {result.profile['model']} on {result.profile['gpu']}")
-    for column in ("phase", "points", "median rel. error", "max rel. error"):
+    for column in ("tensor", "phase", "points", "median rel. error", "max rel. error"):
         table.add_column(column)
+    tensor = str(result.profile["entries"][0]["tensor"])
     for phase in ("prefill", "decode"):
         pts = [p for p in result.points if p.phase == phase]
         errors = fit_errors(pts)
-        table.add_row(phase, str(len(pts)), f"{np.median(errors):.1%}", f"{np.max(errors):.1%}")
+        table.add_row(tensor, phase, str(len(pts)), f"{np.median(errors):.1%}", f"{np.max(errors):.1%}")
     console.print(table)
 
 
+def auto_tensor_sizes(device: str) -> list[int]:
+    """Every size the operator may plan that this machine can run: 1 on a CPU, else up to the GPU count."""
+    if resolve_device(device).type != "cuda":
+        return [1]
+    return [size for size in TENSOR_SIZES if size <= torch.cuda.device_count()]
+
+
+def merge(results: list[ProfileResult]) -> dict[str, Any]:
+    """One profile document with an entry per tensor size: the planner chooses among them."""
+    profile = dict(results[0].profile)
+    profile["entries"] = [entry for r in results for entry in r.profile["entries"]]
+    profile["measurements"] = [m for r in results for m in r.profile["measurements"]]
+    return profile
+
+
 def run_profile(model: str, device: str = "auto", dtype: str = "auto", out: str = "profile.json",
-                quick: bool = False, repeats: int | None = None, tensor: int = 1,
-                pipeline: int = 1) -> ProfileResult:
-    """Profile one parallel configuration (the planner keys its entries by tensor and pipeline)."""
+                quick: bool = False, repeats: int | None = None,
+                tensor_sizes: list[int] | None = None) -> dict[str, Any]:
+    """Profile each tensor size (pipeline 1: the planner derives stages from it) into one file.
+
+    With sizes left to `auto`, a size the model cannot split into or that does not fit in GPU
+    memory is skipped with a note (a 70B model has no tensor-1 entry on 80 GB GPUs); sizes asked
+    for explicitly must all work.
+    """
     console = Console(stderr=True)
-    loaded = load_model(model, device, dtype, pipeline=pipeline, tensor=tensor)
+    explicit = tensor_sizes is not None
     sweep = QUICK if quick else FULL
     if repeats:
         sweep = Sweep(sweep.prefill, sweep.decode, repeats)
-    result = profile_model(loaded, sweep, console)
-    Path(out).write_text(json.dumps(result.profile, indent=2) + "\n")
-    report(result, console)
-    console.print(f"wrote {out}")
-    return result
+    results: list[ProfileResult] = []
+    skipped: list[str] = []
+    for size in tensor_sizes or auto_tensor_sizes(device):
+        try:
+            loaded = load_model(model, device, dtype, tensor=size)
+            result = profile_model(loaded, sweep, console)
+        except (ModelLoadError, torch.cuda.OutOfMemoryError) as error:
+            if explicit:
+                raise ModelLoadError(f"tensor size {size}: {error}") from error
+            skipped.append(f"tensor {size}: {str(error).splitlines()[0]}")
+            console.print(f"skipping tensor size {size}: {error}")
+            continue
+        finally:
+            loaded = None  # free this size's weights before loading the next
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        report(result, console)
+        results.append(result)
+    if not results:
+        raise ModelLoadError("no tensor size could be profiled: " + "; ".join(skipped))
+    profile = merge(results)
+    Path(out).write_text(json.dumps(profile, indent=2) + "\n")
+    console.print(f"wrote {out} (tensor sizes {', '.join(str(e['tensor']) for e in profile['entries'])})")
+    return profile
