@@ -6,12 +6,13 @@ import random
 from statistics import mean
 
 import pytest
-from spec_harness import copy_heavy_prompt, make_engine, make_speculator, run_requests
+from spec_harness import copy_heavy_prompt, make_engine, make_speculator
 
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel
 from disaggserve_worker.spec.controller import Acceptance, GoodputController, expected_tokens
 from disaggserve_worker.spec.step_time import StepCoefficients, StepTimeModel
+from engine_harness import run_requests
 
 # GPU-like decode: a fixed cost per step (weights streamed once) and a small cost per token.
 TARGET = StepCoefficients(a=0.020, b=2e-8, c=2e-4)

@@ -7,18 +7,16 @@ k differing between requests in the same step.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Callable
 
 import pytest
-from spec_harness import make_engine, make_speculator, run_requests
+from spec_harness import make_engine, make_speculator
 
 from disaggserve_worker.engine.sampling import SamplingParams
-from disaggserve_worker.engine.types import RequestStream
-from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.loader import LoadedModel
 from disaggserve_worker.spec.speculator import Speculator
+from engine_harness import run_disaggregated, run_requests
 
 TEXTS = ["Hello world hello world hello world hello", "a",
          "The quick brown fox jumps over the lazy dog and the quick brown fox",
@@ -95,31 +93,13 @@ async def test_decode_role_over_tcp_with_draft_catches_up_the_prompt(
         reference_greedy: Callable[[list[int], int], list[int]]) -> None:
     """On a decode worker the prompt KV arrives from prefill; the draft has never seen the
     prompt and must prefill it itself in its first catch-up step."""
-    loop = asyncio.get_running_loop()
     prefill = make_engine(tiny, None, role="prefill")
     spec = make_speculator(tiny, tiny, "fixed", "draft")  # target as draft: any catch-up gap shows up
     decode = make_engine(tiny, spec, role="decode")
-    server = KVServer(prefill)
-    await server.start("127.0.0.71", 0)
-    transport = TcpKVTransport(frame_timeout=5)
-
-    async def one(i: int, prompt: list[int], params: SamplingParams) -> list[int]:
-        first_stream = RequestStream(f"r{i}", loop)
-        prefill.submit(f"r{i}", prompt, params, first_stream)
-        first = await first_stream.queue.get()
-        reservation = decode.reserve(prompt, params)
-        assert first.kv_handle is not None and reservation is not None
-        await transport.pull(f"127.0.0.71:{server.port}", first.kv_handle, f"r{i}", layout_of(decode),
-                             pool_sink(decode, reservation.slot_table))
-        rest = RequestStream(f"r{i}", loop)
-        decode.submit_decode(f"r{i}", prompt, first.token_id, params, reservation, rest)  # type: ignore[arg-type]
-        return [first.token_id, *[e.token_id async for e in rest]]  # type: ignore[list-item]
-
     requests = [r for r in _requests(tiny) if r[1].max_tokens >= 2]
     try:
-        got = await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(requests)))
+        got, _ = await run_disaggregated(prefill, decode, requests, "127.0.0.71")
     finally:
-        await server.stop()
         prefill.stop()
         decode.stop()
     assert got == [reference_greedy(p, s.max_tokens) for p, s in requests]

@@ -16,10 +16,11 @@ from collections import Counter
 import pytest
 import torch
 from chi_square import chi_square, critical_value
-from spec_harness import make_engine, make_speculator, run_requests
+from spec_harness import make_engine, make_speculator
 
 from disaggserve_worker.engine.sampling import SamplingParams, filter_logits
 from disaggserve_worker.model.loader import LoadedModel
+from engine_harness import run_requests
 
 REQUESTS = 600
 PARAMS = dict(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True)

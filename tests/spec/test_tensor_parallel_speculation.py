@@ -8,10 +8,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from spec_harness import make_engine, make_speculator, run_requests
+from spec_harness import make_engine, make_speculator
 
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel, load_model
+from engine_harness import run_requests
 
 TEXTS = ["Hello world hello world hello world hello", "a",
          "The quick brown fox jumps over the lazy dog and the quick brown fox",

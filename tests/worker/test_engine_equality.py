@@ -9,83 +9,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream
-from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.loader import LoadedModel
-
-TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog and keeps running", "a",
-         "Kubernetes runs containers in pods; an operator watches custom resources."]
-OUTPUT_LENGTHS = [7, 12, 3, 9]
-
-
-def _requests(tiny: LoadedModel) -> list[tuple[list[int], SamplingParams]]:
-    return [(tiny.tokenizer.encode(text).ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-            for text, n in zip(TEXTS, OUTPUT_LENGTHS, strict=True)]
-
-
-def _engine(tiny: LoadedModel, role: str, **kw: int) -> Engine:
-    config = EngineConfig(role=role, kv_cache_tokens=kw.get("kv", 1024),
-                          max_batch_tokens=kw.get("budget", 2048))
-    engine = Engine(tiny.model, tiny.tokenizer, tiny.eos_token_ids, config)
-    engine.start()
-    return engine
-
-
-async def _collect(stream: RequestStream) -> list[int]:
-    return [event.token_id async for event in stream]  # type: ignore[misc]
+from engine_harness import greedy_requests, run_disaggregated, run_requests, start_engine
 
 
 @pytest.mark.parametrize("budget", [2048, 8])  # 8: prompts are chunked and mixed with decode steps
 async def test_colocated_equals_reference(tiny: LoadedModel, budget: int,
                                           reference_greedy: Callable[[list[int], int], list[int]]) -> None:
-    loop = asyncio.get_running_loop()
-    engine = _engine(tiny, "colocated", budget=budget)
+    engine = start_engine(tiny, budget=budget)
     try:
-        streams = []
-        for i, (prompt, params) in enumerate(_requests(tiny)):
-            stream = RequestStream(f"r{i}", loop)
-            engine.submit(f"r{i}", prompt, params, stream)
-            streams.append(stream)
-            await asyncio.sleep(0.01 * i)  # later requests join a running batch
-        got = await asyncio.gather(*map(_collect, streams))
+        got = await run_requests(engine, greedy_requests(tiny), stagger_s=0.01)  # later ones join a running batch
     finally:
         engine.stop()
-    expected = [reference_greedy(p, s.max_tokens) for p, s in _requests(tiny)]
+    expected = [reference_greedy(p, s.max_tokens) for p, s in greedy_requests(tiny)]
     assert got == expected
     assert engine.allocator.free_tokens == engine.allocator.capacity_tokens
 
 
 async def test_disaggregated_over_tcp_equals_reference(
         tiny: LoadedModel, reference_greedy: Callable[[list[int], int], list[int]]) -> None:
-    loop = asyncio.get_running_loop()
-    prefill, decode = _engine(tiny, "prefill"), _engine(tiny, "decode")
-    server = KVServer(prefill)
-    await server.start("127.0.0.21", 0)
-    transport = TcpKVTransport(frame_timeout=5)
-
-    async def one(i: int, prompt: list[int], params: SamplingParams) -> list[int]:
-        first_stream = RequestStream(f"r{i}", loop)
-        prefill.submit(f"r{i}", prompt, params, first_stream)
-        first = await first_stream.queue.get()
-        assert first.kv_handle is not None
-        reservation = decode.reserve(prompt, params)
-        assert reservation is not None
-        stats = await transport.pull(f"127.0.0.21:{server.port}", first.kv_handle, f"r{i}",
-                                     layout_of(decode), pool_sink(decode, reservation.slot_table))
-        assert stats.tokens == len(prompt)
-        rest = RequestStream(f"r{i}", loop)
-        decode.submit_decode(f"r{i}", prompt, first.token_id, params, reservation, rest)  # type: ignore[arg-type]
-        return [first.token_id, *await _collect(rest)]  # type: ignore[list-item]
-
+    prefill, decode = start_engine(tiny, "prefill"), start_engine(tiny, "decode")
     try:
-        got = await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(_requests(tiny))))
+        got, pulls = await run_disaggregated(prefill, decode, greedy_requests(tiny), "127.0.0.21")
     finally:
-        await server.stop()
         prefill.stop()
         decode.stop()
-    expected = [reference_greedy(p, s.max_tokens) for p, s in _requests(tiny)]
+    assert [pull.tokens for pull in pulls] == [len(p) for p, _ in greedy_requests(tiny)]
+    expected = [reference_greedy(p, s.max_tokens) for p, s in greedy_requests(tiny)]
     assert got == expected
     assert prefill.held_count == 0, "pulled caches are freed on the prefill side"
     assert prefill.allocator.free_tokens == prefill.allocator.capacity_tokens
@@ -95,7 +47,7 @@ async def test_disaggregated_over_tcp_equals_reference(
 async def test_engine_fault_reaches_every_running_client(tiny: LoadedModel,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     loop = asyncio.get_running_loop()
-    engine = _engine(tiny, "colocated")
+    engine = start_engine(tiny, "colocated")
     calls = {"n": 0}
     real = tiny.model.forward_step
 
@@ -122,7 +74,7 @@ async def test_engine_fault_reaches_every_running_client(tiny: LoadedModel,
 
 async def test_abort_frees_the_cache(tiny: LoadedModel) -> None:
     loop = asyncio.get_running_loop()
-    engine = _engine(tiny, "colocated")
+    engine = start_engine(tiny, "colocated")
     try:
         stream = RequestStream("a", loop)
         engine.submit("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True), stream)
@@ -146,13 +98,11 @@ async def test_pipeline_stages_give_the_same_tokens(reference_greedy: Callable[[
     staged = load_model("builtin:tiny-llama", device="cpu")
     staged.model.place([[torch.device("cpu")]] * 2)
     assert staged.model.layer_devices is not None and len(staged.model.layer_devices) == 4
-    engine = Engine(staged.model, staged.tokenizer, [], EngineConfig(role="colocated", kv_cache_tokens=256))
-    engine.start()
+    engine = start_engine(staged, kv=256)
     try:
         prompt = staged.tokenizer.encode("pipeline stages").ids
-        stream = RequestStream("p", asyncio.get_running_loop())
-        engine.submit("p", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), stream)
-        assert await _collect(stream) == reference_greedy(prompt, 6)
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        assert await run_requests(engine, [(prompt, params)]) == [reference_greedy(prompt, 6)]
     finally:
         engine.stop()
     with pytest.raises(ValueError, match="between 1 and the layer count"):
@@ -169,7 +119,7 @@ def _cpu_ticks(stat: Path) -> int | None:
 
 async def test_prefill_waits_without_spinning_until_a_pull_frees_memory(tiny: LoadedModel) -> None:
     loop = asyncio.get_running_loop()
-    engine = _engine(tiny, "prefill", kv=32)  # two blocks of 16: one held prompt fills it
+    engine = start_engine(tiny, "prefill", kv=32)  # two blocks of 16: one held prompt fills it
     try:
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         first = RequestStream("a", loop)
@@ -195,7 +145,7 @@ async def test_prefill_waits_without_spinning_until_a_pull_frees_memory(tiny: Lo
 
 
 async def test_requests_after_stop_fail_fast_and_retryable(tiny: LoadedModel) -> None:
-    engine = _engine(tiny, "colocated")
+    engine = start_engine(tiny, "colocated")
     engine.stop()
     stream = RequestStream("late", asyncio.get_running_loop())
     engine.submit("late", [1, 2], SamplingParams(max_tokens=2), stream)

@@ -6,26 +6,19 @@ splits, partial sums, bias once, KV split by heads) and the bookkeeping, not GPU
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.memory import auto_kv_cache_tokens
-from disaggserve_worker.engine.sampling import SamplingParams
-from disaggserve_worker.engine.types import RequestStream
-from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.kv_pool import KVPool
 from disaggserve_worker.model.loader import LoadedModel, ModelLoadError, load_model
 from disaggserve_worker.model.tensor_parallel import ShardedAttention, ShardedMLP
+from engine_harness import greedy_requests, run_disaggregated, run_requests, start_engine
 
 CPU = torch.device("cpu")
-TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog and keeps running", "a",
-         "Kubernetes runs containers in pods; an operator watches custom resources."]
-OUTPUT_LENGTHS = [7, 12, 3, 9]
 
 
 def sharded(grid: list[list[torch.device]], name: str = "tiny-llama") -> LoadedModel:
@@ -42,11 +35,6 @@ def tp2() -> LoadedModel:
 @pytest.fixture(scope="module")
 def tp2pp2() -> LoadedModel:
     return sharded([[CPU, CPU], [CPU, CPU]])
-
-
-def _requests(tiny: LoadedModel) -> list[tuple[list[int], SamplingParams]]:
-    return [(tiny.tokenizer.encode(text).ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-            for text, n in zip(TEXTS, OUTPUT_LENGTHS, strict=True)]
 
 
 def _paged_logits(loaded: LoadedModel, ids: torch.Tensor, split: int) -> tuple[torch.Tensor, KVPool]:
@@ -133,39 +121,17 @@ def test_kv_memory_is_split_over_shard_devices(monkeypatch: pytest.MonkeyPatch) 
         auto_kv_cache_tokens({gpus[0]: 1 << 30, gpus[1]: 1})
 
 
-def _engine(loaded: LoadedModel, role: str, budget: int = 2048) -> Engine:
-    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids,
-                    EngineConfig(role=role, kv_cache_tokens=1024, max_batch_tokens=budget))
-    engine.start()
-    return engine
-
-
-async def _collect(stream: RequestStream) -> list[int]:
-    out = []
-    async for event in stream:
-        assert event.error is None, event.error
-        out.append(event.token_id)
-    return out  # type: ignore[return-value]
-
-
 @pytest.mark.parametrize(("which", "budget"), [("tp2", 2048), ("tp2", 8), ("tp2pp2", 2048)])
 async def test_sharded_engine_generates_the_unsharded_greedy_tokens(
         which: str, budget: int, request: pytest.FixtureRequest,
         reference_greedy: Callable[[list[int], int], list[int]]) -> None:
     loaded: LoadedModel = request.getfixturevalue(which)
-    loop = asyncio.get_running_loop()
-    engine = _engine(loaded, "colocated", budget)
+    engine = start_engine(loaded, budget=budget)
     try:
-        streams = []
-        for i, (prompt, params) in enumerate(_requests(loaded)):
-            stream = RequestStream(f"r{i}", loop)
-            engine.submit(f"r{i}", prompt, params, stream)
-            streams.append(stream)
-            await asyncio.sleep(0.01 * i)  # later requests join a running batch
-        got = await asyncio.gather(*map(_collect, streams))
+        got = await run_requests(engine, greedy_requests(loaded), stagger_s=0.01)  # later ones join a running batch
     finally:
         engine.stop()
-    assert got == [reference_greedy(p, s.max_tokens) for p, s in _requests(loaded)]
+    assert got == [reference_greedy(p, s.max_tokens) for p, s in greedy_requests(loaded)]
     assert engine.allocator.free_tokens == engine.allocator.capacity_tokens
 
 
@@ -174,32 +140,15 @@ async def test_kv_handoff_between_tensor_sizes(
         tiny: LoadedModel, tp2: LoadedModel, prefill_size: int, decode_size: int,
         reference_greedy: Callable[[list[int], int], list[int]]) -> None:
     """The wire carries full-head layers, so prefill and decode may shard differently."""
-    loop = asyncio.get_running_loop()
     models = {1: tiny, 2: tp2}
-    prefill, decode = _engine(models[prefill_size], "prefill"), _engine(models[decode_size], "decode")
-    server = KVServer(prefill)
-    await server.start("127.0.0.141", 0)
-    transport = TcpKVTransport(frame_timeout=5)
-
-    async def one(i: int, prompt: list[int], params: SamplingParams) -> list[int]:
-        first_stream = RequestStream(f"r{i}", loop)
-        prefill.submit(f"r{i}", prompt, params, first_stream)
-        first = await first_stream.queue.get()
-        reservation = decode.reserve(prompt, params)
-        assert first.kv_handle is not None and reservation is not None
-        stats = await transport.pull(f"127.0.0.141:{server.port}", first.kv_handle, f"r{i}",
-                                     layout_of(decode), pool_sink(decode, reservation.slot_table))
-        assert stats.bytes == tiny.config.kv_bytes_per_token(4) * len(prompt), "full heads on the wire"
-        rest = RequestStream(f"r{i}", loop)
-        decode.submit_decode(f"r{i}", prompt, first.token_id, params, reservation, rest)  # type: ignore[arg-type]
-        return [first.token_id, *await _collect(rest)]  # type: ignore[list-item]
-
+    prefill, decode = start_engine(models[prefill_size], "prefill"), start_engine(models[decode_size], "decode")
     try:
-        got = await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(_requests(tiny))))
+        got, pulls = await run_disaggregated(prefill, decode, greedy_requests(tiny), "127.0.0.141")
     finally:
-        await server.stop()
         prefill.stop()
         decode.stop()
-    assert got == [reference_greedy(p, s.max_tokens) for p, s in _requests(tiny)]
+    for pull, (prompt, _) in zip(pulls, greedy_requests(tiny), strict=True):
+        assert pull.bytes == tiny.config.kv_bytes_per_token(4) * len(prompt), "full heads on the wire"
+    assert got == [reference_greedy(p, s.max_tokens) for p, s in greedy_requests(tiny)]
     assert prefill.held_count == 0
     assert decode.allocator.free_tokens == decode.allocator.capacity_tokens
