@@ -67,12 +67,22 @@ def _split_columns(linear: nn.Linear, parts: int, rank: int, device: torch.devic
     return out
 
 
-def _build(module: type[Attention] | type[MLP], config: ModelConfig, parts: int, rank: int,
-           state: dict[str, torch.Tensor]) -> nn.Module:
-    with torch.device("meta"):
-        shard = module(config, parts, rank)
-    shard.load_state_dict(state, assign=True, strict=True)
-    return shard.requires_grad_(False)
+def _shard(module: type[Attention] | type[MLP], full: nn.Module, config: ModelConfig,
+           devices: list[torch.device], rows: tuple[str, ...], columns: tuple[str, ...]) -> nn.ModuleList:
+    """One `module` per device, built from `full`'s weights: `rows` projections split by output,
+    `columns` projections by input."""
+    parts, shards = len(devices), []
+    for rank, device in enumerate(devices):
+        state: dict[str, torch.Tensor] = {}
+        for name in rows:
+            state.update(_split_rows(getattr(full, name), parts, rank, device, name))
+        for name in columns:
+            state.update(_split_columns(getattr(full, name), parts, rank, device, name))
+        with torch.device("meta"):
+            shard = module(config, parts, rank)
+        shard.load_state_dict(state, assign=True, strict=True)
+        shards.append(shard.requires_grad_(False))
+    return nn.ModuleList(shards)
 
 
 def _reduce(partials: list[torch.Tensor], home: torch.device) -> torch.Tensor:
@@ -91,15 +101,7 @@ class ShardedAttention(nn.Module):
 
     def __init__(self, full: Attention, config: ModelConfig, devices: list[torch.device]):
         super().__init__()
-        parts = len(devices)
-        shards = []
-        for rank, device in enumerate(devices):
-            state = {**_split_rows(full.q_proj, parts, rank, device, "q_proj"),
-                     **_split_rows(full.k_proj, parts, rank, device, "k_proj"),
-                     **_split_rows(full.v_proj, parts, rank, device, "v_proj"),
-                     **_split_columns(full.o_proj, parts, rank, device, "o_proj")}
-            shards.append(_build(Attention, config, parts, rank, state))
-        self.shards = nn.ModuleList(shards)
+        self.shards = _shard(Attention, full, config, devices, ("q_proj", "k_proj", "v_proj"), ("o_proj",))
         self.devices = list(devices)
 
     def forward_step(self, x: torch.Tensor, steps: list[StepInputs], caches: list[torch.Tensor]
@@ -122,14 +124,7 @@ class ShardedMLP(nn.Module):
 
     def __init__(self, full: MLP, config: ModelConfig, devices: list[torch.device]):
         super().__init__()
-        parts = len(devices)
-        shards = []
-        for rank, device in enumerate(devices):
-            state = {**_split_rows(full.gate_proj, parts, rank, device, "gate_proj"),
-                     **_split_rows(full.up_proj, parts, rank, device, "up_proj"),
-                     **_split_columns(full.down_proj, parts, rank, device, "down_proj")}
-            shards.append(_build(MLP, config, parts, rank, state))
-        self.shards = nn.ModuleList(shards)
+        self.shards = _shard(MLP, full, config, devices, ("gate_proj", "up_proj"), ("down_proj",))
         self.devices = list(devices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
