@@ -84,15 +84,24 @@ async def test_colocated_mode_spreads_load(colocated: list[WorkerProcess]) -> No
     running = await start_router(router_config(colocated))
     try:
         assert running.router.pool.mode == "colocated"
+        pool = running.router.pool
+        picked: list[tuple[str, int]] = []  # (worker chosen, requests already in flight at that moment)
+        pick = pool.pick_colocated
+
+        def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+            worker = pick(*args, **kwargs)
+            picked.append((worker.url, sum(w.inflight_requests for w in pool.of_role("colocated"))))
+            return worker
+
+        pool.pick_colocated = spy  # type: ignore[method-assign]
         api = openai.AsyncOpenAI(base_url=running.base_url, api_key="x", max_retries=0)
-        streams = [await api.completions.create(model=SERVED, prompt="Hello", max_tokens=40, stream=True,
+        # Long enough that the first is still generating when the second arrives, on any machine.
+        streams = [await api.completions.create(model=SERVED, prompt="Hello", max_tokens=200, stream=True,
                                                 extra_body={"ignore_eos": True}) for _ in range(2)]
-        await anext(aiter(streams[0]))
-        await anext(aiter(streams[1]))
-        busy = sorted(w.inflight_requests for w in running.router.pool.of_role("colocated"))
-        assert busy == [1, 1]  # two concurrent requests went to the two workers
         for stream in streams:
             assert [c async for c in stream][-1].choices[0].finish_reason == "length"
+        assert picked[1][1] == 1, "the second request arrived while the first was in flight"
+        assert picked[0][0] != picked[1][0], "two concurrent requests went to the two workers"
     finally:
         await running.runner.cleanup()
 
