@@ -129,7 +129,7 @@ def phase_utilization(world: World, rate: float, counts: Counts) -> tuple[float,
 
 def run_policy(name: str, rates: list[float], world: World, plan: Plan, limits: Limits) -> dict[str, Any]:
     counts = Counts(plan.prefill.replicas, plan.decode.replicas)
-    state = PolicyState()
+    state = PolicyState.starting_at(counts, 0.0)  # as the operator starts tracking a resource
     hpa_history: list[tuple[float, Counts]] = []
     gpu_seconds, served, met = 0.0, 0.0, 0.0
     timeline = []

@@ -40,6 +40,17 @@ def test_a_brief_spike_inside_the_window_keeps_capacity():
     assert run(Counts(4, 4), Counts(1, 1), state=state, now=501).action == "scale-down"
 
 
+def test_after_a_restart_scale_down_still_waits_out_the_window():
+    state = PolicyState.starting_at(Counts(4, 4), now=1000)
+    d = run(Counts(4, 4), Counts(1, 1), state=state, now=1010)
+    assert d.action == "hold" and "scale-down waits" in d.reason
+    assert run(Counts(4, 4), Counts(1, 1), state=state, now=1301).action == "scale-down"
+    # Without the seed, the first decision of a fresh process would shed capacity at once.
+    assert run(Counts(4, 4), Counts(1, 1), now=1010).action == "scale-down"
+    # Scaling up is not held back by it.
+    assert run(Counts(1, 1), Counts(3, 3), state=PolicyState.starting_at(Counts(1, 1), 0), now=1).action == "scale-up"
+
+
 def test_no_action_while_rolling_out_or_without_metrics():
     rolling = Signals(metrics_available=True, rolling_out=True, attainment=0.1)
     assert run(Counts(1, 1), Counts(8, 8), rolling).action == "hold"

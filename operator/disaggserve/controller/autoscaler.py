@@ -1,8 +1,10 @@
 """The autoscaler loop for one resource: observe -> correct the profile -> re-plan -> policy.
 
 Kept free of kopf (the timer in handlers.py calls `step`). State that only smooths decisions
-(scrape windows, recent recommendations) lives in memory: after an operator restart the
-autoscaler waits one window before it acts again, which errs on the side of holding.
+(scrape windows, recent recommendations) lives in memory. After an operator restart the
+autoscaler waits one metrics window before it acts again, and it treats the replicas then
+running as a fresh recommendation, so a scale-down still waits out the stabilization window.
+Both err on the side of holding.
 """
 
 from __future__ import annotations
@@ -92,11 +94,13 @@ class Autoscaler:
             self.tracked.pop((namespace, name), None)
             return None
         scaling = spec.autoscaling
-        tracked = self.tracked.setdefault(
-            (namespace, name),
-            _Tracked(ScrapeWindow(scaling.metrics.window_seconds, stale_after=max(3.0 * scaling.interval_seconds, 30))),
-        )
         plan = Plan.model_validate(status["plan"])
+        tracked = self.tracked.get((namespace, name))
+        if tracked is None:
+            tracked = self.tracked[(namespace, name)] = _Tracked(
+                ScrapeWindow(scaling.metrics.window_seconds, stale_after=max(3.0 * scaling.interval_seconds, 30)),
+                PolicyState.starting_at(Counts(plan.prefill.replicas, plan.decode.replicas), time.monotonic()),
+            )
         conditions = list(status.get("conditions") or [])
         generation = status.get("observedGeneration")
         try:

@@ -61,10 +61,20 @@ class Signals:
 
 @dataclass
 class PolicyState:
-    """What the policy remembers between decisions (kept in the resource's status)."""
+    """What the policy remembers between decisions (in the operator's memory)."""
 
     recommendations: list[tuple[float, Counts]] = field(default_factory=list)
     last_change_at: float | None = None
+
+    @classmethod
+    def starting_at(cls, current: Counts, now: float) -> PolicyState:
+        """State for a resource the policy has not seen yet, e.g. after an operator restart.
+
+        The replicas running now count as a recommendation made now: the recommendations
+        behind them were lost with the old process, and without this the first decision
+        could scale down without waiting out the stabilization window.
+        """
+        return cls(recommendations=[(now, current)])
 
 
 @dataclass(frozen=True)
