@@ -51,6 +51,8 @@ SCHEMA_CASES = [
     ("tensor-not-power-of-two", "parallelism.prefill.tensor", 3, "power of two"),
     ("tensor-too-large", "parallelism.decode.tensor", 16, "spec.parallelism.decode.tensor"),
     ("pipeline-zero", "parallelism.prefill.pipeline", 0, "spec.parallelism.prefill.pipeline"),
+    ("tensor-parallel-on-a-cpu-worker", "parallelism.prefill.tensor", 2, "a CPU worker"),
+    ("pipeline-parallel-on-a-cpu-worker", "parallelism.decode.pipeline", 2, "a CPU worker"),
     (
         "instance-larger-than-a-node",
         "hardware;parallelism.prefill.tensor",
@@ -90,22 +92,12 @@ def _long_name() -> dict:
     return example(name="a-name-that-is-far-too-long-for-its-pod-names")
 
 
-def _tensor_parallel() -> dict:
-    return _set(example(name="tp-two"), "parallelism.prefill.tensor", 2)
-
-
-def _pipeline_on_cpu() -> dict:
-    return _set(example(name="pp-cpu"), "parallelism.decode.pipeline", 2)
-
-
 def _missing_profile() -> dict:
     return _set(example(name="no-profile"), "profile", {"configMapRef": {"name": "absent"}})
 
 
 OPERATOR_CASES = [
     ("name-too-long", _long_name, "InvalidSpec"),
-    ("tensor-parallel-on-a-cpu-worker", _tensor_parallel, "TensorParallelUnavailable"),
-    ("pipeline-parallel-on-a-cpu-worker", _pipeline_on_cpu, "PipelineParallelUnavailable"),
     ("profile-configmap-missing", _missing_profile, "ProfileMissing"),
 ]
 
@@ -138,12 +130,11 @@ async def test_operator_refuses_with_condition_and_event_and_creates_nothing(api
 
 
 async def test_fixing_the_spec_recovers(apiserver, operator):
-    await create(apiserver.url, _tensor_parallel())
-    obj = lambda: apiserver.get(GROUP, "disaggserves", "default", "tp-two")  # noqa: E731
-    await wait_for(lambda: (condition(obj(), "Ready") or {}).get("reason") == "TensorParallelUnavailable")
+    await create(apiserver.url, _missing_profile())
+    obj = lambda: apiserver.get(GROUP, "disaggserves", "default", "no-profile")  # noqa: E731
+    await wait_for(lambda: (condition(obj(), "Ready") or {}).get("reason") == "ProfileMissing")
     from helpers import patch_spec
 
-    await patch_spec(apiserver.url, "tp-two", {"parallelism": {"prefill": {"tensor": 1}}})
-    await wait_for(lambda: apiserver.get("apps", "statefulsets", "default", "tp-two-decode"), message="created")
+    await patch_spec(apiserver.url, "no-profile", {"profile": None})
+    await wait_for(lambda: apiserver.get("apps", "statefulsets", "default", "no-profile-decode"), message="created")
     await wait_for(lambda: condition(obj(), "Planned")["status"] == "True")
-

@@ -247,6 +247,14 @@ class DisaggServeSpec(ApiModel):
             "an instance (tensor x pipeline GPUs) must fit on one node: "
             "tensor * pipeline must not exceed hardware.gpusPerNode",
         ),
+        CelRule(
+            "!has(self.parallelism) || (has(self.hardware) && self.hardware.device == 'gpu') || "
+            "(self.parallelism.prefill.tensor == 1 && self.parallelism.prefill.pipeline == 1 && "
+            "self.parallelism.decode.tensor == 1 && self.parallelism.decode.pipeline == 1)",
+            "a CPU worker (hardware.device: cpu, the default without hardware) is one process on one device: "
+            "set spec.parallelism.*.tensor and .pipeline to 1 and scale with replicas, or run on GPUs "
+            "(hardware.device: gpu)",
+        ),
     )
 
     model: ModelSpec

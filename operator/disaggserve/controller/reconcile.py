@@ -14,7 +14,7 @@ from typing import Any
 from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
-from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL, max_tensor_parallel
+from disaggserve.contract import max_tensor_parallel
 from disaggserve.controller.drain import prepare_scale_down
 from disaggserve.controller.kube import Kube, KubeError
 from disaggserve.planner import PlanningError, plan_for
@@ -54,26 +54,6 @@ class Refused(Exception):
     def __init__(self, reason: str, message: str):
         self.reason = reason
         super().__init__(message)
-
-
-def _unsupported(spec: DisaggServeSpec) -> None:
-    """A CPU worker is one process on one device: it has nothing to shard or stage over."""
-    if spec.parallelism is None or spec.hardware.device != "cpu":
-        return
-    sizes = (spec.parallelism.prefill, spec.parallelism.decode)
-    if any(p.tensor > 1 for p in sizes):
-        raise Refused(
-            "TensorParallelUnavailable",
-            "a CPU worker runs tensor-parallel size 1: set spec.parallelism.*.tensor to 1 and add replicas, "
-            "or run on GPUs (hardware.device: gpu), where tensor sizes up to "
-            f"{WORKER_MAX_TENSOR_PARALLEL} shard each layer over the pod's GPUs",
-        )
-    if any(p.pipeline > 1 for p in sizes):
-        raise Refused(
-            "PipelineParallelUnavailable",
-            "a CPU worker runs pipeline-parallel size 1: set spec.parallelism.*.pipeline to 1 and add replicas, "
-            "or run on GPUs (hardware.device: gpu), where pipeline stages go to the pod's GPUs",
-        )
 
 
 async def _profile(kube: Kube, spec: DisaggServeSpec, namespace: str) -> dict[str, Any] | None:
@@ -131,7 +111,6 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
             spec = parse_spec(body.get("spec"))
         except SpecError as e:
             raise Refused("InvalidSpec", str(e)) from None
-        _unsupported(spec)
         profile = await _profile(kube, spec, namespace)
         nodes = await kube.list("v1", "Node") if spec.parallelism is None else None
         try:
