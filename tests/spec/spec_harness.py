@@ -7,7 +7,7 @@ from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel
 from disaggserve_worker.spec.config import SpeculationConfig
 from disaggserve_worker.spec.draft import DraftProposer
-from disaggserve_worker.spec.speculator import Speculator
+from disaggserve_worker.spec.speculator import Speculator, StepReport
 from engine_harness import run_requests, start_engine
 
 
@@ -17,6 +17,21 @@ def make_speculator(tiny: LoadedModel, draft: LoadedModel | None, mode: str, pro
                                draft_model="builtin:test" if proposer == "draft" else None)
     proposer_model = DraftProposer(draft.model, kv, 16) if proposer == "draft" and draft else None
     return Speculator(config, tiny.model, proposer_model)
+
+
+def record_steps(spec: Speculator) -> list[StepReport]:
+    """Every step's report, in order: wraps step() so tests see what each decode step did."""
+    reports: list[StepReport] = []
+    real = spec.step
+
+    def step(batch):  # type: ignore[no-untyped-def]
+        out = real(batch)
+        assert spec.last is not None
+        reports.append(spec.last)
+        return out
+
+    spec.step = step  # type: ignore[method-assign]
+    return reports
 
 
 def make_engine(tiny: LoadedModel, speculator: Speculator | None, role: str = "colocated",

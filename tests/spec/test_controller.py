@@ -6,7 +6,7 @@ import random
 from statistics import mean
 
 import pytest
-from spec_harness import copy_heavy_prompt, make_engine, make_speculator
+from spec_harness import copy_heavy_prompt, make_engine, make_speculator, record_steps
 
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel
@@ -114,16 +114,7 @@ async def test_adaptive_on_the_engine_skips_a_random_draft(tiny: LoadedModel,
                                                           tiny_draft: LoadedModel) -> None:
     spec = make_speculator(tiny, tiny_draft, "adaptive", "draft")
     engine = make_engine(tiny, spec)
-    ks: list[int] = []
-    real = spec.step
-
-    def step(batch):  # type: ignore[no-untyped-def]
-        out = real(batch)
-        assert spec.last is not None
-        ks.extend(spec.last.ks)
-        return out
-
-    spec.step = step  # type: ignore[method-assign]
+    steps = record_steps(spec)
     try:
         rng = random.Random(2)
         prompts = [[rng.randrange(3, 512) for _ in range(16)] for _ in range(4)]
@@ -132,6 +123,7 @@ async def test_adaptive_on_the_engine_skips_a_random_draft(tiny: LoadedModel,
     finally:
         engine.stop()
     assert spec.controller.alpha() < 0.3
+    ks = [k for step in steps for k in step.ks]
     late = ks[len(ks) // 2:]
     assert sum(1 for k in late if k) <= len(late) * 0.15, f"speculated too often with a random draft: {late}"
 
@@ -140,21 +132,13 @@ async def test_adaptive_on_the_engine_speculates_far_on_copy_heavy_prompts(tiny:
     prompt = await copy_heavy_prompt(tiny)
     spec = make_speculator(tiny, None, "adaptive", "ngram", max_tokens=6)
     engine = make_engine(tiny, spec)
-    ks: list[int] = []
-    real = spec.step
-
-    def step(batch):  # type: ignore[no-untyped-def]
-        out = real(batch)
-        assert spec.last is not None
-        ks.append(max(spec.last.ks))
-        return out
-
-    spec.step = step  # type: ignore[method-assign]
+    steps = record_steps(spec)
     try:
         await run_requests(engine, [(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))])
     finally:
         engine.stop()
     assert spec.controller.alpha() > 0.8
+    ks = [max(step.ks) for step in steps]
     assert mean(ks) >= 3, ks
 
 

@@ -11,11 +11,10 @@ import random
 from collections.abc import Callable
 
 import pytest
-from spec_harness import make_engine, make_speculator
+from spec_harness import make_engine, make_speculator, record_steps
 
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel
-from disaggserve_worker.spec.speculator import Speculator
 from engine_harness import run_disaggregated, run_requests
 
 TEXTS = ["Hello world hello world hello world hello", "a",
@@ -32,28 +31,13 @@ def _requests(tiny: LoadedModel) -> list[tuple[list[int], SamplingParams]]:
             for p, n in zip(prompts, OUTPUT_LENGTHS, strict=True)]
 
 
-def _record_ks(spec: Speculator) -> list[list[int]]:
-    """Wrap step() to keep each step's per-request proposal lengths."""
-    seen: list[list[int]] = []
-    real = spec.step
-
-    def step(batch):  # type: ignore[no-untyped-def]
-        out = real(batch)
-        assert spec.last is not None
-        seen.append(list(spec.last.ks))
-        return out
-
-    spec.step = step  # type: ignore[method-assign]
-    return seen
-
-
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
 @pytest.mark.parametrize("proposer", ["ngram", "draft"])
 async def test_colocated_speculation_equals_reference(
         tiny: LoadedModel, tiny_draft: LoadedModel, mode: str, proposer: str,
         reference_greedy: Callable[[list[int], int], list[int]]) -> None:
     spec = make_speculator(tiny, tiny_draft, mode, proposer)
-    ks = _record_ks(spec)
+    steps = record_steps(spec)
     engine = make_engine(tiny, spec)
     try:
         # Fixed: all arrive together, so caps near each request's end make k differ within steps
@@ -68,6 +52,7 @@ async def test_colocated_speculation_equals_reference(
         assert spec.draft.tracked == 0, "finished sequences give their draft cache back"
         assert spec.draft.allocator.free_tokens == spec.draft.allocator.capacity_tokens
     if mode == "fixed":
+        ks = [step.ks for step in steps]
         assert any(len({k for k in step if k}) > 1 for step in ks), f"no step mixed proposal lengths: {ks}"
         assert any(0 in step and any(step) for step in ks), "no step mixed speculating and plain rows"
 
@@ -77,7 +62,7 @@ async def test_draft_with_target_as_draft_accepts_everything(
     """Draft = target: every proposal is accepted, so output and cache rollback bookkeeping are
     exercised at full k (each step emits k + 1 tokens)."""
     spec = make_speculator(tiny, tiny, "fixed", "draft")
-    ks = _record_ks(spec)
+    steps = record_steps(spec)
     engine = make_engine(tiny, spec)
     try:
         got = await run_requests(engine, _requests(tiny))
@@ -85,7 +70,7 @@ async def test_draft_with_target_as_draft_accepts_everything(
         engine.stop()
     assert got == [reference_greedy(p, s.max_tokens) for p, s in _requests(tiny)]
     assert spec.controller.alpha() > 0.9
-    assert max(max(step) for step in ks) == 4
+    assert max(max(step.ks) for step in steps) == 4
 
 
 async def test_decode_role_over_tcp_with_draft_catches_up_the_prompt(

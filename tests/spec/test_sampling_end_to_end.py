@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 import torch
 from chi_square import chi_square, critical_value
-from spec_harness import make_engine, make_speculator
+from spec_harness import make_engine, make_speculator, record_steps
 
 from disaggserve_worker.engine.sampling import SamplingParams, filter_logits
 from disaggserve_worker.model.loader import LoadedModel
@@ -74,23 +74,14 @@ async def test_speculative_sampling_matches_the_target_law(tiny: LoadedModel, ti
     law = _law(tiny, prompt)
     spec = make_speculator(tiny, tiny_draft, "fixed", proposer)
     engine = make_engine(tiny, spec, kv=REQUESTS * 64)
-    proposed = accepted = 0
-    real = spec.step
-
-    def step(batch):  # type: ignore[no-untyped-def]
-        nonlocal proposed, accepted
-        out = real(batch)
-        assert spec.last is not None
-        proposed += sum(spec.last.proposed)
-        accepted += sum(spec.last.accepted)
-        return out
-
-    spec.step = step  # type: ignore[method-assign]
+    steps = record_steps(spec)
     try:
         requests = [(prompt, SamplingParams(seed=1000 + i, **PARAMS)) for i in range(REQUESTS)]  # type: ignore[arg-type]
         outputs = await run_requests(engine, requests)
     finally:
         engine.stop()
+    proposed = sum(sum(step.proposed) for step in steps)
+    accepted = sum(sum(step.accepted) for step in steps)
     counts = Counter(tuple(o) for o in outputs)
     assert set(counts) <= set(law), f"tokens outside the top-3 support: {set(counts) - set(law)}"
     cells = list(itertools.chain(law))
