@@ -113,6 +113,7 @@ def router_args(
     ttft_slo_ms: float,
     tpot_slo_ms: float,
     api_key_file: str | None = None,
+    engine: str = "builtin",
 ) -> list[str]:
     """Command line of `disaggserve-worker router`, discovering workers through the API."""
     args = [
@@ -138,4 +139,6 @@ def router_args(
     ]
     if api_key_file:
         args += ["--api-key-file", api_key_file]
+    if engine != "builtin":
+        args += ["--engine", engine]
     return args

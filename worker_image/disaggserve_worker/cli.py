@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from disaggserve_worker import contract
@@ -146,6 +147,25 @@ def _add_profile(subparsers: Any) -> None:
     p.set_defaults(handler=profile)
 
 
+def _add_export(subparsers: Any) -> None:
+    p = subparsers.add_parser("export-checkpoint",
+                              help="write a built-in model as a Hugging Face checkpoint folder (for vLLM)")
+    p.add_argument("--model", default="tiny-llama", help="a built-in model name (tiny-llama, small-llama, ...)")
+    p.add_argument("--out", required=True, help="folder to write (reused when it already holds this model)")
+    p.set_defaults(handler=export_checkpoint)
+
+
+def export_checkpoint(args: argparse.Namespace) -> int:
+    from disaggserve_worker.model.export import export_builtin
+
+    try:
+        print(export_builtin(args.model, Path(args.out)))
+    except ValueError as exc:
+        print(f"disaggserve-worker export-checkpoint: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _register_router(subparsers: Any) -> None:
     try:
         from disaggserve_worker.router import cli as router_cli
@@ -161,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
     _add_profile(subparsers)
+    _add_export(subparsers)
     _register_router(subparsers)
     return parser
 

@@ -232,6 +232,63 @@ class Image(ApiModel):
         return f"{self.repository}:{self.tag}"
 
 
+# Flags the vLLM renderer sets from the plan and the spec; `engine.extraArgs` may not set them,
+# or the pod would run something other than what status.plan says.
+VLLM_RESERVED_FLAGS = (
+    "--model",
+    "--served-model-name",
+    "--host",
+    "--port",
+    "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--max-model-len",
+    "--kv-transfer-config",
+    "--speculative-config",
+    "--shutdown-timeout",
+)
+_RESERVED_CEL = "[" + ", ".join(f"'{f}'" for f in VLLM_RESERVED_FLAGS) + "]"
+
+
+class Engine(ApiModel):
+    """What runs in the worker pods: the built-in plain-torch worker, or vLLM's OpenAI server."""
+
+    cel_rules = (
+        CelRule(
+            "self.kind == 'vllm' || !has(self.extraArgs) || size(self.extraArgs) == 0",
+            "engine.extraArgs are passed to vLLM: they need engine.kind: vllm "
+            "(the built-in worker takes its settings from the spec)",
+        ),
+        CelRule(
+            "self.kind == 'vllm' || !has(self.image)",
+            "engine.image is the vLLM image: it needs engine.kind: vllm "
+            "(the built-in worker runs spec.image)",
+        ),
+        CelRule(
+            "!has(self.extraArgs) || !self.extraArgs.exists(a, "
+            + _RESERVED_CEL
+            + ".exists(f, a == f || a.startsWith(f + '=')))",
+            "engine.extraArgs must not set flags the operator renders from the plan and the spec ("
+            + ", ".join(VLLM_RESERVED_FLAGS)
+            + "): change spec.model, spec.parallelism or spec.speculation instead",
+        ),
+    )
+
+    kind: Literal["builtin", "vllm"] = Field(
+        "builtin", description="builtin: DisaggServe's own worker; vllm: vLLM's OpenAI server with its KV connectors."
+    )
+    image: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9._/:@-]*$",
+        max_length=512,
+        description="vLLM image (default vllm/vllm-openai on GPUs; a vllm-cpu image on CPU).",
+    )
+    extra_args: list[Annotated[str, Field(min_length=1, max_length=4096)]] | None = Field(
+        None, max_length=64, description="Further vLLM server flags, e.g. ['--enforce-eager']."
+    )
+
+
 class Router(ApiModel):
     replicas: int = Field(1, ge=1, le=100)
     api_key_secret_ref: SecretKeyRef | None = None
@@ -255,6 +312,25 @@ class DisaggServeSpec(ApiModel):
             "set spec.parallelism.*.tensor and .pipeline to 1 and scale with replicas, or run on GPUs "
             "(hardware.device: gpu)",
         ),
+        CelRule(
+            "!has(self.engine) || self.engine.kind != 'vllm' || !has(self.model.source.builtin)",
+            "engine.kind vllm loads Hugging Face checkpoints: set model.source.path or model.source.hf "
+            "(builtin models exist only in the built-in worker; `disaggserve up` turns builtin tiny-llama "
+            "into a checkpoint folder for you)",
+        ),
+        CelRule(
+            "!has(self.engine) || self.engine.kind != 'vllm' || self.speculation.mode != 'adaptive'",
+            "speculation.mode adaptive (SmartSpec: a proposal length chosen per step from goodput) "
+            "runs only on the built-in engine; vLLM proposes a fixed number of tokens: use mode fixed "
+            "with engine.kind vllm, or engine.kind builtin",
+        ),
+        CelRule(
+            "!has(self.engine) || self.engine.kind != 'vllm' || self.speculation.mode == 'off' || "
+            "self.speculation.proposer != 'draft' || !has(self.speculation.draftModel) || "
+            "!has(self.speculation.draftModel.builtin)",
+            "speculation.draftModel: vLLM loads a draft model from a checkpoint, set draftModel.path or "
+            "draftModel.hf (builtin draft models run only on the built-in engine)",
+        ),
     )
 
     model: ModelSpec
@@ -268,6 +344,7 @@ class DisaggServeSpec(ApiModel):
     profile: ProfileRef | None = None
     image: Image = Field(default_factory=Image)
     router: Router = Field(default_factory=Router)
+    engine: Engine = Field(default_factory=Engine)
 
 
 class SpecError(ValueError):

@@ -65,6 +65,7 @@ def router_objects(spec: DisaggServeSpec, name: str, namespace: str) -> list[dic
         ttft_slo_ms=spec.slo.ttft_ms,
         tpot_slo_ms=spec.slo.tpot_ms,
         api_key_file=api_key_file,
+        engine=spec.engine.kind,
     )
     container = {
         "name": "router",

@@ -7,11 +7,11 @@ from typing import Any
 
 from disaggserve.api.plan import Phase, Plan
 from disaggserve.api.spec import DisaggServeSpec
-from disaggserve.contract import ENV_UNIT, KV_PORT, LABEL_INSTANCE, LABEL_UNIT, WORKER_BINARY, WORKER_PORT, worker_args
+from disaggserve.contract import ENV_UNIT, LABEL_INSTANCE, LABEL_UNIT
+from disaggserve.resources.engines import renderer_for
 from disaggserve.resources.names import component_labels, pod_selector, service_name, statefulset_name
 from disaggserve.resources.pods import (
     container_security_context,
-    http_probes,
     identity_env,
     pod_security_context,
     scheduling,
@@ -19,26 +19,6 @@ from disaggserve.resources.pods import (
 )
 
 HOSTNAME = "kubernetes.io/hostname"
-# Decode holds streams that are still generating; give it time to finish them on scale-down.
-GRACE_SECONDS: dict[Phase, int] = {"prefill": 60, "decode": 180}
-
-
-def _speculation_args(spec: DisaggServeSpec) -> dict[str, str | int]:
-    s = spec.speculation
-    if s.mode == "off":
-        return {}
-    args: dict[str, str | int] = {
-        "mode": s.mode,
-        "proposer": s.proposer,
-        "max-tokens": s.max_tokens,
-        "ngram-min": s.ngram_min,
-        "ngram-max": s.ngram_max,
-    }
-    if s.proposer == "draft" and s.draft_model:
-        args["draft-model"] = s.draft_model.worker_arg()
-    return args
-
-
 def _resources(spec: DisaggServeSpec, gpus: int) -> dict[str, Any]:
     wanted = spec.hardware.worker_resources
     requests: dict[str, str] = {}
@@ -91,38 +71,26 @@ def build_statefulset(
     env = identity_env()
     if unit is not None:
         env.append({"name": ENV_UNIT, "value": str(unit)})
-    args = worker_args(
-        role=phase,
-        model=spec.model.source.worker_arg(),
-        model_name=spec.model.name,
-        tensor=phase_plan.tensor,
-        pipeline=phase_plan.pipeline,
-        device="cuda" if spec.hardware.device == "gpu" else "cpu",
-        ttft_slo_ms=spec.slo.ttft_ms,
-        tpot_slo_ms=spec.slo.tpot_ms,
-        max_model_len=spec.model.max_model_len,
-        speculation=_speculation_args(spec) if phase == "decode" else None,
-    )
+    engine = renderer_for(spec).worker(spec, plan, name, namespace, phase, unit)
+    vols += engine.volumes
+    mounts += engine.mounts
     container = {
         "name": "worker",
-        "image": spec.image.reference,
-        "imagePullPolicy": spec.image.pull_policy,
-        "command": [WORKER_BINARY],
-        "args": args,
-        "ports": [
-            {"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"},
-            {"name": "kv", "containerPort": KV_PORT, "protocol": "TCP"},
-        ],
-        "env": env,
+        "image": engine.image,
+        "imagePullPolicy": engine.pull_policy,
+        "command": engine.command,
+        "args": engine.args,
+        "ports": engine.ports,
+        "env": env + engine.env,
         "resources": _resources(spec, phase_plan.gpus_per_instance),
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
-        **http_probes("http", startup_seconds=1800),
+        **engine.probes,
     }
     template_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": GRACE_SECONDS[phase],
+        "terminationGracePeriodSeconds": engine.grace_seconds,
         "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": vols,
@@ -148,8 +116,8 @@ def build_statefulset(
                     "labels": labels,
                     "annotations": {
                         "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(WORKER_PORT),
-                        "prometheus.io/path": "/metrics",
+                        "prometheus.io/port": str(engine.metrics_port),
+                        "prometheus.io/path": engine.metrics_path,
                     },
                 },
                 "spec": template_spec,
@@ -158,7 +126,7 @@ def build_statefulset(
     }
 
 
-def build_headless_service(name: str, namespace: str, phase: Phase) -> dict[str, Any]:
+def build_headless_service(name: str, namespace: str, phase: Phase, spec: DisaggServeSpec) -> dict[str, Any]:
     """Stable DNS per worker pod; the router discovers pods, the Service gives them names."""
     return {
         "apiVersion": "v1",
@@ -172,10 +140,7 @@ def build_headless_service(name: str, namespace: str, phase: Phase) -> dict[str,
             "clusterIP": "None",
             "publishNotReadyAddresses": False,
             "selector": pod_selector(name, phase),
-            "ports": [
-                {"name": "http", "port": WORKER_PORT, "targetPort": "http", "protocol": "TCP"},
-                {"name": "kv", "port": KV_PORT, "targetPort": "kv", "protocol": "TCP"},
-            ],
+            "ports": renderer_for(spec).service_ports(spec),
         },
     }
 
@@ -184,6 +149,6 @@ def worker_objects(spec: DisaggServeSpec, plan: Plan, name: str, namespace: str)
     units: list[int | None] = list(range(plan.units)) if plan.placement == "low-affinity" else [None]
     objects: list[dict[str, Any]] = []
     for phase in ("prefill", "decode"):
-        objects.append(build_headless_service(name, namespace, phase))
+        objects.append(build_headless_service(name, namespace, phase, spec))
         objects += [build_statefulset(spec, plan, name, namespace, phase, unit) for unit in units]
     return objects

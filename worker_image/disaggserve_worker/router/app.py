@@ -83,8 +83,9 @@ class Router:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self.dispatcher = Dispatcher(
             self.pool, self.session, self.metrics, max_attempts=self.config.max_attempts,
-            timeouts=Timeouts(prefill_s=self.config.prefill_timeout_s, token_s=self.config.token_timeout_s))
-        poller = LoadPoller(self.pool, self.session, self.config.poll_interval_s)
+            timeouts=Timeouts(prefill_s=self.config.prefill_timeout_s, token_s=self.config.token_timeout_s),
+            engine=self.config.engine, model_name=self.model.name)
+        poller = LoadPoller(self.pool, self.session, self.config.poll_interval_s, engine=self.config.engine)
         for factory in [poller.run, *self._loops]:
             self._background.append(asyncio.create_task(_logged(factory)))
 

@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--colocated-endpoints", type=_endpoints, default=[], help="comma-separated http://ip:port")
     p.add_argument("--mode", choices=("disaggregated", "colocated"),
                    help="default: disaggregated when prefill and decode workers exist, else colocated")
+    p.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
+                   help="what the workers run: builtin (disaggserve-worker serve) or vllm (vLLM's OpenAI server)")
     p.add_argument("--ttft-slo-ms", type=float)
     p.add_argument("--tpot-slo-ms", type=float)
     p.add_argument("--api-key-file", help="file with accepted bearer keys, one per line (a mounted Secret)")

