@@ -10,6 +10,7 @@ import yaml
 from disaggserve.api import parse_spec
 from disaggserve.api.crd import build_crd, render_crd_yaml
 from disaggserve.api.spec import SpecError
+from disaggserve.local.checkpoints import prepare_for_local
 from disaggserve.local.schema import validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,8 +66,9 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_examples_parse_and_validate_against_the_crd(path):
-    doc = yaml.safe_load(path.read_text())
+def test_examples_parse_and_validate_against_the_crd(path, tmp_path):
+    # As `disaggserve up -f` applies them (a vLLM example's builtin model becomes a checkpoint folder).
+    doc = yaml.safe_load(prepare_for_local(path, tmp_path).read_text())
     parse_spec(doc["spec"])
     schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     _, errors = validate(doc, schema, strict=True)

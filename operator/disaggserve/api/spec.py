@@ -319,13 +319,15 @@ class DisaggServeSpec(ApiModel):
             "into a checkpoint folder for you)",
         ),
         CelRule(
-            "!has(self.engine) || self.engine.kind != 'vllm' || self.speculation.mode != 'adaptive'",
+            "!has(self.engine) || self.engine.kind != 'vllm' || !has(self.speculation) || "
+            "self.speculation.mode != 'adaptive'",
             "speculation.mode adaptive (SmartSpec: a proposal length chosen per step from goodput) "
             "runs only on the built-in engine; vLLM proposes a fixed number of tokens: use mode fixed "
             "with engine.kind vllm, or engine.kind builtin",
         ),
         CelRule(
-            "!has(self.engine) || self.engine.kind != 'vllm' || self.speculation.mode == 'off' || "
+            "!has(self.engine) || self.engine.kind != 'vllm' || !has(self.speculation) || "
+            "self.speculation.mode == 'off' || "
             "self.speculation.proposer != 'draft' || !has(self.speculation.draftModel) || "
             "!has(self.speculation.draftModel.builtin)",
             "speculation.draftModel: vLLM loads a draft model from a checkpoint, set draftModel.path or "

@@ -281,6 +281,10 @@ class NodeAgent:
             # Our own console scripts run on the agent's interpreter, so a pod sees exactly the
             # packages the agent sees (an image would bring its own).
             command = [sys.executable, "-m", PYTHON_ENTRY_POINTS[command[0]], *command[1:]]
+        elif command and command[0] in ("python", "python3"):
+            # An image's interpreter (vLLM pods run `python3 -m vllm...`): here the agent's own,
+            # which has the same packages the agent sees.
+            command[0] = sys.executable
         elif command and os.sep not in command[0]:
             command[0] = shutil.which(command[0]) or command[0]
         for i, arg in enumerate(args[:-1]):

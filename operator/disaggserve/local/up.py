@@ -16,6 +16,7 @@ from rich.console import Console
 
 from disaggserve.api.files import ResourceFileError, load_resource
 from disaggserve.local.agent import NodeSpec
+from disaggserve.local.checkpoints import prepare_for_local
 from disaggserve.local.cluster import LocalCluster, default_resource
 
 DEFAULT_STATE_DIR = ".disaggserve"
@@ -57,7 +58,7 @@ def _progress_line(status: dict[str, Any]) -> str:
 async def _up(args: argparse.Namespace, console: Console) -> int:
     state_dir = Path(args.state_dir).resolve()
     if args.file:
-        loaded = load_resource(args.file)
+        loaded = load_resource(prepare_for_local(args.file, state_dir))
         resource = loaded.raw
         name, namespace = loaded.name, loaded.namespace
     else:
@@ -124,7 +125,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     if args.file:
         try:
-            load_resource(args.file)
+            load_resource(prepare_for_local(args.file, state_dir))
         except ResourceFileError as e:
             print(f"disaggserve: error: {e}", file=sys.stderr)
             return 2

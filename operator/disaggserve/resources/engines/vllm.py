@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 from disaggserve.api.plan import Phase, Plan
@@ -158,9 +159,12 @@ class VllmEngine:
     kind = "vllm"
 
     def image(self, spec: DisaggServeSpec) -> str:
+        """engine.image, else the operator's default for the device (Helm values `vllm.image`/`vllm.cpuImage`)."""
         if spec.engine.image:
             return spec.engine.image
-        return DEFAULT_GPU_IMAGE if spec.hardware.device == "gpu" else DEFAULT_CPU_IMAGE
+        if spec.hardware.device == "gpu":
+            return os.environ.get("DISAGGSERVE_VLLM_IMAGE") or DEFAULT_GPU_IMAGE
+        return os.environ.get("DISAGGSERVE_VLLM_CPU_IMAGE") or DEFAULT_CPU_IMAGE
 
     def worker(
         self, spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Phase, unit: int | None

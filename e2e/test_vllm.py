@@ -1,0 +1,312 @@
+"""vLLM as the engine, end to end on this machine's CPUs: `disaggserve up -f examples/vllm-tiny-cpu.yaml`.
+
+One system is started for the whole session (vLLM takes minutes to start on two cores): the real
+`disaggserve up` (local API, operator, node agent, router) running prefill and decode vLLM servers
+that move the KV cache with NixlConnector, and beside it one plain vLLM server (no connector) on
+the same checkpoint, the reference a user would otherwise run. The tests check that
+
+- disaggregated greedy completions are token-identical to the plain server's, and the decode
+  server really pulled the KV cache (NIXL transfer count) instead of recomputing the prompt;
+- streaming chat works through the official `openai` client;
+- a scale-down under load fails no request, and no request was retried by the router: the
+  SIGTERMed vLLM server drained its streams itself (`--shutdown-timeout`);
+- a decode server killed mid-stream gives the client the complete answer or a clear retryable error.
+
+They run with the vLLM interpreter `scripts/test` installs (`.venv/vllm`); without one they skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "vllm-tiny-cpu.yaml"
+NAME, MODEL = "tiny-vllm", "tiny-llama"
+REFERENCE_HOST = "127.0.91.1"
+START_TIMEOUT_S = 1200
+PROMPTS = [
+    "The quick brown fox",
+    "Kubernetes runs containers in pods; an operator watches",
+    "Serving large language models splits generation into two phases.",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _vllm_python() -> str | None:
+    for candidate in (os.environ.get("DISAGGSERVE_VLLM_PYTHON"), str(ROOT / ".venv" / "vllm" / "bin" / "python")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "worker_image")]),
+            "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class System:
+    """What the session fixture started: `disaggserve up` and the plain reference vLLM."""
+
+    def __init__(self, state_dir: Path, api: str, endpoint: str, reference: str, up: subprocess.Popen[bytes]):
+        self.state_dir = state_dir
+        self.api = api
+        self.endpoint = endpoint
+        self.reference = reference
+        self.up = up
+
+    def client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.endpoint, api_key="unused", max_retries=0, timeout=300)
+
+    def resource_url(self) -> str:
+        return f"{self.api}/apis/disaggserve.io/v1alpha1/namespaces/default/disaggserves/{NAME}"
+
+    async def pods(self, phase: str) -> list[dict]:
+        async with httpx.AsyncClient() as http:
+            items = (await http.get(f"{self.api}/api/v1/namespaces/default/pods")).json()["items"]
+        prefix = f"{NAME}-{phase}-"
+        return sorted((p for p in items if p["metadata"]["name"].startswith(prefix)
+                       and not p["metadata"].get("deletionTimestamp")), key=lambda p: p["metadata"]["name"])
+
+    async def ready_pods(self, phase: str) -> list[dict]:
+        return [p for p in await self.pods(phase) if any(
+            c["type"] == "Ready" and c["status"] == "True" for c in (p.get("status") or {}).get("conditions", []))]
+
+    async def scale_decode(self, replicas: int) -> None:
+        async with httpx.AsyncClient() as http:
+            response = await http.patch(
+                self.resource_url(), headers={"Content-Type": "application/merge-patch+json"},
+                json={"spec": {"parallelism": {"decode": {"replicas": replicas}}}})
+            response.raise_for_status()
+
+    async def wait_ready_decode(self, count: int, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(await self.ready_pods("decode")) == count and len(await self.pods("decode")) == count:
+                return
+            await asyncio.sleep(2)
+        raise AssertionError(f"no {count} ready decode pods after {timeout:.0f}s; logs in {self.state_dir}/logs")
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def _get_text(url: str) -> str:
+    async with httpx.AsyncClient(timeout=10) as http:
+        return (await http.get(url)).text
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
+              log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}; "
+                               f"{log.read_text()[-3000:] if log else ''}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    raise RuntimeError(f"{what}: not after {timeout:.0f}s; {log.read_text()[-3000:] if log else ''}")
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def vllm_system(tmp_path_factory):
+    python = _vllm_python()
+    if python is None:
+        pytest.skip("no vLLM interpreter: scripts/test installs .venv/vllm (or set DISAGGSERVE_VLLM_PYTHON)")
+    state = tmp_path_factory.mktemp("vllm-up")
+    # The resource under test: the example, with two decode servers so that one can be scaled away.
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["parallelism"]["decode"]["replicas"] = 2
+    resource = state / "resource-under-test.yaml"
+    resource.write_text(yaml.safe_dump(doc))
+    checkpoint = state / "state" / "models" / MODEL  # where `up` writes it; it reuses a complete folder
+    subprocess.run([python, "-m", "disaggserve_worker.cli", "export-checkpoint", "--model", MODEL,
+                    "--out", str(checkpoint)], check=True, env=_env(), capture_output=True)
+    port = _free_port()
+    up_log, ref_log = state / "up.log", state / "reference.log"
+    procs: list[tuple[subprocess.Popen[bytes], float]] = []
+    try:
+        with open(ref_log, "wb") as out:
+            reference = subprocess.Popen(
+                [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+                 "--served-model-name", MODEL, "--host", REFERENCE_HOST, "--port", "8100", "--max-num-seqs", "8"],
+                stdout=out, stderr=subprocess.STDOUT, env={**_env(), "VLLM_CPU_KVCACHE_SPACE": "1",
+                                                           "HOME": str(state)},
+                start_new_session=True)
+        procs.append((reference, 30))
+        with open(up_log, "wb") as out:
+            up = subprocess.Popen(
+                [python, "-m", "disaggserve.cli", "up", "-f", str(resource), "--state-dir", str(state / "state"),
+                 "--api-port", str(port), "--timeout", str(START_TIMEOUT_S)],
+                stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        procs.insert(0, (up, 300))
+        ready = re.compile(r"is ready\S*: (http://\S+/v1)")
+        endpoint = _wait_for(lambda: (m := ready.search(up_log.read_text())) and m.group(1), START_TIMEOUT_S,
+                             "disaggserve up", up, up_log)
+
+        def reference_up() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"http://{REFERENCE_HOST}:8100/health", timeout=5).status_code == 200
+            return False
+
+        _wait_for(reference_up, START_TIMEOUT_S, "the reference vLLM", reference, ref_log)
+        yield System(state, f"http://127.0.0.1:{port}", endpoint, f"http://{REFERENCE_HOST}:8100", up)
+    finally:
+        for proc, grace in procs:
+            _stop(proc, grace)
+
+
+async def _reference_ids(system: System, prompt: str, max_tokens: int) -> tuple[list[int], str]:
+    """Greedy token ids and text of the plain vLLM server, prompted with the router's tokenization."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(system.state_dir / "state" / "models" / MODEL / "tokenizer.json"))
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    async with httpx.AsyncClient(timeout=300) as http:
+        body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
+        reply = (await http.post(f"{system.reference}/v1/completions", json=body)).json()
+    out = reply["choices"][0]["token_ids"]
+    return out, tokenizer.decode(out, skip_special_tokens=True)
+
+
+async def test_disaggregated_greedy_is_token_identical_to_one_plain_vllm(vllm_system: System):
+    client = vllm_system.client()
+    decode_urls = [f"http://{p['status']['podIP']}:8100/metrics" for p in await vllm_system.ready_pods("decode")]
+    pulled_before = sum([_metric(await _get_text(u), "vllm:nixl_xfer_time_seconds_count") for u in decode_urls])
+    for prompt in PROMPTS:
+        expected_ids, expected_text = await _reference_ids(vllm_system, prompt, 24)
+        got = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+        assert got.choices[0].text == expected_text, prompt
+        assert got.usage.completion_tokens == len(expected_ids)
+    pulled_after = sum([_metric(await _get_text(u), "vllm:nixl_xfer_time_seconds_count") for u in decode_urls])
+    # Each request's prompt KV cache came from the prefill server over NIXL, not from recomputing it.
+    assert pulled_after - pulled_before >= len(PROMPTS)
+
+
+async def test_streaming_chat_through_the_openai_client(vllm_system: System):
+    client = vllm_system.client()
+    messages = [{"role": "user", "content": "Say hello to the operator."}]
+    whole = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                                  stream=True)
+    deltas, finish = [], None
+    async for chunk in stream:
+        if chunk.choices:
+            deltas.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert len([d for d in deltas if d]) > 1, "the answer arrived in several chunks"
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+
+
+async def test_scale_down_under_load_fails_no_request_and_vllm_drains_itself(vllm_system: System):
+    await vllm_system.wait_ready_decode(2)
+    client = vllm_system.client()
+    router_metrics = vllm_system.endpoint.removesuffix("/v1") + "/metrics"
+    retries_before = _metric(await _get_text(router_metrics), "disaggserve_router_retries_total")
+    leaving = (await vllm_system.pods("decode"))[-1]  # a StatefulSet removes the highest ordinal
+    leaving_metrics = f"http://{leaving['status']['podIP']}:8100/metrics"
+    max_tokens = 160
+
+    async def long_stream(i: int) -> int:
+        stream = await client.completions.create(model=MODEL, prompt=f"{i} {PROMPTS[i % len(PROMPTS)]}",
+                                                 max_tokens=max_tokens, temperature=0, stream=True,
+                                                 extra_body={"ignore_eos": True})
+        return len([c async for c in stream if c.choices and c.choices[0].text])
+
+    streams = [asyncio.create_task(long_stream(i)) for i in range(6)]
+    deadline = time.monotonic() + 120
+    running = 0.0
+    while time.monotonic() < deadline and not running:  # the leaving server holds streams
+        running = _metric(await _get_text(leaving_metrics), "vllm:num_requests_running")
+        await asyncio.sleep(0.2)
+    assert running > 0, "no stream was running on the decode server about to be removed"
+    await vllm_system.scale_decode(1)
+    counts = await asyncio.gather(*streams)  # raises if any request failed
+    assert all(n > 0 for n in counts)
+    retries_after = _metric(await _get_text(router_metrics), "disaggserve_router_retries_total")
+    assert retries_after == retries_before, "a stream was retried: the removed vLLM server did not drain it"
+    await vllm_system.wait_ready_decode(1, timeout=300)
+    log = (vllm_system.state_dir / "state" / "logs" / f"default_{leaving['metadata']['name']}.log").read_text()
+    assert "draining in-flight requests" in log or "mode=drain" in log, "vLLM did not report a drain"
+
+
+async def test_decode_killed_mid_stream_gives_a_complete_answer_or_a_retryable_error(vllm_system: System):
+    await vllm_system.wait_ready_decode(1, timeout=600)
+    client = vllm_system.client()
+    prompt = PROMPTS[0]
+    _, reference_text = await _reference_ids(vllm_system, prompt, 200)
+    decode = (await vllm_system.ready_pods("decode"))[0]
+    stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=200, temperature=0, stream=True)
+    text, killed, error = [], False, None
+    try:
+        async for chunk in stream:
+            text.append(chunk.choices[0].text if chunk.choices else "")
+            if not killed and len(text) >= 5:
+                killed = _kill_server_on(decode["status"]["podIP"])
+    except openai.APIError as exc:
+        error = exc
+    assert killed, "found no vLLM process for the decode pod"
+    if error is None:
+        assert "".join(text) == reference_text, "a resumed stream must equal the greedy reference"
+    else:
+        assert "retry" in str(error).lower(), f"the error must say the request can be retried: {error}"
+
+
+def _kill_server_on(ip: str) -> bool:
+    """SIGKILL the vLLM API server the node agent started for the pod with address `ip`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"vllm.entrypoints.openai.api_server" in argv and ip.encode() in argv:
+                os.kill(int(entry.name), signal.SIGKILL)
+                return True
+    return False
+
+
+def test_the_example_is_what_users_run():
+    """The example parses as `disaggserve up` applies it (builtin model → checkpoint folder)."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    assert doc["spec"]["engine"]["kind"] == "vllm"
+    assert json.dumps(doc["spec"]["model"]["source"]) == json.dumps({"builtin": MODEL})
