@@ -44,7 +44,8 @@ PROMPTS = [
     "Serving large language models splits generation into two phases.",
 ]
 
-pytestmark = pytest.mark.slow
+# The first test also waits for the shared start (minutes on two cores).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(START_TIMEOUT_S + 600)]
 
 
 def _vllm_python() -> str | None:
