@@ -172,6 +172,9 @@ class VllmEngine:
         env: list[dict[str, Any]] = [
             {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
             {"name": "VLLM_CACHE_ROOT", "value": "/tmp/vllm-cache"},
+            # vLLM's engine sockets are unix sockets under this folder; a path over 107 characters
+            # (a deep $TMPDIR, as the local node agent gives each pod) fails to bind.
+            {"name": "VLLM_RPC_BASE_PATH", "value": "/tmp"},
             # NIXL's side channel: the decode pod handshakes with the prefill pod on this address
             # (the default, localhost, would point every peer at itself).
             {"name": "VLLM_NIXL_SIDE_CHANNEL_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
