@@ -147,6 +147,36 @@ def _add_profile(subparsers: Any) -> None:
     p.set_defaults(handler=profile)
 
 
+def _add_profile_vllm(subparsers: Any) -> None:
+    p = subparsers.add_parser("profile-vllm", help="measure a running vLLM server into the planner's profile format")
+    p.add_argument("--url", required=True, help="the vLLM server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model-name", required=True, help="its --served-model-name")
+    p.add_argument("--checkpoint", help="the checkpoint folder it serves (model facts for the planner)")
+    p.add_argument("--gpu", default="cpu", help="the node label nvidia.com/gpu.product of its GPUs, or cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tensor", type=_positive_int, default=1, help="the server's --tensor-parallel-size")
+    p.add_argument("--pipeline", type=_positive_int, default=1, help="the server's --pipeline-parallel-size")
+    p.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+                   help="the server's limit: larger prefill shapes would not fit one batch and are skipped")
+    p.add_argument("--out", default="profile.json")
+    p.add_argument("--quick", action="store_true")
+    p.set_defaults(handler=profile_vllm)
+
+
+def profile_vllm(args: argparse.Namespace) -> int:
+    from disaggserve_worker.profile import vllm_http
+
+    try:
+        vllm_http.run(args.url, args.model_name, args.out, quick=args.quick, checkpoint=args.checkpoint,
+                      gpu=args.gpu, dtype=args.dtype, tensor=args.tensor, pipeline=args.pipeline,
+                      max_batched_tokens=args.max_num_batched_tokens)
+    except (RuntimeError, OSError) as error:
+        print(f"disaggserve-worker profile-vllm: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _add_export(subparsers: Any) -> None:
     p = subparsers.add_parser("export-checkpoint",
                               help="write a built-in model as a Hugging Face checkpoint folder (for vLLM)")
@@ -182,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_profile(subparsers)
     _add_export(subparsers)
+    _add_profile_vllm(subparsers)
     _register_router(subparsers)
     return parser
 
