@@ -75,15 +75,20 @@ def test_cpu_pods_keep_kv_in_host_memory_and_size_the_cpu_kv_cache():
     assert "nvidia.com/gpu" not in decode["resources"]["limits"]
 
 
-def test_batch_limits_follow_the_plan():
+def test_batch_limits_follow_the_workload_and_not_the_replica_count():
     busy = vllm_spec(workload={"requestRate": 40, "inputTokens": 3000, "outputTokens": 200})
     plan = Plan.model_validate({"prefill": {"tensor": 1, "replicas": 2}, "decode": {"tensor": 1, "replicas": 2}})
     seqs, tokens = batch_limits(busy, plan, "decode")
-    assert seqs == 256 and tokens >= seqs  # 40/2 rps x 200 tokens x 0.1 s = 400 concurrent, capped
+    assert seqs == 256 and tokens >= seqs  # 40 rps x 200 tokens x 0.1 s = 800 in flight, capped
     _, prefill_tokens = batch_limits(busy, plan, "prefill")
     assert prefill_tokens == 3000  # one mean prompt fits a batch
-    more = Plan.model_validate({"prefill": {"tensor": 1, "replicas": 2}, "decode": {"tensor": 1, "replicas": 20}})
-    assert batch_limits(busy, more, "decode")[0] < seqs  # more decode replicas: fewer sequences each
+    quiet = vllm_spec(workload={"requestRate": 1, "inputTokens": 64, "outputTokens": 100})
+    assert batch_limits(quiet, plan, "decode")[0] == 32  # 1 x 100 x 0.1 = 10 in flight, x2 -> 32
+    # Scaling (the autoscaler changes replicas) must not change the pod template: no rolling restart.
+    scaled = Plan.model_validate({"prefill": {"tensor": 1, "replicas": 2}, "decode": {"tensor": 1, "replicas": 7}})
+    before = containers(quiet, plan)["decode"]["containers"][0]
+    after = containers(quiet, scaled)["decode"]["containers"][0]
+    assert before == after
 
 
 def test_fixed_speculation_maps_to_speculative_config_on_decode_only():

@@ -260,6 +260,8 @@ class NodeAgent:
                 continue
             if pod.proc is not None and pod.proc.returncode is not None:
                 code = pod.proc.returncode
+                with contextlib.suppress(ProcessLookupError):  # a dead container takes its children along
+                    os.killpg(pod.proc.pid, signal.SIGKILL)
                 pod.proc, pod.ready = None, False
                 pod.restarts += 1
                 backoff = min(MAX_BACKOFF, 2.0 ** min(pod.restarts - 1, 5))
@@ -347,15 +349,18 @@ class NodeAgent:
         grace = float(pod.desired.template["spec"].get("terminationGracePeriodSeconds", 30))
         proc = pod.proc
         if proc is not None and proc.returncode is None:
+            # As a container runtime does: SIGTERM to the main process only (a server with worker
+            # processes, like vLLM, drains through them; signalled too they would just exit), and
+            # when it is gone, or the grace period is over, SIGKILL to whatever is left of the pod.
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), grace)
             except TimeoutError:
                 log.warning("pod %s/%s did not stop within %.0fs; killing it", *pod.desired.key, grace)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
         self.pods.pop(pod.desired.key, None)
         if delete:
             with contextlib.suppress(KubeError):

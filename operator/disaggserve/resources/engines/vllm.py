@@ -50,22 +50,24 @@ def _power_of_two(x: float) -> int:
 
 
 def batch_limits(spec: DisaggServeSpec, plan: Plan, phase: Phase) -> tuple[int, int]:
-    """(max_num_seqs, max_num_batched_tokens) for one instance of `phase`.
+    """(max_num_seqs, max_num_batched_tokens) of one instance of `phase`.
 
-    Decode: the sequences one instance holds at the planned rate, by Little's law (rate per
-    instance x output tokens x TPOT target), doubled for bursts, as a power of two in [8, 256].
-    Prefill: DistServe's observation that prefill saturates the device beyond a few thousand tokens
-    per batch, so a batch holds max(2048, one mean prompt) tokens; a prompt longer than that is
-    chunked by vLLM. `max_num_batched_tokens` is never below `max_num_seqs` (vLLM refuses that).
+    Both are caps, and they do not depend on the replica count: the autoscaler changes replicas,
+    and a flag that moved with them would change the pod template and restart every pod of the
+    phase on each scaling step. Decode: the sequences in flight at the planned rate (Little's law:
+    rate x output tokens x TPOT target), doubled for bursts, as a power of two in [8, 256], so one
+    instance could hold the whole load if the others are draining. Prefill: the prompts arriving
+    within one TTFT target, same rounding; a batch holds max(2048, one mean prompt) tokens (DistServe:
+    prefill saturates the device beyond a few thousand tokens; longer prompts are chunked).
+    `max_num_batched_tokens` is never below `max_num_seqs` (vLLM refuses that).
     """
+    del plan  # the plan's sizes go to --tensor/--pipeline-parallel-size; see above for replicas
     w, slo = spec.workload, spec.slo
-    replicas = max(1, plan.phase(phase).replicas)
     if phase == "decode":
-        concurrent = w.request_rate / replicas * w.output_tokens * slo.tpot_ms / 1000.0
-        seqs = _power_of_two(2 * concurrent)
+        seqs = _power_of_two(2 * w.request_rate * w.output_tokens * slo.tpot_ms / 1000.0)
         tokens = max(2048, seqs)
     else:
-        seqs = _power_of_two(2 * w.request_rate / replicas * slo.ttft_ms / 1000.0)
+        seqs = _power_of_two(2 * w.request_rate * slo.ttft_ms / 1000.0)
         tokens = max(2048, w.input_tokens, seqs)
     if spec.model.max_model_len:
         tokens = max(min(tokens, max(spec.model.max_model_len, 2048)), seqs)
