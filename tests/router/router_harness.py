@@ -25,6 +25,7 @@ from disaggserve_worker.auth import ENV_WORKER_TOKEN
 from disaggserve_worker.router.app import Router
 from disaggserve_worker.router.cli import build_router
 from disaggserve_worker.router.config import RouterConfig
+from disaggserve_worker.router.http_server import OpenAIAppRunner
 
 MODEL = "builtin:tiny-llama"
 SERVED = "tiny"
@@ -128,7 +129,7 @@ class RunningRouter:
 
 async def start_router(config: RouterConfig) -> RunningRouter:
     router = build_router(config)
-    runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
+    runner = OpenAIAppRunner(router.build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()

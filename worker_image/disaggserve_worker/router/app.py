@@ -180,7 +180,7 @@ class Router:
     # ---- generation endpoints --------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req: CompletionRequest = parse_request(CompletionRequest, await _json_body(request))
+        req: CompletionRequest = parse_request(CompletionRequest, await self._json_body(request))
         self._check_model(req.model)
         prompt = req.prompt_input()
         if isinstance(prompt, str):
@@ -197,7 +197,7 @@ class Router:
         return await self._serve(request, req, gen, shape)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await _json_body(request))
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._json_body(request))
         self._check_model(req.model)
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
         prompt_ids = self.model.encode(self.model.chat_template.render(messages))
@@ -334,6 +334,25 @@ class Router:
         finally:
             self.metrics.queued.dec()
 
+    async def _json_body(self, request: web.Request) -> Any:
+        if request.content_type != "application/json":
+            raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}.",
+                           code="unsupported_media_type")
+        try:  # a body that trickles in (or never completes) must not hold a connection forever
+            async with asyncio.timeout(self.config.body_timeout_s):
+                raw = await request.read()  # raises 413 past client_max_size
+        except TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {self.config.body_timeout_s:g} s.",
+                           code="request_timeout") from None
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise invalid(f"The request body is not valid JSON: {exc}. Send a JSON object.",
+                          code="invalid_json") from None
+        except RecursionError:
+            raise invalid("The request body nests JSON too deeply to parse. Send a flatter JSON object.",
+                          code="invalid_json") from None
+
     def _begin(self) -> None:
         self.inflight += 1
         self._idle.clear()
@@ -344,18 +363,6 @@ class Router:
         self.metrics.inflight.dec()
         if self.inflight == 0:
             self._idle.set()
-
-
-async def _json_body(request: web.Request) -> Any:
-    if request.content_type != "application/json":
-        raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}.",
-                       code="unsupported_media_type")
-    raw = await request.read()  # raises 413 past client_max_size
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid(f"The request body is not valid JSON: {exc}. Send a JSON object.",
-                      code="invalid_json") from None
 
 
 async def _logged(factory: Callable[[], Awaitable[None]]) -> None:

@@ -17,6 +17,7 @@ from ..contract import ENV_NAMESPACE, ROUTER_PORT
 from .app import Router
 from .config import RouterConfig
 from .discovery import ApiAccess, KubernetesDiscovery, static_workers
+from .http_server import OpenAIAppRunner
 from .pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def build_router(config: RouterConfig) -> Router:
 
 async def serve(router: Router, host: str, port: int) -> None:
     """Serves until SIGTERM/SIGINT, then drains: readyz false, new requests 503, in-flight finish."""
-    runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
+    runner = OpenAIAppRunner(router.build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

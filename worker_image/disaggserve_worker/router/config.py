@@ -35,6 +35,7 @@ class RouterConfig(BaseModel):
         64, ge=1, description="requests dispatched at once per decode (or colocated) worker; the rest queue")
     token_timeout_s: float = Field(30.0, gt=0, description="longest silence between two tokens")
     prefill_timeout_s: float = Field(120.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0, description="longest wait for a request body to arrive")
     drain_timeout_s: float = Field(60.0, ge=0, description="after SIGTERM, how long to finish requests")
 
     @model_validator(mode="after")

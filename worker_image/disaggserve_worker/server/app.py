@@ -149,9 +149,9 @@ class WorkerServer:
     async def _parse(self, request: web.Request, model: type[Body]) -> Body:
         try:
             raw = await request.json()
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: JSON nested too deeply
             raise web.HTTPBadRequest(text=json.dumps(error_body(
-                "invalid_json", f"request body is not JSON: {error}", False)),
+                "invalid_json", f"request body is not JSON: {error!r:.200}", False)),
                 content_type="application/json") from None
         try:
             return model.model_validate(raw)
