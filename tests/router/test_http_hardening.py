@@ -79,12 +79,12 @@ async def test_http_parser_refusals_are_openai_errors(router: RunningRouter, dat
 
 async def test_deeply_nested_json_is_a_400_not_a_500(router: RunningRouter) -> None:
     nested = b"[" * 100_000 + b"]" * 100_000
-    async with aiohttp.ClientSession() as http:
-        async with http.post(router.base_url + "/completions", data=nested, headers={
-                "Content-Type": "application/json", "Authorization": "Bearer sk-one"}) as resp:
-            body = await resp.json()
-            assert resp.status == 400 and body["error"]["code"] == "invalid_json", body
-            assert "nests JSON too deeply" in body["error"]["message"]
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-one"}
+    async with aiohttp.ClientSession() as http, \
+            http.post(router.base_url + "/completions", data=nested, headers=headers) as resp:
+        body = await resp.json()
+        assert resp.status == 400 and body["error"]["code"] == "invalid_json", body
+        assert "nests JSON too deeply" in body["error"]["message"]
     await still_serving(router)
 
 
@@ -98,12 +98,12 @@ async def test_a_body_that_never_finishes_is_timed_out(router: RunningRouter) ->
 
 @pytest.mark.parametrize("header", ["Bearer sk-one", "bearer sk-two", "BEARER  sk-one ", "Bearer\tsk-one"])
 async def test_auth_scheme_is_case_insensitive(router: RunningRouter, header: str) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(router.base_url + "/models", headers={"Authorization": header}) as resp:
-            if "\t" in header:  # not a space after the scheme: refused, in OpenAI's shape
-                assert resp.status == 401 and is_openai_error(await resp.json())
-            else:
-                assert resp.status == 200, await resp.text()
+    async with aiohttp.ClientSession() as http, \
+            http.get(router.base_url + "/models", headers={"Authorization": header}) as resp:
+        if "\t" in header:  # not a space after the scheme: refused, in OpenAI's shape
+            assert resp.status == 401 and is_openai_error(await resp.json())
+        else:
+            assert resp.status == 200, await resp.text()
 
 
 async def test_unreadable_key_file_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
@@ -140,6 +140,6 @@ async def test_without_workers_the_router_stays_ready_and_answers_503_with_retry
 
 
 async def still_serving(router: RunningRouter) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(router.base_url + "/models", headers={"Authorization": "Bearer sk-one"}) as resp:
-            assert resp.status == 200
+    async with aiohttp.ClientSession() as http, \
+            http.get(router.base_url + "/models", headers={"Authorization": "Bearer sk-one"}) as resp:
+        assert resp.status == 200
