@@ -87,12 +87,12 @@ async def client_loop(url: str, stop: asyncio.Event, phase: list[str], out: list
     rng = random.Random(seed)
     async with aiohttp.ClientSession() as session:
         while not stop.is_set():
-            sent_in = phase[0]
             result = await one_request(session, url, MODEL, synthetic_prompt(rng, 64), output_tokens,
                                        time.perf_counter(), timeout_s=timeout_s)
             if result.ok and result.output_tokens != output_tokens:
                 result.ok, result.kind, result.error = False, "silent_cut", "short answer"
-            out.append((sent_in, result))
+            # Attributed to the kill in effect when it ended: a stream cut by a kill ends after it.
+            out.append((phase[0], result))
             if not result.ok:
                 await asyncio.sleep(0.5)  # a client backs off after a failure
 
@@ -118,18 +118,23 @@ async def run(clients: int, phase_seconds: float, output_tokens: int, timeout_s:
                 victim = sorted(victims, key=lambda p: p.desired.name)[0]
                 phase[0] = f"kill_{kind}"
                 assert victim.proc is not None
-                os.kill(victim.proc.pid, signal.SIGKILL)
+                pid = victim.proc.pid
+                os.kill(pid, signal.SIGKILL)
                 killed_at = time.monotonic()
-                kills.append({"kind": kind, "pod": victim.desired.name, "pid": victim.proc.pid})
-                await asyncio.sleep(phase_seconds)
-                await wait_all_ready(cluster)
+                kills.append({"kind": kind, "pod": victim.desired.name, "pid": pid})
+                while not (victim.proc is not None and victim.proc.pid != pid and victim.ready):
+                    if time.monotonic() - killed_at > 240:
+                        raise TimeoutError(f"{victim.desired.name} did not come back after kill -9")
+                    await asyncio.sleep(0.2)  # the agent restarts it (backoff) and probes it ready
                 kills[-1]["back_ready_after_s"] = round(time.monotonic() - killed_at, 1)
+                await asyncio.sleep(max(0.0, phase_seconds - (time.monotonic() - killed_at)))
+                await wait_all_ready(cluster)
         finally:
             stop.set()
             await asyncio.gather(*tasks)
     by_phase: dict[str, dict[str, int]] = {}
-    for sent_in, r in results:
-        by_phase.setdefault(sent_in, Counter())[outcome(r)] += 1  # type: ignore[index]
+    for ended_in, r in results:
+        by_phase.setdefault(ended_in, Counter())[outcome(r)] += 1  # type: ignore[index]
     totals = Counter(outcome(r) for _, r in results)
     errors = sorted({f"{outcome(r)}: {r.error[:160]}" for _, r in results if r.error and not r.ok})
     return {

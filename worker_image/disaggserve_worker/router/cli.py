@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--api-key-file", help="file with accepted bearer keys, one per line (a mounted Secret)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-attempts", type=int, default=3, help="tries per request across workers")
+    p.add_argument("--max-inflight-per-worker", type=int,
+                   help="requests run at once per decode (or colocated) worker; the rest queue (default 64)")
+    p.add_argument("--max-queued", type=int, help="requests that may wait for a worker; beyond: 429 (default 1024)")
+    p.add_argument("--queue-timeout-s", type=float,
+                   help="longest wait in the queue before 429 (503 without any worker) (default 10)")
+    p.add_argument("--body-timeout-s", type=float, help="longest wait for a request body (default 30)")
     p.add_argument("--drain-timeout-s", type=float, default=60.0)
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(handler=main_router)

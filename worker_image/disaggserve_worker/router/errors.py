@@ -68,6 +68,8 @@ class UpstreamError(Exception):
             self.message_for_client(),
             type_="server_error",
             code="upstream_unavailable" if self.retryable else "upstream_error",
+            # Workers restart within seconds; clients that honour Retry-After come back then.
+            headers={"Retry-After": "2"} if self.retryable else None,
         )
 
     def message_for_client(self) -> str:
