@@ -11,6 +11,10 @@ ROUTER_PORT = 8000
 WORKER_PORT = 8100
 KV_PORT = 8101
 
+# Most tokens speculation may propose per step (acceptance decays geometrically, so longer
+# proposals only cost verification work); the CRD, the worker flag and its config share it.
+MAX_SPECULATIVE_TOKENS = 16
+
 WORKER_BINARY = "disaggserve-worker"
 
 # Identity of a pod, injected through the downward API (or by the local node agent).

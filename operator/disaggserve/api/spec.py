@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError
 
 from disaggserve.api.base import ApiModel, CelRule
+from disaggserve.contract import MAX_SPECULATIVE_TOKENS
 
 # A Kubernetes label value (what GPU feature discovery writes to nvidia.com/gpu.product),
 # e.g. NVIDIA-H100-80GB-HBM3. Spaces or slashes mean the product name was copied from
@@ -199,7 +200,9 @@ class Speculation(ApiModel):
 
     mode: Literal["off", "fixed", "adaptive"] = "off"
     proposer: Literal["ngram", "draft"] = "ngram"
-    max_tokens: int = Field(4, ge=1, le=16)
+    num_speculative_tokens: int = Field(
+        4, ge=1, le=MAX_SPECULATIVE_TOKENS,
+        description="Most tokens proposed per step (vLLM's speculative-config num_speculative_tokens).")
     ngram_min: int = Field(1, ge=1, le=16)
     ngram_max: int = Field(3, ge=1, le=16)
     draft_model: ModelSource | None = None

@@ -30,7 +30,7 @@ def _speculation_args(spec: DisaggServeSpec) -> dict[str, str | int]:
     args: dict[str, str | int] = {
         "mode": s.mode,
         "proposer": s.proposer,
-        "max-tokens": s.max_tokens,
+        "num-speculative-tokens": s.num_speculative_tokens,
         "ngram-min": s.ngram_min,
         "ngram-max": s.ngram_max,
     }
