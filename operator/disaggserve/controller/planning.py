@@ -31,18 +31,19 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from disaggserve.planner import PlanningError
+from disaggserve.planner import PlanningError, plan_for
+from disaggserve.planning_worker import PING, serve
 
 DEFAULT_TIMEOUT_SECONDS = float(os.environ.get("DISAGGSERVE_PLAN_TIMEOUT", "60"))
 DEFAULT_WORKERS = int(os.environ.get("DISAGGSERVE_PLAN_WORKERS", "1"))
 TIMEOUT_RETRY_SECONDS = 300.0
 CACHE_SIZE = 256
 REASON_TIMEOUT = "PlanTimeout"
+STARTUP_TIMEOUT_SECONDS = 120.0
 
 # Node fields the topology reads; everything else on a Node (heartbeats, images, conditions
 # other than these) changes all the time and must not invalidate cached plans.
@@ -79,28 +80,6 @@ class Pending:
         return time.monotonic() - self.started
 
 
-def _serve(conn: multiprocessing.connection.Connection) -> None:  # pragma: no cover - runs in the child
-    """Child process: run (function, args, kwargs) requests until the parent goes away."""
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            return
-        fn, args, kwargs = request
-        try:
-            reply: tuple[Any, ...] = ("ok", fn(*args, **kwargs))
-        except PlanningError as e:
-            reply = ("planning", e.reason, str(e))
-        except Exception as e:  # a planner bug: report it instead of killing the worker
-            reply = ("error", f"{type(e).__name__}: {e}", traceback.format_exc(limit=5))
-        try:
-            conn.send(reply)
-        except Exception as e:  # an unpicklable result
-            conn.send(("error", f"cannot return the plan: {type(e).__name__}: {e}", ""))
-
-
 class _Worker:
     """One planner process; killed and replaced when a call outlives its budget."""
 
@@ -114,9 +93,15 @@ class _Worker:
             # spawn, not fork: the operator runs threads (kopf, httpx) that a fork would copy mid-state.
             ctx = multiprocessing.get_context("spawn")
             parent, child = ctx.Pipe()
-            self._process = ctx.Process(target=_serve, args=(child,), name="disaggserve-planner", daemon=True)
+            self._process = ctx.Process(target=serve, args=(child,), name="disaggserve-planner", daemon=True)
             self._process.start()
             child.close()
+            # Starting an interpreter and importing the planner is not the plan's time: wait for
+            # the worker to answer before any budget starts.
+            parent.send(PING)
+            if not parent.poll(STARTUP_TIMEOUT_SECONDS) or parent.recv() != PING:
+                self._process.kill()
+                raise PlanningError("PlannerFailed", "the planner process did not start")
             self._conn = parent
         return self._conn
 
@@ -130,21 +115,22 @@ class _Worker:
                 ready.set_result(None)
 
         conn.send((fn, args, kwargs))
-        loop.add_reader(conn.fileno(), on_readable)
+        fd = conn.fileno()
+        loop.add_reader(fd, on_readable)
         try:
-            await asyncio.wait_for(ready, timeout)
+            try:
+                await asyncio.wait_for(ready, timeout)
+            finally:
+                loop.remove_reader(fd)  # before the pipe may be closed: its number is reused
             reply = conn.recv()
         except (TimeoutError, EOFError, OSError) as e:
             await asyncio.to_thread(self.stop)
-            if isinstance(e, asyncio.TimeoutError):
+            if isinstance(e, TimeoutError):
                 raise
             raise PlanningError("PlannerFailed", f"the planner process ended unexpectedly: {e!r}") from None
         except BaseException:  # cancelled: the child is still busy with our request
             await asyncio.shield(asyncio.to_thread(self.stop))
             raise
-        finally:
-            with contextlib.suppress(Exception):
-                loop.remove_reader(conn.fileno())
         if reply[0] == "ok":
             return reply[1]
         if reply[0] == "planning":
@@ -188,8 +174,11 @@ class PlanService:
         workers: int = DEFAULT_WORKERS,
         isolate: bool = True,
         cache_size: int = CACHE_SIZE,
+        plan_function: Callable[..., Any] | None = None,
     ) -> None:
         self.timeout = timeout
+        # What `plan` runs: planner.plan_for unless replaced (tests inject slow or stuck planners).
+        self.plan_function = plan_function or plan_for
         self._workers: list[_Worker | _ThreadWorker] = [
             _Worker() if isolate else _ThreadWorker() for _ in range(max(1, workers))
         ]
@@ -292,6 +281,10 @@ class PlanService:
                 raise PlanningError(REASON_TIMEOUT, f"planning took longer than {self.timeout:g}s") from None
         finally:
             queue.put_nowait(worker)
+
+    async def plan(self, key: str, *args: Any, wait: float | None = None, **kwargs: Any) -> Any:
+        """`plan_function(*args, **kwargs)` (a Plan), cached under `key`; see `run`."""
+        return await self.run(key, self.plan_function, *args, wait=wait, **kwargs)
 
     async def aclose(self) -> None:
         for task, _ in list(self._inflight.values()):

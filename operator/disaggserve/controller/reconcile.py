@@ -29,7 +29,7 @@ from disaggserve.controller.planning import (
     node_fingerprint,
     plan_key,
 )
-from disaggserve.planner import PlanningError, plan_for
+from disaggserve.planner import PlanningError
 from disaggserve.planner.hook import capacity_problem, manual_plan
 from disaggserve.planner.replan import carry_over
 from disaggserve.resources import Owner, RenderError, build_children
@@ -166,9 +166,7 @@ async def _plan(
         return manual_plan(spec)  # no search: inline
     max_tensor = max_tensor_parallel(spec.hardware.device)
     key = _plan_inputs_key(spec, nodes, profile, max_tensor)
-    result = await planner.run(
-        key, plan_for, spec, nodes=nodes, profile=profile, max_tensor=max_tensor, wait=PLAN_WAIT_SECONDS
-    )
+    result = await planner.plan(key, spec, nodes=nodes, profile=profile, max_tensor=max_tensor, wait=PLAN_WAIT_SECONDS)
     return result  # type: ignore[no-any-return]
 
 
