@@ -6,11 +6,21 @@ that says which field is wrong and what would be accepted.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from disaggserve.api.base import ApiModel, CelRule
+from disaggserve.api.constants import (
+    K8S_LABEL_VALUE_PATTERN,
+    MAX_LABEL_VALUE_LENGTH,
+    MAX_REPLICAS,
+    MAX_REQUEST_RATE,
+    MAX_TOKENS_PER_REQUEST,
+    MIN_REQUEST_RATE,
+    QUALIFIED_NAME_PATTERN,
+)
 from disaggserve.contract import MAX_SPECULATIVE_TOKENS
 
 # A Kubernetes label value (what GPU feature discovery writes to nvidia.com/gpu.product),
@@ -78,11 +88,17 @@ class ModelFacts(ApiModel):
 class ModelSpec(ApiModel):
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="Name clients send in the OpenAI `model` field.")
     source: ModelSource
-    max_model_len: int | None = Field(None, ge=16, le=1_048_576, description="Longest prompt + completion, in tokens.")
+    max_model_len: int | None = Field(
+        None, ge=16, le=MAX_TOKENS_PER_REQUEST, description="Longest prompt + completion, in tokens."
+    )
     facts: ModelFacts | None = None
 
 
 class Slo(ApiModel):
+    """The latency targets: the one SLO type, read by the planner's search as well (hashable)."""
+
+    model_config = ConfigDict(frozen=True)
+
     cel_rules = (
         CelRule(
             "self.attainment > 0.0 && self.attainment <= 1.0",
@@ -96,19 +112,39 @@ class Slo(ApiModel):
 
 
 class Workload(ApiModel):
-    request_rate: float = Field(gt=0, le=100_000, description="Expected requests per second.")
-    input_tokens: int = Field(ge=1, le=1_048_576, description="Mean prompt length.")
-    output_tokens: int = Field(ge=1, le=1_048_576, description="Mean completion length.")
+    request_rate: float = Field(
+        ge=MIN_REQUEST_RATE,
+        le=MAX_REQUEST_RATE,
+        description=f"Expected requests per second, {MIN_REQUEST_RATE:g} to {MAX_REQUEST_RATE:g}.",
+    )
+    input_tokens: int = Field(ge=1, le=MAX_TOKENS_PER_REQUEST, description="Mean prompt length.")
+    output_tokens: int = Field(ge=1, le=MAX_TOKENS_PER_REQUEST, description="Mean completion length.")
     distribution: Literal["fixed", "lognormal"] = "fixed"
     sigma: float = Field(0.5, gt=0, le=4, description="Log-space spread for lognormal lengths.")
 
 
+LabelValue = Annotated[str, Field(pattern=K8S_LABEL_VALUE_PATTERN, max_length=MAX_LABEL_VALUE_LENGTH)]
+
+
 class Toleration(ApiModel):
-    key: str | None = None
+    """A pod toleration, with the key and value syntax the API server checks on pods."""
+
+    cel_rules = (
+        CelRule(
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "a toleration with operator Exists matches any value: leave value empty",
+        ),
+        CelRule(
+            "has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+            "a toleration without a key must use operator Exists (it then tolerates every taint)",
+        ),
+    )
+
+    key: str | None = Field(None, pattern=QUALIFIED_NAME_PATTERN, max_length=317)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: int | None = Field(None, ge=0, le=31_536_000)
 
 
 class WorkerResources(ApiModel):
@@ -136,9 +172,23 @@ class Hardware(ApiModel):
     cross_node_gbps: float | None = Field(
         None, gt=0, description="Bandwidth between nodes when nodes do not carry the label."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     worker_resources: WorkerResources | None = None
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        # Checked by the operator, not by CEL: a rule over map keys of unbounded length would
+        # exceed the API server's CEL cost budget. Values are checked by the schema.
+        for key in value:
+            if len(key) > 317 or not re.match(QUALIFIED_NAME_PATTERN, key):
+                raise ValueError(
+                    f"hardware.nodeSelector key {key!r} is not a label key: an optional DNS prefix and '/', "
+                    "then up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
+                    "(e.g. node.kubernetes.io/instance-type)"
+                )
+        return value
 
 
 class PhaseParallelism(ApiModel):
@@ -149,7 +199,7 @@ class PhaseParallelism(ApiModel):
     tensor: Tensor = 1
     pipeline: int = Field(1, ge=1, le=64)
     replicas: int | None = Field(
-        None, ge=0, le=1000, description="Instances of this phase; absent: chosen by the planner."
+        None, ge=0, le=MAX_REPLICAS, description="Instances of this phase; absent: chosen by the planner."
     )
 
 
@@ -159,8 +209,8 @@ class Parallelism(ApiModel):
 
 
 class PhaseBounds(ApiModel):
-    prefill: int = Field(ge=0, le=1000)
-    decode: int = Field(ge=0, le=1000)
+    prefill: int = Field(ge=0, le=MAX_REPLICAS)
+    decode: int = Field(ge=0, le=MAX_REPLICAS)
 
 
 class MetricsSource(ApiModel):
