@@ -219,21 +219,33 @@ class MetricsSource(ApiModel):
 
 
 class Autoscaling(ApiModel):
+    # Guarded by has(): when a bound is missing the schema's own "Required value" error says so,
+    # instead of this rule failing too with a message about an order the user never wrote.
     cel_rules = (
         CelRule(
-            "self.minReplicas.prefill <= self.maxReplicas.prefill",
+            "!has(self.minReplicas) || !has(self.maxReplicas) || !has(self.minReplicas.prefill) || "
+            "!has(self.maxReplicas.prefill) || self.minReplicas.prefill <= self.maxReplicas.prefill",
             "autoscaling.minReplicas.prefill must not exceed autoscaling.maxReplicas.prefill",
         ),
         CelRule(
-            "self.minReplicas.decode <= self.maxReplicas.decode",
+            "!has(self.minReplicas) || !has(self.maxReplicas) || !has(self.minReplicas.decode) || "
+            "!has(self.maxReplicas.decode) || self.minReplicas.decode <= self.maxReplicas.decode",
             "autoscaling.minReplicas.decode must not exceed autoscaling.maxReplicas.decode",
         ),
     )
 
     enabled: bool = False
     interval_seconds: int = Field(30, ge=5, le=3600)
-    min_replicas: PhaseBounds = Field(default_factory=lambda: PhaseBounds(prefill=1, decode=1))
-    max_replicas: PhaseBounds = Field(default_factory=lambda: PhaseBounds(prefill=16, decode=16))
+    # The defaults are also written into the CRD (json_schema_extra), so the API server fills
+    # them in: `autoscaling: {enabled: true}` alone is valid, as the pydantic model says.
+    min_replicas: PhaseBounds = Field(
+        default_factory=lambda: PhaseBounds(prefill=1, decode=1),
+        json_schema_extra={"default": {"prefill": 1, "decode": 1}},
+    )
+    max_replicas: PhaseBounds = Field(
+        default_factory=lambda: PhaseBounds(prefill=16, decode=16),
+        json_schema_extra={"default": {"prefill": 16, "decode": 16}},
+    )
     max_gpus: int | None = Field(None, ge=1, le=100_000)
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=86_400)
     metrics: MetricsSource = Field(default_factory=MetricsSource)
