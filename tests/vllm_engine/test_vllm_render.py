@@ -92,7 +92,8 @@ def test_batch_limits_follow_the_workload_and_not_the_replica_count():
 
 
 def test_fixed_speculation_maps_to_speculative_config_on_decode_only():
-    spec = vllm_spec(speculation={"mode": "fixed", "proposer": "ngram", "maxTokens": 3, "ngramMin": 2, "ngramMax": 4})
+    spec = vllm_spec(speculation={"mode": "fixed", "proposer": "ngram", "numSpeculativeTokens": 3,
+                                  "ngramMin": 2, "ngramMax": 4})
     pods = containers(spec, CPU_PLAN)
     decode_args = pods["decode"]["containers"][0]["args"]
     assert json.loads(flag(decode_args, "--speculative-config")) == {
@@ -207,7 +208,7 @@ def test_vllm_argument_parser_accepts_every_rendered_command_line(vllm_py, tmp_p
     checkpoint = export_builtin("tiny-llama", tmp_path / "tiny")
     cpu = parse_spec({**BASE, "model": {"name": "tiny", "source": {"path": str(checkpoint)}},
                       "engine": {"kind": "vllm"}, "hardware": {"device": "cpu"},
-                      "speculation": {"mode": "fixed", "proposer": "ngram", "maxTokens": 2}})
+                      "speculation": {"mode": "fixed", "proposer": "ngram", "numSpeculativeTokens": 2}})
     gpu = vllm_spec(hardware=GPU_HARDWARE, model={"name": "tiny", "source": {"hf": "org/model"}})
     cases, expected = [], []
     for spec, plan, build in [(cpu, CPU_PLAN, True), (gpu, GPU_PLAN, False)]:

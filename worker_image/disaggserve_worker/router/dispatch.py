@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 
 from ..contract import PATH_DECODE, PATH_GENERATE, PATH_PREFILL
+from . import vllm_flow  # it imports this module's names only inside its functions
 from .errors import UpstreamError
 from .metrics import RouterMetrics
 from .pool import NoWorkerAvailable, Worker, WorkerPool
@@ -126,8 +127,6 @@ class Dispatcher:
     async def _one_attempt(self, req: GenerationRequest, generated: list[int], attempt: int,
                            excluded: set[str]) -> AsyncIterator[Token]:
         if self.engine == "vllm":
-            from . import vllm_flow
-
             async with aclosing(vllm_flow.attempt(self, req, generated, attempt, excluded)) as tokens:
                 async for token in tokens:
                     yield token
@@ -227,6 +226,10 @@ async def _check_status(worker: Worker, resp: aiohttp.ClientResponse) -> None:
     if resp.status == 200:
         return
     text = (await resp.text())[:300]
+    if resp.status in (401, 403):  # the token (or a KV signature) was refused: a deployment fault
+        raise WorkerFault(worker, "worker_auth", f"refused the router's credentials ({resp.status}): {text} "
+                          "(router and workers must get the same DISAGGSERVE_WORKER_TOKEN)",
+                          blame=False, retryable=False)
     if resp.status in (429, 503):  # busy or draining: try another, no blame
         raise WorkerFault(worker, "worker_busy", f"answered {resp.status}: {text}", blame=False)
     if 400 <= resp.status < 500:  # the worker judged the request itself wrong: another would too

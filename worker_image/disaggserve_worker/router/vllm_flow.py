@@ -15,6 +15,9 @@ tokenized them with the checkpoint's own tokenizer, as for the built-in worker) 
 `return_token_ids` brings the generated ids back, so the router's detokenizer, stop strings,
 retries and mid-stream resume (a new attempt on prompt + tokens already sent) work unchanged.
 
+Auth: vLLM pods get the DisaggServe's worker token as `VLLM_API_KEY`, so `/v1` calls carry it as
+a bearer token (vLLM leaves `/health` and `/metrics` open, as the built-in worker does).
+
 Load: vLLM has no `/internal/load`; `fetch_load` reads its Prometheus gauges
 (`vllm:num_requests_running`, `vllm:num_requests_waiting`) into the pool's load fields.
 """
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from ..auth import worker_token
 from .pool import NoWorkerAvailable, Worker
 
 if TYPE_CHECKING:
@@ -68,6 +72,8 @@ async def attempt(dispatcher: Dispatcher, req: GenerationRequest, generated: lis
     body = _body(dispatcher, req, context, remaining)
     request_id = req.request_id if attempt_no == 0 else f"{req.request_id}-retry{attempt_no}"
     headers = {"X-Request-Id": request_id}
+    if token := worker_token():  # vLLM pods take the worker token as their API key (VLLM_API_KEY)
+        headers["Authorization"] = f"Bearer {token}"
     mode = dispatcher.pool.mode
     if mode == "colocated":
         worker = dispatcher.pool.pick_colocated(excluded)

@@ -48,3 +48,8 @@ class EngineRenderer(Protocol):
     def service_ports(self, spec: DisaggServeSpec) -> list[dict[str, Any]]:
         """Ports of the headless Service over one phase's pods."""
         ...
+
+    def network_objects(self, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The worker Secret and NetworkPolicy (resources/security.py), opened where the engine's own
+        transport needs more than the contract's ports."""
+        ...

@@ -25,6 +25,7 @@ from disaggserve.api.plan import Phase, Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.contract import WORKER_PORT
 from disaggserve.resources.engines.base import WorkerContainer
+from disaggserve.resources.security import token_env
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 DEFAULT_GPU_IMAGE = "vllm/vllm-openai:v0.32.0"
@@ -82,13 +83,13 @@ def speculative_config(spec: DisaggServeSpec) -> dict[str, Any] | None:
     if s.proposer == "ngram":
         return {
             "method": "ngram",
-            "num_speculative_tokens": s.max_tokens,
+            "num_speculative_tokens": s.num_speculative_tokens,
             "prompt_lookup_min": s.ngram_min,
             "prompt_lookup_max": s.ngram_max,
         }
     assert s.draft_model is not None
     draft = s.draft_model.path or s.draft_model.hf
-    return {"method": "draft_model", "model": draft, "num_speculative_tokens": s.max_tokens}
+    return {"method": "draft_model", "model": draft, "num_speculative_tokens": s.num_speculative_tokens}
 
 
 def kv_transfer_config(spec: DisaggServeSpec, phase: Phase) -> dict[str, Any] | None:
@@ -172,6 +173,9 @@ class VllmEngine:
         self, spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Phase, unit: int | None
     ) -> WorkerContainer:
         env: list[dict[str, Any]] = [
+            # The worker token (resources/security.py) as vLLM's API key: /v1 calls must carry it
+            # (the router sends it as a bearer token); /health and /metrics stay open for probes.
+            {"name": "VLLM_API_KEY", "valueFrom": token_env(name)["valueFrom"]},
             {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
             {"name": "VLLM_CACHE_ROOT", "value": "/tmp/vllm-cache"},
             # vLLM's engine sockets are unix sockets under this folder; a path over 107 characters
@@ -205,3 +209,13 @@ class VllmEngine:
             {"name": "http", "port": WORKER_PORT, "targetPort": "http", "protocol": "TCP"},
             {"name": "nixl", "port": NIXL_SIDE_CHANNEL_PORT, "targetPort": "nixl", "protocol": "TCP"},
         ]
+
+    def network_objects(self, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Pods of the same DisaggServe may reach each other on every port: NIXL handshakes on the
+        side channel (5600) and UCX moves the KV blocks over connections on ephemeral ports. The
+        operator and the metrics scraper keep HTTP only."""
+        for obj in objects:
+            if obj.get("kind") == "NetworkPolicy":
+                peers = obj["spec"]["ingress"][0]
+                peers.pop("ports", None)
+        return objects
