@@ -231,3 +231,20 @@ def test_vllm_argument_parser_accepts_every_rendered_command_line(vllm_py, tmp_p
             assert result["kv_buffer_device"] == "cpu"
             assert result["spec_tokens"] == (2 if phase == "decode" else None)
     assert not results[-1]["ok"], "the negative control (an unknown flag) must be refused by vLLM's parser"
+
+
+def test_vllm_pods_take_the_worker_token_and_peers_reach_every_port():
+    spec = vllm_spec()
+    children = build_children(Owner("tiny", "ns"), spec, CPU_PLAN)
+    decode = next(o for o in children if o["kind"] == "StatefulSet" and "decode" in o["metadata"]["name"])
+    env = {e["name"]: e for e in decode["spec"]["template"]["spec"]["containers"][0]["env"]}
+    token_ref = env["DISAGGSERVE_WORKER_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == token_ref
+    policy = next(o for o in children if o["kind"] == "NetworkPolicy")
+    peers, others = policy["spec"]["ingress"]
+    assert "ports" not in peers  # NIXL side channel and UCX's ephemeral ports, own pods only
+    assert peers["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "tiny"}}}]
+    assert others["ports"] == [{"protocol": "TCP", "port": 8100}]
+    builtin = build_children(Owner("tiny", "ns"), parse_spec(BASE), CPU_PLAN)
+    builtin_peers = next(o for o in builtin if o["kind"] == "NetworkPolicy")["spec"]["ingress"][0]
+    assert {p["port"] for p in builtin_peers["ports"]} == {8100, 8101}
