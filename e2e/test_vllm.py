@@ -22,9 +22,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -149,11 +151,21 @@ def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
 
 
 @pytest.fixture(scope="session")
-def vllm_system(tmp_path_factory):
+def vllm_system():
     python = _vllm_python()
     if python is None:
         pytest.skip("no vLLM interpreter: scripts/test installs .venv/vllm (or set DISAGGSERVE_VLLM_PYTHON)")
-    state = tmp_path_factory.mktemp("vllm-up")
+    # Not pytest's tmp_path: its base folder is shared by every pytest run of the user and only the
+    # last three are kept, so a parallel run can delete this system's state (pods' folders and logs)
+    # while it is up. A short path also keeps vLLM's unix sockets under the 107-character limit.
+    state = Path(tempfile.mkdtemp(prefix="dsvllm-"))
+    try:
+        yield from _start_system(python, state)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _start_system(python: str, state: Path):
     # The resource under test: the example, with two decode servers so that one can be scaled away.
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["spec"]["parallelism"]["decode"]["replicas"] = 2
