@@ -202,6 +202,17 @@ def _start_system(python: str, state: Path):
             return False
 
         _wait_for(reference_up, START_TIMEOUT_S, "the reference vLLM", reference, ref_log)
+        # Warm-up: the first P/D request pays NIXL's handshake and vLLM's first compiles of new
+        # shapes, which on two loaded cores can outlast the router's 30 s token timeout; the tests
+        # are about steady behaviour, so one request must have gone through first (3 tries).
+        for attempt in range(3):
+            try:
+                httpx.post(f"{endpoint}/completions", json={"model": MODEL, "prompt": "warm up", "max_tokens": 4},
+                           timeout=300).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if attempt == 2:
+                    raise
         yield System(state, f"http://127.0.0.1:{port}", endpoint, f"http://{REFERENCE_HOST}:8100", up)
     finally:
         for proc, grace in procs:
