@@ -9,7 +9,9 @@ PYTHONPATH (e.g. a `git worktree` of main) to get the "before" column, then comp
   few tokens, tokens are counted over a fixed window of steady-state decode.
 - prefill: P prompts of L tokens submitted at once with max_tokens 1; prompt tokens divided
   by the time until the last one finished.
-Medians over repeats; one torch thread (a per-core figure); the machine load is recorded.
+Rates are per CPU-second of the process (one torch thread: a per-core figure that a shared,
+loaded host distorts far less than wall time), wall-clock rates beside them. Medians over
+repeats; the machine load is recorded.
 
     python bench/engine_step.py [--model builtin:small-llama] [--out bench/results/engine_step.json]
 """
@@ -37,7 +39,7 @@ from disaggserve_worker.model.loader import load_model
 RESULTS = Path(__file__).parent / "results"
 
 
-async def decode_rate(loaded, batch: int, prompt_len: int, warm: int, window_s: float) -> float:  # type: ignore[no-untyped-def]
+async def decode_rate(loaded, batch: int, prompt_len: int, warm: int, window_s: float) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     engine = Engine(loaded.model, loaded.tokenizer, [], EngineConfig(
         role="colocated", kv_cache_tokens=batch * 4096 + 64, max_batch_tokens=2048, max_model_len=4096))
     engine.start()
@@ -61,19 +63,19 @@ async def decode_rate(loaded, batch: int, prompt_len: int, warm: int, window_s: 
         tasks = [asyncio.ensure_future(consume(i, s)) for i, s in enumerate(streams)]
         while min(counts) < warm:
             await asyncio.sleep(0.005)
-        start, before = time.perf_counter(), sum(counts)
+        start, cpu0, before = time.perf_counter(), time.process_time(), sum(counts)
         await asyncio.sleep(window_s)
-        end, after = time.perf_counter(), sum(counts)
+        end, cpu1, after = time.perf_counter(), time.process_time(), sum(counts)
         for i in range(batch):
             engine.abort(f"d{i}")
         for task in tasks:
             task.cancel()
-        return (after - before) / (end - start)
+        return (after - before) / (end - start), (after - before) / (cpu1 - cpu0)
     finally:
         engine.stop()
 
 
-async def prefill_rate(loaded, prompts: int, prompt_len: int) -> float:  # type: ignore[no-untyped-def]
+async def prefill_rate(loaded, prompts: int, prompt_len: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     engine = Engine(loaded.model, loaded.tokenizer, [], EngineConfig(
         role="colocated", kv_cache_tokens=prompts * (prompt_len + 16) + 64, max_batch_tokens=2048,
         max_model_len=prompt_len + 16))
@@ -81,7 +83,7 @@ async def prefill_rate(loaded, prompts: int, prompt_len: int) -> float:  # type:
     loop = asyncio.get_running_loop()
     try:
         streams = []
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         for i in range(prompts):
             stream = RequestStream(f"p{i}", loop)
             prompt = [(11 * i + j) % 500 + 1 for j in range(prompt_len)]
@@ -90,9 +92,16 @@ async def prefill_rate(loaded, prompts: int, prompt_len: int) -> float:  # type:
         for stream in streams:
             async for _event in stream:
                 pass
-        return prompts * prompt_len / (time.perf_counter() - start)
+        return (prompts * prompt_len / (time.perf_counter() - start),
+                prompts * prompt_len / (time.process_time() - cpu0))
     finally:
         engine.stop()
+
+
+def summary(runs: list[tuple[float, float]]) -> dict[str, object]:
+    wall, cpu = [w for w, _ in runs], [c for _, c in runs]
+    return {"tokens_per_s_median": statistics.median(cpu), "tokens_per_s": cpu,
+            "wall_tokens_per_s_median": statistics.median(wall), "wall_tokens_per_s": wall}
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -100,18 +109,21 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     load_before = os.getloadavg()
     decode: dict[str, object] = {}
     for batch in args.batches:
-        rates = [await decode_rate(loaded, batch, args.prompt_len, args.warm, args.window) for _ in range(args.repeats)]
-        decode[str(batch)] = {"tokens_per_s_median": statistics.median(rates), "tokens_per_s": rates}
-        print(f"decode batch {batch:3d}: {statistics.median(rates):8.1f} tokens/s")
-    rates = [await prefill_rate(loaded, args.prefill_prompts, args.prefill_len) for _ in range(args.repeats)]
-    print(f"prefill: {statistics.median(rates):8.1f} tokens/s")
+        runs = [await decode_rate(loaded, batch, args.prompt_len, args.warm, args.window) for _ in range(args.repeats)]
+        decode[str(batch)] = summary(runs)
+        print(f"decode batch {batch:3d}: {decode[str(batch)]['tokens_per_s_median']:8.1f} tokens/CPU-s "
+              f"({decode[str(batch)]['wall_tokens_per_s_median']:.1f}/s wall)")
+    prefill = summary([await prefill_rate(loaded, args.prefill_prompts, args.prefill_len) for _ in range(args.repeats)])
+    print(f"prefill: {prefill['tokens_per_s_median']:8.1f} tokens/CPU-s "
+          f"({prefill['wall_tokens_per_s_median']:.1f}/s wall)")
     source = Path(disaggserve_worker.__file__).parent
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=source)
     return {
         "benchmark": "engine_step", "label": args.label, "model": args.model, "engine_source": str(source),
         "engine_commit": commit.stdout.strip(), "torch_threads": torch.get_num_threads(),
-        "decode": decode, "prefill": {"prompts": args.prefill_prompts, "prompt_len": args.prefill_len,
-                                      "tokens_per_s_median": statistics.median(rates), "tokens_per_s": rates},
+        "unit": "tokens per CPU-second of the whole process (engine, event loop): a per-core rate "
+                "that a loaded, shared host distorts far less than wall time; wall rates beside it",
+        "decode": decode, "prefill": {"prompts": args.prefill_prompts, "prompt_len": args.prefill_len, **prefill},
         "repeats": args.repeats, "decode_prompt_len": args.prompt_len, "window_s": args.window,
         "host": platform.node(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "note": "shared machine (several sessions at once): compare columns measured back to back",
