@@ -37,6 +37,7 @@ import torch
 from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream
+from disaggserve_worker.kv.framing import SOCKET_BUFFER
 from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.loader import load_model
 
@@ -61,6 +62,7 @@ class RawSender:
     def _serve(self) -> None:
         sender, _ = self.listener.accept()
         sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)  # as the KV port does
         with sender:
             while sender.recv(8):
                 for payload in self.payloads:
@@ -106,7 +108,9 @@ def sender_process(pipe, model: str, tokens: int, threads: int) -> None:  # type
 
 class RawReceiver:
     def __init__(self, port: int, nbytes: int):
-        self.sock = socket.create_connection(("127.0.0.62", port))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)  # as the KV client does
+        self.sock.connect(("127.0.0.62", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = memoryview(torch.ones(nbytes, dtype=torch.uint8).numpy())
 

@@ -26,6 +26,7 @@ from disaggserve_worker.kv.framing import (
     MAX_CONTROL_FRAME,
     MAX_HANDSHAKE_FRAME,
     PROTOCOL_VERSION,
+    SOCKET_BUFFER,
     FrameType,
     KVTransferError,
     PeerClosed,
@@ -187,6 +188,7 @@ class TcpKVTransport:
                 family, _, _, _, addr = infos[0]
                 sock = socket.socket(family, socket.SOCK_STREAM)
                 sock.setblocking(False)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)  # before connect: window scale
                 try:
                     await loop.sock_connect(sock, addr)
                 except BaseException:

@@ -28,6 +28,7 @@ from disaggserve_worker.kv.framing import (
     LAYER_INDEX,
     MAX_HANDSHAKE_FRAME,
     PROTOCOL_VERSION,
+    SOCKET_BUFFER,
     FrameType,
     KVTransferError,
     PeerClosed,
@@ -140,6 +141,7 @@ class KVServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             if not self._handshake(conn):
                 return
             while not self._closing:
