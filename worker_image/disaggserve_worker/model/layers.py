@@ -71,11 +71,15 @@ class FusedLinear:
                     lin.bias.data = bias[start:start + size]
                 start += size
         self._weight, self._bias = weight, bias
-        self._ptrs = [lin.weight.data_ptr() for lin in self.linears]
+        self._ptrs = self._current()
+
+    def _current(self) -> list[int]:
+        # `_parameters[...]`, not `.weight`: nn.Module.__getattr__ costs more than the check.
+        return [lin._parameters["weight"].data_ptr() for lin in self.linears]  # type: ignore[union-attr]
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         # Re-fuse if a parameter was replaced (moved to a device, reloaded into new storage).
-        if self._weight is None or [lin.weight.data_ptr() for lin in self.linears] != self._ptrs:
+        if self._weight is None or self._current() != self._ptrs:
             self._fuse()
         return list(F.linear(x, self._weight, self._bias).split(self.sizes, dim=-1))  # type: ignore[arg-type]
 
