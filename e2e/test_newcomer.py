@@ -179,11 +179,14 @@ def test_the_kubernetes_client_reads_every_kind_the_operator_creates(up):
     client = kubernetes.config.new_client_from_config(config_file=up.env["KUBECONFIG"])
     core, apps = kubernetes.client.CoreV1Api(client), kubernetes.client.AppsV1Api(client)
     rbac, policy = kubernetes.client.RbacAuthorizationV1Api(client), kubernetes.client.PolicyV1Api(client)
+    networking = kubernetes.client.NetworkingV1Api(client)
     custom = kubernetes.client.CustomObjectsApi(client)
     namespaced = {
         "Pod": (core.list_namespaced_pod, core.read_namespaced_pod),
         "Service": (core.list_namespaced_service, core.read_namespaced_service),
         "ConfigMap": (core.list_namespaced_config_map, core.read_namespaced_config_map),
+        "Secret": (core.list_namespaced_secret, core.read_namespaced_secret),
+        "NetworkPolicy": (networking.list_namespaced_network_policy, networking.read_namespaced_network_policy),
         "ServiceAccount": (core.list_namespaced_service_account, core.read_namespaced_service_account),
         "Event": (core.list_namespaced_event, core.read_namespaced_event),
         "StatefulSet": (apps.list_namespaced_stateful_set, apps.read_namespaced_stateful_set),
