@@ -221,7 +221,8 @@ def serve(args: argparse.Namespace) -> int:
     advertise = identity[contract.ENV_POD_IP] or (args.host if args.host not in ("0.0.0.0", "::", "") else
                                                   "127.0.0.1")
     metrics = WorkerMetrics(args.role, lambda: engine.load(), args.ttft_slo_ms and args.ttft_slo_ms / 1000,
-                            args.tpot_slo_ms and args.tpot_slo_ms / 1000)
+                            args.tpot_slo_ms and args.tpot_slo_ms / 1000,
+                            model_name=args.model_name or loaded.name, max_model_len=max_len)
     speculator = build_speculator(args, loaded, kv_tokens, metrics.registry, draft)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids,
                     EngineConfig(role=args.role, kv_cache_tokens=kv_tokens, block_size=args.block_size,
