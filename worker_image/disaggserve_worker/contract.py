@@ -30,8 +30,13 @@ Internal HTTP protocol between router and workers (JSON bodies, NDJSON streams):
                    GET /healthz, /readyz, /metrics
 
 `sampling` (all optional, unknown keys refused): max_tokens (16), temperature (1.0; 0 is
-greedy), top_p (1.0), top_k (0 = off), seed, stop (string or list of strings), stop_token_ids,
-ignore_eos (false).
+greedy), top_p (1.0), top_k (0 = off), min_p (0), seed, stop (string or list of strings),
+stop_token_ids, ignore_eos (false), and vLLM's extensions: min_tokens (0), repetition_penalty (1),
+presence_penalty and frequency_penalty (0), logit_bias ({token id: bias}), allowed_token_ids, logprobs
+(null, or how many top logprobs to return besides the sampled token's). With logprobs, each token
+event (and the prefill reply) carries "logprobs": {"logprob", "top": [[id, logprob], ...]} of the
+raw model output. A speculating worker refuses (400) the knobs it cannot apply (penalties,
+logit_bias, allowed_token_ids, min_tokens, logprobs).
 
 Status codes: 400 {"error": {type: "invalid_request" | "invalid_json", message, retryable:
 false}} for a body that is wrong (the message names the field); 409 "wrong_role" for an

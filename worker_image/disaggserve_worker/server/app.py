@@ -235,7 +235,8 @@ class WorkerServer:
             timer.finish(event.finish_reason or "length")
             return web.json_response({
                 "request_id": body.request_id, "first_token_id": event.token_id, "text": event.text,
-                "finish_reason": event.finish_reason, "prompt_tokens": len(body.prompt_token_ids), "kv": kv})
+                "finish_reason": event.finish_reason, "prompt_tokens": len(body.prompt_token_ids), "kv": kv,
+                **({"logprobs": event.logprobs} if event.logprobs is not None else {})})
         finally:
             self.inflight -= 1
 
