@@ -39,7 +39,8 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached() -> None:
 def test_penalties_follow_vllm_formulas() -> None:
     rep = shape_logits(ROW, SamplingParams(repetition_penalty=2.0), _ctx(prompt=[0], out=[2]))
     assert rep[0] == 1.0 and rep[2] == -2.0 and rep[4] == 3.0, "positive / 2, negative * 2, unseen alone"
-    pen = shape_logits(ROW, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), _ctx(prompt=[1], out=[4, 4, 3]))
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    pen = shape_logits(ROW, params, _ctx(prompt=[1], out=[4, 4, 3]))
     assert pen[4] == pytest.approx(3.0 - 0.5 - 2 * 0.25)
     assert pen[3] == pytest.approx(0.5 - 0.5 - 0.25)
     assert pen[1] == 1.0, "presence/frequency count the output only, not the prompt"
