@@ -32,6 +32,7 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("policy/v1", "PodDisruptionBudget"): ("poddisruptionbudgets", True),
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
+    ("inference.networking.k8s.io/v1", "InferencePool"): ("inferencepools", True),
     (API_VERSION, KIND): (PLURAL, True),
 }
 

@@ -37,6 +37,8 @@ OWNED_KINDS: tuple[tuple[str, str], ...] = (
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
 )
 WORKLOAD_KINDS: tuple[tuple[str, str], ...] = (("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"))
+# Only for resources with spec.gateway: clusters without the inference extension's CRDs have no such list.
+GATEWAY_KINDS: tuple[tuple[str, str], ...] = (("inference.networking.k8s.io/v1", "InferencePool"),)
 
 
 def to_plain(value: Any) -> Any:
@@ -128,7 +130,8 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
         emit("Warning", e.reason, str(e))
         return _refusal_status(conditions, generation, e.reason, str(e))
 
-    existing = await owned_children(kube, name, namespace, uid)
+    existing = await owned_children(kube, name, namespace, uid,
+                                    kinds=OWNED_KINDS + (GATEWAY_KINDS if spec.gateway else ()))
     drain = await prepare_scale_down(
         kube, desired, existing, namespace, dict(old_status.get("draining") or {}), datetime.datetime.now(datetime.UTC)
     )
