@@ -33,7 +33,6 @@ from disaggserve.planner.search import (
     Searcher,
     SearchStats,
     Shape,
-    Slo,
     UnitChoice,
     shared_goodputs,
 )
@@ -402,7 +401,7 @@ def build_search(
     facts = resolve_facts(spec, prof)
     topo = resolve_topology(spec, nodes, used_gpus)
     work = workload_model(spec, rate, lengths)
-    slo = Slo(spec.slo.ttft_ms, spec.slo.tpot_ms, spec.slo.attainment)
+    slo = spec.slo
     hw = HardwareView(topo.gpus_per_node, topo.gpu_memory_bytes, topo.intra_gbps, topo.cross_gbps)
     memo = shared_goodputs((prof.model_dump_json(), facts, work.input, work.output, seed, requests, slo, hw))
     searcher = Searcher(
