@@ -182,6 +182,7 @@ REFUSED_FIELDS: list[tuple[str, str, dict[str, Any], str, str]] = [
     ("chat_template", CHAT, {"chat_template": "{{ messages }}"}, "chat_template", "template"),
     ("logit_bias outside vocab", CMPL, {"logit_bias": {"999999": 1}}, "logit_bias", "token ids"),
     ("top_logprobs above 20", CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "top_logprobs"),
+    ("too many choices", CMPL, {"prompt": ["a"] * 65, "n": 2}, "prompt", "at most 128"),
 ]
 
 

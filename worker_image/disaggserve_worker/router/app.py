@@ -31,7 +31,7 @@ from .metrics import RouterMetrics
 from .model_info import ModelInfo
 from .pool import LoadPoller, WorkerPool
 from .responses import ChatShape, CompletionShape, Progress, Shape
-from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
+from .schemas import MAX_N, ChatCompletionRequest, CompletionRequest, parse_request
 from .serving import ChoiceRun, merged, request_usage, respond_stream, respond_whole
 from .vllm_endpoints import register_vllm_endpoints
 
@@ -178,8 +178,12 @@ class Router:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req: CompletionRequest = parse_request(CompletionRequest, await _json_body(request))
         self._check_model(req.model)
+        inputs = req.prompt_inputs()
+        if len(inputs) * req.choices > MAX_N:  # each choice is a generation on the workers
+            raise invalid(f"{len(inputs)} prompts x n={req.choices} asks for {len(inputs) * req.choices} "
+                          f"choices; at most {MAX_N} per request. Split the batch.", "prompt")
         prompts: list[tuple[list[int], str]] = []
-        for prompt in req.prompt_inputs():
+        for prompt in inputs:
             if isinstance(prompt, str):
                 prompts.append((self.model.encode(prompt), prompt))
                 continue
