@@ -314,6 +314,28 @@ class Router(ApiModel):
     api_key_secret_ref: SecretKeyRef | None = None
 
 
+class EndpointPickerRef(ApiModel):
+    """The endpoint picker (ext-proc) Service a Gateway asks which pod serves each request."""
+
+    name: str = Field(pattern=DNS_NAME_PATTERN, description="Service of the endpoint picker, in this namespace.")
+    port: int = Field(9002, ge=1, le=65535, description="Its ext-proc (gRPC) port.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="FailOpen: the Gateway picks an endpoint itself when the picker does not answer.")
+
+
+class Gateway(ApiModel):
+    """Expose the model through the Gateway API Inference Extension: an InferencePool
+    (inference.networking.k8s.io/v1) a Gateway's HTTPRoute can name as its backend."""
+
+    picker: Literal["disaggserve", "llm-d"] = Field(
+        "disaggserve",
+        description="disaggserve: the pool holds the routers, which pair prefill and decode themselves (any "
+        "engine; the picker balances routers). llm-d: the pool holds the serving pods (decode, or colocated) "
+        "and llm-d's picker chooses the prefill pod per request (x-prefiller-host-port); engine vllm only.")
+    endpoint_picker: EndpointPickerRef | None = Field(
+        None, description="The picker's Service; default <name>-epp on port 9002.")
+
+
 class DisaggServeSpec(ApiModel):
     cel_rules = (
         CelRule(
@@ -345,6 +367,7 @@ class DisaggServeSpec(ApiModel):
     profile: ProfileRef | None = None
     image: Image = Field(default_factory=Image)
     router: Router = Field(default_factory=Router)
+    gateway: Gateway | None = Field(None, description="Opt-in: render an InferencePool for a Gateway.")
 
 
 class SpecError(ValueError):

@@ -9,6 +9,7 @@ from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.resources.configmap import build_plan_configmap
+from disaggserve.resources.gateway import GatewayError, inference_pool
 from disaggserve.resources.names import name_problem
 from disaggserve.resources.policy import build_pdb
 from disaggserve.resources.router import router_objects
@@ -62,6 +63,11 @@ def build_children(
         build_pdb(name, ns, "decode"),
         *router_objects(spec, name, ns),
     ]
+    if spec.gateway is not None:
+        try:
+            objects.append(inference_pool(spec, plan, name, ns))
+        except GatewayError as error:
+            raise RenderError(str(error)) from None
     if owner.uid:
         for obj in objects:
             obj["metadata"]["ownerReferences"] = [owner.reference()]
