@@ -43,7 +43,7 @@ LABEL_PLAN_HASH = "disaggserve.io/plan-hash"
 APP_NAME = "disaggserve"
 MANAGED_BY = "disaggserve-operator"
 
-# Metric names (DESIGN.md §5), read by the autoscaler from Prometheus or the router.
+# Metric names (docs/architecture.md §5), read by the autoscaler from Prometheus or the router.
 METRIC_TTFT = "disaggserve_ttft_seconds"
 METRIC_TPOT = "disaggserve_tpot_seconds"
 METRIC_E2E = "disaggserve_e2e_seconds"

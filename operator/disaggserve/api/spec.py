@@ -1,4 +1,4 @@
-"""`DisaggServe.spec`: what a user asks for (DESIGN.md §2).
+"""`DisaggServe.spec`: what a user asks for (docs/architecture.md §2).
 
 Defaults are the ones a first-time user on a GPU cluster wants; every bound has a message
 that says which field is wrong and what would be accepted.

@@ -203,7 +203,7 @@ async def reconcile(
         except SpecError as e:
             raise Refused("InvalidSpec", str(e)) from None
         profile = await _profile(kube, spec, namespace)
-        nodes = await kube.list("v1", "Node")
+        nodes = await kube.list_shared("v1", "Node")
         try:
             planned = await _plan(kube, spec, profile, nodes, planner)
         except PlanningError as e:
