@@ -5,7 +5,7 @@ This machine (2 CPU cores) cannot host the GPUs a scaling comparison needs, so t
 played through the planner's simulator (DistServe method, the authors' OPT-13B A100 profile):
 every 30 s interval, each policy's current deployment is simulated at that interval's arrival
 rate; the simulated latencies are what the policy "measures" for its next decision. The SLO
-autoscaler is the operator's own code (`planner.replan.recommend` + `planner.scaling_policy.decide`),
+autoscaler is the operator's own code (`planner.replan.recommend` + `autoscaling.policy.decide`),
 not a re-implementation. A decision takes effect one interval later (start-up time).
 
     python bench/autoscale.py [--quick] [--out bench/results/autoscale.json]
@@ -22,11 +22,13 @@ from typing import Any
 
 from disaggserve.api import parse_spec
 from disaggserve.api.plan import PhasePlan, Plan, Prediction
+from disaggserve.autoscaling.policy import Counts, Limits, PolicyState, Signals, decide
 from disaggserve.contract import max_tensor_parallel
 from disaggserve.metrics import Observed
-from disaggserve.planner.auto import Deployment, build_search, plan_automatically
+from disaggserve.planner.auto import plan_automatically
+from disaggserve.planner.deployment import Deployment
+from disaggserve.planner.inputs import build_search
 from disaggserve.planner.replan import recommend
-from disaggserve.planner.scaling_policy import Counts, Limits, PolicyState, Signals, decide
 from disaggserve.planner.search import Shape
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,8 @@ from typing import Any
 
 from disagg_vs_colocated import router, wait_ready, worker
 from disaggserve.api import parse_spec
-from disaggserve.planner.auto import Deployment, build_search
+from disaggserve.planner.deployment import Deployment
+from disaggserve.planner.inputs import build_search
 from disaggserve.planner.search import Shape
 from loadgen import run_poisson, summarize
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from disaggserve.planner.scaling_policy import Counts, Limits, PolicyState, Signals, decide
+from disaggserve.autoscaling.policy import Counts, Limits, PolicyState, Signals, decide
 
 LIMITS = Limits(min=Counts(1, 1), max=Counts(8, 8), gpus_per_instance=Counts(1, 1))
 OK = Signals(metrics_available=True, rolling_out=False, attainment=0.95)

@@ -15,8 +15,9 @@ from typing import Any
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.metrics.observed import Observed
-from disaggserve.planner.auto import Deployment, SearchSetup, _joint_check, _size_high, _size_low, build_search
+from disaggserve.planner.deployment import Deployment, joint_check, size_high, size_low
 from disaggserve.planner.errors import PlanningError
+from disaggserve.planner.inputs import SearchSetup, build_search
 from disaggserve.planner.search import PhaseChoice, Shape, UnitChoice
 
 # A correction outside this range means the profile is for other hardware: don't trust it blindly.
@@ -139,14 +140,14 @@ def recommend(
         d = PhaseChoice(d_shape, s.decode_goodput(d_shape, gbps))
         _require(p.goodput, f"prefill {p_shape}", spec)
         _require(d.goodput, f"decode {d_shape}", spec)
-        dep, _ = _size_high(s, p, d, rate, None, None, gbps)
+        dep, _ = size_high(s, p, d, rate, None, None, gbps)
     else:
         gbps = topo.intra_gbps
         n_p, n_d = plan.per_unit("prefill"), plan.per_unit("decode")
         unit = UnitChoice(p_shape, n_p, d_shape, n_d, s.unit_goodput(p_shape, n_p, d_shape, n_d, gbps))
         _require(unit.goodput, f"unit {unit}", spec)
-        dep, _ = _size_low(s, unit, rate, None, None, gbps)
-    _, attainment = _joint_check(s, dep, rate)
+        dep, _ = size_low(s, unit, rate, None, None, gbps)
+    _, attainment = joint_check(s, dep, rate)
     return Recommendation(dep.prefill_count, dep.decode_count, rate, attainment, scale, setup.profile_source)
 
 
