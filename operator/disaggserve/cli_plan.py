@@ -118,6 +118,7 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
         "scaling_limited": plan.scaling_limited.model_dump() if plan.scaling_limited else None,
         "alternatives": o.alternatives,
         "profile": o.profile_source,
+        "estimated": o.estimated,
         "search": {
             "configs": o.stats.simulated,
             "pruned": o.stats.pruned_bound + o.stats.pruned_zero_load,

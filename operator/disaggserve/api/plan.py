@@ -68,6 +68,12 @@ class Plan(ApiModel):
         None, description="Per-GPU goodput the best colocated (vLLM-style) deployment would reach."
     )
     scaling_limited: ScalingLimit | None = None
+    profile: Literal["measured", "estimated"] | None = Field(
+        None,
+        description="Where the planner's latencies came from: a measured profile, or a roofline estimate "
+        "from model facts and the GPU's data sheet (no profile for this model and GPU yet; "
+        "a measured profile in spec.profile replaces it).",
+    )
     reason: str = ""
     updated_at: str | None = None
 

@@ -53,7 +53,7 @@ class PlanOutcome:
     rate: float
     placement_why: str
     profile_source: str = ""
-
+    estimated: bool = False
 
 
 def plan_automatically(
@@ -190,8 +190,9 @@ def plan_automatically(
         if baseline and baseline.goodput_per_gpu > 0
         else ""
     )
+    marking = " (ESTIMATED: roofline profile, no measured one)" if setup.estimated else ""
     reason = (
-        f"planner: {placement} ({why}); {choice_text}; {dep.prefill_count} prefill + {dep.decode_count} "
+        f"planner{marking}: {placement} ({why}); {choice_text}; {dep.prefill_count} prefill + {dep.decode_count} "
         f"decode instance(s) in {dep.units} unit(s), {dep.gpus} GPUs for {target:g} rps; predicted "
         f"attainment {attainment:.1%}, goodput {achievable:.3g} rps = {per_gpu:.3g} rps/GPU{ratio}"
     )
@@ -204,6 +205,7 @@ def plan_automatically(
         )
     plan = Plan(
         placement=placement,
+        profile="estimated" if setup.estimated else "measured",
         prefill=PhasePlan(tensor=dep.prefill.tensor, pipeline=dep.prefill.pipeline, replicas=dep.prefill_count),
         decode=PhasePlan(tensor=dep.decode.tensor, pipeline=dep.decode.pipeline, replicas=dep.decode_count),
         units=dep.units,
@@ -229,5 +231,5 @@ def plan_automatically(
         rate=target,
         placement_why=why,
         profile_source=prof_source,
+        estimated=setup.estimated,
     )
-

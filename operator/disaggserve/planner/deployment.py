@@ -73,7 +73,6 @@ class Deployment:
         )
 
 
-
 def joint_check(s: Searcher, dep: Deployment, rate: float) -> tuple[SimResult, float]:
     result = dep.simulate(s, rate)
     return result, result.attainment(s.slo.ttft_ms, s.slo.tpot_ms)
@@ -163,4 +162,3 @@ def pick(s: Searcher, sized: list):
     if len(tied) == 1:
         return tied[0]
     return max(tied, key=lambda x: x[1].goodput(s) / x[1].gpus)
-

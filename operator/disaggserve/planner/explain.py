@@ -49,4 +49,3 @@ def explain_unreachable(s: Searcher, gbps: float) -> PlanningError | None:
             f"batch 1, KV transfer at {gbps:g} Gbps included); raise slo.tpotMs",
         )
     return None
-

@@ -14,6 +14,7 @@ from typing import Any
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.facts import Facts, builtin_facts, from_spec
+from disaggserve.planner.gpus import find_gpu, known_products
 from disaggserve.planner.profile import (
     LatencyProfile,
     ProfileError,
@@ -21,6 +22,7 @@ from disaggserve.planner.profile import (
     find_builtin,
     load_profile_input,
 )
+from disaggserve.planner.roofline import ESTIMATED_SOURCE, estimated_profile, is_estimated
 from disaggserve.planner.search import TENSOR_SIZES, HardwareView, Searcher, Slo, shared_goodputs
 from disaggserve.planner.workload import (
     DEFAULT_REQUESTS,
@@ -62,13 +64,38 @@ def resolve_profile(spec: DisaggServeSpec, doc: dict[str, Any] | None) -> tuple[
         prof = find_builtin(name, product)
         if prof is not None:
             return prof, f"built-in profile for {prof.model} on {prof.gpu}"
+    estimate = estimate_profile(spec)
+    if estimate is not None:
+        return estimate, f"{ESTIMATED_SOURCE} profile for {spec.model.name} on {spec.hardware.gpu_product}"
+    known = ""
+    if product != "cpu" and not find_gpu(product):
+        known = f" (GPU products with estimates: {', '.join(known_products())})"
     raise PlanningError(
         "ProfileMissing",
-        f"no latency profile for model {spec.model.name!r} on {product}: run `disaggserve-worker profile "
+        f"no latency profile for model {spec.model.name!r} on {product}{known}: run `disaggserve-worker profile "
         f"--model {source.worker_arg()} --out profile.json` on one such node, then `kubectl create "
         "configmap <name> --from-file=profile.json` and set spec.profile.configMapRef.name "
         "(or set spec.parallelism to plan by hand)",
     )
+
+
+def estimate_profile(spec: DisaggServeSpec) -> LatencyProfile | None:
+    """A roofline profile when nothing measured exists: a GPU the product table knows and a
+    model whose facts are known (spec.model.facts or a published architecture). None on CPU
+    workers (the roofline is calibrated on GPUs only) or when either is unknown."""
+    if spec.hardware.device == "cpu":
+        return None
+    gpu = find_gpu(spec.hardware.gpu_product)
+    if gpu is None:
+        return None
+    if spec.model.facts is not None:
+        facts = from_spec(spec.model.facts)
+    else:
+        names = [spec.model.name] + ([spec.model.source.builtin] if spec.model.source.builtin else [])
+        facts = next((f for f in map(builtin_facts, names) if f is not None), None)
+    if facts is None:
+        return None
+    return estimated_profile(spec.model.name, facts, spec.hardware.gpu_product or gpu.name, gpu)
 
 
 def resolve_facts(spec: DisaggServeSpec, profile: LatencyProfile) -> Facts:
@@ -125,13 +152,13 @@ def resolve_topology(
     return topo
 
 
-
 @dataclass
 class SearchSetup:
     searcher: Searcher
     topology: Topology
     rate: float
     profile_source: str
+    estimated: bool = False  # the profile is a roofline estimate, not a measurement
 
 
 def build_search(
@@ -173,5 +200,4 @@ def build_search(
         max_tensor=max_tensor or max(TENSOR_SIZES),
         _goodputs=memo,
     )
-    return SearchSetup(searcher, topo, work.rate, prof_source)
-
+    return SearchSetup(searcher, topo, work.rate, prof_source, estimated=is_estimated(prof))

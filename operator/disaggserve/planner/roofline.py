@@ -115,10 +115,16 @@ def entry_for(facts: Facts, gpu: GpuProduct, tensor: int, cal: Calibration) -> P
 
 
 def estimated_profile(
-    model: str, facts: Facts, gpu_label: str, gpu: GpuProduct, *, tensor_sizes: tuple[int, ...] = TENSOR_SIZES
+    model: str,
+    facts: Facts,
+    gpu_label: str,
+    gpu: GpuProduct,
+    *,
+    tensor_sizes: tuple[int, ...] = TENSOR_SIZES,
+    cal: Calibration | None = None,
 ) -> LatencyProfile:
     """A roofline profile for `model` on `gpu`, tensor sizes that divide the heads only."""
-    cal = calibration()
+    cal = cal or calibration()
     sizes = [t for t in tensor_sizes if facts.attention_heads % t == 0 and facts.kv_heads % t == 0]
     return LatencyProfile(
         model=model,
@@ -169,11 +175,11 @@ def measured_samples(profile: LatencyProfile, tensor: int) -> tuple[list[float],
     return prefill, decode
 
 
-def _calibration_rows() -> tuple[list, list, list, list, list, list]:
+def _calibration_rows(profiles: tuple[tuple[str, str], ...]) -> tuple[list, list, list, list, list, list]:
     from disaggserve.planner.profile import builtin_profiles
 
     pre_x, pre_y, small_x, small_y, large_x, large_y = [], [], [], [], [], []
-    for stem, product in CALIBRATION_PROFILES:
+    for stem, product in profiles:
         prof = builtin_profiles()[stem]
         assert prof.model_facts is not None
         facts = prof.model_facts.to_facts()
@@ -183,15 +189,27 @@ def _calibration_rows() -> tuple[list, list, list, list, list, list]:
             prefill, decode = measured_samples(prof, e.tensor)
             for n, ms in zip(PREFILL_LENGTHS, prefill, strict=True):
                 pre_x.append(
-                    [t.weights_read_ms, t.flops_per_token_ms * n, t.attention_per_token_sq_ms * n * n, t.layers,
-                     t.allreduces, t.allreduce_per_token_ms * n]
+                    [
+                        t.weights_read_ms,
+                        t.flops_per_token_ms * n,
+                        t.attention_per_token_sq_ms * n * n,
+                        t.layers,
+                        t.allreduces,
+                        t.allreduce_per_token_ms * n,
+                    ]
                 )
                 pre_y.append(ms)
             for b, ms in decode:
                 row_fixed = [t.layers, t.allreduces]
                 if b < e.decode_batch_threshold:
-                    small_x.append([t.weights_read_ms, t.kv_read_per_token_ms * b * DECODE_CONTEXT,
-                                    t.flops_per_token_ms * b, *row_fixed])
+                    small_x.append(
+                        [
+                            t.weights_read_ms,
+                            t.kv_read_per_token_ms * b * DECODE_CONTEXT,
+                            t.flops_per_token_ms * b,
+                            *row_fixed,
+                        ]
+                    )
                     small_y.append(ms)
                 else:
                     large_x.append([t.kv_read_per_token_ms * b * DECODE_CONTEXT, t.flops_per_token_ms * b, *row_fixed])
@@ -206,12 +224,18 @@ def _relative_fit(x: list, y: list) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def calibration() -> Calibration:
-    """Fit the efficiency factors to the measured A100 profiles (relative error, x ≥ 0).
+    """The factors fitted on all the measured A100 profiles (what estimates use)."""
+    return fit_calibration(CALIBRATION_PROFILES)
+
+
+def fit_calibration(profiles: tuple[tuple[str, str], ...]) -> Calibration:
+    """Fit the efficiency factors to measured built-in profiles (relative error, x ≥ 0);
+    `profiles` are (built-in stem, GPU product) pairs (the bench also fits leave-one-out).
 
     Decode's fixed costs come from the memory-bound fit (many more samples there); the
     compute-bound fit then only sets the per-sequence cost above the knee.
     """
-    pre_x, pre_y, small_x, small_y, large_x, large_y = _calibration_rows()
+    pre_x, pre_y, small_x, small_y, large_x, large_y = _calibration_rows(profiles)
     pw, pf, pa, p_layer, p_ar, p_comm = _relative_fit(pre_x, pre_y)
     dw, dkv, dcs, d_layer, d_ar = _relative_fit(small_x, small_y)
     # Large batches: subtract the already-fitted fixed and KV terms, fit the per-sequence factor.
@@ -219,7 +243,16 @@ def calibration() -> Calibration:
     rest = ly - lx[:, 0] * dkv - lx[:, 2] * d_layer - lx[:, 3] * d_ar
     dcl = float(_nnls((lx[:, 1] / ly)[:, None], rest / ly)[0]) if len(ly) else dcs
     return Calibration(
-        pw=float(pw), pf=float(pf), pa=float(pa), p_layer=float(p_layer), p_ar=float(p_ar), p_comm=float(p_comm),
-        dw=float(dw), dkv=float(dkv), dcs=float(dcs), dcl=max(float(dcl), float(dcs)), d_layer=float(d_layer),
+        pw=float(pw),
+        pf=float(pf),
+        pa=float(pa),
+        p_layer=float(p_layer),
+        p_ar=float(p_ar),
+        p_comm=float(p_comm),
+        dw=float(dw),
+        dkv=float(dkv),
+        dcs=float(dcs),
+        dcl=max(float(dcl), float(dcs)),
+        d_layer=float(d_layer),
         d_ar=float(d_ar),
     )
