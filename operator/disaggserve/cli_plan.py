@@ -101,6 +101,8 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
         "placement_reason": o.placement_why,
         "prefill": _phase(plan, "prefill"),
         "decode": _phase(plan, "decode"),
+        "colocated": _phase(plan, "colocated") if plan.colocated else None,
+        "disaggregated_goodput_per_gpu": plan.disaggregated_goodput_per_gpu,
         "units": plan.units,
         "gpus_total": plan.gpus_total,
         "rate": o.rate,
@@ -130,7 +132,7 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
 
 
 def _phase(plan: Plan, phase: str) -> dict[str, int]:
-    p = plan.prefill if phase == "prefill" else plan.decode
+    p = plan.phase(phase)  # type: ignore[arg-type]
     return {"tensor": p.tensor, "pipeline": p.pipeline, "replicas": p.replicas, "gpus": p.gpus}
 
 
@@ -142,7 +144,7 @@ def _print_table(facts: dict[str, Any]) -> None:
     table = Table(title=f"DisaggServe plan: {facts['placement']} ({facts['placement_reason']})")
     for col in ("phase", "tensor", "pipeline", "replicas", "GPUs"):
         table.add_column(col, justify="right" if col != "phase" else "left")
-    for phase in ("prefill", "decode"):
+    for phase in ("colocated",) if facts.get("colocated") else ("prefill", "decode"):
         p = facts[phase]
         table.add_row(phase, str(p["tensor"]), str(p["pipeline"]), str(p["replicas"]), str(p["gpus"]))
     table.add_row("total", "", "", f"{facts['units']} unit(s)", str(facts["gpus_total"]))
@@ -246,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
                         "placement": plan.placement,
                         "prefill": _phase(plan, "prefill"),
                         "decode": _phase(plan, "decode"),
+        "colocated": _phase(plan, "colocated") if plan.colocated else None,
+        "disaggregated_goodput_per_gpu": plan.disaggregated_goodput_per_gpu,
                         "units": plan.units,
                         "gpus_total": plan.gpus_total,
                         "reason": plan.reason,

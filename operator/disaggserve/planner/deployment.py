@@ -73,12 +73,38 @@ class Deployment:
         )
 
 
-def joint_check(s: Searcher, dep: Deployment, rate: float) -> tuple[SimResult, float]:
+@dataclass(frozen=True)
+class ColocatedDeployment:
+    """`count` colocated instances (each runs both phases, vLLM style) behind one router."""
+
+    shape: Shape
+    count: int
+
+    @property
+    def gpus(self) -> int:
+        return self.shape.gpus * self.count
+
+    def scaled(self) -> tuple[ColocatedDeployment, float]:
+        """At most MAX_SIMULATED_INSTANCES identical instances and the traffic share they carry."""
+        if self.count <= MAX_SIMULATED_INSTANCES:
+            return self, 1.0
+        return ColocatedDeployment(self.shape, MAX_SIMULATED_INSTANCES), MAX_SIMULATED_INSTANCES / self.count
+
+    def simulate(self, searcher: Searcher, rate: float) -> SimResult:
+        small, share = self.scaled()
+        return searcher.simulate_colocated_plan(rate * share, small.shape, small.count)
+
+    def goodput(self, searcher: Searcher) -> float:
+        small, share = self.scaled()
+        return searcher.colocated_goodput(small.shape, small.count) / share
+
+
+def joint_check(s: Searcher, dep: Deployment | ColocatedDeployment, rate: float) -> tuple[SimResult, float]:
     result = dep.simulate(s, rate)
     return result, result.attainment(s.slo.ttft_ms, s.slo.tpot_ms)
 
 
-def meets(s: Searcher, dep: Deployment, rate: float) -> bool:
+def meets(s: Searcher, dep: Deployment | ColocatedDeployment, rate: float) -> bool:
     return joint_check(s, dep, rate)[1] >= s.slo.attainment
 
 
@@ -162,3 +188,24 @@ def pick(s: Searcher, sized: list):
     if len(tied) == 1:
         return tied[0]
     return max(tied, key=lambda x: x[1].goodput(s) / x[1].gpus)
+
+
+def size_colocated(
+    s: Searcher, choice: PhaseChoice, rate: float, free: list[int] | None, max_gpus: int | None
+) -> tuple[ColocatedDeployment, int]:
+    """Colocated instances for the rate from one instance's goodput, corrected by simulating
+    them together (least-loaded dispatch pools them too), then fitted into free GPUs."""
+    count = max(1, math.ceil(rate / choice.goodput))
+    grew = False
+    for _ in range(MAX_TOP_UPS):
+        if meets(s, ColocatedDeployment(choice.shape, count), rate):
+            break
+        count += 1
+        grew = True
+    if not grew:
+        for _ in range(MAX_TOP_UPS):
+            if count <= 1 or not meets(s, ColocatedDeployment(choice.shape, count - 1), rate):
+                break
+            count -= 1
+    (got,) = fit_instances(free, [(choice.shape.gpus, count)], max_gpus)
+    return ColocatedDeployment(choice.shape, got), count * choice.shape.gpus

@@ -125,6 +125,11 @@ def recommend(
     correct: bool = True,
 ) -> Recommendation:
     """Instances of the deployed shapes that carry the measured workload within the SLOs."""
+    if plan.placement == "colocated":
+        raise PlanningError(
+            "AutoscalingUnsupported",
+            "colocated plans are not re-sized from measurements yet; the planner's count stays",
+        )
     measured = measured_spec(spec, observed)
     scale = (1.0, 1.0)
     if correct:

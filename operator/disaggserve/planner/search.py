@@ -337,6 +337,17 @@ class Searcher:
             budget_tokens=self.budget_tokens,
         ).after_warmup(WARMUP)
 
+    def simulate_colocated_plan(self, rate: float, shape: Shape, instances: int) -> SimResult:
+        self.stats.probes += 1
+        return simulate_colocated(
+            self.requests_for(rate),
+            rate,
+            self.latency(shape, colocated=True),
+            self.capacity_tokens(shape),
+            instances,
+            budget_tokens=self.budget_tokens,
+        ).after_warmup(WARMUP)
+
     # ---- the two placement searches ------------------------------------------------------------
     def _ranked_phase(
         self, shapes: list[Shape], reachable, capacity, goodput, *, exhaustive: bool = False

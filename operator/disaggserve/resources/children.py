@@ -50,8 +50,7 @@ def build_children(
     objects = [
         build_plan_configmap(name, ns, plan, profile),
         *worker_objects(spec, plan, name, ns),
-        build_pdb(name, ns, "prefill"),
-        build_pdb(name, ns, "decode"),
+        *(build_pdb(name, ns, role) for role in plan.roles),
         *router_objects(spec, name, ns),
     ]
     if owner.uid:
