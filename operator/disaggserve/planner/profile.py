@@ -70,6 +70,41 @@ class ProfileFacts(BaseModel):
         )
 
 
+class ProcessCost(BaseModel):
+    """CPU a process spends outside the model's forward passes (HTTP, tokenising, streaming, KV
+    send/receive, scheduling), measured on the real workers; the forward passes are the entries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_request_ms: float = Field(0.0, ge=0)
+    per_token_ms: float = Field(0.0, ge=0, description="per generated token")
+
+
+class KvLink(BaseModel):
+    """The KV-cache link as measured between a prefill and a decode worker (not the data sheet)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gbps: float = Field(gt=0)
+    latency_ms: float = Field(0.0, ge=0)
+
+
+class Overheads(BaseModel):
+    """Per-request and per-token costs outside the model, per process, and the measured KV link.
+
+    prefill/decode/colocated costs are serial with the forward passes of that worker (one
+    Python event loop drives both), so they lengthen its iterations; the router's are latency
+    added to each request (it runs on its own process and overlaps everything else)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    router: ProcessCost = Field(default_factory=ProcessCost)
+    prefill: ProcessCost = Field(default_factory=ProcessCost)
+    decode: ProcessCost = Field(default_factory=ProcessCost)
+    colocated: ProcessCost = Field(default_factory=ProcessCost)
+    kv_link: KvLink | None = None
+
+
 class LatencyProfile(BaseModel):
     """A whole profile document. Unknown top-level keys are ignored so that the worker may add
     provenance fields (host, date) without breaking older operators; inside entries, unknown
@@ -87,6 +122,7 @@ class LatencyProfile(BaseModel):
     stage_overhead_ms: float = Field(DEFAULT_STAGE_OVERHEAD_MS, ge=0)
     entries: list[ProfileEntry] = Field(min_length=1)
     colocated: list[ProfileEntry] = Field(default_factory=list)
+    overheads: Overheads = Field(default_factory=Overheads)
 
     def entry(self, tensor: int, *, colocated: bool = False) -> ProfileEntry | None:
         """The measured entry for a tensor size at pipeline 1 (stages are derived from it)."""
@@ -156,6 +192,13 @@ class PhaseLatency:
     decode_large: Coefficients
     decode_batch_threshold: int
     stage_overhead_ms: float
+    # Outside the forward passes (Overheads): serial with this instance's iterations, except the
+    # router's, which are latency. Zero for profiles without measured overheads.
+    prefill_request_ms: float = 0.0
+    decode_request_ms: float = 0.0
+    decode_token_ms: float = 0.0
+    router_request_ms: float = 0.0
+    router_token_ms: float = 0.0
 
     @property
     def gpus(self) -> int:
@@ -174,7 +217,7 @@ class PhaseLatency:
 
     def decode_step_ms(self, batch: int, sum_ctx: float) -> float:
         d = self.decode_coefficients(batch)
-        return d.a + d.b * sum_ctx + d.c * batch + self.pipeline * self.stage_overhead_ms
+        return d.a + d.b * sum_ctx + (d.c + self.decode_token_ms) * batch + self.pipeline * self.stage_overhead_ms
 
 
 def phase_latency(
@@ -184,6 +227,9 @@ def phase_latency(
     if e is None:
         return None
     overhead = profile.stage_overhead_ms if pipeline > 1 else 0.0
+    costs = profile.overheads
+    p_cost = costs.colocated if colocated else costs.prefill
+    d_cost = costs.colocated if colocated else costs.decode
     return PhaseLatency(
         tensor=tensor,
         pipeline=pipeline,
@@ -192,6 +238,11 @@ def phase_latency(
         decode_large=e.decode_large,
         decode_batch_threshold=e.decode_batch_threshold,
         stage_overhead_ms=overhead,
+        prefill_request_ms=p_cost.per_request_ms,
+        decode_request_ms=0.0 if colocated else d_cost.per_request_ms,
+        decode_token_ms=d_cost.per_token_ms,
+        router_request_ms=costs.router.per_request_ms,
+        router_token_ms=costs.router.per_token_ms,
     )
 
 

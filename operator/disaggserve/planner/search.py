@@ -202,7 +202,14 @@ class Searcher:
     def prefill_zero_load_ms(self, shape: Shape) -> np.ndarray:
         lat = self.latency(shape)
         n = self.sample.input_tokens.astype(float)
-        return lat.prefill.a + lat.prefill.b * n + lat.prefill.c * n * n + lat.pipeline * lat.stage_overhead_ms
+        return (
+            lat.prefill.a
+            + lat.prefill.b * n
+            + lat.prefill.c * n * n
+            + lat.pipeline * lat.stage_overhead_ms
+            + lat.prefill_request_ms
+            + lat.router_request_ms
+        )
 
     def decode_zero_load_ms(self, shape: Shape, gbps: float) -> np.ndarray:
         """TPOT of each request alone on the instance: batch 1, mean context, plus its KV transfer."""
@@ -210,9 +217,10 @@ class Searcher:
         inp = self.sample.input_tokens.astype(float)
         out = self.sample.output_tokens.astype(float)
         d = lat.decode_small if lat.decode_batch_threshold > 1 else lat.decode_large
-        step = d.a + d.b * (inp + out / 2) + d.c + lat.pipeline * lat.stage_overhead_ms
+        step = d.a + d.b * (inp + out / 2) + d.c + lat.decode_token_ms + lat.pipeline * lat.stage_overhead_ms
         setup = self._decode_setup(shape, 1, gbps)
-        return step + setup.xfer_ms(self.sample.input_tokens) / np.maximum(out - 1, 1)
+        once = setup.xfer_ms(self.sample.input_tokens) + lat.decode_request_ms
+        return step + lat.router_token_ms + once / np.maximum(out - 1, 1)
 
     def _quantile(self, values: np.ndarray) -> float:
         return float(np.percentile(values, self.slo.attainment * 100))
@@ -252,12 +260,16 @@ class Searcher:
 
     # ---- goodputs ---------------------------------------------------------------------------
     def _decode_setup(self, shape: Shape, instances: int, gbps: float) -> DecodeSetup:
+        """The measured KV link (profile overheads), when there is one, caps the topology's:
+        the transfer runs through the workers' own transport, whatever the wire can do."""
+        link = self.profile.overheads.kv_link
         return DecodeSetup(
             lat=self.latency(shape),
             instances=instances,
             capacity_tokens=self.capacity_tokens(shape),
             kv_bytes_per_token=self.facts.kv_bytes_per_token,
-            link_gbps=gbps,
+            link_gbps=min(gbps, link.gbps) if link else gbps,
+            link_latency_ms=link.latency_ms if link else 0.0,
         )
 
     def _goodput(self, key: tuple, run, guess: float) -> float:
