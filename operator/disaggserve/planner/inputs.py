@@ -11,19 +11,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.facts import Facts, builtin_facts, from_spec
 from disaggserve.planner.gpus import find_gpu, known_products
 from disaggserve.planner.profile import (
+    MAX_FIT_ERROR,
     LatencyProfile,
     ProfileError,
     builtin_profiles,
     find_builtin,
+    fit_problems,
     load_profile_input,
 )
 from disaggserve.planner.roofline import ESTIMATED_SOURCE, estimated_profile, is_estimated
 from disaggserve.planner.search import TENSOR_SIZES, HardwareView, Searcher, Slo, shared_goodputs
+from disaggserve.planner.simulator import DEFAULT_MAX_BATCH
 from disaggserve.planner.workload import (
     DEFAULT_REQUESTS,
     DEFAULT_SEED,
@@ -200,4 +205,23 @@ def build_search(
         max_tensor=max_tensor or max(TENSOR_SIZES),
         _goodputs=memo,
     )
+    check_fit(searcher, prof_source)
     return SearchSetup(searcher, topo, work.rate, prof_source, estimated=is_estimated(prof))
+
+
+def check_fit(searcher: Searcher, source: str) -> None:
+    """Refuse a profile whose fit misses its own measurements where this plan will run it: a
+    capacity predicted from a line that misses the knee is wrong by as much (see fit_problems)."""
+    shapes = searcher.shapes() + searcher.shapes(colocated=True)
+    per_request = float(np.mean(searcher.sample.input_tokens + searcher.sample.output_tokens))
+    lane = max((searcher.capacity_tokens(x) // x.pipeline for x in shapes), default=0)
+    batch = int(min(DEFAULT_MAX_BATCH, max(1, lane // max(per_request, 1))))
+    problems = fit_problems(searcher.profile, max_decode_batch=batch, max_prefill_tokens=searcher.budget_tokens)
+    if problems:
+        raise PlanningError(
+            "ProfileInvalid",
+            f"{source}: the fitted step times miss the profile's own measurements by more than "
+            f"{MAX_FIT_ERROR:.0%} at batch sizes this plan uses ({'; '.join(problems[:4])}"
+            f"{'; ...' if len(problems) > 4 else ''}); re-run `disaggserve-worker profile` (its fit splits "
+            "decode at the knee) on an idle node, or remove the measurements a hand-edited profile no longer matches",
+        )
