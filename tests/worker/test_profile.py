@@ -120,3 +120,31 @@ def test_profile_records_wall_and_cpu_time_and_fits_cpu_time_on_one_thread(tmp_p
     # decode contexts are mixed around the nominal one, so the recorded mean is near it
     decode = [m for m in result.profile["measurements"] if m["phase"] == "decode"]
     assert all(4 <= m["length"] <= 26 for m in decode)
+
+
+def test_overheads_separate_per_request_from_per_token_costs() -> None:
+    from disaggserve_worker.profile.overheads import Run, fit_link, solve_costs
+
+    # outside the forward passes: 20 ms per request + 0.5 ms per token, on top of the forwards
+    short = Run(requests=10, tokens=2, cpu_ms=10 * (20 + 0.5 * 2) + 300, forward_ms=300)
+    long = Run(requests=10, tokens=24, cpu_ms=10 * (20 + 0.5 * 24) + 900, forward_ms=900)
+    assert solve_costs(short, long) == {"per_request_ms": 20.0, "per_token_ms": 0.5}
+    # a process whose CPU the forwards explain entirely costs nothing extra (never negative)
+    assert solve_costs(Run(5, 2, 100, 120), Run(5, 10, 100, 150)) == {"per_request_ms": 0.0, "per_token_ms": 0.0}
+    # 1 ms latency + 1 GB/s (8 Gbps)
+    link = fit_link([(10**6, 0.002), (10**7, 0.011), (10**6, 0.002), (10**7, 0.011)])
+    assert link == {"gbps": 8.0, "latency_ms": 1.0}
+    with pytest.raises(ValueError):
+        fit_link([(10**6, 0.002)])
+
+
+def test_process_cpu_time_grows_with_work() -> None:
+    import os
+
+    from disaggserve_worker.profile.overheads import process_cpu_ms
+
+    before = process_cpu_ms(os.getpid())
+    deadline = __import__("time").process_time() + 0.05
+    while __import__("time").process_time() < deadline:
+        pass
+    assert process_cpu_ms(os.getpid()) - before >= 30

@@ -178,11 +178,13 @@ def build_search(
     seed: int = DEFAULT_SEED,
     max_tensor: int | None = None,
     profile_scale: tuple[float, float] | None = None,
+    check_fit: bool = True,
 ) -> SearchSetup:
     """Resolve the inputs (profile, model facts, topology, workload) into a Searcher.
 
     `profile_scale` multiplies the profile's (prefill, decode) times: the autoscaler's
-    correction from measured/predicted latency.
+    correction from measured/predicted latency. `check_fit=False` skips refusing a profile whose
+    fit misses its own measurements (benchmarks that report that themselves).
     """
     prof, prof_source = resolve_profile(spec, profile)
     if profile_scale is not None:
@@ -205,11 +207,12 @@ def build_search(
         max_tensor=max_tensor or max(TENSOR_SIZES),
         _goodputs=memo,
     )
-    check_fit(searcher, prof_source)
+    if check_fit:
+        check_profile_fit(searcher, prof_source)
     return SearchSetup(searcher, topo, work.rate, prof_source, estimated=is_estimated(prof))
 
 
-def check_fit(searcher: Searcher, source: str) -> None:
+def check_profile_fit(searcher: Searcher, source: str) -> None:
     """Refuse a profile whose fit misses its own measurements where this plan will run it: a
     capacity predicted from a line that misses the knee is wrong by as much (see fit_problems)."""
     shapes = searcher.shapes() + searcher.shapes(colocated=True)
