@@ -6,7 +6,10 @@ played through the planner's simulator (DistServe method, the authors' OPT-13B A
 every 30 s interval, each policy's current deployment is simulated at that interval's arrival
 rate; the simulated latencies are what the policy "measures" for its next decision. The SLO
 autoscaler is the operator's own code (`planner.replan.recommend` + `autoscaling.policy.decide`),
-not a re-implementation. A decision takes effect one interval later (start-up time).
+not a re-implementation. A decision takes effect one interval later (start-up time). The SLO
+autoscaler records each interval's measured rate in its policy state, so it plans with
+trend-aware headroom (the rate one interval ahead while it rises) and sheds capacity after a
+sustained drop without waiting out the whole stabilization window.
 
     python bench/autoscale.py [--quick] [--out bench/results/autoscale.json]
 """
@@ -159,7 +162,8 @@ def run_policy(name: str, rates: list[float], world: World, plan: Plan, limits: 
                     "decode": plan.decode.model_copy(update={"replicas": counts.decode}),
                 }
             )
-            rec = recommend(spec, current_plan, obs, nodes=NODES)
+            state.observe_rate(now, obs.request_rate)
+            rec = recommend(spec, current_plan, obs, nodes=NODES, growth=state.rate_growth())
             decision = decide(
                 counts,
                 Counts(rec.prefill, rec.decode),
@@ -227,7 +231,9 @@ def main() -> None:
     report = {
         "benchmark": "autoscale",
         "note": "simulated: this 2-core machine cannot host GPU replicas; trace played through the planner's "
-        "simulator with the DistServe OPT-13B A100 profile; policies run the operator's own code",
+        "simulator with the DistServe OPT-13B A100 profile; policies run the operator's own code. The "
+        "slo-autoscaler records the measured rate per interval (PolicyState.observe_rate) for trend-aware "
+        "headroom and sustained-drop scale-down; the operator's controller must do the same to match",
         "trace_rps_per_30s": rates,
         "slo": {"ttft_ms": 400, "tpot_ms": 100, "attainment": 0.9},
         "results": [

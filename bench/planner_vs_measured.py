@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,7 @@ MODEL = "builtin:small-llama"
 INPUT, OUTPUT = 256, 32
 SHORT, LONG = 2, 24  # completion lengths that separate per-request from per-token costs
 TARGET = 0.9
+MIN_RAMP_RPS = 0.2
 
 
 def load_average() -> list[float]:
@@ -155,7 +157,7 @@ def measure_link(quick: bool) -> dict[str, float] | None:
 
 
 def measured_attainment(url: str, rate: float, seconds: float, ttft_ms: float, tpot_ms: float, seed: int) -> float:
-    n = max(20, int(rate * seconds))
+    n = max(8, int(rate * seconds))
     results = asyncio.run(
         run_poisson(url, SERVED, rate=rate, num_requests=n, input_tokens=INPUT, output_tokens=OUTPUT, seed=seed)
     )
@@ -163,9 +165,12 @@ def measured_attainment(url: str, rate: float, seconds: float, ttft_ms: float, t
 
 
 def find_knee(url: str, start: float, seconds: float, ttft_ms: float, tpot_ms: float) -> tuple[float, list]:
-    """Highest rate on a x1.3 ramp whose measured attainment meets the target."""
+    """Highest rate on a x1.3 ramp whose measured attainment meets the target (down by 1.6x
+    from `start` until one does, not below MIN_RAMP_RPS)."""
     ramp, rate, good = [], start, None
     for step in range(12):
+        if rate < MIN_RAMP_RPS:
+            break
         att = measured_attainment(url, rate, seconds, ttft_ms, tpot_ms, seed=100 + step)
         ramp.append({"rate": round(rate, 3), "attainment": round(att, 3)})
         print(f"  ramp {rate:6.2f} rps: {att:.2f}", flush=True)
@@ -229,6 +234,8 @@ def evaluate(
 
 
 def main() -> None:
+    # a timeout's SIGTERM must still stop the workers (the finally blocks below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-colocated", action="store_true")

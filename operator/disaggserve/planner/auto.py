@@ -9,6 +9,7 @@ joint run says the shortfall is until it holds.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,17 +29,18 @@ from disaggserve.planner.deployment import (
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.explain import explain_no_shape, explain_unreachable
 from disaggserve.planner.inputs import build_search
-from disaggserve.planner.search import Searcher, SearchStats, Shape
+from disaggserve.planner.search import POOLING_SLACK, PhaseChoice, Searcher, SearchStats, Shape
 from disaggserve.planner.workload import DEFAULT_REQUESTS, DEFAULT_SEED, LengthDistribution
 from disaggserve.topology import choose_placement
 
 # Colocated shapes (best per-GPU first) sized as whole deployments before the choice.
 COLOCATED_TOP = 3
-# Candidates (best by per-instance goodputs) that are sized as whole deployments before the
-# choice: pooling across instances makes deployment goodput differ from the sum of the parts.
-# High affinity sizes more: its pairs are cheap to size and their ranking is looser (measured
-# in bench/planner.py against the exhaustive reference).
-RERANK_TOP = {"high-affinity": 6, "low-affinity": 3}
+# Candidates are sized as whole deployments (pooling across instances makes a deployment carry
+# more than the sum of its parts) in order of a lower bound on the GPUs they could need — the
+# count at their goodput inflated by POOLING_SLACK — until the next bound exceeds the best
+# deployment sized so far (branch and bound: nothing skipped could have been smaller), at
+# most MAX_SIZED of them (planning time).
+MAX_SIZED = 24
 
 
 @dataclass
@@ -104,17 +106,22 @@ def _disaggregated(
                 f"no {'prefill' if not prefill else 'decode'} configuration "
                 f"reaches {slo.attainment:.0%} attainment at any rate",
             )
-        pairs = sorted(
-            ((p, d) for p in prefill for d in decode),
-            key=lambda pd: s.gpus_for(pd[0].goodput, pd[0].shape.gpus) + s.gpus_for(pd[1].goodput, pd[1].shape.gpus),
-        )
+
+        def bound(pd: tuple[PhaseChoice, PhaseChoice]) -> float:
+            return _fewest_gpus(target, pd[0].goodput, pd[0].shape.gpus) + _fewest_gpus(
+                target, pd[1].goodput, pd[1].shape.gpus
+            )
+
+        pairs = sorted(((p, d) for p in prefill for d in decode), key=bound)
         sized = []
+        best = math.inf
         for p, d in pairs:
+            if not exhaustive and (bound((p, d)) > best or len(sized) >= MAX_SIZED):
+                break
             dep, needed = size_high(s, p, d, target, free, max_gpus, gbps)
             if dep.prefill_count and dep.decode_count:
                 sized.append(((p, d), dep, needed))
-                if not exhaustive and len(sized) >= RERANK_TOP["high-affinity"]:
-                    break
+                best = min(best, needed)
         if not sized:
             raise _no_capacity(s, free, max_gpus)
         (chosen_p, chosen_d), dep, needed = pick(s, sized)
@@ -133,18 +140,25 @@ def _disaggregated(
             f"no prefill+decode unit reaches {slo.attainment:.0%} attainment at any rate",
         )
     sized = []
-    for u in units:
+    best = math.inf
+    for u in sorted(units, key=lambda u: _fewest_gpus(target, u.goodput, u.gpus)):
+        if not exhaustive and (_fewest_gpus(target, u.goodput, u.gpus) > best or len(sized) >= MAX_SIZED):
+            break
         dep, needed = size_low(s, u, target, free, max_gpus, gbps)
         if dep.units:
             sized.append((u, dep, needed))
-            if not exhaustive and len(sized) >= RERANK_TOP["low-affinity"]:
-                break
+            best = min(best, needed)
     if not sized:
         raise _no_capacity(s, free, max_gpus)
     chosen_unit, dep, needed = pick(s, sized)
     alternatives = [f"unit {u}: {u.per_gpu:.3g} rps/GPU" for u in units if u is not chosen_unit][:3]
     choice_text = f"unit {chosen_unit} ({chosen_unit.gpus} GPUs, {chosen_unit.goodput:.3g} rps each)"
     return Candidate(placement, dep, needed, choice_text, alternatives)
+
+
+def _fewest_gpus(target: float, goodput: float, gpus: int) -> float:
+    """A lower bound on the GPUs copies of a configuration need for the target, pooling included."""
+    return math.ceil(target / (goodput * POOLING_SLACK)) * gpus if goodput > 0 else math.inf
 
 
 def _no_capacity(s: Searcher, free: list[int] | None, max_gpus: int | None) -> PlanningError:
@@ -203,7 +217,7 @@ def plan_automatically(
     max_tensor: int | None = None,
 ) -> PlanOutcome:
     """Plan `spec` (see `plan_for`). `exhaustive` turns pruning off and sizes every candidate
-    as a whole deployment (not only the best few, RERANK_TOP) before choosing by the same rule —
+    as a whole deployment (no branch-and-bound stop, MAX_SIZED) before choosing by the same rule —
     the reference the benchmark compares the pruned search with.
 
     With `placement: auto` the best disaggregated deployment (high or low affinity, by the
