@@ -41,6 +41,7 @@ SHARED = [
     "METRIC_GENERATION_TOKENS",
     "METRIC_SLO_MET",
     "ROLES",
+    "MAX_SPECULATIVE_TOKENS",
 ]
 
 
@@ -58,7 +59,7 @@ def bodies():
     keyed["spec"]["router"] = {"apiKeySecretRef": {"name": "k"}}
     keyed["spec"]["model"]["maxModelLen"] = 2048
     ngram = copy.deepcopy(cpu)
-    ngram["spec"]["speculation"] = {"mode": "adaptive", "proposer": "ngram", "maxTokens": 6}
+    ngram["spec"]["speculation"] = {"mode": "adaptive", "proposer": "ngram", "numSpeculativeTokens": 6}
     draft = copy.deepcopy(cpu)
     draft["spec"]["speculation"] = {"mode": "fixed", "proposer": "draft", "draftModel": {"builtin": "tiny-llama-draft"}}
     return {"cpu": cpu, "gpu-low": gpu, "gpu-high": high, "api-key": keyed, "spec-ngram": ngram, "spec-draft": draft}

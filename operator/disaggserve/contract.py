@@ -11,6 +11,10 @@ ROUTER_PORT = 8000
 WORKER_PORT = 8100
 KV_PORT = 8101
 
+# Most tokens speculation may propose per step (acceptance decays geometrically, so longer
+# proposals only cost verification work); the CRD, the worker flag and its config share it.
+MAX_SPECULATIVE_TOKENS = 16
+
 WORKER_BINARY = "disaggserve-worker"
 
 # Identity of a pod, injected through the downward API (or by the local node agent).
@@ -64,12 +68,17 @@ def worker_args(
     tensor: int,
     pipeline: int,
     device: str,
-    ttft_slo_ms: float,
-    tpot_slo_ms: float,
+    ttft_slo_ms: float | None = None,
+    tpot_slo_ms: float | None = None,
     max_model_len: int | None = None,
     speculation: dict[str, str | int] | None = None,
 ) -> list[str]:
-    """Command line of `disaggserve-worker serve` for one pod."""
+    """Command line of `disaggserve-worker serve` for one pod.
+
+    The operator passes no SLOs: workers bucket latencies with fixed edges, so an SLO edit
+    changes no pod template and restarts no worker (the router and the autoscaler judge SLOs).
+    The flags stay in the contract for workers run by hand.
+    """
     if role not in ROLES:
         raise ValueError(f"unknown worker role {role!r}; expected one of {ROLES}")
     args = [
@@ -92,11 +101,11 @@ def worker_args(
         str(pipeline),
         "--device",
         device,
-        "--ttft-slo-ms",
-        f"{ttft_slo_ms:g}",
-        "--tpot-slo-ms",
-        f"{tpot_slo_ms:g}",
     ]
+    if ttft_slo_ms is not None:
+        args += ["--ttft-slo-ms", f"{ttft_slo_ms:g}"]
+    if tpot_slo_ms is not None:
+        args += ["--tpot-slo-ms", f"{tpot_slo_ms:g}"]
     if max_model_len:
         args += ["--max-model-len", str(max_model_len)]
     for key, value in (speculation or {}).items():

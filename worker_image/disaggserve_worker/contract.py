@@ -46,7 +46,7 @@ disaggserve_worker_prompt_tokens_total, disaggserve_worker_generation_tokens_tot
 disaggserve_worker_requests_total{outcome} (counters); every series has a `role` label.
 
 Speculation (decode and colocated workers; a prefill worker refuses it): `--speculation-mode
-off|fixed|adaptive`, `--speculation-proposer ngram|draft`, `--speculation-max-tokens` (1-16),
+off|fixed|adaptive`, `--speculation-proposer ngram|draft`, `--speculation-num-speculative-tokens` (1-16),
 `--speculation-ngram-min/-max`, `--speculation-draft-model` (builtin:<name> or a checkpoint
 folder; same tokenizer as the target). Metrics: disaggserve_spec_proposed_tokens_total,
 disaggserve_spec_accepted_tokens_total (counters), disaggserve_spec_chosen_k (histogram, per
@@ -73,6 +73,10 @@ from __future__ import annotations
 ROUTER_PORT = 8000
 WORKER_PORT = 8100
 KV_PORT = 8101
+
+# Most tokens speculation may propose per step (acceptance decays geometrically, so longer
+# proposals only cost verification work); the CRD, the worker flag and its config share it.
+MAX_SPECULATIVE_TOKENS = 16
 
 ENV_POD_NAME = "DISAGGSERVE_POD_NAME"
 ENV_POD_IP = "DISAGGSERVE_POD_IP"

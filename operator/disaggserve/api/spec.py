@@ -6,11 +6,22 @@ that says which field is wrong and what would be accepted.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from disaggserve.api.base import ApiModel, CelRule
+from disaggserve.api.constants import (
+    K8S_LABEL_VALUE_PATTERN,
+    MAX_LABEL_VALUE_LENGTH,
+    MAX_REPLICAS,
+    MAX_REQUEST_RATE,
+    MAX_TOKENS_PER_REQUEST,
+    MIN_REQUEST_RATE,
+    QUALIFIED_NAME_PATTERN,
+)
+from disaggserve.contract import MAX_SPECULATIVE_TOKENS
 
 # A Kubernetes label value (what GPU feature discovery writes to nvidia.com/gpu.product),
 # e.g. NVIDIA-H100-80GB-HBM3. Spaces or slashes mean the product name was copied from
@@ -77,11 +88,17 @@ class ModelFacts(ApiModel):
 class ModelSpec(ApiModel):
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="Name clients send in the OpenAI `model` field.")
     source: ModelSource
-    max_model_len: int | None = Field(None, ge=16, le=1_048_576, description="Longest prompt + completion, in tokens.")
+    max_model_len: int | None = Field(
+        None, ge=16, le=MAX_TOKENS_PER_REQUEST, description="Longest prompt + completion, in tokens."
+    )
     facts: ModelFacts | None = None
 
 
 class Slo(ApiModel):
+    """The latency targets: the one SLO type, read by the planner's search as well (hashable)."""
+
+    model_config = ConfigDict(frozen=True)
+
     cel_rules = (
         CelRule(
             "self.attainment > 0.0 && self.attainment <= 1.0",
@@ -95,19 +112,39 @@ class Slo(ApiModel):
 
 
 class Workload(ApiModel):
-    request_rate: float = Field(gt=0, le=100_000, description="Expected requests per second.")
-    input_tokens: int = Field(ge=1, le=1_048_576, description="Mean prompt length.")
-    output_tokens: int = Field(ge=1, le=1_048_576, description="Mean completion length.")
+    request_rate: float = Field(
+        ge=MIN_REQUEST_RATE,
+        le=MAX_REQUEST_RATE,
+        description=f"Expected requests per second, {MIN_REQUEST_RATE:g} to {MAX_REQUEST_RATE:g}.",
+    )
+    input_tokens: int = Field(ge=1, le=MAX_TOKENS_PER_REQUEST, description="Mean prompt length.")
+    output_tokens: int = Field(ge=1, le=MAX_TOKENS_PER_REQUEST, description="Mean completion length.")
     distribution: Literal["fixed", "lognormal"] = "fixed"
     sigma: float = Field(0.5, gt=0, le=4, description="Log-space spread for lognormal lengths.")
 
 
+LabelValue = Annotated[str, Field(pattern=K8S_LABEL_VALUE_PATTERN, max_length=MAX_LABEL_VALUE_LENGTH)]
+
+
 class Toleration(ApiModel):
-    key: str | None = None
+    """A pod toleration, with the key and value syntax the API server checks on pods."""
+
+    cel_rules = (
+        CelRule(
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "a toleration with operator Exists matches any value: leave value empty",
+        ),
+        CelRule(
+            "has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+            "a toleration without a key must use operator Exists (it then tolerates every taint)",
+        ),
+    )
+
+    key: str | None = Field(None, pattern=QUALIFIED_NAME_PATTERN, max_length=317)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: int | None = Field(None, ge=0, le=31_536_000)
 
 
 class WorkerResources(ApiModel):
@@ -135,9 +172,23 @@ class Hardware(ApiModel):
     cross_node_gbps: float | None = Field(
         None, gt=0, description="Bandwidth between nodes when nodes do not carry the label."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     worker_resources: WorkerResources | None = None
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        # Checked by the operator, not by CEL: a rule over map keys of unbounded length would
+        # exceed the API server's CEL cost budget. Values are checked by the schema.
+        for key in value:
+            if len(key) > 317 or not re.match(QUALIFIED_NAME_PATTERN, key):
+                raise ValueError(
+                    f"hardware.nodeSelector key {key!r} is not a label key: an optional DNS prefix and '/', "
+                    "then up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
+                    "(e.g. node.kubernetes.io/instance-type)"
+                )
+        return value
 
 
 class PhaseParallelism(ApiModel):
@@ -148,7 +199,7 @@ class PhaseParallelism(ApiModel):
     tensor: Tensor = 1
     pipeline: int = Field(1, ge=1, le=64)
     replicas: int | None = Field(
-        None, ge=0, le=1000, description="Instances of this phase; absent: chosen by the planner."
+        None, ge=0, le=MAX_REPLICAS, description="Instances of this phase; absent: chosen by the planner."
     )
 
 
@@ -158,8 +209,8 @@ class Parallelism(ApiModel):
 
 
 class PhaseBounds(ApiModel):
-    prefill: int = Field(ge=0, le=1000)
-    decode: int = Field(ge=0, le=1000)
+    prefill: int = Field(ge=0, le=MAX_REPLICAS)
+    decode: int = Field(ge=0, le=MAX_REPLICAS)
 
 
 class MetricsSource(ApiModel):
@@ -168,21 +219,33 @@ class MetricsSource(ApiModel):
 
 
 class Autoscaling(ApiModel):
+    # Guarded by has(): when a bound is missing the schema's own "Required value" error says so,
+    # instead of this rule failing too with a message about an order the user never wrote.
     cel_rules = (
         CelRule(
-            "self.minReplicas.prefill <= self.maxReplicas.prefill",
+            "!has(self.minReplicas) || !has(self.maxReplicas) || !has(self.minReplicas.prefill) || "
+            "!has(self.maxReplicas.prefill) || self.minReplicas.prefill <= self.maxReplicas.prefill",
             "autoscaling.minReplicas.prefill must not exceed autoscaling.maxReplicas.prefill",
         ),
         CelRule(
-            "self.minReplicas.decode <= self.maxReplicas.decode",
+            "!has(self.minReplicas) || !has(self.maxReplicas) || !has(self.minReplicas.decode) || "
+            "!has(self.maxReplicas.decode) || self.minReplicas.decode <= self.maxReplicas.decode",
             "autoscaling.minReplicas.decode must not exceed autoscaling.maxReplicas.decode",
         ),
     )
 
     enabled: bool = False
     interval_seconds: int = Field(30, ge=5, le=3600)
-    min_replicas: PhaseBounds = Field(default_factory=lambda: PhaseBounds(prefill=1, decode=1))
-    max_replicas: PhaseBounds = Field(default_factory=lambda: PhaseBounds(prefill=16, decode=16))
+    # The defaults are also written into the CRD (json_schema_extra), so the API server fills
+    # them in: `autoscaling: {enabled: true}` alone is valid, as the pydantic model says.
+    min_replicas: PhaseBounds = Field(
+        default_factory=lambda: PhaseBounds(prefill=1, decode=1),
+        json_schema_extra={"default": {"prefill": 1, "decode": 1}},
+    )
+    max_replicas: PhaseBounds = Field(
+        default_factory=lambda: PhaseBounds(prefill=16, decode=16),
+        json_schema_extra={"default": {"prefill": 16, "decode": 16}},
+    )
     max_gpus: int | None = Field(None, ge=1, le=100_000)
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=86_400)
     metrics: MetricsSource = Field(default_factory=MetricsSource)
@@ -199,7 +262,9 @@ class Speculation(ApiModel):
 
     mode: Literal["off", "fixed", "adaptive"] = "off"
     proposer: Literal["ngram", "draft"] = "ngram"
-    max_tokens: int = Field(4, ge=1, le=16)
+    num_speculative_tokens: int = Field(
+        4, ge=1, le=MAX_SPECULATIVE_TOKENS,
+        description="Most tokens proposed per step (vLLM's speculative-config num_speculative_tokens).")
     ngram_min: int = Field(1, ge=1, le=16)
     ngram_max: int = Field(3, ge=1, le=16)
     draft_model: ModelSource | None = None

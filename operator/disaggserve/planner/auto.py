@@ -35,6 +35,8 @@ from disaggserve.topology import choose_placement
 
 # Colocated shapes (best per-GPU first) sized as whole deployments before the choice.
 COLOCATED_TOP = 3
+# Replicas of one colocated engine simulated to stand for many (`plan --plot`'s baseline curve).
+BASELINE_SIMULATED_INSTANCES = 4
 # Candidates are sized as whole deployments (pooling across instances makes a deployment carry
 # more than the sum of its parts) in order of a lower bound on the GPUs they could need — the
 # count at their goodput inflated by POOLING_SLACK — until the next bound exceeds the best

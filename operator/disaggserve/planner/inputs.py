@@ -27,7 +27,7 @@ from disaggserve.planner.profile import (
     load_profile_input,
 )
 from disaggserve.planner.roofline import ESTIMATED_SOURCE, estimated_profile, is_estimated
-from disaggserve.planner.search import TENSOR_SIZES, HardwareView, Searcher, Slo, shared_goodputs
+from disaggserve.planner.search import TENSOR_SIZES, HardwareView, Searcher, shared_goodputs
 from disaggserve.planner.simulator import DEFAULT_MAX_BATCH
 from disaggserve.planner.workload import (
     DEFAULT_REQUESTS,
@@ -193,7 +193,7 @@ def build_search(
     facts = resolve_facts(spec, prof)
     topo = resolve_topology(spec, nodes, used_gpus)
     work = workload_model(spec, rate, lengths)
-    slo = Slo(spec.slo.ttft_ms, spec.slo.tpot_ms, spec.slo.attainment)
+    slo = spec.slo
     hw = HardwareView(topo.gpus_per_node, topo.gpu_memory_bytes, topo.intra_gbps, topo.cross_gbps)
     memo = shared_goodputs((prof.model_dump_json(), facts, work.input, work.output, seed, requests, slo, hw))
     searcher = Searcher(

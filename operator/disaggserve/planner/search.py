@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from disaggserve.api.spec import Slo  # the one SLO type (spec.slo), read by the search
 from disaggserve.planner.facts import Facts
 from disaggserve.planner.goodput import max_rate
 from disaggserve.planner.profile import LatencyProfile, PhaseLatency, phase_latency
@@ -73,13 +74,6 @@ def clear_shared_goodputs() -> None:
     """Forget every memoised goodput (benchmarks of cold searches)."""
     with _shared_lock:
         _shared.clear()
-
-
-@dataclass(frozen=True)
-class Slo:
-    ttft_ms: float
-    tpot_ms: float
-    attainment: float
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.resources.configmap import build_plan_configmap
-from disaggserve.resources.names import MAX_NAME_LENGTH
+from disaggserve.resources.names import name_problem
 from disaggserve.resources.policy import build_pdb
 from disaggserve.resources.router import router_objects
 from disaggserve.resources.workers import worker_objects
@@ -39,11 +39,8 @@ class Owner:
 def build_children(
     owner: Owner, spec: DisaggServeSpec, plan: Plan, profile: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    if len(owner.name) > MAX_NAME_LENGTH:
-        raise RenderError(
-            f"metadata.name {owner.name!r} is {len(owner.name)} characters; at most {MAX_NAME_LENGTH} fit the "
-            "names of the pods it creates. Choose a shorter name."
-        )
+    if problem := name_problem(owner.name):
+        raise RenderError(problem)
     if plan.placement == "low-affinity" and any(plan.phase(p).replicas % plan.units for p in ("prefill", "decode")):
         raise RenderError(f"plan has {plan.units} units but replicas that do not divide evenly among them")
     name, ns = owner.name, owner.namespace

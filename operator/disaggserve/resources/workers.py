@@ -31,7 +31,7 @@ def _speculation_args(spec: DisaggServeSpec) -> dict[str, str | int]:
     args: dict[str, str | int] = {
         "mode": s.mode,
         "proposer": s.proposer,
-        "max-tokens": s.max_tokens,
+        "num-speculative-tokens": s.num_speculative_tokens,
         "ngram-min": s.ngram_min,
         "ngram-max": s.ngram_max,
     }
@@ -99,8 +99,6 @@ def build_statefulset(
         tensor=phase_plan.tensor,
         pipeline=phase_plan.pipeline,
         device="cuda" if spec.hardware.device == "gpu" else "cpu",
-        ttft_slo_ms=spec.slo.ttft_ms,
-        tpot_slo_ms=spec.slo.tpot_ms,
         max_model_len=spec.model.max_model_len,
         speculation=_speculation_args(spec) if phase in ("decode", "colocated") else None,
     )

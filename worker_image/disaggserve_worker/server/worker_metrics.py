@@ -34,12 +34,14 @@ class WorkerMetrics:
                                   ["role"], buckets=KV_BYTES_BUCKETS, registry=r).labels(**labels)
         self.kv_seconds = Histogram("disaggserve_kv_transfer_seconds", "Duration of one KV-cache transfer.",
                                     ["role"], buckets=slo_buckets(), registry=r).labels(**labels)
+        # Fixed, SLO-independent edges: an SLO edit must not restart workers to re-bucket (the
+        # SLO arguments are accepted and ignored; the router and the autoscaler judge SLOs).
         self.prefill_seconds = Histogram(
             "disaggserve_prefill_iteration_seconds", "One prefill forward pass.", ["role"],
-            buckets=slo_buckets(ttft_slo_s), registry=r).labels(**labels)
+            buckets=slo_buckets(), registry=r).labels(**labels)
         self.decode_seconds = Histogram(
             "disaggserve_decode_iteration_seconds", "One decode step of the running batch.", ["role"],
-            buckets=slo_buckets(tpot_slo_s), registry=r).labels(**labels)
+            buckets=slo_buckets(), registry=r).labels(**labels)
         self.prompt_tokens = Counter("disaggserve_worker_prompt_tokens", "Prompt tokens prefilled.",
                                      ["role"], registry=r).labels(**labels)
         self.generation_tokens = Counter("disaggserve_worker_generation_tokens", "Tokens decoded.",
