@@ -157,7 +157,7 @@ def calibrated(doc: dict[str, Any], mode: str, unloaded: dict[str, float]) -> tu
     """The profile scaled so its unloaded prediction matches the unloaded measurement: the
     autoscaler's correction (planner/replan.py), applied before the run. On a shared machine the
     wall time of a step is its CPU time stretched by the neighbours' load."""
-    setup = build_search(spec_for(0.05, 10**6, 10**6), profile=doc, check_fit=False)
+    setup = build_search(spec_for(0.05, 600_000, 60_000), profile=doc, check_fit=False)
     if mode == "disaggregated":
         dep: Deployment | ColocatedDeployment = Deployment(Shape(1, 1), 1, Shape(1, 1), 1, 1, setup.topology.intra_gbps)
     else:
