@@ -195,7 +195,7 @@ def measured_attainment(url: str, rate: float, seconds: float, ttft_ms: float, t
     return float(summarize(results, ttft_ms / 1000, tpot_ms / 1000)["attainment"])
 
 
-def find_knee(url: str, start: float, seconds: float, ttft_ms: float, tpot_ms: float) -> tuple[float, list]:
+def find_knee(url: str, start: float, seconds: float, ttft_ms: float, tpot_ms: float) -> tuple[float | None, list]:
     """Highest rate on a x1.3 ramp whose measured attainment meets the target (down by 1.6x
     from `start` until one does, not below MIN_RAMP_RPS)."""
     ramp, rate, good = [], start, None
@@ -212,7 +212,7 @@ def find_knee(url: str, start: float, seconds: float, ttft_ms: float, tpot_ms: f
             rate /= 1.6
         else:
             break
-    return (good or rate), ramp
+    return good, ramp
 
 
 def evaluate(
@@ -237,6 +237,22 @@ def evaluate(
     seconds = 5 if quick else 10
     # the ramp, not the simulator, decides the knee (the grid must not come from the prediction)
     knee, ramp = find_knee(url, 2.0, seconds, ttft_ms, tpot_ms)
+    result: dict[str, Any] = {
+        "mode": mode,
+        "costs": costs,
+        "unloaded": unloaded,
+        "slo": {"ttft_ms": round(ttft_ms, 2), "tpot_ms": round(tpot_ms, 2)},
+        "correction": factors,
+        "knee_rps": None if knee is None else round(knee, 3),
+        "ramp": ramp,
+        "rows": [],
+    }
+    if knee is None:
+        result["error"] = (
+            f"no rate down to {MIN_RAMP_RPS} rps met {TARGET:.0%} attainment of SLOs set at 3x/2x the unloaded "
+            "latency minutes earlier: the machine's load changed faster than one run (see load averages)"
+        )
+        return result
     fractions = [0.2, 0.6, 1.0, 1.2] if quick else [0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
     repeats = 3
     rows = []
@@ -270,16 +286,8 @@ def evaluate(
             f"(uncorrected {p_costs:.2f}, without overheads {p_old:.2f})",
             flush=True,
         )
-    return {
-        "mode": mode,
-        "costs": costs,
-        "unloaded": unloaded,
-        "slo": {"ttft_ms": round(ttft_ms, 2), "tpot_ms": round(tpot_ms, 2)},
-        "correction": factors,
-        "knee_rps": round(knee, 3),
-        "ramp": ramp,
-        "rows": rows,
-    }
+    result["rows"] = rows
+    return result
 
 
 def main() -> None:

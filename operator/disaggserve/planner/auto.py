@@ -29,7 +29,15 @@ from disaggserve.planner.deployment import (
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.explain import explain_no_shape, explain_unreachable
 from disaggserve.planner.inputs import build_search
-from disaggserve.planner.search import POOLING_SLACK, PhaseChoice, Searcher, SearchStats, Shape
+from disaggserve.planner.search import (
+    POOLING_SLACK,
+    UNIT_POOLING_SLACK,
+    PhaseChoice,
+    Searcher,
+    SearchStats,
+    Shape,
+    UnitChoice,
+)
 from disaggserve.planner.workload import DEFAULT_REQUESTS, DEFAULT_SEED, LengthDistribution
 from disaggserve.topology import choose_placement
 
@@ -41,8 +49,8 @@ BASELINE_SIMULATED_INSTANCES = 4
 # more than the sum of its parts) in order of a lower bound on the GPUs they could need — the
 # count at their goodput inflated by POOLING_SLACK — until the next bound exceeds the best
 # deployment sized so far (branch and bound: nothing skipped could have been smaller), at
-# most MAX_SIZED of them (planning time).
-MAX_SIZED = 24
+# most MAX_SIZED of them (planning time; high-affinity pairs are costlier to size and pool less).
+MAX_SIZED = {"high-affinity": 8, "low-affinity": 24}
 
 
 @dataclass
@@ -118,7 +126,7 @@ def _disaggregated(
         sized = []
         best = math.inf
         for p, d in pairs:
-            if not exhaustive and (bound((p, d)) > best or len(sized) >= MAX_SIZED):
+            if not exhaustive and (bound((p, d)) > best or len(sized) >= MAX_SIZED["high-affinity"]):
                 break
             dep, needed = size_high(s, p, d, target, free, max_gpus, gbps)
             if dep.prefill_count and dep.decode_count:
@@ -143,8 +151,12 @@ def _disaggregated(
         )
     sized = []
     best = math.inf
-    for u in sorted(units, key=lambda u: _fewest_gpus(target, u.goodput, u.gpus)):
-        if not exhaustive and (_fewest_gpus(target, u.goodput, u.gpus) > best or len(sized) >= MAX_SIZED):
+
+    def unit_bound(u: UnitChoice) -> float:
+        return _fewest_gpus(target, u.goodput, u.gpus, UNIT_POOLING_SLACK)
+
+    for u in sorted(units, key=unit_bound):
+        if not exhaustive and (unit_bound(u) > best or len(sized) >= MAX_SIZED["low-affinity"]):
             break
         dep, needed = size_low(s, u, target, free, max_gpus, gbps)
         if dep.units:
@@ -158,9 +170,9 @@ def _disaggregated(
     return Candidate(placement, dep, needed, choice_text, alternatives)
 
 
-def _fewest_gpus(target: float, goodput: float, gpus: int) -> float:
+def _fewest_gpus(target: float, goodput: float, gpus: int, slack: float = POOLING_SLACK) -> float:
     """A lower bound on the GPUs copies of a configuration need for the target, pooling included."""
-    return math.ceil(target / (goodput * POOLING_SLACK)) * gpus if goodput > 0 else math.inf
+    return math.ceil(target / (goodput * slack)) * gpus if goodput > 0 else math.inf
 
 
 def _no_capacity(s: Searcher, free: list[int] | None, max_gpus: int | None) -> PlanningError:

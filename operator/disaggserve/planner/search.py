@@ -39,9 +39,11 @@ from disaggserve.planner.workload import DEFAULT_REQUESTS, RequestSample
 TENSOR_SIZES = (1, 2, 4, 8)
 # Several instances of a phase behind least-loaded dispatch can beat the sum of their single
 # goodputs (pooled queues); bounds are inflated by this much so pruning never drops a winner.
-# Measured (bench/planner.py, OPT-13B low affinity): 4 pooled units carried 1.65x their single
-# goodput each; at 1.3 the pruned search missed deployments up to 17 % smaller than exhaustive.
-POOLING_SLACK = 1.7
+POOLING_SLACK = 1.3
+# Low-affinity units pool more (prefill queues across units): measured in bench/planner.py on
+# OPT-13B, 4 pooled units carried 1.65x their single goodput each; at 1.3 the pruned search
+# missed deployments up to 17 % smaller than exhaustive search.
+UNIT_POOLING_SLACK = 1.7
 # Each simulated run spans this many request lifetimes (TTFT SLO + output × TPOT SLO) of
 # arrivals, so that queues reach steady state even at high rates; the first WARMUP share of
 # requests is not counted.
@@ -427,7 +429,7 @@ class Searcher:
             if p not in p_ok or d not in d_ok:
                 self.stats.pruned_zero_load += 1
                 continue
-            cap = min(n_p * self.prefill_goodput(p), n_d * self.decode_goodput(d, gbps)) * POOLING_SLACK
+            cap = min(n_p * self.prefill_goodput(p), n_d * self.decode_goodput(d, gbps)) * UNIT_POOLING_SLACK
             gpus = n_p * p.gpus + n_d * d.gpus
             bounded.append(((self.gpus_for(cap, gpus), -cap / gpus), (p, n_p, d, n_d)))
         bounded.sort(key=lambda x: x[0])
