@@ -354,6 +354,17 @@ class DisaggServeSpec(ApiModel):
             "set spec.parallelism.*.tensor and .pipeline to 1 and scale with replicas, or run on GPUs "
             "(hardware.device: gpu)",
         ),
+        CelRule(
+            "!has(self.parallelism) || !has(self.placement) || self.placement != 'colocated'",
+            "placement colocated is planned automatically: remove spec.parallelism, or keep it with "
+            "placement high-affinity or low-affinity",
+        ),
+        CelRule(
+            "!has(self.placement) || self.placement != 'colocated' || !has(self.autoscaling) || "
+            "!has(self.autoscaling.enabled) || !self.autoscaling.enabled",
+            "placement colocated cannot be autoscaled yet (the autoscaler scales prefill and decode "
+            "replicas): set autoscaling.enabled false, or use placement auto",
+        ),
     )
 
     model: ModelSpec
@@ -361,7 +372,12 @@ class DisaggServeSpec(ApiModel):
     workload: Workload
     hardware: Hardware = Field(default_factory=lambda: Hardware(device="cpu"))
     parallelism: Parallelism | None = None
-    placement: Literal["auto", "high-affinity", "low-affinity"] = "auto"
+    placement: Literal["auto", "high-affinity", "low-affinity", "colocated"] = Field(
+        "auto",
+        description="auto: the planner chooses disaggregated (high- or low-affinity, by the cross-node "
+        "bandwidth) or colocated, whichever carries the workload on fewer GPUs; colocated: instances "
+        "that run both phases behind the same router (no KV transfer).",
+    )
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     speculation: Speculation = Field(default_factory=Speculation)
     profile: ProfileRef | None = None

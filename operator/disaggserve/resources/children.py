@@ -59,8 +59,7 @@ def build_children(
         *security_objects(name, ns, worker_token or new_token(), access or NetworkAccess()),
         build_plan_configmap(name, ns, plan, profile),
         *worker_objects(spec, plan, name, ns),
-        build_pdb(name, ns, "prefill"),
-        build_pdb(name, ns, "decode"),
+        *(build_pdb(name, ns, role) for role in plan.roles),
         *router_objects(spec, name, ns),
     ]
     if spec.gateway is not None:
