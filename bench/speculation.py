@@ -39,9 +39,9 @@ from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream
 from disaggserve_worker.model.loader import LoadedModel, load_model
-from disaggserve_worker.spec.config import SpeculationConfig
-from disaggserve_worker.spec.ngram import NgramProposer
-from disaggserve_worker.spec.speculator import Speculator
+from disaggserve_worker.speculation.config import SpeculationConfig
+from disaggserve_worker.speculation.ngram import NgramProposer
+from disaggserve_worker.speculation.speculator import Speculator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import percentile
@@ -55,7 +55,7 @@ KV_TOKENS = 65_536
 def engine_for(model: LoadedModel, config: str) -> tuple[Engine, Speculator | None]:
     spec = None
     if config != "off":
-        settings = SpeculationConfig(mode=config, proposer="ngram", max_tokens=MAX_K)  # type: ignore[arg-type]
+        settings = SpeculationConfig(mode=config, proposer="ngram", num_speculative_tokens=MAX_K)  # type: ignore[arg-type]
         spec = Speculator(settings, model.model)
     engine = Engine(model.model, model.tokenizer, model.eos_token_ids,
                     EngineConfig(role="colocated", kv_cache_tokens=KV_TOKENS, max_model_len=4096),

@@ -14,7 +14,7 @@ from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream
 from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, TransferStats, layout_of, pool_sink
 from disaggserve_worker.model.loader import LoadedModel
-from disaggserve_worker.spec.speculator import Speculator
+from disaggserve_worker.speculation.speculator import Speculator
 
 Requests = list[tuple[list[int], SamplingParams]]
 

@@ -26,6 +26,8 @@ SHARED = [
     "ENV_POD_IP",
     "ENV_NAMESPACE",
     "ENV_UNIT",
+    "ENV_WORKER_TOKEN",
+    "HEADER_WORKER_TOKEN",
     "PATH_HEALTH",
     "PATH_READY",
     "PATH_METRICS",
@@ -41,6 +43,7 @@ SHARED = [
     "METRIC_GENERATION_TOKENS",
     "METRIC_SLO_MET",
     "ROLES",
+    "MAX_SPECULATIVE_TOKENS",
 ]
 
 
@@ -58,7 +61,7 @@ def bodies():
     keyed["spec"]["router"] = {"apiKeySecretRef": {"name": "k"}}
     keyed["spec"]["model"]["maxModelLen"] = 2048
     ngram = copy.deepcopy(cpu)
-    ngram["spec"]["speculation"] = {"mode": "adaptive", "proposer": "ngram", "maxTokens": 6}
+    ngram["spec"]["speculation"] = {"mode": "adaptive", "proposer": "ngram", "numSpeculativeTokens": 6}
     draft = copy.deepcopy(cpu)
     draft["spec"]["speculation"] = {"mode": "fixed", "proposer": "draft", "draftModel": {"builtin": "tiny-llama-draft"}}
     return {"cpu": cpu, "gpu-low": gpu, "gpu-high": high, "api-key": keyed, "spec-ngram": ngram, "spec-draft": draft}

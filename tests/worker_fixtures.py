@@ -1,6 +1,6 @@
 """Fixtures shared by the worker and speculation tests: tiny models loaded once, one CPU thread.
 
-Imported by tests/worker/conftest.py and tests/spec/conftest.py (pytest finds fixtures a
+Imported by tests/worker/conftest.py and tests/speculation/conftest.py (pytest finds fixtures a
 conftest imports).
 """
 

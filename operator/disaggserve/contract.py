@@ -11,6 +11,10 @@ ROUTER_PORT = 8000
 WORKER_PORT = 8100
 KV_PORT = 8101
 
+# Most tokens speculation may propose per step (acceptance decays geometrically, so longer
+# proposals only cost verification work); the CRD, the worker flag and its config share it.
+MAX_SPECULATIVE_TOKENS = 16
+
 WORKER_BINARY = "disaggserve-worker"
 
 # Identity of a pod, injected through the downward API (or by the local node agent).
@@ -18,6 +22,10 @@ ENV_POD_NAME = "DISAGGSERVE_POD_NAME"
 ENV_POD_IP = "DISAGGSERVE_POD_IP"
 ENV_NAMESPACE = "DISAGGSERVE_NAMESPACE"
 ENV_UNIT = "DISAGGSERVE_UNIT"
+# The per-DisaggServe shared secret (Secret `<name>-worker-token`, key `token`): every worker
+# endpoint but the probes and /metrics wants it in the header below.
+ENV_WORKER_TOKEN = "DISAGGSERVE_WORKER_TOKEN"
+HEADER_WORKER_TOKEN = "X-DisaggServe-Token"
 
 # HTTP paths every worker and the router serve.
 PATH_HEALTH = "/healthz"

@@ -18,7 +18,7 @@ RENDERED = ["serve", "--role", "decode", "--model", "builtin:tiny-llama", "--mod
             "--host", "0.0.0.0", "--port", str(contract.WORKER_PORT), "--kv-port", str(contract.KV_PORT),
             "--tensor-parallel", "1", "--pipeline-parallel", "1", "--device", "auto",
             "--ttft-slo-ms", "250", "--tpot-slo-ms", "100", "--max-model-len", "2048",
-            "--speculation-mode", "off", "--speculation-proposer", "ngram", "--speculation-max-tokens", "4",
+            "--speculation-mode", "off", "--speculation-proposer", "ngram", "--speculation-num-speculative-tokens", "4",
             "--speculation-ngram-min", "1", "--speculation-ngram-max", "3"]
 
 
@@ -51,7 +51,7 @@ def test_operator_rendered_tensor_sizes_are_accepted_on_gpus(tensor: int) -> Non
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--role", "prefill", "--speculation-mode", "adaptive"], "a prefill worker does none"),
     (["--speculation-mode", "fixed", "--speculation-proposer", "draft"], "needs --speculation-draft-model"),
-    (["--speculation-max-tokens", "17"], "at most 16"),
+    (["--speculation-num-speculative-tokens", "17"], "at most 16"),
     (["--tensor-parallel", "2", "--device", "cpu"], "with --device cpu use --tensor-parallel 1"),
     (["--tensor-parallel", "3"], "must be one of 1, 2, 4, 8"),
     (["--tensor-parallel", "16"], "a power of two no larger than 8"),

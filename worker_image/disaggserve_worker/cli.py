@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from disaggserve_worker import contract
+from disaggserve_worker.contract import MAX_SPECULATIVE_TOKENS
 
 log = logging.getLogger("disaggserve_worker")
 
@@ -68,7 +69,7 @@ def _tensor_sizes(value: str) -> list[int]:
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="builtin:<tiny-llama|tiny-llama-draft|small-llama>, a checkpoint folder, "
-                             "or hf:<org/name>")
+                             "or hf:<org/name>[@revision]")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="auto: float32 on CPU, bfloat16 (or float16) on GPUs")
@@ -113,7 +114,7 @@ def _add_serve(subparsers: Any) -> None:
     p.add_argument("--max-model-len", type=_positive_int, default=None)
     p.add_argument("--speculation-mode", choices=SPECULATION_MODES, default="off")
     p.add_argument("--speculation-proposer", choices=SPECULATION_PROPOSERS, default="ngram")
-    p.add_argument("--speculation-max-tokens", type=_positive_int, default=4)
+    p.add_argument("--speculation-num-speculative-tokens", type=_positive_int, default=4)
     p.add_argument("--speculation-ngram-min", type=_positive_int, default=1)
     p.add_argument("--speculation-ngram-max", type=_positive_int, default=3)
     p.add_argument("--speculation-draft-model", default=None)
@@ -171,8 +172,9 @@ def validate_serve_args(args: argparse.Namespace) -> list[str]:
     if args.speculation_mode != "off" and args.role == "prefill":
         problems.append(f"--speculation-mode {args.speculation_mode}: speculation runs on decode steps; "
                         "a prefill worker does none, so pass it to decode or colocated workers only")
-    if args.speculation_max_tokens > 16:
-        problems.append(f"--speculation-max-tokens {args.speculation_max_tokens}: at most 16 (acceptance "
+    if args.speculation_num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+        problems.append(f"--speculation-num-speculative-tokens {args.speculation_num_speculative_tokens}: at most "
+                        f"{MAX_SPECULATIVE_TOKENS} (acceptance "
                         "of long proposals is negligible and verification cost is not)")
     if args.speculation_ngram_min > args.speculation_ngram_max:
         problems.append("--speculation-ngram-min must not exceed --speculation-ngram-max")
@@ -239,10 +241,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _speculation_config(args: argparse.Namespace) -> Any:
-    from disaggserve_worker.spec.config import SpeculationConfig
+    from disaggserve_worker.speculation.config import SpeculationConfig
 
     return SpeculationConfig(mode=args.speculation_mode, proposer=args.speculation_proposer,
-                             max_tokens=args.speculation_max_tokens, ngram_min=args.speculation_ngram_min,
+                             num_speculative_tokens=args.speculation_num_speculative_tokens,
+                              ngram_min=args.speculation_ngram_min,
                              ngram_max=args.speculation_ngram_max, draft_model=args.speculation_draft_model)
 
 
@@ -256,7 +259,7 @@ def load_draft(args: argparse.Namespace, loaded: Any) -> Any:
     if not config.enabled or config.proposer != "draft":
         return None
     from disaggserve_worker.model.loader import load_model
-    from disaggserve_worker.spec.draft import check_compatible
+    from disaggserve_worker.speculation.draft import check_compatible
 
     # The draft runs unsharded beside the target's first stage and shard, in the target's dtype.
     device = loaded.model.device
@@ -283,16 +286,16 @@ def build_speculator(args: argparse.Namespace, loaded: Any, kv_tokens: int, regi
     config = _speculation_config(args)
     if not config.enabled:
         return None
-    from disaggserve_worker.spec.draft import DraftProposer
-    from disaggserve_worker.spec.metrics import SpecMetrics
-    from disaggserve_worker.spec.speculator import Speculator
+    from disaggserve_worker.speculation.draft import DraftProposer
+    from disaggserve_worker.speculation.metrics import SpecMetrics
+    from disaggserve_worker.speculation.speculator import Speculator
 
     draft = None
     if config.proposer == "draft":
         draft_loaded = draft_loaded or load_draft(args, loaded)
         draft = DraftProposer(draft_loaded.model, kv_tokens, args.block_size)
     log.info("speculation %s with %s proposer, up to %d tokens", config.mode, config.proposer,
-             config.max_tokens)
+             config.num_speculative_tokens)
     return Speculator(config, loaded.model, draft, SpecMetrics(registry, args.role))
 
 

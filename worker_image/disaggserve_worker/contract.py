@@ -3,7 +3,11 @@
 The worker never imports the control plane; `tests/test_contract.py` checks that pods the
 operator renders start a worker that accepts their flags and environment.
 
-Internal HTTP protocol between router and workers (JSON bodies, NDJSON streams):
+Internal HTTP protocol between router and workers (JSON bodies, NDJSON streams). When
+`DISAGGSERVE_WORKER_TOKEN` is set, every endpoint below except /healthz, /readyz and /metrics
+wants it in `X-DisaggServe-Token` (else 401 `invalid_worker_token`); the prefill worker then adds
+`kv.signature` (HMAC of address and handle, `disaggserve_worker.auth.sign`) and a decode worker
+pulls only from a `kv` whose signature checks (else 403 `kv_untrusted`):
 
 - prefill worker   POST /internal/prefill   {request_id, prompt_token_ids, sampling}
     -> 200 {request_id, first_token_id, text, finish_reason|null, prompt_tokens,
@@ -46,7 +50,7 @@ disaggserve_worker_prompt_tokens_total, disaggserve_worker_generation_tokens_tot
 disaggserve_worker_requests_total{outcome} (counters); every series has a `role` label.
 
 Speculation (decode and colocated workers; a prefill worker refuses it): `--speculation-mode
-off|fixed|adaptive`, `--speculation-proposer ngram|draft`, `--speculation-max-tokens` (1-16),
+off|fixed|adaptive`, `--speculation-proposer ngram|draft`, `--speculation-num-speculative-tokens` (1-16),
 `--speculation-ngram-min/-max`, `--speculation-draft-model` (builtin:<name> or a checkpoint
 folder; same tokenizer as the target). Metrics: disaggserve_spec_proposed_tokens_total,
 disaggserve_spec_accepted_tokens_total (counters), disaggserve_spec_chosen_k (histogram, per
@@ -74,10 +78,18 @@ ROUTER_PORT = 8000
 WORKER_PORT = 8100
 KV_PORT = 8101
 
+# Most tokens speculation may propose per step (acceptance decays geometrically, so longer
+# proposals only cost verification work); the CRD, the worker flag and its config share it.
+MAX_SPECULATIVE_TOKENS = 16
+
 ENV_POD_NAME = "DISAGGSERVE_POD_NAME"
 ENV_POD_IP = "DISAGGSERVE_POD_IP"
 ENV_NAMESPACE = "DISAGGSERVE_NAMESPACE"
 ENV_UNIT = "DISAGGSERVE_UNIT"
+# The per-DisaggServe shared secret (Secret `<name>-worker-token`, key `token`): every worker
+# endpoint but the probes and /metrics wants it in the header below.
+ENV_WORKER_TOKEN = "DISAGGSERVE_WORKER_TOKEN"
+HEADER_WORKER_TOKEN = "X-DisaggServe-Token"
 
 PATH_HEALTH = "/healthz"
 PATH_READY = "/readyz"

@@ -18,7 +18,6 @@ MIN_REQUEST_RATE = 1e-3
 MAX_REQUEST_RATE = 100_000.0
 MAX_TOKENS_PER_REQUEST = 1_048_576  # prompt or completion length, and maxModelLen
 MAX_REPLICAS = 1000  # instances of one phase (spec.parallelism, autoscaling bounds)
-MAX_SPECULATIVE_TOKENS = 16  # tokens proposed per decode step (the worker's bound too)
 
 # metadata.name becomes part of Service names (DNS-1035 labels: a letter first) and of pod
 # names with a controller-revision-hash label `<name>-u999-prefill-<10 chars>` that must fit 63.

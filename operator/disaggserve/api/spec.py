@@ -17,11 +17,11 @@ from disaggserve.api.constants import (
     MAX_LABEL_VALUE_LENGTH,
     MAX_REPLICAS,
     MAX_REQUEST_RATE,
-    MAX_SPECULATIVE_TOKENS,
     MAX_TOKENS_PER_REQUEST,
     MIN_REQUEST_RATE,
     QUALIFIED_NAME_PATTERN,
 )
+from disaggserve.contract import MAX_SPECULATIVE_TOKENS
 
 # A Kubernetes label value (what GPU feature discovery writes to nvidia.com/gpu.product),
 # e.g. NVIDIA-H100-80GB-HBM3. Spaces or slashes mean the product name was copied from
@@ -44,6 +44,7 @@ class ModelSource(ApiModel):
             "model source: set exactly one of builtin, path or hf",
         ),
         CelRule("!has(self.pvc) || has(self.path)", "model source: pvc is the volume that holds `path`; set path too"),
+        CelRule("!has(self.revision) || has(self.hf)", "model source: revision pins an hf repository; set hf too"),
     )
 
     builtin: Literal[BUILTIN_MODELS] | None = Field(  # type: ignore[valid-type]
@@ -64,14 +65,20 @@ class ModelSource(ApiModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$",
         description="Hugging Face repository id (org/name), downloaded by the worker.",
     )
+    revision: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
+        description="The hf revision to download: a commit hash (pins the exact files every worker "
+        "gets), or a tag or branch. Without it each worker fetches the repository's current main.",
+    )
 
     def worker_arg(self) -> str:
-        """The `--model` value of the worker contract."""
+        """The `--model` value of the worker contract (`hf:org/name@revision` when pinned)."""
         if self.builtin:
             return f"builtin:{self.builtin}"
         if self.path:
             return self.path
-        return f"hf:{self.hf}"
+        return f"hf:{self.hf}@{self.revision}" if self.revision else f"hf:{self.hf}"
 
 
 class ModelFacts(ApiModel):
@@ -219,21 +226,33 @@ class MetricsSource(ApiModel):
 
 
 class Autoscaling(ApiModel):
+    # Guarded by has(): when a bound is missing the schema's own "Required value" error says so,
+    # instead of this rule failing too with a message about an order the user never wrote.
     cel_rules = (
         CelRule(
-            "self.minReplicas.prefill <= self.maxReplicas.prefill",
+            "!has(self.minReplicas) || !has(self.maxReplicas) || !has(self.minReplicas.prefill) || "
+            "!has(self.maxReplicas.prefill) || self.minReplicas.prefill <= self.maxReplicas.prefill",
             "autoscaling.minReplicas.prefill must not exceed autoscaling.maxReplicas.prefill",
         ),
         CelRule(
-            "self.minReplicas.decode <= self.maxReplicas.decode",
+            "!has(self.minReplicas) || !has(self.maxReplicas) || !has(self.minReplicas.decode) || "
+            "!has(self.maxReplicas.decode) || self.minReplicas.decode <= self.maxReplicas.decode",
             "autoscaling.minReplicas.decode must not exceed autoscaling.maxReplicas.decode",
         ),
     )
 
     enabled: bool = False
     interval_seconds: int = Field(30, ge=5, le=3600)
-    min_replicas: PhaseBounds = Field(default_factory=lambda: PhaseBounds(prefill=1, decode=1))
-    max_replicas: PhaseBounds = Field(default_factory=lambda: PhaseBounds(prefill=16, decode=16))
+    # The defaults are also written into the CRD (json_schema_extra), so the API server fills
+    # them in: `autoscaling: {enabled: true}` alone is valid, as the pydantic model says.
+    min_replicas: PhaseBounds = Field(
+        default_factory=lambda: PhaseBounds(prefill=1, decode=1),
+        json_schema_extra={"default": {"prefill": 1, "decode": 1}},
+    )
+    max_replicas: PhaseBounds = Field(
+        default_factory=lambda: PhaseBounds(prefill=16, decode=16),
+        json_schema_extra={"default": {"prefill": 16, "decode": 16}},
+    )
     max_gpus: int | None = Field(None, ge=1, le=100_000)
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=86_400)
     metrics: MetricsSource = Field(default_factory=MetricsSource)
@@ -250,7 +269,9 @@ class Speculation(ApiModel):
 
     mode: Literal["off", "fixed", "adaptive"] = "off"
     proposer: Literal["ngram", "draft"] = "ngram"
-    max_tokens: int = Field(4, ge=1, le=MAX_SPECULATIVE_TOKENS)
+    num_speculative_tokens: int = Field(
+        4, ge=1, le=MAX_SPECULATIVE_TOKENS,
+        description="Most tokens proposed per step (vLLM's speculative-config num_speculative_tokens).")
     ngram_min: int = Field(1, ge=1, le=16)
     ngram_max: int = Field(3, ge=1, le=16)
     draft_model: ModelSource | None = None
@@ -276,11 +297,16 @@ class ProfileRef(ApiModel):
 class Image(ApiModel):
     repository: str = Field("ghcr.io/disaggserve/worker", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
     tag: str = Field("0.1.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+    digest: str | None = Field(
+        None,
+        pattern=r"^sha256:[a-f0-9]{64}$",
+        description="Pin the image by content (sha256:<64 hex>); when set it is used instead of the tag.",
+    )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
     @property
     def reference(self) -> str:
-        return f"{self.repository}:{self.tag}"
+        return f"{self.repository}@{self.digest}" if self.digest else f"{self.repository}:{self.tag}"
 
 
 class Router(ApiModel):

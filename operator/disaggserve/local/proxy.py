@@ -38,6 +38,7 @@ class ServiceProxy:
         self._servers: dict[tuple[str, str, int], asyncio.AbstractServer] = {}
         self._backends: dict[tuple[str, str, int], list[tuple[str, int]]] = {}
         self._turn = itertools.count()
+        self._published: list[asyncio.AbstractServer] = []
 
     async def sync(self, pods: list[dict[str, Any]]) -> None:
         services = [s for s in await self.kube.list("v1", "Service") if s["spec"].get("clusterIP") != "None"]
@@ -75,6 +76,13 @@ class ServiceProxy:
             self._servers.pop(skey).close()
             self._backends.pop(skey, None)
 
+    async def expose(self, namespace: str, name: str, port: int, host: str, host_port: int) -> None:
+        """Forward host:host_port to a Service's port, like kind's port mappings or
+        `kubectl port-forward svc/NAME`: one fixed address that outlives the Service's cluster IP."""
+        key = (namespace, name, port)
+        self._published.append(await asyncio.start_server(lambda r, w: self._forward(key, r, w), host, host_port))
+        log.info("service %s/%s:%s is published on %s:%s", namespace, name, port, host, host_port)
+
     async def _forward(
         self, key: tuple[str, str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -105,6 +113,7 @@ class ServiceProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     async def close(self) -> None:
-        for server in self._servers.values():
+        for server in [*self._servers.values(), *self._published]:
             server.close()
         self._servers.clear()
+        self._published.clear()

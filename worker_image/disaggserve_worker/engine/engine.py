@@ -35,7 +35,7 @@ from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
-    from disaggserve_worker.spec.speculator import Speculator
+    from disaggserve_worker.speculation.speculator import Speculator
 
 log = logging.getLogger(__name__)
 

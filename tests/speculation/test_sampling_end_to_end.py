@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 import torch
 from chi_square import chi_square, critical_value
-from spec_harness import make_engine, make_speculator, record_steps
+from speculation_harness import make_engine, make_speculator, record_steps
 
 from disaggserve_worker.engine.sampling import SamplingParams, filter_logits
 from disaggserve_worker.model.loader import LoadedModel

@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 
 import pytest
-from spec_harness import make_engine, make_speculator, record_steps
+from speculation_harness import make_engine, make_speculator, record_steps
 
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel

@@ -13,10 +13,10 @@ from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.model.loader import LoadedModel
 from disaggserve_worker.server.app import ServerConfig, WorkerServer
 from disaggserve_worker.server.worker_metrics import WorkerMetrics
-from disaggserve_worker.spec.draft import check_compatible
+from disaggserve_worker.speculation.draft import check_compatible
 
 FLAGS = ["serve", "--role", "colocated", "--model", "builtin:tiny-llama", "--device", "cpu",
-         "--speculation-mode", "adaptive", "--speculation-max-tokens", "4"]
+         "--speculation-mode", "adaptive", "--speculation-num-speculative-tokens", "4"]
 
 
 def _metric(text: str, name: str) -> float:
@@ -86,8 +86,8 @@ def test_a_missing_draft_checkpoint_is_reported(tiny: LoadedModel) -> None:
 
 
 @pytest.mark.parametrize("speculation", [
-    {"mode": "adaptive", "proposer": "ngram", "max-tokens": 8, "ngram-min": 1, "ngram-max": 4},
-    {"mode": "fixed", "proposer": "draft", "max-tokens": 4, "draft-model": "builtin:tiny-llama-draft"},
+    {"mode": "adaptive", "proposer": "ngram", "num-speculative-tokens": 8, "ngram-min": 1, "ngram-max": 4},
+    {"mode": "fixed", "proposer": "draft", "num-speculative-tokens": 4, "draft-model": "builtin:tiny-llama-draft"},
 ])
 def test_operator_rendered_speculation_flags_are_accepted_on_decode(
         tiny: LoadedModel, speculation: dict[str, str | int]) -> None:
@@ -99,8 +99,8 @@ def test_operator_rendered_speculation_flags_are_accepted_on_decode(
     assert validate_serve_args(args) == []
     speculator = build_speculator(args, tiny, 4096, WorkerMetrics("decode", dict, None, None).registry)
     assert speculator is not None
-    assert (speculator.config.mode, speculator.config.max_tokens) == (speculation["mode"],
-                                                                      speculation["max-tokens"])
+    assert (speculator.config.mode, speculator.config.num_speculative_tokens) == (speculation["mode"],
+                                                                      speculation["num-speculative-tokens"])
 
 
 def test_the_draft_cache_counts_in_kv_sizing(tiny: LoadedModel) -> None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 from disaggserve_worker.engine.engine import Engine
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel
-from disaggserve_worker.spec.config import SpeculationConfig
-from disaggserve_worker.spec.draft import DraftProposer
-from disaggserve_worker.spec.speculator import Speculator, StepReport
+from disaggserve_worker.speculation.config import SpeculationConfig
+from disaggserve_worker.speculation.draft import DraftProposer
+from disaggserve_worker.speculation.speculator import Speculator, StepReport
 from engine_harness import run_requests, start_engine
 
 
 def make_speculator(tiny: LoadedModel, draft: LoadedModel | None, mode: str, proposer: str,
-                    max_tokens: int = 4, kv: int = 4096) -> Speculator:
-    config = SpeculationConfig(mode=mode, proposer=proposer, max_tokens=max_tokens,  # type: ignore[arg-type]
+                    num_speculative_tokens: int = 4, kv: int = 4096) -> Speculator:
+    config = SpeculationConfig(mode=mode, proposer=proposer, num_speculative_tokens=num_speculative_tokens,  # type: ignore[arg-type]
                                draft_model="builtin:test" if proposer == "draft" else None)
     proposer_model = DraftProposer(draft.model, kv, 16) if proposer == "draft" and draft else None
     return Speculator(config, tiny.model, proposer_model)
@@ -42,7 +42,7 @@ def make_engine(tiny: LoadedModel, speculator: Speculator | None, role: str = "c
 def ngram_acceptance(prompt: list[int], continuation: list[int], k: int = 4, n_min: int = 1,
                      n_max: int = 3) -> float:
     """Share of n-gram proposals a greedy target would accept on this known continuation."""
-    from disaggserve_worker.spec.ngram import NgramProposer
+    from disaggserve_worker.speculation.ngram import NgramProposer
 
     proposer, history, i, proposed, accepted = NgramProposer(n_min, n_max), list(prompt), 0, 0, 0
     while i < len(continuation):

@@ -28,13 +28,13 @@ from disaggserve_worker.engine.sampling import SamplingParams, filter_logits
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.kv_pool import KVPool
 from disaggserve_worker.model.llama import LlamaForCausalLM
-from disaggserve_worker.spec.config import SpeculationConfig
-from disaggserve_worker.spec.controller import Acceptance, GoodputController
-from disaggserve_worker.spec.draft import DraftProposer, DraftRequest
-from disaggserve_worker.spec.metrics import SpecMetrics
-from disaggserve_worker.spec.ngram import NgramProposer
-from disaggserve_worker.spec.rejection import verify_greedy, verify_sampled
-from disaggserve_worker.spec.step_time import StepCoefficients, StepTimeModel
+from disaggserve_worker.speculation.config import SpeculationConfig
+from disaggserve_worker.speculation.controller import Acceptance, GoodputController
+from disaggserve_worker.speculation.draft import DraftProposer, DraftRequest
+from disaggserve_worker.speculation.metrics import SpecMetrics
+from disaggserve_worker.speculation.ngram import NgramProposer
+from disaggserve_worker.speculation.rejection import verify_greedy, verify_sampled
+from disaggserve_worker.speculation.step_time import StepCoefficients, StepTimeModel
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class Speculator:
         self.ngram = NgramProposer(config.ngram_min, config.ngram_max) if config.proposer == "ngram" else None
         self.metrics = metrics
         self.controller = GoodputController(
-            max_tokens=config.max_tokens, verify=StepTimeModel(seed or GoodputController.default_seed()),
+            num_speculative_tokens=config.num_speculative_tokens,
+            verify=StepTimeModel(seed or GoodputController.default_seed()),
             draft=(StepTimeModel(draft_seed or StepCoefficients(a=0.005, b=0.0, c=1e-4))
                    if self.draft is not None else None),
             bias=config.bias)
@@ -108,7 +109,7 @@ class Speculator:
         tell the per-token cost from the fixed cost; a seed measured on this device with k
         varied on purpose does, and the online fit then tracks drift from it.
         """
-        k = self.config.max_tokens
+        k = self.config.num_speculative_tokens
         shapes = [(1, 64, 0), (1, 64, k), (8, 64, 0), (8, 64, k), (8, 256, 0), (1, 256, k)]
         span = 256 + k + 1
         blocks = allocator.try_allocate(8 * span)
@@ -146,7 +147,7 @@ class Speculator:
     # ---- choosing k ---------------------------------------------------------------------------
     def _caps(self, batch: list[SpecSequence]) -> list[int]:
         """Tokens each request can still use: k + 1 emitted tokens must fit max_tokens and the model."""
-        return [max(0, min(self.config.max_tokens, s.params.max_tokens - len(s.tokens) - 1,
+        return [max(0, min(self.config.num_speculative_tokens, s.params.max_tokens - len(s.tokens) - 1,
                            self.max_model_len - len(s.prompt_ids) - len(s.tokens) - 1)) for s in batch]
 
     def _lookups(self, histories: list[list[int]], caps: list[int]) -> list[list[int]]:

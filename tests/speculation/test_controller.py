@@ -6,12 +6,12 @@ import random
 from statistics import mean
 
 import pytest
-from spec_harness import copy_heavy_prompt, make_engine, make_speculator, record_steps
+from speculation_harness import copy_heavy_prompt, make_engine, make_speculator, record_steps
 
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel
-from disaggserve_worker.spec.controller import Acceptance, GoodputController, expected_tokens
-from disaggserve_worker.spec.step_time import StepCoefficients, StepTimeModel
+from disaggserve_worker.speculation.controller import Acceptance, GoodputController, expected_tokens
+from disaggserve_worker.speculation.step_time import StepCoefficients, StepTimeModel
 from engine_harness import run_requests
 
 # GPU-like decode: a fixed cost per step (weights streamed once) and a small cost per token.
@@ -19,8 +19,8 @@ TARGET = StepCoefficients(a=0.020, b=2e-8, c=2e-4)
 DRAFT = StepCoefficients(a=0.002, b=0.0, c=2e-5)
 
 
-def _controller(max_tokens: int = 8, draft: bool = True) -> GoodputController:
-    return GoodputController(max_tokens=max_tokens, verify=StepTimeModel(TARGET),
+def _controller(num_speculative_tokens: int = 8, draft: bool = True) -> GoodputController:
+    return GoodputController(num_speculative_tokens=num_speculative_tokens, verify=StepTimeModel(TARGET),
                              draft=StepTimeModel(DRAFT) if draft else None)
 
 
@@ -78,7 +78,7 @@ def test_caps_bound_each_request() -> None:
 def test_bias_keeps_k_zero_when_the_gain_is_marginal() -> None:
     """Find an acceptance where speculation wins by under 5 %: the biased controller stays at 0."""
     controller = _controller(draft=False)
-    unbiased = GoodputController(max_tokens=8, verify=StepTimeModel(TARGET), bias=0.0)
+    unbiased = GoodputController(num_speculative_tokens=8, verify=StepTimeModel(TARGET), bias=0.0)
     batch = 128
     for alpha in [i / 100 for i in range(1, 100)]:
         free = unbiased.choose([512] * batch, [alpha] * batch, [8] * batch)
@@ -130,7 +130,7 @@ async def test_adaptive_on_the_engine_skips_a_random_draft(tiny: LoadedModel,
 
 async def test_adaptive_on_the_engine_speculates_far_on_copy_heavy_prompts(tiny: LoadedModel) -> None:
     prompt = await copy_heavy_prompt(tiny)
-    spec = make_speculator(tiny, None, "adaptive", "ngram", max_tokens=6)
+    spec = make_speculator(tiny, None, "adaptive", "ngram", num_speculative_tokens=6)
     engine = make_engine(tiny, spec)
     steps = record_steps(spec)
     try:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from chi_square import chi_square, critical_value
 
-from disaggserve_worker.spec.ngram import NgramProposer
-from disaggserve_worker.spec.rejection import verify_greedy, verify_sampled
+from disaggserve_worker.speculation.ngram import NgramProposer
+from disaggserve_worker.speculation.rejection import verify_greedy, verify_sampled
 
 VOCAB = 6
 DRAWS = 20_000

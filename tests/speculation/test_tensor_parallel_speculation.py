@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from spec_harness import make_engine, make_speculator, record_steps
+from speculation_harness import make_engine, make_speculator, record_steps
 
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel, load_model

@@ -6,19 +6,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from disaggserve_worker.contract import MAX_SPECULATIVE_TOKENS
+
 
 class SpeculationConfig(BaseModel):
     """Mirror of `spec.speculation` (operator side) as the worker receives it.
 
-    `mode` fixed proposes `max_tokens` tokens whenever it can; adaptive lets the goodput
-    controller pick 0..max_tokens per step and request.
+    `mode` fixed proposes `num_speculative_tokens` tokens whenever it can; adaptive lets the
+    goodput controller pick 0..num_speculative_tokens per step and request (vLLM's
+    `--speculative-config` name for the same bound).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["off", "fixed", "adaptive"] = "off"
     proposer: Literal["ngram", "draft"] = "ngram"
-    max_tokens: int = Field(4, ge=1, le=16)
+    num_speculative_tokens: int = Field(4, ge=1, le=MAX_SPECULATIVE_TOKENS)
     ngram_min: int = Field(1, ge=1, le=16)
     ngram_max: int = Field(3, ge=1, le=16)
     draft_model: str | None = None

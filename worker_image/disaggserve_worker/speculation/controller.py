@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from disaggserve_worker.spec.step_time import StepCoefficients, StepTimeModel
+from disaggserve_worker.speculation.step_time import StepCoefficients, StepTimeModel
 
 ALPHA_CAP = 0.99  # E(k) is finite and marginal gains strictly decrease
 
@@ -57,7 +57,7 @@ class Choice:
 
 @dataclass
 class GoodputController:
-    max_tokens: int
+    num_speculative_tokens: int
     verify: StepTimeModel
     draft: StepTimeModel | None = None  # None: proposals cost nothing (n-gram)
     bias: float = 0.05
@@ -87,7 +87,7 @@ class GoodputController:
         base_time = self.verify.time(ctx, batch)
         baseline = batch / base_time
         best = Choice([0] * batch, baseline, baseline)
-        longest_cap = min(max(caps, default=0), self.max_tokens)
+        longest_cap = min(max(caps, default=0), self.num_speculative_tokens)
         for longest in range(1, longest_cap + 1):
             gains = sorted(((min(max(alphas[i], 0.0), ALPHA_CAP) ** j, i, j) for i in range(batch)
                             for j in range(1, min(longest, caps[i]) + 1)), key=lambda g: (-g[0], g[2], g[1]))
