@@ -36,6 +36,7 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
+    ("inference.networking.k8s.io/v1", "InferencePool"): ("inferencepools", True),
     (API_VERSION, KIND): (PLURAL, True),
 }
 
