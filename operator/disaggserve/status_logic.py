@@ -7,11 +7,20 @@ from collections.abc import Iterable
 from typing import Any
 
 from disaggserve.api.plan import PHASES, Plan
-from disaggserve.api.status import Condition, PhaseReplicas, ReplicaStatus
+from disaggserve.api.status import Condition, DisaggServeStatus, PhaseReplicas, ReplicaStatus
 from disaggserve.contract import LABEL_COMPONENT
 
 REASON_CRASH_LOOP = "WorkersCrashLooping"
 MAX_LOG_LINE = 300  # characters of a container's last message kept in the condition
+
+
+def checked_patch(patch: dict[str, Any]) -> dict[str, Any]:
+    """A status merge patch (wire names) passed through the status model: a field it does not
+    know or a value of the wrong shape fails here, not at the API server. None values stay (a
+    merge patch removes those keys)."""
+    removed = {k: None for k, v in patch.items() if v is None}
+    model = DisaggServeStatus.model_validate({k: v for k, v in patch.items() if v is not None})
+    return {**model.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json"), **removed}
 
 
 def now() -> str:
