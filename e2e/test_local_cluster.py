@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from disaggserve.local.cluster import default_resource
-from e2e_tools import ready_cluster, require_tool
+from e2e_tools import ready_cluster, require_tool, worker_headers
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
@@ -138,7 +138,7 @@ async def test_killing_a_decode_worker_mid_stream(cluster):
             if killed is None and len(text) >= 5:
                 busy = [p for p in decode_pods(cluster).values() if p.proc is not None]
                 # the decode worker holding this stream is the one with a running sequence
-                async with httpx.AsyncClient() as http:
+                async with httpx.AsyncClient(headers=await worker_headers(cluster, "tiny")) as http:
                     for pod in busy:
                         load = (await http.get(f"http://{pod.ip}:8100/internal/load")).json()
                         if load.get("running"):
