@@ -62,6 +62,8 @@ OWNED_KINDS: tuple[tuple[str, str], ...] = (
     ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 WORKLOAD_KINDS: tuple[tuple[str, str], ...] = (("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"))
+# Only for resources with spec.gateway: clusters without the inference extension's CRDs have no such list.
+GATEWAY_KINDS: tuple[tuple[str, str], ...] = (("inference.networking.k8s.io/v1", "InferencePool"),)
 
 
 def to_plain(value: Any) -> Any:
@@ -201,7 +203,7 @@ async def reconcile(
         except SpecError as e:
             raise Refused("InvalidSpec", str(e)) from None
         profile = await _profile(kube, spec, namespace)
-        nodes = await kube.list("v1", "Node")
+        nodes = await kube.list_shared("v1", "Node")
         try:
             planned = await _plan(kube, spec, profile, nodes, planner)
         except PlanningError as e:
@@ -237,7 +239,8 @@ async def reconcile(
         emit("Warning", e.reason, str(e))
         return ReconcileResult(_refusal_status(conditions, generation, e.reason, str(e)))
 
-    existing = await owned_children(kube, name, namespace, uid)
+    existing = await owned_children(kube, name, namespace, uid,
+                                    kinds=OWNED_KINDS + (GATEWAY_KINDS if spec.gateway else ()))
     if secret is not None:  # read by name above (the operator may not list Secrets)
         existing[("v1", "Secret", secret["metadata"]["name"])] = secret
     token = token_of(next(o for o in desired if o["kind"] == "Secret"))
