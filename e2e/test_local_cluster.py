@@ -5,7 +5,6 @@ official `openai` client and kubectl."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import copy
 import os
 import signal
@@ -16,9 +15,8 @@ import openai
 import pytest
 import pytest_asyncio
 
-from disaggserve.contract import ENV_WORKER_TOKEN, HEADER_WORKER_TOKEN
 from disaggserve.local.cluster import default_resource
-from e2e_tools import ready_cluster, require_tool
+from e2e_tools import ready_cluster, require_tool, worker_headers
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
@@ -58,21 +56,6 @@ async def two_decode_workers(cluster) -> None:
         timeout=90,
         message="two ready decode workers",
     )
-
-
-async def worker_headers(cluster) -> dict[str, str]:
-    """The header the router sends to workers' internal endpoints (the worker token, if any)."""
-    pod = next(iter(decode_pods(cluster).values()))
-    env = pod.desired.template["spec"]["containers"][0].get("env") or []
-    ref = next(
-        (e["valueFrom"]["secretKeyRef"] for e in env if e["name"] == ENV_WORKER_TOKEN and "valueFrom" in e),
-        None,
-    )
-    if ref is None:
-        return {}
-    secret = await cluster.kube.get("v1", "Secret", pod.desired.namespace, ref["name"])
-    value = (secret.get("stringData") or {}).get(ref["key"]) or base64.b64decode(secret["data"][ref["key"]]).decode()
-    return {HEADER_WORKER_TOKEN: value}
 
 
 def decode_pods(cluster) -> dict[str, object]:
@@ -152,7 +135,7 @@ async def test_killing_a_decode_worker_mid_stream(cluster):
     async def kill_the_decode_worker_running_it() -> None:
         # Watch the workers, not the client: on a loaded machine the client may read its chunks
         # long after the worker produced them, and a check between chunks could find it done.
-        async with httpx.AsyncClient(timeout=10, headers=await worker_headers(cluster)) as http:
+        async with httpx.AsyncClient(timeout=10, headers=await worker_headers(cluster, "tiny")) as http:
             while True:
                 for pod in [p for p in decode_pods(cluster).values() if p.proc is not None]:
                     try:

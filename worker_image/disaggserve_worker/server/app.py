@@ -21,7 +21,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from disaggserve_worker import contract
-from disaggserve_worker.auth import HEADER_WORKER_TOKEN, sign, signature_matches, token_matches, worker_token
+from disaggserve_worker.auth import (
+    ENV_WORKER_TOKEN,
+    HEADER_WORKER_TOKEN,
+    sign,
+    signature_matches,
+    token_matches,
+    worker_token,
+)
 from disaggserve_worker.engine.engine import Engine, Reservation
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent
 from disaggserve_worker.kv.framing import KVTransferError
@@ -85,7 +92,7 @@ class WorkerServer:
         self._runner: web.AppRunner | None = None
         if config.token is None:
             log.warning("no %s set: this worker accepts internal calls from anyone who can reach it",
-                        "DISAGGSERVE_WORKER_TOKEN")
+                        ENV_WORKER_TOKEN)
         self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._auth_middleware])
         self.app.add_routes([
             web.get(contract.PATH_HEALTH, self.healthz),
