@@ -26,6 +26,8 @@ SHARED = [
     "ENV_POD_IP",
     "ENV_NAMESPACE",
     "ENV_UNIT",
+    "ENV_WORKER_TOKEN",
+    "HEADER_WORKER_TOKEN",
     "PATH_HEALTH",
     "PATH_READY",
     "PATH_METRICS",

@@ -22,6 +22,10 @@ ENV_POD_NAME = "DISAGGSERVE_POD_NAME"
 ENV_POD_IP = "DISAGGSERVE_POD_IP"
 ENV_NAMESPACE = "DISAGGSERVE_NAMESPACE"
 ENV_UNIT = "DISAGGSERVE_UNIT"
+# The per-DisaggServe shared secret (Secret `<name>-worker-token`, key `token`): every worker
+# endpoint but the probes and /metrics wants it in the header below.
+ENV_WORKER_TOKEN = "DISAGGSERVE_WORKER_TOKEN"
+HEADER_WORKER_TOKEN = "X-DisaggServe-Token"
 
 # HTTP paths every worker and the router serve.
 PATH_HEALTH = "/healthz"

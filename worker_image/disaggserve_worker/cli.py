@@ -70,7 +70,7 @@ def _tensor_sizes(value: str) -> list[int]:
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="builtin:<tiny-llama|tiny-llama-draft|small-llama>, a checkpoint folder, "
-                             "or hf:<org/name>")
+                             "or hf:<org/name>[@revision]")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="auto: float32 on CPU, bfloat16 (or float16) on GPUs")

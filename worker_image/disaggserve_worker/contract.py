@@ -3,7 +3,11 @@
 The worker never imports the control plane; `tests/test_contract.py` checks that pods the
 operator renders start a worker that accepts their flags and environment.
 
-Internal HTTP protocol between router and workers (JSON bodies, NDJSON streams):
+Internal HTTP protocol between router and workers (JSON bodies, NDJSON streams). When
+`DISAGGSERVE_WORKER_TOKEN` is set, every endpoint below except /healthz, /readyz and /metrics
+wants it in `X-DisaggServe-Token` (else 401 `invalid_worker_token`); the prefill worker then adds
+`kv.signature` (HMAC of address and handle, `disaggserve_worker.auth.sign`) and a decode worker
+pulls only from a `kv` whose signature checks (else 403 `kv_untrusted`):
 
 - prefill worker   POST /internal/prefill   {request_id, prompt_token_ids, sampling}
     -> 200 {request_id, first_token_id, text, finish_reason|null, prompt_tokens,
@@ -96,6 +100,10 @@ ENV_POD_NAME = "DISAGGSERVE_POD_NAME"
 ENV_POD_IP = "DISAGGSERVE_POD_IP"
 ENV_NAMESPACE = "DISAGGSERVE_NAMESPACE"
 ENV_UNIT = "DISAGGSERVE_UNIT"
+# The per-DisaggServe shared secret (Secret `<name>-worker-token`, key `token`): every worker
+# endpoint but the probes and /metrics wants it in the header below.
+ENV_WORKER_TOKEN = "DISAGGSERVE_WORKER_TOKEN"
+HEADER_WORKER_TOKEN = "X-DisaggServe-Token"
 
 PATH_HEALTH = "/healthz"
 PATH_READY = "/readyz"

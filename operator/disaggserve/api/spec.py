@@ -44,6 +44,7 @@ class ModelSource(ApiModel):
             "model source: set exactly one of builtin, path or hf",
         ),
         CelRule("!has(self.pvc) || has(self.path)", "model source: pvc is the volume that holds `path`; set path too"),
+        CelRule("!has(self.revision) || has(self.hf)", "model source: revision pins an hf repository; set hf too"),
     )
 
     builtin: Literal[BUILTIN_MODELS] | None = Field(  # type: ignore[valid-type]
@@ -64,14 +65,20 @@ class ModelSource(ApiModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$",
         description="Hugging Face repository id (org/name), downloaded by the worker.",
     )
+    revision: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
+        description="The hf revision to download: a commit hash (pins the exact files every worker "
+        "gets), or a tag or branch. Without it each worker fetches the repository's current main.",
+    )
 
     def worker_arg(self) -> str:
-        """The `--model` value of the worker contract."""
+        """The `--model` value of the worker contract (`hf:org/name@revision` when pinned)."""
         if self.builtin:
             return f"builtin:{self.builtin}"
         if self.path:
             return self.path
-        return f"hf:{self.hf}"
+        return f"hf:{self.hf}@{self.revision}" if self.revision else f"hf:{self.hf}"
 
 
 class ModelFacts(ApiModel):
@@ -290,11 +297,16 @@ class ProfileRef(ApiModel):
 class Image(ApiModel):
     repository: str = Field("ghcr.io/disaggserve/worker", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
     tag: str = Field("0.1.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+    digest: str | None = Field(
+        None,
+        pattern=r"^sha256:[a-f0-9]{64}$",
+        description="Pin the image by content (sha256:<64 hex>); when set it is used instead of the tag.",
+    )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
     @property
     def reference(self) -> str:
-        return f"{self.repository}:{self.tag}"
+        return f"{self.repository}@{self.digest}" if self.digest else f"{self.repository}:{self.tag}"
 
 
 class Router(ApiModel):

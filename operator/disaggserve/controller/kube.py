@@ -25,6 +25,7 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("v1", "ConfigMap"): ("configmaps", True),
     ("v1", "Service"): ("services", True),
     ("v1", "ServiceAccount"): ("serviceaccounts", True),
+    ("v1", "Secret"): ("secrets", True),
     ("v1", "Pod"): ("pods", True),
     ("v1", "Node"): ("nodes", False),
     ("apps/v1", "StatefulSet"): ("statefulsets", True),
@@ -32,6 +33,7 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("policy/v1", "PodDisruptionBudget"): ("poddisruptionbudgets", True),
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
     ("inference.networking.k8s.io/v1", "InferencePool"): ("inferencepools", True),
     (API_VERSION, KIND): (PLURAL, True),
 }

@@ -20,6 +20,7 @@ and pipeline size 1 (it still requests and is placed on its T×P simulated GPUs)
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import logging
@@ -326,7 +327,27 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ processes
 
-    def _command(self, pod: LocalPod) -> tuple[list[str], dict[str, str]]:
+    async def _secret_env(self, pod: LocalPod) -> dict[str, str] | None:
+        """Values of `valueFrom.secretKeyRef` env entries; None when a required one is missing
+        (a kubelet then reports CreateContainerConfigError and retries: so does the caller)."""
+        container = pod.desired.template["spec"]["containers"][0]
+        values: dict[str, str] = {}
+        for item in container.get("env") or []:
+            ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+            if not ref:
+                continue
+            secret = await self.kube.get("v1", "Secret", pod.desired.namespace, ref["name"])
+            raw = ((secret or {}).get("data") or {}).get(ref.get("key", ""))
+            if raw is None:
+                if ref.get("optional"):
+                    continue
+                log.warning("pod %s/%s waits for secret %s key %s (env %s)", *pod.desired.key, ref["name"],
+                            ref.get("key"), item["name"])
+                return None
+            values[item["name"]] = base64.b64decode(raw).decode()
+        return values
+
+    def _command(self, pod: LocalPod, secret_env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
         container = pod.desired.template["spec"]["containers"][0]
         command = list(container.get("command") or [])
         args = list(container.get("args") or [])
@@ -362,13 +383,19 @@ class NodeAgent:
                 env[item["name"]] = str(item["value"])
             elif field_path := ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath"):
                 env[item["name"]] = fields.get(field_path, "")
+            elif item["name"] in (secret_env or {}):
+                env[item["name"]] = (secret_env or {})[item["name"]]
         env["TMPDIR"] = str(pod.workdir / "tmp")
         env["HOME"] = str(pod.workdir / "tmp")
         env["HF_HOME"] = str(pod.workdir / "tmp" / "hf")
         return command + args, env
 
     async def _launch(self, pod: LocalPod) -> None:
-        argv, env = self._command(pod)
+        secret_env = await self._secret_env(pod)
+        if secret_env is None:
+            pod.next_start = asyncio.get_running_loop().time() + 1.0
+            return
+        argv, env = self._command(pod, secret_env)
         (pod.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         with open(pod.log_path, "ab") as out:
             out.write(start_line(now(), argv).encode())

@@ -21,8 +21,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..auth import auth_headers, worker_token
 from ..contract import PATH_HEALTH, PATH_METRICS, PATH_READY
 from ..engine.detokenizer import IncrementalDetokenizer
+from .admission import Admission
 from .auth import ApiKeys
 from .config import RouterConfig
 from .dispatch import Dispatcher, GenerationRequest, Timeouts
@@ -59,6 +61,8 @@ class Router:
         self._idle.set()
         self.session: aiohttp.ClientSession | None = None
         self.dispatcher: Dispatcher | None = None
+        self.admission = Admission(pool, per_worker=config.max_inflight_per_worker,
+                                   max_queued=config.max_queued, timeout_s=config.queue_timeout_s)
         self._background: list[asyncio.Task[None]] = []
         self._loops: list[Callable[[], Awaitable[None]]] = []
 
@@ -83,12 +87,14 @@ class Router:
         self._loops.append(factory)
 
     async def _start(self, app: web.Application) -> None:
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # Every call to a worker (load polls, prefill, decode) carries this DisaggServe's token.
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             headers=auth_headers(worker_token()))
         self.dispatcher = Dispatcher(
             self.pool, self.session, self.metrics, max_attempts=self.config.max_attempts,
             timeouts=Timeouts(prefill_s=self.config.prefill_timeout_s, token_s=self.config.token_timeout_s))
         poller = LoadPoller(self.pool, self.session, self.config.poll_interval_s)
-        for factory in [poller.run, *self._loops]:
+        for factory in [poller.run, self.admission.run, *self._loops]:
             self._background.append(asyncio.create_task(_logged(factory)))
 
     async def _stop(self, app: web.Application) -> None:
@@ -155,8 +161,11 @@ class Router:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready = not self.draining and self.pool.ready()
+        # Ready while not draining, workers or not: requests wait in the queue (bounded) while
+        # workers restart, where an unready router would make its Service reset connections.
+        ready = not self.draining
         body = {"ready": ready, "draining": self.draining, "mode": self.pool.mode,
+                "workers_ready": self.pool.ready(), "queued": self.admission.queued,
                 "workers": {role: sum(w.available for w in self.pool.of_role(role))
                             for role in ("prefill", "decode", "colocated")}}
         return web.json_response(body, status=200 if ready else 503)
@@ -176,7 +185,7 @@ class Router:
     # ---- generation endpoints --------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req: CompletionRequest = parse_request(CompletionRequest, await _json_body(request))
+        req: CompletionRequest = parse_request(CompletionRequest, await self._json_body(request))
         self._check_model(req.model)
         inputs = req.prompt_inputs()
         if len(inputs) * req.choices > MAX_N:  # each choice is a generation on the workers
@@ -199,7 +208,7 @@ class Router:
         return await self._serve(request, req, gens, shape)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await _json_body(request))
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._json_body(request))
         self._check_model(req.model)
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
         text = self.model.chat_template.render(messages, add_generation_prompt=req.add_generation_prompt,
@@ -250,8 +259,10 @@ class Router:
         request[COUNTED] = True  # the outcome is counted below, whatever it is
         self._begin()
         status = "upstream_error"
+        admitted = False
         try:
-            await self._wait_for_workers()
+            await self._admit()  # one slot per request, however many choices it asks for
+            admitted = True
             runs = [ChoiceRun(i, i // req.choices, gen,
                               IncrementalDetokenizer(self.model.tokenizer, gen.prompt_ids, gen.stop,
                                                      skip_special_tokens=gen.skip_special_tokens),
@@ -272,28 +283,45 @@ class Router:
             return response
         except UpstreamError as exc:
             raise exc.api_error() from None
+        except APIError as exc:
+            if not admitted:  # shed by the queue: 429 overloaded, or 503 no_workers
+                status = "shed" if exc.status == 429 else "no_workers"
+            raise
         except (asyncio.CancelledError, ConnectionResetError):
             status = "cancelled"
             raise
         finally:
+            if admitted:
+                self.admission.release(finished=status == "ok")
             self.metrics.requests.labels(status=status).inc()
             self._end()
 
-    async def _wait_for_workers(self) -> None:
-        """A short queue in front of the workers, for a router that starts before them or a scale-up."""
-        deadline = time.monotonic() + self.config.queue_timeout_s
-        if self.pool.ready():
-            return
+    async def _admit(self) -> None:
+        """A slot on the workers, after the bounded queue (`admission`); raises 429/503 when shed."""
         self.metrics.queued.inc()
         try:
-            while not self.pool.ready():
-                if time.monotonic() >= deadline:
-                    mode = self.pool.mode or "no workers discovered"
-                    raise APIError(503, f"No worker can take the request now ({mode}); retry shortly.",
-                                   type_="server_error", code="no_workers")
-                await asyncio.sleep(0.05)
+            await self.admission.acquire()
         finally:
             self.metrics.queued.dec()
+
+    async def _json_body(self, request: web.Request) -> Any:
+        if request.content_type != "application/json":
+            raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}.",
+                           code="unsupported_media_type")
+        try:  # a body that trickles in (or never completes) must not hold a connection forever
+            async with asyncio.timeout(self.config.body_timeout_s):
+                raw = await request.read()  # raises 413 past client_max_size
+        except TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {self.config.body_timeout_s:g} s.",
+                           code="request_timeout") from None
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise invalid(f"The request body is not valid JSON: {exc}. Send a JSON object.",
+                          code="invalid_json") from None
+        except RecursionError:
+            raise invalid("The request body nests JSON too deeply to parse. Send a flatter JSON object.",
+                          code="invalid_json") from None
 
     def _begin(self) -> None:
         self.inflight += 1
@@ -305,18 +333,6 @@ class Router:
         self.metrics.inflight.dec()
         if self.inflight == 0:
             self._idle.set()
-
-
-async def _json_body(request: web.Request) -> Any:
-    if request.content_type != "application/json":
-        raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}.",
-                       code="unsupported_media_type")
-    raw = await request.read()  # raises 413 past client_max_size
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid(f"The request body is not valid JSON: {exc}. Send a JSON object.",
-                      code="invalid_json") from None
 
 
 async def _logged(factory: Callable[[], Awaitable[None]]) -> None:

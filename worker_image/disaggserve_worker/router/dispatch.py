@@ -223,6 +223,10 @@ async def _check_status(worker: Worker, resp: aiohttp.ClientResponse) -> None:
     if resp.status == 200:
         return
     text = (await resp.text())[:300]
+    if resp.status in (401, 403):  # the token (or a KV signature) was refused: a deployment fault
+        raise WorkerFault(worker, "worker_auth", f"refused the router's credentials ({resp.status}): {text} "
+                          "(router and workers must get the same DISAGGSERVE_WORKER_TOKEN)",
+                          blame=False, retryable=False)
     if resp.status in (429, 503):  # busy or draining: try another, no blame
         raise WorkerFault(worker, "worker_busy", f"answered {resp.status}: {text}", blame=False)
     if 400 <= resp.status < 500:  # the worker judged the request itself wrong: another would too

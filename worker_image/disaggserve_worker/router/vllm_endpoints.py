@@ -79,7 +79,7 @@ class VllmEndpoints:
                            f"{self.router.model.name!r}.", param="model", code="model_not_found")
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        req: TokenizeRequest = parse_body(TokenizeRequest, await request_json(request))
+        req: TokenizeRequest = parse_body(TokenizeRequest, await self.router._json_body(request))
         self._check_model(req.model)
         info = self.router.model
         if req.messages is not None:
@@ -95,7 +95,7 @@ class VllmEndpoints:
         return web.json_response(body)
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        req: DetokenizeRequest = parse_body(DetokenizeRequest, await request_json(request))
+        req: DetokenizeRequest = parse_body(DetokenizeRequest, await self.router._json_body(request))
         self._check_model(req.model)
         vocab = self.router.model.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
@@ -103,8 +103,3 @@ class VllmEndpoints:
             raise invalid(f"tokens must be ids in [0, {vocab}); got {bad[:5]}.", "tokens")
         return web.json_response({"prompt": self.router.model.decode(req.tokens)})
 
-
-async def request_json(request: web.Request) -> Any:
-    from .app import _json_body
-
-    return await _json_body(request)

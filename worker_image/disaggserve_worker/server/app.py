@@ -12,7 +12,8 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -20,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from disaggserve_worker import contract
+from disaggserve_worker.auth import HEADER_WORKER_TOKEN, sign, signature_matches, token_matches, worker_token
 from disaggserve_worker.engine.engine import Engine, Reservation
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent
 from disaggserve_worker.kv.framing import KVTransferError
@@ -30,6 +32,9 @@ from disaggserve_worker.server.worker_metrics import RequestTimer, WorkerMetrics
 log = logging.getLogger(__name__)
 Body = TypeVar("Body", bound=BaseModel)
 NDJSON = "application/x-ndjson"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What a kubelet and a metrics scraper call: answered without the token (they do not hold it).
+OPEN_PATHS = frozenset({contract.PATH_HEALTH, contract.PATH_READY, contract.PATH_METRICS})
 
 
 @dataclass
@@ -42,6 +47,8 @@ class ServerConfig:
     model_name: str = "model"
     admission_timeout_s: float = 30.0
     admission_poll_s: float = 0.005
+    # The DisaggServe's shared secret (`disaggserve_worker.auth`); None: trust the network.
+    token: str | None = field(default_factory=worker_token)
 
 
 def error_body(kind: str, message: str, retryable: bool) -> dict[str, Any]:
@@ -50,6 +57,15 @@ def error_body(kind: str, message: str, retryable: bool) -> dict[str, Any]:
 
 def json_error(status: int, kind: str, message: str, retryable: bool = False) -> web.Response:
     return web.json_response(error_body(kind, message, retryable), status=status)
+
+
+def unauthorized() -> web.Response:
+    """401 in OpenAI's error shape (message/type/param/code), plus this protocol's `retryable`."""
+    return web.json_response({"error": {
+        "message": f"This worker serves only its own DisaggServe: send the worker token in the "
+                   f"{HEADER_WORKER_TOKEN} header (the router and the operator do).",
+        "type": "invalid_request_error", "param": None, "code": "invalid_worker_token", "retryable": False}},
+        status=401)
 
 
 class WorkerServer:
@@ -67,7 +83,10 @@ class WorkerServer:
         self.kv_server: KVServer | None = None
         self.port = config.port
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        if config.token is None:
+            log.warning("no %s set: this worker accepts internal calls from anyone who can reach it",
+                        "DISAGGSERVE_WORKER_TOKEN")
+        self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._auth_middleware])
         self.app.add_routes([
             web.get(contract.PATH_HEALTH, self.healthz),
             web.get(contract.PATH_READY, self.readyz),
@@ -121,12 +140,21 @@ class WorkerServer:
         return self.is_idle()
 
     # ---- helpers -------------------------------------------------------------------------------
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Only holders of this DisaggServe's token reach the internal endpoints (before any body is read)."""
+        if request.path not in OPEN_PATHS and not token_matches(self.config.token,
+                                                               request.headers.get(HEADER_WORKER_TOKEN)):
+            self.metrics.request("unauthorized")
+            return unauthorized()
+        return await handler(request)
+
     async def _parse(self, request: web.Request, model: type[Body]) -> Body:
         try:
             raw = await request.json()
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: JSON nested too deeply
             raise web.HTTPBadRequest(text=json.dumps(error_body(
-                "invalid_json", f"request body is not JSON: {error}", False)),
+                "invalid_json", f"request body is not JSON: {error!r:.200}", False)),
                 content_type="application/json") from None
         try:
             return model.model_validate(raw)
@@ -227,6 +255,8 @@ class WorkerServer:
                 per_token = self.engine.model.config.kv_bytes_per_token(self.engine.model.dtype.itemsize)
                 kv = {"address": self.kv_address, "handle": event.kv_handle,
                       "bytes": per_token * len(body.prompt_token_ids)}
+                if self.config.token is not None:  # peers of this DisaggServe pull only from us
+                    kv["signature"] = sign(self.config.token, self.kv_address, event.kv_handle)
             else:
                 self.metrics.request("finished")
             timer.token()
@@ -255,6 +285,11 @@ class WorkerServer:
         if not 0 <= body.first_token_id < self.engine.model.config.vocab_size:
             return json_error(400, "invalid_request", f"first_token_id {body.first_token_id} is outside "
                               f"the vocabulary [0, {self.engine.model.config.vocab_size})")
+        if self.config.token is not None and not signature_matches(
+                self.config.token, body.kv.signature, body.kv.address, body.kv.handle):
+            # Never connect to an address a prefill worker of this DisaggServe did not vouch for.
+            return json_error(403, "kv_untrusted", f"kv.address {body.kv.address!r} is not vouched for by a "
+                              "prefill worker of this DisaggServe (kv.signature missing or wrong)")
         self.inflight += 1
         try:
             response = web.StreamResponse(headers={"Content-Type": NDJSON})
