@@ -112,7 +112,7 @@ async def test_scaling_the_spec_adds_and_removes_workers_and_the_router_follows(
         for pod in decode_pods(cluster).values():
             text = (await http.get(f"http://{pod.ip}:8100/metrics")).text
             served = [
-                line for line in text.splitlines() if line.startswith("disaggserve_worker_generation_tokens_total")
+                line for line in text.splitlines() if line.startswith("vllm:generation_tokens_total")
             ]
             assert served and float(served[0].split()[-1]) > 0, f"{pod.desired.name} got no work from the router"
     leaving = decode_pods(cluster)["tiny-decode-1"].proc

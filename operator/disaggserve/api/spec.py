@@ -1,4 +1,4 @@
-"""`DisaggServe.spec`: what a user asks for (DESIGN.md §2).
+"""`DisaggServe.spec`: what a user asks for (docs/architecture.md §2).
 
 Defaults are the ones a first-time user on a GPU cluster wants; every bound has a message
 that says which field is wrong and what would be accepted.
@@ -44,6 +44,7 @@ class ModelSource(ApiModel):
             "model source: set exactly one of builtin, path or hf",
         ),
         CelRule("!has(self.pvc) || has(self.path)", "model source: pvc is the volume that holds `path`; set path too"),
+        CelRule("!has(self.revision) || has(self.hf)", "model source: revision pins an hf repository; set hf too"),
     )
 
     builtin: Literal[BUILTIN_MODELS] | None = Field(  # type: ignore[valid-type]
@@ -64,14 +65,20 @@ class ModelSource(ApiModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$",
         description="Hugging Face repository id (org/name), downloaded by the worker.",
     )
+    revision: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
+        description="The hf revision to download: a commit hash (pins the exact files every worker "
+        "gets), or a tag or branch. Without it each worker fetches the repository's current main.",
+    )
 
     def worker_arg(self) -> str:
-        """The `--model` value of the worker contract."""
+        """The `--model` value of the worker contract (`hf:org/name@revision` when pinned)."""
         if self.builtin:
             return f"builtin:{self.builtin}"
         if self.path:
             return self.path
-        return f"hf:{self.hf}"
+        return f"hf:{self.hf}@{self.revision}" if self.revision else f"hf:{self.hf}"
 
 
 class ModelFacts(ApiModel):
@@ -290,16 +297,43 @@ class ProfileRef(ApiModel):
 class Image(ApiModel):
     repository: str = Field("ghcr.io/disaggserve/worker", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
     tag: str = Field("0.1.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+    digest: str | None = Field(
+        None,
+        pattern=r"^sha256:[a-f0-9]{64}$",
+        description="Pin the image by content (sha256:<64 hex>); when set it is used instead of the tag.",
+    )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
     @property
     def reference(self) -> str:
-        return f"{self.repository}:{self.tag}"
+        return f"{self.repository}@{self.digest}" if self.digest else f"{self.repository}:{self.tag}"
 
 
 class Router(ApiModel):
     replicas: int = Field(1, ge=1, le=100)
     api_key_secret_ref: SecretKeyRef | None = None
+
+
+class EndpointPickerRef(ApiModel):
+    """The endpoint picker (ext-proc) Service a Gateway asks which pod serves each request."""
+
+    name: str = Field(pattern=DNS_NAME_PATTERN, description="Service of the endpoint picker, in this namespace.")
+    port: int = Field(9002, ge=1, le=65535, description="Its ext-proc (gRPC) port.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="FailOpen: the Gateway picks an endpoint itself when the picker does not answer.")
+
+
+class Gateway(ApiModel):
+    """Expose the model through the Gateway API Inference Extension: an InferencePool
+    (inference.networking.k8s.io/v1) a Gateway's HTTPRoute can name as its backend."""
+
+    picker: Literal["disaggserve", "llm-d"] = Field(
+        "disaggserve",
+        description="disaggserve: the pool holds the routers, which pair prefill and decode themselves (any "
+        "engine; the picker balances routers). llm-d: the pool holds the serving pods (decode, or colocated) "
+        "and llm-d's picker chooses the prefill pod per request (x-prefiller-host-port); engine vllm only.")
+    endpoint_picker: EndpointPickerRef | None = Field(
+        None, description="The picker's Service; default <name>-epp on port 9002.")
 
 
 class DisaggServeSpec(ApiModel):
@@ -349,6 +383,7 @@ class DisaggServeSpec(ApiModel):
     profile: ProfileRef | None = None
     image: Image = Field(default_factory=Image)
     router: Router = Field(default_factory=Router)
+    gateway: Gateway | None = Field(None, description="Opt-in: render an InferencePool for a Gateway.")
 
 
 class SpecError(ValueError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from disaggserve.planner.replan import carry_over
 from disaggserve.resources import Owner, RenderError, build_children
 from disaggserve.resources.names import instance_selector
 from disaggserve.resources.router import endpoint
+from disaggserve.resources.security import NetworkAccess, token_of, token_secret_name
 from disaggserve.status_logic import (
     REASON_CRASH_LOOP,
     condition_status,
@@ -57,8 +59,11 @@ OWNED_KINDS: tuple[tuple[str, str], ...] = (
     ("policy/v1", "PodDisruptionBudget"),
     ("rbac.authorization.k8s.io/v1", "Role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 WORKLOAD_KINDS: tuple[tuple[str, str], ...] = (("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"))
+# Only for resources with spec.gateway: clusters without the inference extension's CRDs have no such list.
+GATEWAY_KINDS: tuple[tuple[str, str], ...] = (("inference.networking.k8s.io/v1", "InferencePool"),)
 
 
 def to_plain(value: Any) -> Any:
@@ -198,7 +203,7 @@ async def reconcile(
         except SpecError as e:
             raise Refused("InvalidSpec", str(e)) from None
         profile = await _profile(kube, spec, namespace)
-        nodes = await kube.list("v1", "Node")
+        nodes = await kube.list_shared("v1", "Node")
         try:
             planned = await _plan(kube, spec, profile, nodes, planner)
         except PlanningError as e:
@@ -223,17 +228,25 @@ async def reconcile(
         plan = carry_over(planned, replica_record(body), spec)
         if problem := capacity_problem(spec, plan, nodes):
             raise Refused("NoCapacity", problem)
+        # The worker token is made once: read it back so a reconcile never rotates it.
+        secret = await kube.get("v1", "Secret", namespace, token_secret_name(name))
         try:
-            desired = build_children(Owner(name, namespace, uid), spec, plan, profile)
+            desired = build_children(Owner(name, namespace, uid), spec, plan, profile,
+                                     worker_token=token_of(secret), access=NetworkAccess.from_environ(os.environ))
         except RenderError as e:
             raise Refused("InvalidSpec", str(e)) from None
     except Refused as e:
         emit("Warning", e.reason, str(e))
         return ReconcileResult(_refusal_status(conditions, generation, e.reason, str(e)))
 
-    existing = await owned_children(kube, name, namespace, uid)
+    existing = await owned_children(kube, name, namespace, uid,
+                                    kinds=OWNED_KINDS + (GATEWAY_KINDS if spec.gateway else ()))
+    if secret is not None:  # read by name above (the operator may not list Secrets)
+        existing[("v1", "Secret", secret["metadata"]["name"])] = secret
+    token = token_of(next(o for o in desired if o["kind"] == "Secret"))
     drain = await prepare_scale_down(
-        kube, desired, existing, namespace, dict(old_status.get("draining") or {}), datetime.datetime.now(datetime.UTC)
+        kube, desired, existing, namespace, dict(old_status.get("draining") or {}), datetime.datetime.now(datetime.UTC),
+        token=token,
     )
     for sts in drain.pending:
         emit("Normal", "Draining", f"StatefulSet {sts}: waiting for the pods it loses to finish their requests")

@@ -3,7 +3,7 @@
 Used by the tests (the operator runs against it exactly as against a cluster) and by
 `disaggserve up` (a whole system on one machine). kmock gives the HTTP server, request
 parsing, discovery and error rendering; this module replaces its object store because kmock
-0.8 lacks, and kopf or our tests need (see ENVIRONMENT.md):
+0.8 lacks, and kopf or our tests need (see docs/environment.md):
 
 - uid / creationTimestamp / generation / resourceVersion stamping, 201 on create;
 - optimistic concurrency: a stale resourceVersion answers 409, a failed JSON-patch `test` 422;
@@ -50,6 +50,7 @@ import kmock
 import yaml
 from kmock._internal import rendering
 
+from disaggserve.api import safe_yaml
 from disaggserve.local import openapi
 from disaggserve.local.podlogs import RUN_MARKER, read_log
 from disaggserve.local.schema import FieldError, validate
@@ -555,8 +556,8 @@ class LocalApiServer(kmock.KubernetesEmulator):
         if request.data is not None:
             return copy.deepcopy(request.data)
         try:
-            return yaml.safe_load(request.body.decode() or "null")
-        except yaml.YAMLError as e:
+            return safe_yaml.load(request.body.decode() or "null")
+        except (yaml.YAMLError, safe_yaml.YamlLimitError) as e:
             raise ApiError(400, "BadRequest", f"cannot parse body: {e}") from None
 
     def _check_schema(self, group: str, resource: Any, obj: dict[str, Any], request: Any) -> dict[str, Any]:

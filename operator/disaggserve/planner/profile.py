@@ -1,6 +1,6 @@
 """Latency profiles: how long a prefill batch and a decode step take, per model, GPU and tensor size.
 
-The form is DistServe's (reference/DISTSERVE.md): prefill `T = a + b·Σl + c·Σl²`, decode
+The form is DistServe's (docs/planner-method.md): prefill `T = a + b·Σl + c·Σl²`, decode
 `T = a + b·Σctx + c·B` with one coefficient set below `decode_batch_threshold` and one above,
 times in ms. The same JSON comes from three places — the worker's `profile` command, a
 ConfigMap holding that output, and the profiles shipped in `disaggserve/data/profiles/` — so

@@ -1,4 +1,4 @@
-"""DistServe's placement search (DISTSERVE.md): which instance shapes, how many, and where.
+"""DistServe's placement search (docs/planner-method.md): which instance shapes, how many, and where.
 
 Project decision (Kubernetes mapping): one instance is one pod, and a pod lives on one node,
 so tensor × pipeline ≤ GPUs per node; in low node-affinity a unit is the prefill and decode

@@ -17,6 +17,7 @@ from disaggserve.resources.pods import (
     scheduling,
     volumes,
 )
+from disaggserve.resources.security import token_env
 
 HOSTNAME = "kubernetes.io/hostname"
 # Decode (and colocated) workers hold streams that are still generating; give them time to finish
@@ -89,7 +90,7 @@ def build_statefulset(
     phase_plan = plan.phase(phase)
     labels = component_labels(name, phase, unit)
     vols, mounts = volumes(spec, shm=True)
-    env = identity_env()
+    env = [*identity_env(), token_env(name)]
     if unit is not None:
         env.append({"name": ENV_UNIT, "value": str(unit)})
     args = worker_args(

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 
 from disaggserve_worker.engine.detokenizer import IncrementalDetokenizer
 from disaggserve_worker.engine.kv_cache import BlockAllocator
-from disaggserve_worker.engine.sampling import SamplingParams, sample_rows
+from disaggserve_worker.engine.sampling import SampleContext, SamplingParams, sample_rows
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.llama import LlamaForCausalLM
@@ -66,6 +66,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     slot_table: torch.Tensor | None = None
     aborted: bool = False
+    first_logprobs: dict[str, object] | None = None
 
     @property
     def reserve_tokens(self) -> int:
@@ -151,6 +152,10 @@ class Engine:
             raise RequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model length limit {self.config.max_model_len}; shorten the prompt or lower max_tokens")
+        if self.speculator is not None and (params.shapes_logits or params.logprobs is not None):
+            raise RequestError("this worker decodes speculatively, which does not apply penalties, logit_bias, "
+                               "allowed_token_ids, min_tokens or logprobs; send the request without them or "
+                               "serve it from workers with speculation off")
         if total > self.allocator.capacity_tokens:
             raise RequestError(f"request needs {total} KV-cache tokens but this worker holds only "
                                f"{self.allocator.capacity_tokens}; lower max_tokens or raise "
@@ -343,13 +348,15 @@ class Engine:
         self._sync()
         if self.observer:
             self.observer("prefill", time.perf_counter() - start, int(ids.numel()), len(chosen))
-        tokens = sample_rows(logits, [s.params for s, _ in chosen], [s.generator for s, _ in chosen])
+        logprobs: list[dict[str, object] | None] = []
+        tokens = sample_rows(logits, [s.params for s, _ in chosen], [s.generator for s, _ in chosen],
+                             [self._context(s) for s, _ in chosen], logprobs)
         for row, (seq, n) in enumerate(chosen):
             seq.num_cached += n
             if seq.num_cached < len(seq.prompt_ids):
                 continue  # more chunks to go
             self._prefilling.remove(seq)
-            finished = self._accept_token(seq, tokens[row])
+            finished = self._accept_token(seq, tokens[row], logprobs[row])
             if finished:
                 continue
             if seq.hold_kv:
@@ -371,10 +378,12 @@ class Engine:
         self._sync()
         if self.observer:
             self.observer("decode", time.perf_counter() - start, len(batch), len(batch))
-        tokens = sample_rows(logits, [s.params for s in batch], [s.generator for s in batch])
+        logprobs: list[dict[str, object] | None] = []
+        tokens = sample_rows(logits, [s.params for s in batch], [s.generator for s in batch],
+                             [self._context(s) for s in batch], logprobs)
         for row, seq in enumerate(batch):
             seq.num_cached += 1
-            if self._accept_token(seq, tokens[row]):
+            if self._accept_token(seq, tokens[row], logprobs[row]):
                 self._running.remove(seq)
 
     def _speculative_step(self) -> None:
@@ -397,7 +406,11 @@ class Engine:
         """Wait for every pipeline stage and tensor shard so iteration timings measure the GPU work."""
         self.model.synchronize()
 
-    def _accept_token(self, seq: Sequence, token: int) -> bool:
+    def _context(self, seq: Sequence) -> SampleContext:
+        # Tokens before `first_output` arrived inside the prompt (a router resume), as in vLLM.
+        return SampleContext(seq.prompt_ids, seq.tokens, frozenset(self.eos))
+
+    def _accept_token(self, seq: Sequence, token: int, logprobs: dict[str, object] | None = None) -> bool:
         """Detokenise and emit a sampled token; True when the sequence finished (cache freed)."""
         seq.tokens.append(token)
         finish: str | None = None
@@ -414,12 +427,13 @@ class Engine:
             if finish == "length":
                 text += seq.detok.flush()
         if finish is not None:
-            seq.stream.push(TokenEvent(token, text, finish))
+            seq.stream.push(TokenEvent(token, text, finish, logprobs=logprobs))
             self._free(seq)
             return True
         if seq.hold_kv:
+            seq.first_logprobs = logprobs
             return False  # the prefill path emits the first token together with the KV handle
-        seq.stream.push(TokenEvent(token, text, None))
+        seq.stream.push(TokenEvent(token, text, None, logprobs=logprobs))
         return False
 
     def _hold(self, seq: Sequence) -> None:
@@ -430,7 +444,8 @@ class Engine:
             self._held[handle] = held
         seq.blocks = []
         token = seq.tokens[-1]
-        seq.stream.push(TokenEvent(token, seq.detok.settled(), None, kv_handle=handle))
+        seq.stream.push(TokenEvent(token, seq.detok.settled(), None, kv_handle=handle,
+                                   logprobs=seq.first_logprobs))
 
     def _free(self, seq: Sequence) -> None:
         if self.speculator is not None:
