@@ -11,6 +11,11 @@ Library use (the autoscaler benchmark reuses it):
     results = await run_poisson(url, model, rate=8, num_requests=100, input_tokens=512, output_tokens=64)
     summary = summarize(results, ttft_slo_s=0.4, tpot_slo_s=0.02)
 
+A refusal with `Retry-After` (429 overloaded, 503 no workers) is retried after the time it names,
+at most `max_retries` times, as the `openai` SDK does by default (2); the time waited counts in the
+request's latency. Every result records how it ended (`status`, `kind`), so an overload test can
+tell a shed request (429 with Retry-After) from a timeout or a reset connection.
+
 Command line: `python bench/loadgen.py --url http://127.0.0.1:8000 --model tiny --rate 5 --requests 50`.
 """
 
@@ -23,6 +28,7 @@ import json
 import random
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +43,16 @@ class RequestResult:
     e2e_s: float | None = None
     output_tokens: int = 0
     error: str | None = None
+    status: int | None = None  # HTTP status of the last attempt (None: no answer at all)
+    retry_after: str | None = None  # its Retry-After header, when it had one
+    kind: str | None = None  # how a failure ended: http | in_stream | timeout | connection | silent_cut
+    retries: int = 0  # attempts retried after a Retry-After
     token_times_s: list[float] = field(default_factory=list)  # arrival of each streamed token, since sent
+
+    @property
+    def shed(self) -> bool:
+        """Refused by the server's load shedding (429 with Retry-After), the clean way to fail."""
+        return not self.ok and self.status == 429 and bool(self.retry_after)
 
     @property
     def tpot_s(self) -> float | None:
@@ -49,8 +64,7 @@ class RequestResult:
     def tpot_p90_s(self) -> float | None:
         """The request's 90th-percentile gap between streamed tokens: a stall the mean over
         many tokens would dilute (DistServe judges TPOT per request)."""
-        times = self.token_times_s
-        gaps = [b - a for a, b in itertools.pairwise(times)]
+        gaps = [b - a for a, b in itertools.pairwise(self.token_times_s)]
         return percentile(gaps, 90) if gaps else self.tpot_s
 
     def meets(self, ttft_slo_s: float, tpot_slo_s: float, tpot_stat: str = "mean") -> bool:
@@ -66,17 +80,39 @@ def synthetic_prompt(rng: random.Random, length: int, vocab_low: int = 3, vocab_
 
 async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int],
                       output_tokens: int, started: float, headers: dict[str, str] | None = None,
-                      timeout_s: float = 120.0) -> RequestResult:
+                      timeout_s: float = 120.0, max_retries: int = 2,
+                      max_retry_after_s: float = 60.0) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     sent = time.perf_counter()
     result = RequestResult(sent_at_s=sent - started, ok=False)
+    while True:
+        wait = await _attempt(session, url, body, headers, timeout_s, sent, result)
+        if wait is None or result.retries >= max_retries or wait > max_retry_after_s:
+            break
+        result.retries += 1
+        await asyncio.sleep(wait)
+    result.e2e_s = time.perf_counter() - sent
+    return result
+
+
+async def _attempt(session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str] | None,
+                   timeout_s: float, sent: float, result: RequestResult) -> float | None:
+    """One try; returns the seconds to wait before a retry the server invited (Retry-After), else None."""
     try:
         async with session.post(url.rstrip("/") + "/v1/completions", json=body, headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            result.status = resp.status
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                return result
+                result.kind = "http"
+                result.retry_after = resp.headers.get("Retry-After")
+                if resp.status in (429, 503) and result.retry_after:
+                    try:
+                        return max(0.0, float(result.retry_after))
+                    except ValueError:
+                        return None
+                return None
             async for raw in resp.content:
                 line = raw.strip()
                 if not line.startswith(b"data: "):
@@ -84,10 +120,12 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
                 data = line[6:]
                 if data == b"[DONE]":
                     result.ok = True
+                    result.error = result.kind = None
                     break
                 event = json.loads(data)
                 if "error" in event:
                     result.error = str(event["error"].get("message"))
+                    result.kind = "in_stream"
                     break
                 if event.get("choices"):
                     now = time.perf_counter() - sent
@@ -96,14 +134,18 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
                     result.token_times_s.append(now)
                 if event.get("usage"):
                     result.output_tokens = int(event["usage"]["completion_tokens"])
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-    result.e2e_s = time.perf_counter() - sent
-    return result
+            else:  # a clean end of the HTTP body without [DONE] or an error: the one silent cut
+                result.error, result.kind = "the stream ended without [DONE] or an error", "silent_cut"
+    except TimeoutError as exc:
+        result.error, result.kind = f"TimeoutError: {exc}", "timeout"
+    except aiohttp.ClientError as exc:
+        result.error, result.kind = f"{type(exc).__name__}: {exc}", "connection"
+    return None
 
 
 async def run_poisson(url: str, model: str, *, rate: float, num_requests: int, input_tokens: int,
-                      output_tokens: int, seed: int = 0, api_key: str | None = None) -> list[RequestResult]:
+                      output_tokens: int, seed: int = 0, api_key: str | None = None,
+                      max_retries: int = 2) -> list[RequestResult]:
     """Sends `num_requests` with exponential gaps of mean 1/rate; returns when all have answered."""
     rng = random.Random(seed)
     prompts = [synthetic_prompt(rng, input_tokens) for _ in range(num_requests)]
@@ -117,7 +159,8 @@ async def run_poisson(url: str, model: str, *, rate: float, num_requests: int, i
             next_at += gap
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
             tasks.append(asyncio.create_task(
-                one_request(session, url, model, prompt, output_tokens, started, headers)))
+                one_request(session, url, model, prompt, output_tokens, started, headers,
+                            max_retries=max_retries)))
         return list(await asyncio.gather(*tasks))
 
 
@@ -144,6 +187,10 @@ def summarize(results: list[RequestResult], ttft_slo_s: float, tpot_slo_s: float
     return {
         "requests": len(results),
         "failed": sum(not r.ok for r in results),
+        "shed": sum(r.shed for r in results),  # failed as 429 + Retry-After, after the client's retries
+        "retried": sum(r.retries > 0 for r in results),
+        "failures_by_kind": dict(sorted(Counter(
+            "shed" if r.shed else (r.kind or "unknown") for r in results if not r.ok).items())),
         "achieved_rate": (len(results) - 1) / span if span > 0 else None,
         "ttft_ms": {f"p{q}": percentile(ttft, q) for q in (50, 90, 99)},
         "tpot_ms": {f"p{q}": percentile(tpot, q) for q in (50, 90, 99)},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,17 @@ from helpers import OperatorRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 CRDS = [build_crd(), *build_peering_crds()]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (CI cancelling a job, `kill`, `scripts/test` forwarding Ctrl-C) stops the run the
+    way Ctrl-C does: fixtures tear down, so local clusters drain and stop their processes.
+    Whatever still runs when pytest exits is killed by the kernel (local/processes.py)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 class Api:

@@ -51,6 +51,8 @@ def test_cpu_mode_children_and_owner_references():
             ("RoleBinding", "tiny-router"),
             ("Deployment", "tiny-router"),
             ("Service", "tiny-router"),
+            ("Secret", "tiny-worker-token"),
+            ("NetworkPolicy", "tiny-workers"),
         ]
     )
     for obj in objs.values():

@@ -7,17 +7,22 @@ Exit codes: 0 a plan, 1 no plan is possible (the reason says why, with numbers),
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from disaggserve.api.files import ResourceFileError, load_resource, read_yaml_documents
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL, max_tensor_parallel
-from disaggserve.planner.auto import PlanOutcome, plan_automatically
+from disaggserve.planner.auto import BASELINE_SIMULATED_INSTANCES, Baseline, PlanOutcome, plan_automatically
+from disaggserve.planner.deployment import ColocatedDeployment, Deployment
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.hook import manual_plan
+from disaggserve.planner.inputs import build_search
+from disaggserve.planner.search import Searcher, Shape
 from disaggserve.planner.workload import WorkloadError, load_trace
 from disaggserve.topology import TopologyError, parse_cluster, synthetic_nodes
 
@@ -101,6 +106,8 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
         "placement_reason": o.placement_why,
         "prefill": _phase(plan, "prefill"),
         "decode": _phase(plan, "decode"),
+        "colocated": _phase(plan, "colocated") if plan.colocated else None,
+        "disaggregated_goodput_per_gpu": plan.disaggregated_goodput_per_gpu,
         "units": plan.units,
         "gpus_total": plan.gpus_total,
         "rate": o.rate,
@@ -118,6 +125,7 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
         "scaling_limited": plan.scaling_limited.model_dump() if plan.scaling_limited else None,
         "alternatives": o.alternatives,
         "profile": o.profile_source,
+        "estimated": o.estimated,
         "search": {
             "configs": o.stats.simulated,
             "pruned": o.stats.pruned_bound + o.stats.pruned_zero_load,
@@ -129,19 +137,19 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
 
 
 def _phase(plan: Plan, phase: str) -> dict[str, int]:
-    p = plan.prefill if phase == "prefill" else plan.decode
+    p = plan.phase(phase)  # type: ignore[arg-type]
     return {"tensor": p.tensor, "pipeline": p.pipeline, "replicas": p.replicas, "gpus": p.gpus}
 
 
-def _print_table(facts: dict[str, Any]) -> None:
+def _print_table(facts: dict[str, Any], unit: str = "GPU") -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     table = Table(title=f"DisaggServe plan: {facts['placement']} ({facts['placement_reason']})")
-    for col in ("phase", "tensor", "pipeline", "replicas", "GPUs"):
+    for col in ("phase", "tensor", "pipeline", "replicas", f"{unit}s"):
         table.add_column(col, justify="right" if col != "phase" else "left")
-    for phase in ("prefill", "decode"):
+    for phase in ("colocated",) if facts.get("colocated") else ("prefill", "decode"):
         p = facts[phase]
         table.add_row(phase, str(p["tensor"]), str(p["pipeline"]), str(p["replicas"]), str(p["gpus"]))
     table.add_row("total", "", "", f"{facts['units']} unit(s)", str(facts["gpus_total"]))
@@ -153,12 +161,12 @@ def _print_table(facts: dict[str, Any]) -> None:
             f"{pred['tpot_p90_ms']:.1f} ms, attainment {pred['attainment']:.1%}"
         )
     if facts["goodput_per_gpu"] is not None:
-        line = f"goodput per GPU: {facts['goodput_per_gpu']:.3g} rps"
+        line = f"goodput per {unit}: {facts['goodput_per_gpu']:.3g} rps"
         base = facts["baseline_colocated"]
         if base:
             line += (
                 f"; colocated baseline (tp{base['tensor']}·pp{base['pipeline']} × {base['instances']}): "
-                f"{base['goodput_per_gpu']:.3g} rps/GPU; ratio {facts['ratio_vs_colocated']}×"
+                f"{base['goodput_per_gpu']:.3g} rps/{unit}; ratio {facts['ratio_vs_colocated']}× per {unit}"
             )
         console.print(line)
     if facts.get("scaling_limited"):
@@ -174,8 +182,62 @@ def _print_table(facts: dict[str, Any]) -> None:
     console.print(f"why: {facts['reason']}")
 
 
-def plot_attainment(o: PlanOutcome, path: str) -> None:
-    """Attainment vs rate for the planned deployment and the colocated baseline deployment."""
+@dataclass
+class PlotInput:
+    """What the attainment plot compares: a deployment and the colocated baseline, per GPU."""
+
+    searcher: Searcher
+    deployment: Deployment | ColocatedDeployment
+    rate: float
+    label: str
+    baseline: Baseline | None
+    unit: str = "GPU"
+
+
+def plot_input(o: PlanOutcome, unit: str = "GPU") -> PlotInput:
+    return PlotInput(o.searcher, o.deployment, o.rate, f"plan ({o.plan.placement})", o.baseline, unit)
+
+
+def manual_plot_input(
+    spec: DisaggServeSpec,
+    plan: Plan,
+    *,
+    nodes: list[dict[str, Any]] | None,
+    profile: dict[str, Any] | None,
+    rate: float | None,
+    lengths: Any,
+    max_tensor: int,
+) -> PlotInput:
+    """A hand-written plan (spec.parallelism), simulated with the same profile and workload the
+    planner would use, next to the best colocated engine. Raises PlanningError (e.g. no profile)."""
+    setup = build_search(spec, nodes=nodes, profile=profile, rate=rate, lengths=lengths, max_tensor=max_tensor)
+    topo = setup.topology
+    gbps = topo.cross_gbps if plan.placement == "high-affinity" else topo.intra_gbps
+    deployment = Deployment(
+        Shape(plan.prefill.tensor, plan.prefill.pipeline),
+        plan.prefill.replicas,
+        Shape(plan.decode.tensor, plan.decode.pipeline),
+        plan.decode.replicas,
+        plan.units,
+        gbps,
+    )
+    colocated = setup.searcher.colocated()
+    baseline = None
+    if colocated:
+        best = colocated[0]
+        instances = max(1, deployment.gpus // best.shape.gpus)
+        baseline = Baseline(best.shape, instances, best.goodput / best.shape.gpus)
+    unit = "CPU worker" if spec.hardware.device == "cpu" else "GPU"
+    return PlotInput(setup.searcher, deployment, setup.rate, f"manual plan ({plan.placement})", baseline, unit)
+
+
+def plot_attainment(p: PlotInput, path: str) -> None:
+    """SLO attainment against the load per GPU, for the deployment and the colocated baseline.
+
+    Per GPU, because the two use different numbers of GPUs: at the same x both carry the same
+    requests per GPU, so the curve further right is the one with more goodput per GPU — the
+    ratio the text output prints.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,34 +246,57 @@ def plot_attainment(o: PlanOutcome, path: str) -> None:
 
     from disaggserve.planner.simulator import simulate_colocated
 
-    s = o.searcher
-    top = max(o.deployment.goodput(s), o.rate) * 1.6
-    rates = np.linspace(top / 20, top, 16)
-    slo = s.slo
-    planned = [o.deployment.simulate(s, float(r)).attainment(slo.ttft_ms, slo.tpot_ms) for r in rates]
+    s, dep, slo = p.searcher, p.deployment, p.searcher.slo
+    per_gpu = [dep.goodput(s) / dep.gpus, p.rate / dep.gpus]
+    if p.baseline:
+        per_gpu.append(p.baseline.goodput_per_gpu)
+    rates = np.linspace(max(per_gpu) * 1.6 / 20, max(per_gpu) * 1.6, 16)
+    planned = [dep.simulate(s, float(x) * dep.gpus).attainment(slo.ttft_ms, slo.tpot_ms) for x in rates]
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(rates, planned, marker="o", label=f"plan ({o.plan.gpus_total} GPUs, {o.plan.placement})")
-    if o.baseline:
-        b = o.baseline
+    ax.plot(rates, planned, marker="o", label=f"{p.label}: {dep.gpus} {p.unit}s")
+    if p.baseline:
+        b = p.baseline
+        # A few replicas behind least-loaded dispatch stand for many, as in the planner; per GPU
+        # the load is the same, so the curve is the whole baseline's.
+        k = min(b.instances, BASELINE_SIMULATED_INSTANCES)
         lat = s.latency(b.shape, colocated=True)
+        gpus = k * b.shape.gpus
         base = [
-            simulate_colocated(s.requests_for(float(r)), float(r), lat, s.capacity_tokens(b.shape), b.instances)
+            simulate_colocated(s.requests_for(float(x) * gpus), float(x) * gpus, lat, s.capacity_tokens(b.shape), k)
             .after_warmup(0.2)
             .attainment(slo.ttft_ms, slo.tpot_ms)
-            for r in rates
+            for x in rates
         ]
-        ax.plot(
-            rates, base, marker="s", label=f"colocated {b.shape} × {b.instances} ({b.instances * b.shape.gpus} GPUs)"
-        )
+        total = b.instances * b.shape.gpus
+        ax.plot(rates, base, marker="s", label=f"colocated {b.shape} × {b.instances}: {total} {p.unit}s")
     ax.axhline(slo.attainment, color="grey", linestyle="--", label=f"target {slo.attainment:.0%}")
-    ax.axvline(o.rate, color="grey", linestyle=":", label=f"planned rate {o.rate:g} rps")
-    ax.set_xlabel("request rate (rps)")
+    ax.axvline(p.rate / dep.gpus, color="grey", linestyle=":", label=f"planned {p.rate:g} rps")
+    ax.set_xlabel(f"request rate per {p.unit} (rps / {p.unit})")
     ax.set_ylabel("SLO attainment (TTFT and TPOT)")
+    ax.set_title("further right at the target = more goodput per " + p.unit, fontsize=9)
     ax.set_ylim(0, 1.02)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _check_plot(path: str | None) -> None:
+    """`--plot` needs matplotlib (not a dependency of the operator): say so before planning."""
+    if path and importlib.util.find_spec("matplotlib") is None:
+        raise InputError(
+            "--plot needs matplotlib, which is not installed: `pip install matplotlib` "
+            "(the README's quick start installs it with the `local` extra)"
+        )
+
+
+def _profile_hint(e: PlanningError) -> str:
+    if e.reason != "ProfileMissing":
+        return ""
+    return (
+        "\nhint: to plan without a cluster, pass a measured profile: `disaggserve-worker profile --model M "
+        "--out profile.json`, then `disaggserve plan -f FILE --profile profile.json`"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -233,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
         lengths = load_trace(args.trace) if args.trace else None
         if args.rate is not None and args.rate <= 0:
             raise InputError(f"--rate {args.rate:g}: must be a positive number of requests per second")
+        _check_plot(args.plot)
     except (InputError, TopologyError, WorkloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -245,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
                         "placement": plan.placement,
                         "prefill": _phase(plan, "prefill"),
                         "decode": _phase(plan, "decode"),
+        "colocated": _phase(plan, "colocated") if plan.colocated else None,
+        "disaggregated_goodput_per_gpu": plan.disaggregated_goodput_per_gpu,
                         "units": plan.units,
                         "gpus_total": plan.gpus_total,
                         "reason": plan.reason,
@@ -254,13 +342,29 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             print(plan.reason)
+        if args.plot:
+            try:
+                drawn = manual_plot_input(
+                    spec,
+                    plan,
+                    nodes=nodes,
+                    profile=profile,
+                    rate=args.rate,
+                    lengths=lengths,
+                    max_tensor=args.max_tensor,
+                )
+            except PlanningError as e:
+                print(f"error: cannot plot the manual plan: {e.reason}: {e}{_profile_hint(e)}", file=sys.stderr)
+                return 1
+            plot_attainment(drawn, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
         return 0
     try:
         outcome = plan_automatically(
             spec, nodes=nodes, profile=profile, rate=args.rate, lengths=lengths, max_tensor=args.max_tensor
         )
     except PlanningError as e:
-        print(f"error: {e.reason}: {e}", file=sys.stderr)
+        print(f"error: {e.reason}: {e}{_profile_hint(e)}", file=sys.stderr)
         return 1
     except TopologyError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -277,7 +381,13 @@ def run(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(facts, indent=2, ensure_ascii=False))
     else:
-        _print_table(facts)
+        _print_table(facts, _unit(spec))
     if args.plot:
-        plot_attainment(outcome, args.plot)
+        plot_attainment(plot_input(outcome, _unit(spec)), args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _unit(spec: DisaggServeSpec) -> str:
+    """What one device of a plan is: CPU workers are never called GPUs."""
+    return "CPU worker" if spec.hardware.device == "cpu" else "GPU"

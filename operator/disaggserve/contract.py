@@ -22,6 +22,10 @@ ENV_POD_NAME = "DISAGGSERVE_POD_NAME"
 ENV_POD_IP = "DISAGGSERVE_POD_IP"
 ENV_NAMESPACE = "DISAGGSERVE_NAMESPACE"
 ENV_UNIT = "DISAGGSERVE_UNIT"
+# The per-DisaggServe shared secret (Secret `<name>-worker-token`, key `token`): every worker
+# endpoint but the probes and /metrics wants it in the header below.
+ENV_WORKER_TOKEN = "DISAGGSERVE_WORKER_TOKEN"
+HEADER_WORKER_TOKEN = "X-DisaggServe-Token"
 
 # HTTP paths every worker and the router serve.
 PATH_HEALTH = "/healthz"
@@ -39,7 +43,7 @@ LABEL_PLAN_HASH = "disaggserve.io/plan-hash"
 APP_NAME = "disaggserve"
 MANAGED_BY = "disaggserve-operator"
 
-# Metric names (DESIGN.md §5), read by the autoscaler from Prometheus or the router.
+# Metric names (docs/architecture.md §5), read by the autoscaler from Prometheus or the router.
 METRIC_TTFT = "disaggserve_ttft_seconds"
 METRIC_TPOT = "disaggserve_tpot_seconds"
 METRIC_E2E = "disaggserve_e2e_seconds"
@@ -47,6 +51,16 @@ METRIC_REQUESTS = "disaggserve_requests_total"
 METRIC_PROMPT_TOKENS = "disaggserve_prompt_tokens_total"
 METRIC_GENERATION_TOKENS = "disaggserve_generation_tokens_total"
 METRIC_SLO_MET = "disaggserve_slo_met_total"
+# Engine series of every worker, in vLLM's names for both engines (labels model_name, engine):
+# what the Gateway API Inference Extension's endpoint picker and vLLM dashboards read.
+METRIC_ENGINE_WAITING = "vllm:num_requests_waiting"
+METRIC_ENGINE_RUNNING = "vllm:num_requests_running"
+METRIC_ENGINE_KV_USAGE = "vllm:kv_cache_usage_perc"
+METRIC_ENGINE_TTFT = "vllm:time_to_first_token_seconds"
+METRIC_ENGINE_ITL = "vllm:inter_token_latency_seconds"
+METRIC_ENGINE_E2E = "vllm:e2e_request_latency_seconds"
+METRIC_ENGINE_PROMPT_TOKENS = "vllm:prompt_tokens_total"
+METRIC_ENGINE_GENERATION_TOKENS = "vllm:generation_tokens_total"
 
 ROLES = ("prefill", "decode", "colocated")
 
@@ -68,12 +82,17 @@ def worker_args(
     tensor: int,
     pipeline: int,
     device: str,
-    ttft_slo_ms: float,
-    tpot_slo_ms: float,
+    ttft_slo_ms: float | None = None,
+    tpot_slo_ms: float | None = None,
     max_model_len: int | None = None,
     speculation: dict[str, str | int] | None = None,
 ) -> list[str]:
-    """Command line of `disaggserve-worker serve` for one pod."""
+    """Command line of `disaggserve-worker serve` for one pod.
+
+    The operator passes no SLOs: workers bucket latencies with fixed edges, so an SLO edit
+    changes no pod template and restarts no worker (the router and the autoscaler judge SLOs).
+    The flags stay in the contract for workers run by hand.
+    """
     if role not in ROLES:
         raise ValueError(f"unknown worker role {role!r}; expected one of {ROLES}")
     args = [
@@ -96,11 +115,11 @@ def worker_args(
         str(pipeline),
         "--device",
         device,
-        "--ttft-slo-ms",
-        f"{ttft_slo_ms:g}",
-        "--tpot-slo-ms",
-        f"{tpot_slo_ms:g}",
     ]
+    if ttft_slo_ms is not None:
+        args += ["--ttft-slo-ms", f"{ttft_slo_ms:g}"]
+    if tpot_slo_ms is not None:
+        args += ["--tpot-slo-ms", f"{tpot_slo_ms:g}"]
     if max_model_len:
         args += ["--max-model-len", str(max_model_len)]
     for key, value in (speculation or {}).items():

@@ -87,8 +87,10 @@ def fetch(name: str, namespace: str) -> dict[str, Any]:
         raise PluginError(f"the API server answered {e.status} {e.reason} for {name!r}") from None
     except (urllib3.exceptions.HTTPError, OSError) as e:  # refused, DNS, TLS, timeouts (after retries)
         host = api.api_client.configuration.host
-        raise PluginError(f"cannot reach the API server at {host}: {type(e).__name__}. "
-                          "Check the kubeconfig's server and your network.") from None
+        local = "://127." in host or "://localhost" in host
+        hint = ("Is `disaggserve up` running? Start it with `disaggserve up`." if local
+                else "Check the kubeconfig's server and your network.")
+        raise PluginError(f"cannot reach the API server at {host}: {type(e).__name__}. {hint}") from None
     return obj
 
 
@@ -115,15 +117,17 @@ def plan_view(obj: dict[str, Any]) -> tuple[dict[str, Any], Table | None, list[s
     if plan is None:
         raise PluginError(f"{name!r} has no plan yet: the operator has not reconciled it "
                           f"(is it running? see `kubectl disaggserve status {name}`)")
+    unit = _unit(obj)
     table = Table(title=f"Plan of {obj['metadata']['namespace']}/{name}")
-    for column in ("Phase", "Tensor", "Pipeline", "Replicas", "GPUs/instance", "GPUs"):
+    for column in ("Phase", "Tensor", "Pipeline", "Replicas", f"{unit}s/instance", f"{unit}s"):
         table.add_column(column, justify="left" if column == "Phase" else "right")
     for phase in PHASES:
         p = plan.phase(phase)
         table.add_row(phase, str(p.tensor), str(p.pipeline), str(p.replicas), str(p.gpus_per_instance), str(p.gpus))
     lines = [
-        f"Placement: {plan.placement} ({plan.units} unit(s)); {plan.gpus_total} GPU(s) in total; source: {plan.source}",
-        f"Predicted goodput per GPU: {_fmt(plan.predicted_goodput_per_gpu, ' req/s', 2)}",
+        f"Placement: {plan.placement} ({plan.units} unit(s)); {plan.gpus_total} {unit}(s) in total; "
+        f"source: {plan.source}",
+        f"Predicted goodput per {unit}: {_fmt(plan.predicted_goodput_per_gpu, ' req/s', 2)}",
     ]
     if plan.predicted:
         lines.append(f"Predicted: TTFT p90 {_fmt(plan.predicted.ttft_p90_ms, ' ms')}, "
@@ -135,12 +139,26 @@ def plan_view(obj: dict[str, Any]) -> tuple[dict[str, Any], Table | None, list[s
     return plan.model_dump(by_alias=True, mode="json", exclude_none=True), table, lines
 
 
-def status_view(obj: dict[str, Any]) -> tuple[dict[str, Any], list[Table], list[str]]:
-    """(JSON summary, tables, header lines) of the whole status."""
+def _unit(obj: dict[str, Any]) -> str:
+    """What one device of the plan is: a GPU, or a CPU worker process (never called a GPU)."""
+    device = ((obj.get("spec") or {}).get("hardware") or {}).get("device")
+    return "CPU worker" if device == "cpu" else "GPU"
+
+
+def status_view(
+    obj: dict[str, Any], local_endpoint: str | None = None
+) -> tuple[dict[str, Any], list[Table], list[str]]:
+    """(JSON summary, tables, header lines) of the whole status.
+
+    `local_endpoint`: where `disaggserve up` publishes the router on this machine (the
+    status's endpoint is the in-cluster Service name, which does not resolve on the host).
+    """
     name, namespace = obj["metadata"]["name"], obj["metadata"]["namespace"]
     status = parse_status(obj)
     spec_slo = _spec_slo(obj)
     lines = [f"{namespace}/{name}: phase {status.phase}", f"Endpoint: {status.endpoint or '-'}"]
+    if local_endpoint:
+        lines.append(f"Local endpoint (disaggserve up, on this machine): {local_endpoint}")
     stale = status.observed_generation is not None and status.observed_generation < obj["metadata"].get(
         "generation", status.observed_generation)
     if stale:
@@ -180,6 +198,7 @@ def status_view(obj: dict[str, Any]) -> tuple[dict[str, Any], list[Table], list[
         "namespace": namespace,
         "phase": status.phase,
         "endpoint": status.endpoint,
+        **({"localEndpoint": local_endpoint} if local_endpoint else {}),
         "observedGeneration": status.observed_generation,
         "conditions": [c.model_dump(by_alias=True, mode="json", exclude_none=True) for c in status.conditions],
         "replicas": {p: {"ready": getattr(status.replicas, p).ready, "desired": getattr(status.replicas, p).desired}
@@ -213,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace, console: Console) -> int:
+def run(args: argparse.Namespace, console: Console, local_endpoint: str | None = None) -> int:
     context_ns = _load_client_config(args.kubeconfig, args.context)
     namespace = args.namespace or context_ns or "default"
     obj = fetch(args.name, namespace)
@@ -226,7 +245,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         for line in lines:
             console.print(line, highlight=False)
         return 0
-    summary, tables, lines = status_view(obj)
+    summary, tables, lines = status_view(obj, local_endpoint)
     if args.output == "json":
         console.out(json.dumps(summary, indent=2), highlight=False)
         return 0
@@ -237,11 +256,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
+def main(argv: Sequence[str] | None = None, console: Console | None = None, local_endpoint: str | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = console or Console()
     try:
-        return run(args, out)
+        return run(args, out, local_endpoint)
     except PluginError as e:
         Console(stderr=True).print(f"error: {e}", highlight=False, markup=False)
         return 1

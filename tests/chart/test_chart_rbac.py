@@ -20,7 +20,7 @@ SA = "disaggserve"
 OPERATOR_NS = "disaggserve-system"
 CHILDREN = [("apps", "statefulsets"), ("apps", "deployments"), ("", "services"), ("", "configmaps"),
             ("", "serviceaccounts"), ("policy", "poddisruptionbudgets"), ("rbac.authorization.k8s.io", "roles"),
-            ("rbac.authorization.k8s.io", "rolebindings")]
+            ("rbac.authorization.k8s.io", "rolebindings"), ("networking.k8s.io", "networkpolicies")]
 
 
 def operator_calls(namespaces: list[str], *, cluster: bool) -> list[Call]:
@@ -44,6 +44,7 @@ def operator_calls(namespaces: list[str], *, cluster: bool) -> list[Call]:
             calls += [Call(v, group, resource, namespace=ns)
                       for v in ("get", "list", "watch", "create", "patch", "delete")]
         calls += [Call(v, "", "pods", namespace=ns) for v in ("get", "list", "watch", "delete")]
+        calls += [Call(v, "", "secrets", namespace=ns) for v in ("get", "create", "patch")]  # worker token
         calls += [Call(v, "", "events", namespace=ns) for v in ("create", "patch")]
     return calls
 
@@ -74,7 +75,9 @@ def test_namespaced_scope_stays_in_its_namespaces(helm_bin: str) -> None:
     refused = [
         Call("create", "apps", "statefulsets", namespace="team-b"),       # not a watched namespace
         Call("list", "apps", "statefulsets"),                              # across all namespaces
-        Call("get", "", "secrets", namespace="team-a"),                    # never granted
+        Call("list", "", "secrets", namespace="team-a"),                   # reads its token by name only
+        Call("watch", "", "secrets", namespace="team-a"),
+        Call("delete", "", "secrets", namespace="team-a"),
         Call("update", "apps", "statefulsets", namespace="team-a"),        # the operator only patches
         Call("patch", "", "nodes"),                                        # nodes are read-only
         Call("patch", "kopf.dev", "clusterkopfpeerings"),                  # cluster peering is for scope cluster

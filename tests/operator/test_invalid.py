@@ -66,6 +66,20 @@ SCHEMA_CASES = [
         "minReplicas.prefill must not exceed",
     ),
     ("zero-request-rate", "workload.requestRate", 0, "spec.workload.requestRate"),
+    # Passed the old schema and froze the planner (issue 11 item 1); the minimum is now 1e-3.
+    ("vanishing-request-rate", "workload.requestRate", 1e-300, "spec.workload.requestRate"),
+    ("request-rate-above-maximum", "workload.requestRate", 1e6, "spec.workload.requestRate"),
+    ("node-selector-value-with-space", "hardware.nodeSelector", {"pool": "gpu pool"}, "nodeSelector"),
+    ("node-selector-value-too-long", "hardware.nodeSelector", {"pool": "x" * 64}, "nodeSelector"),
+    ("toleration-value-invalid", "hardware.tolerations", [{"key": "k", "value": "a/b"}], "tolerations"),
+    (
+        "toleration-exists-with-value",
+        "hardware.tolerations",
+        [{"key": "k", "operator": "Exists", "value": "v"}],
+        "operator Exists matches any value",
+    ),
+    ("toleration-key-invalid", "hardware.tolerations", [{"key": "-k", "operator": "Exists"}], "tolerations"),
+    ("replicas-above-maximum", "parallelism.decode.replicas", 1001, "spec.parallelism.decode.replicas"),
     ("fractional-tokens", "workload.inputTokens", 1.5, "spec.workload.inputTokens"),
     ("draft-proposer-without-model", "speculation", {"mode": "adaptive", "proposer": "draft"}, "draftModel"),
     ("ngram-min-above-max", "speculation", {"ngramMin": 4, "ngramMax": 2}, "ngramMin must not exceed"),
@@ -87,9 +101,19 @@ async def test_schema_refuses(apiserver, path, value, expect):
     assert apiserver.get(GROUP, "disaggserves", "default", "bad") is None
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["a-name-that-is-far-too-long-for-its-pod-names", "1abc", "a.b", "Upper", "ends-with-dash-"],
+)
+async def test_schema_refuses_names_its_children_could_not_carry(apiserver, name):
+    resp = await create(apiserver.url, example(name=name))
+    assert resp.status_code == 422, resp.text
+    assert "metadata.name" in resp.json()["message"], resp.json()["message"]
+
+
 # Accepted by the schema, refused by the operator: (case id, body builder, condition reason)
-def _long_name() -> dict:
-    return example(name="a-name-that-is-far-too-long-for-its-pod-names")
+def _bad_node_selector_key() -> dict:
+    return _set(example(name="bad-selector-key"), "hardware.nodeSelector", {"-not/a key": "v"})
 
 
 def _missing_profile() -> dict:
@@ -97,7 +121,7 @@ def _missing_profile() -> dict:
 
 
 OPERATOR_CASES = [
-    ("name-too-long", _long_name, "InvalidSpec"),
+    ("node-selector-key-invalid", _bad_node_selector_key, "InvalidSpec"),
     ("profile-configmap-missing", _missing_profile, "ProfileMissing"),
 ]
 

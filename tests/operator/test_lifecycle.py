@@ -27,6 +27,8 @@ def children(api, name="tiny"):
         ("policy", "poddisruptionbudgets"),
         ("rbac.authorization.k8s.io", "roles"),
         ("rbac.authorization.k8s.io", "rolebindings"),
+        ("", "secrets"),
+        ("networking.k8s.io", "networkpolicies"),
     ]:
         for obj in api.list(group, plural, NS, f"app.kubernetes.io/instance={name}"):
             out[(obj["kind"], obj["metadata"]["name"])] = obj
@@ -47,7 +49,7 @@ async def test_create_builds_children_with_owner_references_and_status(apiserver
     resp = await create(apiserver.url, example())
     assert resp.status_code == 201, resp.text
     uid = resp.json()["metadata"]["uid"]
-    await wait_for(lambda: len(children(apiserver)) == 12, message="all 12 children")
+    await wait_for(lambda: len(children(apiserver)) == 14, message="all 14 children")
     for obj in children(apiserver).values():
         assert obj["metadata"]["ownerReferences"][0]["uid"] == uid
         assert obj["metadata"]["managedFields"][0]["manager"] == "disaggserve"
@@ -58,12 +60,12 @@ async def test_create_builds_children_with_owner_references_and_status(apiserver
     assert status["endpoint"] == "http://tiny-router.default.svc:8000/v1"
     assert condition(cr(apiserver), "Planned")["status"] == "True"
     assert condition(cr(apiserver), "Ready")["status"] == "False"
-    await wait_for(lambda: len(events(apiserver, "Created")) == 12, message="a Created event per child")
+    await wait_for(lambda: len(events(apiserver, "Created")) == 14, message="a Created event per child")
 
 
 async def test_readiness_follows_the_workloads(apiserver, operator):
     await create(apiserver.url, example())
-    await wait_for(lambda: len(children(apiserver)) == 12)
+    await wait_for(lambda: len(children(apiserver)) == 14)
     await set_ready(apiserver, "tiny-prefill", 1)
     await set_ready(apiserver, "tiny-decode", 1)
     await set_ready(apiserver, "tiny-router", 1, DEPLOY_PATH)
@@ -78,7 +80,7 @@ async def test_readiness_follows_the_workloads(apiserver, operator):
 
 async def test_spec_change_patches_children_in_place(apiserver, operator):
     await create(apiserver.url, example())
-    await wait_for(lambda: len(children(apiserver)) == 12)
+    await wait_for(lambda: len(children(apiserver)) == 14)
     before = children(apiserver)
     r = await patch_spec(apiserver.url, "tiny", {"parallelism": {"decode": {"replicas": 3}}, "slo": {"tpotMs": 80}})
     assert r.status_code == 200, r.text
@@ -87,10 +89,14 @@ async def test_spec_change_patches_children_in_place(apiserver, operator):
     after = children(apiserver)
     assert {k: v["metadata"]["uid"] for k, v in after.items()} == {k: v["metadata"]["uid"] for k, v in before.items()}
     args = sts()["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--tpot-slo-ms") + 1] == "80"
+    assert "--tpot-slo-ms" not in args  # SLOs are judged by the router and the autoscaler, not workers
     await wait_for(lambda: cr(apiserver)["status"].get("observedGeneration") == 2)
     assert cr(apiserver)["status"]["replicas"]["decode"]["desired"] == 3
     await wait_for(lambda: any("tiny-decode" in e["message"] for e in events(apiserver, "Updated")))
+    # The worker token is made once: a reconcile reads it back instead of rotating it.
+    token = lambda: apiserver.get("", "secrets", NS, "tiny-worker-token")["data"]["token"]  # noqa: E731
+    assert token() == before[("Secret", "tiny-worker-token")]["data"]["token"]
+    assert not any("tiny-worker-token" in e["message"] for e in events(apiserver, "Updated"))
 
 
 async def test_placement_change_replaces_workloads_and_removes_the_old_ones(apiserver, operator):
@@ -109,7 +115,7 @@ async def test_placement_change_replaces_workloads_and_removes_the_old_ones(apis
 
 async def test_drift_is_repaired(apiserver, operator):
     await create(apiserver.url, example())
-    await wait_for(lambda: len(children(apiserver)) == 12)
+    await wait_for(lambda: len(children(apiserver)) == 14)
     async with httpx.AsyncClient(base_url=apiserver.url) as client:
         await client.patch(f"{STS_PATH}/tiny-prefill", json={"spec": {"replicas": 7}}, headers=MERGE)
         await client.delete(f"{STS_PATH}/tiny-decode")
@@ -122,7 +128,7 @@ async def test_drift_is_repaired(apiserver, operator):
 
 async def test_delete_removes_every_child(apiserver, operator):
     await create(apiserver.url, example())
-    await wait_for(lambda: len(children(apiserver)) == 12)
+    await wait_for(lambda: len(children(apiserver)) == 14)
     resp = await delete(apiserver.url, "tiny")
     assert resp.status_code in (200, 202)
     await wait_for(lambda: cr(apiserver) is None, message="resource gone (finalizer released)")

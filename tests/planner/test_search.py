@@ -83,7 +83,7 @@ def opt66b_searcher() -> Searcher:
         prof,
         prof.model_facts.to_facts(),
         sample_requests(work, 6000),
-        Slo(2000, 150, 0.9),
+        Slo(ttft_ms=2000, tpot_ms=150, attainment=0.9),
         HardwareView(8, 80 * 1024**3, 2400, 200),
         target_rate=40,
     )

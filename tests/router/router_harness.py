@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from disaggserve_worker.auth import ENV_WORKER_TOKEN
 from disaggserve_worker.router.app import Router
 from disaggserve_worker.router.cli import build_router
 from disaggserve_worker.router.config import RouterConfig
+from disaggserve_worker.router.http_server import OpenAIAppRunner
 
 MODEL = "builtin:tiny-llama"
 SERVED = "tiny"
@@ -60,9 +62,14 @@ def random_block() -> str:
     return f"127.{random.randint(20, 250)}.{random.randint(0, 255)}"
 
 
-def start_workers(specs: list[tuple[str, str]], tmp: Path, model: str = MODEL) -> list[WorkerProcess]:
-    """Starts `(role, ip)` workers in parallel and waits until each answers /readyz."""
+def start_workers(specs: list[tuple[str, str]], tmp: Path, model: str = MODEL,
+                  token: str | None = None) -> list[WorkerProcess]:
+    """Starts `(role, ip)` workers in parallel and waits until each answers /readyz; with `token`,
+    they accept only callers that send it (`disaggserve_worker.auth`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop(ENV_WORKER_TOKEN, None)
+    if token:
+        env[ENV_WORKER_TOKEN] = token
     workers = []
     for role, ip in specs:
         log = tmp / f"worker-{role}-{ip}.log"
@@ -122,7 +129,7 @@ class RunningRouter:
 
 async def start_router(config: RouterConfig) -> RunningRouter:
     router = build_router(config)
-    runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
+    runner = OpenAIAppRunner(router.build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()

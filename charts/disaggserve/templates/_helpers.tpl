@@ -81,6 +81,21 @@ them with the API calls the operator makes). `peering` is the kopf peering resou
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Each DisaggServe's NetworkPolicy: only its router, its peers, the operator and the scraper reach workers.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Each DisaggServe's worker token (`<name>-worker-token`): read by name (never listed), created once
+# by server-side apply; the owner reference deletes it. The operator also sends it on drain calls.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "patch"]
+{{- if .Values.rbac.inferencePools }}
+# spec.gateway (opt-in): the InferencePool of the Gateway API Inference Extension (its CRDs installed separately).
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+{{- end }}
 # Each router's own Role (get/list/watch pods) and RoleBinding. RBAC's escalation check lets the
 # operator write only a Role whose permissions it holds itself in that namespace: no `escalate`/`bind`.
 - apiGroups: ["rbac.authorization.k8s.io"]

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel
 
 from disaggserve.api.base import ApiModel
-from disaggserve.api.constants import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from disaggserve.api.constants import GROUP, KIND, MAX_NAME_LENGTH, NAME_PATTERN, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.api.status import DisaggServeStatus
 
@@ -165,7 +165,19 @@ def build_crd() -> dict[str, Any]:
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                # The API server lets the root schema restrict metadata.name only.
+                                "metadata": {
+                                    "type": "object",
+                                    "properties": {
+                                        "name": {
+                                            "type": "string",
+                                            "maxLength": MAX_NAME_LENGTH,
+                                            "pattern": NAME_PATTERN,
+                                            "description": "A DNS-1035 label of at most "
+                                            f"{MAX_NAME_LENGTH} characters: it names Services and pods.",
+                                        }
+                                    },
+                                },
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from disaggserve.api import safe_yaml
 from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
 
@@ -32,7 +33,9 @@ def read_yaml_documents(path: str | Path, what: str = "file") -> list[Any]:
     except OSError as e:
         raise ResourceFileError(f"{what} {path}: cannot read: {e.strerror}") from None
     try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
+        return [d for d in safe_yaml.load_all(text) if d is not None]
+    except safe_yaml.YamlLimitError as e:
+        raise ResourceFileError(f"{what} {path}: refused: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

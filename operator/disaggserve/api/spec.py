@@ -1,4 +1,4 @@
-"""`DisaggServe.spec`: what a user asks for (DESIGN.md §2).
+"""`DisaggServe.spec`: what a user asks for (docs/architecture.md §2).
 
 Defaults are the ones a first-time user on a GPU cluster wants; every bound has a message
 that says which field is wrong and what would be accepted.
@@ -6,11 +6,21 @@ that says which field is wrong and what would be accepted.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from disaggserve.api.base import ApiModel, CelRule
+from disaggserve.api.constants import (
+    K8S_LABEL_VALUE_PATTERN,
+    MAX_LABEL_VALUE_LENGTH,
+    MAX_REPLICAS,
+    MAX_REQUEST_RATE,
+    MAX_TOKENS_PER_REQUEST,
+    MIN_REQUEST_RATE,
+    QUALIFIED_NAME_PATTERN,
+)
 from disaggserve.contract import MAX_SPECULATIVE_TOKENS
 
 # A Kubernetes label value (what GPU feature discovery writes to nvidia.com/gpu.product),
@@ -34,6 +44,7 @@ class ModelSource(ApiModel):
             "model source: set exactly one of builtin, path or hf",
         ),
         CelRule("!has(self.pvc) || has(self.path)", "model source: pvc is the volume that holds `path`; set path too"),
+        CelRule("!has(self.revision) || has(self.hf)", "model source: revision pins an hf repository; set hf too"),
     )
 
     builtin: Literal[BUILTIN_MODELS] | None = Field(  # type: ignore[valid-type]
@@ -54,14 +65,20 @@ class ModelSource(ApiModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$",
         description="Hugging Face repository id (org/name), downloaded by the worker.",
     )
+    revision: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$",
+        description="The hf revision to download: a commit hash (pins the exact files every worker "
+        "gets), or a tag or branch. Without it each worker fetches the repository's current main.",
+    )
 
     def worker_arg(self) -> str:
-        """The `--model` value of the worker contract."""
+        """The `--model` value of the worker contract (`hf:org/name@revision` when pinned)."""
         if self.builtin:
             return f"builtin:{self.builtin}"
         if self.path:
             return self.path
-        return f"hf:{self.hf}"
+        return f"hf:{self.hf}@{self.revision}" if self.revision else f"hf:{self.hf}"
 
 
 class ModelFacts(ApiModel):
@@ -78,11 +95,17 @@ class ModelFacts(ApiModel):
 class ModelSpec(ApiModel):
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="Name clients send in the OpenAI `model` field.")
     source: ModelSource
-    max_model_len: int | None = Field(None, ge=16, le=1_048_576, description="Longest prompt + completion, in tokens.")
+    max_model_len: int | None = Field(
+        None, ge=16, le=MAX_TOKENS_PER_REQUEST, description="Longest prompt + completion, in tokens."
+    )
     facts: ModelFacts | None = None
 
 
 class Slo(ApiModel):
+    """The latency targets: the one SLO type, read by the planner's search as well (hashable)."""
+
+    model_config = ConfigDict(frozen=True)
+
     cel_rules = (
         CelRule(
             "self.attainment > 0.0 && self.attainment <= 1.0",
@@ -96,19 +119,39 @@ class Slo(ApiModel):
 
 
 class Workload(ApiModel):
-    request_rate: float = Field(gt=0, le=100_000, description="Expected requests per second.")
-    input_tokens: int = Field(ge=1, le=1_048_576, description="Mean prompt length.")
-    output_tokens: int = Field(ge=1, le=1_048_576, description="Mean completion length.")
+    request_rate: float = Field(
+        ge=MIN_REQUEST_RATE,
+        le=MAX_REQUEST_RATE,
+        description=f"Expected requests per second, {MIN_REQUEST_RATE:g} to {MAX_REQUEST_RATE:g}.",
+    )
+    input_tokens: int = Field(ge=1, le=MAX_TOKENS_PER_REQUEST, description="Mean prompt length.")
+    output_tokens: int = Field(ge=1, le=MAX_TOKENS_PER_REQUEST, description="Mean completion length.")
     distribution: Literal["fixed", "lognormal"] = "fixed"
     sigma: float = Field(0.5, gt=0, le=4, description="Log-space spread for lognormal lengths.")
 
 
+LabelValue = Annotated[str, Field(pattern=K8S_LABEL_VALUE_PATTERN, max_length=MAX_LABEL_VALUE_LENGTH)]
+
+
 class Toleration(ApiModel):
-    key: str | None = None
+    """A pod toleration, with the key and value syntax the API server checks on pods."""
+
+    cel_rules = (
+        CelRule(
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "a toleration with operator Exists matches any value: leave value empty",
+        ),
+        CelRule(
+            "has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+            "a toleration without a key must use operator Exists (it then tolerates every taint)",
+        ),
+    )
+
+    key: str | None = Field(None, pattern=QUALIFIED_NAME_PATTERN, max_length=317)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: int | None = Field(None, ge=0, le=31_536_000)
 
 
 class WorkerResources(ApiModel):
@@ -136,9 +179,23 @@ class Hardware(ApiModel):
     cross_node_gbps: float | None = Field(
         None, gt=0, description="Bandwidth between nodes when nodes do not carry the label."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     worker_resources: WorkerResources | None = None
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        # Checked by the operator, not by CEL: a rule over map keys of unbounded length would
+        # exceed the API server's CEL cost budget. Values are checked by the schema.
+        for key in value:
+            if len(key) > 317 or not re.match(QUALIFIED_NAME_PATTERN, key):
+                raise ValueError(
+                    f"hardware.nodeSelector key {key!r} is not a label key: an optional DNS prefix and '/', "
+                    "then up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit "
+                    "(e.g. node.kubernetes.io/instance-type)"
+                )
+        return value
 
 
 class PhaseParallelism(ApiModel):
@@ -149,7 +206,7 @@ class PhaseParallelism(ApiModel):
     tensor: Tensor = 1
     pipeline: int = Field(1, ge=1, le=64)
     replicas: int | None = Field(
-        None, ge=0, le=1000, description="Instances of this phase; absent: chosen by the planner."
+        None, ge=0, le=MAX_REPLICAS, description="Instances of this phase; absent: chosen by the planner."
     )
 
 
@@ -159,8 +216,8 @@ class Parallelism(ApiModel):
 
 
 class PhaseBounds(ApiModel):
-    prefill: int = Field(ge=0, le=1000)
-    decode: int = Field(ge=0, le=1000)
+    prefill: int = Field(ge=0, le=MAX_REPLICAS)
+    decode: int = Field(ge=0, le=MAX_REPLICAS)
 
 
 class MetricsSource(ApiModel):
@@ -169,21 +226,33 @@ class MetricsSource(ApiModel):
 
 
 class Autoscaling(ApiModel):
+    # Guarded by has(): when a bound is missing the schema's own "Required value" error says so,
+    # instead of this rule failing too with a message about an order the user never wrote.
     cel_rules = (
         CelRule(
-            "self.minReplicas.prefill <= self.maxReplicas.prefill",
+            "!has(self.minReplicas) || !has(self.maxReplicas) || !has(self.minReplicas.prefill) || "
+            "!has(self.maxReplicas.prefill) || self.minReplicas.prefill <= self.maxReplicas.prefill",
             "autoscaling.minReplicas.prefill must not exceed autoscaling.maxReplicas.prefill",
         ),
         CelRule(
-            "self.minReplicas.decode <= self.maxReplicas.decode",
+            "!has(self.minReplicas) || !has(self.maxReplicas) || !has(self.minReplicas.decode) || "
+            "!has(self.maxReplicas.decode) || self.minReplicas.decode <= self.maxReplicas.decode",
             "autoscaling.minReplicas.decode must not exceed autoscaling.maxReplicas.decode",
         ),
     )
 
     enabled: bool = False
     interval_seconds: int = Field(30, ge=5, le=3600)
-    min_replicas: PhaseBounds = Field(default_factory=lambda: PhaseBounds(prefill=1, decode=1))
-    max_replicas: PhaseBounds = Field(default_factory=lambda: PhaseBounds(prefill=16, decode=16))
+    # The defaults are also written into the CRD (json_schema_extra), so the API server fills
+    # them in: `autoscaling: {enabled: true}` alone is valid, as the pydantic model says.
+    min_replicas: PhaseBounds = Field(
+        default_factory=lambda: PhaseBounds(prefill=1, decode=1),
+        json_schema_extra={"default": {"prefill": 1, "decode": 1}},
+    )
+    max_replicas: PhaseBounds = Field(
+        default_factory=lambda: PhaseBounds(prefill=16, decode=16),
+        json_schema_extra={"default": {"prefill": 16, "decode": 16}},
+    )
     max_gpus: int | None = Field(None, ge=1, le=100_000)
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=86_400)
     metrics: MetricsSource = Field(default_factory=MetricsSource)
@@ -228,16 +297,43 @@ class ProfileRef(ApiModel):
 class Image(ApiModel):
     repository: str = Field("ghcr.io/disaggserve/worker", pattern=r"^[a-z0-9][a-z0-9._/:-]*$")
     tag: str = Field("0.1.0", pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+    digest: str | None = Field(
+        None,
+        pattern=r"^sha256:[a-f0-9]{64}$",
+        description="Pin the image by content (sha256:<64 hex>); when set it is used instead of the tag.",
+    )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
     @property
     def reference(self) -> str:
-        return f"{self.repository}:{self.tag}"
+        return f"{self.repository}@{self.digest}" if self.digest else f"{self.repository}:{self.tag}"
 
 
 class Router(ApiModel):
     replicas: int = Field(1, ge=1, le=100)
     api_key_secret_ref: SecretKeyRef | None = None
+
+
+class EndpointPickerRef(ApiModel):
+    """The endpoint picker (ext-proc) Service a Gateway asks which pod serves each request."""
+
+    name: str = Field(pattern=DNS_NAME_PATTERN, description="Service of the endpoint picker, in this namespace.")
+    port: int = Field(9002, ge=1, le=65535, description="Its ext-proc (gRPC) port.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="FailOpen: the Gateway picks an endpoint itself when the picker does not answer.")
+
+
+class Gateway(ApiModel):
+    """Expose the model through the Gateway API Inference Extension: an InferencePool
+    (inference.networking.k8s.io/v1) a Gateway's HTTPRoute can name as its backend."""
+
+    picker: Literal["disaggserve", "llm-d"] = Field(
+        "disaggserve",
+        description="disaggserve: the pool holds the routers, which pair prefill and decode themselves (any "
+        "engine; the picker balances routers). llm-d: the pool holds the serving pods (decode, or colocated) "
+        "and llm-d's picker chooses the prefill pod per request (x-prefiller-host-port); engine vllm only.")
+    endpoint_picker: EndpointPickerRef | None = Field(
+        None, description="The picker's Service; default <name>-epp on port 9002.")
 
 
 class DisaggServeSpec(ApiModel):
@@ -258,6 +354,17 @@ class DisaggServeSpec(ApiModel):
             "set spec.parallelism.*.tensor and .pipeline to 1 and scale with replicas, or run on GPUs "
             "(hardware.device: gpu)",
         ),
+        CelRule(
+            "!has(self.parallelism) || !has(self.placement) || self.placement != 'colocated'",
+            "placement colocated is planned automatically: remove spec.parallelism, or keep it with "
+            "placement high-affinity or low-affinity",
+        ),
+        CelRule(
+            "!has(self.placement) || self.placement != 'colocated' || !has(self.autoscaling) || "
+            "!has(self.autoscaling.enabled) || !self.autoscaling.enabled",
+            "placement colocated cannot be autoscaled yet (the autoscaler scales prefill and decode "
+            "replicas): set autoscaling.enabled false, or use placement auto",
+        ),
     )
 
     model: ModelSpec
@@ -265,12 +372,18 @@ class DisaggServeSpec(ApiModel):
     workload: Workload
     hardware: Hardware = Field(default_factory=lambda: Hardware(device="cpu"))
     parallelism: Parallelism | None = None
-    placement: Literal["auto", "high-affinity", "low-affinity"] = "auto"
+    placement: Literal["auto", "high-affinity", "low-affinity", "colocated"] = Field(
+        "auto",
+        description="auto: the planner chooses disaggregated (high- or low-affinity, by the cross-node "
+        "bandwidth) or colocated, whichever carries the workload on fewer GPUs; colocated: instances "
+        "that run both phases behind the same router (no KV transfer).",
+    )
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     speculation: Speculation = Field(default_factory=Speculation)
     profile: ProfileRef | None = None
     image: Image = Field(default_factory=Image)
     router: Router = Field(default_factory=Router)
+    gateway: Gateway | None = Field(None, description="Opt-in: render an InferencePool for a Gateway.")
 
 
 class SpecError(ValueError):

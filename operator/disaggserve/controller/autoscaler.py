@@ -9,7 +9,6 @@ Both err on the side of holding.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Mapping
@@ -21,14 +20,16 @@ from prometheus_client import Gauge
 
 from disaggserve.api.plan import PHASES, Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
+from disaggserve.autoscaling.policy import Counts, Decision, Limits, PolicyState, Signals, decide
 from disaggserve.contract import LABEL_COMPONENT, LABEL_INSTANCE, ROUTER_PORT
 from disaggserve.controller.kube import Kube
+from disaggserve.controller.planning import PlanService
+from disaggserve.controller.reconcile import replica_record
 from disaggserve.metrics import MetricsUnavailable, Observed
 from disaggserve.metrics.promql import PrometheusSource
 from disaggserve.metrics.scrape import ScrapeWindow, scrape_router
 from disaggserve.planner import PlanningError
 from disaggserve.planner.replan import recommend
-from disaggserve.planner.scaling_policy import Counts, Decision, Limits, PolicyState, Signals, decide
 from disaggserve.status_logic import now as now_text
 from disaggserve.status_logic import set_condition
 
@@ -53,10 +54,12 @@ def _ready(pod: Mapping[str, Any]) -> bool:
 
 
 class Autoscaler:
-    def __init__(self, kube: Kube, http: httpx.AsyncClient | None = None):
+    def __init__(self, kube: Kube, http: httpx.AsyncClient | None = None, planner: PlanService | None = None):
         self.kube = kube
         self.http = http or httpx.AsyncClient(timeout=3.0)
+        self.planner = planner or PlanService(isolate=False)
         self.tracked: dict[tuple[str, str], _Tracked] = {}
+        self.observers: dict[tuple[str, str], ScrapeWindow] = {}  # SLO windows while autoscaling is off
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -82,6 +85,45 @@ class Autoscaler:
         tracked.window.forget_missing(live)
         return tracked.window.observe(time.monotonic(), slo_ttft, slo_tpot)
 
+    async def observe_only(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """With autoscaling off: measure the SLOs anyway (status.slo and MetricsAvailable), decide nothing.
+
+        The spec is read at every call, so an SLO edit is measured against from the next one on.
+        """
+        meta, status = body["metadata"], dict(body.get("status") or {})
+        key = (meta["namespace"], meta["name"])
+        try:
+            spec = parse_spec(body.get("spec"))
+        except SpecError:
+            return None
+        if spec.autoscaling.enabled or not status.get("plan") or status.get("phase") == "Failed":
+            self.observers.pop(key, None)
+            return None
+        window = self.observers.get(key)
+        if window is None:
+            window = self.observers[key] = ScrapeWindow(spec.autoscaling.metrics.window_seconds, stale_after=60.0)
+        generation = status.get("observedGeneration")
+        conditions = list(status.get("conditions") or [])
+        try:
+            observed = await self._observe(spec, key[0], key[1], _Tracked(window))
+        except MetricsUnavailable as e:
+            conditions = set_condition(conditions, "MetricsAvailable", False, "MetricsUnavailable", str(e), generation)
+            update: dict[str, Any] = {"conditions": conditions}
+        else:
+            conditions = set_condition(
+                conditions,
+                "MetricsAvailable",
+                True,
+                "MetricsFresh",
+                f"{observed.source}: {observed.requests:.0f} requests in {observed.window_seconds:.0f}s "
+                "(autoscaling is off: measured only)",
+                generation,
+            )
+            update = {"conditions": conditions, **self._slo(observed)}
+        if all(status.get(k) == v for k, v in update.items()):
+            return None
+        return update
+
     async def step(self, body: Mapping[str, Any], emit: Any) -> dict[str, Any] | None:
         """One tick: returns the status patch to write (with a new plan when replicas change), or None."""
         meta, status = body["metadata"], dict(body.get("status") or {})
@@ -90,11 +132,12 @@ class Autoscaler:
             spec = parse_spec(body.get("spec"))
         except SpecError:
             return None
-        if not spec.autoscaling.enabled or not status.get("plan") or status.get("phase") == "Failed":
+        record = replica_record(body)
+        if not spec.autoscaling.enabled or not record or status.get("phase") == "Failed":
             self.tracked.pop((namespace, name), None)
             return None
         scaling = spec.autoscaling
-        plan = Plan.model_validate(status["plan"])
+        plan = Plan.model_validate(record)
         tracked = self.tracked.get((namespace, name))
         if tracked is None:
             tracked = self.tracked[(namespace, name)] = _Tracked(
@@ -173,7 +216,8 @@ class Autoscaler:
         recommended, rec_text = current, ""
         if observed is not None:
             try:
-                rec = await asyncio.to_thread(recommend, spec, plan, observed)
+                # Off the event loop and bounded, like every plan (controller/planning.py).
+                rec = await self.planner.run(None, recommend, spec, plan, observed)
                 scale = rec.correction
                 recommended = Counts(rec.prefill, rec.decode)
                 rec_text = (

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from disaggserve.contract import PATH_DRAIN, WORKER_PORT
+from disaggserve.contract import HEADER_WORKER_TOKEN, PATH_DRAIN, WORKER_PORT
 from disaggserve.controller.kube import Kube
 
 PATH_LOAD = "/internal/load"
@@ -56,14 +56,18 @@ async def prepare_scale_down(
     namespace: str,
     previous_since: dict[str, str],
     now: datetime.datetime,
+    *,
+    token: str | None = None,
 ) -> DrainResult:
     """Drain the pods each shrinking StatefulSet will lose; hold its replicas until they are idle.
 
     Mutates `desired` StatefulSets whose scale-down must wait (their replicas stay as they are).
+    `token`: the DisaggServe's worker token, which the workers want on /internal/* calls.
     """
     pending: list[str] = []
     since: dict[str, str] = {}
-    async with httpx.AsyncClient(timeout=2.0) as http:
+    headers = {HEADER_WORKER_TOKEN: token} if token else {}
+    async with httpx.AsyncClient(timeout=2.0, headers=headers) as http:
         for obj in desired:
             if obj["kind"] != "StatefulSet":
                 continue

@@ -4,38 +4,79 @@ Errors: a failed API call that can succeed later (409, 429, 5xx, timeouts) is a 
 TemporaryError, so kopf retries the handler with a short delay; anything the user must fix
 is reported in the resource's conditions and an Event, and is not retried until the spec
 changes. Deletion needs no handler: children carry ownerReferences and the garbage collector
-removes them. kopf still puts its finalizer (`disaggserve.io/finalizer`) on each resource, to
+removes them.
+
+One writer per resource: the update/create/resume handler, the StatefulSet/Deployment event
+handler and the autoscaler timer all reconcile through `_serialized`, which holds one lock per
+resource, reads the resource fresh under it and writes the status itself before letting go. The
+autoscaler records its decision on the resource (annotation `disaggserve.io/autoscaler-plan`)
+before it changes any child, so whichever path runs next applies the same replicas.
+
+Planning never runs on the event loop (controller/planning.py): a handler waits a moment for a
+plan and otherwise comes back for it, so neither other resources nor this one's deletion queue
+behind a long search. kopf still puts its finalizer (`disaggserve.io/finalizer`) on each resource, to
 stop the per-resource timers cleanly; with no operator running, `kubectl delete` waits until the
 finalizer is removed by hand (docs/install.md, "Uninstall").
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import os
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
 import prometheus_client
 
-from disaggserve.api.constants import GROUP, PLURAL, VERSION
-from disaggserve.contract import LABEL_MANAGED_BY, MANAGED_BY
+from disaggserve.api.constants import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from disaggserve.contract import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY
 from disaggserve.controller.autoscaler import Autoscaler
 from disaggserve.controller.kube import Kube, KubeError
-from disaggserve.controller.reconcile import desired_replicas, reconcile, refresh_status, to_plain
+from disaggserve.controller.planning import PlanService
+from disaggserve.controller.reconcile import (
+    REPLICA_RECORD,
+    ReconcileResult,
+    desired_replicas,
+    reconcile,
+    refresh_status,
+    to_plain,
+)
 from disaggserve.controller.settings import configure
+from disaggserve.status_logic import checked_patch
 
 RETRY_DELAY = 2.0
 STATUS_SAFETY_INTERVAL = 30.0
+SLO_OBSERVE_INTERVAL = float(os.environ.get("DISAGGSERVE_SLO_OBSERVE_INTERVAL", "10"))
 AUTOSCALE_TICK = float(os.environ.get("DISAGGSERVE_AUTOSCALE_TICK", "2"))  # observe this often
+
+# How the operator makes its planner; tests replace it (e.g. with a deliberately slow one).
+planner_factory: Callable[[], PlanService] = PlanService
+
+
+class Locks:
+    """One asyncio.Lock per resource, alive while anyone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def of(self, namespace: str, name: str) -> asyncio.Lock:
+        lock = self._locks.get((namespace, name))
+        if lock is None:
+            lock = self._locks[(namespace, name)] = asyncio.Lock()
+        return lock
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     configure(settings)
     memo.kube = Kube()
-    memo.autoscaler = Autoscaler(memo.kube)
+    memo.planner = planner_factory()
+    memo.autoscaler = Autoscaler(memo.kube, planner=memo.planner)
+    memo.locks = Locks()
     if port := os.environ.get("DISAGGSERVE_METRICS_PORT"):
         prometheus_client.start_http_server(int(port))  # disaggserve_operator_* metrics
 
@@ -47,6 +88,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await kube.aclose()
     if getattr(memo, "autoscaler", None) is not None:
         await memo.autoscaler.aclose()
+    if getattr(memo, "planner", None) is not None:
+        await memo.planner.aclose()
 
 
 @kopf.on.login()
@@ -62,20 +105,50 @@ def _emitter(body: Mapping[str, Any]) -> Any:
     return emit
 
 
+async def _serialized(
+    memo: kopf.Memo,
+    namespace: str,
+    name: str,
+    work: Callable[[dict[str, Any]], Any],
+) -> Any:
+    """Run `work(owner)` under the resource's lock with the resource as the API server has it now.
+
+    None when the resource is gone or being deleted (nothing to reconcile).
+    """
+    async with memo.locks.of(namespace, name):
+        owner = await memo.kube.get(API_VERSION, KIND, namespace, name)
+        if owner is None or owner["metadata"].get("deletionTimestamp"):
+            return None
+        return await work(owner)
+
+
+async def _reconcile_and_record(memo: kopf.Memo, owner: dict[str, Any], extra: dict | None = None) -> ReconcileResult:
+    """Reconcile and write the status now (under the caller's lock), not after the handler returns."""
+    result = await reconcile(memo.kube, owner, _emitter(owner), memo.planner)
+    status = {**(extra or {}), **result.status}
+    meta = owner["metadata"]
+    await memo.kube.patch_status(API_VERSION, KIND, meta["namespace"], meta["name"], checked_patch(status))
+    return result
+
+
+def _retryable(e: KubeError) -> kopf.TemporaryError | kopf.PermanentError:
+    if e.retryable:
+        return kopf.TemporaryError(f"API server: {e}", delay=RETRY_DELAY)
+    return kopf.PermanentError(f"API server refused a child object: {e}")
+
+
 @kopf.on.resume(GROUP, VERSION, PLURAL, backoff=RETRY_DELAY)
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=RETRY_DELAY)
 @kopf.on.update(GROUP, VERSION, PLURAL, backoff=RETRY_DELAY)
-async def reconcile_handler(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+async def reconcile_handler(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     try:
-        status = await reconcile(memo.kube, body, _emitter(body))
+        result = await _serialized(memo, namespace, name, lambda owner: _reconcile_and_record(memo, owner))
     except KubeError as e:
-        if e.retryable:
-            raise kopf.TemporaryError(f"API server: {e}", delay=RETRY_DELAY) from e
-        raise kopf.PermanentError(f"API server refused a child object: {e}") from e
-    patch.status.update(status)
-    if status.get("draining"):
-        # Look again shortly: the scale-down proceeds once the leaving pods are idle.
-        raise kopf.TemporaryError(f"draining before scale-down: {', '.join(status['draining'])}", delay=RETRY_DELAY)
+        raise _retryable(e) from e
+    if result is not None and result.retry_in is not None:
+        # Come back: a plan still computing, a scale-down waiting for its pods to drain, or a
+        # timed-out plan to try again. The status already says which.
+        raise kopf.TemporaryError(result.why, delay=result.retry_in)
 
 
 def _owner(body: kopf.Body) -> str | None:
@@ -87,33 +160,32 @@ def _owner(body: kopf.Body) -> str | None:
 
 @kopf.on.event("apps", "v1", "statefulsets", labels={LABEL_MANAGED_BY: MANAGED_BY})
 @kopf.on.event("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGED_BY})
+@kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY})
 async def child_changed(
     event: kopf.RawEvent, body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any
 ) -> None:
-    """Keep readiness current, and restore children that someone deleted or rescaled."""
+    """Keep readiness current (crash loops included), and restore children someone deleted or rescaled."""
     owner_name = _owner(body)
+    if body.get("kind") == "Pod":
+        owner_name = (body.get("metadata", {}).get("labels") or {}).get(LABEL_INSTANCE)
     if owner_name is None:
         return
+
+    async def work(owner: dict[str, Any]) -> None:
+        if body.get("kind") != "Pod":
+            current = body
+            if event.get("type") != "DELETED":  # the event may be older than what the lock holder wrote
+                current = await memo.kube.get(body["apiVersion"], body["kind"], namespace, body["metadata"]["name"])
+            want = desired_replicas(owner, current) if current is not None else None
+            drifted = current is None or (want is not None and current.get("spec", {}).get("replicas") != want)
+            if drifted:
+                logger.info(f"{body['kind']} {body['metadata']['name']} drifted from the plan; re-applying")
+                await _reconcile_and_record(memo, owner)
+                return
+        await refresh_status(memo.kube, namespace, owner_name, _emitter(owner))
+
     try:
-        owner = await memo.kube.get(f"{GROUP}/{VERSION}", "DisaggServe", namespace, owner_name)
-        if owner is None or owner["metadata"].get("deletionTimestamp"):
-            return
-        drifted = event.get("type") == "DELETED" or (
-            (want := desired_replicas(owner, body)) is not None and body.get("spec", {}).get("replicas") != want
-        )
-        if drifted:
-            logger.info(f"{body['kind']} {body['metadata']['name']} drifted from the plan; re-applying")
-            status = await reconcile(memo.kube, owner, _emitter(owner))
-            await memo.kube.patch_status(
-                f"{GROUP}/{VERSION}",
-                "DisaggServe",
-                namespace,
-                owner_name,
-                status,
-                resource_version=owner["metadata"]["resourceVersion"],
-            )
-        else:
-            await refresh_status(memo.kube, namespace, owner_name)
+        await _serialized(memo, namespace, owner_name, work)
     except KubeError as e:
         # Event handlers are not retried by kopf; the next event or the safety timer catches up.
         logger.warning(f"could not update {owner_name} after a change of its {body['kind']}: {e}")
@@ -123,26 +195,59 @@ def _autoscaling_enabled(spec: kopf.Spec, **_: Any) -> bool:
     return bool((spec.get("autoscaling") or {}).get("enabled"))
 
 
+def _autoscaling_disabled(spec: kopf.Spec, **_: Any) -> bool:
+    return not _autoscaling_enabled(spec)
+
+
 @kopf.timer(GROUP, VERSION, PLURAL, interval=AUTOSCALE_TICK, when=_autoscaling_enabled)
-async def autoscale(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def autoscale(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Observe, re-plan and scale (decisions every spec.autoscaling.intervalSeconds)."""
-    try:
-        update = await memo.autoscaler.step(body, _emitter(body))
+
+    async def work(owner: dict[str, Any]) -> None:
+        update = await memo.autoscaler.step(owner, _emitter(owner))
         if update is None:
             return
-        if "plan" in update:  # new replica counts: apply them (drain-safe) through the reconcile
-            current = to_plain(body)
-            current["status"] = {**(current.get("status") or {}), **update}
-            update = {**update, **await reconcile(memo.kube, current, _emitter(body))}
-        patch.status.update(update)
+        if "plan" not in update:
+            await memo.kube.patch_status(API_VERSION, KIND, namespace, name, checked_patch(update))
+            return
+        # New replica counts: record the decision on the resource first, then apply it (drain-safe).
+        record = json.dumps(update["plan"], sort_keys=True)
+        patched = await memo.kube.patch(
+            API_VERSION, KIND, namespace, name, {"metadata": {"annotations": {REPLICA_RECORD: record}}}
+        )
+        current = to_plain(patched or owner)
+        current["status"] = {**(current.get("status") or {}), **update}
+        await _reconcile_and_record(memo, current, extra=update)
+
+    try:
+        await _serialized(memo, namespace, name, work)
     except KubeError as e:
         logger.warning(f"autoscaling step failed, retrying next tick: {e}")
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SLO_OBSERVE_INTERVAL, when=_autoscaling_disabled)
+async def observe_slo(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Measured SLOs (status.slo, the ATTAINMENT column) also when the autoscaler is off."""
+
+    async def work(owner: dict[str, Any]) -> None:
+        update = await memo.autoscaler.observe_only(owner)
+        if update is not None:
+            await memo.kube.patch_status(API_VERSION, KIND, namespace, name, checked_patch(update))
+
+    try:
+        await _serialized(memo, namespace, name, work)
+    except KubeError as e:
+        logger.warning(f"SLO observation failed, retrying next tick: {e}")
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_SAFETY_INTERVAL, initial_delay=STATUS_SAFETY_INTERVAL)
 async def status_safety_net(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Recompute readiness even if a workload event was lost (watch reconnects can drop some)."""
+
+    async def work(owner: dict[str, Any]) -> None:
+        await refresh_status(memo.kube, namespace, name, _emitter(owner))
+
     try:
-        await refresh_status(memo.kube, namespace, name)
+        await _serialized(memo, namespace, name, work)
     except KubeError as e:
         logger.warning(f"status refresh failed: {e}")

@@ -8,21 +8,45 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from disaggserve.api.constants import API_VERSION, KIND
+from pydantic.alias_generators import to_camel
+
+from disaggserve.api.constants import API_VERSION, GROUP, KIND
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
 from disaggserve.contract import max_tensor_parallel
 from disaggserve.controller.drain import prepare_scale_down
 from disaggserve.controller.kube import Kube, KubeError
-from disaggserve.planner import PlanningError, plan_for
+from disaggserve.controller.planning import (
+    REASON_TIMEOUT,
+    TIMEOUT_RETRY_SECONDS,
+    Pending,
+    PlanService,
+    node_fingerprint,
+    plan_key,
+)
+from disaggserve.planner import PlanningError
+from disaggserve.planner.hook import capacity_problem, manual_plan
 from disaggserve.planner.replan import carry_over
 from disaggserve.resources import Owner, RenderError, build_children
 from disaggserve.resources.names import instance_selector
 from disaggserve.resources.router import endpoint
-from disaggserve.status_logic import now, readiness, replica_status, router_ready, set_condition
+from disaggserve.resources.security import NetworkAccess, token_of, token_secret_name
+from disaggserve.status_logic import (
+    REASON_CRASH_LOOP,
+    checked_patch,
+    condition_status,
+    crash_loops,
+    now,
+    readiness,
+    replica_status,
+    router_ready,
+    set_condition,
+)
 
 EventSink = Callable[[str, str, str], None]  # (type: Normal|Warning, reason, message)
 
@@ -35,8 +59,11 @@ OWNED_KINDS: tuple[tuple[str, str], ...] = (
     ("policy/v1", "PodDisruptionBudget"),
     ("rbac.authorization.k8s.io/v1", "Role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 WORKLOAD_KINDS: tuple[tuple[str, str], ...] = (("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"))
+# Only for resources with spec.gateway: clusters without the inference extension's CRDs have no such list.
+GATEWAY_KINDS: tuple[tuple[str, str], ...] = (("inference.networking.k8s.io/v1", "InferencePool"),)
 
 
 def to_plain(value: Any) -> Any:
@@ -87,7 +114,7 @@ async def owned_children(kube: Kube, name: str, namespace: str, uid: str, kinds=
 def _refusal_status(conditions: list[dict[str, Any]], generation: int | None, reason: str, message: str) -> dict:
     conditions = set_condition(conditions, "Ready", False, reason, message, generation)
     conditions = set_condition(conditions, "Planned", False, reason, message, generation)
-    return {"observedGeneration": generation, "phase": "Failed", "conditions": conditions}
+    return _status(observed_generation=generation, phase="Failed", conditions=conditions)
 
 
 def _stable_plan(plan: Plan, previous: dict[str, Any] | None) -> Plan:
@@ -98,8 +125,66 @@ def _stable_plan(plan: Plan, previous: dict[str, Any] | None) -> Plan:
     return plan.model_copy(update={"updated_at": prev_time if same and prev_time else now()})
 
 
-async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dict[str, Any]:
+REPLICA_RECORD = f"{GROUP}/autoscaler-plan"  # annotation: the autoscaler's last decision (a Plan)
+PLAN_WAIT_SECONDS = 2.0  # a handler waits this long for a plan, then comes back for it
+PLANNING_RETRY_SECONDS = 1.0
+REASON_PLANNING = "Planning"
+
+
+@dataclass
+class ReconcileResult:
+    """The status patch to write, and when to come back (None: only on the next event)."""
+
+    status: dict[str, Any]
+    retry_in: float | None = None
+    why: str = ""
+
+
+def replica_record(owner: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The autoscaler's last decision as a Plan document: its annotation, else status.plan.
+
+    The annotation is written before the children are changed, so every path that reads it
+    (spec updates, child events, the timer, an operator restarted with a restored object) applies
+    the same replica counts; status.plan mirrors it for people.
+    """
+    raw = ((owner.get("metadata") or {}).get("annotations") or {}).get(REPLICA_RECORD)
+    if raw:
+        try:
+            record = json.loads(raw)
+            Plan.model_validate(record)
+            return dict(record)
+        except ValueError:
+            pass  # a hand-edited, broken record: fall back to the status
+    plan = (owner.get("status") or {}).get("plan")
+    return dict(plan) if plan else None
+
+
+def _plan_inputs_key(spec: DisaggServeSpec, nodes: list[dict[str, Any]] | None, profile: Any, max_tensor: int) -> str:
+    view = [node_fingerprint(n) for n in nodes] if nodes is not None else None
+    return plan_key("plan_for", spec.wire(), view, profile, max_tensor)
+
+
+async def _plan(
+    kube: Kube, spec: DisaggServeSpec, profile: dict[str, Any] | None, nodes: list[dict[str, Any]], planner: PlanService
+) -> Plan | Pending:
+    if spec.parallelism is not None:
+        return manual_plan(spec)  # no search: inline
+    max_tensor = max_tensor_parallel(spec.hardware.device)
+    key = _plan_inputs_key(spec, nodes, profile, max_tensor)
+    result = await planner.plan(key, spec, nodes=nodes, profile=profile, max_tensor=max_tensor, wait=PLAN_WAIT_SECONDS)
+    return result  # type: ignore[no-any-return]
+
+
+def _status(**fields: Any) -> dict[str, Any]:
+    """A status patch from field names, validated by the status model (None: remove the key)."""
+    return checked_patch({to_camel(k): v for k, v in fields.items()})
+
+
+async def reconcile(
+    kube: Kube, body: Mapping[str, Any], emit: EventSink, planner: PlanService | None = None
+) -> ReconcileResult:
     """Bring the children in line with the spec; return the status patch. Raises KubeError (retry)."""
+    planner = planner or _default_planner()
     body = to_plain(body)
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
@@ -112,25 +197,61 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
         except SpecError as e:
             raise Refused("InvalidSpec", str(e)) from None
         profile = await _profile(kube, spec, namespace)
-        nodes = await kube.list("v1", "Node") if spec.parallelism is None else None
+        nodes = await kube.list_shared("v1", "Node")
         try:
-            plan = plan_for(
-                spec, nodes=nodes, profile=profile, max_tensor=max_tensor_parallel(spec.hardware.device)
-            )
+            planned = await _plan(kube, spec, profile, nodes, planner)
         except PlanningError as e:
+            if e.reason == REASON_TIMEOUT:
+                return _timed_out(conditions, generation, old_status, str(e), emit)
             raise Refused(e.reason, str(e)) from None
-        plan = carry_over(plan, old_status.get("plan"), spec)
+        if isinstance(planned, Pending):
+            message = (
+                f"computing the plan ({planned.elapsed:.0f}s so far, budget {planned.budget:g}s); "
+                "children are left as they are until it is ready"
+            )
+            conditions = set_condition(conditions, "Planned", None, REASON_PLANNING, message, generation)
+            if not old_status.get("plan"):
+                conditions = set_condition(conditions, "Ready", False, REASON_PLANNING, message, generation)
+            return ReconcileResult(
+                _status(
+                    observed_generation=generation, phase=old_status.get("phase") or "Pending", conditions=conditions
+                ),
+                retry_in=PLANNING_RETRY_SECONDS,
+                why="planning",
+            )
+        plan = carry_over(planned, replica_record(body), spec)
+        if problem := capacity_problem(spec, plan, nodes):
+            raise Refused("NoCapacity", problem)
+        # The worker token is made once: read it back so a reconcile never rotates it.
+        secret = await kube.get("v1", "Secret", namespace, token_secret_name(name))
         try:
-            desired = build_children(Owner(name, namespace, uid), spec, plan, profile)
+            desired = build_children(
+                Owner(name, namespace, uid),
+                spec,
+                plan,
+                profile,
+                worker_token=token_of(secret),
+                access=NetworkAccess.from_environ(os.environ),
+            )
         except RenderError as e:
             raise Refused("InvalidSpec", str(e)) from None
     except Refused as e:
         emit("Warning", e.reason, str(e))
-        return _refusal_status(conditions, generation, e.reason, str(e))
+        return ReconcileResult(_refusal_status(conditions, generation, e.reason, str(e)))
 
-    existing = await owned_children(kube, name, namespace, uid)
+    existing = await owned_children(kube, name, namespace, uid,
+                                    kinds=OWNED_KINDS + (GATEWAY_KINDS if spec.gateway else ()))
+    if secret is not None:  # read by name above (the operator may not list Secrets)
+        existing[("v1", "Secret", secret["metadata"]["name"])] = secret
+    token = token_of(next(o for o in desired if o["kind"] == "Secret"))
     drain = await prepare_scale_down(
-        kube, desired, existing, namespace, dict(old_status.get("draining") or {}), datetime.datetime.now(datetime.UTC)
+        kube,
+        desired,
+        existing,
+        namespace,
+        dict(old_status.get("draining") or {}),
+        datetime.datetime.now(datetime.UTC),
+        token=token,
     )
     for sts in drain.pending:
         emit("Normal", "Draining", f"StatefulSet {sts}: waiting for the pods it loses to finish their requests")
@@ -153,20 +274,76 @@ async def reconcile(kube: Kube, body: Mapping[str, Any], emit: EventSink) -> dic
         conditions, "Planned", True, "ManualPlan" if plan.source == "manual" else "Planned", plan.reason, generation
     )
     replicas = replica_status(plan, applied)
-    conditions, phase = readiness(conditions, replicas, router_ready(applied), generation)
-    return {
-        "observedGeneration": generation,
-        "phase": phase,
-        "conditions": conditions,
-        "plan": plan.wire(),
-        "replicas": replicas.wire(),
-        "endpoint": endpoint(name, namespace),
-        # A merge patch removes a key set to None: the field disappears once nothing drains.
-        "draining": drain.since or None,
-    }
+    pods = await kube.list("v1", "Pod", namespace, instance_selector(name))
+    conditions, phase = readiness(conditions, replicas, router_ready(applied), generation, crash_loops(pods))
+    _report_crash_loops(old_status, conditions, emit)
+    return ReconcileResult(
+        _status(
+            observed_generation=generation,
+            phase=phase,
+            conditions=conditions,
+            plan=plan.wire(),
+            replicas=replicas.wire(),
+            endpoint=endpoint(name, namespace),
+            # A merge patch removes a key set to None: the field disappears once nothing drains.
+            draining=drain.since or None,
+        ),
+        retry_in=RETRY_WHILE_DRAINING if drain.since else None,
+        why=f"draining before scale-down: {', '.join(drain.since)}" if drain.since else "",
+    )
 
 
-async def refresh_status(kube: Kube, namespace: str, name: str) -> None:
+RETRY_WHILE_DRAINING = 2.0
+
+
+def _timed_out(
+    conditions: list[dict[str, Any]],
+    generation: int | None,
+    old_status: dict[str, Any],
+    message: str,
+    emit: EventSink,
+) -> ReconcileResult:
+    """Planning ran out of time: say so, keep the previous plan and children, try again later."""
+    previous = old_status.get("plan")
+    if previous:
+        message += "; the previous plan and its workers stay as they are"
+    if (next((c for c in conditions if c.get("type") == "Planned"), None) or {}).get("reason") != REASON_TIMEOUT:
+        emit("Warning", REASON_TIMEOUT, message)
+    conditions = set_condition(conditions, "Planned", False, REASON_TIMEOUT, message, generation)
+    conditions = set_condition(conditions, "Ready", False, REASON_TIMEOUT, message, generation)
+    return ReconcileResult(
+        _status(
+            observed_generation=generation,
+            phase="Degraded" if previous else "Failed",
+            conditions=conditions,
+        ),
+        retry_in=TIMEOUT_RETRY_SECONDS,
+        why="planning timed out",
+    )
+
+
+def _report_crash_loops(old_status: Mapping[str, Any], conditions: list[dict[str, Any]], emit: EventSink) -> None:
+    """One Warning Event each time the crash-loop report changes (a new restart, another pod)."""
+    ready = next((c for c in conditions if c.get("type") == "Ready"), None) or {}
+    if ready.get("reason") != REASON_CRASH_LOOP:
+        return
+    before = next((c for c in old_status.get("conditions") or [] if c.get("type") == "Ready"), None) or {}
+    if before.get("message") != ready.get("message"):
+        emit("Warning", REASON_CRASH_LOOP, str(ready.get("message")))
+
+
+_DEFAULT_PLANNER: PlanService | None = None
+
+
+def _default_planner() -> PlanService:
+    """For callers outside the operator (tests, tools): one shared service, started lazily."""
+    global _DEFAULT_PLANNER
+    if _DEFAULT_PLANNER is None:
+        _DEFAULT_PLANNER = PlanService()
+    return _DEFAULT_PLANNER
+
+
+async def refresh_status(kube: Kube, namespace: str, name: str, emit: EventSink | None = None) -> None:
     """Recompute ready counts and readiness of one resource from its workloads and record them."""
     owner = await kube.get(API_VERSION, KIND, namespace, name)
     if owner is None or owner["metadata"].get("deletionTimestamp"):
@@ -174,18 +351,19 @@ async def refresh_status(kube: Kube, namespace: str, name: str) -> None:
     status = owner.get("status") or {}
     if status.get("phase") == "Failed" or not status.get("plan"):
         return
+    conditions = list(status.get("conditions") or [])
+    if condition_status(conditions, "Planned") == "False":
+        return  # the plan is not current (timed out): Ready says why until planning succeeds
     plan = Plan.model_validate(status["plan"])
     workloads = list(
         (await owned_children(kube, name, namespace, owner["metadata"]["uid"], kinds=WORKLOAD_KINDS)).values()
     )
+    pods = await kube.list("v1", "Pod", namespace, instance_selector(name))
     replicas = replica_status(plan, workloads)
     conditions, phase = readiness(
-        list(status.get("conditions") or []),
-        replicas,
-        router_ready(workloads),
-        status.get("observedGeneration"),
+        conditions, replicas, router_ready(workloads), status.get("observedGeneration"), crash_loops(pods)
     )
-    update = {"phase": phase, "conditions": conditions, "replicas": replicas.wire()}
+    update = _status(phase=phase, conditions=conditions, replicas=replicas.wire())
     if all(status.get(k) == v for k, v in update.items()):
         return
     try:
@@ -195,11 +373,14 @@ async def refresh_status(kube: Kube, namespace: str, name: str) -> None:
     except KubeError as e:
         if e.status != 409:  # a newer status was written meanwhile: the next event recomputes
             raise
+        return
+    if emit is not None:
+        _report_crash_loops(status, conditions, emit)
 
 
 def desired_replicas(owner: Mapping[str, Any], workload: Mapping[str, Any]) -> int | None:
     """The replica count the owner's plan gives this StatefulSet, or None if it is not ours to judge."""
-    plan_raw = (owner.get("status") or {}).get("plan")
+    plan_raw = replica_record(owner) if _autoscaling(owner) else (owner.get("status") or {}).get("plan")
     if not plan_raw or workload.get("kind") != "StatefulSet":
         return None
     plan = Plan.model_validate(plan_raw)
@@ -207,3 +388,7 @@ def desired_replicas(owner: Mapping[str, Any], workload: Mapping[str, Any]) -> i
     if phase not in ("prefill", "decode"):
         return None
     return plan.per_unit(phase) if plan.placement == "low-affinity" else plan.phase(phase).replicas
+
+
+def _autoscaling(owner: Mapping[str, Any]) -> bool:
+    return bool(((owner.get("spec") or {}).get("autoscaling") or {}).get("enabled"))

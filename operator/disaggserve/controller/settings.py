@@ -23,3 +23,6 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 330
     settings.watching.reconnect_backoff = float(os.environ.get("DISAGGSERVE_WATCH_BACKOFF", "1.0"))
     settings.queueing.error_delays = [1, 2, 5, 10, 30]
+    # How long a peer counts as alive without a heartbeat (kopf beats a few seconds before it
+    # runs out); a standby takes over after about this long.
+    settings.peering.lifetime = int(os.environ.get("DISAGGSERVE_PEERING_LIFETIME", "60"))

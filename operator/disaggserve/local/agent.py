@@ -13,17 +13,17 @@ a handful of objects is cheap and cannot miss an event.
 
 Local stand-ins for what a container runtime provides: the pod's address is given to the
 process by rewriting the contract's `--host 0.0.0.0` to the pod IP; `emptyDir` volumes become a
-per-pod folder (TMPDIR/HOME); a pod on a simulated GPU node runs with `--device cpu`.
+per-pod folder (TMPDIR/HOME); a pod on a simulated GPU node runs with `--device cpu` and tensor
+and pipeline size 1 (it still requests and is placed on its T×P simulated GPUs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-import ipaddress
 import logging
 import os
-import random
 import shutil
 import signal
 import sys
@@ -34,7 +34,20 @@ from typing import Any
 import httpx
 
 from disaggserve.controller.kube import Kube, KubeError
-from disaggserve.local.pods import HOSTNAME, DesiredPod, NodeView, cpu_threads, desired_pods, pod_manifest, schedule
+from disaggserve.local.addresses import Addresses
+from disaggserve.local.podlogs import last_line, start_line
+from disaggserve.local.pods import (
+    HOSTNAME,
+    DesiredPod,
+    NodeView,
+    container_status,
+    cpu_threads,
+    desired_pods,
+    pod_manifest,
+    qos_class,
+    schedule,
+)
+from disaggserve.local.processes import die_with_parent
 from disaggserve.local.proxy import ServiceProxy
 from disaggserve.status_logic import now
 
@@ -42,6 +55,10 @@ log = logging.getLogger("disaggserve.agent")
 FIELD_MANAGER = "disaggserve-agent"
 MAX_BACKOFF = 30.0
 PYTHON_ENTRY_POINTS = {"disaggserve-worker": "disaggserve_worker.cli", "disaggserve": "disaggserve.cli"}
+
+
+def _ports(pod_spec: dict[str, Any]) -> list[int]:
+    return [int(p["containerPort"]) for c in pod_spec.get("containers", []) for p in c.get("ports", []) or []]
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,23 @@ class LocalPod:
     started_at: float = 0.0
     terminating: bool = False
     reported: dict[str, Any] | None = None
+    created: str = field(default_factory=now)  # wall-clock times, as a kubelet reports them
+    started: str = ""
+    ever_ready: bool = False
+    last_exit: Crash | None = None
+
+
+@dataclass(frozen=True)
+class Crash:
+    """How a pod's process last ended: what `kubectl describe` shows as Last State."""
+
+    pod: str
+    exit_code: int
+    started: str
+    finished: str
+    message: str | None  # the last line the process wrote (kubelet: FallbackToLogsOnError)
+    restarts: int
+    log: Path
 
 
 class NodeAgent:
@@ -119,13 +153,13 @@ class NodeAgent:
         self.interval = interval
         self.pod_env = pod_env or {}  # what a cluster mounts into every pod (e.g. API credentials)
         self.pods: dict[tuple[str, str], LocalPod] = {}
-        # A random /16 of 127/8 per agent: two local clusters (or a stale one) never share pod IPs.
-        ip_prefix = ip_prefix or f"127.{random.randint(100, 199)}.0.0/16"
-        self._ips = (str(ip) for ip in ipaddress.ip_network(ip_prefix).hosts())
+        # A random block of 127/8 per agent, skipping addresses whose ports are taken: two local
+        # clusters (or a stale one) never share pod addresses.
+        self._ips = Addresses(ip_prefix)
         self._ip_of: dict[tuple[str, str], str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http = httpx.AsyncClient(timeout=1.0)
-        self.proxy = ServiceProxy(kube, f"127.{random.randint(200, 254)}.0.0/16")
+        self.proxy = ServiceProxy(kube)
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -137,6 +171,8 @@ class NodeAgent:
                 await self.step()
             except KubeError as e:
                 log.warning("agent step failed, retrying: %s", e)
+            except Exception:  # never let one bad pass stop every pod's supervision
+                log.exception("agent step failed unexpectedly, retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval)
         await self.shutdown()
@@ -234,7 +270,9 @@ class NodeAgent:
                     )
                 continue
             node = next(n for n in self.nodes if n.name == node_name)
-            ip = self._ip_of.setdefault(key, next(self._ips))
+            if key not in self._ip_of:
+                self._ip_of[key] = self._ips.take(_ports(want.template["spec"]))
+            ip = self._ip_of[key]
             workdir = self.state_dir / "pods" / f"{want.namespace}_{want.name}"
             pod = LocalPod(
                 want,
@@ -262,18 +300,61 @@ class NodeAgent:
                 code = pod.proc.returncode
                 pod.proc, pod.ready = None, False
                 pod.restarts += 1
+                pod.last_exit = Crash(
+                    f"{key[0]}/{key[1]}", code, pod.started, now(), last_line(pod.log_path), pod.restarts, pod.log_path
+                )
                 backoff = min(MAX_BACKOFF, 2.0 ** min(pod.restarts - 1, 5))
                 pod.next_start = loop.time() + backoff
-                log.warning("pod %s/%s exited with %s; restart %d in %.0fs", *key, code, pod.restarts, backoff)
+                log.warning(
+                    "pod %s/%s exited with %s; restart %d in %.0fs; last output: %s",
+                    *key,
+                    code,
+                    pod.restarts,
+                    backoff,
+                    pod.last_exit.message or "(none)",
+                )
             if pod.proc is None and loop.time() >= pod.next_start:
                 await self._launch(pod)
             if pod.proc is not None:
                 pod.ready = await self._probe(pod)
+                pod.ever_ready |= pod.ready
             await self._report_pod(pod)
+
+    def crash_looping(self, restarts: int = 3) -> list[Crash]:
+        """Pods whose process ended `restarts` times without ever becoming ready (nothing will fix them)."""
+        return [
+            p.last_exit
+            for p in self.pods.values()
+            if p.last_exit is not None and not p.ever_ready and not p.terminating and p.restarts >= restarts
+        ]
+
+    def crashes(self) -> list[Crash]:
+        """The last exit of every pod that has exited at least once."""
+        return [p.last_exit for p in self.pods.values() if p.last_exit is not None and not p.terminating]
 
     # ------------------------------------------------------------------ processes
 
-    def _command(self, pod: LocalPod) -> tuple[list[str], dict[str, str]]:
+    async def _secret_env(self, pod: LocalPod) -> dict[str, str] | None:
+        """Values of `valueFrom.secretKeyRef` env entries; None when a required one is missing
+        (a kubelet then reports CreateContainerConfigError and retries: so does the caller)."""
+        container = pod.desired.template["spec"]["containers"][0]
+        values: dict[str, str] = {}
+        for item in container.get("env") or []:
+            ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+            if not ref:
+                continue
+            secret = await self.kube.get("v1", "Secret", pod.desired.namespace, ref["name"])
+            raw = ((secret or {}).get("data") or {}).get(ref.get("key", ""))
+            if raw is None:
+                if ref.get("optional"):
+                    continue
+                log.warning("pod %s/%s waits for secret %s key %s (env %s)", *pod.desired.key, ref["name"],
+                            ref.get("key"), item["name"])
+                return None
+            values[item["name"]] = base64.b64decode(raw).decode()
+        return values
+
+    def _command(self, pod: LocalPod, secret_env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
         container = pod.desired.template["spec"]["containers"][0]
         command = list(container.get("command") or [])
         args = list(container.get("args") or [])
@@ -288,6 +369,8 @@ class NodeAgent:
                 args[i + 1] = pod.ip
             if arg == "--device" and pod.simulated_gpu:
                 args[i + 1] = "cpu"
+            if arg in ("--tensor-parallel", "--pipeline-parallel") and pod.simulated_gpu:
+                args[i + 1] = "1"  # a CPU process cannot shard over simulated GPUs: one process, whole model
         threads = str(cpu_threads(pod.desired.template["spec"]))
         env = {
             **os.environ,
@@ -307,19 +390,32 @@ class NodeAgent:
                 env[item["name"]] = str(item["value"])
             elif field_path := ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath"):
                 env[item["name"]] = fields.get(field_path, "")
+            elif item["name"] in (secret_env or {}):
+                env[item["name"]] = (secret_env or {})[item["name"]]
         env["TMPDIR"] = str(pod.workdir / "tmp")
         env["HOME"] = str(pod.workdir / "tmp")
         env["HF_HOME"] = str(pod.workdir / "tmp" / "hf")
         return command + args, env
 
     async def _launch(self, pod: LocalPod) -> None:
-        argv, env = self._command(pod)
+        secret_env = await self._secret_env(pod)
+        if secret_env is None:
+            pod.next_start = asyncio.get_running_loop().time() + 1.0
+            return
+        argv, env = self._command(pod, secret_env)
         (pod.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         with open(pod.log_path, "ab") as out:
-            out.write(f"--- {now()} start: {' '.join(argv)}\n".encode())
+            out.write(start_line(now(), argv).encode())
+            out.flush()
             pod.proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+                *argv,
+                env=env,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
+        pod.started = now()
         pod.started_at = asyncio.get_running_loop().time()
         log.info("started pod %s/%s on %s (%s), pid %d", *pod.desired.key, pod.node, pod.ip, pod.proc.pid)
 
@@ -373,28 +469,47 @@ class NodeAgent:
     # ------------------------------------------------------------------ status
 
     async def _report_pod(self, pod: LocalPod) -> None:
+        """The Pod status a kubelet writes, every field a real API server's clients expect."""
         running = pod.proc is not None and pod.proc.returncode is None
         ready = "True" if pod.ready and not pod.terminating else "False"
+        previous = pod.reported or {}
+        since = {c["type"]: c for c in previous.get("conditions", [])}
+
+        def condition(kind: str, value: str) -> dict[str, Any]:
+            old = since.get(kind)
+            changed = old is None or old["status"] != value
+            return {
+                "type": kind,
+                "status": value,
+                "lastProbeTime": None,
+                "lastTransitionTime": now() if changed else old["lastTransitionTime"],
+            }
+
+        spec = pod.desired.template["spec"]
+        crash = pod.last_exit
         status = {
             "phase": "Running" if running else "Pending",
             "podIP": pod.ip,
             "podIPs": [{"ip": pod.ip}],
             "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "startTime": pod.created,
+            "qosClass": qos_class(spec),
             "conditions": [
-                {"type": "PodScheduled", "status": "True"},
-                {"type": "ContainersReady", "status": ready},
-                {"type": "Ready", "status": ready},
+                condition("PodScheduled", "True"),
+                condition("Initialized", "True"),
+                condition("ContainersReady", ready),
+                condition("Ready", ready),
             ],
             "containerStatuses": [
-                {
-                    "name": pod.desired.template["spec"]["containers"][0]["name"],
-                    "ready": ready == "True",
-                    "restartCount": pod.restarts,
-                    "started": running,
-                    "state": {"running": {}}
-                    if running
-                    else {"waiting": {"reason": "CrashLoopBackOff" if pod.restarts else "ContainerCreating"}},
-                }
+                container_status(
+                    spec["containers"][0],
+                    ready=ready == "True",
+                    restarts=pod.restarts,
+                    pid=pod.proc.pid if running and pod.proc is not None else None,
+                    started_at=pod.started,
+                    last_exit=(crash.exit_code, crash.started, crash.finished, crash.message) if crash else None,
+                )
             ],
         }
         if status != pod.reported:

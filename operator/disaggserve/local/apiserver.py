@@ -3,7 +3,7 @@
 Used by the tests (the operator runs against it exactly as against a cluster) and by
 `disaggserve up` (a whole system on one machine). kmock gives the HTTP server, request
 parsing, discovery and error rendering; this module replaces its object store because kmock
-0.8 lacks, and kopf or our tests need (see ENVIRONMENT.md):
+0.8 lacks, and kopf or our tests need (see docs/environment.md):
 
 - uid / creationTimestamp / generation / resourceVersion stamping, 201 on create;
 - optimistic concurrency: a stale resourceVersion answers 409, a failed JSON-patch `test` 422;
@@ -16,6 +16,8 @@ parsing, discovery and error rendering; this module replaces its object store be
   and unknown-field refusal under `fieldValidation=Strict` (what kubectl sends);
 - server-side apply (`application/apply-patch+yaml`: create or merge, with field manager);
 - PUT, finalizers, owner-reference garbage collection (background cascade, `Orphan` honoured);
+- the discovery and `/openapi/v3` documents kubectl needs to apply with validation on, a
+  supported server version, and `pods/log` read from the local process logs;
 - an audit log of every call (verb, group, resource, subresource, namespace) for the RBAC test,
   and fault injection (status codes, delays) for resilience tests.
 
@@ -48,13 +50,19 @@ import kmock
 import yaml
 from kmock._internal import rendering
 
+from disaggserve.api import safe_yaml
+from disaggserve.local import openapi
+from disaggserve.local.podlogs import RUN_MARKER, read_log
 from disaggserve.local.schema import FieldError, validate
 from disaggserve.local.selectors import parse_field_selector, parse_label_selector
 from disaggserve.local.tables import table
 
 Key = tuple[str, str, str | None, str]  # group, plural, namespace, name
 _NAMESPACES_PATH = re.compile(r"^/api/v1/namespaces(?:/([^/]+))?(?:/(status|finalize))?/?$")
+_OPENAPI_PATH = re.compile(r"^/openapi/v3(?:/(.+?))?/?$")
 MAX_EVENT_HISTORY = 50_000
+# What `/version` reports: the newest minor the docs support and the kubectl we install speaks.
+SERVER_VERSION = {"major": "1", "minor": "31", "gitVersion": "v1.31.0+disaggserve-local"}
 
 
 def _now() -> str:
@@ -144,6 +152,8 @@ class LocalApiServer(kmock.KubernetesEmulator):
         self._watchers: list[_Watcher] = []
         self._custom: dict[tuple[str, str], _CustomResource] = {}
         self._history_floor = 0
+        # Where `pods/log` reads from: `<log_dir>/<namespace>_<pod>.log` (the node agent writes them).
+        self.log_dir: Path | None = None
 
     # ----------------------------------------------------------------- public helpers
 
@@ -215,6 +225,8 @@ class LocalApiServer(kmock.KubernetesEmulator):
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         # kmock 0.8 parses /api/v1/namespaces[/NAME] as "inside namespace NAME" and fails on the
         # bare list; kopf's namespaced mode lists and watches exactly that. Route it ourselves.
+        if (openapi_match := _OPENAPI_PATH.match(raw_request.path)) is not None:
+            return self._serve_openapi(openapi_match.group(1))
         match = _NAMESPACES_PATH.match(raw_request.path)
         if match is None:
             return await super().__call__(raw_request)
@@ -247,7 +259,53 @@ class LocalApiServer(kmock.KubernetesEmulator):
         payload = await super()._serve_version(request)
         if isinstance(payload, dict) and str(payload.get("groupVersion", "")).startswith("/"):
             payload["groupVersion"] = payload["groupVersion"].lstrip("/")
+        # kmock copies categories and short names onto subresources ("deployments/scale"): kubectl
+        # then expands `get all` to subresources it cannot list and warns that `deploy` is ambiguous.
+        for entry in payload.get("resources", []) if isinstance(payload, dict) else []:
+            if "/" in entry.get("name", ""):
+                entry["categories"], entry["shortNames"] = [], []
         return payload
+
+    async def _serve_server_version(self, request: Any) -> Any:
+        payload = await super()._serve_server_version(request)
+        payload.update(SERVER_VERSION)
+        return payload
+
+    def served(self) -> list[openapi.Served]:
+        """Every resource this API serves, with its CRD schema when it is a custom resource."""
+        out = []
+        for known, info in self.resources.items():
+            custom = self._custom.get((known.group or "", known.plural))
+            out.append(
+                openapi.Served(
+                    group=known.group or "",
+                    version=known.version,
+                    plural=known.plural,
+                    kind=info.kind or known.plural.capitalize(),
+                    namespaced=bool(info.namespaced),
+                    subresources=frozenset(info.subresources or ()),
+                    schema=custom.schema if custom else None,
+                )
+            )
+        return out
+
+    def _serve_openapi(self, path: str | None) -> aiohttp.web.StreamResponse:
+        index, docs = openapi.documents(self.served(), SERVER_VERSION["gitVersion"])
+        if not path:
+            return aiohttp.web.json_response(index)
+        if path in docs:
+            return aiohttp.web.json_response(docs[path])
+        return aiohttp.web.json_response(
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "reason": "NotFound",
+                "code": 404,
+                "message": f"no OpenAPI document for {path!r}",
+            },
+            status=404,
+        )
 
     # ----------------------------------------------------------------- dispatch
 
@@ -268,6 +326,8 @@ class LocalApiServer(kmock.KubernetesEmulator):
                     if fault.status:
                         raise ApiError(fault.status, "InjectedFault", f"injected fault {fault.status}")
                     break
+            if request.subresource == "log" and group == "" and resource.plural == "pods" and verb == "get":
+                return await self._serve_log(request)
             if request.subresource not in (None, "status"):
                 raise ApiError(404, "NotFound", f"subresource {request.subresource!r} is not served here")
             if request.subresource == "status" and "status" not in (info.subresources or set()):
@@ -440,6 +500,50 @@ class LocalApiServer(kmock.KubernetesEmulator):
             except TimeoutError:
                 return
 
+    async def _serve_log(self, request: Any) -> aiohttp.web.StreamResponse:
+        """`kubectl logs`: the pod process's output, as the kubelet would stream it."""
+        pod = self.store.get(("", "pods", request.namespace, request.name))
+        if pod is None:
+            raise ApiError(404, "NotFound", f'pods "{request.name}" not found')
+        path = self.log_dir / f"{request.namespace}_{request.name}.log" if self.log_dir else None
+        params = request.params
+        tail = int(params["tailLines"]) if params.get("tailLines", "").lstrip("-").isdigit() else None
+        previous = params.get("previous") in ("true", "1")
+        text, offset = read_log(path, previous=previous, tail_lines=tail)
+        if text is None:
+            container = pod["spec"]["containers"][0]["name"]
+            which = "previous terminated container" if previous else "container"
+            raise ApiError(
+                400,
+                "BadRequest",
+                f'{which} "{container}" in pod "{request.name}" has no logs yet (is it waiting to start?)',
+            )
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request._raw_request)
+        await response.write(text.encode())
+        if params.get("follow") in ("true", "1") and not previous and path is not None:
+            await self._follow_log(response, path, offset, ("", "pods", request.namespace, request.name))
+        return response
+
+    async def _follow_log(self, response: Any, path: Path, offset: int, key: Key) -> None:
+        """Stream what the current run appends until the pod is deleted or its process restarts."""
+        uid = self.store[key]["metadata"].get("uid")
+        try:
+            while (self.store.get(key) or {}).get("metadata", {}).get("uid") == uid:
+                await asyncio.sleep(0.5)
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                offset += len(chunk)
+                text = chunk.decode(errors="replace")
+                if (restart := text.find("\n" + RUN_MARKER)) >= 0 or text.startswith(RUN_MARKER):
+                    await response.write(text[: max(restart + 1, 0)].encode())
+                    return
+                if chunk:
+                    await response.write(chunk)
+        except (ConnectionResetError, asyncio.CancelledError, FileNotFoundError):
+            pass
+
     def _existing(self, request: Any, group: str, resource: Any) -> dict[str, Any]:
         obj = self.store.get((group, resource.plural, request.namespace, request.name))
         if obj is None:
@@ -452,8 +556,8 @@ class LocalApiServer(kmock.KubernetesEmulator):
         if request.data is not None:
             return copy.deepcopy(request.data)
         try:
-            return yaml.safe_load(request.body.decode() or "null")
-        except yaml.YAMLError as e:
+            return safe_yaml.load(request.body.decode() or "null")
+        except (yaml.YAMLError, safe_yaml.YamlLimitError) as e:
             raise ApiError(400, "BadRequest", f"cannot parse body: {e}") from None
 
     def _check_schema(self, group: str, resource: Any, obj: dict[str, Any], request: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ exactly as in a cluster; the agent runs pods as local processes (see `local/agen
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
@@ -23,11 +24,15 @@ import yaml
 from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.api.crd import build_crd
 from disaggserve.api.peering import build_peering_crds
+from disaggserve.contract import ROUTER_PORT
 from disaggserve.controller.kube import Kube
 from disaggserve.local.agent import NodeAgent, NodeSpec
 from disaggserve.local.apiserver import LocalApiServer, serve_api, write_kubeconfig
+from disaggserve.local.processes import die_with_parent
+from disaggserve.resources.names import router_name
 
 log = logging.getLogger("disaggserve.local")
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 def default_resource() -> dict[str, Any]:
@@ -63,14 +68,19 @@ class LocalCluster:
         self._stack = AsyncExitStack()
         self._stop = asyncio.Event()
         self._agent_task: asyncio.Task[None] | None = None
+        self._operator_task: asyncio.Task[None] | None = None
+        self.operator_restarts = 0
 
     async def __aenter__(self) -> LocalCluster:
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.api, self.url = await self._stack.enter_async_context(
             serve_api(port=self.api_port, crds=[build_crd(), *build_peering_crds()])
         )
+        assert self.api is not None
+        self.api.log_dir = self.state_dir / "logs"
         write_kubeconfig(self.url, self.kubeconfig)
         self.start_operator()
+        self._operator_task = asyncio.create_task(self._supervise_operator())
         self.kube = Kube(kubeconfig=str(self.kubeconfig))
         if self.run_pods:
             self.agent = NodeAgent(
@@ -96,7 +106,34 @@ class LocalCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
+
+    async def _supervise_operator(self) -> None:
+        """Restart the operator if it dies (as a Deployment would): its work is level-triggered,
+        so a new process picks up where the old one stopped."""
+        backoff = 1.0
+        while not self._stop.is_set():
+            proc = self._operator
+            if proc is not None and proc.poll() is not None:
+                self.operator_restarts += 1
+                log.warning(
+                    "the operator exited with %s; restarting it (restart %d, see %s)",
+                    proc.returncode,
+                    self.operator_restarts,
+                    self.state_dir / "logs" / "operator.log",
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                if self._stop.is_set():
+                    return
+                self.start_operator()
+            elif proc is not None:
+                backoff = 1.0
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.interval)
+            except TimeoutError:
+                pass
 
     def stop_operator(self) -> None:
         if self._operator is not None and self._operator.poll() is None:
@@ -110,6 +147,8 @@ class LocalCluster:
 
     async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
+        if self._operator_task is not None:
+            await self._operator_task
         if self._agent_task is not None:
             try:
                 await self._agent_task
@@ -128,6 +167,12 @@ class LocalCluster:
         assert self.kube is not None
         resource = {**resource, "metadata": {**resource["metadata"]}}
         resource["metadata"].setdefault("namespace", "default")
+        # What `kubectl apply` records, so that a later `kubectl apply -f` of the same file
+        # computes its patch against it instead of warning about a missing annotation.
+        resource["metadata"]["annotations"] = {
+            **(resource["metadata"].get("annotations") or {}),
+            LAST_APPLIED: json.dumps(resource, sort_keys=True, separators=(",", ":")),
+        }
         return await self.kube.apply(resource, field_manager="kubectl")
 
     async def get(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
@@ -156,7 +201,15 @@ class LocalCluster:
                 ready = next((c for c in last.get("conditions", []) if c.get("type") == "Ready"), {})
                 raise RuntimeError(f"{name}: {ready.get('reason')}: {ready.get('message')}")
             await asyncio.sleep(0.25)
-        raise TimeoutError(f"{name} not Ready after {timeout:.0f}s; last status: {last}")
+        ready = next((c for c in last.get("conditions", []) if c.get("type") == "Ready"), {})
+        why = f"{ready.get('reason')}: {ready.get('message')}" if ready else "no Ready condition yet"
+        raise TimeoutError(f"{name} not Ready after {timeout:.0f}s (phase {last.get('phase', 'unknown')}; {why})")
+
+    async def publish(self, name: str, namespace: str = "default", host_port: int = 8000) -> str:
+        """Serve the resource's router on 127.0.0.1:host_port (fixed, unlike its cluster IP)."""
+        assert self.agent is not None, "publishing needs the node agent (run_pods=True)"
+        await self.agent.proxy.expose(namespace, router_name(name), ROUTER_PORT, "127.0.0.1", host_port)
+        return f"http://127.0.0.1:{host_port}/v1"
 
     async def endpoint(self, name: str, namespace: str = "default") -> str:
         """The router's address on this machine (its Service's local cluster IP)."""

@@ -162,3 +162,67 @@ def cpu_threads(pod_spec: dict[str, Any]) -> int:
             value = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
             return max(1, math.ceil(value))
     return 1
+
+
+def qos_class(pod_spec: dict[str, Any]) -> str:
+    """The pod's QoS class, by the kubelet's rule (requests == limits for cpu and memory: Guaranteed)."""
+    containers = pod_spec.get("containers", [])
+    resources = [c.get("resources") or {} for c in containers]
+    if not any((r.get("requests") or r.get("limits")) for r in resources):
+        return "BestEffort"
+    guaranteed = all(
+        (r.get("limits") or {}).get(k) is not None
+        and (r.get("requests") or {}).get(k, (r.get("limits") or {}).get(k)) == (r.get("limits") or {}).get(k)
+        for r in resources
+        for k in ("cpu", "memory")
+    )
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+def container_status(
+    container: dict[str, Any],
+    *,
+    ready: bool,
+    restarts: int,
+    pid: int | None,
+    started_at: str,
+    last_exit: tuple[int, str, str, str | None] | None,
+) -> dict[str, Any]:
+    """A container's status with every field a kubelet sets (clients such as the official
+    `kubernetes` package refuse a status without `image` and `imageID`).
+
+    The local stand-ins: no image is pulled, so `imageID` names the image as configured, and
+    the `containerID` is the local process id. `last_exit` is (exit code, started, finished,
+    last log line), shown as `lastState.terminated` like a kubelet with FallbackToLogsOnError.
+    """
+    image = str(container.get("image") or "")
+    status: dict[str, Any] = {
+        "name": container["name"],
+        "image": image,
+        "imageID": f"local://{image}" if pid is not None else "",
+        "ready": ready,
+        "restartCount": restarts,
+        "started": pid is not None,
+        "lastState": {},
+    }
+    if pid is not None:
+        status["containerID"] = f"local://{pid}"
+        status["state"] = {"running": {"startedAt": started_at}}
+    elif last_exit is not None:
+        status["state"] = {
+            "waiting": {"reason": "CrashLoopBackOff", "message": f"back-off restarting {container['name']}"}
+        }
+    else:
+        status["state"] = {"waiting": {"reason": "ContainerCreating"}}
+    if last_exit is not None:
+        code, started, finished, message = last_exit
+        terminated: dict[str, Any] = {
+            "exitCode": 128 - code if code < 0 else code,  # killed by signal N: 128 + N, as runtimes report
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": started or finished,
+            "finishedAt": finished,
+        }
+        if message:
+            terminated["message"] = message
+        status["lastState"] = {"terminated": terminated}
+    return status

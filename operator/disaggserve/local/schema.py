@@ -87,11 +87,17 @@ def _cel_errors(obj: Any, schema: dict[str, Any], path: str) -> list[FieldError]
 def validate(obj: dict[str, Any], schema: dict[str, Any], *, strict: bool) -> tuple[dict[str, Any], list[FieldError]]:
     """Return the stored form of `obj` (defaulted, pruned) and the errors that refuse it.
 
-    Only `spec` and `status` are checked (metadata is the API server's own business).
+    `spec` and `status` are checked, and `metadata.name` against what the root schema may say
+    of it (a CRD may restrict metadata.name and nothing else of metadata).
     """
     stored = copy.deepcopy(obj)
     errors: list[FieldError] = []
     props = schema.get("properties", {})
+    name_schema = ((props.get("metadata") or {}).get("properties") or {}).get("name")
+    name = (stored.get("metadata") or {}).get("name")
+    if name_schema and isinstance(name, str):
+        for err in jsonschema.Draft4Validator(_plain(name_schema)).iter_errors(name):
+            errors.append(FieldError("metadata.name", err.message))
     for top in ("spec", "status"):
         if top not in stored or top not in props:
             continue

@@ -1,4 +1,10 @@
-"""The one function the controller, the CLI and the autoscaler call to get a plan."""
+"""The one function the controller, the CLI and the autoscaler call to get a plan.
+
+It also holds the worker's limits the planner must respect (a CPU worker is one process on one
+device: tensor and pipeline 1, the same rule the CRD's CEL enforces on manual plans) and the
+capacity check of a plan against the cluster's Nodes, so that nothing the planner returns is
+refused later by the worker or can never be scheduled.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,74 @@ from disaggserve.planner.auto import plan_automatically
 from disaggserve.planner.errors import PlanningError
 from disaggserve.topology import TopologyError
 
-__all__ = ["PlanningError", "manual_plan", "plan_for"]
+__all__ = ["PlanningError", "capacity_problem", "manual_plan", "plan_for"]
+
+RESOURCE_GPU = "nvidia.com/gpu"
+
+
+def _planning_view(spec: DisaggServeSpec) -> DisaggServeSpec:
+    """The spec as the search must see it: on CPU every instance is one device (tp1, pp1).
+
+    `hardware.gpusPerNode` bounds tensor x pipeline in the search; a CPU worker runs neither, so
+    it is one. Low node-affinity exists to keep KV caches off slow links between GPU nodes; CPU
+    workers have no device to pair on a node, so `auto` plans them high-affinity.
+    """
+    if spec.hardware.device != "cpu":
+        return spec
+    update: dict[str, Any] = {"hardware": spec.hardware.model_copy(update={"gpus_per_node": 1})}
+    if spec.placement == "auto":
+        update["placement"] = "high-affinity"
+    return spec.model_copy(update=update)
+
+
+def check_worker_limits(spec: DisaggServeSpec, plan: Plan, max_tensor: int | None) -> None:
+    """Refuse a plan the worker would refuse (exit 2) instead of rendering crash-looping pods."""
+    for phase in (plan.prefill, plan.decode):
+        if spec.hardware.device == "cpu" and (phase.tensor, phase.pipeline) != (1, 1):
+            raise PlanningError(
+                "PlanInvalid",
+                f"the planner chose tensor {phase.tensor} x pipeline {phase.pipeline} for CPU workers, "
+                "which run tensor and pipeline 1 only; set spec.parallelism by hand",
+            )
+        if max_tensor is not None and phase.tensor > max_tensor:
+            raise PlanningError(
+                "PlanInvalid", f"the planner chose tensor {phase.tensor}; the worker runs at most {max_tensor}"
+            )
+
+
+def _quantity_int(value: Any) -> int:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return 0
+
+
+def capacity_problem(spec: DisaggServeSpec, plan: Plan, nodes: list[dict[str, Any]] | None) -> str | None:
+    """Why the cluster's Nodes can never hold this plan's worker pods, or None.
+
+    Counted over every schedulable Node (free or not, so the answer does not change with other
+    tenants' load): GPUs for GPU workers, the pods a Node allows for all workers. Without a view
+    of the Nodes (an empty list: no RBAC, or none registered yet) nothing is judged.
+    """
+    if not nodes:
+        return None
+    usable = [n for n in nodes if not (n.get("spec") or {}).get("unschedulable")]
+    pods = sum(_quantity_int(((n.get("status") or {}).get("allocatable") or {}).get("pods")) for n in usable)
+    workers = plan.prefill.replicas + plan.decode.replicas
+    if pods and workers > pods:
+        return (
+            f"the plan runs {workers} worker pods ({plan.prefill.replicas} prefill, {plan.decode.replicas} decode) "
+            f"but the {len(usable)} schedulable node(s) allow {pods} pods in all; lower the replicas "
+            "(spec.parallelism.*.replicas, spec.autoscaling.maxReplicas) or spec.workload.requestRate"
+        )
+    if spec.hardware.device == "gpu":
+        gpus = sum(_quantity_int(((n.get("status") or {}).get("allocatable") or {}).get(RESOURCE_GPU)) for n in usable)
+        if plan.gpus_total > gpus:
+            return (
+                f"the plan needs {plan.gpus_total} GPUs but the cluster's schedulable nodes have {gpus} "
+                f"allocatable {RESOURCE_GPU}; lower the replicas or the tensor/pipeline sizes"
+            )
+    return None
 
 
 def manual_plan(spec: DisaggServeSpec) -> Plan:
@@ -56,8 +129,10 @@ def plan_for(
     if spec.parallelism is not None:
         return manual_plan(spec)
     try:
-        return plan_automatically(
-            spec, nodes=nodes, profile=profile, rate=rate, used_gpus=used_gpus, max_tensor=max_tensor
+        plan = plan_automatically(
+            _planning_view(spec), nodes=nodes, profile=profile, rate=rate, used_gpus=used_gpus, max_tensor=max_tensor
         ).plan
     except TopologyError as e:
         raise PlanningError("NodeLabelsInvalid", str(e)) from None
+    check_worker_limits(spec, plan, max_tensor)
+    return plan

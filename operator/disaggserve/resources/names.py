@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from disaggserve.api.plan import Phase
+import re
+
+from disaggserve.api.constants import MAX_NAME_LENGTH, NAME_PATTERN
+from disaggserve.api.plan import Role
 from disaggserve.contract import (
     APP_NAME,
     LABEL_COMPONENT,
@@ -13,9 +16,27 @@ from disaggserve.contract import (
     MANAGED_BY,
 )
 
-# StatefulSet pods carry a controller-revision-hash label of `<sts-name>-<10 chars>`, which must
-# fit a 63-character label value; `-u999-prefill` is the longest suffix we add.
-MAX_NAME_LENGTH = 40
+__all__ = ["MAX_NAME_LENGTH", "name_problem"]
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a DisaggServe's children, or None (the CRD's CEL rule says the same).
+
+    StatefulSet pods carry a controller-revision-hash label of `<sts-name>-<10 chars>`, which must
+    fit a 63-character label value (`-u999-prefill` is the longest suffix we add), and Service
+    names are DNS-1035 labels (a letter first, no dots).
+    """
+    if len(name) > MAX_NAME_LENGTH:
+        return (
+            f"metadata.name {name!r} is {len(name)} characters; at most {MAX_NAME_LENGTH} fit the "
+            "names of the pods it creates. Choose a shorter name."
+        )
+    if not re.match(NAME_PATTERN, name):
+        return (
+            f"metadata.name {name!r} must start with a lower-case letter and hold only lower-case letters, "
+            "digits and '-' (not at the end): it names Services, which Kubernetes requires to be DNS-1035 labels"
+        )
+    return None
 
 
 def instance_labels(name: str) -> dict[str, str]:
@@ -42,11 +63,11 @@ def pod_selector(name: str, component: str, unit: int | None = None) -> dict[str
     return selector
 
 
-def statefulset_name(name: str, phase: Phase, unit: int | None = None) -> str:
+def statefulset_name(name: str, phase: Role, unit: int | None = None) -> str:
     return f"{name}-{phase}" if unit is None else f"{name}-u{unit}-{phase}"
 
 
-def service_name(name: str, phase: Phase) -> str:
+def service_name(name: str, phase: Role) -> str:
     return f"{name}-{phase}"
 
 

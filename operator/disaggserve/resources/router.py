@@ -15,6 +15,7 @@ from disaggserve.resources.pods import (
     scheduling,
     volumes,
 )
+from disaggserve.resources.security import token_env
 
 API_KEY_DIR = "/var/run/secrets/disaggserve"
 COMPONENT = "router"
@@ -73,7 +74,7 @@ def router_objects(spec: DisaggServeSpec, name: str, namespace: str) -> list[dic
         "command": [WORKER_BINARY],
         "args": args,
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
-        "env": identity_env(),
+        "env": [*identity_env(), token_env(name)],
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
         "volumeMounts": mounts,
         "securityContext": container_security_context(),

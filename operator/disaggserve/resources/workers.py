@@ -1,11 +1,11 @@
-"""Prefill and decode StatefulSets and their headless Services."""
+"""Worker StatefulSets (prefill and decode, or colocated) and their headless Services."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from disaggserve.api.plan import Phase, Plan
+from disaggserve.api.plan import Plan, Role
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.contract import ENV_UNIT, KV_PORT, LABEL_INSTANCE, LABEL_UNIT, WORKER_BINARY, WORKER_PORT, worker_args
 from disaggserve.resources.names import component_labels, pod_selector, service_name, statefulset_name
@@ -17,10 +17,12 @@ from disaggserve.resources.pods import (
     scheduling,
     volumes,
 )
+from disaggserve.resources.security import token_env
 
 HOSTNAME = "kubernetes.io/hostname"
-# Decode holds streams that are still generating; give it time to finish them on scale-down.
-GRACE_SECONDS: dict[Phase, int] = {"prefill": 60, "decode": 180}
+# Decode (and colocated) workers hold streams that are still generating; give them time to finish
+# them on scale-down.
+GRACE_SECONDS: dict[Role, int] = {"prefill": 60, "decode": 180, "colocated": 180}
 
 
 def _speculation_args(spec: DisaggServeSpec) -> dict[str, str | int]:
@@ -55,7 +57,7 @@ def _resources(spec: DisaggServeSpec, gpus: int) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
-def _placement(spec: DisaggServeSpec, plan: Plan, name: str, phase: Phase, unit: int | None) -> dict[str, Any]:
+def _placement(spec: DisaggServeSpec, plan: Plan, name: str, phase: Role, unit: int | None) -> dict[str, Any]:
     out = scheduling(spec)
     if unit is not None:
         # Low node-affinity: every pod of a unit, prefill and decode, lands on the same node so the
@@ -83,12 +85,12 @@ def _placement(spec: DisaggServeSpec, plan: Plan, name: str, phase: Phase, unit:
 
 
 def build_statefulset(
-    spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Phase, unit: int | None
+    spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Role, unit: int | None
 ) -> dict[str, Any]:
     phase_plan = plan.phase(phase)
     labels = component_labels(name, phase, unit)
     vols, mounts = volumes(spec, shm=True)
-    env = identity_env()
+    env = [*identity_env(), token_env(name)]
     if unit is not None:
         env.append({"name": ENV_UNIT, "value": str(unit)})
     args = worker_args(
@@ -98,10 +100,8 @@ def build_statefulset(
         tensor=phase_plan.tensor,
         pipeline=phase_plan.pipeline,
         device="cuda" if spec.hardware.device == "gpu" else "cpu",
-        ttft_slo_ms=spec.slo.ttft_ms,
-        tpot_slo_ms=spec.slo.tpot_ms,
         max_model_len=spec.model.max_model_len,
-        speculation=_speculation_args(spec) if phase == "decode" else None,
+        speculation=_speculation_args(spec) if phase in ("decode", "colocated") else None,
     )
     container = {
         "name": "worker",
@@ -158,7 +158,7 @@ def build_statefulset(
     }
 
 
-def build_headless_service(name: str, namespace: str, phase: Phase) -> dict[str, Any]:
+def build_headless_service(name: str, namespace: str, phase: Role) -> dict[str, Any]:
     """Stable DNS per worker pod; the router discovers pods, the Service gives them names."""
     return {
         "apiVersion": "v1",
@@ -183,7 +183,9 @@ def build_headless_service(name: str, namespace: str, phase: Phase) -> dict[str,
 def worker_objects(spec: DisaggServeSpec, plan: Plan, name: str, namespace: str) -> list[dict[str, Any]]:
     units: list[int | None] = list(range(plan.units)) if plan.placement == "low-affinity" else [None]
     objects: list[dict[str, Any]] = []
-    for phase in ("prefill", "decode"):
+    # A colocated plan deploys one role doing both phases; the router (discovering pods by their
+    # component label) then serves in its colocated mode.
+    for phase in plan.roles:
         objects.append(build_headless_service(name, namespace, phase))
         objects += [build_statefulset(spec, plan, name, namespace, phase, unit) for unit in units]
     return objects

@@ -36,7 +36,7 @@ from tokenizers import Tokenizer
 from disaggserve_worker.engine.detokenizer import IncrementalDetokenizer
 from disaggserve_worker.engine.kv_cache import BlockAllocator
 from disaggserve_worker.engine.runner import ModelRunner
-from disaggserve_worker.engine.sampling import SamplingParams, sample_rows
+from disaggserve_worker.engine.sampling import SampleContext, SamplingParams, sample_rows
 from disaggserve_worker.engine.scheduler import StepPlan, plan_step
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent, push_many
 from disaggserve_worker.model.llama import LlamaForCausalLM
@@ -73,6 +73,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     slot_table: torch.Tensor | None = None
     aborted: bool = False
+    first_logprobs: dict[str, object] | None = None
 
     @property
     def reserve_tokens(self) -> int:
@@ -160,6 +161,10 @@ class Engine:
             raise RequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model length limit {self.config.max_model_len}; shorten the prompt or lower max_tokens")
+        if self.speculator is not None and (params.shapes_logits or params.logprobs is not None):
+            raise RequestError("this worker decodes speculatively, which does not apply penalties, logit_bias, "
+                               "allowed_token_ids, min_tokens or logprobs; send the request without them or "
+                               "serve it from workers with speculation off")
         if total > self.allocator.capacity_tokens:
             raise RequestError(f"request needs {total} KV-cache tokens but this worker holds only "
                                f"{self.allocator.capacity_tokens}; lower max_tokens or raise "
@@ -364,19 +369,21 @@ class Engine:
         due += [n_decode + i for i, (seq, n) in enumerate(plan.prefill)
                 if seq.num_cached + n >= len(seq.prompt_ids)]
         seqs = [*plan.decode, *(seq for seq, _ in plan.prefill)]
+        logprobs: list[dict[str, object] | None] = []
         picked = sample_rows(logits[due] if len(due) != len(seqs) else logits,
-                             [seqs[i].params for i in due], [seqs[i].generator for i in due])
-        token_of = dict(zip(due, picked, strict=True))
+                             [seqs[i].params for i in due], [seqs[i].generator for i in due],
+                             [self._context(seqs[i]) for i in due], logprobs)
+        token_of = {row: (token, lp) for row, token, lp in zip(due, picked, logprobs, strict=True)}
         for row, seq in enumerate(plan.decode):
             seq.num_cached += 1
-            if self._accept_token(seq, token_of[row]):
+            if self._accept_token(seq, *token_of[row]):
                 self._running.remove(seq)
         for i, (seq, n) in enumerate(plan.prefill):
             seq.num_cached += n
             if seq.num_cached < len(seq.prompt_ids):
                 continue  # more chunks to go
             self._prefilling.remove(seq)
-            if self._accept_token(seq, token_of[n_decode + i]):
+            if self._accept_token(seq, *token_of[n_decode + i]):
                 continue
             if seq.hold_kv:
                 self._hold(seq)
@@ -403,7 +410,11 @@ class Engine:
         """Wait for every pipeline stage and tensor shard so iteration timings measure the GPU work."""
         self.model.synchronize()
 
-    def _accept_token(self, seq: Sequence, token: int) -> bool:
+    def _context(self, seq: Sequence) -> SampleContext:
+        # Tokens before `first_output` arrived inside the prompt (a router resume), as in vLLM.
+        return SampleContext(seq.prompt_ids, seq.tokens, frozenset(self.eos))
+
+    def _accept_token(self, seq: Sequence, token: int, logprobs: dict[str, object] | None = None) -> bool:
         """Detokenise and emit a sampled token; True when the sequence finished (cache freed)."""
         seq.tokens.append(token)
         finish: str | None = None
@@ -420,12 +431,13 @@ class Engine:
             if finish == "length":
                 text += seq.detok.flush()
         if finish is not None:
-            self._emit(seq.stream, TokenEvent(token, text, finish))
+            self._emit(seq.stream, TokenEvent(token, text, finish, logprobs=logprobs))
             self._free(seq)
             return True
         if seq.hold_kv:
+            seq.first_logprobs = logprobs
             return False  # the prefill path emits the first token together with the KV handle
-        self._emit(seq.stream, TokenEvent(token, text, None))
+        self._emit(seq.stream, TokenEvent(token, text, None, logprobs=logprobs))
         return False
 
     def _emit(self, stream: RequestStream, event: TokenEvent) -> None:
@@ -445,7 +457,8 @@ class Engine:
             self._held[handle] = held
         seq.blocks = []
         token = seq.tokens[-1]
-        self._emit(seq.stream, TokenEvent(token, seq.detok.settled(), None, kv_handle=handle))
+        self._emit(seq.stream, TokenEvent(token, seq.detok.settled(), None, kv_handle=handle,
+                                          logprobs=seq.first_logprobs))
 
     def _free(self, seq: Sequence) -> None:
         if self.speculator is not None:

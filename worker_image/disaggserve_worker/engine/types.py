@@ -14,11 +14,15 @@ class TokenEvent:
     finish_reason: str | None = None
     error: dict[str, Any] | None = None  # {"type", "message", "retryable"}
     kv_handle: str | None = None  # prefill role: where the held cache can be pulled from
+    logprobs: dict[str, Any] | None = None  # {"logprob", "top": [[id, logprob], ...]} when asked for
 
     def wire(self) -> dict[str, Any]:
         if self.error is not None:
             return {"error": self.error}
-        return {"token_id": self.token_id, "text": self.text, "finish_reason": self.finish_reason}
+        body = {"token_id": self.token_id, "text": self.text, "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            body["logprobs"] = self.logprobs
+        return body
 
 
 class RequestError(ValueError):

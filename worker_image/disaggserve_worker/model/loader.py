@@ -2,12 +2,14 @@
 
 Accepted values (the worker contract): `builtin:<name>`, a checkpoint folder path (config.json,
 *.safetensors — sharded via model.safetensors.index.json — and tokenizer.json), or
-`hf:org/name` (downloaded with `huggingface_hub` when it is installed).
+`hf:org/name[@revision]` (downloaded with `huggingface_hub` when it is installed; the revision, a
+commit hash, tag or branch, pins what every worker gets).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from disaggserve_worker.model.builtin_tokenizer import builtin_tokenizer
 from disaggserve_worker.model.config import ModelConfig
 from disaggserve_worker.model.errors import ModelLoadError
 from disaggserve_worker.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "ModelLoadError", "device_grid", "load_model", "load_tokenizer"]
 
@@ -58,14 +62,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _download_hf(repo: str) -> Path:
+def split_hf(spec: str) -> tuple[str, str | None]:
+    """`org/name@revision` -> (repo, revision); no `@`: the repository's current main (unpinned)."""
+    repo, _, revision = spec.partition("@")
+    return repo, revision or None
+
+
+def _download_hf(spec: str) -> Path:
+    repo, revision = split_hf(spec)
     try:
         from huggingface_hub import snapshot_download
     except ImportError as error:
-        raise ModelLoadError(f"--model hf:{repo} needs the huggingface_hub package; install it or "
+        raise ModelLoadError(f"--model hf:{spec} needs the huggingface_hub package; install it or "
                              "mount the checkpoint and pass its folder path") from error
+    if revision is None:
+        log.warning("--model hf:%s is not pinned to a revision: each worker downloads whatever main is "
+                    "now; pin one with hf:%s@<commit>", repo, repo)
     try:
-        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as error:  # the hub raises many types; all mean "could not fetch"
         raise ModelLoadError(f"could not download {repo!r} from the Hugging Face hub: {error}") from error
 

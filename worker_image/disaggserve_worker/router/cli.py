@@ -17,6 +17,7 @@ from ..contract import ENV_NAMESPACE, ROUTER_PORT
 from .app import Router
 from .config import RouterConfig
 from .discovery import ApiAccess, KubernetesDiscovery, static_workers
+from .http_server import OpenAIAppRunner
 from .pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--api-key-file", help="file with accepted bearer keys, one per line (a mounted Secret)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-attempts", type=int, default=3, help="tries per request across workers")
+    p.add_argument("--max-inflight-per-worker", type=int,
+                   help="requests run at once per decode (or colocated) worker; the rest queue (default 64)")
+    p.add_argument("--max-queued", type=int, help="requests that may wait for a worker; beyond: 429 (default 1024)")
+    p.add_argument("--queue-timeout-s", type=float,
+                   help="longest wait in the queue before 429 (503 without any worker) (default 10)")
+    p.add_argument("--body-timeout-s", type=float, help="longest wait for a request body (default 30)")
     p.add_argument("--drain-timeout-s", type=float, default=60.0)
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(handler=main_router)
@@ -79,7 +86,7 @@ def build_router(config: RouterConfig) -> Router:
 
 async def serve(router: Router, host: str, port: int) -> None:
     """Serves until SIGTERM/SIGINT, then drains: readyz false, new requests 503, in-flight finish."""
-    runner = web.AppRunner(router.build_app(), handler_cancellation=True, access_log=None)
+    runner = OpenAIAppRunner(router.build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -30,8 +30,12 @@ class RouterConfig(BaseModel):
     poll_interval_s: float = Field(0.5, gt=0)
     max_attempts: int = Field(3, ge=1)
     queue_timeout_s: float = Field(10.0, ge=0, description="how long a request waits for a worker")
+    max_queued: int = Field(1024, ge=0, description="requests waiting for a worker; beyond: 429")
+    max_inflight_per_worker: int = Field(
+        64, ge=1, description="requests dispatched at once per decode (or colocated) worker; the rest queue")
     token_timeout_s: float = Field(30.0, gt=0, description="longest silence between two tokens")
     prefill_timeout_s: float = Field(120.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0, description="longest wait for a request body to arrive")
     drain_timeout_s: float = Field(60.0, ge=0, description="after SIGTERM, how long to finish requests")
 
     @model_validator(mode="after")

@@ -23,8 +23,10 @@ class APIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = dict(headers or {})
         self.status = status
         self.message = message
         self.type = type_
@@ -35,8 +37,8 @@ class APIError(Exception):
         return error_body(self.message, type_=self.type, param=self.param, code=self.code)
 
     def response(self) -> web.Response:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return web.json_response(self.body(), status=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        return web.json_response(self.body(), status=self.status, headers={**headers, **self.headers})
 
 
 def error_body(
@@ -66,6 +68,8 @@ class UpstreamError(Exception):
             self.message_for_client(),
             type_="server_error",
             code="upstream_unavailable" if self.retryable else "upstream_error",
+            # Workers restart within seconds; clients that honour Retry-After come back then.
+            headers={"Retry-After": "2"} if self.retryable else None,
         )
 
     def message_for_client(self) -> str:

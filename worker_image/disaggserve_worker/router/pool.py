@@ -49,6 +49,7 @@ class Worker:
     failed_until: float = 0.0
     last_poll_ok: float | None = None
     poll_failing: bool = False
+    refused_token: bool = False  # the worker answered 401/403: not our DisaggServe's token
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -158,8 +159,11 @@ class WorkerPool:
             return f"no {role} worker is known to the router (check discovery and that {role} pods are ready)"
         draining = sum(w.draining for w in known)
         tried = sum(w.url in exclude for w in known)
+        refused = sum(w.refused_token for w in known)
+        auth = (f", {refused} refused the router's worker token (router and workers must share "
+                "DISAGGSERVE_WORKER_TOKEN)") if refused else ""
         return (f"no {role} worker can take the request: {len(known)} known, {draining} draining, "
-                f"{tried} already failed for this request, the rest recently unreachable")
+                f"{tried} already failed for this request{auth}, the rest recently unreachable")
 
 
 class LoadPoller:
@@ -185,14 +189,20 @@ class LoadPoller:
                 resp.raise_for_status()
                 load = await resp.json()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            worker.refused_token = isinstance(exc, aiohttp.ClientResponseError) and exc.status in (401, 403)
             if not worker.poll_failing:  # log the transition, not every poll of a dead worker
-                log.warning("load poll of %s failed: %s", worker.url, exc)
+                if worker.refused_token:
+                    log.error("worker %s refuses this router's worker token (%s): check that both get "
+                              "DISAGGSERVE_WORKER_TOKEN from the same DisaggServe's Secret", worker.url, exc)
+                else:
+                    log.warning("load poll of %s failed: %s", worker.url, exc)
             worker.poll_failing = True
             worker.mark_failed()
             return
         if worker.poll_failing:
             log.info("worker %s answers again", worker.url)
             worker.poll_failing = False
+        worker.refused_token = False
         worker.queued_tokens = int(load.get("queued_tokens", 0))
         worker.running = int(load.get("running", 0))
         free = load.get("free_kv_tokens")

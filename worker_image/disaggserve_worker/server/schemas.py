@@ -23,6 +23,8 @@ class KVRef(_Body):
     address: str = Field(min_length=3, max_length=300, pattern=r"^.+:\d{1,5}$")
     handle: str = Field(min_length=1, max_length=512)
     bytes: int | None = Field(None, ge=0)
+    # HMAC of address and handle under the DisaggServe's token (`disaggserve_worker.auth.sign`).
+    signature: str | None = Field(None, max_length=128)
 
 
 class DecodeRequest(PromptRequest):
