@@ -33,8 +33,10 @@ MAX_HANDSHAKE_FRAME = 1024  # HELLO/AUTH/READY, read before the peer is trusted
 MAX_CONTROL_FRAME = 64 * 1024  # REQUEST, HEADER, END, ACK, ERROR
 IOV_MAX = 1024  # buffers per sendmsg/recvmsg call (Linux's UIO_MAXIOV)
 # Socket buffers big enough that a typical cache (~1 MB) crosses in one send and one wake-up of
-# the receiver instead of a ping-pong of 128 KB windows (the kernel caps it at [rw]mem_max).
-SOCKET_BUFFER = 4 << 20
+# the receiver instead of a ping-pong of 128 KB windows (the kernel doubles it for bookkeeping
+# and caps it at [rw]mem_max). Not bigger: a cache several times this size should still stream
+# layer by layer rather than sit in kernel buffers.
+SOCKET_BUFFER = 2 << 20
 
 
 class FrameType(IntEnum):
