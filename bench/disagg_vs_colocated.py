@@ -20,7 +20,8 @@ The colocated baseline is the strongest this engine has: one fused forward per i
 chunked prefill under a token budget (`--colocated-budget`, vLLM's max_num_batched_tokens). The
 prefill:decode split is what the per-phase cost measured unloaded asks for; with two cores the
 only split is 1:1, so the ideal share is recorded beside it (`pd_split`). Rates are a grid around
-the measured knee (fractions of one core's prefill capacity, 1 / unloaded TTFT).
+the measured knee: fractions of one core's prefill capacity (1 / unloaded TTFT) for prompt-heavy
+regimes, multiples of 1 / (unloaded request latency) for decode-heavy ones.
 
 Also measured: the router's added latency — the same small request sent to a colocated worker
 directly (`/internal/generate`) and through the router (`/v1/completions`), interleaved.
@@ -57,11 +58,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SERVED = "bench"
 REGIMES: dict[str, dict[str, Any]] = {
     "distserve": {"input_tokens": 1024, "output_tokens": 16, "ttft_scale": 3.0, "tpot_scale": 3.0,
-                  "tpot_stat": "p90", "rate_factors": [0.25, 0.45, 0.65, 0.85, 1.05]},
+                  "tpot_stat": "p90", "rate_factors": [0.25, 0.45, 0.65, 0.85, 1.05], "rate_base": "prefill"},
+    # Rates as multiples of one request's whole unloaded latency: decode batching is the capacity.
     "decode-heavy": {"input_tokens": 64, "output_tokens": 128, "ttft_scale": 5.0, "tpot_scale": 2.0,
-                     "tpot_stat": "mean", "rate_factors": [2.0, 4.0, 6.0, 8.0]},
+                     "tpot_stat": "mean", "rate_factors": [1.0, 2.5, 5.0, 8.0], "rate_base": "request"},
     "legacy": {"input_tokens": 512, "output_tokens": 64, "ttft_scale": 5.0, "tpot_scale": 3.0,
-               "tpot_stat": "mean", "rate_factors": [0.12, 0.2, 0.3, 0.45, 0.6]},
+               "tpot_stat": "mean", "rate_factors": [0.12, 0.2, 0.3, 0.45, 0.6], "rate_base": "prefill"},
 }
 
 
@@ -207,7 +209,8 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
                 "ideal_prefill_share": prefill_ms / (prefill_ms + decode_ms) if prefill_ms + decode_ms else None,
                 "used": "1 prefill core : 1 decode core (the only split two pinned cores allow)"}
     print(f"unloaded: {base}; SLO TTFT {ttft_slo:.0f} ms, TPOT {tpot_slo:.1f} ms", flush=True)
-    rates = args.rates or [round(f * 1000 / base["colocated"]["ttft_ms"], 2) for f in args.rate_factors]
+    unit_ms = prefill_ms if args.rate_base == "prefill" else prefill_ms + decode_ms
+    rates = args.rates or [round(f * 1000 / unit_ms, 2) for f in args.rate_factors]
     per_rate: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
     for rate in rates:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
@@ -282,6 +285,7 @@ def main() -> None:
     args.output_tokens = args.output_tokens or regime["output_tokens"]
     args.rate_factors = args.rate_factors or regime["rate_factors"]
     args.ttft_scale, args.tpot_scale, args.tpot_stat = regime["ttft_scale"], regime["tpot_scale"], regime["tpot_stat"]
+    args.rate_base = regime["rate_base"]
     if args.quick:
         args.point_seconds, args.min_requests, args.repeats, args.calibration = 3.0, 8, 1, 3
         args.overhead_repeats = 10
