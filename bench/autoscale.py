@@ -5,8 +5,11 @@ This machine (2 CPU cores) cannot host the GPUs a scaling comparison needs, so t
 played through the planner's simulator (DistServe method, the authors' OPT-13B A100 profile):
 every 30 s interval, each policy's current deployment is simulated at that interval's arrival
 rate; the simulated latencies are what the policy "measures" for its next decision. The SLO
-autoscaler is the operator's own code (`planner.replan.recommend` + `planner.scaling_policy.decide`),
-not a re-implementation. A decision takes effect one interval later (start-up time).
+autoscaler is the operator's own code (`planner.replan.recommend` + `autoscaling.policy.decide`),
+not a re-implementation. A decision takes effect one interval later (start-up time). The SLO
+autoscaler records each interval's measured rate in its policy state, so it plans with
+trend-aware headroom (the rate one interval ahead while it rises) and sheds capacity after a
+sustained drop without waiting out the whole stabilization window.
 
     python bench/autoscale.py [--quick] [--out bench/results/autoscale.json]
 """
@@ -22,11 +25,13 @@ from typing import Any
 
 from disaggserve.api import parse_spec
 from disaggserve.api.plan import PhasePlan, Plan, Prediction
+from disaggserve.autoscaling.policy import Counts, Limits, PolicyState, Signals, decide
 from disaggserve.contract import max_tensor_parallel
 from disaggserve.metrics import Observed
-from disaggserve.planner.auto import Deployment, build_search, plan_automatically
+from disaggserve.planner.auto import plan_automatically
+from disaggserve.planner.deployment import Deployment
+from disaggserve.planner.inputs import build_search
 from disaggserve.planner.replan import recommend
-from disaggserve.planner.scaling_policy import Counts, Limits, PolicyState, Signals, decide
 from disaggserve.planner.search import Shape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +162,8 @@ def run_policy(name: str, rates: list[float], world: World, plan: Plan, limits: 
                     "decode": plan.decode.model_copy(update={"replicas": counts.decode}),
                 }
             )
-            rec = recommend(spec, current_plan, obs, nodes=NODES)
+            state.observe_rate(now, obs.request_rate)
+            rec = recommend(spec, current_plan, obs, nodes=NODES, growth=state.rate_growth())
             decision = decide(
                 counts,
                 Counts(rec.prefill, rec.decode),
@@ -225,7 +231,9 @@ def main() -> None:
     report = {
         "benchmark": "autoscale",
         "note": "simulated: this 2-core machine cannot host GPU replicas; trace played through the planner's "
-        "simulator with the DistServe OPT-13B A100 profile; policies run the operator's own code",
+        "simulator with the DistServe OPT-13B A100 profile; policies run the operator's own code. The "
+        "slo-autoscaler records the measured rate per interval (PolicyState.observe_rate) for trend-aware "
+        "headroom and sustained-drop scale-down; the operator's controller must do the same to match",
         "trace_rps_per_30s": rates,
         "slo": {"ttft_ms": 400, "tpot_ms": 100, "attainment": 0.9},
         "results": [

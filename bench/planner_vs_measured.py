@@ -1,13 +1,24 @@
-"""How well the planner predicts this machine: profile the model with the worker's own
-`profile` command, predict the attainment-vs-rate curve of 1 prefill + 1 decode worker with the
-planner's simulator, measure the real curve on real workers with the same Poisson load
-generator as the data-plane benchmark, and report the gap per rate (percentage points).
+"""How well the planner predicts this machine's real workers: attainment predicted vs measured.
 
-Workers are pinned one per core (as in bench/disagg_vs_colocated.py). SLOs are set from the
-profile itself (TTFT = 4x a prompt's prefill time, TPOT = 3x an unloaded decode step), so the
-curve crosses the attainment target inside the tested rates.
+1. Profile the model with the worker's own `profile` command (one thread, pinned, fitted on
+   thread CPU time so neighbours' load stays out of the fit).
+2. Start the deployment on real processes: 1 prefill + 1 decode worker (pinned to cores 0 and 1)
+   behind the router; then, separately, 1 colocated worker behind the router.
+3. Measure what requests cost outside the forward passes (`profile/overheads.py`): sequential
+   requests of two completion lengths, each process's CPU time from /proc, minus the forward
+   passes the profile predicts; and the KV link from transfers of two sizes over the workers'
+   own transport. These go into the profile's `overheads` section.
+4. Find the *measured* knee: the highest rate whose measured attainment still meets the target,
+   by a geometric ramp of short Poisson runs.
+5. On a grid of 0.2x..1.2x that knee, with >= 3 repeats per rate, compare the median measured
+   attainment with the planner simulator's prediction (with the measured overheads, and — for
+   reference — without them, as the planner predicted before). Gaps in percentage points.
 
-    python bench/planner_vs_measured.py [--quick] [--out bench/results/planner_vs_measured.json]
+SLOs come from the profile (TTFT = 4x a prompt's prefill, TPOT = 3x an unloaded decode step) so
+the knee falls inside the tested rates. The machine this runs on may be shared: the load average
+before and after is recorded with the result, and a busy neighbour moves the measured knee.
+
+    python bench/planner_vs_measured.py [--quick] [--skip-colocated] [--out FILE]
 """
 
 from __future__ import annotations
@@ -15,6 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import random
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,15 +37,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from disagg_vs_colocated import router, wait_ready, worker
+import aiohttp
+
+from disagg_vs_colocated import SERVED, router, wait_ready, worker
 from disaggserve.api import parse_spec
-from disaggserve.planner.auto import Deployment, build_search
+from disaggserve.planner.deployment import ColocatedDeployment, Deployment
+from disaggserve.planner.errors import PlanningError
+from disaggserve.planner.inputs import build_search
+from disaggserve.planner.profile import fit_problems, parse_profile
 from disaggserve.planner.search import Shape
-from loadgen import run_poisson, summarize
+from disaggserve_worker.profile.overheads import Run, fit_link, overheads_section, process_cpu_ms, solve_costs
+from loadgen import one_request, run_poisson, summarize, synthetic_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "builtin:small-llama"
 INPUT, OUTPUT = 256, 32
+SHORT, LONG = 2, 24  # completion lengths that separate per-request from per-token costs
+TARGET = 0.9
+MIN_RAMP_RPS = 0.2
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def profile(out: Path, quick: bool) -> dict[str, Any]:
@@ -51,123 +79,335 @@ def profile(out: Path, quick: bool) -> dict[str, Any]:
         "--out",
         str(out),
     ] + (["--quick"] if quick else [])
-    subprocess.run(
-        cmd, check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **_py_env()}, stdout=subprocess.DEVNULL
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     doc: dict[str, Any] = json.loads(out.read_text())
     return doc
-
-
-def _py_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k.startswith(("PYTHON", "VIRTUAL_ENV", "HOME"))}
 
 
 def spec_for(rate: float, ttft_ms: float, tpot_ms: float) -> Any:
     return parse_spec(
         {
             "model": {"name": "small-llama", "source": {"builtin": "small-llama"}},
-            "slo": {"ttftMs": ttft_ms, "tpotMs": tpot_ms, "attainment": 0.9},
+            "slo": {"ttftMs": ttft_ms, "tpotMs": tpot_ms, "attainment": TARGET},
             "workload": {"requestRate": rate, "inputTokens": INPUT, "outputTokens": OUTPUT},
             "hardware": {"device": "cpu", "gpusPerNode": 2},
         }
     )
 
 
-def predict(doc: dict[str, Any], rate: float, ttft_ms: float, tpot_ms: float) -> dict[str, float]:
-    setup = build_search(spec_for(rate, ttft_ms, tpot_ms), profile=doc)
-    dep = Deployment(Shape(1, 1), 1, Shape(1, 1), 1, 1, setup.topology.intra_gbps)
-    result = dep.simulate(setup.searcher, rate)
-    return {
-        "attainment": result.attainment(ttft_ms, tpot_ms),
-        "ttft_p90_ms": result.ttft_p(),
-        "tpot_p90_ms": result.tpot_p(),
-    }
+def predict(doc: dict[str, Any], mode: str, rate: float, ttft_ms: float, tpot_ms: float) -> float:
+    setup = build_search(spec_for(rate, ttft_ms, tpot_ms), profile=doc, check_fit=False)
+    if mode == "disaggregated":
+        dep: Deployment | ColocatedDeployment = Deployment(Shape(1, 1), 1, Shape(1, 1), 1, 1, setup.topology.intra_gbps)
+    else:
+        dep = ColocatedDeployment(Shape(1, 1), 1)
+    return dep.simulate(setup.searcher, rate).attainment(ttft_ms, tpot_ms)
 
 
-async def measure(url: str, rate: float, n: int, ttft_ms: float, tpot_ms: float) -> dict[str, Any]:
-    results = await run_poisson(url, "bench", rate=rate, num_requests=n, input_tokens=INPUT, output_tokens=OUTPUT)
-    s = summarize(results, ttft_ms / 1000, tpot_ms / 1000)
-    return {
-        "attainment": s["attainment"],
-        "ttft_p90_ms": s["ttft_ms"]["p90"],
-        "tpot_p90_ms": s["tpot_ms"]["p90"],
-        "failed": s["failed"],
+def forward_ms(doc: dict[str, Any], output_tokens: int) -> tuple[float, float]:
+    """(prefill, decode) forward-pass CPU the profile predicts for one request."""
+    e = doc["entries"][0]
+    p = e["prefill"]
+    prefill = p["a"] + p["b"] * INPUT + p["c"] * INPUT**2
+    decode = 0.0
+    for step in range(output_tokens - 1):
+        c = e["decode_small"] if e["decode_batch_threshold"] > 1 else e["decode_large"]
+        decode += c["a"] + c["b"] * (INPUT + 1 + step) + c["c"]
+    return prefill, decode
+
+
+async def sequential(url: str, n: int, output_tokens: int) -> list[Any]:
+    rng = random.Random(3)
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(n):
+            r = await one_request(
+                session, url, SERVED, synthetic_prompt(rng, INPUT), output_tokens, time.perf_counter()
+            )
+            if not r.ok:
+                raise SystemExit(f"request failed while measuring overheads: {r.error}")
+            out.append(r)
+    return out
+
+
+def measure_costs(
+    url: str, pids: dict[str, int], doc: dict[str, Any], n: int
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per-process costs outside the forward passes (see profile/overheads.py), and the unloaded
+    wall-clock TTFT and TPOT (medians) of the same sequential requests."""
+    asyncio.run(sequential(url, 2, SHORT))  # warm connections and caches
+    runs: dict[str, list[Run]] = {role: [] for role in pids}
+    ttfts, tpots = [], []
+    for tokens in (SHORT, LONG):
+        before = {role: process_cpu_ms(pid) for role, pid in pids.items()}
+        answered = asyncio.run(sequential(url, n, tokens))
+        after = {role: process_cpu_ms(pid) for role, pid in pids.items()}
+        ttfts += [r.ttft_s * 1000 for r in answered if r.ttft_s is not None]
+        tpots += [r.tpot_s * 1000 for r in answered if tokens == LONG and r.tpot_s is not None]
+        pre, dec = forward_ms(doc, tokens)
+        fwd = {"router": 0.0, "prefill": pre * n, "decode": dec * n, "colocated": (pre + dec) * n}
+        for role in pids:
+            runs[role].append(Run(n, tokens, after[role] - before[role], fwd[role]))
+    unloaded = {"ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots)}
+    return {role: solve_costs(*r) for role, r in runs.items()}, unloaded
+
+
+def calibrated(doc: dict[str, Any], mode: str, unloaded: dict[str, float]) -> tuple[dict[str, Any], list[float]]:
+    """The profile scaled so its unloaded prediction matches the unloaded measurement: the
+    autoscaler's correction (planner/replan.py), applied before the run. On a shared machine the
+    wall time of a step is its CPU time stretched by the neighbours' load."""
+    setup = build_search(spec_for(0.05, 600_000, 60_000), profile=doc, check_fit=False)
+    if mode == "disaggregated":
+        dep: Deployment | ColocatedDeployment = Deployment(Shape(1, 1), 1, Shape(1, 1), 1, 1, setup.topology.intra_gbps)
+    else:
+        dep = ColocatedDeployment(Shape(1, 1), 1)
+    idle = dep.simulate(setup.searcher, 0.05)
+    k_p = unloaded["ttft_ms"] / max(idle.ttft_p(50), 1e-6)
+    k_d = unloaded["tpot_ms"] / max(idle.tpot_p(50), 1e-6)
+    scaled = parse_profile(doc).scaled(k_p, k_d).model_dump(mode="json")
+    over = doc.get("overheads") or {}
+    for role in ("router", "prefill", "decode", "colocated"):
+        if role in over:
+            k = k_p if role in ("router", "prefill") else k_d
+            scaled["overheads"][role] = {key: v * k for key, v in over[role].items()}
+    return scaled, [round(k_p, 3), round(k_d, 3)]
+
+
+def measure_link(quick: bool) -> dict[str, float] | None:
+    """The KV link between two engines over the workers' transport (bench/kv_transfer.py)."""
+    try:
+        from kv_transfer import run as kv_run
+    except ImportError:
+        return None
+    transfers = []
+    for tokens in (128, 1024):
+        r = asyncio.run(kv_run(MODEL, tokens, 3 if quick else 5))
+        transfers += [(int(r["bytes"]), float(s)) for s in r["kv_seconds"]]
+    return fit_link(transfers)
+
+
+def measured_attainment(url: str, rate: float, seconds: float, ttft_ms: float, tpot_ms: float, seed: int) -> float:
+    n = max(8, int(rate * seconds))
+    results = asyncio.run(
+        run_poisson(url, SERVED, rate=rate, num_requests=n, input_tokens=INPUT, output_tokens=OUTPUT, seed=seed)
+    )
+    return float(summarize(results, ttft_ms / 1000, tpot_ms / 1000)["attainment"])
+
+
+def find_knee(url: str, start: float, seconds: float, ttft_ms: float, tpot_ms: float) -> tuple[float | None, list]:
+    """Highest rate on a x1.3 ramp whose measured attainment meets the target (down by 1.6x
+    from `start` until one does, not below MIN_RAMP_RPS)."""
+    ramp, rate, good = [], start, None
+    for step in range(12):
+        if rate < MIN_RAMP_RPS:
+            break
+        att = measured_attainment(url, rate, seconds, ttft_ms, tpot_ms, seed=100 + step)
+        ramp.append({"rate": round(rate, 3), "attainment": round(att, 3)})
+        print(f"  ramp {rate:6.2f} rps: {att:.2f}", flush=True)
+        if att >= TARGET:
+            good = rate
+            rate *= 1.3
+        elif good is None:
+            rate /= 1.6
+        else:
+            break
+    return good, ramp
+
+
+def evaluate(
+    mode: str,
+    url: str,
+    pids: dict[str, int],
+    doc: dict[str, Any],
+    quick: bool,
+    link: dict[str, float] | None,
+) -> dict[str, Any]:
+    costs, unloaded = measure_costs(url, pids, doc, 6 if quick else 12)
+    # SLOs from what this deployment does unloaded *now*: on a loaded shared machine SLOs set
+    # from the profile's CPU times can be out of reach at any rate. TTFT 3x, TPOT 2x the medians.
+    ttft_ms, tpot_ms = 3 * unloaded["ttft_ms"], 2 * unloaded["tpot_ms"]
+    with_costs = {**doc, "overheads": overheads_section(costs, link)}
+    corrected, factors = calibrated(with_costs, mode, unloaded)
+    print(
+        f"{mode}: costs outside the model {json.dumps(costs)}; unloaded {unloaded}; "
+        f"SLO {ttft_ms:.1f} / {tpot_ms:.2f} ms; correction x{factors}",
+        flush=True,
+    )
+    seconds = 5 if quick else 10
+    # the ramp, not the simulator, decides the knee (the grid must not come from the prediction)
+    knee, ramp = find_knee(url, 2.0, seconds, ttft_ms, tpot_ms)
+    result: dict[str, Any] = {
+        "mode": mode,
+        "costs": costs,
+        "unloaded": unloaded,
+        "slo": {"ttft_ms": round(ttft_ms, 2), "tpot_ms": round(tpot_ms, 2)},
+        "correction": factors,
+        "knee_rps": None if knee is None else round(knee, 3),
+        "ramp": ramp,
+        "rows": [],
     }
+    if knee is None:
+        result["error"] = (
+            f"no rate down to {MIN_RAMP_RPS} rps met {TARGET:.0%} attainment of SLOs set at 3x/2x the unloaded "
+            "latency minutes earlier: the machine's load changed faster than one run (see load averages)"
+        )
+        return result
+    fractions = [0.2, 0.6, 1.0, 1.2] if quick else [0.2, 0.4, 0.6, 0.8, 1.0, 1.2]
+    repeats = 3
+    rows = []
+    for f in fractions:
+        rate = round(knee * f, 3)
+        measured = [
+            measured_attainment(url, rate, seconds, ttft_ms, tpot_ms, seed=1000 * i + int(f * 10))
+            for i in range(repeats)
+        ]
+        m = statistics.median(measured)
+        p = predict(corrected, mode, rate, ttft_ms, tpot_ms)
+        p_costs = predict(with_costs, mode, rate, ttft_ms, tpot_ms)
+        p_old = predict(doc, mode, rate, ttft_ms, tpot_ms)
+        rows.append(
+            {
+                "mode": mode,
+                "fraction_of_knee": f,
+                "rate": rate,
+                "measured": [round(x, 3) for x in measured],
+                "measured_median": round(m, 3),
+                "predicted": round(p, 3),
+                "predicted_uncorrected": round(p_costs, 3),
+                "predicted_without_overheads": round(p_old, 3),
+                "gap_pp": round(100 * (p - m), 1),
+                "gap_uncorrected_pp": round(100 * (p_costs - m), 1),
+                "gap_without_overheads_pp": round(100 * (p_old - m), 1),
+            }
+        )
+        print(
+            f"  {mode} {rate:6.2f} rps ({f:.1f}x knee): measured {m:.2f} {measured}, predicted {p:.2f} "
+            f"(uncorrected {p_costs:.2f}, without overheads {p_old:.2f})",
+            flush=True,
+        )
+    result["rows"] = rows
+    return result
 
 
 def main() -> None:
+    # a timeout's SIGTERM must still stop the workers (the finally blocks below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-colocated", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_vs_measured.json"))
     args = parser.parse_args()
     started = time.perf_counter()
+    load_before = load_average()
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         logdir = Path(tmp)
         doc = profile(logdir / "profile.json", args.quick)
-        entry = doc["entries"][0]
-        prefill_ms = entry["prefill"]["a"] + entry["prefill"]["b"] * INPUT + entry["prefill"]["c"] * INPUT**2
-        step_ms = entry["decode_small"]["a"] + entry["decode_small"]["b"] * INPUT + entry["decode_small"]["c"]
-        ttft_ms, tpot_ms = 4 * prefill_ms, 3 * step_ms
-        procs = [
-            worker("prefill", "prefill", "127.61.0.1", 0, MODEL, logdir),
-            worker("decode", "decode", "127.61.0.2", 1, MODEL, logdir),
-        ]
-        procs.append(
-            router(
-                "router",
-                "127.61.0.3",
-                MODEL,
-                ["--prefill-endpoints", "http://127.61.0.1:8100", "--decode-endpoints", "http://127.61.0.2:8100"],
-                logdir,
-            )
+        prof = parse_profile(doc)
+        fit_issues = fit_problems(prof, max_decode_batch=64, max_prefill_tokens=2048)
+        e = doc["entries"][0]
+        prefill_ms = e["prefill"]["a"] + e["prefill"]["b"] * INPUT + e["prefill"]["c"] * INPUT**2
+        step_ms = e["decode_small"]["a"] + e["decode_small"]["b"] * INPUT + e["decode_small"]["c"]
+        profile_slo = (4 * prefill_ms, 3 * step_ms)  # for reference: from the profile's CPU times
+        link = measure_link(args.quick)
+        print(
+            f"profile SLO TTFT {profile_slo[0]:.1f} ms, TPOT {profile_slo[1]:.2f} ms; KV link {link}; "
+            f"fit problems {fit_issues}",
+            flush=True,
         )
-        try:
-            wait_ready(procs)
-            capacity = 1000 / prefill_ms  # the prefill worker alone, requests/s
-            fractions = [0.2, 0.5, 0.8] if args.quick else [0.2, 0.4, 0.6, 0.8, 0.9, 1.0]
-            rows = []
-            for f in fractions:
-                rate = round(capacity * f, 3)
-                n = max(30, int(rate * (10 if args.quick else 25)))
-                measured = asyncio.run(measure(procs[2].url, rate, n, ttft_ms, tpot_ms))
-                predicted = predict(doc, rate, ttft_ms, tpot_ms)
-                gap = 100 * (predicted["attainment"] - measured["attainment"])
-                rows.append(
-                    {
-                        "rate": rate,
-                        "load": f,
-                        "requests": n,
-                        "predicted": predicted,
-                        "measured": measured,
-                        "gap_pp": round(gap, 1),
-                    }
-                )
-                print(
-                    f"rate {rate:6.2f} rps ({f:.0%}): predicted {predicted['attainment']:.3f}, "
-                    f"measured {measured['attainment']:.3f}, gap {gap:+.1f} pp",
-                    flush=True,
-                )
-        finally:
-            for p in procs:
-                p.popen.terminate()
-            for p in procs:
-                p.popen.wait(30)
+        deployments = [
+            (
+                "disaggregated",
+                [
+                    worker("prefill", "prefill", "127.61.0.1", 0, MODEL, logdir),
+                    worker("decode", "decode", "127.61.0.2", 1, MODEL, logdir),
+                ],
+                ["--prefill-endpoints", "http://127.61.0.1:8100", "--decode-endpoints", "http://127.61.0.2:8100"],
+            )
+        ]
+        if not args.skip_colocated:
+            deployments.append(("colocated", None, ["--colocated-endpoints", "http://127.61.0.4:8100"]))
+        for mode, workers, endpoints in deployments:
+            if workers is None:
+                workers = [worker("colocated", "colocated", "127.61.0.4", 0, MODEL, logdir)]
+            procs = [
+                *workers,
+                router(
+                    f"router-{mode}",
+                    "127.61.0.3" if mode == "disaggregated" else "127.61.0.5",
+                    MODEL,
+                    endpoints,
+                    logdir,
+                ),
+            ]
+            try:
+                wait_ready(procs)
+                pids = {
+                    p.name if p.name in ("prefill", "decode", "colocated") else "router": p.popen.pid for p in procs
+                }
+                results.append(evaluate(mode, procs[-1].url, pids, doc, args.quick, link))
+            except PlanningError as err:
+                results.append({"mode": mode, "error": str(err)})
+            finally:
+                for p in procs:
+                    p.popen.terminate()
+                for p in procs:
+                    p.popen.wait(30)
+    rows = [r for res in results for r in res.get("rows", [])]
+    gaps = sorted(abs(r["gap_pp"]) for r in rows)
+    old = sorted(abs(r["gap_without_overheads_pp"]) for r in rows)
+    uncorrected = sorted(abs(r["gap_uncorrected_pp"]) for r in rows)
     report = {
         "benchmark": "planner_vs_measured",
         "model": MODEL,
         "input_tokens": INPUT,
         "output_tokens": OUTPUT,
-        "slo": {"ttft_ms": round(ttft_ms, 2), "tpot_ms": round(tpot_ms, 2)},
-        "profile_fit": {k: doc["entries"][0][k] for k in ("prefill", "decode_small")},
-        "rows": rows,
-        "max_abs_gap_pp": max(abs(r["gap_pp"]) for r in rows),
-        "median_abs_gap_pp": sorted(abs(r["gap_pp"]) for r in rows)[len(rows) // 2],
+        "quick": args.quick,
+        "slo": "per deployment: 3x unloaded TTFT, 2x unloaded TPOT measured at the start of its run, "
+        f"attainment {TARGET}",
+        "slo_from_profile_cpu_times": {"ttft_ms": round(profile_slo[0], 2), "tpot_ms": round(profile_slo[1], 2)},
+        "profile_fit": {
+            k: doc["entries"][0][k] for k in ("prefill", "decode_small", "decode_large", "decode_batch_threshold")
+        },
+        "profile_fit_problems": fit_issues,
+        "kv_link": link,
+        "deployments": results,
+        "median_abs_gap_pp": statistics.median(gaps) if gaps else None,
+        "max_abs_gap_pp": max(gaps) if gaps else None,
+        "median_abs_gap_uncorrected_pp": statistics.median(uncorrected) if uncorrected else None,
+        "max_abs_gap_uncorrected_pp": max(uncorrected) if uncorrected else None,
+        "median_abs_gap_without_overheads_pp": statistics.median(old) if old else None,
+        "max_abs_gap_without_overheads_pp": max(old) if old else None,
+        "goal": "median <= 3 pp, max <= 8 pp",
+        "goal_met": bool(gaps) and statistics.median(gaps) <= 3 and max(gaps) <= 8,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "cpus": os.cpu_count(),
+        "note": "measured on a 2-core machine shared with other sessions (load averages above): neighbours' "
+        "load moves the measured curve, not the prediction; treat the gaps as an upper bound. 'predicted' is "
+        "the simulator with the measured overheads and KV link, corrected by the unloaded measured/predicted "
+        "latency ratio (what the autoscaler does live); 'uncorrected' without that ratio; 'without overheads' "
+        "is the forward-pass-only profile as the planner used before",
         "seconds": round(time.perf_counter() - started, 1),
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("slo", "max_abs_gap_pp", "median_abs_gap_pp", "seconds")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "median_abs_gap_pp",
+                    "max_abs_gap_pp",
+                    "median_abs_gap_without_overheads_pp",
+                    "load_average_before",
+                    "load_average_after",
+                    "seconds",
+                )
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

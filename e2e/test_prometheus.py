@@ -46,6 +46,12 @@ async def prometheus(cluster, tmp_path_factory):
         "  static_configs:\n"
         f"  - targets: ['{router.ip}:8000']\n"
         "    labels: {namespace: default, disaggserve: tiny, component: router}\n"
+        + "".join(
+            f"  - targets: ['{pod.ip}:8100']\n"
+            f"    labels: {{namespace: default, disaggserve: tiny, component: {name.split('-')[1]}, pod: {name}}}\n"
+            for (_, name), pod in cluster.agent.pods.items()
+            if name.startswith(("tiny-prefill-", "tiny-decode-", "tiny-colocated-"))
+        )
     )
     port = free_port()
     proc = subprocess.Popen(
@@ -62,10 +68,11 @@ async def prometheus(cluster, tmp_path_factory):
     try:
         async with httpx.AsyncClient() as http:
             # Ready is not enough: targets are first scraped about 5 s later (discovery throttle).
-            # Wait for the first sample so the load below starts from a recorded baseline.
+            # Wait for the router's first sample (not just any target's: the workers are scraped too)
+            # so the load below starts from a recorded baseline.
             for _ in range(150):
                 try:
-                    answer = await http.get(f"{url}/api/v1/query", params={"query": "up"})
+                    answer = await http.get(f"{url}/api/v1/query", params={"query": "up{component=\"router\"}"})
                     if answer.status_code == 200 and answer.json()["data"]["result"]:
                         break
                 except httpx.HTTPError:
@@ -121,3 +128,24 @@ async def test_missing_targets_are_unavailable_not_zero(cluster, prometheus):
             await PrometheusSource(url, http).observe("default", "other", 60)
         with pytest.raises(MetricsUnavailable, match="did not answer"):
             await PrometheusSource(f"http://127.0.0.1:{free_port()}", http).observe("default", "tiny", 60)
+
+
+async def test_workers_vllm_series_add_up_to_what_the_router_served(cluster, prometheus):
+    """The engine series (vLLM names, scraped from every worker) agree with the router's count."""
+    url, _ = prometheus
+    client = openai.AsyncOpenAI(base_url=await cluster.endpoint("tiny"), api_key="x", max_retries=0)
+    await asyncio.gather(*(client.completions.create(model="tiny-llama", prompt=f"{i} words", max_tokens=5)
+                           for i in range(4)))
+    await asyncio.sleep(3)  # two more scrapes
+    workers = 'namespace="default", disaggserve="tiny", component=~"prefill|decode|colocated"'
+    async with httpx.AsyncClient(timeout=10) as http:
+        source = PrometheusSource(url, http)
+        routed = await source.scalar('sum(disaggserve_generation_tokens_total{component="router"})')
+        generated = await source.scalar(f"sum(vllm:generation_tokens_total{{{workers}}})")
+        answer = await http.get(f"{url}/api/v1/query",
+                                params={"query": f"vllm:num_requests_waiting{{{workers}}}"})
+        waiting = answer.json()["data"]["result"]
+        usage = await source.scalar(f"max(vllm:kv_cache_usage_perc{{{workers}}})")
+    assert routed and generated == routed, "every token a client got was made by exactly one worker"
+    assert waiting and all(r["metric"]["model_name"] == "tiny-llama" for r in waiting)
+    assert usage is not None and 0.0 <= usage <= 1.0

@@ -69,7 +69,7 @@ class OperatorRunner:
     """Runs the real kopf operator in its own thread and event loop.
 
     kopf.operator() cancels every task of its loop on exit, pytest-asyncio's included, so it
-    cannot share the test's loop (ENVIRONMENT.md).
+    cannot share the test's loop (docs/environment.md).
     """
 
     def __init__(self) -> None:

@@ -42,9 +42,26 @@ SHARED = [
     "METRIC_PROMPT_TOKENS",
     "METRIC_GENERATION_TOKENS",
     "METRIC_SLO_MET",
+    "METRIC_ENGINE_WAITING",
+    "METRIC_ENGINE_RUNNING",
+    "METRIC_ENGINE_KV_USAGE",
+    "METRIC_ENGINE_TTFT",
+    "METRIC_ENGINE_ITL",
+    "METRIC_ENGINE_E2E",
+    "METRIC_ENGINE_PROMPT_TOKENS",
+    "METRIC_ENGINE_GENERATION_TOKENS",
     "ROLES",
     "MAX_SPECULATIVE_TOKENS",
 ]
+
+
+def test_engine_metric_names_are_what_the_worker_exports():
+    from disaggserve_worker.server.worker_metrics import VLLM_METRICS
+
+    for name, value in vars(wk).items():
+        if name.startswith("METRIC_ENGINE_"):
+            family = value.removesuffix("_total")
+            assert family in VLLM_METRICS, f"{name}={value} is not exported by the worker"
 
 
 @pytest.mark.parametrize("name", SHARED)

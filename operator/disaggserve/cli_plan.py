@@ -17,16 +17,11 @@ from disaggserve.api.files import ResourceFileError, load_resource, read_yaml_do
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.contract import WORKER_MAX_TENSOR_PARALLEL, max_tensor_parallel
-from disaggserve.planner.auto import (
-    BASELINE_SIMULATED_INSTANCES,
-    Baseline,
-    Deployment,
-    PlanOutcome,
-    build_search,
-    plan_automatically,
-)
+from disaggserve.planner.auto import BASELINE_SIMULATED_INSTANCES, Baseline, PlanOutcome, plan_automatically
+from disaggserve.planner.deployment import ColocatedDeployment, Deployment
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.hook import manual_plan
+from disaggserve.planner.inputs import build_search
 from disaggserve.planner.search import Searcher, Shape
 from disaggserve.planner.workload import WorkloadError, load_trace
 from disaggserve.topology import TopologyError, parse_cluster, synthetic_nodes
@@ -111,6 +106,8 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
         "placement_reason": o.placement_why,
         "prefill": _phase(plan, "prefill"),
         "decode": _phase(plan, "decode"),
+        "colocated": _phase(plan, "colocated") if plan.colocated else None,
+        "disaggregated_goodput_per_gpu": plan.disaggregated_goodput_per_gpu,
         "units": plan.units,
         "gpus_total": plan.gpus_total,
         "rate": o.rate,
@@ -128,6 +125,7 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
         "scaling_limited": plan.scaling_limited.model_dump() if plan.scaling_limited else None,
         "alternatives": o.alternatives,
         "profile": o.profile_source,
+        "estimated": o.estimated,
         "search": {
             "configs": o.stats.simulated,
             "pruned": o.stats.pruned_bound + o.stats.pruned_zero_load,
@@ -139,7 +137,7 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
 
 
 def _phase(plan: Plan, phase: str) -> dict[str, int]:
-    p = plan.prefill if phase == "prefill" else plan.decode
+    p = plan.phase(phase)  # type: ignore[arg-type]
     return {"tensor": p.tensor, "pipeline": p.pipeline, "replicas": p.replicas, "gpus": p.gpus}
 
 
@@ -151,7 +149,7 @@ def _print_table(facts: dict[str, Any], unit: str = "GPU") -> None:
     table = Table(title=f"DisaggServe plan: {facts['placement']} ({facts['placement_reason']})")
     for col in ("phase", "tensor", "pipeline", "replicas", f"{unit}s"):
         table.add_column(col, justify="right" if col != "phase" else "left")
-    for phase in ("prefill", "decode"):
+    for phase in ("colocated",) if facts.get("colocated") else ("prefill", "decode"):
         p = facts[phase]
         table.add_row(phase, str(p["tensor"]), str(p["pipeline"]), str(p["replicas"]), str(p["gpus"]))
     table.add_row("total", "", "", f"{facts['units']} unit(s)", str(facts["gpus_total"]))
@@ -189,7 +187,7 @@ class PlotInput:
     """What the attainment plot compares: a deployment and the colocated baseline, per GPU."""
 
     searcher: Searcher
-    deployment: Deployment
+    deployment: Deployment | ColocatedDeployment
     rate: float
     label: str
     baseline: Baseline | None
@@ -333,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
                         "placement": plan.placement,
                         "prefill": _phase(plan, "prefill"),
                         "decode": _phase(plan, "decode"),
+        "colocated": _phase(plan, "colocated") if plan.colocated else None,
+        "disaggregated_goodput_per_gpu": plan.disaggregated_goodput_per_gpu,
                         "units": plan.units,
                         "gpus_total": plan.gpus_total,
                         "reason": plan.reason,

@@ -43,7 +43,7 @@ LABEL_PLAN_HASH = "disaggserve.io/plan-hash"
 APP_NAME = "disaggserve"
 MANAGED_BY = "disaggserve-operator"
 
-# Metric names (DESIGN.md §5), read by the autoscaler from Prometheus or the router.
+# Metric names (docs/architecture.md §5), read by the autoscaler from Prometheus or the router.
 METRIC_TTFT = "disaggserve_ttft_seconds"
 METRIC_TPOT = "disaggserve_tpot_seconds"
 METRIC_E2E = "disaggserve_e2e_seconds"
@@ -51,6 +51,16 @@ METRIC_REQUESTS = "disaggserve_requests_total"
 METRIC_PROMPT_TOKENS = "disaggserve_prompt_tokens_total"
 METRIC_GENERATION_TOKENS = "disaggserve_generation_tokens_total"
 METRIC_SLO_MET = "disaggserve_slo_met_total"
+# Engine series of every worker, in vLLM's names for both engines (labels model_name, engine):
+# what the Gateway API Inference Extension's endpoint picker and vLLM dashboards read.
+METRIC_ENGINE_WAITING = "vllm:num_requests_waiting"
+METRIC_ENGINE_RUNNING = "vllm:num_requests_running"
+METRIC_ENGINE_KV_USAGE = "vllm:kv_cache_usage_perc"
+METRIC_ENGINE_TTFT = "vllm:time_to_first_token_seconds"
+METRIC_ENGINE_ITL = "vllm:inter_token_latency_seconds"
+METRIC_ENGINE_E2E = "vllm:e2e_request_latency_seconds"
+METRIC_ENGINE_PROMPT_TOKENS = "vllm:prompt_tokens_total"
+METRIC_ENGINE_GENERATION_TOKENS = "vllm:generation_tokens_total"
 
 ROLES = ("prefill", "decode", "colocated")
 

@@ -7,11 +7,20 @@ from collections.abc import Iterable
 from typing import Any
 
 from disaggserve.api.plan import PHASES, Plan
-from disaggserve.api.status import Condition, PhaseReplicas, ReplicaStatus
+from disaggserve.api.status import Condition, DisaggServeStatus, PhaseReplicas, ReplicaStatus
 from disaggserve.contract import LABEL_COMPONENT
 
 REASON_CRASH_LOOP = "WorkersCrashLooping"
 MAX_LOG_LINE = 300  # characters of a container's last message kept in the condition
+
+
+def checked_patch(patch: dict[str, Any]) -> dict[str, Any]:
+    """A status merge patch (wire names) passed through the status model: a field it does not
+    know or a value of the wrong shape fails here, not at the API server. None values stay (a
+    merge patch removes those keys)."""
+    removed = {k: None for k, v in patch.items() if v is None}
+    model = DisaggServeStatus.model_validate({k: v for k, v in patch.items() if v is not None})
+    return {**model.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json"), **removed}
 
 
 def now() -> str:
@@ -55,16 +64,17 @@ def condition_status(conditions: Iterable[dict[str, Any]], type_: str) -> str | 
 
 def replica_status(plan: Plan | None, workloads: Iterable[dict[str, Any]]) -> ReplicaStatus:
     """Desired from the plan; ready from the StatefulSets' status, summed over units."""
-    ready = dict.fromkeys(PHASES, 0)
+    roles = plan.roles if plan else PHASES
+    ready = dict.fromkeys(roles, 0)
     for obj in workloads:
         if obj.get("kind") != "StatefulSet":
             continue
         phase = obj["metadata"].get("labels", {}).get(LABEL_COMPONENT)
         if phase in ready:
             ready[phase] += int((obj.get("status") or {}).get("readyReplicas") or 0)
-    desired = {p: (plan.phase(p).replicas if plan else 0) for p in PHASES}
+    desired = {p: (plan.phase(p).replicas if plan else 0) for p in roles}
     return ReplicaStatus(
-        **{p: PhaseReplicas(desired=desired[p], ready=ready[p], display=f"{ready[p]}/{desired[p]}") for p in PHASES}
+        **{p: PhaseReplicas(desired=desired[p], ready=ready[p], display=f"{ready[p]}/{desired[p]}") for p in roles}
     )
 
 
@@ -122,12 +132,13 @@ def readiness(
     crashing: str | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
     """Ready / Degraded conditions and the phase, from ready counts (and crash-looping workers)."""
-    parts = [f"{p} {getattr(replicas, p).display}" for p in PHASES] + [f"router {router[0]}/{router[1]}"]
+    roles = replicas.roles
+    parts = [f"{p} {getattr(replicas, p).display}" for p in roles] + [f"router {router[0]}/{router[1]}"]
     summary = ", ".join(parts) + " ready"
-    all_ready = all(getattr(replicas, p).ready >= getattr(replicas, p).desired for p in PHASES) and router[0] >= max(
+    all_ready = all(getattr(replicas, p).ready >= getattr(replicas, p).desired for p in roles) and router[0] >= max(
         1, router[1]
     )
-    serving = all(getattr(replicas, p).ready >= 1 for p in PHASES) and router[0] >= 1
+    serving = all(getattr(replicas, p).ready >= 1 for p in roles) and router[0] >= 1
     # Once it has served, it stays Degraded (not Deploying) until every replica is back.
     was_ready = condition_status(conditions, "Ready") == "True" or condition_status(conditions, "Degraded") == "True"
     if all_ready:

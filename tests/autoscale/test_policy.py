@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from disaggserve.planner.scaling_policy import Counts, Limits, PolicyState, Signals, decide
+from disaggserve.autoscaling.policy import Counts, Limits, PolicyState, Signals, decide
 
 LIMITS = Limits(min=Counts(1, 1), max=Counts(8, 8), gpus_per_instance=Counts(1, 1))
 OK = Signals(metrics_available=True, rolling_out=False, attainment=0.95)
@@ -74,3 +74,40 @@ def test_measured_misses_add_capacity_to_the_missing_phase():
     assert d.counts == Counts(3, 2) and "TTFT met by 60%" in d.reason
     tpot_miss = Signals(True, False, attainment=0.7, target_attainment=0.9, ttft_within_slo=0.99, tpot_within_slo=0.7)
     assert run(Counts(2, 2), Counts(2, 2), tpot_miss).counts == Counts(2, 3)
+
+
+def test_a_sustained_drop_in_the_rate_scales_down_before_the_window_ends():
+    state = PolicyState()
+    for i, rate in enumerate((90.0, 90.0, 60.0, 30.0)):
+        state.observe_rate(30.0 * i, rate)
+        d = run(Counts(8, 4), Counts(8, 4) if rate == 90 else Counts(2, 1), state=state, now=30.0 * i)
+    assert d.action == "scale-down" and "dropped for a sustained period" in d.reason
+    assert d.counts == Counts(4, 2), "still at most halving per step"
+
+
+def test_a_brief_lull_in_the_rate_still_waits_out_the_window():
+    state = PolicyState()
+    for i, rate in enumerate((90.0, 90.0, 50.0, 90.0, 50.0)):
+        state.observe_rate(30.0 * i, rate)
+        d = run(Counts(8, 4), Counts(8, 4) if rate == 90 else Counts(2, 1), state=state, now=30.0 * i)
+    assert d.action == "hold" and "scale-down waits" in d.reason
+
+
+def test_without_recorded_rates_the_window_rules_as_before():
+    state = PolicyState()
+    run(Counts(8, 4), Counts(8, 4), state=state, now=0)
+    assert run(Counts(8, 4), Counts(2, 1), state=state, now=60).action == "hold"
+    assert state.rate_growth() is None
+
+
+def test_headroom_follows_the_rate_trend():
+    from disaggserve.planner.replan import GROWTH_HEADROOM, MAX_HEADROOM, MIN_HEADROOM, headroom
+
+    assert headroom(None) == GROWTH_HEADROOM  # no trend known: the fixed margin
+    assert headroom(0.5) == MIN_HEADROOM == headroom(1.0)  # flat or falling: a small margin
+    assert headroom(1.5) > GROWTH_HEADROOM  # a steep ramp: the rate one interval ahead
+    assert headroom(10.0) == MAX_HEADROOM
+    state = PolicyState()
+    state.observe_rate(0, 10.0)
+    state.observe_rate(30, 15.0)
+    assert state.rate_growth() == 1.5

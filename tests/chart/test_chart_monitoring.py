@@ -27,7 +27,15 @@ EXTRA_METRICS = {
     "disaggserve_operator_desired_replicas",
     "up",
 }
-KNOWN_METRICS = {v for k, v in vars(contract).items() if k.startswith("METRIC_")} | EXTRA_METRICS
+# vLLM-compatible worker series (both engines export them; disaggserve_worker.server.worker_metrics).
+VLLM_METRICS = {
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+    "vllm:kv_cache_usage_perc",
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+}
+KNOWN_METRICS = {v for k, v in vars(contract).items() if k.startswith("METRIC_")} | EXTRA_METRICS | VLLM_METRICS
 DASHBOARD = json.loads((CHART / "dashboards" / "disaggserve.json").read_text())
 # Dashboard variables replaced by plain values, so each query can be checked as PromQL.
 GRAFANA_VARS = {
@@ -48,7 +56,7 @@ def _exprs() -> list[tuple[str, str]]:
 
 
 def _metric_names(expr: str) -> set[str]:
-    names = set(re.findall(r"\b(disaggserve_[a-z_]+|up)\b(?=\s*[{\[(])", expr))
+    names = set(re.findall(r"(?<![\w:])(disaggserve_[a-z_]+|vllm:[a-z_]+|up)\b(?=\s*[{\[(])", expr))
     return {re.sub(r"_(bucket|sum|count)$", "", n) if not n.endswith("_total") else n for n in names}
 
 
@@ -63,11 +71,19 @@ def test_dashboard_queries_use_exported_metrics() -> None:
     # Every exported series the issue asks for has a panel.
     assert {contract.METRIC_TTFT, contract.METRIC_TPOT, contract.METRIC_SLO_MET, contract.METRIC_REQUESTS} <= used
     assert used >= EXTRA_METRICS
+    assert used >= VLLM_METRICS, "the engine panels read the shared vLLM names"
+
+
+def test_worker_exports_every_vllm_name_the_dashboard_reads() -> None:
+    from disaggserve_worker.server.worker_metrics import VLLM_METRICS as EXPORTED
+
+    assert set(EXPORTED) >= VLLM_METRICS
 
 
 def test_dashboard_has_the_panels_operators_need() -> None:
     titles = " | ".join(p["title"] for p in DASHBOARD["panels"]).lower()
-    for topic in ("ttft", "tpot", "attainment", "desired vs ready", "goodput", "kv transfer", "speculation"):
+    for topic in ("ttft", "tpot", "attainment", "desired vs ready", "goodput", "kv transfer", "speculation",
+                  "kv-cache usage", "engine queue", "inter-token"):
         assert topic in titles, f"no dashboard panel about {topic!r}"
     ids = [p["id"] for p in DASHBOARD["panels"]]
     assert len(ids) == len(set(ids)), "duplicate panel ids confuse Grafana"
@@ -107,7 +123,7 @@ def test_rendered_rules_pass_promtool_check(helm_bin: str, tmp_path: Path) -> No
     path = _write(tmp_path / "rules.yaml", {"groups": _rule_groups(helm_bin)})
     proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 5 rules found" in proc.stdout
+    assert "SUCCESS: 6 rules found" in proc.stdout
 
 
 def _series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
@@ -149,6 +165,15 @@ def test_alerts_fire_on_synthetic_series(helm_bin: str, tmp_path: Path) -> None:
         _series("up", {**good, "component": "decode", "pod": "good-decode-0"}, "1x40"),
         _series("up", {**good, "component": "router", "pod": "good-router-0"}, "1x40"),
         _series("up", {**ghost, "component": "decode", "pod": "ghost-decode-0"}, "1x40"),
+        # tiny's decode cache is full with a request waiting; good's prefill cache is full but nothing waits.
+        _series("vllm:kv_cache_usage_perc", {**tiny, "component": "decode", "pod": "tiny-decode-0",
+                                             "model_name": "m", "engine": "0"}, "0.99x40"),
+        _series("vllm:num_requests_waiting", {**tiny, "component": "decode", "pod": "tiny-decode-0",
+                                              "model_name": "m", "engine": "0"}, "3x40"),
+        _series("vllm:kv_cache_usage_perc", {**good, "component": "prefill", "pod": "good-prefill-0",
+                                             "model_name": "m", "engine": "0"}, "0.99x40"),
+        _series("vllm:num_requests_waiting", {**good, "component": "prefill", "pod": "good-prefill-0",
+                                              "model_name": "m", "engine": "0"}, "0x40"),
         # The operator's own target answers, so its metrics-missing alert stays quiet.
         _series("up", {"job": "disaggserve-metrics", "pod": "op-0"}, "1x40"),
     ]
@@ -168,6 +193,8 @@ def test_alerts_fire_on_synthetic_series(helm_bin: str, tmp_path: Path) -> None:
                     {"eval_time": "30m", "alertname": "DisaggServeMetricsMissing",
                      "exp_alerts": [{"exp_labels": {**ghost, **warning}}]},
                     {"eval_time": "30m", "alertname": "DisaggServeOperatorMetricsMissing", "exp_alerts": []},
+                    {"eval_time": "30m", "alertname": "DisaggServeKVCacheSaturated",
+                     "exp_alerts": [{"exp_labels": {**tiny, "component": "decode", **warning}}]},
                     # `for: 10m` holds the alerts back at first.
                     {"eval_time": "5m", "alertname": "DisaggServeReplicasNotReady", "exp_alerts": []},
                 ],

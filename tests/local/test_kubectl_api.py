@@ -151,3 +151,19 @@ def test_pod_status_is_readable_by_the_official_client():
     assert qos_class(spec) == "Burstable" and qos_class({"containers": [{"name": "c"}]}) == "BestEffort"
     limited = {"cpu": "1", "memory": "1Gi"}
     assert qos_class({"containers": [{"name": "c", "resources": {"limits": limited}}]}) == "Guaranteed"
+
+
+async def test_pod_log_follow_streams_until_the_process_restarts(api, tmp_path):
+    api.server.log_dir = tmp_path
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "f"}, "spec": {"containers": [{"name": "c"}]}}
+    await api.post(PODS, json=pod)
+    log = tmp_path / "default_f.log"
+    log.write_text(start_line("t0", ["w"]) + "first\n")
+    seen = ""
+    async with api.stream("GET", f"{PODS}/f/log", params={"follow": "true"}, timeout=60) as response:
+        async for chunk in response.aiter_text():
+            seen += chunk
+            if seen == "first\n":
+                with log.open("a") as f:
+                    f.write("second\n" + start_line("t1", ["w"]) + "next run\n")
+    assert seen == "first\nsecond\n", "follow ends where the next run of the process starts"

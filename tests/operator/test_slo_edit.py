@@ -101,3 +101,34 @@ async def test_the_autoscaler_uses_an_edited_slo_at_its_next_tick(monkeypatch):
         await autoscaler.aclose()
     assert [s for s in seen if s[1] is not None] == [(100, 0.9), (50, 0.5)]
     assert last["slo"]["attainment"] == 0.5  # measured by the router's own SLO counter
+
+
+async def test_slos_are_measured_with_autoscaling_off():
+    """status.slo (the ATTAINMENT column) is filled without the autoscaler, which decides nothing."""
+    served = iter([0, 100])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=_router_metrics(next(served)))
+
+    autoscaler = Autoscaler(_OneRouter(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    body = example()
+    assert not body["spec"].get("autoscaling", {}).get("enabled")
+    body["status"] = {
+        "phase": "Ready",
+        "plan": {
+            "prefill": {"tensor": 1, "pipeline": 1, "replicas": 1},
+            "decode": {"tensor": 1, "pipeline": 1, "replicas": 1},
+        },
+    }
+    try:
+        first = await autoscaler.observe_only(body)
+        assert first["conditions"][0]["reason"] == "MetricsUnavailable"  # one scrape is not a window
+        body["status"]["conditions"] = first["conditions"]
+        second = await autoscaler.observe_only(body)
+    finally:
+        await autoscaler.aclose()
+    assert second["slo"]["attainment"] == 0.5
+    assert second["slo"]["tpotP90Ms"] is not None
+    available = next(c for c in second["conditions"] if c["type"] == "MetricsAvailable")
+    assert available["status"] == "True" and "autoscaling is off" in available["message"]
+    assert "plan" not in second  # measured only: no replica decision

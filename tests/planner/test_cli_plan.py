@@ -112,7 +112,9 @@ def test_bad_input_exits_2_with_one_line(case, resource, tmp_path, capsys):
                     "name": "m",
                     "source": {"path": "/m"},
                     "facts": {"layers": 8, "attentionHeads": 8, "hiddenSize": 512, "parameters": 10**13},
-                }
+                },
+                # a GPU the roofline table lacks: no estimate either
+                "hardware": {"gpuProduct": "NVIDIA-GeForce-GT-710"},
             },
             "4x8",
             "ProfileMissing",

@@ -83,3 +83,68 @@ def test_profile_sizes_default_to_what_the_machine_runs() -> None:
     from disaggserve_worker.profile.run import auto_tensor_sizes
 
     assert auto_tensor_sizes("cpu") == [1]
+
+
+def test_decode_fit_splits_at_the_knee_and_reports_misses() -> None:
+    from disaggserve_worker.profile.fit import Sample, coefficients, fit_entry, fit_problems
+
+    samples = [Sample("prefill", 1, n, 2.0 + 0.01 * n) for n in (16, 64, 256)]
+    for batch in (1, 2, 4, 8, 12, 16, 24, 32):
+        for ctx in (64, 256):
+            samples.append(Sample("decode", batch, ctx, 2.0 if batch < 8 else 2.0 + 0.3 * (batch - 6)))
+    entry = fit_entry(samples)
+    assert entry["decode_batch_threshold"] == 8
+    assert fit_problems(samples, entry) == []
+    # one straight line through all decode samples (the old fixed-95 split below batch 95) misses
+    line = coefficients([s for s in samples if s.phase == "decode"])
+    one_line = dict(entry, decode_small=line, decode_large=line, decode_batch_threshold=95)
+    assert any(p.startswith("decode batch") for p in fit_problems(samples, one_line))
+
+
+def test_profile_records_wall_and_cpu_time_and_fits_cpu_time_on_one_thread(tmp_path: Path) -> None:
+    import torch
+
+    from disaggserve_worker.model.loader import load_model
+    from disaggserve_worker.profile.run import Sweep, profile_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sweep = Sweep(prefill=[(1, 8), (1, 16), (2, 16)], decode=[(1, 8), (2, 8), (4, 16), (8, 16)], repeats=1)
+        result = profile_model(load_model("builtin:tiny-llama", device="cpu"), sweep)
+    finally:
+        torch.set_num_threads(threads)
+    assert "fitted on thread CPU time" in result.profile["source"]
+    for m in result.profile["measurements"]:
+        assert m["wall_ms"] > 0 and m["cpu_ms"] > 0 and m["ms"] == m["cpu_ms"]
+    # decode contexts are mixed around the nominal one, so the recorded mean is near it
+    decode = [m for m in result.profile["measurements"] if m["phase"] == "decode"]
+    assert all(4 <= m["length"] <= 26 for m in decode)
+
+
+def test_overheads_separate_per_request_from_per_token_costs() -> None:
+    from disaggserve_worker.profile.overheads import Run, fit_link, solve_costs
+
+    # outside the forward passes: 20 ms per request + 0.5 ms per token, on top of the forwards
+    short = Run(requests=10, tokens=2, cpu_ms=10 * (20 + 0.5 * 2) + 300, forward_ms=300)
+    long = Run(requests=10, tokens=24, cpu_ms=10 * (20 + 0.5 * 24) + 900, forward_ms=900)
+    assert solve_costs(short, long) == {"per_request_ms": 20.0, "per_token_ms": 0.5}
+    # a process whose CPU the forwards explain entirely costs nothing extra (never negative)
+    assert solve_costs(Run(5, 2, 100, 120), Run(5, 10, 100, 150)) == {"per_request_ms": 0.0, "per_token_ms": 0.0}
+    # 1 ms latency + 1 GB/s (8 Gbps)
+    link = fit_link([(10**6, 0.002), (10**7, 0.011), (10**6, 0.002), (10**7, 0.011)])
+    assert link == {"gbps": 8.0, "latency_ms": 1.0}
+    with pytest.raises(ValueError):
+        fit_link([(10**6, 0.002)])
+
+
+def test_process_cpu_time_grows_with_work() -> None:
+    import os
+
+    from disaggserve_worker.profile.overheads import process_cpu_ms
+
+    before = process_cpu_ms(os.getpid())
+    deadline = __import__("time").process_time() + 0.05
+    while __import__("time").process_time() < deadline:
+        pass
+    assert process_cpu_ms(os.getpid()) - before >= 30

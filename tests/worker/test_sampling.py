@@ -98,7 +98,9 @@ def test_bad_sampling_is_refused() -> None:
     with pytest.raises(ValidationError, match="top_p"):
         SamplingParams(top_p=0)
     with pytest.raises(ValidationError, match="frequency_penalty"):
-        SamplingParams.model_validate({"frequency_penalty": 1})
+        SamplingParams.model_validate({"frequency_penalty": 3})
+    with pytest.raises(ValidationError, match="best_of"):
+        SamplingParams.model_validate({"best_of": 2})  # the internal protocol refuses unknown keys
     assert SamplingParams.model_validate({"stop": "x"}).stop == ["x"]
 
 

@@ -73,8 +73,8 @@ async def test_disaggregated_http_equals_colocated_and_reference(
     async with session.get(urls["decode"] + "/metrics") as resp:
         metrics = await resp.text()
     for name in ("disaggserve_kv_transfer_bytes_count", "disaggserve_decode_iteration_seconds_bucket",
-                 "disaggserve_free_kv_tokens", "disaggserve_queue_depth", "disaggserve_running_sequences",
-                 "disaggserve_worker_generation_tokens_total"):
+                 "vllm:kv_cache_usage_perc", "vllm:num_requests_waiting", "vllm:num_requests_running",
+                 "vllm:generation_tokens_total"):
         assert name in metrics
     assert 'le="0.05"' in metrics, "the TPOT SLO is a bucket edge"
 

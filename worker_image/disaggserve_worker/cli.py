@@ -207,6 +207,31 @@ def _register_router(subparsers: Any) -> None:
     router_cli.register(subparsers)
 
 
+def _add_tokenizer(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "tokenizer", help="write the model's tokenizer as a Hugging Face tokenizer folder",
+        description="Write the tokenizer of --model as a Hugging Face tokenizer folder (tokenizer.json, "
+        "tokenizer_config.json with the chat template the router applies), so benchmark clients such as "
+        "guidellm or `vllm bench serve` count tokens as the server does: pass DIR as their tokenizer.")
+    p.add_argument("--model", default="builtin:tiny-llama", help="builtin:<name> or a checkpoint folder")
+    p.add_argument("--out", required=True, type=Path, help="folder to write (created if missing)")
+    p.set_defaults(handler=export_tokenizer)
+
+
+def export_tokenizer(args: argparse.Namespace) -> int:
+    from disaggserve_worker.model.loader import ModelLoadError
+    from disaggserve_worker.model.tokenizer_export import write_hf_tokenizer
+
+    try:
+        written = write_hf_tokenizer(args.model, args.out)
+    except (ModelLoadError, ValueError, OSError) as error:
+        print(f"disaggserve-worker tokenizer: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disaggserve-worker", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(subparsers)
     _add_export(subparsers)
     _add_profile_vllm(subparsers)
+    _add_tokenizer(subparsers)
     _register_router(subparsers)
     return parser
 
@@ -275,7 +301,8 @@ def serve(args: argparse.Namespace) -> int:
     advertise = identity[contract.ENV_POD_IP] or (args.host if args.host not in ("0.0.0.0", "::", "") else
                                                   "127.0.0.1")
     metrics = WorkerMetrics(args.role, lambda: engine.load(), args.ttft_slo_ms and args.ttft_slo_ms / 1000,
-                            args.tpot_slo_ms and args.tpot_slo_ms / 1000)
+                            args.tpot_slo_ms and args.tpot_slo_ms / 1000,
+                            model_name=args.model_name or loaded.name, max_model_len=max_len)
     speculator = build_speculator(args, loaded, kv_tokens, metrics.registry, draft)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids,
                     EngineConfig(role=args.role, kv_cache_tokens=kv_tokens, block_size=args.block_size,

@@ -34,20 +34,34 @@ pulls only from a `kv` whose signature checks (else 403 `kv_untrusted`):
                    GET /healthz, /readyz, /metrics
 
 `sampling` (all optional, unknown keys refused): max_tokens (16), temperature (1.0; 0 is
-greedy), top_p (1.0), top_k (0 = off), seed, stop (string or list of strings), stop_token_ids,
-ignore_eos (false).
+greedy), top_p (1.0), top_k (0 = off), min_p (0), seed, stop (string or list of strings),
+stop_token_ids, ignore_eos (false), and vLLM's extensions: min_tokens (0), repetition_penalty (1),
+presence_penalty and frequency_penalty (0), logit_bias ({token id: bias}), allowed_token_ids, logprobs
+(null, or how many top logprobs to return besides the sampled token's). With logprobs, each token
+event (and the prefill reply) carries "logprobs": {"logprob", "top": [[id, logprob], ...]} of the
+raw model output. A speculating worker refuses (400) the knobs it cannot apply (penalties,
+logit_bias, allowed_token_ids, min_tokens, logprobs).
 
 Status codes: 400 {"error": {type: "invalid_request" | "invalid_json", message, retryable:
 false}} for a body that is wrong (the message names the field); 409 "wrong_role" for an
 endpoint of another role; 503 {"error": {type: "draining", retryable: true}} while draining;
 a prefill that fails inside the engine answers 503 (retryable) or 500 with the same shape.
 
-Worker metrics (own names, so router counters are not double counted): disaggserve_queue_depth,
-disaggserve_queued_tokens, disaggserve_running_sequences, disaggserve_free_kv_tokens,
-disaggserve_held_kv_caches (gauges), disaggserve_kv_transfer_bytes, disaggserve_kv_transfer_seconds,
+Worker metrics, vLLM's names where vLLM has the concept (labels `model_name` = --model-name and
+`engine` = "0", vLLM's types and histogram edges; the list is `server.worker_metrics.VLLM_METRICS`):
+vllm:num_requests_running, vllm:num_requests_waiting (engine queue + decode requests waiting for
+KV room), vllm:kv_cache_usage_perc (0..1), vllm:cache_config_info{block_size, num_gpu_blocks}
+(gauges); vllm:prompt_tokens_total, vllm:generation_tokens_total (tokens this worker emitted: a
+prefill worker's first token, a decode worker's later ones), vllm:request_success_total
+{finished_reason} (counters); vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds,
+vllm:request_time_per_output_token_seconds, vllm:e2e_request_latency_seconds,
+vllm:request_prompt_tokens, vllm:request_generation_tokens (histograms, timed on this worker from
+arrival; a decode worker's TTFT includes its KV pull). Ours, with a `role` label, where vLLM has no
+series: disaggserve_queued_tokens, disaggserve_held_kv_caches (gauges),
+disaggserve_kv_transfer_bytes, disaggserve_kv_transfer_seconds,
 disaggserve_prefill_iteration_seconds, disaggserve_decode_iteration_seconds (histograms),
-disaggserve_worker_prompt_tokens_total, disaggserve_worker_generation_tokens_total,
-disaggserve_worker_requests_total{outcome} (counters); every series has a `role` label.
+disaggserve_worker_requests_total{outcome} (counter). The router's client-side SLO series stay
+`disaggserve_*` (they span prefill and decode, which no single vLLM server sees).
 
 Speculation (decode and colocated workers; a prefill worker refuses it): `--speculation-mode
 off|fixed|adaptive`, `--speculation-proposer ngram|draft`, `--speculation-num-speculative-tokens` (1-16),
@@ -111,6 +125,16 @@ METRIC_REQUESTS = "disaggserve_requests_total"
 METRIC_PROMPT_TOKENS = "disaggserve_prompt_tokens_total"
 METRIC_GENERATION_TOKENS = "disaggserve_generation_tokens_total"
 METRIC_SLO_MET = "disaggserve_slo_met_total"
+# Engine series of every worker, in vLLM's names for both engines (labels model_name, engine):
+# what the Gateway API Inference Extension's endpoint picker and vLLM dashboards read.
+METRIC_ENGINE_WAITING = "vllm:num_requests_waiting"
+METRIC_ENGINE_RUNNING = "vllm:num_requests_running"
+METRIC_ENGINE_KV_USAGE = "vllm:kv_cache_usage_perc"
+METRIC_ENGINE_TTFT = "vllm:time_to_first_token_seconds"
+METRIC_ENGINE_ITL = "vllm:inter_token_latency_seconds"
+METRIC_ENGINE_E2E = "vllm:e2e_request_latency_seconds"
+METRIC_ENGINE_PROMPT_TOKENS = "vllm:prompt_tokens_total"
+METRIC_ENGINE_GENERATION_TOKENS = "vllm:generation_tokens_total"
 # Router-only: its own load and fault handling (the autoscaler may read queue depth).
 METRIC_ROUTER_INFLIGHT = "disaggserve_router_inflight_requests"
 METRIC_ROUTER_QUEUED = "disaggserve_router_queued_requests"

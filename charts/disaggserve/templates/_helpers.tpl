@@ -90,6 +90,12 @@ them with the API calls the operator makes). `peering` is the kopf peering resou
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "create", "patch"]
+{{- if .Values.rbac.inferencePools }}
+# spec.gateway (opt-in): the InferencePool of the Gateway API Inference Extension (its CRDs installed separately).
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+{{- end }}
 # Each router's own Role (get/list/watch pods) and RoleBinding. RBAC's escalation check lets the
 # operator write only a Role whose permissions it holds itself in that namespace: no `escalate`/`bind`.
 - apiGroups: ["rbac.authorization.k8s.io"]

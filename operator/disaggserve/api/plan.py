@@ -14,6 +14,8 @@ from disaggserve.api.base import ApiModel
 
 PHASES = ("prefill", "decode")
 Phase = Literal["prefill", "decode"]
+# Worker roles a plan may deploy: the two phases, or colocated instances doing both.
+Role = Literal["prefill", "decode", "colocated"]
 
 
 class PhasePlan(ApiModel):
@@ -54,12 +56,18 @@ class Plan(ApiModel):
     high-affinity: prefill and decode instances are placed independently (fast links between
     nodes carry the KV cache). low-affinity: `units` placement units, each holding
     `prefill.replicas / units` prefill and `decode.replicas / units` decode instances on one
-    node, so the KV cache never leaves the node.
+    node, so the KV cache never leaves the node. colocated: `colocated.replicas` instances that
+    each run both phases (no KV transfer) behind the same router; prefill and decode have 0
+    replicas. The planner chooses it when disaggregating would need more GPUs for the target
+    (DistServe's own finding for some models and SLOs).
     """
 
-    placement: Literal["high-affinity", "low-affinity"] = "high-affinity"
+    placement: Literal["high-affinity", "low-affinity", "colocated"] = "high-affinity"
     prefill: PhasePlan
     decode: PhasePlan
+    colocated: PhasePlan | None = Field(
+        None, description="Colocated instances (placement colocated): each runs prefill and decode."
+    )
     units: int = Field(1, ge=1, le=100_000)
     source: Literal["manual", "planner", "autoscaler"] = "manual"
     predicted_goodput_per_gpu: float | None = None
@@ -67,15 +75,33 @@ class Plan(ApiModel):
     baseline_goodput_per_gpu: float | None = Field(
         None, description="Per-GPU goodput the best colocated (vLLM-style) deployment would reach."
     )
+    disaggregated_goodput_per_gpu: float | None = Field(
+        None, description="Per-GPU goodput the best disaggregated deployment would reach (set on colocated plans)."
+    )
     scaling_limited: ScalingLimit | None = None
+    profile: Literal["measured", "estimated"] | None = Field(
+        None,
+        description="Where the planner's latencies came from: a measured profile, or a roofline estimate "
+        "from model facts and the GPU's data sheet (no profile for this model and GPU yet; "
+        "a measured profile in spec.profile replaces it).",
+    )
     reason: str = ""
     updated_at: str | None = None
 
     @property
     def gpus_total(self) -> int:
-        return self.prefill.gpus + self.decode.gpus
+        return self.prefill.gpus + self.decode.gpus + (self.colocated.gpus if self.colocated else 0)
 
-    def phase(self, phase: Phase) -> PhasePlan:
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        """The worker roles this plan deploys."""
+        return ("colocated",) if self.placement == "colocated" else PHASES
+
+    def phase(self, phase: Role) -> PhasePlan:
+        if phase == "colocated":
+            if self.colocated is None:
+                raise ValueError("plan has no colocated instances")
+            return self.colocated
         return self.prefill if phase == "prefill" else self.decode
 
     def per_unit(self, phase: Phase) -> int:

@@ -1,4 +1,4 @@
-"""`DisaggServe.spec`: what a user asks for (DESIGN.md §2).
+"""`DisaggServe.spec`: what a user asks for (docs/architecture.md §2).
 
 Defaults are the ones a first-time user on a GPU cluster wants; every bound has a message
 that says which field is wrong and what would be accepted.
@@ -371,6 +371,28 @@ class Router(ApiModel):
     api_key_secret_ref: SecretKeyRef | None = None
 
 
+class EndpointPickerRef(ApiModel):
+    """The endpoint picker (ext-proc) Service a Gateway asks which pod serves each request."""
+
+    name: str = Field(pattern=DNS_NAME_PATTERN, description="Service of the endpoint picker, in this namespace.")
+    port: int = Field(9002, ge=1, le=65535, description="Its ext-proc (gRPC) port.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        "FailClose", description="FailOpen: the Gateway picks an endpoint itself when the picker does not answer.")
+
+
+class Gateway(ApiModel):
+    """Expose the model through the Gateway API Inference Extension: an InferencePool
+    (inference.networking.k8s.io/v1) a Gateway's HTTPRoute can name as its backend."""
+
+    picker: Literal["disaggserve", "llm-d"] = Field(
+        "disaggserve",
+        description="disaggserve: the pool holds the routers, which pair prefill and decode themselves (any "
+        "engine; the picker balances routers). llm-d: the pool holds the serving pods (decode, or colocated) "
+        "and llm-d's picker chooses the prefill pod per request (x-prefiller-host-port); engine vllm only.")
+    endpoint_picker: EndpointPickerRef | None = Field(
+        None, description="The picker's Service; default <name>-epp on port 9002.")
+
+
 class DisaggServeSpec(ApiModel):
     cel_rules = (
         CelRule(
@@ -410,6 +432,17 @@ class DisaggServeSpec(ApiModel):
             "speculation.draftModel: vLLM loads a draft model from a checkpoint, set draftModel.path or "
             "draftModel.hf (builtin draft models run only on the built-in engine)",
         ),
+        CelRule(
+            "!has(self.parallelism) || !has(self.placement) || self.placement != 'colocated'",
+            "placement colocated is planned automatically: remove spec.parallelism, or keep it with "
+            "placement high-affinity or low-affinity",
+        ),
+        CelRule(
+            "!has(self.placement) || self.placement != 'colocated' || !has(self.autoscaling) || "
+            "!has(self.autoscaling.enabled) || !self.autoscaling.enabled",
+            "placement colocated cannot be autoscaled yet (the autoscaler scales prefill and decode "
+            "replicas): set autoscaling.enabled false, or use placement auto",
+        ),
     )
 
     model: ModelSpec
@@ -417,13 +450,19 @@ class DisaggServeSpec(ApiModel):
     workload: Workload
     hardware: Hardware = Field(default_factory=lambda: Hardware(device="cpu"))
     parallelism: Parallelism | None = None
-    placement: Literal["auto", "high-affinity", "low-affinity"] = "auto"
+    placement: Literal["auto", "high-affinity", "low-affinity", "colocated"] = Field(
+        "auto",
+        description="auto: the planner chooses disaggregated (high- or low-affinity, by the cross-node "
+        "bandwidth) or colocated, whichever carries the workload on fewer GPUs; colocated: instances "
+        "that run both phases behind the same router (no KV transfer).",
+    )
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     speculation: Speculation = Field(default_factory=Speculation)
     profile: ProfileRef | None = None
     image: Image = Field(default_factory=Image)
     router: Router = Field(default_factory=Router)
     engine: Engine = Field(default_factory=Engine)
+    gateway: Gateway | None = Field(None, description="Opt-in: render an InferencePool for a Gateway.")
 
 
 class SpecError(ValueError):

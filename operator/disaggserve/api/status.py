@@ -30,6 +30,11 @@ class PhaseReplicas(ApiModel):
 class ReplicaStatus(ApiModel):
     prefill: PhaseReplicas = Field(default_factory=PhaseReplicas)
     decode: PhaseReplicas = Field(default_factory=PhaseReplicas)
+    colocated: PhaseReplicas | None = Field(None, description="Set when the plan is colocated.")
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("colocated",) if self.colocated is not None else ("prefill", "decode")
 
 
 class SloStatus(ApiModel):

@@ -20,6 +20,7 @@ from prometheus_client import Gauge
 
 from disaggserve.api.plan import PHASES, Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
+from disaggserve.autoscaling.policy import Counts, Decision, Limits, PolicyState, Signals, decide
 from disaggserve.contract import LABEL_COMPONENT, LABEL_INSTANCE, ROUTER_PORT
 from disaggserve.controller.kube import Kube
 from disaggserve.controller.planning import PlanService
@@ -29,7 +30,6 @@ from disaggserve.metrics.promql import PrometheusSource
 from disaggserve.metrics.scrape import ScrapeWindow, scrape_router
 from disaggserve.planner import PlanningError
 from disaggserve.planner.replan import recommend
-from disaggserve.planner.scaling_policy import Counts, Decision, Limits, PolicyState, Signals, decide
 from disaggserve.status_logic import now as now_text
 from disaggserve.status_logic import set_condition
 

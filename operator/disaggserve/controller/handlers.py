@@ -46,6 +46,7 @@ from disaggserve.controller.reconcile import (
     to_plain,
 )
 from disaggserve.controller.settings import configure
+from disaggserve.status_logic import checked_patch
 
 RETRY_DELAY = 2.0
 STATUS_SAFETY_INTERVAL = 30.0
@@ -126,7 +127,7 @@ async def _reconcile_and_record(memo: kopf.Memo, owner: dict[str, Any], extra: d
     result = await reconcile(memo.kube, owner, _emitter(owner), memo.planner)
     status = {**(extra or {}), **result.status}
     meta = owner["metadata"]
-    await memo.kube.patch_status(API_VERSION, KIND, meta["namespace"], meta["name"], status)
+    await memo.kube.patch_status(API_VERSION, KIND, meta["namespace"], meta["name"], checked_patch(status))
     return result
 
 
@@ -207,7 +208,7 @@ async def autoscale(name: str, namespace: str, memo: kopf.Memo, logger: logging.
         if update is None:
             return
         if "plan" not in update:
-            await memo.kube.patch_status(API_VERSION, KIND, namespace, name, update)
+            await memo.kube.patch_status(API_VERSION, KIND, namespace, name, checked_patch(update))
             return
         # New replica counts: record the decision on the resource first, then apply it (drain-safe).
         record = json.dumps(update["plan"], sort_keys=True)
@@ -231,7 +232,7 @@ async def observe_slo(name: str, namespace: str, memo: kopf.Memo, logger: loggin
     async def work(owner: dict[str, Any]) -> None:
         update = await memo.autoscaler.observe_only(owner)
         if update is not None:
-            await memo.kube.patch_status(API_VERSION, KIND, namespace, name, update)
+            await memo.kube.patch_status(API_VERSION, KIND, namespace, name, checked_patch(update))
 
     try:
         await _serialized(memo, namespace, name, work)

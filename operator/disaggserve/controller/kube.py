@@ -9,6 +9,8 @@ plugins and token refresh included); the HTTP goes through httpx.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import os
 import ssl
@@ -34,11 +36,15 @@ KINDS: dict[tuple[str, str], tuple[str, bool]] = {
     ("rbac.authorization.k8s.io/v1", "Role"): ("roles", True),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): ("rolebindings", True),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("networkpolicies", True),
+    ("inference.networking.k8s.io/v1", "InferencePool"): ("inferencepools", True),
     (API_VERSION, KIND): (PLURAL, True),
 }
 
 RETRYABLE_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
-MAX_CONNECTIONS = 32  # to the API server, shared by all handlers of this operator
+MAX_CONNECTIONS = 32
+NODE_LIST_MAX_AGE = (
+    10.0  # seconds a shared Node list is reused  # to the API server, shared by all handlers of this operator
+)
 
 
 class KubeError(Exception):
@@ -115,8 +121,27 @@ class Kube:
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
         )
 
+        self._shared_lists: dict[tuple[str, str], tuple[float, asyncio.Task[list[dict[str, Any]]]]] = {}
+
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def list_shared(
+        self, api_version: str, kind: str, max_age: float = NODE_LIST_MAX_AGE
+    ) -> list[dict[str, Any]]:
+        """A cluster-wide list (Nodes) shared by every reconcile for `max_age` seconds.
+
+        Each reconcile plans against the Nodes; with a hundred resources reconciling at once one
+        LIST serves them all (concurrent callers share the call in flight). A failed list is not
+        kept. Nodes change on a scale of minutes; the staleness is bounded by `max_age`.
+        """
+        key = (api_version, kind)
+        now = asyncio.get_running_loop().time()
+        entry = self._shared_lists.get(key)
+        if entry is None or now - entry[0] > max_age or (entry[1].done() and entry[1].exception()):
+            entry = (now, asyncio.ensure_future(self.list(api_version, kind)))
+            self._shared_lists[key] = entry
+        return copy.deepcopy(await asyncio.shield(entry[1]))
 
     def _headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {"Accept": "application/json"}

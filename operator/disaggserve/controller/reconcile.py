@@ -18,7 +18,6 @@ from pydantic.alias_generators import to_camel
 from disaggserve.api.constants import API_VERSION, GROUP, KIND
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
-from disaggserve.api.status import DisaggServeStatus
 from disaggserve.contract import max_tensor_parallel
 from disaggserve.controller.drain import prepare_scale_down
 from disaggserve.controller.kube import Kube, KubeError
@@ -39,6 +38,7 @@ from disaggserve.resources.router import endpoint
 from disaggserve.resources.security import NetworkAccess, token_of, token_secret_name
 from disaggserve.status_logic import (
     REASON_CRASH_LOOP,
+    checked_patch,
     condition_status,
     crash_loops,
     now,
@@ -62,6 +62,8 @@ OWNED_KINDS: tuple[tuple[str, str], ...] = (
     ("networking.k8s.io/v1", "NetworkPolicy"),
 )
 WORKLOAD_KINDS: tuple[tuple[str, str], ...] = (("apps/v1", "StatefulSet"), ("apps/v1", "Deployment"))
+# Only for resources with spec.gateway: clusters without the inference extension's CRDs have no such list.
+GATEWAY_KINDS: tuple[tuple[str, str], ...] = (("inference.networking.k8s.io/v1", "InferencePool"),)
 
 
 def to_plain(value: Any) -> Any:
@@ -174,14 +176,8 @@ async def _plan(
 
 
 def _status(**fields: Any) -> dict[str, Any]:
-    """A status patch validated by the status model; keys set to None are removed by the merge patch."""
-    removed = [k for k, v in fields.items() if v is None]
-    wire = DisaggServeStatus.model_validate({k: v for k, v in fields.items() if v is not None}).model_dump(
-        by_alias=True, exclude_none=True, exclude_unset=True, mode="json"
-    )
-    for key in removed:
-        wire[to_camel(key)] = None
-    return wire
+    """A status patch from field names, validated by the status model (None: remove the key)."""
+    return checked_patch({to_camel(k): v for k, v in fields.items()})
 
 
 async def reconcile(
@@ -201,7 +197,7 @@ async def reconcile(
         except SpecError as e:
             raise Refused("InvalidSpec", str(e)) from None
         profile = await _profile(kube, spec, namespace)
-        nodes = await kube.list("v1", "Node")
+        nodes = await kube.list_shared("v1", "Node")
         try:
             planned = await _plan(kube, spec, profile, nodes, planner)
         except PlanningError as e:
@@ -229,20 +225,32 @@ async def reconcile(
         # The worker token is made once: read it back so a reconcile never rotates it.
         secret = await kube.get("v1", "Secret", namespace, token_secret_name(name))
         try:
-            desired = build_children(Owner(name, namespace, uid), spec, plan, profile,
-                                     worker_token=token_of(secret), access=NetworkAccess.from_environ(os.environ))
+            desired = build_children(
+                Owner(name, namespace, uid),
+                spec,
+                plan,
+                profile,
+                worker_token=token_of(secret),
+                access=NetworkAccess.from_environ(os.environ),
+            )
         except RenderError as e:
             raise Refused("InvalidSpec", str(e)) from None
     except Refused as e:
         emit("Warning", e.reason, str(e))
         return ReconcileResult(_refusal_status(conditions, generation, e.reason, str(e)))
 
-    existing = await owned_children(kube, name, namespace, uid)
+    existing = await owned_children(kube, name, namespace, uid,
+                                    kinds=OWNED_KINDS + (GATEWAY_KINDS if spec.gateway else ()))
     if secret is not None:  # read by name above (the operator may not list Secrets)
         existing[("v1", "Secret", secret["metadata"]["name"])] = secret
     token = token_of(next(o for o in desired if o["kind"] == "Secret"))
     drain = await prepare_scale_down(
-        kube, desired, existing, namespace, dict(old_status.get("draining") or {}), datetime.datetime.now(datetime.UTC),
+        kube,
+        desired,
+        existing,
+        namespace,
+        dict(old_status.get("draining") or {}),
+        datetime.datetime.now(datetime.UTC),
         token=token,
     )
     for sts in drain.pending:

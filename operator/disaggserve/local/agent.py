@@ -22,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ipaddress
 import logging
 import os
-import random
 import shutil
 import signal
 import sys
@@ -36,6 +34,7 @@ from typing import Any
 import httpx
 
 from disaggserve.controller.kube import Kube, KubeError
+from disaggserve.local.addresses import Addresses
 from disaggserve.local.podlogs import last_line, start_line
 from disaggserve.local.pods import (
     HOSTNAME,
@@ -56,6 +55,10 @@ log = logging.getLogger("disaggserve.agent")
 FIELD_MANAGER = "disaggserve-agent"
 MAX_BACKOFF = 30.0
 PYTHON_ENTRY_POINTS = {"disaggserve-worker": "disaggserve_worker.cli", "disaggserve": "disaggserve.cli"}
+
+
+def _ports(pod_spec: dict[str, Any]) -> list[int]:
+    return [int(p["containerPort"]) for c in pod_spec.get("containers", []) for p in c.get("ports", []) or []]
 
 
 @dataclass(frozen=True)
@@ -150,13 +153,13 @@ class NodeAgent:
         self.interval = interval
         self.pod_env = pod_env or {}  # what a cluster mounts into every pod (e.g. API credentials)
         self.pods: dict[tuple[str, str], LocalPod] = {}
-        # A random /16 of 127/8 per agent: two local clusters (or a stale one) never share pod IPs.
-        ip_prefix = ip_prefix or f"127.{random.randint(100, 199)}.0.0/16"
-        self._ips = (str(ip) for ip in ipaddress.ip_network(ip_prefix).hosts())
+        # A random block of 127/8 per agent, skipping addresses whose ports are taken: two local
+        # clusters (or a stale one) never share pod addresses.
+        self._ips = Addresses(ip_prefix)
         self._ip_of: dict[tuple[str, str], str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http = httpx.AsyncClient(timeout=1.0)
-        self.proxy = ServiceProxy(kube, f"127.{random.randint(200, 254)}.0.0/16")
+        self.proxy = ServiceProxy(kube)
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ lifecycle
@@ -168,6 +171,8 @@ class NodeAgent:
                 await self.step()
             except KubeError as e:
                 log.warning("agent step failed, retrying: %s", e)
+            except Exception:  # never let one bad pass stop every pod's supervision
+                log.exception("agent step failed unexpectedly, retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval)
         await self.shutdown()
@@ -265,7 +270,9 @@ class NodeAgent:
                     )
                 continue
             node = next(n for n in self.nodes if n.name == node_name)
-            ip = self._ip_of.setdefault(key, next(self._ips))
+            if key not in self._ip_of:
+                self._ip_of[key] = self._ips.take(_ports(want.template["spec"]))
+            ip = self._ip_of[key]
             workdir = self.state_dir / "pods" / f"{want.namespace}_{want.name}"
             pod = LocalPod(
                 want,

@@ -3,7 +3,7 @@
 Used by the tests (the operator runs against it exactly as against a cluster) and by
 `disaggserve up` (a whole system on one machine). kmock gives the HTTP server, request
 parsing, discovery and error rendering; this module replaces its object store because kmock
-0.8 lacks, and kopf or our tests need (see ENVIRONMENT.md):
+0.8 lacks, and kopf or our tests need (see docs/environment.md):
 
 - uid / creationTimestamp / generation / resourceVersion stamping, 201 on create;
 - optimistic concurrency: a stale resourceVersion answers 409, a failed JSON-patch `test` 422;

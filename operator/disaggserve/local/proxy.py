@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import logging
 from typing import Any
 
 from disaggserve.controller.kube import Kube
+from disaggserve.local.addresses import Addresses, ports_free
 
 log = logging.getLogger("disaggserve.proxy")
 
@@ -31,9 +31,9 @@ def _target_port(pod: dict[str, Any], target: int | str) -> int | None:
 
 
 class ServiceProxy:
-    def __init__(self, kube: Kube, ip_prefix: str = "127.43.0.0/16"):
+    def __init__(self, kube: Kube, ip_prefix: str | None = None):
         self.kube = kube
-        self._ips = (str(ip) for ip in ipaddress.ip_network(ip_prefix).hosts())
+        self._ips = Addresses(ip_prefix)
         self.cluster_ips: dict[tuple[str, str], str] = {}
         self._servers: dict[tuple[str, str, int], asyncio.AbstractServer] = {}
         self._backends: dict[tuple[str, str, int], list[tuple[str, int]]] = {}
@@ -46,9 +46,10 @@ class ServiceProxy:
         for svc in services:
             meta = svc["metadata"]
             key = (meta["namespace"], meta["name"])
+            ports = [int(port["port"]) for port in svc["spec"].get("ports", [])]
             ip = self.cluster_ips.get(key) or svc["spec"].get("clusterIP")
-            if not ip or not ip.startswith("127."):
-                ip = next(self._ips)
+            if not ip or not ip.startswith("127.") or (key not in self.cluster_ips and not ports_free(ip, ports)):
+                ip = self._ips.take(ports)
             if svc["spec"].get("clusterIP") != ip:
                 await self.kube.patch("v1", "Service", meta["namespace"], meta["name"], {"spec": {"clusterIP": ip}})
             self.cluster_ips[key] = ip
@@ -68,13 +69,23 @@ class ServiceProxy:
                     (p["status"]["podIP"], tp) for p in members if (tp := _target_port(p, target)) is not None
                 ]
                 if skey not in self._servers:
-                    self._servers[skey] = await asyncio.start_server(
-                        lambda r, w, k=skey: self._forward(k, r, w), ip, int(port["port"])
-                    )
+                    try:
+                        self._servers[skey] = await asyncio.start_server(
+                            lambda r, w, k=skey: self._forward(k, r, w), ip, int(port["port"])
+                        )
+                    except OSError as e:  # taken since we chose it: a new address on the next pass
+                        log.warning("service %s/%s:%s cannot listen on %s (%s); moving it", *skey, ip, e)
+                        self._release(key)
+                        break
                     log.info("service %s/%s:%s listens on %s", *skey, ip)
         for skey in set(self._servers) - live:
             self._servers.pop(skey).close()
             self._backends.pop(skey, None)
+
+    def _release(self, key: tuple[str, str]) -> None:
+        self.cluster_ips.pop(key, None)
+        for skey in [k for k in self._servers if k[:2] == key]:
+            self._servers.pop(skey).close()
 
     async def expose(self, namespace: str, name: str, port: int, host: str, host_port: int) -> None:
         """Forward host:host_port to a Service's port, like kind's port mappings or

@@ -25,6 +25,8 @@ DEFAULT_API_PORT = 6443
 DEFAULT_PORT = 8000  # the router's own port, on 127.0.0.1
 CRASH_LOOP_RESTARTS = 3
 DEFAULT_GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+# The longest pod grace period (the router's, 120 s) before SIGKILL, plus the operator's stop.
+DOWN_TIMEOUT_S = 180.0
 
 
 def _pid_file(state_dir: Path) -> Path:
@@ -250,12 +252,14 @@ def cmd_down(args: argparse.Namespace) -> int:
         print("nothing is running")
         return 0
     os.kill(pid, signal.SIGTERM)
-    for _ in range(600):
+    print("stopping: workers drain their requests first (up to their grace period)…", flush=True)
+    deadline = time.monotonic() + DOWN_TIMEOUT_S
+    while time.monotonic() < deadline:
         if _running_pid(state_dir) is None:
             print("stopped")
             return 0
         time.sleep(0.1)
-    print(f"disaggserve: error: pid {pid} did not stop within 60 s", file=sys.stderr)
+    print(f"disaggserve: error: pid {pid} did not stop within {DOWN_TIMEOUT_S:.0f} s", file=sys.stderr)
     return 1
 
 

@@ -1,6 +1,6 @@
 """Direct scrape of the routers' /metrics, windowed in the operator (no Prometheus needed).
 
-The router is where a request is seen from arrival to last token (DESIGN.md §5), so its
+The router is where a request is seen from arrival to last token (docs/architecture.md §5), so its
 counters and histograms are the SLO ground truth. Each scrape of each router pod is kept for
 the window; the observation is the increase between the oldest and newest sample of every pod,
 summed over pods, with counter resets (a restarted router) handled as Prometheus does.

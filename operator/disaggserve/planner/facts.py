@@ -33,7 +33,7 @@ class Facts:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V for every layer: 2 · layers · kv_heads · head_dim · bytes (DISTSERVE.md)."""
+        """K and V for every layer: 2 · layers · kv_heads · head_dim · bytes (docs/planner-method.md)."""
         head_dim = self.hidden_size // self.attention_heads
         return 2 * self.layers * self.kv_heads * head_dim * self.dtype_bytes
 
@@ -56,7 +56,7 @@ class Facts:
 
 # Published architectures (model cards / papers). Parameters are counts, fp16 weights.
 BUILTIN_FACTS: dict[str, Facts] = {
-    # OPT: Zhang et al. 2022, table 1; heads/hidden as in DISTSERVE.md.
+    # OPT: Zhang et al. 2022, table 1; heads/hidden as in docs/planner-method.md.
     "opt-13b": Facts(layers=40, attention_heads=40, kv_heads=40, hidden_size=5120, parameters=12_853_000_000),
     "opt-66b": Facts(layers=64, attention_heads=72, kv_heads=72, hidden_size=9216, parameters=65_700_000_000),
     "opt-175b": Facts(layers=96, attention_heads=96, kv_heads=96, hidden_size=12288, parameters=175_000_000_000),

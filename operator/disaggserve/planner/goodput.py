@@ -1,6 +1,6 @@
 """Goodput: the highest request rate at which the target share of requests meets its SLOs.
 
-Found by bisection on the rate (DISTSERVE.md), because attainment is monotone enough in the
+Found by bisection on the rate (docs/planner-method.md), because attainment is monotone enough in the
 rate for a bracket to close, and each probe is one simulation. Probes are memoised by the
 caller's cache key so a configuration is never simulated twice at the same rate.
 """

@@ -1,6 +1,6 @@
 """Latency profiles: how long a prefill batch and a decode step take, per model, GPU and tensor size.
 
-The form is DistServe's (reference/DISTSERVE.md): prefill `T = a + b·Σl + c·Σl²`, decode
+The form is DistServe's (docs/planner-method.md): prefill `T = a + b·Σl + c·Σl²`, decode
 `T = a + b·Σctx + c·B` with one coefficient set below `decode_batch_threshold` and one above,
 times in ms. The same JSON comes from three places — the worker's `profile` command, a
 ConfigMap holding that output, and the profiles shipped in `disaggserve/data/profiles/` — so
@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -70,6 +70,58 @@ class ProfileFacts(BaseModel):
         )
 
 
+class ProcessCost(BaseModel):
+    """CPU a process spends outside the model's forward passes (HTTP, tokenising, streaming, KV
+    send/receive, scheduling), measured on the real workers; the forward passes are the entries."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_request_ms: float = Field(0.0, ge=0)
+    per_token_ms: float = Field(0.0, ge=0, description="per generated token")
+
+
+class KvLink(BaseModel):
+    """The KV-cache link as measured between a prefill and a decode worker (not the data sheet)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gbps: float = Field(gt=0)
+    latency_ms: float = Field(0.0, ge=0)
+
+
+class Overheads(BaseModel):
+    """Per-request and per-token costs outside the model, per process, and the measured KV link.
+
+    prefill/decode/colocated costs are serial with the forward passes of that worker (one
+    Python event loop drives both), so they lengthen its iterations; the router's are latency
+    added to each request (it runs on its own process and overlaps everything else)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    router: ProcessCost = Field(default_factory=ProcessCost)
+    prefill: ProcessCost = Field(default_factory=ProcessCost)
+    decode: ProcessCost = Field(default_factory=ProcessCost)
+    colocated: ProcessCost = Field(default_factory=ProcessCost)
+    kv_link: KvLink | None = None
+
+
+class Measurement(BaseModel):
+    """One timed step the entries were fitted on (the worker's `profile` writes them)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tensor: int = Field(1, ge=1)
+    phase: Literal["prefill", "decode"]
+    batch: int = Field(ge=1)
+    length: int = Field(ge=1, description="prompt length (prefill) or context per sequence (decode)")
+    ms: float = Field(gt=0, description="the time the fit used (thread CPU time on CPU, wall on GPU)")
+
+
+# A fit may miss its own measurements by this much (median over the samples at one batch size)
+# before the planner refuses it: beyond that the simulator's capacity is wrong by as much.
+MAX_FIT_ERROR = 0.10
+
+
 class LatencyProfile(BaseModel):
     """A whole profile document. Unknown top-level keys are ignored so that the worker may add
     provenance fields (host, date) without breaking older operators; inside entries, unknown
@@ -87,6 +139,8 @@ class LatencyProfile(BaseModel):
     stage_overhead_ms: float = Field(DEFAULT_STAGE_OVERHEAD_MS, ge=0)
     entries: list[ProfileEntry] = Field(min_length=1)
     colocated: list[ProfileEntry] = Field(default_factory=list)
+    overheads: Overheads = Field(default_factory=Overheads)
+    measurements: list[Measurement] = Field(default_factory=list)
 
     def entry(self, tensor: int, *, colocated: bool = False) -> ProfileEntry | None:
         """The measured entry for a tensor size at pipeline 1 (stages are derived from it)."""
@@ -119,8 +173,15 @@ class LatencyProfile(BaseModel):
                 }
             )
 
+        measured = [
+            m.model_copy(update={"ms": m.ms * (prefill if m.phase == "prefill" else decode)}) for m in self.measurements
+        ]
         return self.model_copy(
-            update={"entries": [entry(e) for e in self.entries], "colocated": [entry(e) for e in self.colocated]}
+            update={
+                "entries": [entry(e) for e in self.entries],
+                "colocated": [entry(e) for e in self.colocated],
+                "measurements": measured,
+            }
         )
 
     def matches(self, model_name: str, gpu_product: str | None) -> bool:
@@ -156,6 +217,13 @@ class PhaseLatency:
     decode_large: Coefficients
     decode_batch_threshold: int
     stage_overhead_ms: float
+    # Outside the forward passes (Overheads): serial with this instance's iterations, except the
+    # router's, which are latency. Zero for profiles without measured overheads.
+    prefill_request_ms: float = 0.0
+    decode_request_ms: float = 0.0
+    decode_token_ms: float = 0.0
+    router_request_ms: float = 0.0
+    router_token_ms: float = 0.0
 
     @property
     def gpus(self) -> int:
@@ -174,7 +242,7 @@ class PhaseLatency:
 
     def decode_step_ms(self, batch: int, sum_ctx: float) -> float:
         d = self.decode_coefficients(batch)
-        return d.a + d.b * sum_ctx + d.c * batch + self.pipeline * self.stage_overhead_ms
+        return d.a + d.b * sum_ctx + (d.c + self.decode_token_ms) * batch + self.pipeline * self.stage_overhead_ms
 
 
 def phase_latency(
@@ -184,6 +252,9 @@ def phase_latency(
     if e is None:
         return None
     overhead = profile.stage_overhead_ms if pipeline > 1 else 0.0
+    costs = profile.overheads
+    p_cost = costs.colocated if colocated else costs.prefill
+    d_cost = costs.colocated if colocated else costs.decode
     return PhaseLatency(
         tensor=tensor,
         pipeline=pipeline,
@@ -192,6 +263,11 @@ def phase_latency(
         decode_large=e.decode_large,
         decode_batch_threshold=e.decode_batch_threshold,
         stage_overhead_ms=overhead,
+        prefill_request_ms=p_cost.per_request_ms,
+        decode_request_ms=0.0 if colocated else d_cost.per_request_ms,
+        decode_token_ms=d_cost.per_token_ms,
+        router_request_ms=costs.router.per_request_ms,
+        router_token_ms=costs.router.per_token_ms,
     )
 
 
@@ -251,3 +327,36 @@ def find_builtin(model_name: str, gpu_product: str | None) -> LatencyProfile | N
         if prof.matches(model_name, gpu_product):
             return prof
     return None
+
+
+def fit_problems(profile: LatencyProfile, *, max_decode_batch: int, max_prefill_tokens: int) -> list[str]:
+    """Where a profile's coefficients miss its own measurements by more than MAX_FIT_ERROR, at
+    the batch sizes a plan can use (decode batches up to `max_decode_batch`, prefill batches up
+    to `max_prefill_tokens` tokens). The error at one batch size is the median over its samples
+    (contexts, lengths), so one noisy sample does not reject a profile, a missed knee does."""
+    problems = []
+    groups: dict[tuple[int, str, int], list[float]] = {}
+    for m in profile.measurements:
+        e = profile.entry(m.tensor)
+        if e is None:
+            continue
+        if m.phase == "prefill":
+            if m.batch * m.length > max_prefill_tokens:
+                continue
+            c = e.prefill
+            predicted = c.a + c.b * m.batch * m.length + c.c * m.batch * m.length**2
+        else:
+            if m.batch > max_decode_batch:
+                continue
+            c = e.decode_small if m.batch < e.decode_batch_threshold else e.decode_large
+            predicted = c.a + c.b * m.batch * m.length + c.c * m.batch
+        groups.setdefault((m.tensor, m.phase, m.batch), []).append((predicted - m.ms) / m.ms)
+    for (tensor, phase, batch), errors in sorted(groups.items()):
+        errors.sort()
+        median = errors[len(errors) // 2]
+        if abs(median) > MAX_FIT_ERROR:
+            problems.append(
+                f"{phase} at tensor {tensor}, batch {batch}: the fit is {abs(median):.0%} "
+                f"{'above' if median > 0 else 'below'} the measured times"
+            )
+    return problems

@@ -15,16 +15,29 @@ from typing import Any
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.metrics.observed import Observed
-from disaggserve.planner.auto import Deployment, SearchSetup, _joint_check, _size_high, _size_low, build_search
+from disaggserve.planner.deployment import Deployment, joint_check, size_high, size_low
 from disaggserve.planner.errors import PlanningError
+from disaggserve.planner.inputs import SearchSetup, build_search
 from disaggserve.planner.search import PhaseChoice, Shape, UnitChoice
 
 # A correction outside this range means the profile is for other hardware: don't trust it blindly.
 MIN_CORRECTION, MAX_CORRECTION = 0.5, 4.0
 MIN_RATE = 0.01  # requests/s: an idle system is planned for a trickle, bounded by min replicas
-# Plan for this much more traffic than measured: new replicas take an interval or more to start,
-# and traffic that is ramping up keeps growing meanwhile.
+# Plan for more traffic than measured: new replicas take an interval or more to start, and
+# traffic that is ramping up keeps growing meanwhile. Without a measured trend, a fixed margin;
+# with one (the rate's growth over the last interval), the rate one interval ahead on that
+# trend, with a small margin when flat or falling — so a steady load is not over-provisioned
+# by a quarter and a steep ramp is not under-provisioned.
 GROWTH_HEADROOM = 1.25
+MIN_HEADROOM = 1.05
+MAX_HEADROOM = 2.0
+
+
+def headroom(growth: float | None) -> float:
+    """Multiplier on the measured rate to plan for, from its growth per decision interval."""
+    if growth is None:
+        return GROWTH_HEADROOM
+    return min(MAX_HEADROOM, max(MIN_HEADROOM, growth * MIN_HEADROOM))
 
 
 @dataclass(frozen=True)
@@ -102,11 +115,12 @@ def correction(searcher: Any, deployed: Deployment, observed: Observed) -> tuple
     return _ratio(observed.ttft_p90_ms, predicted.ttft_p()), _ratio(observed.tpot_p90_ms, predicted.tpot_p())
 
 
-def measured_spec(spec: DisaggServeSpec, observed: Observed) -> DisaggServeSpec:
-    """The spec with the workload as measured (rate and mean lengths), shapes left to the caller."""
+def measured_spec(spec: DisaggServeSpec, observed: Observed, growth: float | None = None) -> DisaggServeSpec:
+    """The spec with the workload as measured (rate, with headroom for its trend, and mean
+    lengths), shapes left to the caller."""
     work = spec.workload.model_copy(
         update={
-            "request_rate": max(observed.request_rate * GROWTH_HEADROOM, MIN_RATE),
+            "request_rate": max(observed.request_rate * headroom(growth), MIN_RATE),
             "input_tokens": max(1, round(observed.mean_input_tokens or spec.workload.input_tokens)),
             "output_tokens": max(1, round(observed.mean_output_tokens or spec.workload.output_tokens)),
         }
@@ -122,9 +136,18 @@ def recommend(
     nodes: list[dict[str, Any]] | None = None,
     profile: dict[str, Any] | None = None,
     correct: bool = True,
+    growth: float | None = None,
 ) -> Recommendation:
-    """Instances of the deployed shapes that carry the measured workload within the SLOs."""
-    measured = measured_spec(spec, observed)
+    """Instances of the deployed shapes that carry the measured workload within the SLOs.
+
+    `growth`: the measured rate's growth per decision interval (`PolicyState.rate_growth`), for
+    trend-aware headroom; None plans with the fixed GROWTH_HEADROOM."""
+    if plan.placement == "colocated":
+        raise PlanningError(
+            "AutoscalingUnsupported",
+            "colocated plans are not re-sized from measurements yet; the planner's count stays",
+        )
+    measured = measured_spec(spec, observed, growth)
     scale = (1.0, 1.0)
     if correct:
         base = build_search(measured, nodes=nodes, profile=profile)
@@ -139,14 +162,14 @@ def recommend(
         d = PhaseChoice(d_shape, s.decode_goodput(d_shape, gbps))
         _require(p.goodput, f"prefill {p_shape}", spec)
         _require(d.goodput, f"decode {d_shape}", spec)
-        dep, _ = _size_high(s, p, d, rate, None, None, gbps)
+        dep, _ = size_high(s, p, d, rate, None, None, gbps)
     else:
         gbps = topo.intra_gbps
         n_p, n_d = plan.per_unit("prefill"), plan.per_unit("decode")
         unit = UnitChoice(p_shape, n_p, d_shape, n_d, s.unit_goodput(p_shape, n_p, d_shape, n_d, gbps))
         _require(unit.goodput, f"unit {unit}", spec)
-        dep, _ = _size_low(s, unit, rate, None, None, gbps)
-    _, attainment = _joint_check(s, dep, rate)
+        dep, _ = size_low(s, unit, rate, None, None, gbps)
+    _, attainment = joint_check(s, dep, rate)
     return Recommendation(dep.prefill_count, dep.decode_count, rate, attainment, scale, setup.profile_source)
 
 

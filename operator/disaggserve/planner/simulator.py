@@ -83,7 +83,7 @@ class PrefillServer:
 
     def push(self, rid: int, length: int) -> None:
         self.queue.append(rid)
-        self.queued_ms += self.lat.prefill_stage_ms(length, length * length)
+        self.queued_ms += self.lat.prefill_stage_ms(length, length * length) + self.lat.prefill_request_ms
 
     def advance_to(self, t: float, arrival: np.ndarray, length: np.ndarray, first: np.ndarray) -> None:
         """Start every batch whose start time is before `t`."""
@@ -103,11 +103,13 @@ class PrefillServer:
                 batch.append(r)
                 tokens += n
                 sq += n * n
-                self.queued_ms -= lat.prefill_stage_ms(n, n * n)
-            done = start + lat.prefill_ms(tokens, sq)
+                self.queued_ms -= lat.prefill_stage_ms(n, n * n) + lat.prefill_request_ms
+            # The worker's own per-request work (HTTP, KV send) is serial with its forward passes.
+            extra = lat.prefill_request_ms * len(batch)
+            done = start + lat.prefill_ms(tokens, sq) + extra
             for r in batch:
                 first[r] = done
-            self.free_at = start + lat.prefill_stage_ms(tokens, sq)
+            self.free_at = start + lat.prefill_stage_ms(tokens, sq) + extra
         self.queued_ms = 0.0
 
 
@@ -201,6 +203,7 @@ class Lane:
             self.reserved -= int(inp[rid]) + int(out[rid])
             return
         heapq.heappush(self.running, (self.counter + steps, rid))
+        self.time += self.lat.decode_request_ms  # receiving the request and its KV cache
         self.batch += 1
         self.sum_ctx += int(inp[rid]) + 1
 
@@ -235,7 +238,7 @@ class Lane:
             sq += n * n
         if not batch:
             return False
-        self.time += self.lat.prefill_ms(tokens, sq)
+        self.time += self.lat.prefill_ms(tokens, sq) + self.lat.prefill_request_ms * len(batch)
         for rid in batch:
             first[rid] = self.time
             self._join(rid, inp, out, done)
@@ -260,7 +263,7 @@ class Lane:
                 horizon = self.pending[0][0]
             b = self.batch
             co = lat.decode_small if b < lat.decode_batch_threshold else lat.decode_large
-            alpha = co.a + co.b * self.sum_ctx + co.c * b + overhead
+            alpha = co.a + co.b * self.sum_ctx + (co.c + lat.decode_token_ms) * b + overhead
             beta = co.b * b
             n = self.running[0][0] - self.counter
             if horizon != INF:
@@ -323,7 +326,8 @@ def simulate_prefill(
     """Prefill instances alone: TTFT per request (TPOT reported as 0)."""
     arrival = sample.arrivals_ms(rate)
     first = np.full(len(sample), INF)
-    _run_prefill([PrefillServer(lat, budget_tokens) for _ in range(instances)], arrival, sample.input_tokens, first)
+    at_worker = arrival + lat.router_request_ms
+    _run_prefill([PrefillServer(lat, budget_tokens) for _ in range(instances)], at_worker, sample.input_tokens, first)
     return SimResult(ttft_ms=first - arrival, tpot_ms=np.zeros(len(sample)))
 
 
@@ -382,12 +386,13 @@ class DecodeSetup:
     capacity_tokens: int  # per instance
     kv_bytes_per_token: int
     link_gbps: float
+    link_latency_ms: float = 0.0
 
     def xfer_ms(self, tokens: np.ndarray) -> np.ndarray:
         if self.link_gbps == INF:
             return np.zeros(len(tokens))
         bytes_per_ms = self.link_gbps * 1e9 / 8 / 1000
-        return tokens * self.kv_bytes_per_token / bytes_per_ms
+        return self.link_latency_ms + tokens * self.kv_bytes_per_token / bytes_per_ms
 
 
 def _build_decode(setup: DecodeSetup, groups_count: int) -> tuple[list[list[Lane]], dict[int, int]]:
@@ -415,7 +420,8 @@ def simulate_decode(sample: RequestSample, rate: float, setup: DecodeSetup) -> S
         sample.output_tokens,
         setup.xfer_ms(sample.input_tokens),
     )
-    return SimResult(ttft_ms=np.zeros(len(sample)), tpot_ms=_tpot(arrival, done, sample.output_tokens))
+    tpot = _tpot(arrival, done, sample.output_tokens) + setup.lat.router_token_ms
+    return SimResult(ttft_ms=np.zeros(len(sample)), tpot_ms=tpot)
 
 
 def simulate_disaggregated(
@@ -439,11 +445,12 @@ def simulate_disaggregated(
     inp, out = sample.input_tokens, sample.output_tokens
     first = np.full(len(sample), INF)
     servers = [PrefillServer(prefill, budget_tokens) for _ in range(prefill_instances)]
-    chosen = _run_prefill(servers, arrival, inp, first)
+    # The router's own work per request delays its arrival at a worker; per token, the stream.
+    chosen = _run_prefill(servers, arrival + prefill.router_request_ms, inp, first)
     group_of = chosen * units // prefill_instances
     groups, link_of = _build_decode(decode, units)
     done = _run_decode(groups, link_of, group_of, first, inp, out, decode.xfer_ms(inp))
-    return SimResult(ttft_ms=first - arrival, tpot_ms=_tpot(first, done, out))
+    return SimResult(ttft_ms=first - arrival, tpot_ms=_tpot(first, done, out) + prefill.router_token_ms)
 
 
 def simulate_colocated(
@@ -465,8 +472,9 @@ def simulate_colocated(
         for _ in range(instances)
         for lane in _lanes_for(lat, capacity_tokens, colocated=True, prefill_budget=budget_tokens)
     ]
+    at_worker = arrival + lat.router_request_ms
     for rid in range(n):
-        t = arrival[rid]
+        t = at_worker[rid]
         need = int(inp[rid]) + int(out[rid])
         best, best_load = None, INF
         for lane in lanes:
@@ -478,4 +486,4 @@ def simulate_colocated(
             best.push(rid, t, need)
     for lane in lanes:
         lane.advance_to(INF, inp, out, first, done)
-    return SimResult(ttft_ms=first - arrival, tpot_ms=_tpot(first, done, out))
+    return SimResult(ttft_ms=first - arrival, tpot_ms=_tpot(first, done, out) + lat.router_token_ms)

@@ -1,4 +1,4 @@
-"""Pure builders: spec + plan -> the Kubernetes objects the operator owns (DESIGN.md §3)."""
+"""Pure builders: spec + plan -> the Kubernetes objects the operator owns (docs/architecture.md §3)."""
 
 from disaggserve.resources.children import Owner, RenderError, build_children
 

@@ -10,6 +10,7 @@ from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.resources.configmap import build_plan_configmap
 from disaggserve.resources.engines import renderer_for
+from disaggserve.resources.gateway import GatewayError, inference_pool
 from disaggserve.resources.names import name_problem
 from disaggserve.resources.policy import build_pdb
 from disaggserve.resources.router import router_objects
@@ -61,10 +62,14 @@ def build_children(
         ),
         build_plan_configmap(name, ns, plan, profile),
         *worker_objects(spec, plan, name, ns),
-        build_pdb(name, ns, "prefill"),
-        build_pdb(name, ns, "decode"),
+        *(build_pdb(name, ns, role) for role in plan.roles),
         *router_objects(spec, name, ns),
     ]
+    if spec.gateway is not None:
+        try:
+            objects.append(inference_pool(spec, plan, name, ns))
+        except GatewayError as error:
+            raise RenderError(str(error)) from None
     if owner.uid:
         for obj in objects:
             obj["metadata"]["ownerReferences"] = [owner.reference()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from disaggserve.api.constants import MAX_NAME_LENGTH, NAME_PATTERN
-from disaggserve.api.plan import Phase
+from disaggserve.api.plan import Role
 from disaggserve.contract import (
     APP_NAME,
     LABEL_COMPONENT,
@@ -63,11 +63,11 @@ def pod_selector(name: str, component: str, unit: int | None = None) -> dict[str
     return selector
 
 
-def statefulset_name(name: str, phase: Phase, unit: int | None = None) -> str:
+def statefulset_name(name: str, phase: Role, unit: int | None = None) -> str:
     return f"{name}-{phase}" if unit is None else f"{name}-u{unit}-{phase}"
 
 
-def service_name(name: str, phase: Phase) -> str:
+def service_name(name: str, phase: Role) -> str:
     return f"{name}-{phase}"
 
 

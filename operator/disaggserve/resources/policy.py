@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from disaggserve.api.plan import Phase
+from disaggserve.api.plan import Role
 from disaggserve.resources.names import component_labels, pod_selector
 
 
-def build_pdb(name: str, namespace: str, phase: Phase) -> dict[str, Any]:
+def build_pdb(name: str, namespace: str, phase: Role) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",

@@ -1,11 +1,11 @@
-"""Prefill and decode StatefulSets and their headless Services."""
+"""Worker StatefulSets (prefill and decode, or colocated) and their headless Services."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from disaggserve.api.plan import Phase, Plan
+from disaggserve.api.plan import Plan, Role
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.contract import ENV_UNIT, LABEL_INSTANCE, LABEL_UNIT
 from disaggserve.resources.engines import renderer_for
@@ -36,7 +36,7 @@ def _resources(spec: DisaggServeSpec, gpus: int) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
-def _placement(spec: DisaggServeSpec, plan: Plan, name: str, phase: Phase, unit: int | None) -> dict[str, Any]:
+def _placement(spec: DisaggServeSpec, plan: Plan, name: str, phase: Role, unit: int | None) -> dict[str, Any]:
     out = scheduling(spec)
     if unit is not None:
         # Low node-affinity: every pod of a unit, prefill and decode, lands on the same node so the
@@ -64,7 +64,7 @@ def _placement(spec: DisaggServeSpec, plan: Plan, name: str, phase: Phase, unit:
 
 
 def build_statefulset(
-    spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Phase, unit: int | None
+    spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Role, unit: int | None
 ) -> dict[str, Any]:
     phase_plan = plan.phase(phase)
     labels = component_labels(name, phase, unit)
@@ -127,7 +127,7 @@ def build_statefulset(
     }
 
 
-def build_headless_service(name: str, namespace: str, phase: Phase, spec: DisaggServeSpec) -> dict[str, Any]:
+def build_headless_service(name: str, namespace: str, phase: Role, spec: DisaggServeSpec) -> dict[str, Any]:
     """Stable DNS per worker pod; the router discovers pods, the Service gives them names."""
     return {
         "apiVersion": "v1",
@@ -149,7 +149,9 @@ def build_headless_service(name: str, namespace: str, phase: Phase, spec: Disagg
 def worker_objects(spec: DisaggServeSpec, plan: Plan, name: str, namespace: str) -> list[dict[str, Any]]:
     units: list[int | None] = list(range(plan.units)) if plan.placement == "low-affinity" else [None]
     objects: list[dict[str, Any]] = []
-    for phase in ("prefill", "decode"):
+    # A colocated plan deploys one role doing both phases; the router (discovering pods by their
+    # component label) then serves in its colocated mode.
+    for phase in plan.roles:
         objects.append(build_headless_service(name, namespace, phase, spec))
         objects += [build_statefulset(spec, plan, name, namespace, phase, unit) for unit in units]
     return objects

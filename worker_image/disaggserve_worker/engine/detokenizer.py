@@ -17,9 +17,10 @@ PROMPT_CONTEXT_TOKENS = 4
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: list[str],
-                 initial_ids: list[int] | None = None):
+                 initial_ids: list[int] | None = None, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])  # context, never emitted
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -31,8 +32,9 @@ class IncrementalDetokenizer:
         self.emitted = len(self.text)  # initial tokens were sent by someone else (the prefill worker)
 
     def _decode_window(self, final: bool) -> None:
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        window = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        skip = self.skip_special_tokens
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=skip)
+        window = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=skip)
         if len(window) > len(prefix) and (final or not window.endswith("\ufffd")):
             self.text += window[len(prefix):] if window.startswith(prefix) else window
             self.prefix_offset = self.read_offset

@@ -1,9 +1,16 @@
-"""`disaggserve-worker profile`: time the engine's real forward passes over a sweep of shapes.
+"""`disaggserve-worker profile`: time what the engine really does per step over a sweep of shapes.
 
-Prefill batches vary prompt count and length (the model is `a + b·Σl + c·Σl²`); decode steps
-vary batch size and context (`a + b·Σctx + c·B`, one set below the batch threshold and one
-above). Each shape is timed after a warm-up and the median of the repeats is kept, so one
-scheduler hiccup on a shared CPU does not bend the fit.
+A timed step is what the engine's iteration runs, not only the forward pass: building the batch
+layout from *paged* slot tables (blocks of 16 scattered over the pool, as the block allocator
+hands them out after some churn), the forward pass, and greedy sampling of every row. Decode
+batches mix contexts (uniform around the nominal one), because equal contexts understate the
+attention kernel's padding. Each shape is timed after a warm-up in wall time and in this
+thread's CPU time; the median of the repeats is kept. On a CPU running one torch thread the fit
+uses CPU time, so a busy neighbour (the machine is shared) does not bend it; on a GPU, where
+kernels run outside the thread, wall time. Decode sweeps enough batch sizes to see the knee
+where steps stop being flat, and `fit.fit_entry` splits the decode line there.
+
+The fit and the document format live in `fit.py` (public: other engines' profilers use them).
 """
 
 from __future__ import annotations
@@ -28,83 +35,76 @@ from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.errors import ModelLoadError
 from disaggserve_worker.model.kv_pool import KVPool
 from disaggserve_worker.model.loader import LoadedModel, load_model, resolve_device
-from disaggserve_worker.profile.fit import fit_relative_nonnegative
+from disaggserve_worker.profile.fit import Sample, errors_by_batch, fit_entry, fit_problems, predict, profile_document
 
-DISTSERVE_BATCH_THRESHOLD = 95
+BLOCK_SIZE = 16  # the engine's KV block size
+CONTEXT_SPREAD = 0.5  # decode contexts uniform in [(1 - s)·c, (1 + s)·c]
 
 
 @dataclass
 class Sweep:
     prefill: list[tuple[int, int]]  # (prompts, length)
-    decode: list[tuple[int, int]]  # (batch, context per sequence)
+    decode: list[tuple[int, int]]  # (batch, mean context per sequence)
     repeats: int
 
 
 QUICK = Sweep(prefill=[(b, n) for b in (1, 2, 4) for n in (16, 64, 128, 256)],
-              decode=[(b, c) for b in (1, 2, 4, 8, 16, 32) for c in (32, 128, 512)], repeats=3)
+              decode=[(b, c) for b in (1, 2, 4, 8, 12, 16, 24, 32) for c in (32, 128, 512)], repeats=3)
 FULL = Sweep(prefill=[(b, n) for b in (1, 2, 4, 8) for n in (16, 64, 128, 256, 512, 1024, 2048)
                       if b * n <= 8192],
-             decode=[(b, c) for b in (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+             decode=[(b, c) for b in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
                      for c in (64, 256, 1024, 2048) if b * c <= 131072], repeats=7)
-
-
-@dataclass
-class Point:
-    phase: str
-    batch: int
-    length: int  # prompt length (prefill) or context (decode), per sequence
-    ms: float
-    predicted_ms: float = 0.0
-
-    @property
-    def features(self) -> list[float]:
-        if self.phase == "prefill":
-            total = self.batch * self.length
-            return [1.0, float(total), float(self.batch * self.length**2)]
-        return [1.0, float(self.batch * self.length), float(self.batch)]
 
 
 @dataclass
 class ProfileResult:
     profile: dict[str, Any]
-    points: list[Point] = field(default_factory=list)
+    points: list[Sample] = field(default_factory=list)
 
 
-def _time_step(loaded: LoadedModel, pool: KVPool, news: list[int], pasts: list[int],
-               repeats: int) -> float:
+def _paged_tables(totals: list[int], pool_slots: int, rng: np.random.Generator) -> list[torch.Tensor]:
+    """Slot tables as the block allocator gives them: whole blocks, scattered over the pool."""
+    blocks_needed = [-(-n // BLOCK_SIZE) for n in totals]
+    free = rng.permutation(pool_slots // BLOCK_SIZE)
+    if sum(blocks_needed) > len(free):
+        raise ValueError("the profiling KV pool is too small for this shape")
+    tables, used = [], 0
+    for count in blocks_needed:
+        blocks = torch.from_numpy(free[used:used + count].copy()).long()
+        used += count
+        tables.append((blocks[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).flatten())
+    return tables
+
+
+def _uses_cpu_time(loaded: LoadedModel) -> bool:
+    """Thread CPU time measures the step only when this thread does all of its work."""
+    return loaded.model.device.type == "cpu" and torch.get_num_threads() == 1
+
+
+def _time_step(loaded: LoadedModel, pool: KVPool, pool_slots: int, news: list[int], pasts: list[int],
+               repeats: int, rng: np.random.Generator) -> tuple[float, float]:
+    """(median wall ms, median thread-CPU ms) of layout build + forward + greedy sampling."""
     model, device = loaded.model, loaded.model.device
-    tables, offset = [], 0
-    for n, p in zip(news, pasts, strict=True):
-        tables.append(torch.arange(offset, offset + n + p))
-        offset += n + p
-    layout = BatchLayout.build(news, pasts, tables, device, model.sliding_window)
+    tables = _paged_tables([n + p for n, p in zip(news, pasts, strict=True)], pool_slots, rng)
     ids = torch.randint(0, model.config.vocab_size, (sum(news),), device=device)
-    samples = []
+    walls, cpus = [], []
     for i in range(repeats + 1):
         model.synchronize()
-        start = time.perf_counter()
-        model.forward_step(ids, layout, pool)
+        wall, cpu = time.perf_counter(), time.thread_time()
+        layout = BatchLayout.build(news, pasts, tables, device, model.sliding_window)
+        logits = model.forward_step(ids, layout, pool)  # one row per sequence
+        logits.argmax(dim=-1).tolist()  # greedy sampling, as the engine's sample_rows does
         model.synchronize()  # every stage and shard, not only the current device
         if i:  # the first run warms caches and kernels
-            samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples)
+            walls.append((time.perf_counter() - wall) * 1000)
+            cpus.append((time.thread_time() - cpu) * 1000)
+    return statistics.median(walls), statistics.median(cpus)
 
 
-def _threshold(batches: list[int]) -> int:
-    """DistServe's 95 when the sweep reaches it; otherwise split the measured sizes in two."""
-    sizes = sorted(set(batches))
-    if sizes[-1] >= DISTSERVE_BATCH_THRESHOLD and sizes[0] < DISTSERVE_BATCH_THRESHOLD:
-        return DISTSERVE_BATCH_THRESHOLD
-    return sizes[len(sizes) // 2]
-
-
-def _coefficients(points: list[Point]) -> dict[str, float]:
-    features = np.array([p.features for p in points])
-    times = np.array([p.ms for p in points])
-    coef = fit_relative_nonnegative(features, times)
-    for point, predicted in zip(points, features @ coef, strict=True):
-        point.predicted_ms = float(predicted)
-    return {"a": float(coef[0]), "b": float(coef[1]), "c": float(coef[2])}
+def _mixed_contexts(batch: int, context: int, rng: np.random.Generator) -> list[int]:
+    lo, hi = max(1, int(context * (1 - CONTEXT_SPREAD))), max(1, int(context * (1 + CONTEXT_SPREAD)))
+    pasts = rng.integers(lo, hi + 1, size=batch)
+    return [int(p) for p in pasts]
 
 
 def _gpu_label(device: torch.device) -> str:
@@ -116,59 +116,66 @@ def _gpu_label(device: torch.device) -> str:
 def profile_model(loaded: LoadedModel, sweep: Sweep, console: Console | None = None) -> ProfileResult:
     console = console or Console(stderr=True)
     config = loaded.config
-    need = max([b * n for b, n in sweep.prefill] + [b * c for b, c in sweep.decode])
-    pool = loaded.model.new_kv_pool(need)
-    points: list[Point] = []
+    rng = np.random.default_rng(0)
+    spread = 1 + CONTEXT_SPREAD
+    need = max([b * n for b, n in sweep.prefill] + [int(b * (c * spread + 1)) for b, c in sweep.decode])
+    pool_slots = (-(-need // BLOCK_SIZE) + max(len(sweep.decode), 8)) * BLOCK_SIZE * 2
+    pool = loaded.model.new_kv_pool(pool_slots)
+    cpu_time = _uses_cpu_time(loaded)
+    points: list[Sample] = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("profiling", total=len(sweep.prefill) + len(sweep.decode))
         for batch, length in sweep.prefill:
-            ms = _time_step(loaded, pool, [length] * batch, [0] * batch, sweep.repeats)
-            points.append(Point("prefill", batch, length, ms))
+            wall, cpu = _time_step(loaded, pool, pool_slots, [length] * batch, [0] * batch, sweep.repeats, rng)
+            points.append(Sample("prefill", batch, length, cpu if cpu_time else wall, wall, cpu))
             progress.advance(task)
         for batch, context in sweep.decode:
-            ms = _time_step(loaded, pool, [1] * batch, [context - 1] * batch, sweep.repeats)
-            points.append(Point("decode", batch, context, ms))
+            pasts = _mixed_contexts(batch, context, rng)
+            wall, cpu = _time_step(loaded, pool, pool_slots, [1] * batch, pasts, sweep.repeats, rng)
+            mean_ctx = round(sum(pasts) / batch) + 1
+            points.append(Sample("decode", batch, mean_ctx, cpu if cpu_time else wall, wall, cpu))
             progress.advance(task)
-    prefill = [p for p in points if p.phase == "prefill"]
-    decode = [p for p in points if p.phase == "decode"]
-    threshold = _threshold([p.batch for p in decode])
-    small = [p for p in decode if p.batch < threshold]
-    large = [p for p in decode if p.batch >= threshold]
+    entry = fit_entry(points, tensor=loaded.model.tensor_parallel, pipeline=loaded.model.pipeline_parallel)
     dtype_bytes = torch.empty(0, dtype=loaded.model.dtype).element_size()
-    entry = {"tensor": loaded.model.tensor_parallel, "pipeline": loaded.model.pipeline_parallel,
-             "prefill": _coefficients(prefill),
-             "decode_small": _coefficients(small), "decode_large": _coefficients(large),
-             "decode_batch_threshold": threshold}
-    profile = {
-        "model": loaded.name, "gpu": _gpu_label(loaded.model.device),
-        "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        "source": f"disaggserve-worker profile, {datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}, "
-                  f"{socket.gethostname()}",
-        "model_facts": {"layers": config.num_hidden_layers, "attention_heads": config.num_attention_heads,
-                        "kv_heads": config.kv_heads, "hidden_size": config.hidden_size,
-                        "parameters": config.parameter_count(), "dtype_bytes": dtype_bytes},
-        "entries": [entry],
-        "measurements": [{"tensor": entry["tensor"], "phase": p.phase, "batch": p.batch, "length": p.length,
-                          "ms": round(p.ms, 4), "predicted_ms": round(p.predicted_ms, 4)} for p in points],
-    }
+    clock = "thread CPU time" if cpu_time else "wall time"
+    profile = profile_document(
+        model=loaded.name,
+        gpu=_gpu_label(loaded.model.device),
+        dtype=str(loaded.model.dtype).removeprefix("torch."),
+        facts={"layers": config.num_hidden_layers, "attention_heads": config.num_attention_heads,
+               "kv_heads": config.kv_heads, "hidden_size": config.hidden_size,
+               "parameters": config.parameter_count(), "dtype_bytes": dtype_bytes},
+        entries=[entry],
+        samples={entry["tensor"]: points},
+        source=f"disaggserve-worker profile, {datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}, "
+               f"{socket.gethostname()}, fitted on {clock}",
+    )
     return ProfileResult(profile, points)
 
 
-def fit_errors(points: list[Point]) -> np.ndarray:
+def fit_errors(points: list[Sample], entry: dict[str, Any]) -> np.ndarray:
     """Relative error of the fitted model at each measured point."""
-    return np.array([abs(p.predicted_ms - p.ms) / p.ms for p in points])
+    return np.array([abs(predict(entry, p) - p.ms) / p.ms for p in points])
 
 
 def report(result: ProfileResult, console: Console) -> None:
+    entry = result.profile["entries"][0]
     table = Table(title=f"profile of {result.profile['model']} on {result.profile['gpu']}")
-    for column in ("tensor", "phase", "points", "median rel. error", "max rel. error"):
+    for column in ("tensor", "phase", "points", "median rel. error", "worst batch size"):
         table.add_column(column)
-    tensor = str(result.profile["entries"][0]["tensor"])
+    by_batch = errors_by_batch(result.points, entry)
     for phase in ("prefill", "decode"):
         pts = [p for p in result.points if p.phase == phase]
-        errors = fit_errors(pts)
-        table.add_row(tensor, phase, str(len(pts)), f"{np.median(errors):.1%}", f"{np.max(errors):.1%}")
+        errors = fit_errors(pts, entry)
+        worst = max((x for x in by_batch if x[0] == phase), key=lambda x: abs(x[2]))
+        table.add_row(str(entry["tensor"]), phase, str(len(pts)), f"{np.median(errors):.1%}",
+                      f"batch {worst[1]}: {worst[2]:+.0%}")
     console.print(table)
+    problems = fit_problems(result.points, entry)
+    if problems:
+        console.print("[yellow]the fit misses its own samples by more than 10% at: " + "; ".join(problems)
+                      + ". The planner refuses this profile where a plan runs those batch sizes; re-run on "
+                        "an idle node or with more repeats.[/yellow]")
 
 
 def auto_tensor_sizes(device: str) -> list[int]:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -27,13 +27,15 @@ from ..engine.detokenizer import IncrementalDetokenizer
 from .admission import Admission
 from .auth import ApiKeys
 from .config import RouterConfig
-from .dispatch import Dispatcher, GenerationRequest, Timeouts, Token
+from .dispatch import Dispatcher, GenerationRequest, Timeouts
 from .errors import APIError, UpstreamError, error_body, invalid
 from .metrics import RouterMetrics
 from .model_info import ModelInfo
 from .pool import LoadPoller, WorkerPool
-from .responses import ChatShape, CompletionShape, Progress, Shape, usage_of
-from .schemas import ChatCompletionRequest, CompletionRequest, parse_request
+from .responses import ChatShape, CompletionShape, Progress, Shape
+from .schemas import MAX_N, ChatCompletionRequest, CompletionRequest, parse_request
+from .serving import ChoiceRun, merged, request_usage, respond_stream, respond_whole
+from .vllm_endpoints import register_vllm_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class Router:
         app.router.add_get(PATH_HEALTH, self.healthz)
         app.router.add_get(PATH_READY, self.readyz)
         app.router.add_get(PATH_METRICS, self.metrics_endpoint)
+        register_vllm_endpoints(app, self)  # /health, /ping, /version, /tokenize, /detokenize, /v1/models/{id}
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -129,7 +132,7 @@ class Router:
                 self.metrics.requests.labels(status="client_error").inc()
             message = {
                 404: f"Unknown path {request.path!r}. This server serves POST /v1/completions, "
-                     "POST /v1/chat/completions and GET /v1/models.",
+                     "POST /v1/chat/completions, GET /v1/models, POST /tokenize and POST /detokenize.",
                 405: f"Method {request.method} is not allowed on {request.path}.",
                 413: f"The request body is larger than the {self.config.max_body_bytes} bytes allowed.",
             }.get(exc.status, exc.reason)
@@ -174,36 +177,48 @@ class Router:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{
-            "id": self.model.name, "object": "model", "created": 0, "owned_by": "disaggserve",
-            "max_model_len": self.model.max_model_len}]})
+        return web.json_response({"object": "list", "data": [self.model_card()]})
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model.name, "object": "model", "created": 0, "owned_by": "disaggserve",
+                "root": self.config.model, "parent": None, "max_model_len": self.model.max_model_len}
 
     # ---- generation endpoints --------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req: CompletionRequest = parse_request(CompletionRequest, await self._json_body(request))
+        req: CompletionRequest = parse_request(CompletionRequest, await self.json_body(request))
         self._check_model(req.model)
-        prompt = req.prompt_input()
-        if isinstance(prompt, str):
-            prompt_ids = self.model.encode(prompt)
-            prompt_text = prompt
-        else:
+        inputs = req.prompt_inputs()
+        if len(inputs) * req.choices > MAX_N:  # each choice is a generation on the workers
+            raise invalid(f"{len(inputs)} prompts x n={req.choices} asks for {len(inputs) * req.choices} "
+                          f"choices; at most {MAX_N} per request. Split the batch.", "prompt")
+        prompts: list[tuple[list[int], str]] = []
+        for prompt in inputs:
+            if isinstance(prompt, str):
+                prompts.append((self.model.encode(prompt), prompt))
+                continue
             bad = [t for t in prompt if not 0 <= t < self.model.vocab_size]
             if bad:
                 raise invalid(f"prompt token ids must be in [0, {self.model.vocab_size}); got {bad[:5]}.",
                               "prompt")
-            prompt_ids, prompt_text = list(prompt), self.model.decode(list(prompt))
-        gen = self._generation(req, prompt_ids, req.max_tokens)
-        shape = CompletionShape(self.model.name, echo=prompt_text if req.echo else "")
-        return await self._serve(request, req, gen, shape)
+            prompts.append((list(prompt), self.model.decode(list(prompt))))
+        gens = [self._generation(req, ids, req.max_tokens, i) for ids, _ in prompts for i in range(req.choices)]
+        echo = {k: prompts[k // req.choices][1] for k in range(len(gens))} if req.echo else None
+        shape = CompletionShape(self.model.name, self.model.token_text, echo, logprobs=req.logprobs is not None,
+                                return_token_ids=bool(req.return_token_ids))
+        return await self._serve(request, req, gens, shape)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._json_body(request))
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self.json_body(request))
         self._check_model(req.model)
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
-        prompt_ids = self.model.encode(self.model.chat_template.render(messages))
-        gen = self._generation(req, prompt_ids, req.requested_max_tokens)
-        return await self._serve(request, req, gen, ChatShape(self.model.name))
+        text = self.model.chat_template.render(messages, add_generation_prompt=req.add_generation_prompt,
+                                               **(req.chat_template_kwargs or {}))
+        prompt_ids = self.model.encode(text)
+        gens = [self._generation(req, prompt_ids, req.requested_max_tokens, i) for i in range(req.choices)]
+        shape = ChatShape(self.model.name, self.model.token_text, logprobs=bool(req.logprobs),
+                          return_token_ids=bool(req.return_token_ids))
+        return await self._serve(request, req, gens, shape)
 
     def _check_model(self, name: str) -> None:
         if name != self.model.name:
@@ -212,8 +227,10 @@ class Router:
                            code="model_not_found")
 
     def _generation(self, req: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
-                    max_tokens: int | None) -> GenerationRequest:
+                    max_tokens: int | None, choice: int = 0) -> GenerationRequest:
         limit = self.model.max_model_len
+        if req.truncate_prompt_tokens is not None:
+            prompt_ids = prompt_ids[-req.truncate_prompt_tokens:]
         if not prompt_ids:
             raise invalid("the prompt is empty after tokenization; send at least one token.", "prompt")
         if max_tokens is None:
@@ -227,14 +244,17 @@ class Router:
         if max_tokens < 1:
             raise invalid(f"the prompt ({len(prompt_ids)} tokens) leaves no room to generate in the "
                           f"{limit}-token context.", "messages", "context_length_exceeded")
+        # Several samples of one prompt with one seed must still differ: choice i samples with seed + i.
+        seed = None if req.seed is None else (req.seed + choice) % 2**63
         return GenerationRequest(
             request_id=uuid.uuid4().hex, prompt_ids=prompt_ids, max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else float(req.temperature),
-            top_p=1.0 if req.top_p is None else float(req.top_p), seed=req.seed, ignore_eos=req.ignore_eos,
-            stop=req.stop_list())
+            top_p=1.0 if req.top_p is None else float(req.top_p), seed=seed, ignore_eos=req.ignore_eos,
+            stop=req.stop_list(), extras=req.sampling_extras(self.model.vocab_size),
+            skip_special_tokens=req.skip_special_tokens)
 
     async def _serve(self, request: web.Request, req: CompletionRequest | ChatCompletionRequest,
-                     gen: GenerationRequest, shape: Shape) -> web.StreamResponse:
+                     gens: list[GenerationRequest], shape: Shape) -> web.StreamResponse:
         assert self.dispatcher is not None
         started = time.monotonic()
         request[COUNTED] = True  # the outcome is counted below, whatever it is
@@ -242,22 +262,25 @@ class Router:
         status = "upstream_error"
         admitted = False
         try:
-            await self._admit()
+            await self._admit()  # one slot per request, however many choices it asks for
             admitted = True
-            detok = IncrementalDetokenizer(self.model.tokenizer, gen.prompt_ids, gen.stop)
-            tokens = Progress(started)
-            async with aclosing(self._text_deltas(self.dispatcher.generate(gen), detok, tokens)) as deltas:
+            runs = [ChoiceRun(i, i // req.choices, gen,
+                              IncrementalDetokenizer(self.model.tokenizer, gen.prompt_ids, gen.stop,
+                                                     skip_special_tokens=gen.skip_special_tokens),
+                              Progress(started)) for i, gen in enumerate(gens)]
+            async with aclosing(merged(runs, self.dispatcher, self.metrics)) as pieces:
                 if req.stream:
-                    response = await self._stream(request, req, shape, gen, deltas, tokens)
+                    response = await respond_stream(request, runs, pieces, shape, include_usage=req.include_usage,
+                                                    continuous_usage=req.continuous_usage)
                 else:
-                    text = "".join([d async for d, _ in deltas])
-                    body = shape.full(text, tokens.finish_reason, usage_of(gen, tokens))
-                    response = web.json_response(body)
-            status = "ok" if tokens.finish_reason else "upstream_error"
-            if tokens.finish_reason:
-                self.metrics.observe_finished(ttft_s=tokens.ttft_s or 0.0, e2e_s=time.monotonic() - started,
-                                              output_tokens=tokens.count)
-                self.metrics.prompt_tokens.inc(len(gen.prompt_ids))
+                    response = await respond_whole(runs, pieces, shape)
+            finished = all(run.progress.finish_reason for run in runs)
+            status = "ok" if finished else "upstream_error"
+            if finished:  # one request, however many choices: its first token and its last
+                ttfts = [run.progress.ttft_s for run in runs if run.progress.ttft_s is not None]
+                self.metrics.observe_finished(ttft_s=min(ttfts, default=0.0), e2e_s=time.monotonic() - started,
+                                              output_tokens=max(run.progress.count for run in runs))
+                self.metrics.prompt_tokens.inc(request_usage(runs)["prompt_tokens"])
             return response
         except UpstreamError as exc:
             raise exc.api_error() from None
@@ -274,59 +297,6 @@ class Router:
             self.metrics.requests.labels(status=status).inc()
             self._end()
 
-    async def _text_deltas(self, stream: AsyncIterator[Token], detok: IncrementalDetokenizer,
-                           progress: Progress) -> AsyncIterator[tuple[str, str | None]]:
-        """(text delta, finish_reason) pairs; stops the workers as soon as a stop string shows."""
-        async with aclosing(stream) as tokens:
-            async for token in tokens:
-                delta, stopped = ("", False)
-                if token.token_id is not None:
-                    progress.add()
-                    self.metrics.generation_tokens.inc()
-                    delta, stopped = detok.add(token.token_id)
-                finish = "stop" if stopped else token.finish_reason
-                if finish is not None:
-                    progress.finish_reason = finish
-                    yield delta + ("" if stopped else detok.flush()), finish
-                    return
-                yield delta, None
-
-    async def _stream(self, request: web.Request, req: CompletionRequest | ChatCompletionRequest,
-                      shape: Shape, gen: GenerationRequest, deltas: AsyncIterator[tuple[str, str | None]],
-                      progress: Progress) -> web.StreamResponse:
-        include_usage = req.include_usage
-        # Wait for the first token before answering 200: failures before it become a plain error reply.
-        first = await anext(deltas)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        await response.prepare(request)
-
-        async def send(payload: dict[str, Any] | str) -> None:
-            data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-            await response.write(f"data: {data}\n\n".encode())
-
-        for chunk in shape.opening(include_usage):
-            await send(chunk)
-        try:
-            delta, finish = first
-            while True:
-                if delta or finish:
-                    await send(shape.chunk(delta, finish, include_usage))
-                if finish is not None:
-                    break
-                delta, finish = await anext(deltas)
-        except UpstreamError as exc:
-            # Headers are gone: the error travels in the stream, as OpenAI's API does, and no [DONE]
-            # follows, so no client can take the partial answer for a complete one.
-            await send(exc.api_error().body())
-            await response.write_eof()
-            return response
-        if include_usage:
-            await send(shape.usage_chunk(usage_of(gen, progress)))
-        await send("[DONE]")
-        await response.write_eof()
-        return response
-
     async def _admit(self) -> None:
         """A slot on the workers, after the bounded queue (`admission`); raises 429/503 when shed."""
         self.metrics.queued.inc()
@@ -335,7 +305,7 @@ class Router:
         finally:
             self.metrics.queued.dec()
 
-    async def _json_body(self, request: web.Request) -> Any:
+    async def json_body(self, request: web.Request) -> Any:
         if request.content_type != "application/json":
             raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}.",
                            code="unsupported_media_type")

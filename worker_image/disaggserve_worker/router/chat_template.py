@@ -48,11 +48,15 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+               **template_kwargs: Any) -> str:
+        """`template_kwargs`: vLLM's `chat_template_kwargs` (e.g. enable_thinking), extra template variables."""
         if self._template is None:
             return _render_plain(messages, add_generation_prompt)
         try:
+            reserved = ("messages", "add_generation_prompt", "bos_token", "eos_token")
             return self._template.render(
+                **{k: v for k, v in template_kwargs.items() if k not in reserved},
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,

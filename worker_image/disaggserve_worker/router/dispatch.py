@@ -41,6 +41,9 @@ class GenerationRequest:
     seed: int | None = None
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
+    # vLLM's other sampling keys for the workers (top_k, min_tokens, penalties, logit_bias, logprobs...).
+    extras: dict[str, Any] = field(default_factory=dict)
+    skip_special_tokens: bool = True
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Token:
 
     token_id: int | None
     finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -150,7 +154,7 @@ class Dispatcher:
             raise NoWorkerAvailable(self.pool.why_none("decode", excluded))
         prefill = self.pool.pick_prefill(excluded)
         first = await self._prefill(prefill, body, len(context))
-        yield Token(int(first["first_token_id"]), first.get("finish_reason"))
+        yield Token(int(first["first_token_id"]), first.get("finish_reason"), first.get("logprobs"))
         if first.get("finish_reason") is not None:
             return
         decode = self.pool.pick_decode(len(context) + req.max_tokens - len(generated), prefill.unit, excluded)
@@ -162,7 +166,9 @@ class Dispatcher:
     @staticmethod
     def _sampling(req: GenerationRequest, max_tokens: int) -> dict[str, Any]:
         sampling: dict[str, Any] = {
-            "max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p}
+            **req.extras, "max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p}
+        if "min_tokens" in sampling:  # a resume already produced some of them
+            sampling["min_tokens"] = max(0, min(sampling["min_tokens"] - (req.max_tokens - max_tokens), max_tokens))
         if req.seed is not None:
             sampling["seed"] = req.seed
         if req.ignore_eos:
@@ -209,7 +215,7 @@ class Dispatcher:
                         worker.inflight_tokens -= tokens
                         tokens = 0
                     finish = event.get("finish_reason")
-                    yield Token(int(event["token_id"]), finish)
+                    yield Token(int(event["token_id"]), finish, event.get("logprobs"))
                     if finish is not None:
                         finished = True
                         return

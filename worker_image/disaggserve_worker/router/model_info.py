@@ -32,6 +32,10 @@ class ModelInfo:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (how logprobs name tokens)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
 
 def load_model_info(model: str, served_name: str, max_model_len: int | None = None) -> ModelInfo:
     tokenizer = load_tokenizer(model)

@@ -21,13 +21,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from disaggserve_worker import contract
-from disaggserve_worker.auth import HEADER_WORKER_TOKEN, sign, signature_matches, token_matches, worker_token
+from disaggserve_worker.auth import (
+    ENV_WORKER_TOKEN,
+    HEADER_WORKER_TOKEN,
+    sign,
+    signature_matches,
+    token_matches,
+    worker_token,
+)
 from disaggserve_worker.engine.engine import Engine, Reservation
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent
 from disaggserve_worker.kv.framing import KVTransferError
 from disaggserve_worker.kv.transport import KVServer, KVTransport, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.server.schemas import DecodeRequest, PromptRequest
-from disaggserve_worker.server.worker_metrics import WorkerMetrics
+from disaggserve_worker.server.worker_metrics import RequestTimer, WorkerMetrics
 
 log = logging.getLogger(__name__)
 Body = TypeVar("Body", bound=BaseModel)
@@ -74,15 +81,18 @@ class WorkerServer:
         self.engine = engine
         self.config = config
         self.metrics = metrics
-        self.transport: KVTransport = transport or TcpKVTransport()
+        self.transport: KVTransport = transport or TcpKVTransport(token=config.token)  # proves it on the KV port
         self.draining = False
         self.inflight = 0
+        self.admitting = 0  # decode requests waiting for KV-cache room (vllm:num_requests_waiting)
+        metrics.bind(kv_capacity_tokens=engine.allocator.capacity_tokens, block_size=engine.allocator.block_size,
+                     extra_waiting=lambda: self.admitting)
         self.kv_server: KVServer | None = None
         self.port = config.port
         self._runner: web.AppRunner | None = None
         if config.token is None:
             log.warning("no %s set: this worker accepts internal calls from anyone who can reach it",
-                        "DISAGGSERVE_WORKER_TOKEN")
+                        ENV_WORKER_TOKEN)
         self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._auth_middleware])
         self.app.add_routes([
             web.get(contract.PATH_HEALTH, self.healthz),
@@ -106,7 +116,7 @@ class WorkerServer:
         """Start the engine thread and, on a prefill worker, the KV port."""
         self.engine.start()
         if self.config.role == "prefill":
-            self.kv_server = KVServer(self.engine, on_sent=self.metrics.observe_transfer)
+            self.kv_server = KVServer(self.engine, on_sent=self.metrics.observe_transfer, token=self.config.token)
             await self.kv_server.start(self.config.host, self.config.kv_port)
 
     async def start(self) -> None:
@@ -169,28 +179,37 @@ class WorkerServer:
             return json_error(503, "draining", "worker is draining; send new requests elsewhere", True)
         return None
 
-    async def _pump(self, response: web.StreamResponse, stream: RequestStream) -> None:
+    async def _pump(self, response: web.StreamResponse, stream: RequestStream, timer: RequestTimer) -> None:
         """Forward engine events as NDJSON; a vanished client aborts the request."""
         try:
             async for event in stream:
+                if event.token_id is not None:
+                    timer.token()
                 await response.write((json.dumps(event.wire()) + "\n").encode())
                 if event.error is not None:
                     self.metrics.request("error")
+                    timer.finish("abort")
                 elif event.finish_reason is not None:
                     self.metrics.request("finished")
+                    timer.finish(event.finish_reason)
         except (ConnectionError, asyncio.CancelledError):
             self.engine.abort(stream.request_id)
             self.metrics.request("aborted")
+            timer.finish("abort")
             raise
 
     async def _reserve(self, body: DecodeRequest) -> Reservation | None:
         """Wait for cache room (decode backpressure): pull only once the whole request fits."""
         deadline = time.monotonic() + self.config.admission_timeout_s
-        while True:
-            reservation = self.engine.reserve(body.prompt_token_ids, body.sampling)
-            if reservation is not None or time.monotonic() >= deadline or self.draining:
-                return reservation
-            await asyncio.sleep(self.config.admission_poll_s)
+        self.admitting += 1
+        try:
+            while True:
+                reservation = self.engine.reserve(body.prompt_token_ids, body.sampling)
+                if reservation is not None or time.monotonic() >= deadline or self.draining:
+                    return reservation
+                await asyncio.sleep(self.config.admission_poll_s)
+        finally:
+            self.admitting -= 1
 
     # ---- endpoints -------------------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:
@@ -219,6 +238,7 @@ class WorkerServer:
         if (refused := self._refuse("prefill")) is not None:
             return refused
         body = await self._parse(request, PromptRequest)
+        timer = self.metrics.timer(len(body.prompt_token_ids))
         stream = RequestStream(body.request_id, asyncio.get_running_loop())
         self.inflight += 1
         try:
@@ -230,9 +250,11 @@ class WorkerServer:
                 event: TokenEvent = await stream.queue.get()
             except asyncio.CancelledError:
                 self.engine.abort(body.request_id)
+                timer.finish("abort")
                 raise
             if event.error is not None:
                 self.metrics.request("error")
+                timer.finish("abort")
                 status = 503 if event.error["retryable"] else 500
                 return web.json_response({"error": event.error}, status=status)
             kv = None
@@ -244,9 +266,14 @@ class WorkerServer:
                     kv["signature"] = sign(self.config.token, self.kv_address, event.kv_handle)
             else:
                 self.metrics.request("finished")
+            timer.token()
+            # Handing the cache to decode ends the request here, as a vLLM prefill instance's
+            # max_tokens=1 request ends with "length".
+            timer.finish(event.finish_reason or "length")
             return web.json_response({
                 "request_id": body.request_id, "first_token_id": event.token_id, "text": event.text,
-                "finish_reason": event.finish_reason, "prompt_tokens": len(body.prompt_token_ids), "kv": kv})
+                "finish_reason": event.finish_reason, "prompt_tokens": len(body.prompt_token_ids), "kv": kv,
+                **({"logprobs": event.logprobs} if event.logprobs is not None else {})})
         finally:
             self.inflight -= 1
 
@@ -254,6 +281,7 @@ class WorkerServer:
         if (refused := self._refuse("decode")) is not None:
             return refused
         body = await self._parse(request, DecodeRequest)
+        timer = self.metrics.timer(len(body.prompt_token_ids))
         try:
             self.engine.check_request(body.prompt_token_ids, body.sampling)
         except RequestError as error:
@@ -276,6 +304,7 @@ class WorkerServer:
             reservation = await self._reserve(body)
             if reservation is None:
                 self.metrics.request("overloaded")
+                timer.finish("abort")
                 need = len(body.prompt_token_ids) + body.sampling.max_tokens
                 await response.write((json.dumps(error_body(
                     "overloaded", f"no KV-cache room for {need} tokens within "
@@ -288,6 +317,7 @@ class WorkerServer:
             except KVTransferError as error:
                 self.engine.cancel_reservation(reservation)
                 self.metrics.request("kv_failed")
+                timer.finish("abort")
                 await response.write((json.dumps({"error": error.wire()}) + "\n").encode())
                 return response
             except BaseException:
@@ -298,7 +328,7 @@ class WorkerServer:
             self.engine.submit_decode(body.request_id, body.prompt_token_ids, body.first_token_id,
                                       body.sampling, reservation, stream)
             with contextlib.suppress(ConnectionError):
-                await self._pump(response, stream)
+                await self._pump(response, stream, timer)
             return response
         finally:
             self.inflight -= 1
@@ -307,6 +337,7 @@ class WorkerServer:
         if (refused := self._refuse("colocated")) is not None:
             return refused
         body = await self._parse(request, PromptRequest)
+        timer = self.metrics.timer(len(body.prompt_token_ids))
         stream = RequestStream(body.request_id, asyncio.get_running_loop())
         try:
             self.engine.submit(body.request_id, body.prompt_token_ids, body.sampling, stream)
@@ -317,7 +348,7 @@ class WorkerServer:
             response = web.StreamResponse(headers={"Content-Type": NDJSON})
             await response.prepare(request)
             with contextlib.suppress(ConnectionError):
-                await self._pump(response, stream)
+                await self._pump(response, stream, timer)
             return response
         finally:
             self.inflight -= 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from disaggserve.api.plan import Phase, Plan
+from disaggserve.api.plan import Plan, Role
 from disaggserve.api.spec import DisaggServeSpec
 
 
@@ -40,7 +40,7 @@ class EngineRenderer(Protocol):
     kind: str
 
     def worker(
-        self, spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Phase, unit: int | None
+        self, spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Role, unit: int | None
     ) -> WorkerContainer:
         """The container of a `phase` worker pod of resource `name`."""
         ...

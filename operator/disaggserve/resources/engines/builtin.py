@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from disaggserve.api.plan import Phase, Plan
+from disaggserve.api.plan import Plan, Role
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.contract import KV_PORT, WORKER_BINARY, WORKER_PORT, worker_args
 from disaggserve.resources.engines.base import WorkerContainer
 from disaggserve.resources.pods import http_probes
 
-# Decode holds streams that are still generating; give it time to finish them on scale-down.
-GRACE_SECONDS: dict[Phase, int] = {"prefill": 60, "decode": 180}
+# Decode (and colocated) workers hold streams that are still generating; give them time to finish
+# them on scale-down.
+GRACE_SECONDS: dict[str, int] = {"prefill": 60, "decode": 180, "colocated": 180}
 
 
 def _speculation_args(spec: DisaggServeSpec) -> dict[str, str | int]:
@@ -34,7 +35,7 @@ class BuiltinEngine:
     kind = "builtin"
 
     def worker(
-        self, spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Phase, unit: int | None
+        self, spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Role, unit: int | None
     ) -> WorkerContainer:
         phase_plan = plan.phase(phase)
         args = worker_args(
@@ -45,7 +46,7 @@ class BuiltinEngine:
             pipeline=phase_plan.pipeline,
             device="cuda" if spec.hardware.device == "gpu" else "cpu",
             max_model_len=spec.model.max_model_len,
-            speculation=_speculation_args(spec) if phase == "decode" else None,
+            speculation=_speculation_args(spec) if phase in ("decode", "colocated") else None,
         )
         return WorkerContainer(
             image=spec.image.reference,

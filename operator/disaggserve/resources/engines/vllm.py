@@ -21,7 +21,7 @@ import math
 import os
 from typing import Any
 
-from disaggserve.api.plan import Phase, Plan
+from disaggserve.api.plan import Plan, Role
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.contract import WORKER_PORT
 from disaggserve.resources.engines.base import WorkerContainer
@@ -32,7 +32,7 @@ DEFAULT_GPU_IMAGE = "vllm/vllm-openai:v0.32.0"
 DEFAULT_CPU_IMAGE = "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0"
 NIXL_SIDE_CHANNEL_PORT = 5600
 # Both phases finish what they hold on SIGTERM; decode holds whole streams.
-GRACE_SECONDS: dict[Phase, int] = {"prefill": 60, "decode": 180}
+GRACE_SECONDS: dict[str, int] = {"prefill": 60, "decode": 180, "colocated": 180}
 PATH_HEALTH = "/health"  # vLLM answers 200 once the engine is up, 503 while it is not
 
 
@@ -50,7 +50,7 @@ def _power_of_two(x: float) -> int:
     return min(256, max(8, 2 ** math.ceil(math.log2(max(1.0, x)))))
 
 
-def batch_limits(spec: DisaggServeSpec, plan: Plan, phase: Phase) -> tuple[int, int]:
+def batch_limits(spec: DisaggServeSpec, plan: Plan, phase: Role) -> tuple[int, int]:
     """(max_num_seqs, max_num_batched_tokens) of one instance of `phase`.
 
     Both are caps, and they do not depend on the replica count: the autoscaler changes replicas,
@@ -67,6 +67,9 @@ def batch_limits(spec: DisaggServeSpec, plan: Plan, phase: Phase) -> tuple[int, 
     if phase == "decode":
         seqs = _power_of_two(2 * w.request_rate * w.output_tokens * slo.tpot_ms / 1000.0)
         tokens = max(2048, seqs)
+    elif phase == "colocated":  # both phases in one server: decode's sequences, prefill's batch
+        seqs = _power_of_two(2 * w.request_rate * w.output_tokens * slo.tpot_ms / 1000.0)
+        tokens = max(2048, w.input_tokens, seqs)
     else:
         seqs = _power_of_two(2 * w.request_rate * slo.ttft_ms / 1000.0)
         tokens = max(2048, w.input_tokens, seqs)
@@ -92,7 +95,7 @@ def speculative_config(spec: DisaggServeSpec) -> dict[str, Any] | None:
     return {"method": "draft_model", "model": draft, "num_speculative_tokens": s.num_speculative_tokens}
 
 
-def kv_transfer_config(spec: DisaggServeSpec, phase: Phase) -> dict[str, Any] | None:
+def kv_transfer_config(spec: DisaggServeSpec, phase: Role) -> dict[str, Any] | None:
     """NixlConnector on every device: the prefill pod produces KV blocks, the decode pod pulls them.
 
     On CPU the blocks live in host memory (`kv_buffer_device: cpu`) and NIXL moves them with UCX
@@ -109,7 +112,7 @@ def kv_transfer_config(spec: DisaggServeSpec, phase: Phase) -> dict[str, Any] | 
     return config
 
 
-def vllm_args(spec: DisaggServeSpec, plan: Plan, phase: Phase) -> list[str]:
+def vllm_args(spec: DisaggServeSpec, plan: Plan, phase: Role) -> list[str]:
     """The server's command-line flags for one phase (checked against vLLM's own parser in tests)."""
     phase_plan = plan.phase(phase)
     seqs, tokens = batch_limits(spec, plan, phase)
@@ -129,7 +132,7 @@ def vllm_args(spec: DisaggServeSpec, plan: Plan, phase: Phase) -> list[str]:
         args += ["--max-model-len", str(spec.model.max_model_len)]
     # vLLM's default (0) aborts in-flight requests on SIGTERM; drain them within the pod's grace period.
     args += ["--shutdown-timeout", str(max(1, GRACE_SECONDS.get(phase, 180) - 10))]
-    if phase == "decode" and (speculative := speculative_config(spec)):
+    if phase in ("decode", "colocated") and (speculative := speculative_config(spec)):
         args += ["--speculative-config", json.dumps(speculative, separators=(",", ":"))]
     return args + list(spec.engine.extra_args or [])
 
@@ -170,7 +173,7 @@ class VllmEngine:
         return os.environ.get("DISAGGSERVE_VLLM_CPU_IMAGE") or DEFAULT_CPU_IMAGE
 
     def worker(
-        self, spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Phase, unit: int | None
+        self, spec: DisaggServeSpec, plan: Plan, name: str, namespace: str, phase: Role, unit: int | None
     ) -> WorkerContainer:
         env: list[dict[str, Any]] = [
             # The worker token (resources/security.py) as vLLM's API key: /v1 calls must carry it

@@ -5,6 +5,10 @@ Why each rule:
 - up fast, down slowly: a missed SLO costs users now; an idle GPU costs money later. Scale-up
   acts on the latest recommendation; scale-down acts on the *highest* recommendation seen
   during the stabilization window (as the HPA does), so a brief lull does not shed capacity.
+  A *sustained* drop is not a lull: when the measured rate (if the caller records it with
+  `PolicyState.observe_rate`) has stayed below the window's peak by SUSTAINED_DROP for the
+  last SUSTAINED_INTERVALS decisions, only the recommendations made since count — the planner's
+  prediction for the lower rate is what the next interval needs.
 - bounded steps: at most doubling (or +4 instances when small, as the HPA allows) up, at most
   halving down, per decision; large jumps follow
   over a few intervals, each re-checked against fresh metrics.
@@ -22,6 +26,8 @@ from dataclasses import dataclass, field
 from disaggserve.api.plan import PHASES, Phase
 
 MAX_UP_STEP = 4
+SUSTAINED_DROP = 1.2  # rate at most peak / 1.2 ...
+SUSTAINED_INTERVALS = 2  # ... at this many decisions in a row
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,28 @@ class PolicyState:
 
     recommendations: list[tuple[float, Counts]] = field(default_factory=list)
     last_change_at: float | None = None
+    rates: list[tuple[float, float]] = field(default_factory=list)  # (time, measured request rate)
+
+    def observe_rate(self, now: float, rate: float, keep_seconds: float = 600.0) -> None:
+        self.rates = [(t, r) for t, r in self.rates if t > now - keep_seconds] + [(now, rate)]
+
+    def sustained_drop_since(self, window_start: float) -> float | None:
+        """Time from which recommendations still count after a sustained drop in the rate
+        (see the module docstring), or None when the rate has not dropped that way."""
+        recent = [(t, r) for t, r in self.rates if t > window_start]
+        if len(recent) <= SUSTAINED_INTERVALS:
+            return None
+        peak = max(r for _, r in recent)
+        last = recent[-SUSTAINED_INTERVALS:]
+        if all(r * SUSTAINED_DROP <= peak for _, r in last):
+            return last[0][0]
+        return None
+
+    def rate_growth(self) -> float | None:
+        """Measured rate now over the one before (per decision interval); None before two."""
+        if len(self.rates) < 2 or self.rates[-2][1] <= 0:
+            return None
+        return self.rates[-1][1] / self.rates[-2][1]
 
     @classmethod
     def starting_at(cls, current: Counts, now: float) -> PolicyState:
@@ -138,7 +166,9 @@ def decide(
 
     state.recommendations = [(t, c) for t, c in state.recommendations if t > now - stabilization_seconds]
     state.recommendations.append((now, wanted))
-    held = Counts(max(c.prefill for _, c in state.recommendations), max(c.decode for _, c in state.recommendations))
+    since = state.sustained_drop_since(now - stabilization_seconds)
+    counted = [(t, c) for t, c in state.recommendations if since is None or t >= since]
+    held = Counts(max(c.prefill for _, c in counted), max(c.decode for _, c in counted))
     values = {}
     for phase in PHASES:
         cur, want = current.get(phase), wanted.get(phase)
@@ -162,4 +192,6 @@ def decide(
         reason = f"hold at {current}; {why}"
         if any(wanted.get(p) < current.get(p) for p in PHASES):
             reason += f" (scale-down waits for {stabilization_seconds:.0f}s of lower recommendations)"
+    if since is not None and downs:
+        reason += "; the rate has dropped for a sustained period, so older recommendations no longer hold it up"
     return Decision(proposed, action, reason, limited)
