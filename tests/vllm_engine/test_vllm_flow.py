@@ -212,14 +212,16 @@ async def test_profile_vllm_measures_a_server_into_the_planners_profile_format(f
     from disaggserve_worker.profile.vllm_http import build_profile, measure
 
     server = await fakes("colocated")
-    sweep = Sweep(prefill=[(1, 16), (2, 16), (1, 64), (4, 64), (64, 64)], decode=[(1, 16), (2, 16), (4, 32), (8, 32)],
-                  repeats=1)
+    sweep = Sweep(prefill=[(1, 16), (2, 16), (1, 64), (4, 64), (64, 64)],
+                  decode=[(b, c) for b in (1, 2, 4, 8) for c in (16, 32)], repeats=1)
     points = await measure(server.url, SERVED, sweep, vocab=400, max_batched_tokens=2048, decode_tokens=6)
     assert [(p.phase, p.batch, p.length) for p in points if p.phase == "prefill"] == [
         ("prefill", 1, 16), ("prefill", 2, 16), ("prefill", 1, 64), ("prefill", 4, 64)]  # 64x64 over the limit
     decode = [p for p in points if p.phase == "decode"]
-    assert len(decode) == 4 and all(p.ms >= 4 for p in decode)  # the stand-in sleeps 5 ms between tokens
+    assert len(decode) == 8 and all(p.ms >= 4 for p in decode)  # the stand-in sleeps 5 ms between tokens
+    facts = {"layers": 4, "attention_heads": 4, "kv_heads": 2, "hidden_size": 128, "parameters": 10**6,
+             "dtype_bytes": 2}
     profile = build_profile(points, model=SERVED, gpu="cpu", dtype="bfloat16", tensor=1, pipeline=1,
-                            facts=None, url=server.url).profile
+                            facts=facts, url=server.url)
     parsed = parse_profile(profile)  # the planner reads it
     assert parsed.entries[0].tensor == 1

@@ -30,7 +30,8 @@ from typing import Any
 
 import aiohttp
 
-from disaggserve_worker.profile.run import FULL, QUICK, Point, ProfileResult, Sweep, _coefficients, _threshold
+from disaggserve_worker.profile.fit import Sample, fit_entry, profile_document
+from disaggserve_worker.profile.run import FULL, QUICK, Sweep
 
 
 async def _completion(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int],
@@ -57,9 +58,9 @@ def _prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
 
 
 async def measure(url: str, model: str, sweep: Sweep, vocab: int, max_batched_tokens: int,
-                  decode_tokens: int = 12) -> list[Point]:
+                  decode_tokens: int = 12) -> list[Sample]:
     rng = random.Random(7)
-    points: list[Point] = []
+    points: list[Sample] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=600)) as session:
         for batch, length in sweep.prefill:
@@ -72,7 +73,7 @@ async def measure(url: str, model: str, sweep: Sweep, vocab: int, max_batched_to
                                        for _ in range(batch)))
                 if i:
                     samples.append((time.perf_counter() - start) * 1000)
-            points.append(Point("prefill", batch, length, statistics.median(samples)))
+            points.append(Sample("prefill", batch, length, statistics.median(samples)))
         for batch, context in sweep.decode:
             samples = []
             for i in range(sweep.repeats + 1):
@@ -84,32 +85,21 @@ async def measure(url: str, model: str, sweep: Sweep, vocab: int, max_batched_to
                 if i and gaps:
                     samples.append(statistics.median(gaps) * 1000)
             if samples:
-                points.append(Point("decode", batch, context, statistics.median(samples)))
+                points.append(Sample("decode", batch, context, statistics.median(samples)))
     return points
 
 
-def build_profile(points: list[Point], *, model: str, gpu: str, dtype: str, tensor: int, pipeline: int,
-                  facts: dict[str, Any] | None, url: str) -> ProfileResult:
+def build_profile(points: list[Sample], *, model: str, gpu: str, dtype: str, tensor: int, pipeline: int,
+                  facts: dict[str, Any], url: str) -> dict[str, Any]:
+    """The planner's profile document (`profile/fit.py`, as the built-in profiler writes it)."""
     prefill = [p for p in points if p.phase == "prefill"]
     decode = [p for p in points if p.phase == "decode"]
-    if len(prefill) < 3 or len(decode) < 4:
+    if len(prefill) < 3 or len(decode) < 6:
         raise RuntimeError(f"too few shapes measured ({len(prefill)} prefill, {len(decode)} decode) to fit")
-    threshold = _threshold([p.batch for p in decode])
-    small = [p for p in decode if p.batch < threshold]
-    large = [p for p in decode if p.batch >= threshold]
-    entry = {"tensor": tensor, "pipeline": pipeline, "prefill": _coefficients(prefill),
-             "decode_small": _coefficients(small), "decode_large": _coefficients(large),
-             "decode_batch_threshold": threshold}
-    profile: dict[str, Any] = {
-        "model": model, "gpu": gpu, "dtype": dtype,
-        "source": f"disaggserve-worker profile-vllm {url}, {datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}",
-        "entries": [entry],
-        "measurements": [{"tensor": tensor, "phase": p.phase, "batch": p.batch, "length": p.length,
-                          "ms": round(p.ms, 4), "predicted_ms": round(p.predicted_ms, 4)} for p in points],
-    }
-    if facts:
-        profile["model_facts"] = facts
-    return ProfileResult(profile, points)
+    entry = fit_entry(points, tensor=tensor, pipeline=pipeline)
+    return profile_document(
+        model=model, gpu=gpu, dtype=dtype, facts=facts, entries=[entry], samples={tensor: points},
+        source=f"disaggserve-worker profile-vllm {url}, {datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}")
 
 
 def facts_from_checkpoint(folder: str | None) -> tuple[dict[str, Any] | None, int]:
@@ -131,8 +121,11 @@ def run(url: str, model: str, out: str, *, quick: bool, checkpoint: str | None, 
         tensor: int, pipeline: int, max_batched_tokens: int) -> dict[str, Any]:
     sweep = QUICK if quick else FULL
     facts, vocab = facts_from_checkpoint(checkpoint)
+    if facts is None:
+        raise RuntimeError("--checkpoint: the folder with the served model's config.json (the planner needs "
+                           "its layers, heads and size)")
     points = asyncio.run(measure(url.rstrip("/"), model, sweep, vocab, max_batched_tokens))
-    result = build_profile(points, model=model, gpu=gpu, dtype=dtype, tensor=tensor, pipeline=pipeline,
-                           facts=facts, url=url)
-    Path(out).write_text(json.dumps(result.profile, indent=2) + "\n")
-    return result.profile
+    profile = build_profile(points, model=model, gpu=gpu, dtype=dtype, tensor=tensor, pipeline=pipeline,
+                            facts=facts, url=url)
+    Path(out).write_text(json.dumps(profile, indent=2) + "\n")
+    return profile
