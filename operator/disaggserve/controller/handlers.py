@@ -172,18 +172,22 @@ async def child_changed(
     if owner_name is None:
         return
 
+    def drifted(owner: dict[str, Any], child: Mapping[str, Any] | None) -> bool:
+        if child is None:
+            return True
+        want = desired_replicas(owner, child)
+        return want is not None and child.get("spec", {}).get("replicas") != want
+
     async def work(owner: dict[str, Any]) -> None:
-        if body.get("kind") != "Pod":
-            current = body
+        if body.get("kind") != "Pod" and (event.get("type") == "DELETED" or drifted(owner, body)):
+            current = None
             if event.get("type") != "DELETED":  # the event may be older than what the lock holder wrote
                 current = await memo.kube.get(body["apiVersion"], body["kind"], namespace, body["metadata"]["name"])
-            want = desired_replicas(owner, current) if current is not None else None
-            drifted = current is None or (want is not None and current.get("spec", {}).get("replicas") != want)
-            if drifted:
+            if drifted(owner, current):
                 logger.info(f"{body['kind']} {body['metadata']['name']} drifted from the plan; re-applying")
                 await _reconcile_and_record(memo, owner)
                 return
-        await refresh_status(memo.kube, namespace, owner_name, _emitter(owner))
+        await refresh_status(memo.kube, namespace, owner_name, _emitter(owner), owner=owner)
 
     try:
         await _serialized(memo, namespace, owner_name, work)
@@ -280,7 +284,7 @@ async def status_safety_net(name: str, namespace: str, memo: kopf.Memo, logger: 
     """Recompute readiness even if a workload event was lost (watch reconnects can drop some)."""
 
     async def work(owner: dict[str, Any]) -> None:
-        await refresh_status(memo.kube, namespace, name, _emitter(owner))
+        await refresh_status(memo.kube, namespace, name, _emitter(owner), owner=owner)
 
     try:
         await _serialized(memo, namespace, name, work)
