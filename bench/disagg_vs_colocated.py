@@ -5,10 +5,23 @@ cores for the model; the routers and this load generator run unpinned and are th
 Both systems stay up for the whole run and are measured interleaved at every rate (A, B, then B, A
 on the next repeat), so drift in the machine's background load hits both alike.
 
-SLOs: unless given, they are set from the baseline's own unloaded latency — TTFT SLO = 5x and TPOT
-SLO = 3x the colocated system's latency at one request at a time (minimum TTFT, median TPOT) — the
-DistServe setting of SLOs tight enough that interference matters. Goodput is the highest tested
-rate up to which at least 90 % of requests meet both SLOs (per GPU here: per core; both use two).
+Regimes (`--regime`):
+- distserve (default): prompt-heavy requests (1024 in / 16 out), a tight TPOT SLO judged per
+  request at its p90 token gap (a prefill stall in the middle of a stream counts, the mean over
+  the request would dilute it), TTFT SLO 3x unloaded — where DistServe shows its gain;
+- decode-heavy: short prompts, long outputs (64 in / 128 out), mean TPOT — where there is little
+  interference to remove and the lone decode core is the bottleneck: disaggregation should lose;
+- legacy: the earlier setting (512 in / 64 out, TTFT 5x, mean TPOT 3x).
+SLOs are set from the colocated system's own unloaded latency (minimum TTFT, median TPOT at one
+request at a time) unless given. Goodput is the highest tested rate up to which at least 90 % of
+requests meet both SLOs (per GPU here: per core; both use two).
+
+The colocated baseline is the strongest this engine has: one fused forward per iteration with
+chunked prefill under a token budget (`--colocated-budget`, vLLM's max_num_batched_tokens). The
+prefill:decode split is what the per-phase cost measured unloaded asks for; with two cores the
+only split is 1:1, so the ideal share is recorded beside it (`pd_split`). Rates are a grid around
+the measured knee: fractions of one core's prefill capacity (1 / unloaded TTFT) for prompt-heavy
+regimes, multiples of 1 / (unloaded request latency) for decode-heavy ones.
 
 Also measured: the router's added latency — the same small request sent to a colocated worker
 directly (`/internal/generate`) and through the router (`/v1/completions`), interleaved.
@@ -43,7 +56,15 @@ from loadgen import one_request, run_poisson, summarize, synthetic_prompt
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVED = "bench"
-TTFT_SLO_SCALE, TPOT_SLO_SCALE = 5.0, 3.0
+REGIMES: dict[str, dict[str, Any]] = {
+    "distserve": {"input_tokens": 1024, "output_tokens": 16, "ttft_scale": 3.0, "tpot_scale": 3.0,
+                  "tpot_stat": "p90", "rate_factors": [0.25, 0.45, 0.65, 0.85, 1.05], "rate_base": "prefill"},
+    # Rates as multiples of one request's whole unloaded latency: decode batching is the capacity.
+    "decode-heavy": {"input_tokens": 64, "output_tokens": 128, "ttft_scale": 5.0, "tpot_scale": 2.0,
+                     "tpot_stat": "mean", "rate_factors": [1.0, 2.5, 5.0, 8.0], "rate_base": "request"},
+    "legacy": {"input_tokens": 512, "output_tokens": 64, "ttft_scale": 5.0, "tpot_scale": 3.0,
+               "tpot_stat": "mean", "rate_factors": [0.12, 0.2, 0.3, 0.45, 0.6], "rate_base": "prefill"},
+}
 
 
 @dataclass
@@ -81,10 +102,11 @@ def wait_ready(procs: list[Proc], timeout_s: float = 180) -> None:
             time.sleep(0.2)
 
 
-def worker(name: str, role: str, ip: str, core: int, model: str, logdir: Path) -> Proc:
+def worker(name: str, role: str, ip: str, core: int, model: str, logdir: Path, budget: int) -> Proc:
     return spawn(name, ["serve", "--role", role, "--model", model, "--model-name", SERVED, "--host", ip,
                         "--port", "8100", "--kv-port", "8101", "--device", "cpu", "--threads", "1",
-                        "--log-level", "WARNING"], f"http://{ip}:8100", logdir, core)
+                        "--max-batch-tokens", str(budget), "--log-level", "WARNING"],
+                 f"http://{ip}:8100", logdir, core)
 
 
 def router(name: str, ip: str, model: str, endpoints: list[str], logdir: Path) -> Proc:
@@ -178,10 +200,17 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
           f"({overhead['direct_p50_ms']:.1f} → {overhead['router_p50_ms']:.1f} ms)", flush=True)
     base = {name: await unloaded(url, args.input_tokens, args.output_tokens, args.calibration)
             for name, url in urls.items()}
-    ttft_slo = args.ttft_slo_ms or TTFT_SLO_SCALE * base["colocated"]["ttft_ms"]
-    tpot_slo = args.tpot_slo_ms or TPOT_SLO_SCALE * base["colocated"]["tpot_ms"]
+    ttft_slo = args.ttft_slo_ms or args.ttft_scale * base["colocated"]["ttft_ms"]
+    tpot_slo = args.tpot_slo_ms or args.tpot_scale * base["colocated"]["tpot_ms"]
+    # Per-phase cost of one request, unloaded: the split a planner would choose for this mix.
+    prefill_ms = base["colocated"]["ttft_ms"]
+    decode_ms = base["colocated"]["tpot_ms"] * max(0, args.output_tokens - 1)
+    pd_split = {"prefill_cost_ms": prefill_ms, "decode_cost_ms": decode_ms,
+                "ideal_prefill_share": prefill_ms / (prefill_ms + decode_ms) if prefill_ms + decode_ms else None,
+                "used": "1 prefill core : 1 decode core (the only split two pinned cores allow)"}
     print(f"unloaded: {base}; SLO TTFT {ttft_slo:.0f} ms, TPOT {tpot_slo:.1f} ms", flush=True)
-    rates = args.rates or [round(f * 1000 / base["colocated"]["ttft_ms"], 2) for f in args.rate_factors]
+    unit_ms = prefill_ms if args.rate_base == "prefill" else prefill_ms + decode_ms
+    rates = args.rates or [round(f * 1000 / unit_ms, 2) for f in args.rate_factors]
     per_rate: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
     for rate in rates:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
@@ -193,7 +222,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
                 results = await run_poisson(urls[name], SERVED, rate=rate, num_requests=count,
                                             input_tokens=args.input_tokens, output_tokens=args.output_tokens,
                                             seed=rep)
-                runs[name].append(summarize(results, ttft_slo / 1000, tpot_slo / 1000))
+                runs[name].append(summarize(results, ttft_slo / 1000, tpot_slo / 1000, args.tpot_stat))
         for name, summaries in runs.items():
             row = {"rate": rate, "attainment": statistics.median(s["attainment"] for s in summaries),
                    "ttft_attainment": statistics.median(s["ttft_attainment"] for s in summaries),
@@ -211,8 +240,11 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
     ratio = (systems["disaggregated"]["goodput_rps"] / systems["colocated"]["goodput_rps"]
              if systems["colocated"]["goodput_rps"] else None)
     source = "flags" if args.ttft_slo_ms and args.tpot_slo_ms else \
-        f"{TTFT_SLO_SCALE:g}x TTFT / {TPOT_SLO_SCALE:g}x TPOT of the colocated system unloaded"
-    return {"slo": {"ttft_ms": ttft_slo, "tpot_ms": tpot_slo, "source": source},
+        f"{args.ttft_scale:g}x TTFT / {args.tpot_scale:g}x TPOT of the colocated system unloaded"
+    return {"slo": {"ttft_ms": ttft_slo, "tpot_ms": tpot_slo, "source": source,
+                    "tpot_judged_as": "per-request p90 token gap" if args.tpot_stat == "p90"
+                    else "per-request mean over its tokens"},
+            "pd_split": pd_split,
             "target_attainment": args.target, "systems": systems,
             "goodput_ratio_disagg_over_colocated": ratio, "router_overhead": overhead}
 
@@ -229,15 +261,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rates, few requests, 1 repeat")
     parser.add_argument("--model", default="builtin:small-llama")
-    parser.add_argument("--input-tokens", type=int, default=512)
-    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="distserve")
+    parser.add_argument("--input-tokens", type=int)
+    parser.add_argument("--output-tokens", type=int)
+    parser.add_argument("--colocated-budget", type=int, default=256,
+                        help="token budget per iteration of every worker (chunked prefill)")
     parser.add_argument("--point-seconds", type=float, default=8.0,
                         help="arrival window per rate and repeat; requests = rate x this, clamped")
     parser.add_argument("--min-requests", type=int, default=16)
     parser.add_argument("--max-requests", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rates", type=float, nargs="*", help="req/s; default: factors of 1/unloaded TTFT")
-    parser.add_argument("--rate-factors", type=float, nargs="*", default=[0.12, 0.2, 0.3, 0.45, 0.6],
+    parser.add_argument("--rate-factors", type=float, nargs="*",
                         help="rates as fractions of one core's prefill capacity (1 / unloaded TTFT)")
     parser.add_argument("--ttft-slo-ms", type=float)
     parser.add_argument("--tpot-slo-ms", type=float)
@@ -245,10 +280,16 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=7, help="unloaded requests for the SLO base")
     parser.add_argument("--overhead-repeats", type=int, default=30)
     args = parser.parse_args()
+    regime = REGIMES[args.regime]
+    args.input_tokens = args.input_tokens or regime["input_tokens"]
+    args.output_tokens = args.output_tokens or regime["output_tokens"]
+    args.rate_factors = args.rate_factors or regime["rate_factors"]
+    args.ttft_scale, args.tpot_scale, args.tpot_stat = regime["ttft_scale"], regime["tpot_scale"], regime["tpot_stat"]
+    args.rate_base = regime["rate_base"]
     if args.quick:
         args.point_seconds, args.min_requests, args.repeats, args.calibration = 3.0, 8, 1, 3
         args.overhead_repeats = 10
-        args.rate_factors = [0.2, 0.5, 0.8]
+        args.rate_factors = args.rate_factors[::2]
     # SIGTERM (a timeout, a CI cancel) must still stop the workers: raise, so `finally` runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cores = sorted(os.sched_getaffinity(0))
@@ -260,11 +301,13 @@ def main() -> None:
     c0, c1 = cores[0], cores[1]
     procs: list[Proc] = []
     started = time.monotonic()
+    load_start = os.getloadavg()
     try:
-        workers = [worker("prefill", "prefill", f"{block}.1", c0, args.model, logdir),
-                   worker("decode", "decode", f"{block}.2", c1, args.model, logdir),
-                   worker("colocated-a", "colocated", f"{block}.3", c0, args.model, logdir),
-                   worker("colocated-b", "colocated", f"{block}.4", c1, args.model, logdir)]
+        # The prefill worker needs no chunking (no decode to protect): whole prompts per iteration.
+        workers = [worker("prefill", "prefill", f"{block}.1", c0, args.model, logdir, 4096),
+                   worker("decode", "decode", f"{block}.2", c1, args.model, logdir, args.colocated_budget),
+                   worker("colocated-a", "colocated", f"{block}.3", c0, args.model, logdir, args.colocated_budget),
+                   worker("colocated-b", "colocated", f"{block}.4", c1, args.model, logdir, args.colocated_budget)]
         procs += workers
         wait_ready(workers)
         routers = [router("router-disagg", f"{block}.10", args.model,
@@ -287,6 +330,7 @@ def main() -> None:
                 proc.popen.kill()
     result.update({
         "benchmark": "disagg_vs_colocated", "quick": args.quick, "model": args.model,
+        "regime": args.regime, "colocated_budget": args.colocated_budget,
         "workload": {"input_tokens": args.input_tokens, "output_tokens": args.output_tokens,
                      "requests_per_rate": f"rate x {args.point_seconds:g} s, in [{args.min_requests}, "
                                           f"{args.max_requests}]",
@@ -294,11 +338,14 @@ def main() -> None:
         "setup": {"cores": [c0, c1], "pinning": "taskset, 1 torch thread per worker",
                   "disaggregated": "prefill on core A, decode on core B",
                   "colocated": "one colocated worker on each core", "routers_and_loadgen": "unpinned"},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg(),
+                    "note": "shared by several sessions while measured: treat as indicative, re-run quiet"},
         "wall_s": time.monotonic() - started,
     })
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "disagg_vs_colocated" + ("-quick" if args.quick else "")
+    stem = "disagg_vs_colocated" + ("" if args.regime == "distserve" else f"-{args.regime}") + \
+        ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / f"{stem}.png")
     g = {n: s["goodput_rps"] for n, s in result["systems"].items()}

@@ -69,9 +69,7 @@ def timed_search(model: str, rate: float, placement: str, nodes: int, repeats: i
     for _ in range(repeats):
         clear_shared_goodputs()
         started = time.perf_counter()
-        outcome = plan_automatically(
-            spec_for(model, rate, placement), nodes=cluster(nodes, cross), with_baseline=False
-        )
+        outcome = plan_automatically(spec_for(model, rate, placement), nodes=cluster(nodes, cross), with_baseline=False)
         seconds.append(time.perf_counter() - started)
     assert outcome is not None
     warm = []
@@ -161,6 +159,7 @@ def main() -> int:
     args = parser.parse_args()
     result: dict = {
         "machine": {
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
@@ -210,6 +209,10 @@ def main() -> int:
             flush=True,
         )
         result["disaggregated_vs_colocated"].append(row)
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["machine"]["note"] = (
+        "times are wall clock on this machine, shared with other sessions: compare them only at similar load"
+    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {args.output}")

@@ -380,6 +380,7 @@ def main() -> None:
         "median_abs_gap_without_overheads_pp": statistics.median(old) if old else None,
         "max_abs_gap_without_overheads_pp": max(old) if old else None,
         "goal": "median <= 3 pp, max <= 8 pp",
+        "goal_met": bool(gaps) and statistics.median(gaps) <= 3 and max(gaps) <= 8,
         "load_average_before": load_before,
         "load_average_after": load_average(),
         "cpus": os.cpu_count(),

@@ -26,7 +26,7 @@ import yaml
 from disaggserve.local.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
-CHILDREN_PER_RESOURCE = 12
+CHILDREN_PER_RESOURCE = 14  # incl. the worker token Secret and the NetworkPolicy
 CR_PATH = "/apis/disaggserve.io/v1alpha1/namespaces/{ns}/disaggserves"
 
 
@@ -104,7 +104,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         )
     return {
         "benchmark": "reconcile",
-        "what": "time from creating N DisaggServes at once to all 12 children of each existing; medians over repeats",
+        "what": "time from creating N DisaggServes at once to all 14 children of each existing; medians over repeats",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "api_server": "disaggserve.local.apiserver (in-process, loopback); operator: `disaggserve operator` subprocess",
         "results": results,

@@ -39,3 +39,16 @@ async def ready_cluster(folder: Path, resource: dict[str, Any], env: dict[str, s
         await cluster.apply(resource)
         await cluster.wait_ready(resource["metadata"]["name"], timeout=180)
         yield cluster
+
+
+async def worker_headers(cluster: Any, name: str, namespace: str = "default") -> dict[str, str]:
+    """Headers a test sends to call a worker's internal endpoints directly: its DisaggServe's
+    token, read from the Secret the operator made (as the router and the operator send it)."""
+    import base64
+
+    from disaggserve.contract import HEADER_WORKER_TOKEN
+
+    secret = await cluster.kube.get("v1", "Secret", namespace, f"{name}-worker-token")
+    if not secret:
+        raise AssertionError(f"no worker token Secret for {name}")
+    return {HEADER_WORKER_TOKEN: base64.b64decode(secret["data"]["token"]).decode()}

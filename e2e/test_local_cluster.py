@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from disaggserve.local.cluster import default_resource
-from e2e_tools import ready_cluster, require_tool
+from e2e_tools import ready_cluster, require_tool, worker_headers
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
@@ -130,24 +130,36 @@ async def test_killing_a_decode_worker_mid_stream(cluster):
     await two_decode_workers(cluster)
     c = await client(cluster)
     reference = await c.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=400, temperature=0)
+    victims: list = []
+
+    async def kill_the_decode_worker_running_it() -> None:
+        # Watch the workers, not the client: on a loaded machine the client may read its chunks
+        # long after the worker produced them, and a check between chunks could find it done.
+        async with httpx.AsyncClient(timeout=10, headers=await worker_headers(cluster, "tiny")) as http:
+            while True:
+                for pod in [p for p in decode_pods(cluster).values() if p.proc is not None]:
+                    try:
+                        load = (await http.get(f"http://{pod.ip}:8100/internal/load")).json()
+                    except httpx.HTTPError:
+                        continue
+                    if load.get("running"):
+                        victims.append(pod)
+                        os.kill(pod.proc.pid, signal.SIGKILL)
+                        return
+                await asyncio.sleep(0.01)
+
     stream = await c.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=400, temperature=0, stream=True)
-    text, killed, error = [], None, None
+    killer = asyncio.create_task(kill_the_decode_worker_running_it())
+    text, error = [], None
     try:
         async for chunk in stream:
             text.append(chunk.choices[0].text if chunk.choices else "")
-            if killed is None and len(text) >= 5:
-                busy = [p for p in decode_pods(cluster).values() if p.proc is not None]
-                # the decode worker holding this stream is the one with a running sequence
-                async with httpx.AsyncClient() as http:
-                    for pod in busy:
-                        load = (await http.get(f"http://{pod.ip}:8100/internal/load")).json()
-                        if load.get("running"):
-                            killed = pod
-                            os.kill(pod.proc.pid, signal.SIGKILL)
-                            break
     except openai.APIError as e:  # a clear, retryable error is the other acceptable outcome
         error = e
-    assert killed is not None, "no decode worker was running the stream"
+    finally:
+        killer.cancel()
+    assert victims, "no decode worker was seen running the stream"
+    killed = victims[0]
     if error is None:
         assert "".join(text) == reference.choices[0].text, "resumed stream must equal the greedy reference"
     else:

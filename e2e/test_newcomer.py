@@ -31,10 +31,6 @@ from e2e_tools import ROOT, require_tool, tool
 
 pytestmark = pytest.mark.timeout(900)
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
-# Examples whose plan needs a latency profile this repository does not ship yet (the planner's
-# analytical profiles will remove this): `plan` must say so in one clear error naming `--profile`.
-# When that lands, empty this set and the loop below asserts a plot for every example.
-NEEDS_PROFILE = {"llama-3-8b-h100.yaml"}
 
 
 def free_port() -> int:
@@ -227,10 +223,6 @@ def test_plan_plots_every_example(example, tmp_path):
         text=True,
         timeout=600,
     )
-    if example.name in NEEDS_PROFILE:
-        assert done.returncode == 1 and not png.exists()
-        assert done.stderr.startswith("error: ProfileMissing:") and "--profile" in done.stderr, done.stderr
-        return
     assert done.returncode == 0, done.stderr
     assert png.read_bytes()[:4] == b"\x89PNG"
 

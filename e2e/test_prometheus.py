@@ -68,10 +68,11 @@ async def prometheus(cluster, tmp_path_factory):
     try:
         async with httpx.AsyncClient() as http:
             # Ready is not enough: targets are first scraped about 5 s later (discovery throttle).
-            # Wait for the first sample so the load below starts from a recorded baseline.
+            # Wait for the router's first sample (not just any target's: the workers are scraped too)
+            # so the load below starts from a recorded baseline.
             for _ in range(150):
                 try:
-                    answer = await http.get(f"{url}/api/v1/query", params={"query": "up"})
+                    answer = await http.get(f"{url}/api/v1/query", params={"query": "up{component=\"router\"}"})
                     if answer.status_code == 200 and answer.json()["data"]["result"]:
                         break
                 except httpx.HTTPError:

@@ -10,7 +10,6 @@ router gets it) succeeds, so the refusals are the token's doing, not a broken en
 from __future__ import annotations
 
 import asyncio
-import base64
 import copy
 import random
 import secrets
@@ -23,7 +22,7 @@ import pytest_asyncio
 from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.contract import HEADER_WORKER_TOKEN, KV_PORT, WORKER_PORT
 from disaggserve.local.cluster import default_resource
-from e2e_tools import ready_cluster
+from e2e_tools import ready_cluster, worker_headers
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 NS = "default"
@@ -41,12 +40,13 @@ async def cluster(tmp_path_factory):
 async def token_of(cluster, name: str, timeout: float = 60) -> str:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        secret = await cluster.kube.get("v1", "Secret", NS, f"{name}-worker-token")
-        if secret:
-            return base64.b64decode(secret["data"]["token"]).decode()
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"no worker token Secret for {name}")
+    while True:
+        try:
+            return (await worker_headers(cluster, name, NS))[HEADER_WORKER_TOKEN]
+        except AssertionError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def other_deployments_token(cluster) -> str:

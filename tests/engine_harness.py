@@ -88,5 +88,6 @@ async def run_disaggregated(prefill: Engine, decode: Engine, requests: Requests,
     try:
         results = await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(requests)))
     finally:
+        transport.close()
         await server.stop()
     return [tokens for tokens, _ in results], [stats for _, stats in results]

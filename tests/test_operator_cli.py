@@ -22,7 +22,7 @@ def test_crd_command_writes_the_committed_file(tmp_path):
 def test_render_prints_every_child(capsys):
     assert main(["render", "-f", str(ROOT / "examples" / "tiny-cpu.yaml"), "-n", "team-a"]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert len(docs) == 12
+    assert len(docs) == 14  # the worker token Secret and the NetworkPolicy included
     assert {d["metadata"]["namespace"] for d in docs} == {"team-a"}
     assert all("ownerReferences" not in d["metadata"] for d in docs)
 

@@ -116,7 +116,7 @@ def test_call_parsing_accepts_audit_shapes() -> None:
 
 # Kube client method -> the RBAC verb its request needs (apply is a server-side-apply PATCH).
 KUBE_METHOD_VERBS = {"get": "get", "list": "list", "delete": "delete", "patch": "patch",
-                     "apply": "patch", "patch_status": "patch"}
+                     "apply": "patch", "patch_status": "patch", "list_shared": "list"}
 
 
 def controller_calls(namespace: str) -> list[Call]:

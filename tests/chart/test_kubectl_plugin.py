@@ -69,7 +69,7 @@ async def test_plan_table(apiserver: Any) -> None:
     prefill = next(line for line in out.splitlines() if "prefill" in line)
     cells = [c.strip() for c in prefill.split("│")[1:-1]]
     assert cells == ["prefill", "2", "1", "2", "2", "4"]  # phase, tensor, pipeline, replicas, GPUs/instance, GPUs
-    assert "10 GPU(s) in total" in out  # 2 x 2 + 3 x 2
+    assert "10 CPU worker(s) in total" in out  # 2 x 2 + 3 x 2 (the fixture is a device: cpu resource)
     assert "prefill-bound at 10 req/s" in out
     assert "TTFT p90 180.0 ms" in out
 

@@ -103,3 +103,15 @@ def test_gpu_without_a_table_entry_still_asks_for_a_profile():
 def test_estimated_profile_is_recognised():
     est = estimated_profile("m", BUILTIN_FACTS["llama-3-8b"], "x", GPU_PRODUCTS["L4-24GB"])
     assert is_estimated(est) and not is_estimated(builtin_profiles()["opt-13b-a100"])
+
+
+def test_status_carries_the_estimated_marking_and_the_crd_allows_it():
+    from disaggserve.api.crd import build_crd
+    from disaggserve.api.status import DisaggServeStatus
+
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    estimated = DisaggServeStatus(plan=plan_for(parse_spec(doc["spec"]))).wire()
+    measured = DisaggServeStatus(plan=plan_for(parse_spec(spec_dict()))).wire()
+    assert estimated["plan"]["profile"] == "estimated" and measured["plan"]["profile"] == "measured"
+    status_schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert status_schema["properties"]["plan"]["properties"]["profile"]["enum"] == ["measured", "estimated"]

@@ -6,6 +6,7 @@ worker, so each field travels router → prefill → KV pull → decode.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -301,3 +302,10 @@ async def test_vllm_bench_serve_request_format(ctx: Ctx) -> None:
     chunks = await ctx.sse(CHAT, chat)
     assert chunks[-1]["usage"]["completion_tokens"] == 7
     assert [c for c in chunks if c["choices"]][-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_unknown_fields_are_logged_at_debug(ctx: Ctx, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="disaggserve_worker.router.schemas"):
+        status, _ = await ctx.post(CMPL, {**BASE, "vendor_knob": 1, "another_one": "x"})
+    assert status == 200
+    assert any("another_one, vendor_knob" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)

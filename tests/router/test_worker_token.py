@@ -3,6 +3,7 @@ wrong token gets a clear, non-retryable error instead of a pile of silent retrie
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import aiohttp
@@ -45,6 +46,9 @@ async def test_router_with_the_token_serves_and_one_without_is_refused_clearly(
         monkeypatch.setenv(ENV_WORKER_TOKEN, "d" * 64)  # another DisaggServe's token
         wrong = await start_router(router_config(guarded_workers, queue_timeout_s=1))
         try:
+            async with asyncio.timeout(30):  # its first load polls are refused (else a dispatch-time 401: 502)
+                while not all(w.refused_token for w in wrong.router.pool.workers.values()):
+                    await asyncio.sleep(0.05)
             async with session.post(wrong.base_url + "/completions", json=BODY) as resp:
                 body = await resp.json()
                 assert resp.status == 503 and resp.headers["Retry-After"], body

@@ -1,9 +1,11 @@
-"""The framed KV protocol: round trips, partial reads, timeouts, TTL, broken peers."""
+"""The framed KV protocol: round trips, partial reads, timeouts, TTL, broken peers, reuse."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 
 import pytest
@@ -19,82 +21,102 @@ from disaggserve_worker.kv.framing import (
     KVTransferError,
     decode_json,
     encode_json,
-    read_frame,
+    recv_control,
+    recv_exact,
+    recv_frame_head,
 )
+from disaggserve_worker.kv.layout import slot_runs
 from disaggserve_worker.kv.transport import KVLayout, KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.loader import LoadedModel
+from kv_fakes import FakeKVPeer
 
 LAYOUT = KVLayout(torch.float32, layers=2, kv_heads=1, head_dim=4)
 
 
-async def test_frame_round_trip_with_partial_reads() -> None:
-    reader = asyncio.StreamReader()
+def test_frame_round_trip_with_partial_reads() -> None:
+    a, b = socket.socketpair()
     data = encode_json(FrameType.HEADER, {"request_id": "r", "layers": 2}) + \
         HEADER.pack(int(FrameType.LAYER), 8) + LAYER_INDEX.pack(1) + b"abcd"
 
-    async def trickle() -> None:  # one byte at a time: frames must still come out whole
+    def trickle() -> None:  # one byte at a time: frames must still come out whole
         for i in range(len(data)):
-            reader.feed_data(data[i:i + 1])
-            await asyncio.sleep(0)
+            a.send(data[i:i + 1])
+            time.sleep(0.001)
 
-    feeder = asyncio.create_task(trickle())
-    kind, payload = await read_frame(reader, timeout=2)
-    assert kind is FrameType.HEADER and decode_json(payload) == {"request_id": "r", "layers": 2}
-    kind, payload = await read_frame(reader, timeout=2)
-    assert kind is FrameType.LAYER and LAYER_INDEX.unpack_from(payload) == (1,) and payload[4:] == b"abcd"
-    await feeder
-
-
-async def test_read_timeout_and_garbage() -> None:
-    reader = asyncio.StreamReader()
-    reader.feed_data(HEADER.pack(int(FrameType.END), 10) + b"abc")  # promises 10 bytes, sends 3
-    with pytest.raises(KVTransferError) as timeout:
-        await read_frame(reader, timeout=0.2)
-    assert timeout.value.kind == "kv_timeout" and timeout.value.retryable
-    garbage = asyncio.StreamReader()
-    garbage.feed_data(HEADER.pack(99, 0))
-    with pytest.raises(KVTransferError, match="unknown KV frame type") as bad:
-        await read_frame(garbage, timeout=1)
-    assert not bad.value.retryable
+    feeder = threading.Thread(target=trickle)
+    feeder.start()
+    try:
+        b.settimeout(5)
+        kind, payload = recv_control(b)
+        assert kind is FrameType.HEADER and decode_json(payload) == {"request_id": "r", "layers": 2}
+        kind, length = recv_frame_head(b)
+        payload = recv_exact(b, length)
+        assert kind is FrameType.LAYER and LAYER_INDEX.unpack_from(payload) == (1,) and payload[4:] == b"abcd"
+    finally:
+        feeder.join()
+        a.close()
+        b.close()
 
 
-async def _serve_once(handler) -> tuple[asyncio.Server, str]:  # type: ignore[no-untyped-def]
-    server = await asyncio.start_server(handler, "127.0.0.31", 0)
-    return server, f"127.0.0.31:{server.sockets[0].getsockname()[1]}"
+def test_read_timeout_garbage_and_oversized_control_frames() -> None:
+    a, b = socket.socketpair()
+    try:
+        b.settimeout(0.2)
+        a.sendall(HEADER.pack(int(FrameType.END), 10) + b"abc")  # promises 10 bytes, sends 3
+        with pytest.raises(KVTransferError) as timeout:
+            recv_control(b)
+        assert timeout.value.kind == "kv_timeout" and timeout.value.retryable
+    finally:
+        a.close()
+        b.close()
+    a, b = socket.socketpair()
+    try:
+        b.settimeout(1)
+        a.sendall(HEADER.pack(99, 0))
+        with pytest.raises(KVTransferError, match="unknown KV frame type") as bad:
+            recv_control(b)
+        assert not bad.value.retryable
+        a.sendall(HEADER.pack(int(FrameType.REQUEST), 1 << 40))  # a terabyte, refused unread
+        with pytest.raises(KVTransferError, match="exceeds") as big:
+            recv_control(b)
+        assert big.value.kind == "kv_protocol"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_slot_runs_merge_consecutive_blocks() -> None:
+    slots = torch.tensor([32, 33, 34, 35, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17])
+    assert slot_runs(slots) == [(32, 4), (0, 8), (16, 2)]
+    assert slot_runs(torch.tensor([], dtype=torch.long)) == []
 
 
 async def test_peer_dying_mid_transfer_is_a_clean_retryable_error() -> None:
-    async def dies_after_one_layer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_frame(reader, 2)
-        writer.write(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32", "layers": 2,
+    def dies_after_one_layer(conn: socket.socket) -> None:
+        recv_control(conn)
+        conn.sendall(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32", "layers": 2,
                                                     "shape": [2, 3, 1, 4]}))
         payload = LAYER_INDEX.pack(0) + torch.zeros(2, 3, 1, 4).numpy().tobytes()
-        writer.write(HEADER.pack(int(FrameType.LAYER), len(payload)) + payload)
-        writer.write(HEADER.pack(int(FrameType.LAYER), len(payload)) + payload[:10])  # cut mid-layer
-        await writer.drain()
-        writer.transport.abort()  # like a killed process: no orderly shutdown
+        conn.sendall(HEADER.pack(int(FrameType.LAYER), len(payload)) + payload)
+        second = LAYER_INDEX.pack(1) + payload[LAYER_INDEX.size:]
+        conn.sendall(HEADER.pack(int(FrameType.LAYER), len(second)) + second[:10])  # cut mid-layer
+        # then the peer is gone (the fake closes the socket, as the kernel does for a killed process)
 
-    server, address = await _serve_once(dies_after_one_layer)
-    received: list[int] = []
-    start = time.monotonic()
-    with pytest.raises(KVTransferError) as error:
-        await TcpKVTransport(frame_timeout=5).pull(address, "h", "r", LAYOUT,
-                                                    lambda layer, _t: received.append(layer))
+    with FakeKVPeer(dies_after_one_layer) as peer:
+        received: list[int] = []
+        start = time.monotonic()
+        with pytest.raises(KVTransferError) as error:
+            await TcpKVTransport(frame_timeout=5).pull(peer.address, "h", "r", LAYOUT,
+                                                        lambda layer, _t: received.append(layer))
     assert time.monotonic() - start < 2, "a dead peer is noticed at once, not after the frame timeout"
     assert error.value.kind == "kv_unavailable" and error.value.retryable
     assert received == [0], "layers that arrived were handed over as they came"
-    server.close()
 
 
 async def test_stalled_peer_times_out() -> None:
-    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(5)
-
-    server, address = await _serve_once(stalls)
-    with pytest.raises(KVTransferError) as error:
-        await TcpKVTransport(frame_timeout=0.3).pull(address, "h", "r", LAYOUT, lambda *_: None)
+    with FakeKVPeer(lambda conn: time.sleep(1), handshake=False) as peer, pytest.raises(KVTransferError) as error:
+        await TcpKVTransport(frame_timeout=0.3).pull(peer.address, "h", "r", LAYOUT, lambda *_: None)
     assert error.value.kind == "kv_timeout" and error.value.retryable
-    server.close()
 
 
 async def test_unreachable_port_is_retryable() -> None:
@@ -103,11 +125,69 @@ async def test_unreachable_port_is_retryable() -> None:
     assert error.value.kind == "kv_unavailable" and error.value.retryable
 
 
+async def test_receiver_refuses_more_tokens_than_it_reserved(tiny: LoadedModel) -> None:
+    """A peer announcing a bigger cache than the reservation is refused before any layer is read."""
+    receiver = Engine(tiny.model, tiny.tokenizer, [], EngineConfig(role="decode", kv_cache_tokens=256))
+    c = tiny.config
+    reservation = receiver.reserve([1] * 10, SamplingParams(max_tokens=6))
+    assert reservation is not None
+
+    def announces_a_huge_cache(conn: socket.socket) -> None:
+        recv_control(conn)
+        conn.sendall(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32",
+                                                    "layers": c.num_hidden_layers,
+                                                    "shape": [2, 1 << 20, c.kv_heads, c.dim_per_head]}))
+        time.sleep(1)
+
+    with FakeKVPeer(announces_a_huge_cache) as peer, pytest.raises(KVTransferError, match="does not fit") as error:
+        await TcpKVTransport(frame_timeout=5).pull(peer.address, "h", "r", layout_of(receiver),
+                                                    pool_sink(receiver, reservation.slot_table))
+    assert error.value.kind == "kv_mismatch" and not error.value.retryable
+
+
+async def test_layer_frame_of_the_wrong_size_is_refused_unread() -> None:
+    def lies_about_the_layer(conn: socket.socket) -> None:
+        recv_control(conn)
+        conn.sendall(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32", "layers": 2,
+                                                    "shape": [2, 3, 1, 4]}))
+        conn.sendall(HEADER.pack(int(FrameType.LAYER), 1 << 33) + LAYER_INDEX.pack(0))
+        time.sleep(1)
+
+    with FakeKVPeer(lies_about_the_layer) as peer, pytest.raises(KVTransferError, match="bad KV frame") as error:
+        await TcpKVTransport(frame_timeout=5).pull(peer.address, "h", "r", LAYOUT, lambda *_: None)
+    assert error.value.kind == "kv_protocol"
+
+
+async def test_cancelled_pull_stops_writing_before_it_returns() -> None:
+    """The caller frees the reservation when a pull is cancelled: the transfer thread must be done."""
+    sent_header = threading.Event()
+
+    def stalls_after_the_header(conn: socket.socket) -> None:
+        recv_control(conn)
+        conn.sendall(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32", "layers": 2,
+                                                    "shape": [2, 3, 1, 4]}))
+        sent_header.set()
+        time.sleep(3)
+
+    writes: list[int] = []
+    with FakeKVPeer(stalls_after_the_header) as peer:
+        task = asyncio.ensure_future(TcpKVTransport(frame_timeout=20).pull(
+            peer.address, "h", "r", LAYOUT, lambda layer, _t: writes.append(layer)))
+        await asyncio.to_thread(sent_header.wait, 5)
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - start < 2, "cancellation cuts the socket instead of waiting it out"
+    assert writes == []
+
+
 async def _prefilled(tiny: LoadedModel, ttl: float) -> tuple[Engine, KVServer, str, str, list[int]]:
     engine = Engine(tiny.model, tiny.tokenizer, tiny.eos_token_ids,
                     EngineConfig(role="prefill", kv_cache_tokens=256, kv_ttl_seconds=ttl))
     engine.start()
-    server = KVServer(engine, frame_timeout=2)
+    server = KVServer(engine, frame_timeout=2, token=None)
     await server.start("127.0.0.32", 0)
     prompt = tiny.tokenizer.encode("a prompt whose cache waits").ids
     stream = RequestStream("r", asyncio.get_running_loop())
@@ -210,5 +290,74 @@ async def test_bfloat16_cache_crosses_the_wire_bit_exact() -> None:
                            source)
         assert source.abs().sum() > 0
     finally:
+        await server.stop()
+        engine.stop()
+
+
+async def test_pulls_reuse_one_connection_and_survive_a_restarted_port(tiny: LoadedModel) -> None:
+    """Back-to-back pulls from one peer share one authenticated connection; when the peer drops
+    it (restart, idle timeout), the next pull reconnects instead of failing."""
+    engine = Engine(tiny.model, tiny.tokenizer, tiny.eos_token_ids,
+                    EngineConfig(role="prefill", kv_cache_tokens=512, kv_ttl_seconds=30))
+    engine.start()
+    server = KVServer(engine, frame_timeout=2, token=None)
+    await server.start("127.0.0.32", 0)
+    receiver = Engine(tiny.model, tiny.tokenizer, [], EngineConfig(role="decode", kv_cache_tokens=512))
+    transport = TcpKVTransport()
+    loop = asyncio.get_running_loop()
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def one(i: int) -> None:
+        prompt = [3 + i] * (20 + i)
+        stream = RequestStream(f"r{i}", loop)
+        engine.submit(f"r{i}", prompt, params, stream)
+        first = await stream.queue.get()
+        reservation = receiver.reserve(prompt, params)
+        assert first.kv_handle is not None and reservation is not None
+        await transport.pull(f"127.0.0.32:{server.port}", first.kv_handle, f"r{i}", layout_of(receiver),
+                             pool_sink(receiver, reservation.slot_table))
+        receiver.cancel_reservation(reservation)
+
+    try:
+        for i in range(3):
+            await one(i)
+        assert server.accepted == 1, "three pulls, one connection"
+        port = server.port
+        await server.stop()  # cuts the pooled connection, like a restarted prefill worker
+        server = KVServer(engine, frame_timeout=2, token=None)
+        await server.start("127.0.0.32", port)
+        await one(3)
+        assert server.accepted == 1
+    finally:
+        transport.close()
+        await server.stop()
+        engine.stop()
+
+
+async def test_pull_into_fragmented_blocks_equals_source(tiny: LoadedModel) -> None:
+    """Blocks freed out of order leave a reservation scattered over the pool: the pull still
+    lands each token in its own slot (block-wise scatter straight from the socket)."""
+    engine, server, address, handle, prompt = await _prefilled(tiny, ttl=30)
+    receiver = Engine(tiny.model, tiny.tokenizer, [], EngineConfig(role="decode", kv_cache_tokens=256,
+                                                                   block_size=4))
+    transport = TcpKVTransport()
+    try:
+        every = receiver.allocator.try_allocate(receiver.allocator.capacity_tokens)
+        assert every is not None
+        receiver.allocator.free(every[1::3] + every[::3][::-1] + every[2::3])
+        reservation = receiver.reserve(prompt, SamplingParams(max_tokens=4))
+        assert reservation is not None
+        assert len(slot_runs(reservation.slot_table[: len(prompt)])) > 1, "the reservation is fragmented"
+        held = engine.pin_held(handle)
+        assert held is not None
+        engine.unpin_held(handle, release=False)
+        source = torch.stack([engine.kv_pool.read(i, held.slot_table[: len(prompt)])
+                              for i in range(len(engine.kv_pool))])
+        await transport.pull(address, handle, "r", layout_of(receiver), pool_sink(receiver, reservation.slot_table))
+        slots = reservation.slot_table[: len(prompt)]
+        assert torch.equal(torch.stack([receiver.kv_pool.read(i, slots) for i in range(len(receiver.kv_pool))]),
+                           source)
+    finally:
+        transport.close()
         await server.stop()
         engine.stop()

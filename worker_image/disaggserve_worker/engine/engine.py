@@ -9,8 +9,14 @@ Roles share the loop:
   TTL passes);
 - decode: sequences arrive with their prompt KV already written (by a KV pull into a
   reservation) and join the running batch between steps;
-- colocated: both, vLLM style — each iteration runs one decode step for every running
-  sequence and fills the rest of the token budget with (chunked) prefills of waiting ones.
+- colocated: both, vLLM style — each iteration is ONE forward: a decode token for every
+  running sequence plus (chunked) prompt tokens of admitted ones up to the token budget.
+
+The pieces are split the way vLLM v1 splits them: `scheduler.plan_step` (pure: what runs this
+iteration), `runner.ModelRunner` (tensors and the forward), this module (the loop: intake,
+admission, sampling, emitting), and the KV connector (`kv.transport`) that moves held caches.
+Token events of one iteration are handed to the event loop in one batch (one wake-up per
+iteration, not per token).
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from tokenizers import Tokenizer
 
 from disaggserve_worker.engine.detokenizer import IncrementalDetokenizer
 from disaggserve_worker.engine.kv_cache import BlockAllocator
+from disaggserve_worker.engine.runner import ModelRunner
 from disaggserve_worker.engine.sampling import SampleContext, SamplingParams, sample_rows
-from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent
-from disaggserve_worker.model.batch import BatchLayout
+from disaggserve_worker.engine.scheduler import StepPlan, plan_step
+from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent, push_many
 from disaggserve_worker.model.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -110,7 +117,9 @@ class Engine:
         self.observer = observer
         self.allocator = BlockAllocator(-(-config.kv_cache_tokens // config.block_size), config.block_size)
         self.kv_pool = model.new_kv_pool(self.allocator.capacity_tokens)
+        self.runner = ModelRunner(model, self.kv_pool)
         self.device = model.device
+        self._pending: list[tuple[RequestStream, TokenEvent]] = []  # this iteration's events
         self._inbox: deque[Sequence] = deque()
         self._aborts: set[str] = set()
         self._waiting: deque[Sequence] = deque()
@@ -211,10 +220,17 @@ class Engine:
                 self._inbox.append(seq)
                 self._wake.notify()
                 return
-        self._fail(seq, "shutdown", "worker is shutting down", retryable=True)
+        seq.stream.push(TokenEvent(None, "", None, error={
+            "type": "shutdown", "message": "worker is shutting down", "retryable": True}))
 
     def _notify(self) -> None:
-        """Memory was freed outside the engine thread: waiting requests may fit now."""
+        """Memory was freed outside the engine thread: waiting requests may fit now.
+
+        Only when some wait: waking an idle engine thread costs the GIL (and on a busy host a
+        scheduler slice) to the KV port and the event loop for nothing — it tripled the latency
+        of a 1 MB KV pull, whose ACK frees the cache."""
+        if not (self._waiting or self._inbox):
+            return
         with self._wake:
             self._wake.notify()
 
@@ -293,12 +309,14 @@ class Engine:
                     self._fail(seq, "engine_error", f"engine step failed: {error}", retryable=True)
                 self._prefilling, self._running = [], []
             finally:
+                self._flush()
                 self.busy = False
         with self._wake:
             leftover = list(self._inbox) + list(self._waiting) + self._prefilling + self._running
             self._inbox.clear()
         for seq in leftover:
             self._fail(seq, "shutdown", "worker is shutting down", retryable=True)
+        self._flush()
 
     def _intake(self, inbox: list[Sequence], aborts: set[str]) -> None:
         for seq in inbox:
@@ -323,68 +341,54 @@ class Engine:
             self._prefilling.append(seq)
 
     def _step(self) -> None:
-        if self._running:
-            self._decode_step()
-        if self._prefilling:
-            self._prefill_step()
+        budget = self.config.max_batch_tokens
+        if self.speculator is not None:
+            # The speculator runs its own verification forward over the running batch; prompt
+            # chunks get what is left of the budget in a second one.
+            if self._running:
+                self._speculative_step()
+            plan = plan_step([], self._prefilling, budget - len(self._running))
+        else:
+            plan = plan_step(self._running, self._prefilling, budget)
+        if plan:
+            self._run_plan(plan)
 
-    def _prefill_step(self) -> None:
-        budget = self.config.max_batch_tokens - len(self._running)
-        budget = max(budget, 1)
-        chosen: list[tuple[Sequence, int]] = []
-        for seq in self._prefilling:
-            if budget <= 0:
-                break
-            n = min(len(seq.prompt_ids) - seq.num_cached, budget)
-            chosen.append((seq, n))
-            budget -= n
-        tokens = [t for seq, n in chosen for t in seq.prompt_ids[seq.num_cached:seq.num_cached + n]]
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        layout = BatchLayout.build([n for _, n in chosen], [s.num_cached for s, _ in chosen],
-                                   [s.slot_table for s, _ in chosen], self.device,  # type: ignore[misc]
-                                   self.model.sliding_window)
-        start = time.perf_counter()
-        logits = self.model.forward_step(ids, layout, self.kv_pool)
-        self._sync()
+    def _run_plan(self, plan: StepPlan[Sequence]) -> None:
+        """One forward for the plan; sample where a token is due; emit, hold or continue."""
+        logits, seconds = self.runner.execute(plan)
+        n_decode = len(plan.decode)
         if self.observer:
-            self.observer("prefill", time.perf_counter() - start, int(ids.numel()), len(chosen))
+            if plan.decode:
+                self.observer("decode", seconds, n_decode, n_decode)
+            if plan.prefill:
+                self.observer("prefill", seconds, sum(n for _, n in plan.prefill), len(plan.prefill))
+        # Rows that get a token: every decode row, and prompts whose last chunk this was. A
+        # chunk that does not finish its prompt samples nothing (its generator is untouched,
+        # so a seeded request gives the same tokens however its prompt was chunked).
+        due = list(range(n_decode))
+        due += [n_decode + i for i, (seq, n) in enumerate(plan.prefill)
+                if seq.num_cached + n >= len(seq.prompt_ids)]
+        seqs = [*plan.decode, *(seq for seq, _ in plan.prefill)]
         logprobs: list[dict[str, object] | None] = []
-        tokens = sample_rows(logits, [s.params for s, _ in chosen], [s.generator for s, _ in chosen],
-                             [self._context(s) for s, _ in chosen], logprobs)
-        for row, (seq, n) in enumerate(chosen):
+        picked = sample_rows(logits[due] if len(due) != len(seqs) else logits,
+                             [seqs[i].params for i in due], [seqs[i].generator for i in due],
+                             [self._context(seqs[i]) for i in due], logprobs)
+        token_of = {row: (token, lp) for row, token, lp in zip(due, picked, logprobs, strict=True)}
+        for row, seq in enumerate(plan.decode):
+            seq.num_cached += 1
+            if self._accept_token(seq, *token_of[row]):
+                self._running.remove(seq)
+        for i, (seq, n) in enumerate(plan.prefill):
             seq.num_cached += n
             if seq.num_cached < len(seq.prompt_ids):
                 continue  # more chunks to go
             self._prefilling.remove(seq)
-            finished = self._accept_token(seq, tokens[row], logprobs[row])
-            if finished:
+            if self._accept_token(seq, *token_of[n_decode + i]):
                 continue
             if seq.hold_kv:
                 self._hold(seq)
             else:
                 self._running.append(seq)
-
-    def _decode_step(self) -> None:
-        if self.speculator is not None:
-            self._speculative_step()
-            return
-        batch = list(self._running)
-        ids = torch.tensor([s.tokens[-1] for s in batch], dtype=torch.long, device=self.device)
-        layout = BatchLayout.build([1] * len(batch), [s.num_cached for s in batch],
-                                   [s.slot_table for s in batch], self.device,  # type: ignore[misc]
-                                   self.model.sliding_window)
-        start = time.perf_counter()
-        logits = self.model.forward_step(ids, layout, self.kv_pool)
-        self._sync()
-        if self.observer:
-            self.observer("decode", time.perf_counter() - start, len(batch), len(batch))
-        logprobs: list[dict[str, object] | None] = []
-        tokens = sample_rows(logits, [s.params for s in batch], [s.generator for s in batch],
-                             [self._context(s) for s in batch], logprobs)
-        for row, seq in enumerate(batch):
-            seq.num_cached += 1
-            if self._accept_token(seq, tokens[row], logprobs[row]):
-                self._running.remove(seq)
 
     def _speculative_step(self) -> None:
         """One verification step: each sequence emits its accepted proposal plus the target's token."""
@@ -427,14 +431,23 @@ class Engine:
             if finish == "length":
                 text += seq.detok.flush()
         if finish is not None:
-            seq.stream.push(TokenEvent(token, text, finish, logprobs=logprobs))
+            self._emit(seq.stream, TokenEvent(token, text, finish, logprobs=logprobs))
             self._free(seq)
             return True
         if seq.hold_kv:
             seq.first_logprobs = logprobs
             return False  # the prefill path emits the first token together with the KV handle
-        seq.stream.push(TokenEvent(token, text, None, logprobs=logprobs))
+        self._emit(seq.stream, TokenEvent(token, text, None, logprobs=logprobs))
         return False
+
+    def _emit(self, stream: RequestStream, event: TokenEvent) -> None:
+        self._pending.append((stream, event))
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to their event loops, one wake-up per loop."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            push_many(pending)
 
     def _hold(self, seq: Sequence) -> None:
         handle = f"{seq.request_id}-{uuid.uuid4().hex[:12]}"
@@ -444,8 +457,8 @@ class Engine:
             self._held[handle] = held
         seq.blocks = []
         token = seq.tokens[-1]
-        seq.stream.push(TokenEvent(token, seq.detok.settled(), None, kv_handle=handle,
-                                   logprobs=seq.first_logprobs))
+        self._emit(seq.stream, TokenEvent(token, seq.detok.settled(), None, kv_handle=handle,
+                                          logprobs=seq.first_logprobs))
 
     def _free(self, seq: Sequence) -> None:
         if self.speculator is not None:
@@ -456,8 +469,8 @@ class Engine:
 
     def _fail(self, seq: Sequence, kind: str, message: str, retryable: bool) -> None:
         self._free(seq)
-        seq.stream.push(TokenEvent(None, "", None,
-                                   error={"type": kind, "message": message, "retryable": retryable}))
+        self._emit(seq.stream, TokenEvent(None, "", None,
+                                          error={"type": kind, "message": message, "retryable": retryable}))
 
 
 __all__ = ["Engine", "EngineConfig", "HeldCache", "RequestError", "RequestStream", "Reservation"]

@@ -29,6 +29,23 @@ class RequestError(ValueError):
     """A request the engine refuses as given (maps to HTTP 4xx)."""
 
 
+def push_many(events: list[tuple[RequestStream, TokenEvent]]) -> None:
+    """Thread-safe: deliver a batch of events (in order) with one wake-up per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]] = {}
+    for stream, event in events:
+        by_loop.setdefault(stream.loop, []).append((stream.queue, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:
+            pass  # the event loop is closed: the server and with it every consumer are gone
+
+
+def _deliver(items: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 @dataclass
 class RequestStream:
     """Events of one request, produced by the engine thread and consumed on the event loop."""

@@ -1,24 +1,42 @@
-"""The framed KV stream: `type (u8) | length (u64, big-endian) | payload`.
+"""The framed KV stream over a blocking socket: `type (u8) | length (u64, big-endian) | payload`.
 
-A pull is: decode sends REQUEST {handle, request_id}; prefill answers HEADER {request_id,
-dtype, layers, shape} (or ERROR {type, message, retryable}), then one LAYER frame per layer
-(`layer index (u32) | raw K,V bytes`), then END {bytes}; decode answers ACK, and only then
-does prefill free the cache — a decode worker that dies mid-pull can be retried.
-Layer frames let the receiver write layer i while layer i+1 is still on the wire.
+A connection starts with a handshake: the server sends HELLO {version, nonce, auth}; the
+client's first frame is AUTH {mac} (HMAC-SHA256 of the nonce under the worker token,
+`kv.auth`); the server answers READY, or ERROR and closes. Then the connection serves pulls
+one after another (it is kept per peer and reused): decode sends REQUEST {handle,
+request_id}; prefill answers HEADER {request_id, dtype, layers, shape} (or ERROR {type,
+message, retryable}), then one LAYER frame per layer (`layer index (u32) | K bytes | V bytes`,
+full heads, token-major), then END {bytes}; decode answers ACK, and only then does prefill free
+the cache — a decode worker that dies mid-pull can be retried.
+
+Why blocking sockets (each side runs them on its own thread, off the event loop and off the
+engine thread): layer payloads go out with `sendmsg` straight from the pool's memory and come
+in with `recvmsg_into` straight into the receiver's pool blocks — no stream-reader buffer, no
+join, no per-frame copies. Every read is bounded before anything is allocated: control frames
+by `MAX_CONTROL_FRAME` (`MAX_HANDSHAKE_FRAME` before authentication), layer frames by the exact
+size the header announced, which the receiver checks against its model and reservation.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import socket
 import struct
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Any
 
 HEADER = struct.Struct("!BQ")
 LAYER_INDEX = struct.Struct("!I")
-MAX_JSON_FRAME = 1 << 20
-MAX_FRAME = 1 << 34
+PROTOCOL_VERSION = 2
+MAX_HANDSHAKE_FRAME = 1024  # HELLO/AUTH/READY, read before the peer is trusted
+MAX_CONTROL_FRAME = 64 * 1024  # REQUEST, HEADER, END, ACK, ERROR
+IOV_MAX = 1024  # buffers per sendmsg/recvmsg call (Linux's UIO_MAXIOV)
+# Socket buffers big enough that a typical cache (~1 MB) crosses in one send and one wake-up of
+# the receiver instead of a ping-pong of 128 KB windows (the kernel doubles it for bookkeeping
+# and caps it at [rw]mem_max). Not bigger: a cache several times this size should still stream
+# layer by layer rather than sit in kernel buffers.
+SOCKET_BUFFER = 2 << 20
 
 
 class FrameType(IntEnum):
@@ -28,6 +46,9 @@ class FrameType(IntEnum):
     END = 4
     ERROR = 5
     ACK = 6
+    HELLO = 7
+    AUTH = 8
+    READY = 9
 
 
 class KVTransferError(RuntimeError):
@@ -42,32 +63,19 @@ class KVTransferError(RuntimeError):
         return {"type": self.kind, "message": str(self), "retryable": self.retryable}
 
 
+class PeerClosed(KVTransferError):
+    """The peer closed or reset the connection (a stale pooled connection looks like this)."""
+
+    def __init__(self, message: str):
+        super().__init__("kv_unavailable", message, True)
+
+
 def encode_json(kind: FrameType, obj: dict[str, Any]) -> bytes:
     data = json.dumps(obj).encode()
     return HEADER.pack(int(kind), len(data)) + data
 
 
-async def read_frame(reader: asyncio.StreamReader, timeout: float) -> tuple[FrameType, bytes]:
-    """One whole frame, or KVTransferError on timeout, a closed peer or garbage."""
-    try:
-        head = await asyncio.wait_for(reader.readexactly(HEADER.size), timeout)
-        kind_value, length = HEADER.unpack(head)
-        try:
-            kind = FrameType(kind_value)
-        except ValueError:
-            raise KVTransferError("kv_protocol", f"unknown KV frame type {kind_value}", False) from None
-        limit = MAX_FRAME if kind is FrameType.LAYER else MAX_JSON_FRAME
-        if length > limit:
-            raise KVTransferError("kv_protocol", f"KV frame of {length} bytes exceeds {limit}", False)
-        payload = await asyncio.wait_for(reader.readexactly(length), timeout)
-    except TimeoutError:
-        raise KVTransferError("kv_timeout", f"no KV data within {timeout:g} s", True) from None
-    except (asyncio.IncompleteReadError, ConnectionError) as error:
-        raise KVTransferError("kv_unavailable", f"KV peer closed the stream: {error!r}", True) from None
-    return kind, payload
-
-
-def decode_json(payload: bytes) -> dict[str, Any]:
+def decode_json(payload: bytes | bytearray) -> dict[str, Any]:
     try:
         obj = json.loads(payload)
     except ValueError as error:
@@ -75,3 +83,84 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise KVTransferError("kv_protocol", "KV control frame is not a JSON object", False)
     return obj
+
+
+def _translate(error: BaseException, timeout: float | None) -> KVTransferError:
+    if isinstance(error, TimeoutError):
+        return KVTransferError("kv_timeout", f"no KV data within {timeout or 0:g} s", True)
+    return PeerClosed(f"KV peer closed the stream: {error!r}")
+
+
+def recv_into_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> None:
+    """Fill every buffer, in order (scatter-read: one syscall per up to IOV_MAX buffers)."""
+    pending = [b for b in buffers if b.nbytes]
+    while pending:
+        try:
+            got = sock.recvmsg_into(pending[:IOV_MAX])[0]
+        except OSError as error:
+            raise _translate(error, sock.gettimeout()) from None
+        if got == 0:
+            raise PeerClosed("KV peer closed the stream mid-frame")
+        while got:
+            head = pending[0]
+            if got >= head.nbytes:
+                got -= head.nbytes
+                pending.pop(0)
+            else:
+                pending[0] = head[got:]
+                got = 0
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytearray:
+    buf = bytearray(size)
+    recv_into_buffers(sock, [memoryview(buf)])
+    return buf
+
+
+def send_buffers(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
+    """Send every buffer, in order, without joining them (gather-write)."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while pending:
+        try:
+            sent = sock.sendmsg(pending[:IOV_MAX])
+        except OSError as error:
+            raise _translate(error, sock.gettimeout()) from None
+        while sent:
+            head = pending[0]
+            if sent >= head.nbytes:
+                sent -= head.nbytes
+                pending.pop(0)
+            else:
+                pending[0] = head[sent:]
+                sent = 0
+
+
+def recv_frame_head(sock: socket.socket) -> tuple[FrameType, int]:
+    """The next frame's type and payload length (the payload is not read)."""
+    head = recv_exact(sock, HEADER.size)
+    kind_value, length = HEADER.unpack(head)
+    try:
+        return FrameType(kind_value), length
+    except ValueError:
+        raise KVTransferError("kv_protocol", f"unknown KV frame type {kind_value}", False) from None
+
+
+def recv_control(sock: socket.socket, limit: int = MAX_CONTROL_FRAME) -> tuple[FrameType, bytearray]:
+    """One whole control frame; a LAYER frame or one longer than `limit` is refused unread."""
+    kind, length = recv_frame_head(sock)
+    if kind is FrameType.LAYER:
+        raise KVTransferError("kv_protocol", "unexpected KV layer frame", False)
+    if length > limit:
+        raise KVTransferError("kv_protocol", f"KV {kind.name} frame of {length} bytes exceeds {limit}", False)
+    return kind, recv_exact(sock, length)
+
+
+def send_json(sock: socket.socket, kind: FrameType, obj: dict[str, Any]) -> None:
+    send_buffers(sock, [encode_json(kind, obj)])
+
+
+def raise_if_error(kind: FrameType, payload: bytearray) -> None:
+    if kind is FrameType.ERROR:
+        err = decode_json(payload)
+        raise KVTransferError(str(err.get("type", "kv_unavailable")), str(err.get("message")),
+                              bool(err.get("retryable", True)))

@@ -6,6 +6,11 @@ a shard is the same computation on fewer heads or columns, so the engine's singl
 path, and its equality with the uncached reference, holds for every shard by construction.
 Output biases (o_proj, down_proj) live only in rank 0, so summing the shards' partial
 outputs adds them exactly once.
+
+Q/K/V and gate/up run as one matmul each (`FusedLinear`): on first use their weights are
+concatenated into one tensor and the checkpoint-named parameters become views into it, so
+checkpoints still load by name, tensor-parallel sharding still slices the named
+projections (each shard fuses its own slices), and no weight is stored twice.
 """
 
 from __future__ import annotations
@@ -44,6 +49,41 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+class FusedLinear:
+    """One matmul for several `nn.Linear`s that read the same input (outputs concatenated)."""
+
+    def __init__(self, *linears: nn.Linear):
+        self.linears = linears
+        self.sizes = [int(lin.out_features) for lin in linears]
+        self._weight: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
+        self._ptrs: list[int] = []
+
+    def _fuse(self) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            weight = torch.cat([lin.weight.detach() for lin in self.linears])
+            biases = [lin.bias for lin in self.linears]
+            bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+            start = 0
+            for lin, size in zip(self.linears, self.sizes, strict=True):
+                lin.weight.data = weight[start:start + size]
+                if bias is not None:
+                    lin.bias.data = bias[start:start + size]
+                start += size
+        self._weight, self._bias = weight, bias
+        self._ptrs = self._current()
+
+    def _current(self) -> list[int]:
+        # `_parameters[...]`, not `.weight`: nn.Module.__getattr__ costs more than the check.
+        return [lin._parameters["weight"].data_ptr() for lin in self.linears]  # type: ignore[union-attr]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # Re-fuse if a parameter was replaced (moved to a device, reloaded into new storage).
+        if self._weight is None or self._current() != self._ptrs:
+            self._fuse()
+        return list(F.linear(x, self._weight, self._bias).split(self.sizes, dim=-1))  # type: ignore[arg-type]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, parts: int = 1, rank: int = 0):
         super().__init__()
@@ -56,14 +96,15 @@ class Attention(nn.Module):
         # Llama's `attention_bias` covers o_proj too; Qwen2 biases only q/k/v.
         self.o_proj = nn.Linear(self.heads * self.head_dim, h,
                                 bias=bias and config.model_type != "qwen2" and rank == 0)
+        self.qkv_proj = FusedLinear(self.q_proj, self.k_proj, self.v_proj)  # not a module: no new names
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        return q, k, v
+        q, k, v = self.qkv_proj(x)
+        q = apply_rotary(q.view(t, self.heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        return q, k, v.view(t, self.kv_heads, self.head_dim)
 
     def forward_step(self, x: torch.Tensor, step: StepInputs, layer_cache: torch.Tensor) -> torch.Tensor:
         """x: (T, hidden) packed; layer_cache: (2, slots, kv_heads, head_dim), written in place."""
@@ -77,6 +118,10 @@ class Attention(nn.Module):
         keys = layer_cache[0].index_select(0, flat).view(batch, context, self.kv_heads, self.head_dim)
         values = layer_cache[1].index_select(0, flat).view(batch, context, self.kv_heads, self.head_dim)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, KVH, K, D)
+        if layout.max_query == 1:  # pure decode: one query per sequence, no padding to undo
+            out = F.scaled_dot_product_attention(q[:, :, None], keys, values,
+                                                 attn_mask=layout.attn_mask, enable_gqa=True)
+            return self.o_proj(out.reshape(x.shape[0], -1))
         padded = q.new_zeros(layout.num_seqs, layout.max_query, self.heads, self.head_dim)
         padded[layout.seq_index, layout.q_index] = q
         out = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values,
@@ -103,6 +148,8 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias and rank == 0)
+        self.gate_up_proj = FusedLinear(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)

@@ -261,7 +261,7 @@ class Router:
         status = "upstream_error"
         admitted = False
         try:
-            await self._admit()
+            await self._admit()  # one slot per request, however many choices it asks for
             admitted = True
             runs = [ChoiceRun(i, i // req.choices, gen,
                               IncrementalDetokenizer(self.model.tokenizer, gen.prompt_ids, gen.stop,

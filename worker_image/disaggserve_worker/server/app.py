@@ -21,7 +21,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from disaggserve_worker import contract
-from disaggserve_worker.auth import HEADER_WORKER_TOKEN, sign, signature_matches, token_matches, worker_token
+from disaggserve_worker.auth import (
+    ENV_WORKER_TOKEN,
+    HEADER_WORKER_TOKEN,
+    sign,
+    signature_matches,
+    token_matches,
+    worker_token,
+)
 from disaggserve_worker.engine.engine import Engine, Reservation
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent
 from disaggserve_worker.kv.framing import KVTransferError
@@ -74,7 +81,7 @@ class WorkerServer:
         self.engine = engine
         self.config = config
         self.metrics = metrics
-        self.transport: KVTransport = transport or TcpKVTransport()
+        self.transport: KVTransport = transport or TcpKVTransport(token=config.token)  # proves it on the KV port
         self.draining = False
         self.inflight = 0
         self.admitting = 0  # decode requests waiting for KV-cache room (vllm:num_requests_waiting)
@@ -85,7 +92,7 @@ class WorkerServer:
         self._runner: web.AppRunner | None = None
         if config.token is None:
             log.warning("no %s set: this worker accepts internal calls from anyone who can reach it",
-                        "DISAGGSERVE_WORKER_TOKEN")
+                        ENV_WORKER_TOKEN)
         self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._auth_middleware])
         self.app.add_routes([
             web.get(contract.PATH_HEALTH, self.healthz),
@@ -109,7 +116,7 @@ class WorkerServer:
         """Start the engine thread and, on a prefill worker, the KV port."""
         self.engine.start()
         if self.config.role == "prefill":
-            self.kv_server = KVServer(self.engine, on_sent=self.metrics.observe_transfer)
+            self.kv_server = KVServer(self.engine, on_sent=self.metrics.observe_transfer, token=self.config.token)
             await self.kv_server.start(self.config.host, self.config.kv_port)
 
     async def start(self) -> None:

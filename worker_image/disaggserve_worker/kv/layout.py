@@ -1,0 +1,150 @@
+"""What a KV transfer moves and where it lands: the wire layout, limits, and pool views.
+
+On the wire a layer is full-head K then V, token-major: (2, tokens, KV heads, head_dim) in the
+model dtype, whatever either side's tensor-parallel size. A single-shard CPU pool stores a
+layer as (2, slots, KV heads, head_dim), so the bytes of one block of consecutive slots are
+one contiguous region of it: both ends hand those regions to the socket directly
+(`slot_runs`, `layer_regions`), with no gather on send and no scatter copy on receive. Pools
+split over tensor shards or on a GPU go through a staging tensor and `KVPool.read/write`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from disaggserve_worker.model.kv_pool import KVPool
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+LayerSink = Callable[[int, torch.Tensor], None]
+
+
+@dataclass
+class KVLayout:
+    """What the receiver expects: a mismatch (other model, other dtype) is not retryable.
+
+    `max_tokens` (the model's context length) bounds what a peer may announce, so the largest
+    frame a receiver ever accepts is one layer of one request at the model's full context.
+    """
+
+    dtype: torch.dtype
+    layers: int
+    kv_heads: int
+    head_dim: int
+    on_gpu: bool = False
+    max_tokens: int = 32768
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's K (or V) in one layer."""
+        return self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    def layer_bytes(self, tokens: int) -> int:
+        return 2 * tokens * self.token_bytes
+
+    @property
+    def max_request_bytes(self) -> int:
+        """KV bytes of one request at the model's full context: the most one pull may move."""
+        return self.layers * self.layer_bytes(self.max_tokens)
+
+
+@dataclass
+class TransferStats:
+    bytes: int
+    seconds: float
+    tokens: int
+
+
+def layout_of(engine: object) -> KVLayout:
+    """The layout an engine's pool receives (`engine` is an `Engine`; typed loosely so this
+    module does not import the engine)."""
+    model = engine.model  # type: ignore[attr-defined]
+    c = model.config
+    return KVLayout(model.dtype, c.num_hidden_layers, c.kv_heads, c.dim_per_head,
+                    on_gpu=engine.kv_pool.is_cuda,  # type: ignore[attr-defined]
+                    max_tokens=engine.config.max_model_len)  # type: ignore[attr-defined]
+
+
+def slot_runs(slots: torch.Tensor) -> list[tuple[int, int]]:
+    """(first slot, length) of each run of consecutive slots, in order."""
+    flat = slots.reshape(-1).cpu()
+    n = int(flat.numel())
+    if n == 0:
+        return []
+    breaks = (torch.nonzero(flat[1:] - flat[:-1] != 1).flatten() + 1).tolist()
+    starts = [0, *breaks]
+    ends = [*breaks, n]
+    first = flat[starts].tolist()
+    return [(slot, e - s) for slot, s, e in zip(first, starts, ends, strict=True)]
+
+
+def direct(pool: KVPool) -> bool:
+    """Whether the pool's layers can be read and written by the socket in place."""
+    return all(len(shards) == 1 and shards[0].device.type == "cpu" and shards[0].is_contiguous()
+               for shards in pool.layers)
+
+
+def _flat_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+class PoolRegions:
+    """Byte views of a direct pool's layers, made once (the pool's tensors never move)."""
+
+    def __init__(self, pool: KVPool):
+        self.pool = pool
+        self._views = [_flat_bytes(shards[0]) for shards in pool.layers]
+        first = pool.layers[0][0]
+        self.slots = int(first.shape[1])
+        self.token_bytes = int(first.shape[2] * first.shape[3] * first.element_size())
+
+    def layer_regions(self, layer: int, runs: list[tuple[int, int]]) -> list[memoryview]:
+        """The K then V regions of `runs` in layer `layer`: the wire order of its frame."""
+        view, tb = self._views[layer], self.token_bytes
+        out = []
+        for kv in (0, 1):
+            base = kv * self.slots
+            out.extend(view[(base + s) * tb:(base + s + n) * tb] for s, n in runs)
+        return out
+
+
+class PoolSink:
+    """Where a pull writes: reserved slots of a receiver's pool.
+
+    `targets` gives the pool's own memory for the socket to fill (direct pools); otherwise
+    the transport stages a layer and calls the sink, which writes through `KVPool.write`.
+    """
+
+    def __init__(self, pool: KVPool, slots: torch.Tensor):
+        self.pool = pool
+        self.slots = slots.reshape(-1).cpu()
+        self._regions = PoolRegions(pool) if direct(pool) else None
+        self._runs: tuple[int, list[tuple[int, int]]] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return int(self.slots.numel())
+
+    @property
+    def direct(self) -> bool:
+        return self._regions is not None
+
+    def targets(self, layer: int, tokens: int) -> list[memoryview]:
+        """The pool memory of the first `tokens` reserved slots in layer `layer`, in wire order."""
+        if self._regions is None:
+            raise ValueError("this pool is not written in place (sharded or on a GPU)")
+        if self._runs is None or self._runs[0] != tokens:
+            self._runs = (tokens, slot_runs(self.slots[:tokens]))
+        return self._regions.layer_regions(layer, self._runs[1])
+
+    def __call__(self, layer: int, tensor: torch.Tensor) -> None:
+        tokens = int(tensor.shape[1])
+        self.pool.write(layer, self.slots[:tokens], tensor)
+
+
+def pool_sink(engine: object, slots: torch.Tensor) -> PoolSink:
+    """Write pulled (full-head) layers straight into the reserved slots of the receiver's pool."""
+    return PoolSink(engine.kv_pool, slots)  # type: ignore[attr-defined]

@@ -1,0 +1,240 @@
+"""The prefill side of the KV port: serves held caches to authenticated peers.
+
+Each accepted connection gets a thread with a blocking socket (KV I/O stays off both the
+event loop and the engine thread). Before the peer is trusted it can make the server read at
+most `MAX_HANDSHAKE_FRAME` bytes, and it has `handshake_timeout` seconds to prove the worker
+token; after that, control frames are bounded by `MAX_CONTROL_FRAME`. Nothing a peer sends is
+buffered beyond those limits, so a hostile or broken client cannot grow this process.
+Layers are sent with `sendmsg` straight from the pool's blocks (no gather copy) on a
+single-shard CPU pool; other pools gather a layer with `KVPool.read` first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from disaggserve_worker.kv import auth
+from disaggserve_worker.kv.framing import (
+    HEADER,
+    LAYER_INDEX,
+    MAX_HANDSHAKE_FRAME,
+    PROTOCOL_VERSION,
+    SOCKET_BUFFER,
+    FrameType,
+    KVTransferError,
+    PeerClosed,
+    decode_json,
+    encode_json,
+    recv_control,
+    send_buffers,
+    send_json,
+)
+from disaggserve_worker.kv.layout import DTYPE_NAMES, PoolRegions, direct, slot_runs
+
+if TYPE_CHECKING:
+    from disaggserve_worker.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+_UNSET = object()
+
+
+class KVServer:
+    """Serves a prefill engine's held caches on the KV port."""
+
+    def __init__(self, engine: Engine, frame_timeout: float = 30.0,
+                 on_sent: Callable[[int, float], None] | None = None, token: str | object | None = _UNSET,
+                 handshake_timeout: float = 5.0, idle_timeout: float = 300.0, max_connections: int = 64):
+        self.engine = engine
+        self.frame_timeout = frame_timeout
+        self.on_sent = on_sent
+        self.token: str | None = auth.worker_token() if token is _UNSET else token  # type: ignore[assignment]
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._closing = False
+        self.accepted = 0  # connections admitted past the limit check (authenticated or not)
+        self._regions: PoolRegions | None = None
+
+    @property
+    def connections(self) -> int:
+        """Open peer connections (what tests and load reports read)."""
+        with self._lock:
+            return len(self._conns)
+
+    async def start(self, host: str, port: int) -> None:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(addr)
+            listener.listen(128)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self.port = int(listener.getsockname()[1])
+        if direct(self.engine.kv_pool):
+            self._regions = PoolRegions(self.engine.kv_pool)
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True)
+        self._accept_thread.start()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """Stop accepting, cut every connection (their held caches stay for a retry), join."""
+        self._closing = True
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        with self._lock:
+            conns, threads = list(self._conns), list(self._threads)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in [self._accept_thread, *threads]:
+            if thread is not None:
+                thread.join(timeout=5)
+
+    # ---- threads ---------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._closing:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._closing:
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                continue
+            with self._lock:
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)
+                    self.accepted += 1
+            if full:
+                log.warning("KV port: refusing a connection beyond %d", self.max_connections)
+                conn.close()
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,), name="kv-serve", daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            if not self._handshake(conn):
+                return
+            while not self._closing:
+                conn.settimeout(self.idle_timeout)
+                kind, payload = recv_control(conn)
+                if kind is not FrameType.REQUEST:
+                    raise KVTransferError("kv_protocol", f"expected a KV request, got {kind.name}", False)
+                conn.settimeout(self.frame_timeout)
+                self._serve_request(conn, decode_json(payload))
+        except PeerClosed:
+            pass  # the peer is done with this connection (or died: its pull is retried)
+        except KVTransferError as error:
+            if error.kind != "kv_timeout":
+                self._refuse(conn, error)
+        except Exception:
+            log.exception("KV port: connection failed")
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+                self._threads.discard(threading.current_thread())
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _handshake(self, conn: socket.socket) -> bool:
+        conn.settimeout(self.handshake_timeout)
+        nonce = auth.new_nonce()
+        kind: FrameType | None = None
+        proof: object = None
+        send_json(conn, FrameType.HELLO, {"version": PROTOCOL_VERSION, "nonce": nonce.hex(),
+                                          "auth": self.token is not None})
+        try:
+            kind, payload = recv_control(conn, MAX_HANDSHAKE_FRAME)
+            proof = decode_json(payload).get("mac") if kind is FrameType.AUTH else None
+        except KVTransferError as error:
+            if error.kind == "kv_timeout" or isinstance(error, PeerClosed):
+                return False
+        if kind is not FrameType.AUTH or not auth.verify(self.token, nonce, proof):
+            self._refuse(conn, KVTransferError(
+                "kv_unauthorized", "the KV port needs the DisaggServe's worker token "
+                f"({auth.ENV_WORKER_TOKEN}) proved in the first frame", False))
+            return False
+        send_json(conn, FrameType.READY, {})
+        return True
+
+    @staticmethod
+    def _refuse(conn: socket.socket, error: KVTransferError) -> None:
+        with contextlib.suppress(KVTransferError, OSError):
+            conn.settimeout(1.0)
+            send_json(conn, FrameType.ERROR, error.wire())
+
+    def _serve_request(self, conn: socket.socket, request: dict[str, object]) -> None:
+        handle = str(request.get("handle", ""))
+        held = self.engine.pin_held(handle)
+        if held is None:
+            send_json(conn, FrameType.ERROR, KVTransferError(
+                "kv_unavailable", f"KV cache {handle!r} is unknown or expired (TTL); run the prefill again",
+                True).wire())
+            return
+        delivered = False
+        try:
+            start = time.perf_counter()
+            sent = self._send(conn, held.request_id, held.slot_table[: held.num_tokens])
+            kind, _ = recv_control(conn)
+            delivered = kind is FrameType.ACK
+            if delivered and self.on_sent:
+                self.on_sent(sent, time.perf_counter() - start)
+        finally:
+            self.engine.unpin_held(handle, release=delivered)
+
+    def _send(self, conn: socket.socket, request_id: str, slots: torch.Tensor) -> int:
+        # Full-head layers on the wire whatever this worker's tensor size: a receiver of another
+        # tensor size splits them its own way.
+        pool = self.engine.kv_pool
+        tokens = int(slots.numel())
+        shape = [2, tokens, pool.kv_heads, pool.head_dim]
+        layer_bytes = 2 * tokens * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
+        header = encode_json(FrameType.HEADER, {"request_id": request_id, "dtype": DTYPE_NAMES[pool.dtype],
+                                                "layers": len(pool), "shape": shape})
+        end = encode_json(FrameType.END, {"bytes": layer_bytes * len(pool)})
+
+        def head(layer: int) -> bytes:
+            return HEADER.pack(int(FrameType.LAYER), LAYER_INDEX.size + layer_bytes) + LAYER_INDEX.pack(layer)
+
+        if self._regions is not None:  # the whole reply as one gather-write from the pool's blocks
+            runs = slot_runs(slots)
+            buffers: list[bytes | memoryview] = [header]
+            for layer in range(len(pool)):
+                buffers += [head(layer), *self._regions.layer_regions(layer, runs)]
+            send_buffers(conn, [*buffers, end])
+            return layer_bytes * len(pool)
+        send_buffers(conn, [header])
+        for layer in range(len(pool)):
+            gathered = pool.read(layer, slots, torch.device("cpu")).contiguous()
+            send_buffers(conn, [head(layer), memoryview(gathered.view(torch.uint8).reshape(-1).numpy())])
+        send_buffers(conn, [end])
+        return layer_bytes * len(pool)
