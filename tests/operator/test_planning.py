@@ -110,12 +110,12 @@ async def test_a_slow_plan_holds_up_neither_other_resources_nor_the_peering_hear
                 await asyncio.sleep(0.02)
 
         watcher = asyncio.create_task(watch_heartbeat())
+        planning_since = time.monotonic()  # the plan starts with the first reconcile
         assert (await create(apiserver.url, auto("slow"))).status_code == 201
         await wait_for(
             lambda: (condition(cr(apiserver, "slow"), "Planned") or {}).get("reason") == "Planning",
             message="the slow resource is planning",
         )
-        planning_since = time.monotonic()
         assert (await create(apiserver.url, example(name="fast"))).status_code == 201
         await wait_for(lambda: sts(apiserver, "fast"), message="the other resource's children")
         # The other resource was reconciled while the slow plan was still running.

@@ -48,11 +48,13 @@ async def test_api_errors_for_a_while_converge(apiserver, operator, status, verb
 
 
 async def test_api_timeouts_converge(apiserver, operator_runner, monkeypatch):
-    monkeypatch.setenv("DISAGGSERVE_API_TIMEOUT", "0.5")
+    # The client timeout must sit well above a loaded machine's ordinary answer times (0.5 s did
+    # not: unfaulted calls timed out too), and the injected delay well above the timeout.
+    monkeypatch.setenv("DISAGGSERVE_API_TIMEOUT", "2")
     await asyncio.to_thread(operator_runner.start)
-    fault = apiserver.server.inject_fault(delay=1.5, times=2, verbs={"patch"}, resource="statefulsets")
+    fault = apiserver.server.inject_fault(delay=6, times=2, verbs={"patch"}, resource="statefulsets")
     await create(apiserver.url, example())
-    await wait_for(lambda: converged(apiserver), timeout=30, message="convergence after timeouts")
+    await wait_for(lambda: converged(apiserver), timeout=90, message="convergence after timeouts")
     assert fault.times == 0
 
 

@@ -215,9 +215,13 @@ class Autoscaler:
         )
         recommended, rec_text = current, ""
         if observed is not None:
+            # The rate's trend sets the headroom (plan one interval ahead while it rises) and lets a
+            # sustained drop scale down early: the policy the autoscale bench measures.
+            tracked.policy.observe_rate(now, observed.request_rate)
             try:
                 # Off the event loop and bounded, like every plan (controller/planning.py).
-                rec = await self.planner.run(None, recommend, spec, plan, observed)
+                rec = await self.planner.run(None, recommend, spec, plan, observed,
+                                             growth=tracked.policy.rate_growth())
                 scale = rec.correction
                 recommended = Counts(rec.prefill, rec.decode)
                 rec_text = (

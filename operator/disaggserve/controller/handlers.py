@@ -43,6 +43,7 @@ from disaggserve.controller.reconcile import (
     desired_replicas,
     reconcile,
     refresh_status,
+    replica_record,
     to_plain,
 )
 from disaggserve.controller.settings import configure
@@ -171,18 +172,22 @@ async def child_changed(
     if owner_name is None:
         return
 
+    def drifted(owner: dict[str, Any], child: Mapping[str, Any] | None) -> bool:
+        if child is None:
+            return True
+        want = desired_replicas(owner, child)
+        return want is not None and child.get("spec", {}).get("replicas") != want
+
     async def work(owner: dict[str, Any]) -> None:
-        if body.get("kind") != "Pod":
-            current = body
+        if body.get("kind") != "Pod" and (event.get("type") == "DELETED" or drifted(owner, body)):
+            current = None
             if event.get("type") != "DELETED":  # the event may be older than what the lock holder wrote
                 current = await memo.kube.get(body["apiVersion"], body["kind"], namespace, body["metadata"]["name"])
-            want = desired_replicas(owner, current) if current is not None else None
-            drifted = current is None or (want is not None and current.get("spec", {}).get("replicas") != want)
-            if drifted:
+            if drifted(owner, current):
                 logger.info(f"{body['kind']} {body['metadata']['name']} drifted from the plan; re-applying")
                 await _reconcile_and_record(memo, owner)
                 return
-        await refresh_status(memo.kube, namespace, owner_name, _emitter(owner))
+        await refresh_status(memo.kube, namespace, owner_name, _emitter(owner), owner=owner)
 
     try:
         await _serialized(memo, namespace, owner_name, work)
@@ -201,28 +206,61 @@ def _autoscaling_disabled(spec: kopf.Spec, **_: Any) -> bool:
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=AUTOSCALE_TICK, when=_autoscaling_enabled)
 async def autoscale(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    """Observe, re-plan and scale (decisions every spec.autoscaling.intervalSeconds)."""
+    """Observe, re-plan and scale (decisions every spec.autoscaling.intervalSeconds).
 
-    async def work(owner: dict[str, Any]) -> None:
-        update = await memo.autoscaler.step(owner, _emitter(owner))
+    The observation and the re-plan (seconds, in a planner process) run without the resource's
+    lock, so spec updates and child events are not held up by them; the result is written under
+    the lock, and a decision is dropped if the spec or the recorded decision changed meanwhile
+    (the next tick decides again from what is current).
+    """
+    try:
+        basis = await memo.kube.get(API_VERSION, KIND, namespace, name)
+        if basis is None or basis["metadata"].get("deletionTimestamp"):
+            return
+        update = await memo.autoscaler.step(basis, _emitter(basis))
         if update is None:
             return
-        if "plan" not in update:
-            await memo.kube.patch_status(API_VERSION, KIND, namespace, name, checked_patch(update))
-            return
-        # New replica counts: record the decision on the resource first, then apply it (drain-safe).
-        record = json.dumps(update["plan"], sort_keys=True)
-        patched = await memo.kube.patch(
-            API_VERSION, KIND, namespace, name, {"metadata": {"annotations": {REPLICA_RECORD: record}}}
-        )
-        current = to_plain(patched or owner)
-        current["status"] = {**(current.get("status") or {}), **update}
-        await _reconcile_and_record(memo, current, extra=update)
 
-    try:
+        async def work(owner: dict[str, Any]) -> None:
+            status = dict(update)
+            status["conditions"] = _rebased_conditions(owner, update.get("conditions"))
+            if "plan" not in status:
+                await memo.kube.patch_status(API_VERSION, KIND, namespace, name, checked_patch(status))
+                return
+            moved = owner["metadata"].get("generation") != basis["metadata"].get("generation") or (
+                replica_record(owner) != replica_record(basis)
+            )
+            if moved:
+                logger.info("the spec or the replica decision changed while the autoscaler decided; deciding again")
+                status.pop("plan")
+                await memo.kube.patch_status(API_VERSION, KIND, namespace, name, checked_patch(status))
+                return
+            # New replica counts: record the decision on the resource first, then apply it (drain-safe).
+            record = json.dumps(status["plan"], sort_keys=True)
+            patched = await memo.kube.patch(
+                API_VERSION, KIND, namespace, name, {"metadata": {"annotations": {REPLICA_RECORD: record}}}
+            )
+            current = to_plain(patched or owner)
+            current["status"] = {**(current.get("status") or {}), **status}
+            await _reconcile_and_record(memo, current, extra=status)
+
         await _serialized(memo, namespace, name, work)
     except KubeError as e:
         logger.warning(f"autoscaling step failed, retrying next tick: {e}")
+
+
+# Conditions the autoscaler and the SLO observer own; the rest belong to the reconcile.
+_OBSERVER_CONDITIONS = ("MetricsAvailable", "ScalingLimited")
+
+
+def _rebased_conditions(owner: Mapping[str, Any], computed: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The resource's current conditions with only the observer's own ones replaced by `computed`
+    (which was derived from an older read: the reconcile may have changed Ready meanwhile)."""
+    current = [
+        c for c in (owner.get("status") or {}).get("conditions") or [] if c.get("type") not in _OBSERVER_CONDITIONS
+    ]
+    ours = [c for c in computed or [] if c.get("type") in _OBSERVER_CONDITIONS]
+    return sorted(current + ours, key=lambda c: str(c.get("type")))
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SLO_OBSERVE_INTERVAL, when=_autoscaling_disabled)
@@ -230,8 +268,9 @@ async def observe_slo(name: str, namespace: str, memo: kopf.Memo, logger: loggin
     """Measured SLOs (status.slo, the ATTAINMENT column) also when the autoscaler is off."""
 
     async def work(owner: dict[str, Any]) -> None:
-        update = await memo.autoscaler.observe_only(owner)
+        update = await memo.autoscaler.observe_only(owner)  # a scrape: short, bounded by its timeout
         if update is not None:
+            update["conditions"] = _rebased_conditions(owner, update.get("conditions"))
             await memo.kube.patch_status(API_VERSION, KIND, namespace, name, checked_patch(update))
 
     try:
@@ -245,7 +284,7 @@ async def status_safety_net(name: str, namespace: str, memo: kopf.Memo, logger: 
     """Recompute readiness even if a workload event was lost (watch reconnects can drop some)."""
 
     async def work(owner: dict[str, Any]) -> None:
-        await refresh_status(memo.kube, namespace, name, _emitter(owner))
+        await refresh_status(memo.kube, namespace, name, _emitter(owner), owner=owner)
 
     try:
         await _serialized(memo, namespace, name, work)

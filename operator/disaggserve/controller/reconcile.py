@@ -239,8 +239,9 @@ async def reconcile(
         emit("Warning", e.reason, str(e))
         return ReconcileResult(_refusal_status(conditions, generation, e.reason, str(e)))
 
-    existing = await owned_children(kube, name, namespace, uid,
-                                    kinds=OWNED_KINDS + (GATEWAY_KINDS if spec.gateway else ()))
+    existing = await owned_children(
+        kube, name, namespace, uid, kinds=OWNED_KINDS + (GATEWAY_KINDS if spec.gateway else ())
+    )
     if secret is not None:  # read by name above (the operator may not list Secrets)
         existing[("v1", "Secret", secret["metadata"]["name"])] = secret
     token = token_of(next(o for o in desired if o["kind"] == "Secret"))
@@ -274,7 +275,7 @@ async def reconcile(
         conditions, "Planned", True, "ManualPlan" if plan.source == "manual" else "Planned", plan.reason, generation
     )
     replicas = replica_status(plan, applied)
-    pods = await kube.list("v1", "Pod", namespace, instance_selector(name))
+    pods = await _pods_if_not_ready(kube, namespace, name, replicas)
     conditions, phase = readiness(conditions, replicas, router_ready(applied), generation, crash_loops(pods))
     _report_crash_loops(old_status, conditions, emit)
     return ReconcileResult(
@@ -294,6 +295,13 @@ async def reconcile(
 
 
 RETRY_WHILE_DRAINING = 2.0
+
+
+async def _pods_if_not_ready(kube: Kube, namespace: str, name: str, replicas: Any) -> list[dict[str, Any]]:
+    """The resource's pods, read only while some worker is not ready (what crash loops explain)."""
+    if all(getattr(replicas, p).ready >= getattr(replicas, p).desired for p in ("prefill", "decode")):
+        return []
+    return await kube.list("v1", "Pod", namespace, instance_selector(name))
 
 
 def _timed_out(
@@ -343,9 +351,15 @@ def _default_planner() -> PlanService:
     return _DEFAULT_PLANNER
 
 
-async def refresh_status(kube: Kube, namespace: str, name: str, emit: EventSink | None = None) -> None:
-    """Recompute ready counts and readiness of one resource from its workloads and record them."""
-    owner = await kube.get(API_VERSION, KIND, namespace, name)
+async def refresh_status(
+    kube: Kube, namespace: str, name: str, emit: EventSink | None = None, owner: dict[str, Any] | None = None
+) -> None:
+    """Recompute ready counts and readiness of one resource from its workloads and record them.
+
+    `owner`: the resource as just read (under the caller's lock); None reads it here.
+    """
+    if owner is None:
+        owner = await kube.get(API_VERSION, KIND, namespace, name)
     if owner is None or owner["metadata"].get("deletionTimestamp"):
         return
     status = owner.get("status") or {}
@@ -358,8 +372,8 @@ async def refresh_status(kube: Kube, namespace: str, name: str, emit: EventSink 
     workloads = list(
         (await owned_children(kube, name, namespace, owner["metadata"]["uid"], kinds=WORKLOAD_KINDS)).values()
     )
-    pods = await kube.list("v1", "Pod", namespace, instance_selector(name))
     replicas = replica_status(plan, workloads)
+    pods = await _pods_if_not_ready(kube, namespace, name, replicas)
     conditions, phase = readiness(
         conditions, replicas, router_ready(workloads), status.get("observedGeneration"), crash_loops(pods)
     )
