@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 from disaggserve.api import parse_spec
-from disaggserve.local.pods import NodeView, cpu_threads, desired_pods, gpu_request, pod_manifest, schedule
+from disaggserve.local.pods import (
+    NodeView,
+    cpu_threads,
+    desired_pods,
+    gpu_request,
+    pod_manifest,
+    resource_field_value,
+    schedule,
+)
 from disaggserve.planner import plan_for
 from disaggserve.resources import Owner, build_children
 from helpers import example
@@ -76,3 +86,11 @@ def test_cpu_threads_follow_the_cpu_request():
     spec = {"containers": [{"resources": {"requests": {"cpu": "1500m"}}}]}
     assert cpu_threads(spec) == 2
     assert cpu_threads({"containers": [{}]}) == 1
+
+
+def test_resource_field_refs_resolve_as_the_kubelet_does():
+    container = {"resources": {"requests": {"cpu": "1500m", "memory": "1Gi"}}}
+    assert resource_field_value(container, {"resource": "requests.cpu", "divisor": "1"}) == "2"  # rounded up
+    assert resource_field_value(container, {"resource": "requests.cpu", "divisor": "500m"}) == "3"
+    assert resource_field_value({}, {"resource": "limits.cpu"}) == str(os.cpu_count() or 1)  # node's cores
+    assert resource_field_value(container, {"resource": "requests.memory"}) == ""

@@ -45,6 +45,7 @@ from disaggserve.local.pods import (
     desired_pods,
     pod_manifest,
     qos_class,
+    resource_field_value,
     schedule,
 )
 from disaggserve.local.processes import die_with_parent
@@ -396,6 +397,8 @@ class NodeAgent:
                 env[item["name"]] = str(item["value"])
             elif field_path := ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath"):
                 env[item["name"]] = fields.get(field_path, "")
+            elif resource_field := (item.get("valueFrom") or {}).get("resourceFieldRef"):
+                env[item["name"]] = resource_field_value(container, resource_field)
             elif item["name"] in (secret_env or {}):
                 env[item["name"]] = (secret_env or {})[item["name"]]
         env["TMPDIR"] = str(pod.workdir / "tmp")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,9 +160,27 @@ def cpu_threads(pod_spec: dict[str, Any]) -> int:
     for c in pod_spec.get("containers", []):
         cpu = ((c.get("resources") or {}).get("requests") or {}).get("cpu")
         if cpu:
-            value = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
-            return max(1, math.ceil(value))
+            return max(1, math.ceil(_cpu_cores(str(cpu))))
     return 1
+
+
+def resource_field_value(container: dict[str, Any], ref: dict[str, Any]) -> str:
+    """An env `resourceFieldRef` as the kubelet resolves it: the container's value over the divisor, rounded up.
+
+    Only CPU references get a value (what rendered pods use: thread counts; others resolve to
+    ''); a CPU quantity absent from the container resolves, as on a node, to the node's cores.
+    """
+    kind, _, name = str(ref.get("resource", "")).partition(".")
+    if name != "cpu" or kind not in ("requests", "limits"):
+        return ""
+    quantity = ((container.get("resources") or {}).get(kind) or {}).get("cpu")
+    cores = _cpu_cores(str(quantity)) if quantity else float(os.cpu_count() or 1)
+    divisor = _cpu_cores(str(ref.get("divisor", "1")))
+    return str(max(1, math.ceil(cores / divisor - 1e-9)))
+
+
+def _cpu_cores(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
 def qos_class(pod_spec: dict[str, Any]) -> str:

@@ -194,7 +194,17 @@ class VllmEngine:
             {"name": "nixl", "containerPort": NIXL_SIDE_CHANNEL_PORT, "protocol": "TCP"},
         ]
         if spec.hardware.device == "cpu":
-            env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(_cpu_kv_cache_gib(spec))})
+            env += [
+                {"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(_cpu_kv_cache_gib(spec))},
+                # vLLM-CPU's default ('auto') binds its OpenMP threads to every core the process may
+                # run on and spins them: without the static CPU manager that is every core of the
+                # node, for every vLLM pod on it (measured here: three servers bound to both cores of
+                # a 2-core machine, load average 22, start-up past 10 minutes). One thread per core
+                # of the pod's CPU request instead, which Kubernetes rounds up with divisor 1.
+                {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": "nobind"},
+                {"name": "OMP_NUM_THREADS",
+                 "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}},
+            ]
         return WorkerContainer(
             image=self.image(spec),
             pull_policy=spec.image.pull_policy,
