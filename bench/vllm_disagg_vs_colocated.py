@@ -191,7 +191,7 @@ def main() -> None:
                    env={**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'worker_image'}"})
     lines = rendered(checkpoint, args)
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    started = time.monotonic()
+    started, load_start = time.monotonic(), os.getloadavg()
     try:
         for phase, ip, core in (("prefill", f"{block}.1", c0), ("decode", f"{block}.2", c1)):
             argv, env = lines[phase]
@@ -236,8 +236,10 @@ def main() -> None:
                                       "flags, NixlConnector host buffers), DisaggServe router --engine vllm",
                   "plain_vllm": "one vLLM server bound to both cores, no connector, clients direct"},
         "vllm_argv": {phase: argv for phase, (argv, _) in lines.items()},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_end": os.getloadavg(),
-                    "note": "shared by several sessions at the time; absolute numbers are noisy"},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg(),
+                    "note": "load averages above the two cores mean neighbours shared them: absolute numbers "
+                            "are then noisy; both systems were measured interleaved, so the ratio less so"},
         "wall_s": time.monotonic() - started,
     })
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,10 @@
 
 One system is started for the whole session (vLLM takes minutes to start on two cores): the real
 `disaggserve up` (local API, operator, node agent, router) running prefill and decode vLLM servers
-that move the KV cache with NixlConnector, and beside it one plain vLLM server (no connector) on
-the same checkpoint, the reference a user would otherwise run. The tests check that
+that move the KV cache with NixlConnector. Before it starts, one plain vLLM server (no connector)
+on the same checkpoint, the reference a user would otherwise run, answers every greedy prompt the
+tests compare against, and is stopped (four servers at once on two cores timed out). The tests
+check that
 
 - disaggregated greedy completions are token-identical to the plain server's, and the decode
   server really pulled the KV cache (NIXL transfer count) instead of recomputing the prompt;
@@ -39,25 +41,19 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "vllm-tiny-cpu.yaml"
 NAME, MODEL = "tiny-vllm", "tiny-llama"
 REFERENCE_HOST = "127.0.91.1"
-START_TIMEOUT_S = 1200
+START_TIMEOUT_S = 600
+# The local API server shares two cores with three vLLM servers under load: httpx's 5 s default
+# timed a PATCH out in a rehearsal.
+API_TIMEOUT_S = 60
 PROMPTS = [
     "The quick brown fox",
     "Kubernetes runs containers in pods; an operator watches",
     "Serving large language models splits generation into two phases.",
 ]
 
-# The first test also waits for the shared start (minutes on two cores).
-# Opt-in for now: in the first clean-clone CI rehearsal (2 cores) the equality, streaming and
-# scale-down tests failed and the kill test hung with four vLLM servers sharing the cores; each
-# passed in the helper's runs. Until they pass reliably there, CI runs the vLLM unit, render and
-# parser-contract tests (tests/vllm_engine) and these run with DISAGGSERVE_E2E_VLLM=1.
-E2E_VLLM_ENV = "DISAGGSERVE_E2E_VLLM"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(START_TIMEOUT_S + 600),
-    pytest.mark.skipif(os.environ.get(E2E_VLLM_ENV) != "1",
-                       reason=f"vLLM-CPU end-to-end is opt-in: set {E2E_VLLM_ENV}=1 (minutes of vLLM start-up)"),
-]
+# The first test also waits for the shared start (about 2 minutes on two idle cores with
+# --enforce-eager; the reference server first, then the system).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(START_TIMEOUT_S + 300)]
 
 
 def _vllm_python() -> str | None:
@@ -79,13 +75,14 @@ def _env() -> dict[str, str]:
 
 
 class System:
-    """What the session fixture started: `disaggserve up` and the plain reference vLLM."""
+    """What the session fixture started (`disaggserve up`) and the plain vLLM's greedy answers."""
 
-    def __init__(self, state_dir: Path, api: str, endpoint: str, reference: str, up: subprocess.Popen[bytes]):
+    def __init__(self, state_dir: Path, api: str, endpoint: str,
+                 references: dict[tuple[str, int], tuple[list[int], str]], up: subprocess.Popen[bytes]):
         self.state_dir = state_dir
         self.api = api
         self.endpoint = endpoint
-        self.reference = reference
+        self.references = references
         self.up = up
 
     def client(self) -> openai.AsyncOpenAI:
@@ -95,7 +92,7 @@ class System:
         return f"{self.api}/apis/disaggserve.io/v1alpha1/namespaces/default/disaggserves/{NAME}"
 
     async def pods(self, phase: str) -> list[dict]:
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(timeout=API_TIMEOUT_S) as http:
             items = (await http.get(f"{self.api}/api/v1/namespaces/default/pods")).json()["items"]
         prefix = f"{NAME}-{phase}-"
         return sorted((p for p in items if p["metadata"]["name"].startswith(prefix)
@@ -106,7 +103,7 @@ class System:
             c["type"] == "Ready" and c["status"] == "True" for c in (p.get("status") or {}).get("conditions", []))]
 
     async def scale_decode(self, replicas: int) -> None:
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(timeout=API_TIMEOUT_S) as http:
             response = await http.patch(
                 self.resource_url(), headers={"Content-Type": "application/merge-patch+json"},
                 json={"spec": {"parallelism": {"decode": {"replicas": replicas}}}})
@@ -130,7 +127,7 @@ def _metric(text: str, name: str) -> float:
 
 
 async def _get_text(url: str) -> str:
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=API_TIMEOUT_S) as http:
         return (await http.get(url)).text
 
 
@@ -172,7 +169,55 @@ def vllm_system():
     try:
         yield from _start_system(python, state)
     finally:
-        shutil.rmtree(state, ignore_errors=True)
+        if os.environ.get("DISAGGSERVE_E2E_KEEP_STATE") == "1":
+            print(f"kept the vLLM system's state (logs) in {state}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+# Greedy references the tests compare against: (prompt, max_tokens) pairs.
+REFERENCE_CASES = [*((prompt, 24) for prompt in PROMPTS), (PROMPTS[0], 200)]
+# Each vLLM server as the rendered CPU pods run it: one OpenMP thread, not bound to cores (vLLM's
+# default binds and spins threads on every core, which starves the other servers on two cores).
+CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def _reference_outputs(python: str, checkpoint: Path, state: Path) -> dict[tuple[str, int], tuple[list[int], str]]:
+    """Greedy ids and text of one plain vLLM server for every REFERENCE_CASES entry.
+
+    The plain server runs first and alone, and is stopped before the system under test starts:
+    four vLLM servers at once on two cores made start-up and every test time out.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    log = state / "reference.log"
+    with open(log, "wb") as out:
+        reference = subprocess.Popen(
+            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+             "--served-model-name", MODEL, "--host", REFERENCE_HOST, "--port", "8100", "--max-num-seqs", "8",
+             *yaml.safe_load(EXAMPLE.read_text())["spec"]["engine"].get("extraArgs", [])],
+            stdout=out, stderr=subprocess.STDOUT, env={**_env(), **CPU_ENV, "HOME": str(state)},
+            start_new_session=True)
+    try:
+        def reference_up() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"http://{REFERENCE_HOST}:8100/health", timeout=5).status_code == 200
+            return False
+
+        _wait_for(reference_up, START_TIMEOUT_S, "the reference vLLM", reference, log)
+        outputs = {}
+        for prompt, max_tokens in REFERENCE_CASES:
+            ids = tokenizer.encode(prompt, add_special_tokens=False).ids  # the router's tokenization
+            body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+                    "return_token_ids": True}
+            reply = httpx.post(f"http://{REFERENCE_HOST}:8100/v1/completions", json=body, timeout=300)
+            reply.raise_for_status()
+            out = reply.json()["choices"][0]["token_ids"]
+            outputs[(prompt, max_tokens)] = (out, tokenizer.decode(out, skip_special_tokens=True))
+        return outputs
+    finally:
+        _stop(reference, 30)
 
 
 def _start_system(python: str, state: Path):
@@ -184,37 +229,20 @@ def _start_system(python: str, state: Path):
     checkpoint = state / "state" / "models" / MODEL  # where `up` writes it; it reuses a complete folder
     subprocess.run([python, "-m", "disaggserve_worker.cli", "export-checkpoint", "--model", MODEL,
                     "--out", str(checkpoint)], check=True, env=_env(), capture_output=True)
+    references = _reference_outputs(python, checkpoint, state)
     port = _free_port()
-    up_log, ref_log = state / "up.log", state / "reference.log"
-    procs: list[tuple[subprocess.Popen[bytes], float]] = []
+    up_log = state / "up.log"
+    with open(up_log, "wb") as out:
+        up = subprocess.Popen(
+            [python, "-m", "disaggserve.cli", "up", "-f", str(resource), "--state-dir", str(state / "state"),
+             "--api-port", str(port), "--timeout", str(START_TIMEOUT_S)],
+            stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     try:
-        with open(ref_log, "wb") as out:
-            reference = subprocess.Popen(
-                [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
-                 "--served-model-name", MODEL, "--host", REFERENCE_HOST, "--port", "8100", "--max-num-seqs", "8"],
-                stdout=out, stderr=subprocess.STDOUT, env={**_env(), "VLLM_CPU_KVCACHE_SPACE": "1",
-                                                           "HOME": str(state)},
-                start_new_session=True)
-        procs.append((reference, 30))
-        with open(up_log, "wb") as out:
-            up = subprocess.Popen(
-                [python, "-m", "disaggserve.cli", "up", "-f", str(resource), "--state-dir", str(state / "state"),
-                 "--api-port", str(port), "--timeout", str(START_TIMEOUT_S)],
-                stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
-        procs.insert(0, (up, 300))
         ready = re.compile(r"is ready\S*: (http://\S+/v1)")
         endpoint = _wait_for(lambda: (m := ready.search(up_log.read_text())) and m.group(1), START_TIMEOUT_S,
                              "disaggserve up", up, up_log)
-
-        def reference_up() -> bool:
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"http://{REFERENCE_HOST}:8100/health", timeout=5).status_code == 200
-            return False
-
-        _wait_for(reference_up, START_TIMEOUT_S, "the reference vLLM", reference, ref_log)
         # Warm-up: the first P/D request pays NIXL's handshake and vLLM's first compiles of new
-        # shapes, which on two loaded cores can outlast the router's 30 s token timeout; the tests
-        # are about steady behaviour, so one request must have gone through first (3 tries).
+        # shapes; the tests are about steady behaviour, so one request must have gone through first.
         for attempt in range(3):
             try:
                 httpx.post(f"{endpoint}/completions", json={"model": MODEL, "prompt": "warm up", "max_tokens": 4},
@@ -223,31 +251,31 @@ def _start_system(python: str, state: Path):
             except httpx.HTTPError:
                 if attempt == 2:
                     raise
-        yield System(state, f"http://127.0.0.1:{port}", endpoint, f"http://{REFERENCE_HOST}:8100", up)
+        yield System(state, f"http://127.0.0.1:{port}", endpoint, references, up)
     finally:
-        for proc, grace in procs:
-            _stop(proc, grace)
+        _stop(up, 300)
 
 
-async def _reference_ids(system: System, prompt: str, max_tokens: int) -> tuple[list[int], str]:
-    """Greedy token ids and text of the plain vLLM server, prompted with the router's tokenization."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(system.state_dir / "state" / "models" / MODEL / "tokenizer.json"))
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    async with httpx.AsyncClient(timeout=300) as http:
-        body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
-        reply = (await http.post(f"{system.reference}/v1/completions", json=body)).json()
-    out = reply["choices"][0]["token_ids"]
-    return out, tokenizer.decode(out, skip_special_tokens=True)
+def _reference_ids(system: System, prompt: str, max_tokens: int) -> tuple[list[int], str]:
+    """Greedy token ids and text of the plain vLLM server (computed before the system started)."""
+    return system.references[(prompt, max_tokens)]
 
 
-async def test_disaggregated_greedy_is_token_identical_to_one_plain_vllm(vllm_system: System):
+@pytest.fixture
+async def client(vllm_system: System):
+    """An OpenAI client of the system, closed while the test's event loop still runs."""
     client = vllm_system.client()
+    yield client
+    await client.close()
+
+
+async def test_disaggregated_greedy_is_token_identical_to_one_plain_vllm(
+    vllm_system: System, client: openai.AsyncOpenAI
+):
     decode_urls = [f"http://{p['status']['podIP']}:8100/metrics" for p in await vllm_system.ready_pods("decode")]
     pulled_before = sum([_metric(await _get_text(u), "vllm:nixl_xfer_time_seconds_count") for u in decode_urls])
     for prompt in PROMPTS:
-        expected_ids, expected_text = await _reference_ids(vllm_system, prompt, 24)
+        expected_ids, expected_text = _reference_ids(vllm_system, prompt, 24)
         got = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
         assert got.choices[0].text == expected_text, prompt
         assert got.usage.completion_tokens == len(expected_ids)
@@ -256,8 +284,9 @@ async def test_disaggregated_greedy_is_token_identical_to_one_plain_vllm(vllm_sy
     assert pulled_after - pulled_before >= len(PROMPTS)
 
 
-async def test_streaming_chat_through_the_openai_client(vllm_system: System):
-    client = vllm_system.client()
+async def test_streaming_chat_through_the_openai_client(
+    vllm_system: System, client: openai.AsyncOpenAI
+):
     messages = [{"role": "user", "content": "Say hello to the operator."}]
     whole = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
     stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
@@ -272,9 +301,10 @@ async def test_streaming_chat_through_the_openai_client(vllm_system: System):
     assert finish == whole.choices[0].finish_reason
 
 
-async def test_scale_down_under_load_fails_no_request_and_vllm_drains_itself(vllm_system: System):
+async def test_scale_down_under_load_fails_no_request_and_vllm_drains_itself(
+    vllm_system: System, client: openai.AsyncOpenAI
+):
     await vllm_system.wait_ready_decode(2)
-    client = vllm_system.client()
     router_metrics = vllm_system.endpoint.removesuffix("/v1") + "/metrics"
     retries_before = _metric(await _get_text(router_metrics), "disaggserve_router_retries_total")
     leaving = (await vllm_system.pods("decode"))[-1]  # a StatefulSet removes the highest ordinal
@@ -304,11 +334,12 @@ async def test_scale_down_under_load_fails_no_request_and_vllm_drains_itself(vll
     assert "draining in-flight requests" in log or "mode=drain" in log, "vLLM did not report a drain"
 
 
-async def test_decode_killed_mid_stream_gives_a_complete_answer_or_a_retryable_error(vllm_system: System):
+async def test_decode_killed_mid_stream_gives_a_complete_answer_or_a_retryable_error(
+    vllm_system: System, client: openai.AsyncOpenAI
+):
     await vllm_system.wait_ready_decode(1, timeout=600)
-    client = vllm_system.client()
     prompt = PROMPTS[0]
-    _, reference_text = await _reference_ids(vllm_system, prompt, 200)
+    _, reference_text = _reference_ids(vllm_system, prompt, 200)
     decode = (await vllm_system.ready_pods("decode"))[0]
     stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=200, temperature=0, stream=True)
     text, killed, error = [], False, None
