@@ -40,14 +40,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "operator"))
-from disagg_vs_colocated import TPOT_SLO_SCALE, TTFT_SLO_SCALE, _median_dicts, goodput  # noqa: E402
+from disagg_vs_colocated import _median_dicts, goodput, unloaded  # noqa: E402
 from disaggserve.api.plan import Plan  # noqa: E402
 from disaggserve.api.spec import parse_spec  # noqa: E402
 from disaggserve.resources.engines.vllm import VllmEngine  # noqa: E402
-from loadgen import one_request, run_poisson, summarize, synthetic_prompt  # noqa: E402
+from loadgen import run_poisson, summarize  # noqa: E402
 
 RESULTS = HERE / "results"
 SERVED = "bench"
+TTFT_SLO_SCALE, TPOT_SLO_SCALE = 5.0, 3.0  # x the plain server's unloaded TTFT (minimum) / TPOT (median)
 
 
 def vllm_python(given: str | None) -> str:
@@ -103,22 +104,6 @@ def wait_ready(urls: dict[str, str], procs: dict[str, subprocess.Popen[bytes]], 
             if time.monotonic() > deadline:
                 raise SystemExit(f"{name} not ready after {timeout_s:.0f}s; see {logdir / (name + '.log')}")
             time.sleep(2)
-
-
-async def unloaded(url: str, input_tokens: int, output_tokens: int, n: int) -> dict[str, float]:
-    rng = random.Random(11)
-    ttft, tpot = [], []
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-        for _ in range(n + 1):
-            res = await one_request(session, url, SERVED, synthetic_prompt(rng, input_tokens), output_tokens,
-                                    time.perf_counter())
-            if not res.ok:
-                raise SystemExit(f"calibration request to {url} failed: {res.error}")
-            ttft.append(res.ttft_s)
-            tpot.append(res.tpot_s)
-    return {"ttft_ms": min(ttft[1:]) * 1000, "tpot_ms": statistics.median(tpot[1:]) * 1000}
 
 
 async def measure(args: argparse.Namespace, urls: dict[str, str]) -> dict[str, Any]:
