@@ -12,6 +12,7 @@ Run: `.venv/bin/python bench/planner_cpu_profile.py` (about a minute on two core
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -160,10 +161,14 @@ def measure(name: str) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=OUT,
+                        help=f"where the profiles go (default {OUT}: the shipped built-in profiles)")
+    out_dir = parser.parse_args().out_dir
     torch.set_num_threads(1)
     for name in MODELS:
         prof = measure(name)
-        (OUT / f"{name}-cpu.json").write_text(json.dumps(prof, indent=1) + "\n")
+        (out_dir / f"{name}-cpu.json").write_text(json.dumps(prof, indent=1) + "\n")
         print(name, json.dumps(prof["entries"][0]))
 
 

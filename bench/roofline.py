@@ -13,6 +13,7 @@ it was not fitted on. Pure arithmetic: machine load does not matter.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -61,6 +62,9 @@ def summary(errs: list[float]) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"result JSON (default {RESULTS})")
+    out = parser.parse_args().out
     result: dict = {"calibrated_on": [s for s, _ in CALIBRATION_PROFILES], "fitted_on_both": {}, "leave_one_out": {}}
     all_p, all_d = [], []
     for stem, product in CALIBRATION_PROFILES:
@@ -78,7 +82,7 @@ def main() -> None:
     result["overall"] = {"prefill": summary(all_p), "decode": summary(all_d)}
     result["goal"] = "median error <= 15 % for prefill and decode step times"
     result["met"] = result["overall"]["prefill"]["median_pct"] <= 15 and result["overall"]["decode"]["median_pct"] <= 15
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["overall"]), json.dumps(result["leave_one_out"]))
 
 
