@@ -50,3 +50,27 @@ def test_children_die_with_a_killed_parent():
             os.kill(child, signal.SIGKILL)
         if starter.poll() is None:
             starter.kill()
+
+
+def test_kill_all_takes_the_children_of_a_pod_whose_main_process_already_exited():
+    """vLLM's engine core outlived its SIGKILLed API server (reparented to init, spinning a core)
+    because the agent skipped pods whose main process was already reaped."""
+    from types import SimpleNamespace
+
+    from disaggserve.local.agent import NodeAgent
+
+    main = subprocess.Popen(["sh", "-c", "sleep 600 & echo $!"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    child = int(main.stdout.readline())
+    main.wait()  # the pod's main process is gone and reaped; its child holds the process group
+    try:
+        assert main.returncode == 0 and _alive(child)
+        NodeAgent.kill_all(SimpleNamespace(pods={("ns", "pod"): SimpleNamespace(proc=main)}))
+        for _ in range(600):
+            if not _alive(child):
+                break
+            time.sleep(0.05)
+        assert not _alive(child), "a child of the pod outlived kill_all"
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)

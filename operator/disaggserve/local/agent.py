@@ -460,6 +460,11 @@ class NodeAgent:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+        elif proc is not None:
+            # The main process died on its own before the loop noticed: its children (vLLM's engine
+            # core and worker, reparented to init) still hold the process group and spin.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         self.pods.pop(pod.desired.key, None)
         if delete:
             with contextlib.suppress(KubeError):
@@ -469,7 +474,7 @@ class NodeAgent:
     def kill_all(self) -> None:
         """Last resort on exit: no pod process outlives its agent, whatever happened before."""
         for pod in self.pods.values():
-            if pod.proc is not None and pod.proc.returncode is None:
+            if pod.proc is not None:  # a main process already reaped may have left children in its group
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pod.proc.pid, signal.SIGKILL)
 
