@@ -180,10 +180,8 @@ def measure_link(quick: bool) -> dict[str, float] | None:
         from kv_transfer import run as kv_run
     except ImportError:
         return None
-    transfers = []
-    for tokens in (128, 1024):
-        r = asyncio.run(kv_run(MODEL, tokens, 3 if quick else 5))
-        transfers += [(int(r["bytes"]), float(s)) for s in r["kv_seconds"]]
+    result = asyncio.run(kv_run(MODEL, [128, 1024], 3 if quick else 5, 1))
+    transfers = [(int(size["bytes"]), float(s)) for size in result["sizes"] for s in size["kv_seconds"]]
     return fit_link(transfers)
 
 
