@@ -38,6 +38,7 @@ from disaggserve.controller.autoscaler import Autoscaler
 from disaggserve.controller.kube import Kube, KubeError
 from disaggserve.controller.planning import PlanService
 from disaggserve.controller.reconcile import (
+    OWNED_KINDS,
     REPLICA_RECORD,
     ReconcileResult,
     desired_replicas,
@@ -47,6 +48,15 @@ from disaggserve.controller.reconcile import (
     to_plain,
 )
 from disaggserve.controller.settings import configure
+from disaggserve.controller.view import (
+    CHILDREN_INDEX,
+    NODES_INDEX,
+    PODS_INDEX,
+    ClusterView,
+    index_child,
+    index_node,
+    index_pod,
+)
 from disaggserve.status_logic import checked_patch
 
 RETRY_DELAY = 2.0
@@ -71,12 +81,41 @@ class Locks:
         return lock
 
 
+def _owned_kind(resource: kopf.Resource) -> bool:
+    api_version = f"{resource.group}/{resource.version}" if resource.group else resource.version
+    return (api_version, resource.kind) in OWNED_KINDS
+
+
+# What exists, kept from kopf's watch streams (controller/view.py): no LIST per reconcile or event.
+@kopf.index(_owned_kind, id=CHILDREN_INDEX, labels={LABEL_MANAGED_BY: MANAGED_BY})
+def index_children(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return index_child(body)
+
+
+@kopf.index("", "v1", "pods", id=PODS_INDEX, labels={LABEL_MANAGED_BY: MANAGED_BY})
+def index_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return index_pod(body)
+
+
+@kopf.index("", "v1", "nodes", id=NODES_INDEX)
+def index_nodes(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return index_node(body)
+
+
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     configure(settings)
     memo.kube = Kube()
     memo.planner = planner_factory()
-    memo.autoscaler = Autoscaler(memo.kube, planner=memo.planner)
+    # kopf hands the (still empty) indexes to startup handlers; they fill before any resource handler runs.
+    memo.view = ClusterView(
+        memo.kube,
+        children=kwargs[CHILDREN_INDEX],
+        pods=kwargs[PODS_INDEX],
+        nodes=kwargs[NODES_INDEX],
+        indexed_kinds=OWNED_KINDS,
+    )
+    memo.autoscaler = Autoscaler(memo.kube, planner=memo.planner, view=memo.view)
     memo.locks = Locks()
     if port := os.environ.get("DISAGGSERVE_METRICS_PORT"):
         prometheus_client.start_http_server(int(port))  # disaggserve_operator_* metrics
@@ -125,7 +164,7 @@ async def _serialized(
 
 async def _reconcile_and_record(memo: kopf.Memo, owner: dict[str, Any], extra: dict | None = None) -> ReconcileResult:
     """Reconcile and write the status now (under the caller's lock), not after the handler returns."""
-    result = await reconcile(memo.kube, owner, _emitter(owner), memo.planner)
+    result = await reconcile(memo.kube, owner, _emitter(owner), memo.planner, view=memo.get("view"))
     status = {**(extra or {}), **result.status}
     meta = owner["metadata"]
     await memo.kube.patch_status(API_VERSION, KIND, meta["namespace"], meta["name"], checked_patch(status))
@@ -187,7 +226,7 @@ async def child_changed(
                 logger.info(f"{body['kind']} {body['metadata']['name']} drifted from the plan; re-applying")
                 await _reconcile_and_record(memo, owner)
                 return
-        await refresh_status(memo.kube, namespace, owner_name, _emitter(owner), owner=owner)
+        await refresh_status(memo.kube, namespace, owner_name, _emitter(owner), owner=owner, view=memo.get("view"))
 
     try:
         await _serialized(memo, namespace, owner_name, work)
@@ -284,7 +323,7 @@ async def status_safety_net(name: str, namespace: str, memo: kopf.Memo, logger: 
     """Recompute readiness even if a workload event was lost (watch reconnects can drop some)."""
 
     async def work(owner: dict[str, Any]) -> None:
-        await refresh_status(memo.kube, namespace, name, _emitter(owner), owner=owner)
+        await refresh_status(memo.kube, namespace, name, _emitter(owner), owner=owner, view=memo.get("view"))
 
     try:
         await _serialized(memo, namespace, name, work)
