@@ -87,18 +87,19 @@ def _owned_kind(resource: kopf.Resource) -> bool:
 
 
 # What exists, kept from kopf's watch streams (controller/view.py): no LIST per reconcile or event.
+# async: kopf runs sync handlers in a thread pool, a hop per watch event for a few dict lookups.
 @kopf.index(_owned_kind, id=CHILDREN_INDEX, labels={LABEL_MANAGED_BY: MANAGED_BY})
-def index_children(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def index_children(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return index_child(body)
 
 
 @kopf.index("", "v1", "pods", id=PODS_INDEX, labels={LABEL_MANAGED_BY: MANAGED_BY})
-def index_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def index_pods(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return index_pod(body)
 
 
 @kopf.index("", "v1", "nodes", id=NODES_INDEX)
-def index_nodes(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def index_nodes(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return index_node(body)
 
 
