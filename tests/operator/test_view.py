@@ -5,8 +5,11 @@ works from workloads older than the ones it wrote)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from typing import Any
+
+import httpx
 
 from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.controller import view as view_module
@@ -20,7 +23,7 @@ from disaggserve.controller.view import (
     index_node,
     index_pod,
 )
-from helpers import create, example
+from helpers import create, example, wait_for
 
 NS, NAME, UID = "default", "tiny", "u-1"
 LABELS = {"app.kubernetes.io/instance": NAME, "app.kubernetes.io/managed-by": "disaggserve"}
@@ -228,3 +231,43 @@ async def test_reconciles_with_indexes_make_no_list_call_and_see_their_own_write
     finally:
         await kube.aclose()
         await planner.aclose()
+
+
+async def test_the_running_operator_reconciles_and_follows_readiness_without_listing(apiserver, operator) -> None:
+    """The real operator: once it has started (its watches listed once), creating a resource and
+    its workloads turning ready cost no LIST, and each child is reported created once."""
+
+    def status(name: str) -> dict[str, Any]:
+        return (apiserver.get("disaggserve.io", "disaggserves", NS, name) or {}).get("status") or {}
+
+    assert (await create(apiserver.url, example(name="first"))).status_code == 201
+    await wait_for(lambda: status("first").get("plan"), message="the first resource planned")
+    mark = len(apiserver.audit)
+    assert (await create(apiserver.url, example(name=NAME))).status_code == 201
+    await wait_for(lambda: status(NAME).get("plan"), message="the second resource planned")
+    async with httpx.AsyncClient(base_url=apiserver.url) as client:
+        for plural, name in (
+            ("statefulsets", "tiny-prefill"),
+            ("statefulsets", "tiny-decode"),
+            ("deployments", "tiny-router"),
+        ):
+            r = await client.patch(
+                f"/apis/apps/v1/namespaces/{NS}/{plural}/{name}/status",
+                json={"status": {"readyReplicas": 1}},
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+            assert r.status_code == 200, r.text
+    await wait_for(lambda: status(NAME).get("phase") == "Ready", message="Ready from the workloads' status")
+    lists = [a for a in apiserver.audit[mark:] if a.verb == "list"]
+    assert lists == []
+
+    def created() -> list[str]:
+        return [
+            e["message"]
+            for e in apiserver.list("", "events", NS)
+            if e.get("reason") == "Created" and e["involvedObject"]["name"] == NAME
+        ]
+
+    await wait_for(lambda: len(created()) >= 14, message="a Created event per child")
+    await asyncio.sleep(1)  # events are posted in the background: any duplicate would be there by now
+    assert sorted(created()) == sorted(set(created())), created()
