@@ -38,7 +38,7 @@ def statefulset(rv: str, replicas: int, uid: str = UID) -> dict[str, Any]:
             "namespace": NS,
             "uid": "s",
             "resourceVersion": rv,
-            "labels": LABELS,
+            "labels": {**LABELS, "app.kubernetes.io/component": "decode"},
             "ownerReferences": [{"uid": uid, "kind": "DisaggServe", "name": NAME}],
             "managedFields": [{"manager": "disaggserve"}],
         },
@@ -85,8 +85,12 @@ def test_index_entries_are_keyed_by_instance_and_keep_only_what_the_controller_r
     sts = statefulset("7", 3)
     [(key, entry)] = index_child(sts).items()
     assert key == (NS, NAME)
-    assert entry["metadata"]["resourceVersion"] == "7" and entry["metadata"]["labels"] == LABELS
-    assert entry["metadata"]["ownerReferences"] == [{"uid": UID}]
+    assert entry["metadata"] == {
+        "name": "tiny-decode",
+        "resourceVersion": "7",
+        "ownerReferences": [{"uid": UID}],
+        "labels": {"app.kubernetes.io/component": "decode"},
+    }
     assert entry["spec"] == {"replicas": 3} and entry["status"] == {"readyReplicas": 1}
     assert "managedFields" not in entry["metadata"]
     assert index_child({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": NS}}) == {}

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from disaggserve.contract import LABEL_INSTANCE
+from disaggserve.contract import LABEL_COMPONENT, LABEL_INSTANCE
 from disaggserve.resources.names import instance_selector
 
 ChildKey = tuple[str, str, str]  # (apiVersion, kind, name)
@@ -71,17 +71,20 @@ def _plain(value: Any) -> Any:
 
 
 def slim_child(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the controller reads of a child: identity, owners, labels; replicas and readiness of workloads."""
+    """What the controller reads of a child: name, version and owners; of a workload also its
+    component label, replicas and ready replicas (readiness, drains)."""
     meta = body.get("metadata") or {}
     out: dict[str, Any] = {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
         "metadata": {
-            **_pick(meta, "name", "namespace", "uid", "resourceVersion", "labels"),
+            **_pick(meta, "name", "resourceVersion"),
             "ownerReferences": [{"uid": o.get("uid")} for o in meta.get("ownerReferences") or []],
         },
     }
     if body.get("kind") in ("StatefulSet", "Deployment"):
+        component = (meta.get("labels") or {}).get(LABEL_COMPONENT)
+        out["metadata"]["labels"] = {LABEL_COMPONENT: component} if component else {}
         out["spec"] = _pick(body.get("spec") or {}, "replicas")
         out["status"] = _pick(body.get("status") or {}, "readyReplicas")
     return out
@@ -93,7 +96,7 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _pick(meta, "name", "namespace", "uid", "resourceVersion", "labels"),
+        "metadata": _pick(meta, "name", "labels"),
         "status": _pick(status, "podIP", "conditions", "containerStatuses"),
     }
 
@@ -183,12 +186,15 @@ class ClusterView:
         if self._children is not None:
             wanted = set(kinds) - set(listed)
             index = {child_key(o): o for o in self._children.get((namespace, name), ())}  # type: ignore[attr-defined]
+            mine = self._written.get((namespace, name), {})
             for key, written in self._settled(namespace, name).items():
                 seen = index.get(key)
                 if seen is None or _rv(seen) in written.replaced:
                     index.pop(key, None)
                     if written.obj is not None:
                         index[key] = written.obj
+                elif _rv(seen) == _rv(written.obj):
+                    mine.pop(key, None)  # the index shows this very write: nothing left to bridge
             found = {k: o for k, o in index.items() if k[:2] in wanted}
         if listed:
             lists = await asyncio.gather(
