@@ -13,6 +13,7 @@ import httpx
 
 from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.controller import view as view_module
+from disaggserve.controller.handlers import INDEXED_CHILD_KINDS
 from disaggserve.controller.kube import KINDS, Kube
 from disaggserve.controller.planning import PlanService
 from disaggserve.controller.reconcile import OWNED_KINDS, reconcile, refresh_status
@@ -75,10 +76,16 @@ def indexed(children: list[dict[str, Any]], pods: list[dict[str, Any]] = (), nod
     return idx
 
 
-def view_of(idx: dict[str, Any], kube: Any = None) -> ClusterView:
+def view_of(idx: dict[str, Any], kube: Any = None, kinds: Any = OWNED_KINDS) -> ClusterView:
     return ClusterView(
-        kube or NoLists(), children=idx["children"], pods=idx["pods"], nodes=idx["nodes"], indexed_kinds=OWNED_KINDS
+        kube or NoLists(), children=idx["children"], pods=idx["pods"], nodes=idx["nodes"], indexed_kinds=kinds
     )
+
+
+# What the operator reads from indexes, as the audit log names it; the other owned kinds a reconcile lists.
+INDEXED_RESOURCES = {"statefulsets", "deployments", "pods", "nodes"}
+assert {KINDS[k][0] for k in INDEXED_CHILD_KINDS} | {"pods", "nodes"} == INDEXED_RESOURCES
+LISTED_PER_RECONCILE = len(OWNED_KINDS) - len(INDEXED_CHILD_KINDS)
 
 
 def test_index_entries_are_keyed_by_instance_and_keep_only_what_the_controller_reads() -> None:
@@ -191,10 +198,11 @@ async def test_without_indexes_the_view_lists_and_ignores_writes() -> None:
     assert [c[:2] for c in kube.calls] == [("apps/v1", "StatefulSet"), ("v1", "Service")]
 
 
-async def test_reconciles_with_indexes_make_no_list_call_and_see_their_own_writes(apiserver) -> None:
-    """Against the local API server, with indexes as kopf fills them: first still empty (the watch
-    has not delivered the new children yet), then caught up. No reconcile or status refresh lists,
-    and none reports a child as created twice."""
+async def test_reconciles_with_indexes_list_only_unindexed_kinds_and_see_their_own_writes(apiserver) -> None:
+    """Against the local API server, with the operator's indexes as kopf fills them: first still
+    empty (the watch has not delivered the new children yet), then caught up. A reconcile lists
+    only the owned kinds that are not indexed, a status refresh nothing, and no reconcile reports
+    a child as created twice or works from workloads older than it wrote."""
     assert (await create(apiserver.url, example(name=NAME))).status_code == 201
     kube, planner = Kube(), PlanService(isolate=False)
     events: list[tuple[str, str]] = []
@@ -212,7 +220,7 @@ async def test_reconciles_with_indexes_make_no_list_call_and_see_their_own_write
 
     try:
         audit_before = len(apiserver.audit)
-        stale = view_of(indexed([]), kube)
+        stale = view_of(indexed([]), kube, INDEXED_CHILD_KINDS)
         first = await reconcile_once(stale)
         assert len([e for e in events if e[0] == "Created"]) == 14
         again = await reconcile_once(stale)  # the index has still not seen any child
@@ -225,21 +233,26 @@ async def test_reconciles_with_indexes_make_no_list_call_and_see_their_own_write
             for obj in apiserver.list(av.rpartition("/")[0], KINDS[(av, kind)][0], NS)
         ]
         assert len(children) == 13  # all but the token Secret, which is read by name
-        caught_up = await reconcile_once(view_of(indexed(children), kube))
+        caught_up = await reconcile_once(view_of(indexed(children), kube, INDEXED_CHILD_KINDS))
         assert not [e for e in events if e[0] in ("Created", "Deleted")], events
         assert caught_up["replicas"] == first["replicas"]
 
-        verbs = [record.verb for record in apiserver.audit[audit_before:]]
-        assert "list" not in verbs, apiserver.audit[audit_before:]
-        assert verbs.count("patch") >= 3 * 14  # every child applied each time
+        calls = apiserver.audit[audit_before:]
+        lists = [c.resource for c in calls if c.verb == "list"]
+        assert not INDEXED_RESOURCES & set(lists), lists
+        assert len(lists) == 3 * LISTED_PER_RECONCILE, lists  # refresh_status listed nothing
+        assert [c.verb for c in calls].count("patch") >= 3 * 14  # every child applied each time
     finally:
         await kube.aclose()
         await planner.aclose()
 
 
-async def test_the_running_operator_reconciles_and_follows_readiness_without_listing(apiserver, operator) -> None:
-    """The real operator: once it has started (its watches listed once), creating a resource and
-    its workloads turning ready cost no LIST, and each child is reported created once."""
+async def test_the_running_operator_lists_only_unindexed_kinds_and_follows_readiness_without_listing(
+    apiserver, operator
+) -> None:
+    """The real operator: once it has started (its watches listed once), creating a resource lists
+    only the owned kinds that are not indexed, its workloads turning ready cost no LIST at all, and
+    each child is reported created once."""
 
     def status(name: str) -> dict[str, Any]:
         return (apiserver.get("disaggserve.io", "disaggserves", NS, name) or {}).get("status") or {}
@@ -249,6 +262,10 @@ async def test_the_running_operator_reconciles_and_follows_readiness_without_lis
     mark = len(apiserver.audit)
     assert (await create(apiserver.url, example(name=NAME))).status_code == 201
     await wait_for(lambda: status(NAME).get("plan"), message="the second resource planned")
+    lists = [a.resource for a in apiserver.audit[mark:] if a.verb == "list"]
+    assert not INDEXED_RESOURCES & set(lists), lists
+    assert lists and len(lists) % LISTED_PER_RECONCILE == 0, lists  # one reconcile (or a retried one)
+    mark = len(apiserver.audit)
     async with httpx.AsyncClient(base_url=apiserver.url) as client:
         for plural, name in (
             ("statefulsets", "tiny-prefill"),
