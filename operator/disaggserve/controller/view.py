@@ -3,10 +3,12 @@ LIST calls otherwise (tests, tools, one-shot paths).
 
 Why indexes: a reconcile used to LIST each owned kind (nine), the pods and the Nodes, and every
 child or pod event (a hundred resources starting make thousands) listed the workloads and pods
-again to recompute readiness. kopf already watches those kinds; its indexes (`@kopf.index`,
-registered in handlers.py with the functions below) keep what the watch streams say, per
-(namespace, instance), so these reads cost no API call. Only the fields the controller reads are
-kept (`slim_*`), so memory grows with the number of children, not with their size.
+again to recompute readiness. kopf already watches the workloads and pods; its indexes
+(`@kopf.index`, registered in handlers.py with the functions below) keep what the watch streams
+say, per (namespace, instance), and the Nodes, so readiness, drains and the autoscaler cost no
+API call and a reconcile lists only the owned kinds that are not indexed (handlers.py says why
+those are not). Only the fields the controller reads are kept (`slim_*`), so memory grows with
+the number of children, not with their size.
 
 Staleness. An index follows the watch stream: right after the operator writes a child, the
 index may still hold the version that write replaced, or not have the child yet. So the view
