@@ -12,7 +12,7 @@ the number of children, not with their size.
 
 Staleness. An index follows the watch stream: right after the operator writes a child, the
 index may still hold the version that write replaced, or not have the child yet. So the view
-remembers what this operator wrote (`wrote`, `deleted`) until the index shows a change to that
+remembers what this operator wrote or deleted (`wrote`) until the index shows a change to that
 object: a child reads as the index has it unless the index still shows a version the operator's
 own write replaced (or lacks it), in which case it reads as written. A reconcile right after
 another therefore sees its own children (no second "Created", obsolete ones pruned, a drain
@@ -24,8 +24,9 @@ that time reads as present until its deletion event re-applies it (reported as U
 
 A known limit of kopf's indexes: after a watch outage long enough for "410 Gone", kopf lists
 again and updates what still exists, but an object deleted during the outage stays in the index
-until the operator restarts. Children are owned and rarely deleted; such a pod shows at most in
-the crash-loop message.
+until the operator restarts: a pod then shows at most in a crash-loop message (drains and scrapes
+skip what they cannot reach); a StatefulSet deleted meanwhile would still count its ready replicas
+until the operator restarts.
 """
 
 from __future__ import annotations
