@@ -228,6 +228,8 @@ class ClusterView:
         obj = before if after is None else after
         assert obj is not None
         key = child_key(obj)
+        if key[:2] not in self._indexed_kinds:
+            return  # listed, so read fresh
         now = time.monotonic()
         self._prune(now)
         mine = self._written.setdefault((namespace, name), {})
