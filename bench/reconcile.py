@@ -5,17 +5,23 @@ operator's peak resident memory.
 The operator runs as a real `disaggserve operator` subprocess against the local API server
 (kmock-based, in this process), exactly as under `disaggserve up`.
 
-    python bench/reconcile.py [--repeats 3] [--sizes 1,10,100] [--out bench/results/reconcile.json]
+    python bench/reconcile.py [--repeats 3] [--sizes 1,10,100] [--baseline-ref REF] [--out ...]
+
+With --baseline-ref, the operator of that git ref (exported with `git archive`, run through
+PYTHONPATH) is measured too, interleaved with the current one against the same API server code,
+and the report gives both columns and their ratios. Run it under `flock /work/bench.lock`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -73,42 +79,102 @@ async def one_round(api, url: str, n: int, ns: str) -> list[float]:
     return list(done.values())
 
 
+def baseline_tree(ref: str) -> Path:
+    """The operator's sources at `ref`, exported once (git archive: no worktree to clean up)."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    target = Path(tempfile.gettempdir()) / f"disaggserve-baseline-{commit}"
+    if not (target / "operator" / "disaggserve").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "archive", commit, "operator", "worker_image"], cwd=ROOT, check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+async def warm_up(api, url: str) -> None:
+    """One resource reconciled end to end before the measured round: the operator has started,
+    listed what it watches (and filled its indexes) and imported its reconcile path, so the round
+    measures reconciles, not start-up."""
+    await one_round(api, url, 1, ns="warm-up")
+
+
+async def measure(n: int, ns: str, env: dict[str, str]) -> dict:
+    # A fresh API server and operator per round: each round measures n resources created at
+    # once, not n more on top of everything the earlier rounds left behind.
+    with tempfile.TemporaryDirectory() as tmp:
+        async with LocalCluster(Path(tmp), run_pods=False, operator_env=env) as cluster:
+            assert cluster.api is not None and cluster.operator_pid is not None
+            await warm_up(cluster.api, cluster.url)
+            before = len(cluster.api.audit)
+            latencies = await one_round(cluster.api, cluster.url, n, ns=ns)
+            calls = collections.Counter(a.verb for a in cluster.api.audit[before:])
+            rss = peak_rss_mib(cluster.operator_pid)
+    return {
+        "p50_s": statistics.median(latencies),
+        "max_s": max(latencies),
+        "rss_mib": rss,
+        "lists": calls["list"],
+        "calls": sum(calls.values()),
+    }
+
+
+def summary(rounds: list[dict]) -> dict:
+    return {
+        "p50_create_to_children_ms": round(statistics.median(x["p50_s"] for x in rounds) * 1000, 1),
+        "max_create_to_children_ms": round(statistics.median(x["max_s"] for x in rounds) * 1000, 1),
+        "operator_peak_rss_mib": round(statistics.median(x["rss_mib"] for x in rounds), 1),
+        "list_calls_during_round": round(statistics.median(x["lists"] for x in rounds)),
+        "api_calls_during_round": round(statistics.median(x["calls"] for x in rounds)),
+        "rounds_p50_ms": [round(x["p50_s"] * 1000, 1) for x in rounds],
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     sizes = [int(s) for s in args.sizes.split(",")]
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    variants: dict[str, dict[str, str]] = {f"current ({head})": {}}
+    if args.baseline_ref:
+        tree = baseline_tree(args.baseline_ref)
+        name = f"baseline ({tree.name.rsplit('-', 1)[-1]})"
+        variants[name] = {"PYTHONPATH": f"{tree / 'operator'}{os.pathsep}{tree / 'worker_image'}"}
     results = []
-    peak_rss = 0.0
+    loads: list[float] = []
     for n in sizes:
-        rounds = []
+        rounds: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.repeats):
-            # A fresh API server and operator per round: each round measures n resources created at
-            # once, not n more on top of everything the earlier rounds left behind.
-            with tempfile.TemporaryDirectory() as tmp:
-                async with LocalCluster(Path(tmp), run_pods=False) as cluster:
-                    assert cluster.api is not None and cluster.operator_pid is not None
-                    await asyncio.sleep(3)  # operator start-up (imports, login, first list/watch)
-                    latencies = await one_round(cluster.api, cluster.url, n, ns=f"b{n}-{r}")
-                    peak_rss = max(peak_rss, peak_rss_mib(cluster.operator_pid))
-            rounds.append({"p50_s": statistics.median(latencies), "max_s": max(latencies)})
-            print(
-                f"N={n:4d} round {r}: p50 {rounds[-1]['p50_s'] * 1000:7.1f} ms, "
-                f"max {rounds[-1]['max_s'] * 1000:7.1f} ms",
-                flush=True,
-            )
-        results.append(
-            {
-                "resources": n,
-                "p50_create_to_children_ms": round(statistics.median(x["p50_s"] for x in rounds) * 1000, 1),
-                "max_create_to_children_ms": round(statistics.median(x["max_s"] for x in rounds) * 1000, 1),
-                "repeats": args.repeats,
+            # Interleaved, alternating which goes first: drift in the machine's load hits both alike.
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for v in order:
+                loads.append(os.getloadavg()[0])
+                rounds[v].append(await measure(n, f"b{n}-{r}", variants[v]))
+                x = rounds[v][-1]
+                print(
+                    f"N={n:4d} round {r} {v:24s}: p50 {x['p50_s'] * 1000:7.1f} ms, max {x['max_s'] * 1000:7.1f} ms, "
+                    f"rss {x['rss_mib']:.0f} MiB, {x['lists']} LISTs, load {loads[-1]:.1f}",
+                    flush=True,
+                )
+        row: dict = {"resources": n, "repeats": args.repeats, **{v: summary(rounds[v]) for v in variants}}
+        if len(variants) == 2:
+            cur, base = (row[v] for v in variants)
+            row["current_over_baseline"] = {
+                k: round(cur[k] / base[k], 3) if base[k] else None
+                for k in ("p50_create_to_children_ms", "max_create_to_children_ms", "operator_peak_rss_mib")
             }
-        )
+        results.append(row)
     return {
         "benchmark": "reconcile",
-        "what": "time from creating N DisaggServes at once to all 14 children of each existing; medians over repeats",
+        "what": f"time from creating N DisaggServes at once to all {CHILDREN_PER_RESOURCE} children of each "
+        "existing; operator peak RSS and API calls during the round; medians over interleaved repeats",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "load_average_1m": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
         "api_server": "disaggserve.local.apiserver (in-process, loopback); operator: `disaggserve operator` subprocess",
+        "variants": list(variants),
         "results": results,
-        "operator_peak_rss_mib": round(peak_rss, 1),
     }
 
 
@@ -116,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1,10,100")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-ref", help="also run the operator of this git ref, interleaved, for comparison")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "reconcile.json"))
     args = parser.parse_args()
     report = asyncio.run(main_async(args))

@@ -50,7 +50,9 @@ async def test_scale_down_waits_for_a_busy_worker_that_wants_the_token() -> None
     await runner.setup()
     await web.TCPSite(runner, ip, WORKER_PORT).start()
     try:
-        kube = FakeKube([{"metadata": {"name": "tiny-decode-1"}, "status": {"podIP": ip}}])
+        pod = {"metadata": {"name": "tiny-decode-1", "labels": {"app.kubernetes.io/instance": "tiny"}},
+               "status": {"podIP": ip}}
+        kube = FakeKube([pod])
         now = datetime.datetime.now(datetime.UTC)
         existing = {("apps/v1", "StatefulSet", "tiny-decode"): statefulset(2)}
 

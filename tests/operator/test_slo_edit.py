@@ -42,7 +42,10 @@ class _OneRouter:
     async def list(self, *args, **kwargs):
         return [
             {
-                "metadata": {"name": "tiny-router-0"},
+                "metadata": {
+                    "name": "tiny-router-0",
+                    "labels": {"app.kubernetes.io/instance": "tiny", "app.kubernetes.io/component": "router"},
+                },
                 "status": {"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
             }
         ]

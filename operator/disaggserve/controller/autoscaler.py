@@ -21,10 +21,11 @@ from prometheus_client import Gauge
 from disaggserve.api.plan import PHASES, Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
 from disaggserve.autoscaling.policy import Counts, Decision, Limits, PolicyState, Signals, decide
-from disaggserve.contract import LABEL_COMPONENT, LABEL_INSTANCE, ROUTER_PORT
+from disaggserve.contract import LABEL_COMPONENT, ROUTER_PORT
 from disaggserve.controller.kube import Kube
 from disaggserve.controller.planning import PlanService
 from disaggserve.controller.reconcile import replica_record
+from disaggserve.controller.view import ClusterView
 from disaggserve.metrics import MetricsUnavailable, Observed
 from disaggserve.metrics.promql import PrometheusSource
 from disaggserve.metrics.scrape import ScrapeWindow, scrape_router
@@ -54,8 +55,15 @@ def _ready(pod: Mapping[str, Any]) -> bool:
 
 
 class Autoscaler:
-    def __init__(self, kube: Kube, http: httpx.AsyncClient | None = None, planner: PlanService | None = None):
+    def __init__(
+        self,
+        kube: Kube,
+        http: httpx.AsyncClient | None = None,
+        planner: PlanService | None = None,
+        view: ClusterView | None = None,
+    ):
         self.kube = kube
+        self.view = view or ClusterView(kube)  # where the router pods are read
         self.http = http or httpx.AsyncClient(timeout=3.0)
         self.planner = planner or PlanService(isolate=False)
         self.tracked: dict[tuple[str, str], _Tracked] = {}
@@ -71,7 +79,7 @@ class Autoscaler:
             return await PrometheusSource(source.prometheus_url, self.http).observe(
                 namespace, name, source.window_seconds, slo_ttft, slo_tpot
             )
-        pods = await self.kube.list("v1", "Pod", namespace, f"{LABEL_INSTANCE}={name},{LABEL_COMPONENT}=router")
+        pods = await self.view.pods(namespace, name, {LABEL_COMPONENT: "router"})
         live = set()
         for pod in pods:
             ip = (pod.get("status") or {}).get("podIP")

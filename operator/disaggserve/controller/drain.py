@@ -18,8 +18,9 @@ from typing import Any
 
 import httpx
 
-from disaggserve.contract import HEADER_WORKER_TOKEN, PATH_DRAIN, WORKER_PORT
+from disaggserve.contract import HEADER_WORKER_TOKEN, LABEL_INSTANCE, PATH_DRAIN, WORKER_PORT
 from disaggserve.controller.kube import Kube
+from disaggserve.controller.view import ClusterView
 
 PATH_LOAD = "/internal/load"
 
@@ -58,12 +59,15 @@ async def prepare_scale_down(
     now: datetime.datetime,
     *,
     token: str | None = None,
+    view: ClusterView | None = None,
 ) -> DrainResult:
     """Drain the pods each shrinking StatefulSet will lose; hold its replicas until they are idle.
 
     Mutates `desired` StatefulSets whose scale-down must wait (their replicas stay as they are).
     `token`: the DisaggServe's worker token, which the workers want on /internal/* calls.
+    `view`: where the pods are read (the operator's indexes); None lists them.
     """
+    view = view or ClusterView(kube)
     pending: list[str] = []
     since: dict[str, str] = {}
     headers = {HEADER_WORKER_TOKEN: token} if token else {}
@@ -77,8 +81,8 @@ async def prepare_scale_down(
             have = int((before or {}).get("spec", {}).get("replicas", 0))
             if before is None or (want >= have and name not in previous_since):
                 continue  # not shrinking, and no drain of ours to call off: nothing to look at
-            selector = ",".join(f"{k}={v}" for k, v in obj["spec"]["selector"]["matchLabels"].items())
-            pods = await kube.list("v1", "Pod", namespace, selector)
+            selector = obj["spec"]["selector"]["matchLabels"]
+            pods = await view.pods(namespace, selector[LABEL_INSTANCE], selector)
             # Pods that stay but were drained for a scale-down that was called off: restart them.
             for pod in pods:
                 ip = (pod.get("status") or {}).get("podIP")

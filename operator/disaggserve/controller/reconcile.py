@@ -29,11 +29,11 @@ from disaggserve.controller.planning import (
     node_fingerprint,
     plan_key,
 )
+from disaggserve.controller.view import ClusterView
 from disaggserve.planner import PlanningError
 from disaggserve.planner.hook import capacity_problem, manual_plan
 from disaggserve.planner.replan import carry_over
 from disaggserve.resources import Owner, RenderError, build_children
-from disaggserve.resources.names import instance_selector
 from disaggserve.resources.router import endpoint
 from disaggserve.resources.security import NetworkAccess, token_of, token_secret_name
 from disaggserve.status_logic import (
@@ -98,17 +98,6 @@ async def _profile(kube: Kube, spec: DisaggServeSpec, namespace: str) -> dict[st
     except ValueError as e:
         raise Refused("ProfileInvalid", f"ConfigMap {ref.name!r} key {ref.key!r} is not JSON: {e}") from None
     return profile
-
-
-async def owned_children(kube: Kube, name: str, namespace: str, uid: str, kinds=OWNED_KINDS) -> dict[tuple, dict]:
-    lists = await asyncio.gather(*(kube.list(av, kind, namespace, instance_selector(name)) for av, kind in kinds))
-    found: dict[tuple, dict] = {}
-    for (api_version, kind), items in zip(kinds, lists, strict=True):
-        for obj in items:
-            owners = obj["metadata"].get("ownerReferences") or []
-            if any(o.get("uid") == uid for o in owners):
-                found[(api_version, kind, obj["metadata"]["name"])] = obj
-    return found
 
 
 def _refusal_status(conditions: list[dict[str, Any]], generation: int | None, reason: str, message: str) -> dict:
@@ -181,10 +170,18 @@ def _status(**fields: Any) -> dict[str, Any]:
 
 
 async def reconcile(
-    kube: Kube, body: Mapping[str, Any], emit: EventSink, planner: PlanService | None = None
+    kube: Kube,
+    body: Mapping[str, Any],
+    emit: EventSink,
+    planner: PlanService | None = None,
+    view: ClusterView | None = None,
 ) -> ReconcileResult:
-    """Bring the children in line with the spec; return the status patch. Raises KubeError (retry)."""
+    """Bring the children in line with the spec; return the status patch. Raises KubeError (retry).
+
+    `view`: how existing children, pods and Nodes are read (the operator's indexes); None lists them.
+    """
     planner = planner or _default_planner()
+    view = view or ClusterView(kube)
     body = to_plain(body)
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
@@ -197,7 +194,7 @@ async def reconcile(
         except SpecError as e:
             raise Refused("InvalidSpec", str(e)) from None
         profile = await _profile(kube, spec, namespace)
-        nodes = await kube.list_shared("v1", "Node")
+        nodes = await view.nodes()
         try:
             planned = await _plan(kube, spec, profile, nodes, planner)
         except PlanningError as e:
@@ -239,9 +236,7 @@ async def reconcile(
         emit("Warning", e.reason, str(e))
         return ReconcileResult(_refusal_status(conditions, generation, e.reason, str(e)))
 
-    existing = await owned_children(
-        kube, name, namespace, uid, kinds=OWNED_KINDS + (GATEWAY_KINDS if spec.gateway else ())
-    )
+    existing = await view.children(namespace, name, uid, OWNED_KINDS + (GATEWAY_KINDS if spec.gateway else ()))
     if secret is not None:  # read by name above (the operator may not list Secrets)
         existing[("v1", "Secret", secret["metadata"]["name"])] = secret
     token = token_of(next(o for o in desired if o["kind"] == "Secret"))
@@ -253,6 +248,7 @@ async def reconcile(
         dict(old_status.get("draining") or {}),
         datetime.datetime.now(datetime.UTC),
         token=token,
+        view=view,
     )
     for sts in drain.pending:
         emit("Normal", "Draining", f"StatefulSet {sts}: waiting for the pods it loses to finish their requests")
@@ -260,13 +256,16 @@ async def reconcile(
     applied = list(await asyncio.gather(*(kube.apply(obj) for obj in desired)))
     for obj, after in zip(desired, applied, strict=True):
         before = existing.pop((obj["apiVersion"], obj["kind"], obj["metadata"]["name"]), None)
+        view.wrote(namespace, name, before, after)
         if before is None:
             emit("Normal", "Created", f"created {obj['kind']} {obj['metadata']['name']}")
         elif before["metadata"].get("resourceVersion") != after["metadata"].get("resourceVersion"):
             emit("Normal", "Updated", f"updated {obj['kind']} {obj['metadata']['name']}")
     obsolete = list(existing)
     deleted = await asyncio.gather(*(kube.delete(av, kind, namespace, child) for av, kind, child in obsolete))
-    for (_, kind, child), gone in zip(obsolete, deleted, strict=True):
+    for key, gone in zip(obsolete, deleted, strict=True):
+        view.wrote(namespace, name, existing[key], None)
+        _, kind, child = key
         if gone:
             emit("Normal", "Deleted", f"deleted {kind} {child}: no longer part of the plan")
 
@@ -275,7 +274,7 @@ async def reconcile(
         conditions, "Planned", True, "ManualPlan" if plan.source == "manual" else "Planned", plan.reason, generation
     )
     replicas = replica_status(plan, applied)
-    pods = await _pods_if_not_ready(kube, namespace, name, replicas)
+    pods = await _pods_if_not_ready(view, namespace, name, replicas)
     conditions, phase = readiness(conditions, replicas, router_ready(applied), generation, crash_loops(pods))
     _report_crash_loops(old_status, conditions, emit)
     return ReconcileResult(
@@ -297,11 +296,11 @@ async def reconcile(
 RETRY_WHILE_DRAINING = 2.0
 
 
-async def _pods_if_not_ready(kube: Kube, namespace: str, name: str, replicas: Any) -> list[dict[str, Any]]:
+async def _pods_if_not_ready(view: ClusterView, namespace: str, name: str, replicas: Any) -> list[dict[str, Any]]:
     """The resource's pods, read only while some worker is not ready (what crash loops explain)."""
     if all(getattr(replicas, p).ready >= getattr(replicas, p).desired for p in ("prefill", "decode")):
         return []
-    return await kube.list("v1", "Pod", namespace, instance_selector(name))
+    return await view.pods(namespace, name)
 
 
 def _timed_out(
@@ -352,12 +351,19 @@ def _default_planner() -> PlanService:
 
 
 async def refresh_status(
-    kube: Kube, namespace: str, name: str, emit: EventSink | None = None, owner: dict[str, Any] | None = None
+    kube: Kube,
+    namespace: str,
+    name: str,
+    emit: EventSink | None = None,
+    owner: dict[str, Any] | None = None,
+    view: ClusterView | None = None,
 ) -> None:
     """Recompute ready counts and readiness of one resource from its workloads and record them.
 
     `owner`: the resource as just read (under the caller's lock); None reads it here.
+    `view`: how workloads and pods are read (the operator's indexes); None lists them.
     """
+    view = view or ClusterView(kube)
     if owner is None:
         owner = await kube.get(API_VERSION, KIND, namespace, name)
     if owner is None or owner["metadata"].get("deletionTimestamp"):
@@ -369,11 +375,9 @@ async def refresh_status(
     if condition_status(conditions, "Planned") == "False":
         return  # the plan is not current (timed out): Ready says why until planning succeeds
     plan = Plan.model_validate(status["plan"])
-    workloads = list(
-        (await owned_children(kube, name, namespace, owner["metadata"]["uid"], kinds=WORKLOAD_KINDS)).values()
-    )
+    workloads = list((await view.children(namespace, name, owner["metadata"]["uid"], WORKLOAD_KINDS)).values())
     replicas = replica_status(plan, workloads)
-    pods = await _pods_if_not_ready(kube, namespace, name, replicas)
+    pods = await _pods_if_not_ready(view, namespace, name, replicas)
     conditions, phase = readiness(
         conditions, replicas, router_ready(workloads), status.get("observedGeneration"), crash_loops(pods)
     )
