@@ -169,3 +169,16 @@ async def test_a_plan_that_never_finishes_is_reported_and_the_resource_can_be_de
     assert resp.status_code in (200, 202)
     await wait_for(lambda: cr(apiserver, "stuck") is None, message="the stuck resource deleted (finalizer released)")
     assert sts(apiserver, "good") is not None
+
+
+def test_a_bandwidth_annotation_changes_the_node_fingerprint_and_others_do_not():
+    """The topology reads link bandwidths from Node annotations too: a cached plan must not
+    survive a bandwidth change, and must survive unrelated annotation churn."""
+    from disaggserve.controller.planning import node_fingerprint
+    from disaggserve.topology.nodes import KEY_CROSS_GBPS
+
+    node = {"metadata": {"name": "n1", "labels": {}, "annotations": {KEY_CROSS_GBPS: "100"}}}
+    faster = {"metadata": {"name": "n1", "labels": {}, "annotations": {KEY_CROSS_GBPS: "400"}}}
+    churn = {"metadata": {"name": "n1", "labels": {}, "annotations": {KEY_CROSS_GBPS: "100", "x/heartbeat": "7"}}}
+    assert node_fingerprint(node) != node_fingerprint(faster)
+    assert node_fingerprint(node) == node_fingerprint(churn)

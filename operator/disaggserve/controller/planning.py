@@ -37,6 +37,7 @@ from typing import Any
 
 from disaggserve.planner import PlanningError, plan_for
 from disaggserve.planning_worker import PING, serve
+from disaggserve.topology.nodes import KEY_CROSS_GBPS, KEY_INTRA_GBPS
 
 DEFAULT_TIMEOUT_SECONDS = float(os.environ.get("DISAGGSERVE_PLAN_TIMEOUT", "60"))
 DEFAULT_WORKERS = int(os.environ.get("DISAGGSERVE_PLAN_WORKERS", "1"))
@@ -50,11 +51,18 @@ STARTUP_TIMEOUT_SECONDS = 120.0
 _NODE_LABEL_PREFIXES = ("nvidia.com/", "disaggserve.io/", "kubernetes.io/hostname", "node.kubernetes.io/")
 
 
+BANDWIDTH_KEYS = (KEY_CROSS_GBPS, KEY_INTRA_GBPS)
+
+
 def node_fingerprint(node: dict[str, Any]) -> dict[str, Any]:
     meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
     return {
         "name": meta.get("name"),
         "labels": dict(sorted((meta.get("labels") or {}).items())),
+        # topology/nodes.py reads the bandwidths from labels or annotations; other annotations
+        # change often and plan nothing.
+        "bandwidth_annotations": {k: v for k, v in sorted((meta.get("annotations") or {}).items())
+                                  if k in BANDWIDTH_KEYS},
         "taints": spec.get("taints") or [],
         "unschedulable": bool(spec.get("unschedulable")),
         "allocatable": status.get("allocatable") or {},
