@@ -100,7 +100,7 @@ class PoolRegions:
     never move, and making them costs ~40 µs, a noticeable share of a 1 MB pull)."""
 
     def __init__(self, pool: KVPool):
-        self.pool = pool
+        # No reference back to `pool`: `regions_of` keys on it weakly.
         self._views = [_flat_bytes(shards[0]) for shards in pool.layers]
         first = pool.layers[0][0]
         self.slots = int(first.shape[1])
