@@ -91,6 +91,21 @@ def test_slot_runs_merge_consecutive_blocks() -> None:
     assert slot_runs(torch.tensor([], dtype=torch.long)) == []
 
 
+def test_pool_views_are_shared_and_do_not_outlive_the_pool() -> None:
+    import gc
+
+    from disaggserve_worker.kv import layout
+    from disaggserve_worker.model.kv_pool import KVPool
+
+    pool = KVPool([[torch.zeros(2, 16, 2, 4)]])
+    assert layout.regions_of(pool) is layout.regions_of(pool), "made once, shared by every pull"
+    assert layout.regions_of(KVPool([[torch.zeros(2, 16, 2, 4)[:, ::2]]])) is None, "not contiguous: staged"
+    before = len(layout._REGIONS)
+    del pool
+    gc.collect()
+    assert len(layout._REGIONS) == before - 1, "a dropped pool's views go with it"
+
+
 async def test_peer_dying_mid_transfer_is_a_clean_retryable_error() -> None:
     def dies_after_one_layer(conn: socket.socket) -> None:
         recv_control(conn)

@@ -1,27 +1,39 @@
 """The decode side of the KV port: pulls over persistent, authenticated connections.
 
 One connection per peer is kept open between pulls (a second one opens only while the first
-is busy), so a pull costs one round trip, not a TCP and authentication handshake. The pull
-runs on the event loop over a non-blocking socket: layers are scatter-read (`recvmsg_into`)
-straight into the reserved pool blocks (`PoolSink.targets`), never through a stream
-buffer. Why not a thread: on a loaded host every thread handoff costs a scheduler slice, and
-a 1 MB pull on loopback is shorter than one.
+is busy) and authenticated once, when it opens; a pull then costs one round trip: REQUEST out,
+HEADER + layers + END back in one stream, ACK out.
+
+The event loop opens the TCP connection (which it can cancel) and sends the REQUEST without
+blocking; the rest of the exchange runs as one call on a transfer thread over a blocking socket
+(`framing.set_timeout`): one hand-off from the loop and one back, however many frames the
+transfer takes, and the hand-off overlaps the prefill worker preparing its reply. Each layer is
+scatter-read (`recvmsg_into`) straight into the reserved pool blocks (`PoolSink.targets`).
+Why not on the event loop: there every partial read of a layer is a readiness callback, a
+future and a task step, and a 1 MB pull on loopback arrives in a dozen or more pieces; on the
+2-core bench host that put the event-loop pull at 0.38x raw TCP (`bench/kv_transfer.py`).
+A cancelled pull shuts its socket down, which ends the blocked read at once, and waits for
+the thread: once `pull` returns or raises, nothing writes into the sink any more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from disaggserve_worker.kv import auth
 from disaggserve_worker.kv.framing import (
     HEADER,
-    IOV_MAX,
     LAYER_INDEX,
     MAX_CONTROL_FRAME,
     MAX_HANDSHAKE_FRAME,
@@ -33,10 +45,18 @@ from disaggserve_worker.kv.framing import (
     decode_json,
     encode_json,
     raise_if_error,
+    recv_control,
+    recv_exact,
+    recv_frame_head,
+    recv_into_buffers,
+    send_buffers,
+    send_json,
+    set_timeout,
 )
 from disaggserve_worker.kv.layout import DTYPES, KVLayout, LayerSink, PoolSink, TransferStats
 
 _UNSET = object()
+_T = TypeVar("_T")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -48,103 +68,58 @@ def split_address(address: str) -> tuple[str, int]:
 
 @dataclass
 class _Connection:
-    """A non-blocking socket on the event loop, with the framing reads the pull needs."""
+    """A connected socket (blocking with a per-read timeout) and whether it is authenticated."""
 
     sock: socket.socket
     address: str
-    timeout: float
+    authenticated: bool = False
     last_used: float = field(default_factory=time.monotonic)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    async def _readable(self) -> None:
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        fd = self.sock.fileno()
-        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    def send_now(self, data: bytes) -> int:
+        """Send what the socket takes without waiting (from the event loop); bytes sent. An error
+        is left for the transfer thread, whose send or read meets it again and reports it."""
         try:
-            async with asyncio.timeout(self.timeout):
-                await ready
-        except TimeoutError:
-            raise KVTransferError("kv_timeout", f"no KV data within {self.timeout:g} s", True) from None
-        finally:
-            loop.remove_reader(fd)
+            return self.sock.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            return 0
 
-    async def recv_into(self, buffers: list[memoryview]) -> None:
-        """Fill every buffer in order (scatter-read; waits on the loop only when nothing is queued)."""
-        pending = [b for b in buffers if b.nbytes]
-        while pending:
-            try:
-                got = self.sock.recvmsg_into(pending[:IOV_MAX])[0]
-            except BlockingIOError:
-                await self._readable()
-                continue
-            except OSError as error:
-                raise PeerClosed(f"KV peer closed the stream: {error!r}") from None
-            if got == 0:
-                raise PeerClosed("KV peer closed the stream mid-frame")
-            while got:
-                head = pending[0]
-                if got >= head.nbytes:
-                    got -= head.nbytes
-                    pending.pop(0)
-                else:
-                    pending[0] = head[got:]
-                    got = 0
-
-    async def recv_exact(self, size: int) -> bytearray:
-        buf = bytearray(size)
-        await self.recv_into([memoryview(buf)])
-        return buf
-
-    async def recv_head(self) -> tuple[FrameType, int]:
-        kind_value, length = HEADER.unpack(await self.recv_exact(HEADER.size))
-        try:
-            return FrameType(kind_value), length
-        except ValueError:
-            raise KVTransferError("kv_protocol", f"unknown KV frame type {kind_value}", False) from None
-
-    async def recv_control(self, limit: int = MAX_CONTROL_FRAME) -> tuple[FrameType, bytearray]:
-        kind, length = await self.recv_head()
-        if kind is FrameType.LAYER:
-            raise KVTransferError("kv_protocol", "unexpected KV layer frame", False)
-        if length > limit:
-            raise KVTransferError("kv_protocol", f"KV {kind.name} frame of {length} bytes exceeds {limit}", False)
-        return kind, await self.recv_exact(length)
-
-    async def send(self, data: bytes) -> None:
-        try:
-            async with asyncio.timeout(self.timeout):
-                await asyncio.get_running_loop().sock_sendall(self.sock, data)
-        except TimeoutError:
-            raise KVTransferError("kv_timeout", f"KV peer took no data within {self.timeout:g} s", True) from None
-        except OSError as error:
-            raise PeerClosed(f"KV peer closed the stream: {error!r}") from None
+    def abort(self) -> None:
+        """End a read or write blocked on another thread now (it sees the peer as gone)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
 
 class TcpKVTransport:
     """Pull KV caches from prefill workers' KV ports (see `kv.framing` for the protocol)."""
 
     def __init__(self, connect_timeout: float = 5.0, frame_timeout: float = 30.0,
-                 token: str | object | None = _UNSET, idle_seconds: float = 60.0):
+                 token: str | object | None = _UNSET, idle_seconds: float = 60.0, max_threads: int = 32):
         self.connect_timeout = connect_timeout
         self.frame_timeout = frame_timeout
         self.token: str | None = auth.worker_token() if token is _UNSET else token  # type: ignore[assignment]
         self.idle_seconds = idle_seconds
+        self.max_threads = max_threads
         self._idle: dict[str, list[_Connection]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
 
     async def pull(self, address: str, handle: str, request_id: str, expect: KVLayout,
                    sink: LayerSink | PoolSink) -> TransferStats:
-        """Pull `handle` into `sink`. Runs on the caller's loop: once it returns or raises
-        (cancellation included) nothing writes into the sink any more."""
+        """Pull `handle` into `sink`. Once it returns or raises (cancellation included) nothing
+        writes into the sink any more."""
         start = time.perf_counter()
         for attempt in range(2):
             conn, reused = await self._checkout(address)
+            request = encode_json(FrameType.REQUEST, {"handle": handle, "request_id": request_id})
+            sent = conn.send_now(request) if conn.authenticated else 0
+            exchange = functools.partial(self._exchange, conn, request[sent:], expect, sink,
+                                         may_be_stale=reused and attempt == 0)
             try:
-                total, tokens = await self._transfer(conn, handle, request_id, expect, sink,
-                                                     may_be_stale=reused and attempt == 0)
+                total, tokens = await self._on_thread(conn, exchange)
             except _Stale:
                 conn.close()
                 continue  # the peer had closed the pooled connection: once more on a fresh one
@@ -163,6 +138,30 @@ class TcpKVTransport:
         for conns in idle.values():
             for conn in conns:
                 conn.close()
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+    # ---- threads -----------------------------------------------------------------------------
+    async def _on_thread(self, conn: _Connection, job: Callable[[], _T]) -> _T:
+        """Run `job` (which uses `conn`) on a transfer thread; on cancellation, cut `conn` and
+        wait until the job has stopped before letting the cancellation through."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.max_threads, thread_name_prefix="kv-pull")
+            executor = self._executor
+        future = asyncio.get_running_loop().run_in_executor(executor, job)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            conn.abort()
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # retrieved: the cancellation is what the caller sees
+            raise
 
     # ---- connections -----------------------------------------------------------------------
     async def _checkout(self, address: str) -> tuple[_Connection, bool]:
@@ -180,6 +179,8 @@ class TcpKVTransport:
         self._idle.setdefault(conn.address, []).append(conn)
 
     async def _connect(self, address: str) -> _Connection:
+        """Open the TCP connection on the loop (cancellable); the handshake runs on the transfer
+        thread with the first pull."""
         host, port = split_address(address)
         loop = asyncio.get_running_loop()
         try:
@@ -196,10 +197,14 @@ class TcpKVTransport:
                     raise
         except (TimeoutError, OSError) as error:
             raise KVTransferError("kv_unavailable", f"cannot reach KV port {address}: {error!r}", True) from None
-        conn = _Connection(sock, address, self.frame_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_timeout(sock, self.frame_timeout)  # blocking from here on, each read and write bounded
+        return _Connection(sock, address)
+
+    def _handshake(self, conn: _Connection) -> None:
+        sock = conn.sock
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            kind, payload = await conn.recv_control(MAX_HANDSHAKE_FRAME)
+            kind, payload = recv_control(sock, MAX_HANDSHAKE_FRAME)
             raise_if_error(kind, payload)
             if kind is not FrameType.HELLO:
                 raise KVTransferError("kv_protocol", f"expected the KV port's HELLO, got {kind.name} "
@@ -209,25 +214,26 @@ class TcpKVTransport:
                 raise KVTransferError("kv_protocol", f"KV protocol version {hello.get('version')} is not "
                                       f"{PROTOCOL_VERSION}: run the same worker image on both sides", False)
             nonce = bytes.fromhex(str(hello.get("nonce", "")))
-            await conn.send(encode_json(FrameType.AUTH, {"mac": auth.prove(self.token, nonce)}))
-            kind, payload = await conn.recv_control(MAX_HANDSHAKE_FRAME)
+            send_json(sock, FrameType.AUTH, {"mac": auth.prove(self.token, nonce)})
+            kind, payload = recv_control(sock, MAX_HANDSHAKE_FRAME)
             raise_if_error(kind, payload)
             if kind is not FrameType.READY:
                 raise KVTransferError("kv_protocol", f"expected READY, got {kind.name}", False)
         except ValueError as error:
-            conn.close()
             raise KVTransferError("kv_protocol", f"malformed KV handshake: {error!r}", False) from None
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        conn.authenticated = True
 
-    # ---- one pull --------------------------------------------------------------------------
-    async def _transfer(self, conn: _Connection, handle: str, request_id: str, expect: KVLayout,
-                        sink: LayerSink | PoolSink, may_be_stale: bool) -> tuple[int, int]:
+    # ---- one pull (on a transfer thread) -----------------------------------------------------
+    def _exchange(self, conn: _Connection, unsent: bytes, expect: KVLayout, sink: LayerSink | PoolSink,
+                  may_be_stale: bool) -> tuple[int, int]:
+        """One pull on a transfer thread: the handshake on a new connection, whatever of the
+        REQUEST frame the loop did not send, then the reply."""
+        sock = conn.sock
+        if not conn.authenticated:
+            self._handshake(conn)
         try:
-            await conn.send(encode_json(FrameType.REQUEST, {"handle": handle, "request_id": request_id}))
-            kind, payload = await conn.recv_control()
+            send_buffers(sock, [unsent])
+            kind, payload = recv_control(sock)
         except PeerClosed:
             if may_be_stale:
                 raise _Stale() from None
@@ -241,19 +247,19 @@ class TcpKVTransport:
         tokens = self._check_header(decode_json(payload), expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
         if isinstance(sink, PoolSink) and sink.direct:
-            await self._receive_direct(conn, expect, sink, tokens, layer_bytes)
+            self._receive_direct(sock, expect, sink, tokens, layer_bytes)
         else:
-            await self._receive_staged(conn, expect, sink, tokens, layer_bytes)
-        kind, payload = await conn.recv_control()
+            self._receive_staged(sock, expect, sink, tokens, layer_bytes)
+        kind, payload = recv_control(sock)
         raise_if_error(kind, payload)
         if kind is not FrameType.END:
             raise KVTransferError("kv_protocol", f"expected the KV end frame, got {kind.name}", False)
-        await conn.send(encode_json(FrameType.ACK, {"bytes": layer_bytes * expect.layers}))
+        send_json(sock, FrameType.ACK, {"bytes": layer_bytes * expect.layers})
         return layer_bytes * expect.layers, tokens
 
     @staticmethod
-    async def _receive_direct(conn: _Connection, expect: KVLayout, sink: PoolSink, tokens: int,
-                              layer_bytes: int) -> None:
+    def _receive_direct(sock: socket.socket, expect: KVLayout, sink: PoolSink, tokens: int,
+                        layer_bytes: int) -> None:
         """Each layer frame (head, index, K and V blocks) in one scatter-read straight into the
         reserved blocks. After the header only layer frames may come, each of exactly the size
         just checked, so the read is bounded by the reservation; a frame head that turns out
@@ -261,7 +267,7 @@ class TcpKVTransport:
         head = bytearray(HEADER.size + LAYER_INDEX.size)
         want = (int(FrameType.LAYER), LAYER_INDEX.size + layer_bytes)
         for expected_layer in range(expect.layers):
-            await conn.recv_into([memoryview(head), *sink.targets(expected_layer, tokens)])
+            recv_into_buffers(sock, [memoryview(head), *sink.targets(expected_layer, tokens)])
             kind, length = HEADER.unpack_from(head)
             (layer,) = LAYER_INDEX.unpack_from(head, HEADER.size)
             if (kind, length) != want or layer != expected_layer:
@@ -269,29 +275,26 @@ class TcpKVTransport:
                                       f"where layer {expected_layer} of {layer_bytes} bytes was due", False)
 
     @staticmethod
-    async def _receive_staged(conn: _Connection, expect: KVLayout, sink: LayerSink | PoolSink, tokens: int,
-                              layer_bytes: int) -> None:
+    def _receive_staged(sock: socket.socket, expect: KVLayout, sink: LayerSink | PoolSink, tokens: int,
+                        layer_bytes: int) -> None:
         """Through one staging tensor (pools split over shards or on a GPU, plain callbacks):
         each frame head is checked before its payload is read."""
         staging: torch.Tensor | None = None
         for expected_layer in range(expect.layers):
-            kind, length = await conn.recv_head()
+            kind, length = recv_frame_head(sock)
             if kind is FrameType.ERROR:
-                raise_if_error(kind, await conn.recv_exact(min(length, MAX_CONTROL_FRAME)))
+                raise_if_error(kind, recv_exact(sock, min(length, MAX_CONTROL_FRAME)))
             if kind is not FrameType.LAYER or length != LAYER_INDEX.size + layer_bytes:
                 raise KVTransferError("kv_protocol", f"bad KV frame {kind.name} of {length} bytes where layer "
                                       f"{expected_layer} of {layer_bytes} bytes was due", False)
-            (layer,) = LAYER_INDEX.unpack(await conn.recv_exact(LAYER_INDEX.size))
+            (layer,) = LAYER_INDEX.unpack(recv_exact(sock, LAYER_INDEX.size))
             if layer != expected_layer:
                 raise KVTransferError("kv_protocol", f"KV layer {layer} arrived where {expected_layer} "
                                       "was due", False)
             if staging is None:  # one buffer for every layer, sized from the checked header
                 staging = torch.empty(2, tokens, expect.kv_heads, expect.head_dim, dtype=expect.dtype)
-            await conn.recv_into([memoryview(staging.view(torch.uint8).reshape(-1).numpy())])
-            if expect.on_gpu and layer_bytes >= 1 << 20:  # host-to-device: keep the loop free
-                await asyncio.to_thread(sink, layer, staging)
-            else:
-                sink(layer, staging)
+            recv_into_buffers(sock, [memoryview(staging.view(torch.uint8).reshape(-1).numpy())])
+            sink(layer, staging)
 
     @staticmethod
     def _check_header(header: dict[str, object], expect: KVLayout, sink: LayerSink | PoolSink) -> int:

@@ -12,7 +12,12 @@ the cache — a decode worker that dies mid-pull can be retried.
 Why blocking sockets (each side runs them on its own thread, off the event loop and off the
 engine thread): layer payloads go out with `sendmsg` straight from the pool's memory and come
 in with `recvmsg_into` straight into the receiver's pool blocks — no stream-reader buffer, no
-join, no per-frame copies. Every read is bounded before anything is allocated: control frames
+join, no per-frame copies. The timeouts are the kernel's (`set_timeout`: SO_RCVTIMEO and
+SO_SNDTIMEO on a blocking socket) rather than Python's `settimeout`, which makes the socket
+non-blocking and polls before every call: so a layer comes in with one `recvmsg_into`
+(MSG_WAITALL) however many segments it arrives in, and a 12 MB reply goes out with one
+`sendmsg` however often the send buffer fills — one syscall and one GIL round each instead of
+dozens. Every read is bounded before anything is allocated: control frames
 by `MAX_CONTROL_FRAME` (`MAX_HANDSHAKE_FRAME` before authentication), layer frames by the exact
 size the header announced, which the receiver checks against its model and reservation.
 """
@@ -85,20 +90,42 @@ def decode_json(payload: bytes | bytearray) -> dict[str, Any]:
     return obj
 
 
-def _translate(error: BaseException, timeout: float | None) -> KVTransferError:
-    if isinstance(error, TimeoutError):
-        return KVTransferError("kv_timeout", f"no KV data within {timeout or 0:g} s", True)
+_TIMEVAL = struct.Struct("@ll")
+
+
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    """Make `sock` blocking, each read and write bounded by `seconds` (kernel-enforced)."""
+    sock.settimeout(None)
+    whole = int(seconds)
+    value = _TIMEVAL.pack(whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def _timeout_of(sock: socket.socket) -> float:
+    timeout = sock.gettimeout()
+    if timeout is not None:
+        return timeout
+    whole, micros = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size))
+    return whole + micros / 1e6
+
+
+def _translate(error: BaseException, sock: socket.socket) -> KVTransferError:
+    # A kernel timeout (`set_timeout`) surfaces as EAGAIN, Python's own as TimeoutError.
+    if isinstance(error, TimeoutError | BlockingIOError):
+        return KVTransferError("kv_timeout", f"no KV data within {_timeout_of(sock):g} s", True)
     return PeerClosed(f"KV peer closed the stream: {error!r}")
 
 
 def recv_into_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> None:
-    """Fill every buffer, in order (scatter-read: one syscall per up to IOV_MAX buffers)."""
+    """Fill every buffer, in order (scatter-read: one syscall per up to IOV_MAX buffers, which on
+    a blocking socket waits for all of them)."""
     pending = [b for b in buffers if b.nbytes]
     while pending:
         try:
-            got = sock.recvmsg_into(pending[:IOV_MAX])[0]
+            got = sock.recvmsg_into(pending[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
         except OSError as error:
-            raise _translate(error, sock.gettimeout()) from None
+            raise _translate(error, sock) from None
         if got == 0:
             raise PeerClosed("KV peer closed the stream mid-frame")
         while got:
@@ -124,7 +151,7 @@ def send_buffers(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> 
         try:
             sent = sock.sendmsg(pending[:IOV_MAX])
         except OSError as error:
-            raise _translate(error, sock.gettimeout()) from None
+            raise _translate(error, sock) from None
         while sent:
             head = pending[0]
             if sent >= head.nbytes:

@@ -37,8 +37,9 @@ from disaggserve_worker.kv.framing import (
     recv_control,
     send_buffers,
     send_json,
+    set_timeout,
 )
-from disaggserve_worker.kv.layout import DTYPE_NAMES, PoolRegions, direct, slot_runs
+from disaggserve_worker.kv.layout import DTYPE_NAMES, PoolRegions, regions_of, slot_runs
 
 if TYPE_CHECKING:
     from disaggserve_worker.engine.engine import Engine
@@ -89,8 +90,7 @@ class KVServer:
             raise
         self._listener = listener
         self.port = int(listener.getsockname()[1])
-        if direct(self.engine.kv_pool):
-            self._regions = PoolRegions(self.engine.kv_pool)
+        self._regions = regions_of(self.engine.kv_pool)
         self._accept_thread = threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True)
         self._accept_thread.start()
 
@@ -145,11 +145,11 @@ class KVServer:
             if not self._handshake(conn):
                 return
             while not self._closing:
-                conn.settimeout(self.idle_timeout)
+                set_timeout(conn, self.idle_timeout)
                 kind, payload = recv_control(conn)
                 if kind is not FrameType.REQUEST:
                     raise KVTransferError("kv_protocol", f"expected a KV request, got {kind.name}", False)
-                conn.settimeout(self.frame_timeout)
+                set_timeout(conn, self.frame_timeout)
                 self._serve_request(conn, decode_json(payload))
         except PeerClosed:
             pass  # the peer is done with this connection (or died: its pull is retried)
@@ -166,7 +166,7 @@ class KVServer:
                 conn.close()
 
     def _handshake(self, conn: socket.socket) -> bool:
-        conn.settimeout(self.handshake_timeout)
+        set_timeout(conn, self.handshake_timeout)
         nonce = auth.new_nonce()
         kind: FrameType | None = None
         proof: object = None
@@ -189,7 +189,7 @@ class KVServer:
     @staticmethod
     def _refuse(conn: socket.socket, error: KVTransferError) -> None:
         with contextlib.suppress(KVTransferError, OSError):
-            conn.settimeout(1.0)
+            set_timeout(conn, 1.0)
             send_json(conn, FrameType.ERROR, error.wire())
 
     def _serve_request(self, conn: socket.socket, request: dict[str, object]) -> None:
