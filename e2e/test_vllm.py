@@ -251,19 +251,35 @@ def _start_system(python: str, state: Path):
         ready = re.compile(r"is ready\S*: (http://\S+/v1)")
         endpoint = _wait_for(lambda: (m := ready.search(up_log.read_text())) and m.group(1), START_TIMEOUT_S,
                              "disaggserve up", up, up_log)
-        # Warm-up: the first P/D request pays NIXL's handshake and vLLM's first compiles of new
-        # shapes; the tests are about steady behaviour, so one request must have gone through first.
-        for attempt in range(3):
-            try:
-                httpx.post(f"{endpoint}/completions", json={"model": MODEL, "prompt": "warm up", "max_tokens": 4},
-                           timeout=300).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if attempt == 2:
-                    raise
+        _warm_every_decode_server(endpoint, f"http://127.0.0.1:{port}")
         yield System(state, f"http://127.0.0.1:{port}", endpoint, references, up)
     finally:
         _stop(up, 300)
+
+
+def _warm_every_decode_server(endpoint: str, api: str, attempts: int = 12) -> None:
+    """Requests until every decode server has pulled a KV cache over NIXL once.
+
+    The first pull from each decode server pays NIXL's handshake with the prefill server; one
+    warm-up request reached only one of two decode servers, and in a CI rehearsal the other's
+    first pull then timed out inside a test. The tests are about steady behaviour.
+    """
+    def decode_ips() -> list[str]:
+        items = httpx.get(f"{api}/api/v1/namespaces/default/pods", timeout=API_TIMEOUT_S).json()["items"]
+        return [p["status"]["podIP"] for p in items if p["metadata"]["name"].startswith(f"{NAME}-decode-")
+                and (p.get("status") or {}).get("podIP")]
+
+    def pulled(ip: str) -> float:
+        text = httpx.get(f"http://{ip}:8100/metrics", timeout=API_TIMEOUT_S).text
+        return _metric(text, "vllm:nixl_xfer_time_seconds_count")
+
+    for i in range(attempts):
+        if all(pulled(ip) > 0 for ip in decode_ips()):
+            return
+        with contextlib.suppress(httpx.HTTPError):  # a first pull may time out: that is what this absorbs
+            httpx.post(f"{endpoint}/completions", json={"model": MODEL, "prompt": f"warm up {i}", "max_tokens": 4},
+                       timeout=300)
+    raise AssertionError(f"not every decode server pulled a KV cache after {attempts} warm-up requests")
 
 
 def _reference_ids(system: System, prompt: str, max_tokens: int) -> tuple[list[int], str]:
