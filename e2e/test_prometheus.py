@@ -13,6 +13,7 @@ import openai
 import pytest
 import pytest_asyncio
 
+from disaggserve.contract import METRIC_GENERATION_TOKENS
 from disaggserve.local.cluster import default_resource
 from disaggserve.metrics.promql import PrometheusSource
 from disaggserve.metrics.scrape import ScrapeWindow, scrape_router
@@ -101,11 +102,19 @@ async def test_promql_and_direct_scrape_agree_on_real_traffic(cluster, prometheu
         with pytest.raises(openai.BadRequestError):
             await client.completions.create(model="tiny-llama", prompt="x", max_tokens=0)
         sent_output = sum(r.usage.completion_tokens for r in results)
-        await asyncio.sleep(3)  # two more Prometheus scrapes
         window.add("router", await scrape_router(http, router_ip))
+        # Wait until Prometheus holds a sample with the whole burst (its scrapes lag on a busy
+        # machine), plus one more so increase() has a sample after the load on every series.
+        source = PrometheusSource(url, http)
+        generated_now = f'sum({METRIC_GENERATION_TOKENS}{{disaggserve="tiny",component="router"}})'
+        for _ in range(100):
+            if await source.scalar(generated_now) == sent_output:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)
         scraped = window.observe(now=time.monotonic(), slo_ttft_s=TTFT_SLO_S, slo_tpot_s=TPOT_SLO_S)
         span = time.monotonic() - started + 5
-        promql = await PrometheusSource(url, http).observe("default", "tiny", span, TTFT_SLO_S, TPOT_SLO_S)
+        promql = await source.observe("default", "tiny", span, TTFT_SLO_S, TPOT_SLO_S)
 
     assert scraped.requests == 20, "client errors are not served requests"
     assert scraped.mean_output_tokens == pytest.approx(sent_output / 20)

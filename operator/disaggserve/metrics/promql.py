@@ -7,6 +7,7 @@ resource's name) and `component` ("router").
 from __future__ import annotations
 
 import math
+import time
 
 import httpx
 from prometheus_client.utils import floatToGoString
@@ -28,10 +29,14 @@ class PrometheusSource:
         self.url = url.rstrip("/")
         self.http = http
 
-    async def scalar(self, expr: str) -> float | None:
-        """Value of an instant query that yields one series (sum/max/...), None when empty or NaN."""
+    async def scalar(self, expr: str, at: float | None = None) -> float | None:
+        """Value of an instant query that yields one series (sum/max/...), None when empty or NaN.
+
+        `at` pins the evaluation time (Unix seconds); without it Prometheus evaluates at its own now.
+        """
+        params = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
         try:
-            response = await self.http.get(f"{self.url}/api/v1/query", params={"query": expr})
+            response = await self.http.get(f"{self.url}/api/v1/query", params=params)
         except httpx.HTTPError as e:
             raise MetricsUnavailable(f"Prometheus at {self.url} did not answer: {type(e).__name__}") from None
         if response.status_code != 200:
@@ -53,23 +58,28 @@ class PrometheusSource:
         sel = f'namespace="{namespace}",disaggserve="{name}",component="router"'
         w = f"{max(int(window_seconds), 1)}s"
         not_served = "|".join(sorted(NOT_SERVED))
-        up = await self.scalar(f"max(up{{{sel}}})")
+        # One evaluation time for every query: separate "now"s see different scrapes and
+        # extrapolate increase() differently, so ratios of two queries (tokens per request,
+        # attainment) drift by up to a scrape interval's share of the window.
+        at = time.time()
+        up = await self.scalar(f"max(up{{{sel}}})", at)
         if not up:
             raise MetricsUnavailable(f"Prometheus has no live router target for {namespace}/{name}")
-        served = await self.scalar(f'sum(increase({METRIC_REQUESTS}{{{sel},status!~"{not_served}"}}[{w}]))') or 0.0
-        ok = await self.scalar(f'sum(increase({METRIC_REQUESTS}{{{sel},status="ok"}}[{w}]))') or 0.0
-        prompt = await self.scalar(f"sum(increase({METRIC_PROMPT_TOKENS}{{{sel}}}[{w}]))") or 0.0
-        generated = await self.scalar(f"sum(increase({METRIC_GENERATION_TOKENS}{{{sel}}}[{w}]))") or 0.0
-        met = await self.scalar(f"sum(increase({METRIC_SLO_MET}{{{sel}}}[{w}]))") or 0.0
-        ttft = await self.scalar(f"histogram_quantile(0.9, sum by (le) (rate({METRIC_TTFT}_bucket{{{sel}}}[{w}])))")
-        tpot = await self.scalar(f"histogram_quantile(0.9, sum by (le) (rate({METRIC_TPOT}_bucket{{{sel}}}[{w}])))")
+        served = await self.scalar(f'sum(increase({METRIC_REQUESTS}{{{sel},status!~"{not_served}"}}[{w}]))', at) or 0.0
+        ok = await self.scalar(f'sum(increase({METRIC_REQUESTS}{{{sel},status="ok"}}[{w}]))', at) or 0.0
+        prompt = await self.scalar(f"sum(increase({METRIC_PROMPT_TOKENS}{{{sel}}}[{w}]))", at) or 0.0
+        generated = await self.scalar(f"sum(increase({METRIC_GENERATION_TOKENS}{{{sel}}}[{w}]))", at) or 0.0
+        met = await self.scalar(f"sum(increase({METRIC_SLO_MET}{{{sel}}}[{w}]))", at) or 0.0
+        ttft = await self.scalar(f"histogram_quantile(0.9, sum by (le) (rate({METRIC_TTFT}_bucket{{{sel}}}[{w}])))", at)
+        tpot = await self.scalar(f"histogram_quantile(0.9, sum by (le) (rate({METRIC_TPOT}_bucket{{{sel}}}[{w}])))", at)
 
         async def share(metric: str, threshold: float | None) -> float | None:
             if not threshold:
                 return None
             return await self.scalar(
                 f'sum(rate({metric}_bucket{{{sel},le="{floatToGoString(threshold)}"}}[{w}])) / '
-                f'sum(rate({metric}_bucket{{{sel},le="+Inf"}}[{w}]))'
+                f'sum(rate({metric}_bucket{{{sel},le="+Inf"}}[{w}]))',
+                at,
             )
 
         return Observed(
