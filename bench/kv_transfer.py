@@ -13,6 +13,10 @@ worker does in a deployment; the receiving side in this process.
 Raw is timed three ways — received on the event loop, on a thread awaited from the loop, and
 inside that thread (no hop at all); the headline ratio takes the faster of the first two,
 and the ratio against the third is reported beside it.
+Before each timed transfer (either kind) the bench waits `--settle-ms` so both start from an
+idle sender: the prefill child's engine thread and event loop are still finishing the step that
+produced the handle when the handle arrives, and on a 2-core host that work would otherwise be
+billed to the KV pull alone (the raw transfer always ran second, on a quiet sender).
 Medians over repeats; JSON to bench/results/kv_transfer.json with the machine load.
 
     .venv/bin/python bench/kv_transfer.py [--model builtin:small-llama] [--tokens 256 3000] [--repeats 15]
@@ -138,7 +142,8 @@ class RawReceiver:
             self.sock.setblocking(True)
 
 
-async def measure(model: str, loaded, tokens: int, repeats: int, threads: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  # type: ignore[no-untyped-def]
+                  settle_s: float = 0.0) -> dict[str, object]:
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=sender_process, args=(child, model, tokens, threads), daemon=True)
@@ -158,13 +163,16 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int) -
             handle = await asyncio.to_thread(parent.recv)
             reservation = decode.reserve(prompt, params)
             assert reservation is not None
+            await asyncio.sleep(settle_s)
             start = time.perf_counter()
             stats = await transport.pull(f"127.0.0.61:{kv_port}", handle, f"b{i}",
                                          layout_of(decode), pool_sink(decode, reservation.slot_table))
             seconds = time.perf_counter() - start
             decode.cancel_reservation(reservation)
             nbytes = stats.bytes
+            await asyncio.sleep(settle_s)
             on_loop = await raw.transfer_on_loop()
+            await asyncio.sleep(settle_s)
             start = time.perf_counter()
             inner = await asyncio.to_thread(raw.transfer)
             on_thread = time.perf_counter() - start
@@ -200,14 +208,15 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int) -
     }
 
 
-async def run(model: str, sizes: list[int], repeats: int, threads: int) -> dict[str, object]:
+async def run(model: str, sizes: list[int], repeats: int, threads: int, settle_ms: float = 0.0) -> dict[str, object]:
     loaded = load_model(model, device="cpu")
     load_before = os.getloadavg()
-    results = [await measure(model, loaded, tokens, repeats, threads) for tokens in sizes]
+    results = [await measure(model, loaded, tokens, repeats, threads, settle_ms / 1000) for tokens in sizes]
     return {
         "benchmark": "kv_transfer", "model": model, "layers": loaded.config.num_hidden_layers,
         "sizes": results, "authenticated": True,
         "host": platform.node(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "settle_ms": settle_ms,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "note": "shared machine (several sessions ran at once); ratios compare the two paths under the "
                 "same load, interleaved repeat by repeat",
@@ -221,10 +230,12 @@ def main() -> None:
                         help="cache sizes in tokens (small-llama: 4096 B/token, so ~1 MB and ~12 MB)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settle-ms", type=float, default=20.0,
+                        help="idle time before each timed transfer, both kinds (0: pull at once)")
     parser.add_argument("--out", default=str(RESULTS / "kv_transfer.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = asyncio.run(run(args.model, args.tokens, args.repeats, args.threads))
+    result = asyncio.run(run(args.model, args.tokens, args.repeats, args.threads, args.settle_ms))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for size in result["sizes"]:  # type: ignore[attr-defined]

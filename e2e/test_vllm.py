@@ -30,6 +30,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -179,7 +180,8 @@ def vllm_system():
 REFERENCE_CASES = [*((prompt, 24) for prompt in PROMPTS), (PROMPTS[0], 200)]
 # Each vLLM server as the rendered CPU pods run it: one OpenMP thread, not bound to cores (vLLM's
 # default binds and spins threads on every core, which starves the other servers on two cores).
-CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def _reference_outputs(python: str, checkpoint: Path, state: Path) -> dict[tuple[str, int], tuple[list[int], str]]:
@@ -263,12 +265,19 @@ def _warm_every_decode_server(endpoint: str, api: str, attempts: int = 12) -> No
         text = httpx.get(f"http://{ip}:8100/metrics", timeout=API_TIMEOUT_S).text
         return _metric(text, "vllm:nixl_xfer_time_seconds_count")
 
-    for i in range(attempts):
-        if all(pulled(ip) > 0 for ip in decode_ips()):
-            return
+    def post(prompt: str) -> None:
         with contextlib.suppress(httpx.HTTPError):  # a first pull may time out: that is what this absorbs
-            httpx.post(f"{endpoint}/completions", json={"model": MODEL, "prompt": f"warm up {i}", "max_tokens": 4},
+            httpx.post(f"{endpoint}/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 8},
                        timeout=300)
+
+    for i in range(attempts):
+        ips = decode_ips()
+        if all(pulled(ip) > 0 for ip in ips):
+            return
+        # Concurrent: the router sends one request after another to the same idle decode server
+        # (ties go to the one with the most free cache), so only overlap reaches them all.
+        with ThreadPoolExecutor(len(ips) + 1) as pool:
+            list(pool.map(post, [f"warm up {i}.{j}" for j in range(len(ips) + 1)]))
     raise AssertionError(f"not every decode server pulled a KV cache after {attempts} warm-up requests")
 
 

@@ -78,11 +78,14 @@ def test_cpu_pods_keep_kv_in_host_memory_and_size_the_cpu_kv_cache():
     omp = next(e for e in decode["env"] if e["name"] == "OMP_NUM_THREADS")
     assert omp["valueFrom"]["resourceFieldRef"] == {"resource": "requests.cpu", "divisor": "1"}
     assert decode["resources"]["requests"]["cpu"] == "2"
+    # One rank: the worker runs in vLLM's engine-core process, not a spinning worker process.
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
 def test_gpu_vllm_pods_leave_thread_binding_to_vllm():
     env = {e["name"] for e in containers(vllm_spec(hardware=GPU_HARDWARE), GPU_PLAN)["decode"]["containers"][0]["env"]}
-    assert not env & {"VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE"}
+    assert not env & {"VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE",
+                      "VLLM_ENABLE_V1_MULTIPROCESSING"}
 
 
 def test_batch_limits_follow_the_workload_and_not_the_replica_count():

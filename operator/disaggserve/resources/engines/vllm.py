@@ -205,6 +205,15 @@ class VllmEngine:
                 {"name": "OMP_NUM_THREADS",
                  "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}},
             ]
+            # One rank: vLLM-CPU otherwise forces its multiprocess executor, a separate worker
+            # process that, after every step it reads from shared memory, spins on sched_yield for
+            # a second (vllm 0.32 shm_broadcast, busy_loop_s=1). Measured here: three servers under
+            # traffic kept the 2-core machine at load 14 with 71 % system time, and health probes
+            # timed out. With this off the worker runs inside the engine-core process (vLLM's uni
+            # executor), which blocks on its input queue when idle.
+            shape = plan.phase(phase)
+            if shape.tensor * shape.pipeline == 1:  # several ranks need the multiprocess executor
+                env.append({"name": "VLLM_ENABLE_V1_MULTIPROCESSING", "value": "0"})
         return WorkerContainer(
             image=self.image(spec),
             pull_policy=spec.image.pull_policy,
