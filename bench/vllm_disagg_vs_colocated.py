@@ -201,7 +201,10 @@ def main() -> None:
                       "--served-model-name", SERVED, "--host", f"{block}.3", "--port", "8100"]
         procs["plain_vllm"] = spawn(python, "plain_vllm", plain_argv,
                                     {"VLLM_CPU_KVCACHE_SPACE": lines["decode"][1]["VLLM_CPU_KVCACHE_SPACE"],
-                                     "VLLM_CPU_OMP_THREADS_BIND": f"{c0},{c1}"}, logdir)
+                                     "VLLM_CPU_OMP_THREADS_BIND": f"{c0},{c1}",
+                                     # as the rendered pods of one rank: no spinning worker process
+                                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                                    logdir)
         procs["router"] = spawn(python, "router", [
             "-m", "disaggserve_worker.cli", "router", "--engine", "vllm", "--model", str(checkpoint),
             "--model-name", SERVED, "--host", f"{block}.10", "--port", "8000",
