@@ -53,8 +53,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "builtin:small-llama"
 INPUT, OUTPUT = 256, 32
 SHORT, LONG = 2, 24  # completion lengths that separate per-request from per-token costs
+CONCURRENT = 8  # requests at once in the run that separates per-iteration from per-token costs
+STEPS_METRIC = "disaggserve_decode_iteration_seconds_count"
 TARGET = 0.9
 MIN_RAMP_RPS = 0.2
+BUDGET = 2048  # the worker's default --max-batch-tokens, which the operator leaves as it is
 
 
 def load_average() -> list[float]:
@@ -105,15 +108,30 @@ def predict(doc: dict[str, Any], mode: str, rate: float, ttft_ms: float, tpot_ms
     return dep.simulate(setup.searcher, rate).attainment(ttft_ms, tpot_ms)
 
 
+def decode_step_fit_ms(doc: dict[str, Any], batch: float, mean_context: float) -> float:
+    e = doc["entries"][0]
+    c = e["decode_small"] if batch < e["decode_batch_threshold"] else e["decode_large"]
+    return c["a"] + c["b"] * batch * mean_context + c["c"] * batch
+
+
+def forward_ms_batched(doc: dict[str, Any], requests: int, output_tokens: int, steps: int) -> tuple[float, float]:
+    """(prefill, decode) forward-pass CPU the profile predicts for `requests` concurrent requests
+    whose decode ran `steps` iterations (the batch is the tokens per iteration)."""
+    e = doc["entries"][0]
+    p = e["prefill"]
+    prefill = requests * (p["a"] + p["b"] * INPUT + p["c"] * INPUT**2)
+    if steps <= 0:
+        return prefill, 0.0
+    batch = min(max(requests * (output_tokens - 1) / steps, 1.0), float(requests))
+    return prefill, steps * decode_step_fit_ms(doc, batch, INPUT + output_tokens / 2)
+
+
 def forward_ms(doc: dict[str, Any], output_tokens: int) -> tuple[float, float]:
     """(prefill, decode) forward-pass CPU the profile predicts for one request."""
     e = doc["entries"][0]
     p = e["prefill"]
     prefill = p["a"] + p["b"] * INPUT + p["c"] * INPUT**2
-    decode = 0.0
-    for step in range(output_tokens - 1):
-        c = e["decode_small"] if e["decode_batch_threshold"] > 1 else e["decode_large"]
-        decode += c["a"] + c["b"] * (INPUT + 1 + step) + c["c"]
+    decode = sum(decode_step_fit_ms(doc, 1, INPUT + 1 + step) for step in range(output_tokens - 1))
     return prefill, decode
 
 
@@ -131,24 +149,61 @@ async def sequential(url: str, n: int, output_tokens: int) -> list[Any]:
     return out
 
 
+async def concurrent(url: str, n: int, output_tokens: int) -> list[Any]:
+    rng = random.Random(4)
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        answered = await asyncio.gather(*(
+            one_request(session, url, SERVED, synthetic_prompt(rng, INPUT), output_tokens, started)
+            for _ in range(n)))
+    if not all(r.ok for r in answered):
+        raise SystemExit(f"request failed while measuring overheads: {[r.error for r in answered if not r.ok]}")
+    return list(answered)
+
+
+def decode_steps(worker_urls: dict[str, str]) -> dict[str, int]:
+    """Decode iterations each worker has run so far (its own histogram's count; 0 for others)."""
+    import urllib.request
+
+    steps = {}
+    for role, base in worker_urls.items():
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        steps[role] = int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                              if line.startswith(STEPS_METRIC)))
+    return steps
+
+
 def measure_costs(
-    url: str, pids: dict[str, int], doc: dict[str, Any], n: int
+    url: str, pids: dict[str, int], worker_urls: dict[str, str], doc: dict[str, Any], n: int
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per-process costs outside the forward passes (see profile/overheads.py), and the unloaded
-    wall-clock TTFT and TPOT (medians) of the same sequential requests."""
+    wall-clock TTFT and TPOT (medians) of the sequential requests. Sequential runs of two
+    completion lengths, then CONCURRENT requests at once, with each worker's decode iterations
+    counted: per-iteration costs separate from per-token ones only where a batch forms."""
     asyncio.run(sequential(url, 2, SHORT))  # warm connections and caches
     runs: dict[str, list[Run]] = {role: [] for role in pids}
     ttfts, tpots = [], []
-    for tokens in (SHORT, LONG):
+    for tokens, at_once in ((SHORT, 1), (LONG, 1), (LONG, CONCURRENT)):
         before = {role: process_cpu_ms(pid) for role, pid in pids.items()}
-        answered = asyncio.run(sequential(url, n, tokens))
+        steps_before = decode_steps(worker_urls)
+        if at_once == 1:
+            answered = asyncio.run(sequential(url, n, tokens))
+            ttfts += [r.ttft_s * 1000 for r in answered if r.ttft_s is not None]
+            tpots += [r.tpot_s * 1000 for r in answered if tokens == LONG and r.tpot_s is not None]
+        else:
+            answered = asyncio.run(concurrent(url, at_once, tokens))
         after = {role: process_cpu_ms(pid) for role, pid in pids.items()}
-        ttfts += [r.ttft_s * 1000 for r in answered if r.ttft_s is not None]
-        tpots += [r.tpot_s * 1000 for r in answered if tokens == LONG and r.tpot_s is not None]
-        pre, dec = forward_ms(doc, tokens)
-        fwd = {"router": 0.0, "prefill": pre * n, "decode": dec * n, "colocated": (pre + dec) * n}
+        steps = {role: count - steps_before[role] for role, count in decode_steps(worker_urls).items()}
+        requests = len(answered)
         for role in pids:
-            runs[role].append(Run(n, tokens, after[role] - before[role], fwd[role]))
+            ran = steps.get(role, 0)
+            if at_once == 1:
+                pre, dec = (requests * x for x in forward_ms(doc, tokens))
+            else:
+                pre, dec = forward_ms_batched(doc, requests, tokens, ran)
+            fwd = {"router": 0.0, "prefill": pre, "decode": dec, "colocated": pre + dec}[role]
+            runs[role].append(Run(requests, tokens, after[role] - before[role], fwd, steps=ran))
     unloaded = {"ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots)}
     return {role: solve_costs(*r) for role, r in runs.items()}, unloaded
 
@@ -217,11 +272,12 @@ def evaluate(
     mode: str,
     url: str,
     pids: dict[str, int],
+    worker_urls: dict[str, str],
     doc: dict[str, Any],
     quick: bool,
     link: dict[str, float] | None,
 ) -> dict[str, Any]:
-    costs, unloaded = measure_costs(url, pids, doc, 6 if quick else 12)
+    costs, unloaded = measure_costs(url, pids, worker_urls, doc, 6 if quick else 12)
     # SLOs from what this deployment does unloaded *now*: on a loaded shared machine SLOs set
     # from the profile's CPU times can be out of reach at any rate. TTFT 3x, TPOT 2x the medians.
     ttft_ms, tpot_ms = 3 * unloaded["ttft_ms"], 2 * unloaded["tpot_ms"]
@@ -318,8 +374,8 @@ def main() -> None:
             (
                 "disaggregated",
                 [
-                    worker("prefill", "prefill", "127.61.0.1", 0, MODEL, logdir),
-                    worker("decode", "decode", "127.61.0.2", 1, MODEL, logdir),
+                    worker("prefill", "prefill", "127.61.0.1", 0, MODEL, logdir, BUDGET),
+                    worker("decode", "decode", "127.61.0.2", 1, MODEL, logdir, BUDGET),
                 ],
                 ["--prefill-endpoints", "http://127.61.0.1:8100", "--decode-endpoints", "http://127.61.0.2:8100"],
             )
@@ -328,7 +384,7 @@ def main() -> None:
             deployments.append(("colocated", None, ["--colocated-endpoints", "http://127.61.0.4:8100"]))
         for mode, workers, endpoints in deployments:
             if workers is None:
-                workers = [worker("colocated", "colocated", "127.61.0.4", 0, MODEL, logdir)]
+                workers = [worker("colocated", "colocated", "127.61.0.4", 0, MODEL, logdir, BUDGET)]
             procs = [
                 *workers,
                 router(
@@ -344,7 +400,8 @@ def main() -> None:
                 pids = {
                     p.name if p.name in ("prefill", "decode", "colocated") else "router": p.popen.pid for p in procs
                 }
-                results.append(evaluate(mode, procs[-1].url, pids, doc, args.quick, link))
+                worker_urls = {p.name: p.url for p in procs if p.name in ("prefill", "decode", "colocated")}
+                results.append(evaluate(mode, procs[-1].url, pids, worker_urls, doc, args.quick, link))
             except PlanningError as err:
                 results.append({"mode": mode, "error": str(err)})
             finally:
@@ -369,6 +426,7 @@ def main() -> None:
             k: doc["entries"][0][k] for k in ("prefill", "decode_small", "decode_large", "decode_batch_threshold")
         },
         "profile_fit_problems": fit_issues,
+        "profile_measurements": doc.get("measurements"),
         "kv_link": link,
         "deployments": results,
         "median_abs_gap_pp": statistics.median(gaps) if gaps else None,

@@ -58,6 +58,19 @@ def test_per_request_and_per_token_costs_add_where_they_are_spent():
     assert np.allclose(r.tpot_ms, 5 + 1 + 0.5 + 10 / (OUT - 1))
 
 
+def test_a_per_iteration_cost_is_paid_once_per_step_whatever_the_batch():
+    per_step = phase_latency(profile(decode={"per_step_ms": 2}), 1, 1)
+    per_token = phase_latency(profile(decode={"per_token_ms": 2}), 1, 1)
+    # alone (batch 1) the two are the same cost...
+    assert per_step.decode_step_ms(1, 0) == per_token.decode_step_ms(1, 0) == 5 + 2
+    # ...in a batch of 8 an iteration's own work is paid once, a per-token cost eight times
+    assert per_step.decode_step_ms(8, 0) == 5 + 2
+    assert per_token.decode_step_ms(8, 0) == 5 + 2 * 8
+    busy = dict(rate=150)  # requests overlap: batches form
+    assert np.median(run(profile(decode={"per_step_ms": 2}), **busy).tpot_ms) < np.median(
+        run(profile(decode={"per_token_ms": 2}), **busy).tpot_ms)
+
+
 def test_prefill_per_request_cost_lowers_capacity():
     # a request every 11 ms: a 10 ms prefill keeps up, 10 + 5 ms of CPU per request does not
     fast = run(profile(), rate=90)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def test_profile_records_wall_and_cpu_time_and_fits_cpu_time_on_one_thread(tmp_p
 
 
 def test_overheads_separate_per_request_from_per_token_costs() -> None:
-    from disaggserve_worker.profile.overheads import Run, fit_link, solve_costs
+    from disaggserve_worker.profile.overheads import Run, solve_costs
 
     # outside the forward passes: 20 ms per request + 0.5 ms per token, on top of the forwards
     short = Run(requests=10, tokens=2, cpu_ms=10 * (20 + 0.5 * 2) + 300, forward_ms=300)
@@ -131,6 +132,28 @@ def test_overheads_separate_per_request_from_per_token_costs() -> None:
     assert solve_costs(short, long) == {"per_request_ms": 20.0, "per_token_ms": 0.5}
     # a process whose CPU the forwards explain entirely costs nothing extra (never negative)
     assert solve_costs(Run(5, 2, 100, 120), Run(5, 10, 100, 150)) == {"per_request_ms": 0.0, "per_token_ms": 0.0}
+
+
+def test_a_concurrent_run_with_counted_steps_separates_per_iteration_from_per_token_cost() -> None:
+    from disaggserve_worker.profile.overheads import Run, solve_costs
+
+    def outside(requests: int, tokens: int, steps: int) -> float:
+        return requests * 20 + requests * tokens * 0.5 + steps * 1.5
+
+    # sequential: one iteration per token; concurrent (8 at once): 8 tokens per iteration
+    runs = [Run(10, 2, outside(10, 2, 20) + 300, 300, steps=20),
+            Run(10, 24, outside(10, 24, 240) + 900, 900, steps=240),
+            Run(8, 24, outside(8, 24, 24) + 400, 400, steps=24)]
+    costs = solve_costs(*runs)
+    assert costs == pytest.approx({"per_request_ms": 20, "per_token_ms": 0.5, "per_step_ms": 1.5}, abs=1e-3)
+    # sequential runs alone cannot tell them apart: all of it reads as per token
+    uncounted = [dataclasses.replace(r, steps=0) for r in runs[:2]]
+    assert solve_costs(*uncounted) == {"per_request_ms": 20.0, "per_token_ms": 2.0}
+
+
+def test_the_kv_link_is_fitted_from_two_sizes() -> None:
+    from disaggserve_worker.profile.overheads import fit_link
+
     # 1 ms latency + 1 GB/s (8 Gbps)
     link = fit_link([(10**6, 0.002), (10**7, 0.011), (10**6, 0.002), (10**7, 0.011)])
     assert link == {"gbps": 8.0, "latency_ms": 1.0}

@@ -78,6 +78,8 @@ class ProcessCost(BaseModel):
 
     per_request_ms: float = Field(0.0, ge=0)
     per_token_ms: float = Field(0.0, ge=0, description="per generated token")
+    per_step_ms: float = Field(0.0, ge=0, description="per decode iteration, whatever its batch (the engine "
+                               "loop's own work: scheduling, sampling, waking the streams)")
 
 
 class KvLink(BaseModel):
@@ -222,6 +224,7 @@ class PhaseLatency:
     prefill_request_ms: float = 0.0
     decode_request_ms: float = 0.0
     decode_token_ms: float = 0.0
+    decode_iteration_ms: float = 0.0
     router_request_ms: float = 0.0
     router_token_ms: float = 0.0
 
@@ -242,7 +245,8 @@ class PhaseLatency:
 
     def decode_step_ms(self, batch: int, sum_ctx: float) -> float:
         d = self.decode_coefficients(batch)
-        return d.a + d.b * sum_ctx + (d.c + self.decode_token_ms) * batch + self.pipeline * self.stage_overhead_ms
+        return (d.a + self.decode_iteration_ms + d.b * sum_ctx + (d.c + self.decode_token_ms) * batch
+                + self.pipeline * self.stage_overhead_ms)
 
 
 def phase_latency(
@@ -266,6 +270,7 @@ def phase_latency(
         prefill_request_ms=p_cost.per_request_ms,
         decode_request_ms=0.0 if colocated else d_cost.per_request_ms,
         decode_token_ms=d_cost.per_token_ms,
+        decode_iteration_ms=d_cost.per_step_ms,
         router_request_ms=costs.router.per_request_ms,
         router_token_ms=costs.router.per_token_ms,
     )

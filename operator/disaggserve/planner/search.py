@@ -215,7 +215,8 @@ class Searcher:
         inp = self.sample.input_tokens.astype(float)
         out = self.sample.output_tokens.astype(float)
         d = lat.decode_small if lat.decode_batch_threshold > 1 else lat.decode_large
-        step = d.a + d.b * (inp + out / 2) + d.c + lat.decode_token_ms + lat.pipeline * lat.stage_overhead_ms
+        step = (d.a + lat.decode_iteration_ms + d.b * (inp + out / 2) + d.c + lat.decode_token_ms
+                + lat.pipeline * lat.stage_overhead_ms)
         setup = self._decode_setup(shape, 1, gbps)
         once = setup.xfer_ms(self.sample.input_tokens) + lat.decode_request_ms
         return step + lat.router_token_ms + once / np.maximum(out - 1, 1)

@@ -263,7 +263,7 @@ class Lane:
                 horizon = self.pending[0][0]
             b = self.batch
             co = lat.decode_small if b < lat.decode_batch_threshold else lat.decode_large
-            alpha = co.a + co.b * self.sum_ctx + (co.c + lat.decode_token_ms) * b + overhead
+            alpha = co.a + lat.decode_iteration_ms + co.b * self.sum_ctx + (co.c + lat.decode_token_ms) * b + overhead
             beta = co.b * b
             n = self.running[0][0] - self.counter
             if horizon != INF:
