@@ -205,7 +205,9 @@ def measure_costs(
             fwd = {"router": 0.0, "prefill": pre, "decode": dec, "colocated": pre + dec}[role]
             runs[role].append(Run(requests, tokens, after[role] - before[role], fwd, steps=ran))
     unloaded = {"ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots)}
-    return {role: solve_costs(*r) for role, r in runs.items()}, unloaded
+    # A process that runs no decode iterations (router, prefill) learns nothing from the
+    # concurrent run but the batching of its prefills, which the profile does not model here.
+    return {role: solve_costs(*(r if any(x.steps for x in r) else r[:2])) for role, r in runs.items()}, unloaded
 
 
 def calibrated(doc: dict[str, Any], mode: str, unloaded: dict[str, float]) -> tuple[dict[str, Any], list[float]]:
@@ -276,6 +278,7 @@ def evaluate(
     doc: dict[str, Any],
     quick: bool,
     link: dict[str, float] | None,
+    window_s: float | None = None,
 ) -> dict[str, Any]:
     costs, unloaded = measure_costs(url, pids, worker_urls, doc, 6 if quick else 12)
     # SLOs from what this deployment does unloaded *now*: on a loaded shared machine SLOs set
@@ -288,7 +291,9 @@ def evaluate(
         f"SLO {ttft_ms:.1f} / {tpot_ms:.2f} ms; correction x{factors}",
         flush=True,
     )
-    seconds = 5 if quick else 10
+    # One request is 100/(rate x seconds) points of attainment: at 1.6 req/s and 10 s a single
+    # late request moves a repeat by 6 pp, more than the goal's 8 pp allows for the whole gap.
+    seconds = window_s or (5 if quick else 10)
     # the ramp, not the simulator, decides the knee (the grid must not come from the prediction)
     knee, ramp = find_knee(url, 2.0, seconds, ttft_ms, tpot_ms)
     result: dict[str, Any] = {
@@ -350,6 +355,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-colocated", action="store_true")
+    parser.add_argument("--window-s", type=float, default=None,
+                        help="seconds of Poisson traffic per measured point (default 10, --quick 5)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_vs_measured.json"))
     args = parser.parse_args()
     started = time.perf_counter()
@@ -401,7 +408,7 @@ def main() -> None:
                     p.name if p.name in ("prefill", "decode", "colocated") else "router": p.popen.pid for p in procs
                 }
                 worker_urls = {p.name: p.url for p in procs if p.name in ("prefill", "decode", "colocated")}
-                results.append(evaluate(mode, procs[-1].url, pids, worker_urls, doc, args.quick, link))
+                results.append(evaluate(mode, procs[-1].url, pids, worker_urls, doc, args.quick, link, args.window_s))
             except PlanningError as err:
                 results.append({"mode": mode, "error": str(err)})
             finally:
@@ -419,6 +426,7 @@ def main() -> None:
         "input_tokens": INPUT,
         "output_tokens": OUTPUT,
         "quick": args.quick,
+        "window_s": args.window_s or (5 if args.quick else 10),
         "slo": "per deployment: 3x unloaded TTFT, 2x unloaded TPOT measured at the start of its run, "
         f"attainment {TARGET}",
         "slo_from_profile_cpu_times": {"ttft_ms": round(profile_slo[0], 2), "tpot_ms": round(profile_slo[1], 2)},
