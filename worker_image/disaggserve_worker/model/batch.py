@@ -5,14 +5,37 @@ cached and `new[b]` new tokens": one layout describes them all, so the engine ha
 attention path and the cached result equals the uncached reference by construction.
 Linear layers run on the packed tokens (no padding waste); only attention pads to the
 longest query/context in the step.
+
+A large pure-decode step on a CPU attends in groups (`decode_groups`): sequences sorted by
+context length and cut so each group's gathered keys and values stay a few MB. One padded
+gather of the whole batch (at 32 sequences of ~1k tokens, ~50 MB a layer) cost more than the
+rest of the step together: padding to the longest context, a fresh allocation that glibc
+serves with mmap and page-faults in every step, and data that leaves the cache before the
+attention kernel reads it back. Grouped, the step's cost stays linear in its tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+
+
+@dataclass
+class DecodeGroup:
+    """Sequences of one pure-decode step that attend together (see `BatchLayout.decode_groups`)."""
+
+    rows: torch.Tensor  # (b,) the sequences' rows in the step
+    context_slots: torch.Tensor  # (b * k,) their context slots, padded to the group's longest k
+    attn_mask: torch.Tensor  # (b, 1, 1, k)
+    context: int  # k
+
+
+@dataclass
+class DecodeGroups:
+    groups: list[DecodeGroup]
+    inverse: torch.Tensor  # (B,) where each row of the step sits in the groups' concatenated output
 
 
 @dataclass
@@ -25,17 +48,52 @@ class BatchLayout:
     attn_mask: torch.Tensor  # (B, 1, Q, K) True where a query may attend a key
     last_index: torch.Tensor  # (B,) packed index of each sequence's last new token
     max_query: int
+    context_lens: tuple[int, ...] = ()  # (B,) each sequence's context (past + new)
+    _groups: dict[int, DecodeGroups | None] = field(default_factory=dict, repr=False, compare=False)
 
     def to(self, device: torch.device) -> BatchLayout:
         """The same layout on another pipeline stage's device."""
         return replace(self, positions=self.positions.to(device), seq_index=self.seq_index.to(device),
                        q_index=self.q_index.to(device), write_slots=self.write_slots.to(device),
                        context_slots=self.context_slots.to(device), attn_mask=self.attn_mask.to(device),
-                       last_index=self.last_index.to(device))
+                       last_index=self.last_index.to(device), _groups={})
 
     @property
     def num_seqs(self) -> int:
         return int(self.context_slots.shape[0])
+
+    def decode_groups(self, max_tokens: int) -> DecodeGroups | None:
+        """Groups of at most `max_tokens` padded context tokens, or None when the whole step is
+        one group (prefill and mixed steps always are). Computed once per layout and bound."""
+        if max_tokens not in self._groups:
+            self._groups[max_tokens] = self._make_groups(max_tokens)
+        return self._groups[max_tokens]
+
+    def _make_groups(self, max_tokens: int) -> DecodeGroups | None:
+        batch, longest = self.context_slots.shape
+        if self.max_query != 1 or batch * longest <= max_tokens or len(self.context_lens) != batch:
+            return None
+        lens = self.context_lens
+        members: list[list[int]] = [[]]
+        for row in sorted(range(batch), key=lens.__getitem__):  # ascending: the last row is the longest
+            if members[-1] and (len(members[-1]) + 1) * lens[row] > max_tokens:
+                members.append([])
+            members[-1].append(row)
+        device = self.context_slots.device
+        groups = []
+        for rows in members:
+            k = lens[rows[-1]]
+            index = torch.tensor(rows, dtype=torch.long, device=device)
+            groups.append(DecodeGroup(
+                rows=index,
+                context_slots=self.context_slots.index_select(0, index)[:, :k].reshape(-1),
+                attn_mask=self.attn_mask.index_select(0, index)[..., :k],
+                context=k,
+            ))
+        order = torch.tensor([row for rows in members for row in rows], dtype=torch.long)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(batch)
+        return DecodeGroups(groups, inverse.to(device))
 
     @classmethod
     def build(
@@ -81,4 +139,5 @@ class BatchLayout:
             attn_mask=mask[:, None, :, :].to(device),
             last_index=(starts + new - 1).to(device),
             max_query=max_query,
+            context_lens=tuple(int(t) for t in total),
         )

@@ -21,9 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disaggserve_worker.model.batch import BatchLayout
+from disaggserve_worker.model.batch import BatchLayout, DecodeGroups
 from disaggserve_worker.model.config import ModelConfig
 from disaggserve_worker.model.rope import apply_rotary
+
+# Gathered keys + values per decode group on a CPU (`BatchLayout.decode_groups`): small enough
+# to stay near the cache between the gather and the attention that reads it, and far under
+# glibc's 32 MiB mmap ceiling. Measured at batch 8-64 of 1-2k-token contexts: 2-16 MiB alike
+# (8 MiB best by a little); one group of the whole batch was 2-5x slower.
+CPU_DECODE_GROUP_BYTES = 8 << 20
 
 
 @dataclass
@@ -113,21 +119,43 @@ class Attention(nn.Module):
         # index_copy_/index_select, not advanced indexing: several times faster on CPU.
         layer_cache[0].index_copy_(0, layout.write_slots, k.to(layer_cache.dtype))
         layer_cache[1].index_copy_(0, layout.write_slots, v.to(layer_cache.dtype))
-        batch, context = layout.context_slots.shape
-        flat = layout.context_slots.reshape(-1)
-        keys = layer_cache[0].index_select(0, flat).view(batch, context, self.kv_heads, self.head_dim)
-        values = layer_cache[1].index_select(0, flat).view(batch, context, self.kv_heads, self.head_dim)
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, KVH, K, D)
         if layout.max_query == 1:  # pure decode: one query per sequence, no padding to undo
-            out = F.scaled_dot_product_attention(q[:, :, None], keys, values,
-                                                 attn_mask=layout.attn_mask, enable_gqa=True)
+            groups = None
+            if layer_cache.device.type == "cpu":
+                token_bytes = 2 * self.kv_heads * self.head_dim * layer_cache.element_size()
+                groups = layout.decode_groups(max(1, CPU_DECODE_GROUP_BYTES // token_bytes))
+            if groups is not None:
+                return self.o_proj(self._grouped_decode(q, layer_cache, groups))
+            out = self._attend(q[:, :, None], layer_cache, layout.context_slots.reshape(-1),
+                               layout.num_seqs, layout.attn_mask)
             return self.o_proj(out.reshape(x.shape[0], -1))
+        batch, context = layout.context_slots.shape
+        keys, values = self._gather(layer_cache, layout.context_slots.reshape(-1), batch, context)
         padded = q.new_zeros(layout.num_seqs, layout.max_query, self.heads, self.head_dim)
         padded[layout.seq_index, layout.q_index] = q
         out = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values,
                                              attn_mask=layout.attn_mask, enable_gqa=True)
         out = out.transpose(1, 2)[layout.seq_index, layout.q_index]  # (T, H, D)
         return self.o_proj(out.reshape(x.shape[0], -1))
+
+    def _gather(self, layer_cache: torch.Tensor, flat_slots: torch.Tensor, batch: int, context: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `batch` padded contexts, (B, KVH, K, D) each."""
+        keys = layer_cache[0].index_select(0, flat_slots).view(batch, context, self.kv_heads, self.head_dim)
+        values = layer_cache[1].index_select(0, flat_slots).view(batch, context, self.kv_heads, self.head_dim)
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+    def _attend(self, q: torch.Tensor, layer_cache: torch.Tensor, flat_slots: torch.Tensor, batch: int,
+                mask: torch.Tensor) -> torch.Tensor:
+        """One query per sequence, q (B, H, 1, D), over its gathered context."""
+        keys, values = self._gather(layer_cache, flat_slots, batch, mask.shape[-1])
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+    def _grouped_decode(self, q: torch.Tensor, layer_cache: torch.Tensor, groups: DecodeGroups) -> torch.Tensor:
+        outs = [self._attend(q.index_select(0, g.rows)[:, :, None], layer_cache, g.context_slots,
+                             int(g.rows.numel()), g.attn_mask).reshape(int(g.rows.numel()), -1)
+                for g in groups.groups]
+        return torch.cat(outs).index_select(0, groups.inverse)
 
     def forward_reference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           window: int | None) -> torch.Tensor:

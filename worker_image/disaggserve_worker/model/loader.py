@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from disaggserve_worker.model.allocator import keep_step_memory
 from disaggserve_worker.model.builtin import BUILTIN_CONFIGS, builtin_model
 from disaggserve_worker.model.builtin_tokenizer import builtin_tokenizer
 from disaggserve_worker.model.config import ModelConfig
@@ -175,6 +176,7 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", pipeline: 
     GPUs (loaded on the host first, then each device gets only its own layers and shards)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    keep_step_memory()  # the host side of every step (all of it on a CPU) reuses its buffers
     grid = device_grid(torch_device, pipeline, tensor)
     spread = pipeline * tensor > 1
     loaded = _load(model, torch.device("cpu") if spread else torch_device, torch_dtype)
