@@ -5,10 +5,16 @@ layout from *paged* slot tables (blocks of 16 scattered over the pool, as the bl
 hands them out after some churn), the forward pass, and greedy sampling of every row. Decode
 batches mix contexts (uniform around the nominal one), because equal contexts understate the
 attention kernel's padding. Each shape is timed after a warm-up in wall time and in this
-thread's CPU time; the median of the repeats is kept. On a CPU running one torch thread the fit
-uses CPU time, so a busy neighbour (the machine is shared) does not bend it; on a GPU, where
-kernels run outside the thread, wall time. Decode sweeps enough batch sizes to see the knee
-where steps stop being flat, and `fit.fit_entry` splits the decode line there.
+thread's CPU time; the median of the repeats is kept. Decode shapes are short (1-10 ms on a
+CPU) and were the noisy ones: the first shape after the prefill sweep ran up to 35 % slow (a
+cold start for the decode path), and one pass's medians missed the fit by 14-44 % at batch
+sizes that changed from run to run. So the decode path is warmed up first, and the decode
+sweep runs in `passes` passes, each in a new shuffled order, keeping each shape's median over
+the passes: a slow moment of the host then hits one pass of a shape, not its whole record.
+On a CPU running one torch thread the fit uses CPU time, so a busy neighbour (the machine is
+shared) does not bend it; on a GPU, where kernels run outside the thread, wall time. Decode
+sweeps enough batch sizes to see the knee where steps stop being flat, and `fit.fit_entry`
+splits the decode line there.
 
 The fit and the document format live in `fit.py` (public: other engines' profilers use them).
 """
@@ -46,6 +52,7 @@ class Sweep:
     prefill: list[tuple[int, int]]  # (prompts, length)
     decode: list[tuple[int, int]]  # (batch, mean context per sequence)
     repeats: int
+    passes: int = 1  # decode sweeps, each in a new order; a shape keeps its median over them
 
 
 QUICK = Sweep(prefill=[(b, n) for b in (1, 2, 4) for n in (16, 64, 128, 256)],
@@ -53,7 +60,7 @@ QUICK = Sweep(prefill=[(b, n) for b in (1, 2, 4) for n in (16, 64, 128, 256)],
 FULL = Sweep(prefill=[(b, n) for b in (1, 2, 4, 8) for n in (16, 64, 128, 256, 512, 1024, 2048)
                       if b * n <= 8192],
              decode=[(b, c) for b in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-                     for c in (64, 256, 1024, 2048) if b * c <= 131072], repeats=7)
+                     for c in (64, 256, 1024, 2048) if b * c <= 131072], repeats=7, passes=3)
 
 
 @dataclass
@@ -129,12 +136,19 @@ def profile_model(loaded: LoadedModel, sweep: Sweep, console: Console | None = N
             wall, cpu = _time_step(loaded, pool, pool_slots, [length] * batch, [0] * batch, sweep.repeats, rng)
             points.append(Sample("prefill", batch, length, cpu if cpu_time else wall, wall, cpu))
             progress.advance(task)
-        for batch, context in sweep.decode:
-            pasts = _mixed_contexts(batch, context, rng)
-            wall, cpu = _time_step(loaded, pool, pool_slots, [1] * batch, pasts, sweep.repeats, rng)
-            mean_ctx = round(sum(pasts) / batch) + 1
-            points.append(Sample("decode", batch, mean_ctx, cpu if cpu_time else wall, wall, cpu))
-            progress.advance(task)
+        shapes = [_mixed_contexts(batch, context, rng) for batch, context in sweep.decode]
+        warm = shapes[len(shapes) // 2]
+        _time_step(loaded, pool, pool_slots, [1] * len(warm), warm, sweep.repeats, rng)  # untimed
+        timed: list[list[tuple[float, float]]] = [[] for _ in shapes]
+        for _ in range(max(1, sweep.passes)):
+            for i in rng.permutation(len(shapes)):
+                pasts = shapes[i]
+                timed[i].append(_time_step(loaded, pool, pool_slots, [1] * len(pasts), pasts, sweep.repeats, rng))
+            progress.advance(task, len(shapes) / max(1, sweep.passes))
+        for pasts, runs in zip(shapes, timed, strict=True):
+            wall, cpu = statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
+            mean_ctx = round(sum(pasts) / len(pasts)) + 1
+            points.append(Sample("decode", len(pasts), mean_ctx, cpu if cpu_time else wall, wall, cpu))
     entry = fit_entry(points, tensor=loaded.model.tensor_parallel, pipeline=loaded.model.pipeline_parallel)
     dtype_bytes = torch.empty(0, dtype=loaded.model.dtype).element_size()
     clock = "thread CPU time" if cpu_time else "wall time"
@@ -206,7 +220,7 @@ def run_profile(model: str, device: str = "auto", dtype: str = "auto", out: str 
     explicit = tensor_sizes is not None
     sweep = QUICK if quick else FULL
     if repeats:
-        sweep = Sweep(sweep.prefill, sweep.decode, repeats)
+        sweep = Sweep(sweep.prefill, sweep.decode, repeats, sweep.passes)
     results: list[ProfileResult] = []
     skipped: list[str] = []
     for size in tensor_sizes or auto_tensor_sizes(device):
