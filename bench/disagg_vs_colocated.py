@@ -17,7 +17,11 @@ request at a time) unless given. Goodput is the highest tested rate up to which 
 requests meet both SLOs (per GPU here: per core; both use two).
 
 The colocated baseline is the strongest this engine has: one fused forward per iteration with
-chunked prefill under a token budget (`--colocated-budget`, vLLM's max_num_batched_tokens). The
+chunked prefill under a token budget (vLLM's max_num_batched_tokens), run at `--colocated-budget`
+(the SLO base) and at each of `--colocated-budgets`; the ratio is taken against whichever colocated
+system reaches the higher goodput (a smaller budget stalls decodes less, delays first tokens more).
+Goodput is reported as the highest tested rate and interpolated where the curve crosses the
+target, so the grid's spacing does not decide the ratio. The
 prefill:decode split is what the per-phase cost measured unloaded asks for; with two cores the
 only split is 1:1, so the ideal share is recorded beside it (`pd_split`). Rates are a grid around
 the measured knee: fractions of one core's prefill capacity (1 / unloaded TTFT) for prompt-heavy
@@ -58,7 +62,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SERVED = "bench"
 REGIMES: dict[str, dict[str, Any]] = {
     "distserve": {"input_tokens": 1024, "output_tokens": 16, "ttft_scale": 3.0, "tpot_scale": 3.0,
-                  "tpot_stat": "p90", "rate_factors": [0.1, 0.2, 0.3, 0.4, 0.5, 0.65], "rate_base": "prefill"},
+                  "tpot_stat": "p90", "rate_factors": [0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.65],
+                  "rate_base": "prefill"},
     # Rates as multiples of one request's whole unloaded latency: decode batching is the capacity.
     "decode-heavy": {"input_tokens": 64, "output_tokens": 128, "ttft_scale": 5.0, "tpot_scale": 2.0,
                      "tpot_stat": "mean", "rate_factors": [1.0, 2.5, 5.0, 8.0], "rate_base": "request"},
@@ -175,6 +180,32 @@ def goodput(rows: list[dict[str, Any]], target: float) -> float:
     return best
 
 
+def goodput_interpolated(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Where the attainment curve crosses the target, read between the last tested rate that met it
+    and the first that did not (linear in between, as goodput is read off DistServe's curves): the
+    grid's spacing no longer decides a ratio. `bounded` is False when no tested rate missed."""
+    ordered = sorted(rows, key=lambda r: r["rate"])
+    last = None
+    for row in ordered:
+        if row["attainment"] < target:
+            if last is None:
+                return {"rps": 0.0, "bounded": True}
+            a1, a2 = last["attainment"], row["attainment"]
+            rps = last["rate"] + (a1 - target) / (a1 - a2) * (row["rate"] - last["rate"])
+            return {"rps": round(rps, 3), "bounded": True}
+        last = row
+    return {"rps": last["rate"] if last else 0.0, "bounded": False}
+
+
+def load_note(load_start: tuple[float, ...], load_end: tuple[float, ...], cpus: int) -> str:
+    """What the load averages say about the numbers (recorded with them, not assumed)."""
+    peak = max(load_start[0], load_end[0])
+    if peak > cpus:
+        return (f"busy host (1-min load up to {peak:.1f} on {cpus} CPUs, more than this bench's own "
+                "processes): treat as indicative, re-run quiet")
+    return f"quiet host (1-min load at most {peak:.1f} on {cpus} CPUs, this bench's own processes included)"
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -182,10 +213,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, style in (("disaggregated", "o-"), ("colocated", "s--")):
-        rows = result["systems"][name]["rates"]
-        ax.plot([r["rate"] for r in rows], [100 * r["attainment"] for r in rows], style, label=(
-            f"{name} (goodput {result['systems'][name]['goodput_rps']:g} req/s)"))
+    styles = ["o-", "s--", "^:", "v-."]
+    for i, (name, system) in enumerate(result["systems"].items()):
+        rows = system["rates"]
+        budget = result.get("colocated_budgets", {}).get(name)
+        label = f"{name} (budget {budget})" if budget and name == "colocated" else name
+        ax.plot([r["rate"] for r in rows], [100 * r["attainment"] for r in rows], styles[i % len(styles)],
+                label=f"{label}: goodput {system['goodput_interpolated']['rps']:g} req/s")
     ax.axhline(100 * result["target_attainment"], color="grey", lw=0.8, ls=":")
     slo = result["slo"]
     ax.set(xlabel="request rate (req/s, Poisson)", ylabel="SLO attainment (%)", ylim=(-2, 102),
@@ -241,9 +275,17 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
                   flush=True)
     systems = {name: {"rates": rows, "goodput_rps": goodput(rows, args.target),
                       "goodput_rps_per_core": goodput(rows, args.target) / 2,
+                      "goodput_interpolated": goodput_interpolated(rows, args.target),
                       "unloaded": base[name]} for name, rows in per_rate.items()}
-    ratio = (systems["disaggregated"]["goodput_rps"] / systems["colocated"]["goodput_rps"]
-             if systems["colocated"]["goodput_rps"] else None)
+    # The baseline is the best colocated system of those run (one per chunked-prefill budget):
+    # a smaller budget stalls decodes less and delays first tokens more; which wins depends on
+    # the SLOs, so each is measured rather than one picked.
+    colocated = [name for name in systems if name != "disaggregated"]
+    best = max(colocated, key=lambda n: (systems[n]["goodput_interpolated"]["rps"], systems[n]["goodput_rps"]))
+    ratio = (systems["disaggregated"]["goodput_rps"] / systems[best]["goodput_rps"]
+             if systems[best]["goodput_rps"] else None)
+    interp = systems[best]["goodput_interpolated"]["rps"]
+    ratio_interp = systems["disaggregated"]["goodput_interpolated"]["rps"] / interp if interp else None
     source = "flags" if args.ttft_slo_ms and args.tpot_slo_ms else \
         f"{args.ttft_scale:g}x TTFT / {args.tpot_scale:g}x TPOT of the colocated system unloaded"
     return {"slo": {"ttft_ms": ttft_slo, "tpot_ms": tpot_slo, "source": source,
@@ -251,7 +293,15 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
                     else "per-request mean over its tokens"},
             "pd_split": pd_split,
             "target_attainment": args.target, "systems": systems,
-            "goodput_ratio_disagg_over_colocated": ratio, "router_overhead": overhead}
+            "best_colocated": best,
+            "goodput_ratio_disagg_over_colocated": ratio,
+            "goodput_ratio_interpolated": None if ratio_interp is None else round(ratio_interp, 3),
+            "goodput_ratio_definitions": {
+                "goodput_ratio_disagg_over_colocated": "highest tested rate up to which every tested rate met "
+                                                       "the target, disaggregated over the best colocated system",
+                "goodput_ratio_interpolated": "the same, each goodput read where the curve crosses the target "
+                                              "(linear between the tested rates around it)"},
+            "router_overhead": overhead}
 
 
 def _median_dicts(dicts: list[dict[str, float | None]]) -> dict[str, float | None]:
@@ -270,10 +320,13 @@ def main() -> None:
     parser.add_argument("--input-tokens", type=int)
     parser.add_argument("--output-tokens", type=int)
     parser.add_argument("--colocated-budget", type=int, default=256,
-                        help="token budget per iteration of every worker (chunked prefill)")
-    parser.add_argument("--point-seconds", type=float, default=8.0,
+                        help="token budget per iteration (chunked prefill) of the decode worker and of the "
+                             "colocated system the SLOs are set from")
+    parser.add_argument("--colocated-budgets", type=int, nargs="*", default=[128],
+                        help="more colocated systems, one per budget; the baseline is the best of all")
+    parser.add_argument("--point-seconds", type=float, default=12.0,
                         help="arrival window per rate and repeat; requests = rate x this, clamped")
-    parser.add_argument("--min-requests", type=int, default=16)
+    parser.add_argument("--min-requests", type=int, default=20)
     parser.add_argument("--max-requests", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rates", type=float, nargs="*", help="req/s; default: factors of 1/unloaded TTFT")
@@ -313,6 +366,12 @@ def main() -> None:
                    worker("decode", "decode", f"{block}.2", c1, args.model, logdir, args.colocated_budget),
                    worker("colocated-a", "colocated", f"{block}.3", c0, args.model, logdir, args.colocated_budget),
                    worker("colocated-b", "colocated", f"{block}.4", c1, args.model, logdir, args.colocated_budget)]
+        extra = [b for b in dict.fromkeys(args.colocated_budgets) if b != args.colocated_budget]
+        for i, budget in enumerate(extra):
+            workers += [worker(f"colocated-b{budget}-a", "colocated", f"{block}.{20 + 2 * i}", c0, args.model, logdir,
+                               budget),
+                        worker(f"colocated-b{budget}-b", "colocated", f"{block}.{21 + 2 * i}", c1, args.model, logdir,
+                               budget)]
         procs += workers
         wait_ready(workers)
         routers = [router("router-disagg", f"{block}.10", args.model,
@@ -320,9 +379,13 @@ def main() -> None:
                           logdir),
                    router("router-coloc", f"{block}.11", args.model,
                           ["--colocated-endpoints", f"{workers[2].url},{workers[3].url}"], logdir)]
+        routers += [router(f"router-coloc-b{budget}", f"{block}.{12 + i}", args.model,
+                           ["--colocated-endpoints", f"{workers[4 + 2 * i].url},{workers[5 + 2 * i].url}"], logdir)
+                    for i, budget in enumerate(extra)]
         procs += routers
         wait_ready(routers)
         urls = {"disaggregated": routers[0].url, "colocated": routers[1].url}
+        urls |= {f"colocated-b{budget}": routers[2 + i].url for i, budget in enumerate(extra)}
         result = asyncio.run(measure(args, urls, workers[2].url))
     finally:
         for proc in procs:
@@ -336,16 +399,19 @@ def main() -> None:
     result.update({
         "benchmark": "disagg_vs_colocated", "quick": args.quick, "model": args.model,
         "regime": args.regime, "colocated_budget": args.colocated_budget,
+        "colocated_budgets": {"colocated": args.colocated_budget,
+                              **{f"colocated-b{b}": b for b in args.colocated_budgets if b != args.colocated_budget}},
         "workload": {"input_tokens": args.input_tokens, "output_tokens": args.output_tokens,
                      "requests_per_rate": f"rate x {args.point_seconds:g} s, in [{args.min_requests}, "
                                           f"{args.max_requests}]",
                      "repeats": args.repeats, "arrivals": "Poisson"},
         "setup": {"cores": [c0, c1], "pinning": "taskset, 1 torch thread per worker",
                   "disaggregated": "prefill on core A, decode on core B",
-                  "colocated": "one colocated worker on each core", "routers_and_loadgen": "unpinned"},
+                  "colocated": "one colocated worker on each core (per budget)",
+                  "routers_and_loadgen": "unpinned"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg(),
-                    "note": "shared by several sessions while measured: treat as indicative, re-run quiet"},
+                    "note": load_note(load_start, os.getloadavg(), os.cpu_count() or 1)},
         "wall_s": time.monotonic() - started,
     })
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -353,9 +419,10 @@ def main() -> None:
         ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / f"{stem}.png")
-    g = {n: s["goodput_rps"] for n, s in result["systems"].items()}
-    print(f"goodput at {args.target:.0%}: disaggregated {g['disaggregated']:g} req/s, colocated "
-          f"{g['colocated']:g} req/s, ratio {result['goodput_ratio_disagg_over_colocated']}; "
+    g = {n: (s["goodput_rps"], s["goodput_interpolated"]["rps"]) for n, s in result["systems"].items()}
+    print(f"goodput at {args.target:.0%} (tested, interpolated): {g}; best colocated {result['best_colocated']}; "
+          f"ratio {result['goodput_ratio_disagg_over_colocated']} (interpolated "
+          f"{result['goodput_ratio_interpolated']}); "
           f"router adds {result['router_overhead']['added_p50_ms']:.2f} ms p50; "
           f"wrote {RESULTS / stem}.json/.png")
 
