@@ -73,3 +73,22 @@ def test_the_autoscalers_correction_keeps_a_good_fit_good():
     doc["entries"][0]["decode_large"] = coeffs(3.0, 0.0, 0.5)
     scaled = parse_profile(doc).scaled(1.5, 2.0)
     assert fit_problems(scaled, max_decode_batch=256, max_prefill_tokens=2048) == []
+
+
+def test_the_autoscalers_correction_scales_the_costs_outside_the_model_with_their_phase():
+    """The correction is a ratio of whole latencies, overheads included: scaling only the forward
+    passes would leave a profile whose overheads dominate under-corrected."""
+    from disaggserve.planner.profile import parse_profile
+
+    doc = profile_doc(coeffs(5.0, 0.0, 0.0))
+    doc["overheads"] = {
+        "router": {"per_request_ms": 4.0, "per_token_ms": 0.4},
+        "prefill": {"per_request_ms": 3.0},
+        "decode": {"per_request_ms": 1.0, "per_token_ms": 0.2, "per_step_ms": 0.5},
+        "kv_link": {"gbps": 10.0, "latency_ms": 1.0},
+    }
+    o = parse_profile(doc).scaled(2.0, 3.0).overheads
+    assert (o.router.per_request_ms, o.router.per_token_ms) == (8.0, 0.4 * 3.0)
+    assert o.prefill.per_request_ms == 6.0
+    assert (o.decode.per_request_ms, o.decode.per_token_ms, o.decode.per_step_ms) == (3.0, 0.2 * 3.0, 1.5)
+    assert o.kv_link is not None and (o.kv_link.gbps, o.kv_link.latency_ms) == (10.0, 1.0)  # a link, not a phase

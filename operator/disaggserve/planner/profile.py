@@ -161,6 +161,7 @@ class LatencyProfile(BaseModel):
 
         The autoscaler corrects a profile this way when the live system runs slower (or
         faster) than it predicted: other hardware, other software versions, noisy neighbours.
+        The measured costs outside the model scale with the phase whose latency they add to.
         """
 
         def entry(e: ProfileEntry) -> ProfileEntry:
@@ -175,6 +176,22 @@ class LatencyProfile(BaseModel):
                 }
             )
 
+        def cost(c: ProcessCost, per_request: float, per_token: float) -> ProcessCost:
+            return ProcessCost(per_request_ms=c.per_request_ms * per_request, per_token_ms=c.per_token_ms * per_token,
+                               per_step_ms=c.per_step_ms * per_token)
+
+        # The ratios are measured on whole latencies (TTFT, TPOT), which include the work outside
+        # the model: scaling only the forward passes would under-correct a profile whose overheads
+        # are a large share. Per-request costs land in TTFT, per-token and per-step ones in TPOT.
+        o = self.overheads
+        overheads = o.model_copy(
+            update={
+                "router": cost(o.router, prefill, decode),
+                "prefill": cost(o.prefill, prefill, prefill),
+                "decode": cost(o.decode, decode, decode),
+                "colocated": cost(o.colocated, prefill, decode),
+            }
+        )
         measured = [
             m.model_copy(update={"ms": m.ms * (prefill if m.phase == "prefill" else decode)}) for m in self.measurements
         ]
@@ -183,6 +200,7 @@ class LatencyProfile(BaseModel):
                 "entries": [entry(e) for e in self.entries],
                 "colocated": [entry(e) for e in self.colocated],
                 "measurements": measured,
+                "overheads": overheads,
             }
         )
 
