@@ -27,6 +27,11 @@ only split is 1:1, so the ideal share is recorded beside it (`pd_split`). Rates 
 the measured knee: fractions of one core's prefill capacity (1 / unloaded TTFT) for prompt-heavy
 regimes, multiples of 1 / (unloaded request latency) for decode-heavy ones.
 
+The same requests are also judged against other TPOT SLOs (`--tpot-sweep`, DistServe's SLO-scale
+curves): `tpot_slo_sweep` holds each system's goodput and the ratio per TPOT SLO, and the plot's
+right panel the ratio against the SLO — where a colocated chunk's stall fits under the SLO and
+where it does not.
+
 Also measured: the router's added latency — the same small request sent to a colocated worker
 directly (`/internal/generate`) and through the router (`/v1/completions`), interleaved.
 
@@ -62,7 +67,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SERVED = "bench"
 REGIMES: dict[str, dict[str, Any]] = {
     "distserve": {"input_tokens": 1024, "output_tokens": 16, "ttft_scale": 3.0, "tpot_scale": 3.0,
-                  "tpot_stat": "p90", "rate_factors": [0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.65],
+                  "tpot_stat": "p90", "rate_factors": [0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.65],
                   "rate_base": "prefill"},
     # Rates as multiples of one request's whole unloaded latency: decode batching is the capacity.
     "decode-heavy": {"input_tokens": 64, "output_tokens": 128, "ttft_scale": 5.0, "tpot_scale": 2.0,
@@ -212,7 +217,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sweep = result.get("tpot_slo_sweep") or []
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11.5 if sweep else 6.4, 4.2), squeeze=False)
+    ax = axes[0][0]
     styles = ["o-", "s--", "^:", "v-."]
     for i, (name, system) in enumerate(result["systems"].items()):
         rows = system["rates"]
@@ -227,6 +234,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
                  f"TPOT ≤ {slo['tpot_ms']:.1f} ms")
     ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
+    if sweep:
+        right = axes[0][1]
+        right.plot([r["tpot_ms"] for r in sweep], [r["ratio"] or 0 for r in sweep], "o-")
+        right.axhline(1.0, color="grey", lw=0.8, ls=":")
+        right.axvline(slo["tpot_ms"], color="grey", lw=0.8, ls="--")
+        right.set(xlabel="TPOT SLO (ms, per-request p90 gap)", ylabel="goodput ratio, disaggregated / best colocated",
+                  title="same requests, other TPOT SLOs")
+        right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -251,8 +266,10 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
     unit_ms = prefill_ms if args.rate_base == "prefill" else prefill_ms + decode_ms
     rates = args.rates or [round(f * 1000 / unit_ms, 2) for f in args.rate_factors]
     per_rate: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+    raw: dict[str, list[tuple[float, list[list[Any]]]]] = {name: [] for name in urls}  # rate, repeats' results
     for rate in rates:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+        kept: dict[str, list[list[Any]]] = {name: [] for name in urls}
         # A fixed arrival window per point keeps the run's length independent of the machine's speed.
         count = max(args.min_requests, min(args.max_requests, round(rate * args.point_seconds)))
         for rep in range(args.repeats):
@@ -262,6 +279,9 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
                                             input_tokens=args.input_tokens, output_tokens=args.output_tokens,
                                             seed=rep)
                 runs[name].append(summarize(results, ttft_slo / 1000, tpot_slo / 1000, args.tpot_stat))
+                kept[name].append(results)
+        for name, results_by_repeat in kept.items():
+            raw[name].append((rate, results_by_repeat))
         for name, summaries in runs.items():
             row = {"rate": rate, "attainment": statistics.median(s["attainment"] for s in summaries),
                    "ttft_attainment": statistics.median(s["ttft_attainment"] for s in summaries),
@@ -288,6 +308,10 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
     ratio_interp = systems["disaggregated"]["goodput_interpolated"]["rps"] / interp if interp else None
     source = "flags" if args.ttft_slo_ms and args.tpot_slo_ms else \
         f"{args.ttft_scale:g}x TTFT / {args.tpot_scale:g}x TPOT of the colocated system unloaded"
+    sweep = slo_sweep(raw, args, ttft_slo, tpot_base)
+    for row in sweep:
+        print(f"TPOT SLO {row['tpot_scale']:g}x ({row['tpot_ms']:.1f} ms): goodput {row['goodput_rps']}, "
+              f"ratio over the best colocated {row['ratio']}", flush=True)
     return {"slo": {"ttft_ms": ttft_slo, "tpot_ms": tpot_slo, "source": source,
                     "tpot_judged_as": "per-request p90 token gap" if args.tpot_stat == "p90"
                     else "per-request mean over its tokens"},
@@ -301,7 +325,36 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
                                                        "the target, disaggregated over the best colocated system",
                 "goodput_ratio_interpolated": "the same, each goodput read where the curve crosses the target "
                                               "(linear between the tested rates around it)"},
-            "router_overhead": overhead}
+            "router_overhead": overhead,
+            "tpot_slo_sweep": sweep,
+            "requests": {name: [{"rate": rate, "repeats": [[[r.ttft_s, r.tpot_p90_s if args.tpot_stat == "p90"
+                                                              else r.tpot_s] if r.ok else None for r in results]
+                                                            for results in repeats]}
+                                for rate, repeats in rows]
+                         for name, rows in raw.items()}}
+
+
+def slo_sweep(raw: dict[str, list[tuple[float, list[list[Any]]]]], args: argparse.Namespace, ttft_slo: float,
+              tpot_base: float) -> list[dict[str, Any]]:
+    """Goodput of every system at other TPOT SLOs, from the same requests (DistServe's SLO-scale
+    curves): where a chunked colocated iteration's stall fits under the TPOT SLO, colocated
+    serves prompts on both cores and wins; below it, disaggregation's isolation decides. One
+    run shows both regimes and where the crossover is, instead of a ratio that depends on
+    which side of the stall an SLO measured from noisy unloaded latencies happened to land."""
+    out = []
+    for scale in args.tpot_sweep:
+        tpot_ms = scale * tpot_base
+        goodputs = {}
+        for name, rows in raw.items():
+            curve = [{"rate": rate, "attainment": statistics.median(
+                summarize(results, ttft_slo / 1000, tpot_ms / 1000, args.tpot_stat)["attainment"]
+                for results in repeats)} for rate, repeats in rows]
+            goodputs[name] = goodput_interpolated(curve, args.target)["rps"]
+        best = max((n for n in goodputs if n != "disaggregated"), key=lambda n: goodputs[n])
+        ratio = goodputs["disaggregated"] / goodputs[best] if goodputs[best] else None
+        out.append({"tpot_scale": scale, "tpot_ms": round(tpot_ms, 2), "goodput_rps": goodputs,
+                    "best_colocated": best, "ratio": None if ratio is None else round(ratio, 3)})
+    return out
 
 
 def _median_dicts(dicts: list[dict[str, float | None]]) -> dict[str, float | None]:
@@ -335,6 +388,8 @@ def main() -> None:
     parser.add_argument("--ttft-slo-ms", type=float)
     parser.add_argument("--tpot-slo-ms", type=float)
     parser.add_argument("--target", type=float, default=0.9, help="SLO attainment goodput is defined at")
+    parser.add_argument("--tpot-sweep", type=float, nargs="*", default=[1.5, 2.0, 2.5, 3.0, 4.0, 6.0],
+                        help="TPOT SLOs (multiples of the unloaded base) to also read goodput at, same requests")
     parser.add_argument("--calibration", type=int, default=7, help="unloaded requests for the SLO base")
     parser.add_argument("--overhead-repeats", type=int, default=30)
     args = parser.parse_args()
