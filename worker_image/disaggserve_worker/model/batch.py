@@ -49,6 +49,9 @@ class BatchLayout:
     last_index: torch.Tensor  # (B,) packed index of each sequence's last new token
     max_query: int
     context_lens: tuple[int, ...] = ()  # (B,) each sequence's context (past + new)
+    # Every sequence is a prompt with nothing cached before this step and no sliding window cuts
+    # into it: attention is plain causal over the step's own tokens (`Attention._attend_fresh`).
+    fresh: bool = False
     _groups: dict[int, DecodeGroups | None] = field(default_factory=dict, repr=False, compare=False)
 
     def to(self, device: torch.device) -> BatchLayout:
@@ -140,4 +143,5 @@ class BatchLayout:
             last_index=(starts + new - 1).to(device),
             max_query=max_query,
             context_lens=tuple(int(t) for t in total),
+            fresh=max(past_lens) == 0 and (sliding_window is None or sliding_window >= max_query),
         )
