@@ -284,12 +284,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
         for name, results_by_repeat in kept.items():
             raw[name].append((rate, results_by_repeat))
         for name, summaries in runs.items():
-            row = {"rate": rate, "attainment": statistics.median(s["attainment"] for s in summaries),
-                   "ttft_attainment": statistics.median(s["ttft_attainment"] for s in summaries),
-                   "tpot_attainment": statistics.median(s["tpot_attainment"] for s in summaries),
-                   "ttft_ms": _median_dicts([s["ttft_ms"] for s in summaries]),
-                   "tpot_ms": _median_dicts([s["tpot_ms"] for s in summaries]),
-                   "failed": sum(s["failed"] for s in summaries), "repeats": summaries}
+            row = rate_row(rate, summaries)
             per_rate[name].append(row)
             print(f"rate {rate:6.2f}  {name:14s} attainment {row['attainment']:.0%}  "
                   f"TTFT p90 {row['ttft_ms']['p90']:.0f} ms  TPOT p90 {row['tpot_ms']['p90']:.1f} ms",
@@ -356,6 +351,16 @@ def slo_sweep(raw: dict[str, list[tuple[float, list[list[Any]]]]], args: argpars
         out.append({"tpot_scale": scale, "tpot_ms": round(tpot_ms, 2), "goodput_rps": goodputs,
                     "best_colocated": best, "ratio": None if ratio is None else round(ratio, 3)})
     return out
+
+
+def rate_row(rate: float, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One tested rate of one system: medians over its repeats' `summarize` results."""
+    return {"rate": rate, "attainment": statistics.median(s["attainment"] for s in summaries),
+            "ttft_attainment": statistics.median(s["ttft_attainment"] for s in summaries),
+            "tpot_attainment": statistics.median(s["tpot_attainment"] for s in summaries),
+            "ttft_ms": _median_dicts([s["ttft_ms"] for s in summaries]),
+            "tpot_ms": _median_dicts([s["tpot_ms"] for s in summaries]),
+            "failed": sum(s["failed"] for s in summaries), "repeats": summaries}
 
 
 def _median_dicts(dicts: list[dict[str, float | None]]) -> dict[str, float | None]:

@@ -27,7 +27,6 @@ import os
 import platform
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "operator"))
-from disagg_vs_colocated import _median_dicts, goodput, unloaded  # noqa: E402
+from disagg_vs_colocated import goodput, rate_row, unloaded  # noqa: E402
 from disaggserve.api.plan import Plan  # noqa: E402
 from disaggserve.api.spec import parse_spec  # noqa: E402
 from disaggserve.resources.engines.vllm import VllmEngine  # noqa: E402
@@ -138,10 +137,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str]) -> dict[str, A
                                             seed=rep)
                 runs[name].append(summarize(results, ttft_slo / 1000, tpot_slo / 1000))
         for name, summaries in runs.items():
-            row = {"rate": rate, "attainment": statistics.median(s["attainment"] for s in summaries),
-                   "ttft_ms": _median_dicts([s["ttft_ms"] for s in summaries]),
-                   "tpot_ms": _median_dicts([s["tpot_ms"] for s in summaries]),
-                   "failed": sum(s["failed"] for s in summaries), "repeats": summaries}
+            row = rate_row(rate, summaries)
             per_rate[name].append(row)
             print(f"rate {rate:6.2f}  {name:22s} attainment {row['attainment']:.0%}  "
                   f"TTFT p90 {row['ttft_ms']['p90']}  TPOT p90 {row['tpot_ms']['p90']}  failed {row['failed']}",
