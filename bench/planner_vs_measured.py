@@ -228,12 +228,13 @@ def calibrated(doc: dict[str, Any], mode: str, unloaded: dict[str, float]) -> tu
 def corrected_live(doc: dict[str, Any], mode: str, point: dict[str, Any], ttft_ms: float,
                    tpot_ms: float) -> tuple[dict[str, Any], list[float]]:
     """The profile as the autoscaler corrects it while the deployment runs: `replan.correction`
-    (measured over predicted p90 TTFT and TPOT at the measured rate) from one Poisson window at
-    the measured knee, the last ramp point that met the target."""
+    (measured over predicted median TTFT and TPOT at the measured rate) from one Poisson window
+    at the measured knee, the last ramp point that met the target."""
     rate = point["rate"]
     setup = build_search(spec_for(rate, ttft_ms, tpot_ms), profile=doc, check_fit=False)
     observed = Observed(source="bench", window_seconds=point["requests"] / rate, requests=point["requests"],
-                        request_rate=rate, ttft_p90_ms=point["ttft_p90_ms"], tpot_p90_ms=point["tpot_p90_ms"])
+                        request_rate=rate, ttft_p90_ms=point["ttft_p90_ms"], tpot_p90_ms=point["tpot_p90_ms"],
+                        ttft_p50_ms=point["ttft_p50_ms"], tpot_p50_ms=point["tpot_p50_ms"])
     k_p, k_d = correction(setup.searcher, deployment(mode, setup), observed)  # type: ignore[arg-type]
     return parse_profile(doc).scaled(k_p, k_d).model_dump(mode="json"), [round(k_p, 3), round(k_d, 3)]
 
@@ -257,7 +258,8 @@ def measured_point(url: str, rate: float, seconds: float, ttft_ms: float, tpot_m
     )
     s = summarize(results, ttft_ms / 1000, tpot_ms / 1000)
     return {"rate": round(rate, 3), "requests": n, "attainment": round(float(s["attainment"]), 3),
-            "ttft_p90_ms": s["ttft_ms"]["p90"], "tpot_p90_ms": s["tpot_ms"]["p90"]}
+            "ttft_p90_ms": s["ttft_ms"]["p90"], "tpot_p90_ms": s["tpot_ms"]["p90"],
+            "ttft_p50_ms": s["ttft_ms"]["p50"], "tpot_p50_ms": s["tpot_ms"]["p50"]}
 
 
 def measured_attainment(url: str, rate: float, seconds: float, ttft_ms: float, tpot_ms: float, seed: int) -> float:
@@ -478,7 +480,7 @@ def main() -> None:
         "measured curve, not the prediction). 'predicted' is "
         "the simulator with the measured overheads and KV link, corrected by the unloaded measured/predicted "
         "latency ratio; 'live corrected' with the autoscaler's own correction (replan.correction: measured over "
-        "predicted p90 TTFT and TPOT) from the ramp's window at the measured knee, as the autoscaler corrects "
+        "predicted median TTFT and TPOT) from the ramp's window at the measured knee, as the autoscaler corrects "
         "while the deployment runs; 'uncorrected' without either ratio (the first plan); 'without overheads' "
         "is the forward-pass-only profile as the planner used before",
         "seconds": round(time.perf_counter() - started, 1),

@@ -76,3 +76,14 @@ def test_impossible_slos_say_so():
     body["spec"]["slo"] = {"ttftMs": 0.01, "tpotMs": 0.001}
     with pytest.raises(PlanningError):
         recommend(parse_spec(body["spec"]), deployed(), observed(1))
+
+
+def test_the_correction_compares_medians_so_a_jittery_tail_is_not_read_as_a_slow_profile():
+    spec = tiny_spec()
+    as_predicted = recommend(spec, deployed(), observed(5), correct=False)
+    base = observed(5, ttft=5000, tpot=500)  # p90s far above any prediction: stalls in the tail
+    p90_only = recommend(spec, deployed(), base).correction
+    medians = base.model_copy(update={"ttft_p50_ms": 1e-9, "tpot_p50_ms": 1e-9})
+    assert p90_only == (4.0, 4.0)
+    assert recommend(spec, deployed(), medians).correction == (0.5, 0.5), "the medians decide when present"
+    assert as_predicted.correction == (1.0, 1.0)

@@ -18,6 +18,9 @@ class Observed(BaseModel):
     mean_output_tokens: float | None = None
     ttft_p90_ms: float | None = None
     tpot_p90_ms: float | None = None
+    # Medians: what the autoscaler's profile correction compares (planner/replan.py).
+    ttft_p50_ms: float | None = None
+    tpot_p50_ms: float | None = None
     attainment: float | None = Field(None, description="share of requests that met both SLOs")
     # The router counts requests meeting *both* SLOs exactly (disaggserve_slo_met_total); the
     # per-SLO shares below come from histogram buckets whose edges include the thresholds.

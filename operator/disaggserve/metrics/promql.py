@@ -70,8 +70,11 @@ class PrometheusSource:
         prompt = await self.scalar(f"sum(increase({METRIC_PROMPT_TOKENS}{{{sel}}}[{w}]))", at) or 0.0
         generated = await self.scalar(f"sum(increase({METRIC_GENERATION_TOKENS}{{{sel}}}[{w}]))", at) or 0.0
         met = await self.scalar(f"sum(increase({METRIC_SLO_MET}{{{sel}}}[{w}]))", at) or 0.0
-        ttft = await self.scalar(f"histogram_quantile(0.9, sum by (le) (rate({METRIC_TTFT}_bucket{{{sel}}}[{w}])))", at)
-        tpot = await self.scalar(f"histogram_quantile(0.9, sum by (le) (rate({METRIC_TPOT}_bucket{{{sel}}}[{w}])))", at)
+        async def quantile(q: float, metric: str) -> float | None:
+            value = await self.scalar(f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{sel}}}[{w}])))", at)
+            return value * 1000 if value is not None else None
+
+        ttft, tpot = await quantile(0.9, METRIC_TTFT), await quantile(0.9, METRIC_TPOT)
 
         async def share(metric: str, threshold: float | None) -> float | None:
             if not threshold:
@@ -89,8 +92,10 @@ class PrometheusSource:
             request_rate=served / window_seconds,
             mean_input_tokens=prompt / ok if ok else None,
             mean_output_tokens=generated / ok if ok else None,
-            ttft_p90_ms=ttft * 1000 if ttft is not None else None,
-            tpot_p90_ms=tpot * 1000 if tpot is not None else None,
+            ttft_p90_ms=ttft,
+            tpot_p90_ms=tpot,
+            ttft_p50_ms=await quantile(0.5, METRIC_TTFT),
+            tpot_p50_ms=await quantile(0.5, METRIC_TPOT),
             attainment=met / served if served else None,
             ttft_within_slo=await share(METRIC_TTFT, slo_ttft_s),
             tpot_within_slo=await share(METRIC_TPOT, slo_tpot_s),

@@ -114,8 +114,9 @@ class ScrapeWindow:
         met = sum(increase(old.slo_met, new.slo_met) for old, new in spans)
         ttft = sum_buckets([bucket_increase(old.ttft, new.ttft) for old, new in spans])
         tpot = sum_buckets([bucket_increase(old.tpot, new.tpot) for old, new in spans])
-        ttft_p90 = histogram_quantile(0.9, ttft)
-        tpot_p90 = histogram_quantile(0.9, tpot)
+        def ms(q: float, buckets: dict[float, float]) -> float | None:
+            value = histogram_quantile(q, buckets)
+            return value * 1000 if value is not None else None
         return Observed(
             source="scrape",
             window_seconds=covered,
@@ -123,8 +124,10 @@ class ScrapeWindow:
             request_rate=served / covered if covered > 0 else 0.0,
             mean_input_tokens=prompt / ok if ok else None,
             mean_output_tokens=generated / ok if ok else None,
-            ttft_p90_ms=ttft_p90 * 1000 if ttft_p90 is not None else None,
-            tpot_p90_ms=tpot_p90 * 1000 if tpot_p90 is not None else None,
+            ttft_p90_ms=ms(0.9, ttft),
+            tpot_p90_ms=ms(0.9, tpot),
+            ttft_p50_ms=ms(0.5, ttft),
+            tpot_p50_ms=ms(0.5, tpot),
             attainment=met / served if served else None,
             ttft_within_slo=share_at_or_below(slo_ttft_s, ttft) if slo_ttft_s else None,
             tpot_within_slo=share_at_or_below(slo_tpot_s, tpot) if slo_tpot_s else None,
