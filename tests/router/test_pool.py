@@ -3,9 +3,21 @@ failed or draining one."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import socket
 
-from disaggserve_worker.router.pool import NoWorkerAvailable, Worker, WorkerPool
+import aiohttp
+import pytest
+from aiohttp import web
+
+from disaggserve_worker.contract import PATH_LOAD
+from disaggserve_worker.router.pool import (
+    SLOW_POLLS_BEFORE_FAILED,
+    LoadPoller,
+    NoWorkerAvailable,
+    Worker,
+    WorkerPool,
+)
 
 
 def make_pool(*workers: Worker) -> WorkerPool:
@@ -78,3 +90,40 @@ def test_replace_keeps_state_of_known_workers() -> None:
 def test_unknown_role_is_refused() -> None:
     with pytest.raises(ValueError, match="role 'router'"):
         Worker("http://a:1", "router")
+
+
+async def test_a_slow_load_poll_keeps_the_worker_a_refused_one_does_not() -> None:
+    """A busy worker answers its load poll late; taking it out at once sent a whole burst to the
+    other decode server (a CI run on a loaded host). A refused connection is a dead worker."""
+    delay = {"s": 0.3}
+
+    async def load(_request: web.Request) -> web.Response:
+        await asyncio.sleep(delay["s"])
+        return web.json_response({"running": 2, "queued_tokens": 0})
+
+    app = web.Application()
+    app.router.add_get(PATH_LOAD, load)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]
+    busy, dead = Worker(f"http://127.0.0.1:{port}", "decode"), Worker(f"http://127.0.0.1:{dead_port}", "decode")
+    pool = make_pool(busy, dead)
+    try:
+        async with aiohttp.ClientSession() as session:
+            poller = LoadPoller(pool, session, interval_s=0.01, timeout_s=0.05)
+            for _ in range(SLOW_POLLS_BEFORE_FAILED - 1):
+                await poller.poll_once()
+                assert busy.available and not busy.poll_failing
+            assert not dead.available and dead.poll_failing  # refused: out at once
+            await poller.poll_once()  # one timeout too many: a hung worker sits out
+            assert not busy.available and busy.poll_failing
+            delay["s"] = 0.0
+            await poller.poll_once()  # it answers again: back in, with its load
+            assert busy.available and not busy.poll_failing and busy.slow_polls == 0 and busy.running == 2
+    finally:
+        await runner.cleanup()

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 # After a connection failure a worker sits out this long unless a poll shows it alive again.
 FAILURE_COOLDOWN_S = 5.0
+# A load poll that times out is a busy worker more often than a dead one (a CPU vLLM server answers
+# /metrics between engine steps; on a loaded host that took over a second and one slow poll sent a
+# whole burst to the other decode server). Only this many timeouts in a row take a worker out;
+# a refused or reset connection still does at once, and a request that fails marks it failed too.
+SLOW_POLLS_BEFORE_FAILED = 3
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Worker:
     failed_until: float = 0.0
     last_poll_ok: float | None = None
     poll_failing: bool = False
+    slow_polls: int = 0  # load polls in a row that timed out
     refused_token: bool = False  # the worker answered 401/403: not our DisaggServe's token
 
     def __post_init__(self) -> None:
@@ -170,11 +176,12 @@ class LoadPoller:
     """Refreshes every worker's reported load; marks unreachable ones so picks skip them."""
 
     def __init__(self, pool: WorkerPool, session: aiohttp.ClientSession, interval_s: float = 0.5,
-                 engine: str = "builtin") -> None:
+                 engine: str = "builtin", timeout_s: float | None = None) -> None:
         self.pool = pool
         self.session = session
         self.interval_s = interval_s
         self.engine = engine
+        self.timeout_s = timeout_s if timeout_s is not None else max(1.0, 2 * interval_s)
 
     async def run(self) -> None:
         while True:
@@ -185,7 +192,7 @@ class LoadPoller:
         await asyncio.gather(*(self._poll(w) for w in list(self.pool.workers.values())))
 
     async def _poll(self, worker: Worker) -> None:
-        timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.interval_s))
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
             if self.engine == "vllm":
                 from .vllm_flow import fetch_load
@@ -195,17 +202,19 @@ class LoadPoller:
                 async with self.session.get(worker.url + PATH_LOAD, timeout=timeout) as resp:
                     resp.raise_for_status()
                     load = await resp.json()
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            worker.refused_token = isinstance(exc, aiohttp.ClientResponseError) and exc.status in (401, 403)
-            if not worker.poll_failing:  # log the transition, not every poll of a dead worker
-                if worker.refused_token:
-                    log.error("worker %s refuses this router's worker token (%s): check that both get "
-                              "DISAGGSERVE_WORKER_TOKEN from the same DisaggServe's Secret", worker.url, exc)
-                else:
-                    log.warning("load poll of %s failed: %s", worker.url, exc)
-            worker.poll_failing = True
-            worker.mark_failed()
+        except TimeoutError:
+            worker.slow_polls += 1
+            if worker.slow_polls < SLOW_POLLS_BEFORE_FAILED:
+                log.debug("load poll of %s timed out (%d in a row): keeping its last load", worker.url,
+                          worker.slow_polls)
+                return
+            self._failed(worker, f"{worker.slow_polls} load polls in a row timed out after {self.timeout_s:.1f}s")
             return
+        except (aiohttp.ClientError, ValueError) as exc:
+            worker.refused_token = isinstance(exc, aiohttp.ClientResponseError) and exc.status in (401, 403)
+            self._failed(worker, str(exc))
+            return
+        worker.slow_polls = 0
         if worker.poll_failing:
             log.info("worker %s answers again", worker.url)
             worker.poll_failing = False
@@ -217,3 +226,14 @@ class LoadPoller:
         worker.draining = bool(load.get("draining", False))
         worker.failed_until = 0.0
         worker.last_poll_ok = time.monotonic()
+
+    @staticmethod
+    def _failed(worker: Worker, reason: str) -> None:
+        if not worker.poll_failing:  # log the transition, not every poll of a dead worker
+            if worker.refused_token:
+                log.error("worker %s refuses this router's worker token (%s): check that both get "
+                          "DISAGGSERVE_WORKER_TOKEN from the same DisaggServe's Secret", worker.url, reason)
+            else:
+                log.warning("load poll of %s failed: %s", worker.url, reason)
+        worker.poll_failing = True
+        worker.mark_failed()
