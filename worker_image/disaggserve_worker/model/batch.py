@@ -112,6 +112,48 @@ class BatchLayout:
             raise ValueError("a batch needs one new-length, past-length and slot table per sequence")
         if min(new_lens) < 1:
             raise ValueError("every sequence in a step must bring at least one new token")
+        if max(new_lens) == 1:
+            return cls._decode(past_lens, slot_tables, device, sliding_window)
+        return cls._general(new_lens, past_lens, slot_tables, device, sliding_window)
+
+    @staticmethod
+    def _contexts(slot_tables: list[torch.Tensor], totals: list[int]) -> list[torch.Tensor]:
+        contexts = [table[:n].cpu() for table, n in zip(slot_tables, totals, strict=True)]
+        for b, (ctx, n) in enumerate(zip(contexts, totals, strict=True)):
+            if ctx.numel() < n:
+                raise ValueError(f"sequence {b}: slot table holds {ctx.numel()} slots, needs {n}")
+        return contexts
+
+    @classmethod
+    def _decode(cls, past_lens: list[int], slot_tables: list[torch.Tensor], device: torch.device,
+                sliding_window: int | None) -> BatchLayout:
+        """One new token per sequence (every decode step): the general layout's tensors with a
+        third of its ops — the layout was 0.3 ms of a 4 ms step for one sequence."""
+        totals = [p + 1 for p in past_lens]
+        context_slots = pad_sequence(cls._contexts(slot_tables, totals), batch_first=True, padding_value=0)
+        past = torch.tensor(past_lens, dtype=torch.long)
+        rows = torch.arange(len(past_lens))
+        k_pos = torch.arange(int(context_slots.shape[1]))[None, :]
+        mask = k_pos <= past[:, None]
+        if sliding_window is not None:
+            mask &= k_pos > past[:, None] - sliding_window
+        rows_here = rows.to(device)
+        return cls(
+            positions=past.to(device),
+            seq_index=rows_here,
+            q_index=torch.zeros(len(past_lens), dtype=torch.long, device=device),
+            write_slots=context_slots[rows, past].to(device),
+            context_slots=context_slots.to(device),
+            attn_mask=mask[:, None, None, :].to(device),
+            last_index=rows_here,
+            max_query=1,
+            context_lens=tuple(totals),
+            fresh=max(past_lens) == 0,
+        )
+
+    @classmethod
+    def _general(cls, new_lens: list[int], past_lens: list[int], slot_tables: list[torch.Tensor],
+                 device: torch.device, sliding_window: int | None) -> BatchLayout:
         new = torch.tensor(new_lens, dtype=torch.long)
         past = torch.tensor(past_lens, dtype=torch.long)
         total = new + past
@@ -119,10 +161,7 @@ class BatchLayout:
         starts = torch.cumsum(new, 0) - new
         q_index = torch.arange(int(new.sum())) - starts[seq_index]
         positions = past[seq_index] + q_index
-        contexts = [table[: int(n)].cpu() for table, n in zip(slot_tables, total, strict=True)]
-        for b, ctx in enumerate(contexts):
-            if ctx.numel() < int(total[b]):
-                raise ValueError(f"sequence {b}: slot table holds {ctx.numel()} slots, needs {int(total[b])}")
+        contexts = cls._contexts(slot_tables, total.tolist())
         write_slots = torch.cat([ctx[int(p):] for ctx, p in zip(contexts, past, strict=True)])
         context_slots = pad_sequence(contexts, batch_first=True, padding_value=0)
         max_query, max_key = int(new.max()), int(context_slots.shape[1])
