@@ -118,7 +118,8 @@ class Attention(nn.Module):
         qkv = self.qkv_proj.fused(x)
         qk = apply_rotary(qkv[:, :qk_heads * self.head_dim].view(t, qk_heads, self.head_dim), cos, sin)
         v = qkv[:, qk_heads * self.head_dim:].view(t, self.kv_heads, self.head_dim)
-        return qk[:, :self.heads], qk[:, self.heads:], v
+        # Contiguous again: strided Q/K slowed the prefill kernels more than the copy costs.
+        return qk[:, :self.heads].contiguous(), qk[:, self.heads:].contiguous(), v
 
     def forward_step(self, x: torch.Tensor, step: StepInputs, layer_cache: torch.Tensor) -> torch.Tensor:
         """x: (T, hidden) packed; layer_cache: (2, slots, kv_heads, head_dim), written in place."""
