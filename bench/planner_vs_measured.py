@@ -251,19 +251,22 @@ def measure_link(quick: bool) -> dict[str, float] | None:
 
 
 def measured_point(url: str, rate: float, seconds: float, ttft_ms: float, tpot_ms: float, seed: int) -> dict[str, Any]:
-    """One Poisson window: its attainment and the p90s the autoscaler would see (per-request TPOT)."""
+    """One Poisson window: its attainment, the p50/p90s the autoscaler would see (per-request
+    TPOT), and every request's [sent at s, TTFT ms, TPOT ms] (null TTFT: it failed), so where the
+    violations come from (a spread, or stalls) can be read from a run afterwards."""
     n = max(8, int(rate * seconds))
     results = asyncio.run(
         run_poisson(url, SERVED, rate=rate, num_requests=n, input_tokens=INPUT, output_tokens=OUTPUT, seed=seed)
     )
     s = summarize(results, ttft_ms / 1000, tpot_ms / 1000)
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 2)
+
     return {"rate": round(rate, 3), "requests": n, "attainment": round(float(s["attainment"]), 3),
             "ttft_p90_ms": s["ttft_ms"]["p90"], "tpot_p90_ms": s["tpot_ms"]["p90"],
-            "ttft_p50_ms": s["ttft_ms"]["p50"], "tpot_p50_ms": s["tpot_ms"]["p50"]}
-
-
-def measured_attainment(url: str, rate: float, seconds: float, ttft_ms: float, tpot_ms: float, seed: int) -> float:
-    return float(measured_point(url, rate, seconds, ttft_ms, tpot_ms, seed)["attainment"])
+            "ttft_p50_ms": s["ttft_ms"]["p50"], "tpot_p50_ms": s["tpot_ms"]["p50"],
+            "per_request": [[round(r.sent_at_s, 3), ms(r.ttft_s if r.ok else None), ms(r.tpot_s)] for r in results]}
 
 
 def find_knee(url: str, start: float, seconds: float, ttft_ms: float, tpot_ms: float) -> tuple[float | None, list]:
@@ -338,10 +341,11 @@ def evaluate(
     rows = []
     for f in fractions:
         rate = round(knee * f, 3)
-        measured = [
-            measured_attainment(url, rate, seconds, ttft_ms, tpot_ms, seed=1000 * i + int(f * 10))
+        points = [
+            measured_point(url, rate, seconds, ttft_ms, tpot_ms, seed=1000 * i + int(f * 10))
             for i in range(repeats)
         ]
+        measured = [float(point["attainment"]) for point in points]
         m = statistics.median(measured)
         p = predict(corrected, mode, rate, ttft_ms, tpot_ms)
         p_live = predict(live, mode, rate, ttft_ms, tpot_ms)
@@ -362,6 +366,7 @@ def evaluate(
                 "gap_live_corrected_pp": round(100 * (p_live - m), 1),
                 "gap_uncorrected_pp": round(100 * (p_costs - m), 1),
                 "gap_without_overheads_pp": round(100 * (p_old - m), 1),
+                "per_request": [point["per_request"] for point in points],
             }
         )
         print(
