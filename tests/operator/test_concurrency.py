@@ -15,8 +15,6 @@ import json
 from typing import Any
 
 import kopf
-import pytest
-from kopf._core.engines.posting import settings_var
 
 from disaggserve.api.plan import Plan
 from disaggserve.controller import handlers
@@ -77,15 +75,6 @@ class Spy(Kube):
         if obj["kind"] == "StatefulSet" and obj["metadata"]["name"] == STS:
             self.log.append(("applied", obj["spec"]["replicas"]))
         return await super().apply(obj, field_manager)
-
-
-@pytest.fixture
-def no_events():
-    settings = kopf.OperatorSettings()
-    settings.posting.enabled = False  # kopf.event needs a running operator otherwise
-    token = settings_var.set(settings)
-    yield
-    settings_var.reset(token)
 
 
 async def test_timer_update_and_statefulset_events_never_undo_the_autoscaler(apiserver, no_events):
