@@ -135,3 +135,36 @@ async def test_slos_are_measured_with_autoscaling_off():
     available = next(c for c in second["conditions"] if c["type"] == "MetricsAvailable")
     assert available["status"] == "True" and "autoscaling is off" in available["message"]
     assert "plan" not in second  # measured only: no replica decision
+
+
+async def test_a_router_that_misses_one_scrape_keeps_its_window():
+    """A scrape that times out (an overloaded router answers late) is a missing sample, not a
+    missing router: the window it already has still gives an observation."""
+    answers = iter([0, 100, None, 300])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        served = next(answers)
+        if served is None:
+            raise httpx.ReadTimeout("the router answered too late", request=request)
+        return httpx.Response(200, text=_router_metrics(served))
+
+    autoscaler = Autoscaler(_OneRouter(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    body = example()
+    body["status"] = {
+        "phase": "Ready",
+        "plan": {
+            "prefill": {"tensor": 1, "pipeline": 1, "replicas": 1},
+            "decode": {"tensor": 1, "pipeline": 1, "replicas": 1},
+        },
+    }
+    available = []
+    try:
+        for _ in range(4):
+            update = await autoscaler.observe_only(body)
+            if update is not None:
+                body["status"].update(update)
+            condition = next(c for c in body["status"]["conditions"] if c["type"] == "MetricsAvailable")
+            available.append(condition["status"])
+    finally:
+        await autoscaler.aclose()
+    assert available == ["False", "True", "True", "True"]

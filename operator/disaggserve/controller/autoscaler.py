@@ -80,17 +80,19 @@ class Autoscaler:
                 namespace, name, source.window_seconds, slo_ttft, slo_tpot
             )
         pods = await self.view.pods(namespace, name, {LABEL_COMPONENT: "router"})
-        live = set()
         for pod in pods:
             ip = (pod.get("status") or {}).get("podIP")
             if not ip or not _ready(pod):
                 continue
             try:
                 tracked.window.add(pod["metadata"]["name"], await scrape_router(self.http, ip, ROUTER_PORT))
-                live.add(pod["metadata"]["name"])
             except httpx.HTTPError:
-                continue  # a router that does not answer contributes nothing; staleness is judged below
-        tracked.window.forget_missing(live)
+                continue  # a router that does not answer contributes nothing now; staleness is judged below
+        # Only a router pod that is gone loses its samples. One that missed a scrape keeps them: an
+        # overloaded router answers /metrics late, and dropping its window then read as "no metrics"
+        # for two ticks, exactly when the autoscaler needs them (a CI run saw MetricsAvailable=False
+        # right after an overload).
+        tracked.window.forget_missing({pod["metadata"]["name"] for pod in pods})
         return tracked.window.observe(time.monotonic(), slo_ttft, slo_tpot)
 
     async def observe_only(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
