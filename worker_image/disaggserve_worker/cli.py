@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import random
@@ -178,6 +179,54 @@ def profile_vllm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_profile_link(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "profile-link", help="measure the KV link to a prefill worker into the profile's overheads.kv_link",
+        description="Run in a decode pod (kubectl exec): prefill prompts of each --sizes on the prefill worker "
+        "at --prefill, pull each KV cache over the workers' own transport as a decode worker does, and fit "
+        "the link's bandwidth and per-transfer latency (the planner's overheads.kv_link).")
+    p.add_argument("--prefill", required=True,
+                   help="the prefill worker's URL, e.g. http://NAME-prefill-0.NAME-prefill:8100")
+    _add_model_flags(p)
+    p.add_argument("--max-model-len", type=_positive_int, default=None,
+                   help="the workers' --max-model-len (default: the model's context)")
+    p.add_argument("--sizes", default="128,1024", help="prompt sizes in tokens, at least two (default 128,1024)")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="timed pulls per size, after one warm-up each")
+    p.add_argument("--profile", default=None,
+                   help="a profile JSON: the link goes into its overheads.kv_link, the rest is kept "
+                        "(without it the link and its samples are printed as JSON)")
+    p.add_argument("--out", default=None,
+                   help="where to write (default: over --profile; without --profile: the JSON instead of stdout)")
+    p.set_defaults(handler=profile_link)
+
+
+def profile_link(args: argparse.Namespace) -> int:
+    from disaggserve_worker.model.loader import ModelLoadError
+    from disaggserve_worker.profile import link
+
+    _setup(args)
+    destination = args.out or args.profile  # None: print the JSON
+    try:
+        profile = link.read_profile(args.profile) if args.profile else None  # a wrong file costs no measuring
+        result = link.run(args.prefill, args.model, sizes=args.sizes, repeats=args.repeats, device=args.device,
+                          dtype=args.dtype, max_model_len=args.max_model_len)
+        if profile is not None:
+            source = link.source_line(args.prefill, result)
+            link.write_json(destination, link.with_link(profile, result["kv_link"], source))
+        elif destination:
+            link.write_json(destination, result)
+    except (link.LinkError, ModelLoadError) as error:
+        print(f"disaggserve-worker profile-link: {' '.join(str(error).split())}", file=sys.stderr)  # one line
+        return 2
+    if destination is None:
+        print(json.dumps(result, indent=2))
+    else:
+        fitted = result["kv_link"]
+        print(f"wrote {destination}: kv_link {fitted['gbps']} Gbit/s, {fitted['latency_ms']} ms per transfer "
+              f"(from {len(result['samples'])} pulls)")
+    return 0
+
+
 def _add_export(subparsers: Any) -> None:
     p = subparsers.add_parser("export-checkpoint",
                               help="write a built-in model as a Hugging Face checkpoint folder (for vLLM)")
@@ -239,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(subparsers)
     _add_export(subparsers)
     _add_profile_vllm(subparsers)
+    _add_profile_link(subparsers)
     _add_tokenizer(subparsers)
     _register_router(subparsers)
     return parser

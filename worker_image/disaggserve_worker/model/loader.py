@@ -18,7 +18,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from disaggserve_worker.model.allocator import keep_step_memory
-from disaggserve_worker.model.builtin import BUILTIN_CONFIGS, builtin_model
+from disaggserve_worker.model.builtin import BUILTIN_CONFIGS, builtin_config, builtin_model
 from disaggserve_worker.model.builtin_tokenizer import builtin_tokenizer
 from disaggserve_worker.model.config import ModelConfig
 from disaggserve_worker.model.errors import ModelLoadError
@@ -26,7 +26,7 @@ from disaggserve_worker.model.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "ModelLoadError", "device_grid", "load_model", "load_tokenizer"]
+__all__ = ["LoadedModel", "ModelLoadError", "device_grid", "load_config", "load_model", "load_tokenizer"]
 
 
 @dataclass
@@ -69,7 +69,7 @@ def split_hf(spec: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
-def _download_hf(spec: str) -> Path:
+def _download_hf(spec: str, patterns: tuple[str, ...] = ("*.json", "*.safetensors")) -> Path:
     repo, revision = split_hf(spec)
     try:
         from huggingface_hub import snapshot_download
@@ -80,7 +80,7 @@ def _download_hf(spec: str) -> Path:
         log.warning("--model hf:%s is not pinned to a revision: each worker downloads whatever main is "
                     "now; pin one with hf:%s@<commit>", repo, repo)
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns)))
     except Exception as error:  # the hub raises many types; all mean "could not fetch"
         raise ModelLoadError(f"could not download {repo!r} from the Hugging Face hub: {error}") from error
 
@@ -97,14 +97,19 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+def read_config(folder: Path) -> ModelConfig:
+    """A checkpoint folder's config.json, checked (what this decoder can build)."""
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ModelLoadError(f"{folder} has no config.json; point --model at a checkpoint folder")
     try:
-        config = ModelConfig.model_validate(json.loads(config_path.read_text()))
+        return ModelConfig.model_validate(json.loads(config_path.read_text()))
     except ValueError as error:
         raise ModelLoadError(f"{config_path}: {error}") from error
+
+
+def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = read_config(folder)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     state: dict[str, torch.Tensor] = {}
@@ -153,6 +158,23 @@ def load_tokenizer(model: str) -> Tokenizer:
         raise ModelLoadError(f"{folder} has no tokenizer.json (the fast-tokenizer file); "
                              "save one with transformers' tokenizer.save_pretrained")
     return Tokenizer.from_file(str(path))
+
+
+def load_config(model: str) -> ModelConfig:
+    """Only the config of a `--model` value, no weights: the KV layout (layers, KV heads, head
+    size) and context length are all a tool that moves KV caches but runs no forward pass needs
+    (`profile-link`), and reading weights would cost a large model's load time and memory."""
+    if model.startswith("builtin:"):
+        name = model.removeprefix("builtin:")
+        if name not in BUILTIN_CONFIGS:
+            raise ModelLoadError(f"unknown built-in model {model!r}; choose one of "
+                                 + ", ".join(f"builtin:{n}" for n in BUILTIN_CONFIGS))
+        return builtin_config(name)
+    folder = _download_hf(model[3:], patterns=("*.json",)) if model.startswith("hf:") else Path(model)
+    if not folder.is_dir():
+        raise ModelLoadError(f"--model {model!r} is neither builtin:<name>, hf:<org/name> nor an "
+                             "existing checkpoint folder")
+    return read_config(folder)
 
 
 def device_grid(device: torch.device, pipeline: int = 1, tensor: int = 1) -> list[list[torch.device]]:
