@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import yaml
 
+from disaggserve.contract import METRIC_REQUESTS, METRIC_SLO_MET, METRIC_TPOT, METRIC_TTFT
+
 ROOT = Path(__file__).resolve().parent.parent
 CR_PATH = "/apis/disaggserve.io/v1alpha1/namespaces/{ns}/disaggserves"
 GROUP = "disaggserve.io"
@@ -112,3 +114,34 @@ class OperatorRunner:
             self._stop = self._thread = None
         if self.error is not None:
             raise self.error
+
+
+class OneRouter:
+    """The autoscaler's view of the API: one ready router pod."""
+
+    async def list(self, *args, **kwargs):
+        return [
+            {
+                "metadata": {
+                    "name": "tiny-router-0",
+                    "labels": {"app.kubernetes.io/instance": "tiny", "app.kubernetes.io/component": "router"},
+                },
+                "status": {"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+            }
+        ]
+
+
+def router_metrics(requests: int) -> str:
+    """A router that has seen `requests` requests: TPOT 90 % within 100 ms, 50 % within 50 ms."""
+    tpot = {"0.025": 0.1, "0.05": 0.5, "0.1": 0.9, "0.25": 1.0, "+Inf": 1.0}
+    lines = [
+        f'{METRIC_REQUESTS}{{status="ok"}} {requests}',
+        f"{METRIC_SLO_MET} {requests // 2}",
+        *(f'{METRIC_TPOT}_bucket{{le="{le}"}} {share * requests}' for le, share in tpot.items()),
+        f"{METRIC_TPOT}_count {requests}",
+        f"{METRIC_TPOT}_sum {requests * 0.06}",
+        *(f'{METRIC_TTFT}_bucket{{le="{le}"}} {requests}' for le in ("0.1", "+Inf")),
+        f"{METRIC_TTFT}_count {requests}",
+        f"{METRIC_TTFT}_sum {requests * 0.05}",
+    ]
+    return "\n".join(lines) + "\n"

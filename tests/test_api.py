@@ -99,3 +99,36 @@ def test_model_and_operator_agree_with_the_crd_on_cel_rules():
     ]
     with pytest.raises(SpecError, match=r"minReplicas\.prefill must not exceed"):
         parse_spec(bad)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "refused"),
+    [
+        ({"minReplicas": {"prefill": 1, "decode": 1, "colocated": 5}, "maxReplicas": {"prefill": 8, "decode": 8,
+                                                                                      "colocated": 4}}, True),
+        # Without maxReplicas.colocated the maximum is maxReplicas.prefill + maxReplicas.decode.
+        ({"minReplicas": {"prefill": 1, "decode": 1, "colocated": 5}, "maxReplicas": {"prefill": 2, "decode": 2}},
+         True),
+        ({"minReplicas": {"prefill": 1, "decode": 1, "colocated": 4}, "maxReplicas": {"prefill": 2, "decode": 2}},
+         False),
+    ],
+)
+def test_colocated_bounds_are_checked_in_the_crd_and_the_model(bounds, refused):
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = minimal()
+    spec["autoscaling"] = {"enabled": True, **bounds}
+    _, errors = validate({"spec": spec}, schema, strict=True)
+    messages = [e.message for e in errors]
+    if refused:
+        assert len(messages) == 1 and "minReplicas.colocated must not exceed" in messages[0]
+        with pytest.raises(SpecError, match=r"minReplicas\.colocated must not exceed"):
+            parse_spec(spec)
+    else:
+        assert messages == []
+        scaling = parse_spec(spec).autoscaling
+        assert (scaling.min_colocated, scaling.max_colocated) == (4, 4)
+
+
+def test_colocated_bounds_default_from_the_phase_bounds():
+    scaling = parse_spec({**minimal(), "autoscaling": {"enabled": True}}).autoscaling
+    assert (scaling.min_colocated, scaling.max_colocated) == (1, 32)

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from disaggserve.api.constants import GROUP, PLURAL, VERSION
-from disaggserve.api.plan import PHASES, Plan
+from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.api.status import DisaggServeStatus
 
@@ -121,7 +121,7 @@ def plan_view(obj: dict[str, Any]) -> tuple[dict[str, Any], Table | None, list[s
     table = Table(title=f"Plan of {obj['metadata']['namespace']}/{name}")
     for column in ("Phase", "Tensor", "Pipeline", "Replicas", f"{unit}s/instance", f"{unit}s"):
         table.add_column(column, justify="left" if column == "Phase" else "right")
-    for phase in PHASES:
+    for phase in plan.roles:
         p = plan.phase(phase)
         table.add_row(phase, str(p.tensor), str(p.pipeline), str(p.replicas), str(p.gpus_per_instance), str(p.gpus))
     lines = [
@@ -173,7 +173,7 @@ def status_view(
     replicas = Table(title="Replicas")
     for column in ("Phase", "Ready", "Desired"):
         replicas.add_column(column, justify="left" if column == "Phase" else "right")
-    for phase in PHASES:
+    for phase in status.replicas.roles:
         r = getattr(status.replicas, phase)
         replicas.add_row(phase, str(r.ready), str(r.desired))
 
@@ -202,7 +202,7 @@ def status_view(
         "observedGeneration": status.observed_generation,
         "conditions": [c.model_dump(by_alias=True, mode="json", exclude_none=True) for c in status.conditions],
         "replicas": {p: {"ready": getattr(status.replicas, p).ready, "desired": getattr(status.replicas, p).desired}
-                     for p in PHASES},
+                     for p in status.replicas.roles},
         "slo": {"target": spec_slo,
                 "measured": measured.model_dump(by_alias=True, mode="json", exclude_none=True) if measured else None},
     }

@@ -111,3 +111,29 @@ def test_headroom_follows_the_rate_trend():
     state.observe_rate(0, 10.0)
     state.observe_rate(30, 15.0)
     assert state.rate_growth() == 1.5
+
+
+COLOCATED = Limits(min=Counts(0, 0, 1), max=Counts(0, 0, 6), gpus_per_instance=Counts(0, 0, 2), roles=("colocated",))
+
+
+def test_colocated_instances_scale_up_down_and_within_bounds():
+    state = PolicyState()
+    d = run(Counts(0, 0, 1), Counts(0, 0, 9), limits=COLOCATED, state=state, now=0)
+    assert d.counts == Counts(0, 0, 5) and d.action == "scale-up" and "1 colocated -> 5 colocated" in d.reason
+    d = run(Counts(0, 0, 5), Counts(0, 0, 9), limits=COLOCATED, state=state, now=30)
+    assert d.counts == Counts(0, 0, 6) and "bounded by min/max" in d.limited
+    assert run(Counts(0, 0, 6), Counts(0, 0, 1), limits=COLOCATED, state=state, now=60).action == "hold"
+    d = run(Counts(0, 0, 6), Counts(0, 0, 1), limits=COLOCATED, state=state, now=400)
+    assert d.counts == Counts(0, 0, 3) and d.action == "scale-down", "halving at most per step, after the window"
+    budget = Limits(COLOCATED.min, COLOCATED.max, COLOCATED.gpus_per_instance, max_gpus=7, roles=("colocated",))
+    d = run(Counts(0, 0, 1), Counts(0, 0, 6), limits=budget)
+    assert d.counts == Counts(0, 0, 3) and "maxGpus 7 allows 6" in d.limited
+
+
+def test_a_measured_miss_adds_one_colocated_instance():
+    """A colocated instance does both phases: a TTFT miss, a TPOT miss or both add one instance."""
+    for ttft, tpot in ((0.5, 0.95), (0.95, 0.5), (0.5, 0.5)):
+        signals = Signals(metrics_available=True, rolling_out=False, attainment=0.5,
+                          ttft_within_slo=ttft, tpot_within_slo=tpot)
+        d = run(Counts(0, 0, 2), Counts(0, 0, 2), signals=signals, limits=COLOCATED)
+        assert d.counts == Counts(0, 0, 3), (ttft, tpot, d)

@@ -166,3 +166,28 @@ async def test_no_configuration_at_all_says_what_to_set(
     code, _ = await _run("plan", "tiny")
     assert code == 1
     assert "point $KUBECONFIG at your cluster's kubeconfig" in capsys.readouterr().err
+
+
+COLOCATED_STATUS: dict[str, Any] = {
+    **STATUS,
+    "plan": {
+        "placement": "colocated", "units": 1, "source": "autoscaler",
+        "prefill": {"tensor": 1, "pipeline": 1, "replicas": 0},
+        "decode": {"tensor": 1, "pipeline": 1, "replicas": 0},
+        "colocated": {"tensor": 2, "pipeline": 1, "replicas": 3},
+        "reason": "autoscaler: scale-up: 1 colocated -> 3 colocated",
+    },
+    "replicas": {"colocated": {"desired": 3, "ready": 2, "display": "2/3"}},
+}
+
+
+async def test_a_colocated_plan_shows_its_colocated_instances(apiserver: Any) -> None:
+    await _with_status(apiserver.url, COLOCATED_STATUS)
+    code, out = await _run("plan", "tiny", "-n", "default")
+    assert code == 0, out
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in out.splitlines() if line.count("│") >= 3}
+    assert rows["colocated"] == ["2", "1", "3", "2", "6"] and "prefill" not in rows
+    code, out = await _run("status", "tiny", "-n", "default", "--output", "json")
+    assert code == 0
+    assert json.loads(out)["replicas"] == {"colocated": {"ready": 2, "desired": 3}}

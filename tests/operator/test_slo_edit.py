@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import httpx
 
-from disaggserve.contract import METRIC_REQUESTS, METRIC_SLO_MET, METRIC_TPOT, METRIC_TTFT
 from disaggserve.controller.autoscaler import Autoscaler
-from helpers import GROUP, create, example, patch_spec, wait_for
+from helpers import GROUP, OneRouter, create, example, patch_spec, router_metrics, wait_for
 
 NS = "default"
 WORKERS = ("tiny-prefill", "tiny-decode")
@@ -36,44 +35,13 @@ async def test_an_slo_edit_changes_no_worker_statefulset(apiserver, operator):
         assert after["metadata"]["resourceVersion"] == before[name]["metadata"]["resourceVersion"]
 
 
-class _OneRouter:
-    """The autoscaler's view of the API: one ready router pod."""
-
-    async def list(self, *args, **kwargs):
-        return [
-            {
-                "metadata": {
-                    "name": "tiny-router-0",
-                    "labels": {"app.kubernetes.io/instance": "tiny", "app.kubernetes.io/component": "router"},
-                },
-                "status": {"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
-            }
-        ]
-
-
-def _router_metrics(requests: int) -> str:
-    """A router that has seen `requests` requests: TPOT 90 % within 100 ms, 50 % within 50 ms."""
-    tpot = {"0.025": 0.1, "0.05": 0.5, "0.1": 0.9, "0.25": 1.0, "+Inf": 1.0}
-    lines = [
-        f'{METRIC_REQUESTS}{{status="ok"}} {requests}',
-        f"{METRIC_SLO_MET} {requests // 2}",
-        *(f'{METRIC_TPOT}_bucket{{le="{le}"}} {share * requests}' for le, share in tpot.items()),
-        f"{METRIC_TPOT}_count {requests}",
-        f"{METRIC_TPOT}_sum {requests * 0.06}",
-        *(f'{METRIC_TTFT}_bucket{{le="{le}"}} {requests}' for le in ("0.1", "+Inf")),
-        f"{METRIC_TTFT}_count {requests}",
-        f"{METRIC_TTFT}_sum {requests * 0.05}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 async def test_the_autoscaler_uses_an_edited_slo_at_its_next_tick(monkeypatch):
     served = iter([0, 100, 200, 300])
 
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, text=_router_metrics(next(served)))
+        return httpx.Response(200, text=router_metrics(next(served)))
 
-    autoscaler = Autoscaler(_OneRouter(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    autoscaler = Autoscaler(OneRouter(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
     seen = []
     observe = autoscaler._observe
 
@@ -111,9 +79,9 @@ async def test_slos_are_measured_with_autoscaling_off():
     served = iter([0, 100])
 
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, text=_router_metrics(next(served)))
+        return httpx.Response(200, text=router_metrics(next(served)))
 
-    autoscaler = Autoscaler(_OneRouter(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    autoscaler = Autoscaler(OneRouter(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
     body = example()
     assert not body["spec"].get("autoscaling", {}).get("enabled")
     body["status"] = {
@@ -146,9 +114,9 @@ async def test_a_router_that_misses_one_scrape_keeps_its_window():
         served = next(answers)
         if served is None:
             raise httpx.ReadTimeout("the router answered too late", request=request)
-        return httpx.Response(200, text=_router_metrics(served))
+        return httpx.Response(200, text=router_metrics(served))
 
-    autoscaler = Autoscaler(_OneRouter(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    autoscaler = Autoscaler(OneRouter(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
     body = example()
     body["status"] = {
         "phase": "Ready",

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import spec_dict
 from disaggserve.api.spec import SpecError, parse_spec
-from disaggserve.planner import PlanningError, plan_for
+from disaggserve.planner import plan_for
 from disaggserve.planner.replan import recommend
 from disaggserve.resources import Owner, build_children
 from disaggserve.status_logic import readiness, replica_status
@@ -51,16 +51,24 @@ def test_colocated_as_an_explicit_choice():
     assert plan.colocated.replicas >= 1
 
 
-def test_autoscaled_resource_is_not_planned_colocated_and_says_why():
-    plan = plan_for(parse_spec(llama_spec(autoscaling={"enabled": True, "maxGpus": 32})))
-    assert plan.placement != "colocated"
-    assert "autoscaler scales prefill and decode" in plan.reason
+def test_autoscaled_resource_is_planned_colocated_within_the_colocated_bounds():
+    """Autoscaling no longer keeps `auto` from choosing colocated; carry_over bounds its count."""
+    from disaggserve.planner.replan import carry_over
+
+    spec = parse_spec(llama_spec(autoscaling={"enabled": True, "maxGpus": 32,
+                                              "minReplicas": {"prefill": 1, "decode": 1, "colocated": 3}}))
+    plan = plan_for(spec)
+    assert plan.placement == "colocated" and "would need" in plan.reason
+    assert carry_over(plan, None, spec).colocated.replicas == max(3, plan.colocated.replicas)
+    # The autoscaler's count survives a re-plan of the same shape.
+    scaled = plan.model_copy(update={"colocated": plan.colocated.model_copy(update={"replicas": 7}),
+                                     "source": "autoscaler"})
+    assert carry_over(plan, scaled.wire(), spec).colocated.replicas == 7
 
 
 @pytest.mark.parametrize(
     ("over", "words"),
     [
-        ({"placement": "colocated", "autoscaling": {"enabled": True}}, "cannot be autoscaled"),
         (
             {"placement": "colocated", "parallelism": {"prefill": {"tensor": 1}, "decode": {"tensor": 1}}},
             "planned automatically",
@@ -111,12 +119,16 @@ def test_status_counts_colocated_replicas():
     assert phase == "Deploying"
 
 
-def test_autoscaler_leaves_colocated_plans_alone():
+def test_autoscaler_resizes_colocated_plans_from_the_measured_rate():
     from disaggserve.metrics import Observed
 
     spec = parse_spec(llama_spec())
     plan = plan_for(spec)
-    observed = Observed(request_rate=5.0, source="test", requests=100, window_seconds=60)
-    with pytest.raises(PlanningError) as e:
-        recommend(spec, plan, observed)
-    assert e.value.reason == "AutoscalingUnsupported"
+    counts = []
+    for rate in (2.0, 20.0, 60.0):
+        observed = Observed(request_rate=rate, source="test", requests=100, window_seconds=60)
+        rec = recommend(spec, plan, observed, correct=False)
+        assert rec.prefill == 0 and rec.decode == 0
+        assert rec.predicted_attainment >= spec.slo.attainment
+        counts.append(rec.colocated)
+    assert counts[0] >= 1 and counts[0] <= counts[1] < counts[2]

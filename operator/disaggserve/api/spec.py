@@ -218,6 +218,13 @@ class Parallelism(ApiModel):
 class PhaseBounds(ApiModel):
     prefill: int = Field(ge=0, le=MAX_REPLICAS)
     decode: int = Field(ge=0, le=MAX_REPLICAS)
+    colocated: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="Colocated instances, when the plan is colocated (each runs both phases). "
+        "Absent: at least 1, at most maxReplicas.prefill + maxReplicas.decode.",
+    )
 
 
 class MetricsSource(ApiModel):
@@ -239,6 +246,14 @@ class Autoscaling(ApiModel):
             "!has(self.maxReplicas.decode) || self.minReplicas.decode <= self.maxReplicas.decode",
             "autoscaling.minReplicas.decode must not exceed autoscaling.maxReplicas.decode",
         ),
+        CelRule(
+            "!has(self.minReplicas) || !has(self.maxReplicas) || !has(self.minReplicas.colocated) || "
+            "(has(self.maxReplicas.colocated) ? self.minReplicas.colocated <= self.maxReplicas.colocated : "
+            "(!has(self.maxReplicas.prefill) || !has(self.maxReplicas.decode) || "
+            "self.minReplicas.colocated <= self.maxReplicas.prefill + self.maxReplicas.decode))",
+            "autoscaling.minReplicas.colocated must not exceed autoscaling.maxReplicas.colocated "
+            "(or, when that is absent, maxReplicas.prefill + maxReplicas.decode)",
+        ),
     )
 
     enabled: bool = False
@@ -256,6 +271,17 @@ class Autoscaling(ApiModel):
     max_gpus: int | None = Field(None, ge=1, le=100_000)
     scale_down_stabilization_seconds: int = Field(300, ge=0, le=86_400)
     metrics: MetricsSource = Field(default_factory=MetricsSource)
+
+    @property
+    def min_colocated(self) -> int:
+        """Fewest colocated instances (a colocated plan): minReplicas.colocated, else 1."""
+        return self.min_replicas.colocated or 1
+
+    @property
+    def max_colocated(self) -> int:
+        """Most colocated instances: maxReplicas.colocated, else the instances the prefill and
+        decode maxima allow together (a colocated instance does what one of each does)."""
+        return self.max_replicas.colocated or max(1, self.max_replicas.prefill + self.max_replicas.decode)
 
 
 class Speculation(ApiModel):
@@ -436,12 +462,6 @@ class DisaggServeSpec(ApiModel):
             "!has(self.parallelism) || !has(self.placement) || self.placement != 'colocated'",
             "placement colocated is planned automatically: remove spec.parallelism, or keep it with "
             "placement high-affinity or low-affinity",
-        ),
-        CelRule(
-            "!has(self.placement) || self.placement != 'colocated' || !has(self.autoscaling) || "
-            "!has(self.autoscaling.enabled) || !self.autoscaling.enabled",
-            "placement colocated cannot be autoscaled yet (the autoscaler scales prefill and decode "
-            "replicas): set autoscaling.enabled false, or use placement auto",
         ),
     )
 

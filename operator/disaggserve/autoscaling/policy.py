@@ -15,15 +15,16 @@ Why each rule:
 - no action while a previous change is still rolling out: new replicas are not yet measured.
 - missing metrics never shrink anything; bounds (min/max per phase, maxGpus) always hold.
 - a measured SLO miss the planner did not predict still adds capacity to the phase that misses
-  (TTFT -> prefill, TPOT -> decode): the profile may be off, the users' latency is not.
+  (TTFT -> prefill, TPOT -> decode; a colocated deployment adds one colocated instance): the
+  profile may be off, the users' latency is not.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from disaggserve.api.plan import PHASES, Phase
+from disaggserve.api.plan import PHASES, Plan, Role
 
 MAX_UP_STEP = 4
 SUSTAINED_DROP = 1.2  # rate at most peak / 1.2 ...
@@ -32,16 +33,25 @@ SUSTAINED_INTERVALS = 2  # ... at this many decisions in a row
 
 @dataclass(frozen=True)
 class Counts:
+    """Instances per worker role: prefill and decode, or (a colocated plan) colocated only."""
+
     prefill: int
     decode: int
+    colocated: int = 0
 
-    def get(self, phase: Phase) -> int:
-        return self.prefill if phase == "prefill" else self.decode
+    @classmethod
+    def of(cls, plan: Plan) -> Counts:
+        return cls(plan.prefill.replicas, plan.decode.replicas, plan.colocated.replicas if plan.colocated else 0)
 
-    def with_(self, phase: Phase, value: int) -> Counts:
-        return Counts(value, self.decode) if phase == "prefill" else Counts(self.prefill, value)
+    def get(self, role: Role) -> int:
+        return int(getattr(self, role))
+
+    def with_(self, role: Role, value: int) -> Counts:
+        return replace(self, **{role: value})
 
     def __str__(self) -> str:
+        if self.colocated and not (self.prefill or self.decode):
+            return f"{self.colocated} colocated"
         return f"{self.prefill} prefill / {self.decode} decode"
 
 
@@ -51,6 +61,7 @@ class Limits:
     max: Counts
     gpus_per_instance: Counts
     max_gpus: int | None = None
+    roles: tuple[Role, ...] = PHASES  # the roles the deployment runs (Plan.roles)
 
 
 @dataclass(frozen=True)
@@ -114,28 +125,28 @@ class Decision:
 
 
 def _clamp(counts: Counts, limits: Limits) -> tuple[Counts, str | None]:
-    p = min(max(counts.prefill, limits.min.prefill), limits.max.prefill)
-    d = min(max(counts.decode, limits.min.decode), limits.max.decode)
+    clamped = counts
+    for role in limits.roles:
+        clamped = clamped.with_(role, min(max(counts.get(role), limits.min.get(role)), limits.max.get(role)))
     note = None
-    if (p, d) != (counts.prefill, counts.decode):
-        note = f"bounded by min/max replicas to {p} prefill / {d} decode (wanted {counts})"
+    if clamped != counts:
+        note = f"bounded by min/max replicas to {clamped} (wanted {counts})"
     if limits.max_gpus is not None:
 
-        def gpus(pp: int, dd: int) -> int:
-            return pp * limits.gpus_per_instance.prefill + dd * limits.gpus_per_instance.decode
+        def gpus(c: Counts) -> int:
+            return sum(c.get(r) * limits.gpus_per_instance.get(r) for r in limits.roles)
 
-        wanted = gpus(p, d)
-        while gpus(p, d) > limits.max_gpus and (p > limits.min.prefill or d > limits.min.decode):
-            # shed from the phase holding the larger share of the GPUs first
-            if p > limits.min.prefill and (
-                p * limits.gpus_per_instance.prefill >= d * limits.gpus_per_instance.decode or d <= limits.min.decode
-            ):
-                p -= 1
-            else:
-                d -= 1
-        if gpus(p, d) < wanted:
-            note = f"maxGpus {limits.max_gpus} allows {gpus(p, d)} of the {wanted} GPUs wanted ({counts})"
-    return Counts(p, d), note
+        wanted = gpus(clamped)
+        while gpus(clamped) > limits.max_gpus:
+            # shed from the role holding the larger share of the GPUs first
+            above_min = [r for r in limits.roles if clamped.get(r) > limits.min.get(r)]
+            if not above_min:
+                break
+            role = max(above_min, key=lambda r: clamped.get(r) * limits.gpus_per_instance.get(r))
+            clamped = clamped.with_(role, clamped.get(role) - 1)
+        if gpus(clamped) < wanted:
+            note = f"maxGpus {limits.max_gpus} allows {gpus(clamped)} of the {wanted} GPUs wanted ({counts})"
+    return clamped, note
 
 
 def decide(
@@ -157,29 +168,33 @@ def decide(
     wanted = recommended
     notes = []
     if signals.attainment is not None and signals.attainment < target:
+        # TTFT is prefill's, TPOT decode's; a colocated instance does both, so either adds one.
+        colocated = limits.roles == ("colocated",)
         if signals.ttft_within_slo is not None and signals.ttft_within_slo < target:
-            wanted = wanted.with_("prefill", max(wanted.prefill, current.prefill + 1))
+            role: Role = "colocated" if colocated else "prefill"
+            wanted = wanted.with_(role, max(wanted.get(role), current.get(role) + 1))
             notes.append(f"TTFT met by {signals.ttft_within_slo:.0%} < {target:.0%}")
         if signals.tpot_within_slo is not None and signals.tpot_within_slo < target:
-            wanted = wanted.with_("decode", max(wanted.decode, current.decode + 1))
+            role = "colocated" if colocated else "decode"
+            wanted = wanted.with_(role, max(wanted.get(role), current.get(role) + 1))
             notes.append(f"TPOT met by {signals.tpot_within_slo:.0%} < {target:.0%}")
 
     state.recommendations = [(t, c) for t, c in state.recommendations if t > now - stabilization_seconds]
     state.recommendations.append((now, wanted))
     since = state.sustained_drop_since(now - stabilization_seconds)
     counted = [(t, c) for t, c in state.recommendations if since is None or t >= since]
-    held = Counts(max(c.prefill for _, c in counted), max(c.decode for _, c in counted))
-    values = {}
-    for phase in PHASES:
-        cur, want = current.get(phase), wanted.get(phase)
+    proposed = current
+    for role in limits.roles:
+        cur, want = current.get(role), wanted.get(role)
         if want > cur:
-            values[phase] = min(want, max(cur * 2, cur + MAX_UP_STEP))  # up now: double, or +4 when small
+            value = min(want, max(cur * 2, cur + MAX_UP_STEP))  # up now: double, or +4 when small
         else:
-            stable = held.get(phase)  # down only to the highest recent recommendation
-            values[phase] = max(stable, cur - max(1, math.ceil(cur / 2))) if stable < cur else cur
-    proposed, limited = _clamp(Counts(values["prefill"], values["decode"]), limits)
-    ups = [p for p in PHASES if proposed.get(p) > current.get(p)]
-    downs = [p for p in PHASES if proposed.get(p) < current.get(p)]
+            stable = max(c.get(role) for _, c in counted)  # down only to the highest recent recommendation
+            value = max(stable, cur - max(1, math.ceil(cur / 2))) if stable < cur else cur
+        proposed = proposed.with_(role, value)
+    proposed, limited = _clamp(proposed, limits)
+    ups = [r for r in limits.roles if proposed.get(r) > current.get(r)]
+    downs = [r for r in limits.roles if proposed.get(r) < current.get(r)]
     action = "hold" if not ups and not downs else ("mixed" if ups and downs else ("scale-up" if ups else "scale-down"))
     attained = "n/a" if signals.attainment is None else f"{signals.attainment:.1%}"
     why = f"measured attainment {attained} (target {target:.0%}); planner recommends {recommended}"
@@ -190,7 +205,7 @@ def decide(
         reason = f"{action}: {current} -> {proposed}; {why}"
     else:
         reason = f"hold at {current}; {why}"
-        if any(wanted.get(p) < current.get(p) for p in PHASES):
+        if any(wanted.get(r) < current.get(r) for r in limits.roles):
             reason += f" (scale-down waits for {stabilization_seconds:.0f}s of lower recommendations)"
     if since is not None and downs:
         reason += "; the rate has dropped for a sustained period, so older recommendations no longer hold it up"

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from prometheus_client import Gauge
 
-from disaggserve.api.plan import PHASES, Plan
+from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
 from disaggserve.autoscaling.policy import Counts, Decision, Limits, PolicyState, Signals, decide
 from disaggserve.contract import LABEL_COMPONENT, ROUTER_PORT
@@ -36,7 +36,7 @@ from disaggserve.status_logic import set_condition
 
 DESIRED_REPLICAS = Gauge(
     "disaggserve_operator_desired_replicas",
-    "Instances the operator wants per phase (after autoscaling decisions).",
+    "Instances the operator wants per worker role: prefill, decode or colocated (after autoscaling decisions).",
     ["namespace", "disaggserve", "phase"],
 )
 
@@ -152,7 +152,7 @@ class Autoscaler:
         if tracked is None:
             tracked = self.tracked[(namespace, name)] = _Tracked(
                 ScrapeWindow(scaling.metrics.window_seconds, stale_after=max(3.0 * scaling.interval_seconds, 30)),
-                PolicyState.starting_at(Counts(plan.prefill.replicas, plan.decode.replicas), time.monotonic()),
+                PolicyState.starting_at(Counts.of(plan), time.monotonic()),
             )
         conditions = list(status.get("conditions") or [])
         generation = status.get("observedGeneration")
@@ -183,9 +183,9 @@ class Autoscaler:
             generation,
         )
         patch: dict[str, Any] = {"conditions": conditions, **self._slo(observed)}
-        current = Counts(plan.prefill.replicas, plan.decode.replicas)
-        for phase in PHASES:
-            DESIRED_REPLICAS.labels(namespace, name, phase).set(decision.counts.get(phase))
+        current = Counts.of(plan)
+        for role in plan.roles:
+            DESIRED_REPLICAS.labels(namespace, name, role).set(decision.counts.get(role))
         if decision.counts != current:
             units = plan.units
             if plan.placement == "low-affinity":
@@ -196,8 +196,7 @@ class Autoscaler:
                 counts = decision.counts
             new_plan = plan.model_copy(
                 update={
-                    "prefill": plan.prefill.model_copy(update={"replicas": counts.prefill}),
-                    "decode": plan.decode.model_copy(update={"replicas": counts.decode}),
+                    **{role: plan.phase(role).model_copy(update={"replicas": counts.get(role)}) for role in plan.roles},
                     "units": units,
                     "source": "autoscaler",
                     "reason": f"autoscaler: {decision.reason}{rec_text}",
@@ -218,10 +217,10 @@ class Autoscaler:
         now: float,
     ) -> tuple[Decision, str]:
         scaling = spec.autoscaling
-        current = Counts(plan.prefill.replicas, plan.decode.replicas)
+        current = Counts.of(plan)
         replicas = status.get("replicas") or {}
         rolling = bool(status.get("draining")) or any(
-            (replicas.get(p) or {}).get("ready", 0) < (replicas.get(p) or {}).get("desired", 0) for p in PHASES
+            (replicas.get(r) or {}).get("ready", 0) < (replicas.get(r) or {}).get("desired", 0) for r in plan.roles
         )
         recommended, rec_text = current, ""
         if observed is not None:
@@ -233,20 +232,23 @@ class Autoscaler:
                 rec = await self.planner.run(None, recommend, spec, plan, observed,
                                              growth=tracked.policy.rate_growth())
                 scale = rec.correction
-                recommended = Counts(rec.prefill, rec.decode)
+                recommended = Counts(rec.prefill, rec.decode, rec.colocated)
                 rec_text = (
                     f" (planner at {rec.rate:.3g} rps, {observed.mean_input_tokens or 0:.0f}/"
                     f"{observed.mean_output_tokens or 0:.0f} tokens, profile x{scale[0]:.2f}/x{scale[1]:.2f})"
                 )
             except PlanningError as e:
                 rec_text = f" (planner: {e})"
+        gpu = spec.hardware.device == "gpu"
+        colocated = plan.colocated.gpus_per_instance if plan.colocated else 0
         limits = Limits(
-            min=Counts(scaling.min_replicas.prefill, scaling.min_replicas.decode),
-            max=Counts(scaling.max_replicas.prefill, scaling.max_replicas.decode),
-            gpus_per_instance=Counts(plan.prefill.gpus_per_instance, plan.decode.gpus_per_instance)
-            if spec.hardware.device == "gpu"
+            min=Counts(scaling.min_replicas.prefill, scaling.min_replicas.decode, scaling.min_colocated),
+            max=Counts(scaling.max_replicas.prefill, scaling.max_replicas.decode, scaling.max_colocated),
+            gpus_per_instance=Counts(plan.prefill.gpus_per_instance, plan.decode.gpus_per_instance, colocated)
+            if gpu
             else Counts(0, 0),
-            max_gpus=scaling.max_gpus if spec.hardware.device == "gpu" else None,
+            max_gpus=scaling.max_gpus if gpu else None,
+            roles=plan.roles,
         )
         signals = Signals(
             metrics_available=observed is not None,

@@ -291,10 +291,8 @@ def plan_automatically(
         chosen, why = coloc, "colocated as requested in spec.placement"
     elif disagg is None:
         assert coloc is not None and disagg_error is not None
-        if spec.autoscaling.enabled:
-            raise disagg_error
         chosen, why = coloc, f"auto: colocated, disaggregated is not possible ({disagg_error})"
-    elif spec.placement == "auto" and coloc is not None and _better(coloc, disagg) and not spec.autoscaling.enabled:
+    elif spec.placement == "auto" and coloc is not None and _better(coloc, disagg):
         chosen = coloc
         why = (
             f"auto: colocated carries {target:g} rps on {_gpus_text(coloc)}, disaggregated "
@@ -302,11 +300,6 @@ def plan_automatically(
         )
     else:
         chosen, why = disagg, disagg_why
-        if spec.placement == "auto" and coloc is not None and _better(coloc, disagg):
-            why += (
-                f"; colocated would need only {_gpus_text(coloc)} but the autoscaler scales prefill and "
-                "decode replicas only: disable autoscaling to let the planner choose it"
-            )
     dep = chosen.deployment
     needed = chosen.needed
     result, attainment = joint_check(s, dep, target)

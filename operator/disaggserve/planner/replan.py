@@ -15,7 +15,14 @@ from typing import Any
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.metrics.observed import Observed
-from disaggserve.planner.deployment import Deployment, joint_check, size_high, size_low
+from disaggserve.planner.deployment import (
+    ColocatedDeployment,
+    Deployment,
+    joint_check,
+    size_colocated,
+    size_high,
+    size_low,
+)
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.inputs import SearchSetup, build_search
 from disaggserve.planner.search import PhaseChoice, Shape, UnitChoice
@@ -48,6 +55,7 @@ class Recommendation:
     predicted_attainment: float
     correction: tuple[float, float]
     profile_source: str
+    colocated: int = 0  # instances, for a colocated plan (prefill and decode are then 0)
 
 
 def carry_over(new: Plan, previous: dict[str, Any] | None, spec: DisaggServeSpec) -> Plan:
@@ -59,30 +67,34 @@ def carry_over(new: Plan, previous: dict[str, Any] | None, spec: DisaggServeSpec
     """
     if not spec.autoscaling.enabled:
         return new
-    lo, hi = spec.autoscaling.min_replicas, spec.autoscaling.max_replicas
-    counts = {"prefill": new.prefill.replicas, "decode": new.decode.replicas}
+    scaling = spec.autoscaling
+    counts = {role: new.phase(role).replicas for role in new.roles}
     units, source, reason = new.units, new.source, new.reason
     if previous and previous.get("source") == "autoscaler":
         old = Plan.model_validate(previous)
         same_shapes = (
             old.placement == new.placement
-            and (old.prefill.tensor, old.prefill.pipeline) == (new.prefill.tensor, new.prefill.pipeline)
-            and (old.decode.tensor, old.decode.pipeline) == (new.decode.tensor, new.decode.pipeline)
+            and all(
+                (old.phase(r).tensor, old.phase(r).pipeline) == (new.phase(r).tensor, new.phase(r).pipeline)
+                for r in new.roles
+            )
             and (
-                new.placement == "high-affinity"
+                new.placement != "low-affinity"
                 or (old.per_unit("prefill"), old.per_unit("decode"))
                 == (new.per_unit("prefill"), new.per_unit("decode"))
             )
         )
         if same_shapes:
-            counts = {"prefill": old.prefill.replicas, "decode": old.decode.replicas}
+            counts = {role: old.phase(role).replicas for role in new.roles}
             units, source, reason = old.units, old.source, old.reason
     if new.placement == "high-affinity":
+        lo, hi = scaling.min_replicas, scaling.max_replicas
         counts = {p: min(max(n, getattr(lo, p)), getattr(hi, p)) for p, n in counts.items()}
+    elif new.placement == "colocated":
+        counts = {"colocated": min(max(counts["colocated"], scaling.min_colocated), scaling.max_colocated)}
     return new.model_copy(
         update={
-            "prefill": new.prefill.model_copy(update={"replicas": counts["prefill"]}),
-            "decode": new.decode.model_copy(update={"replicas": counts["decode"]}),
+            **{role: new.phase(role).model_copy(update={"replicas": n}) for role, n in counts.items()},
             "units": units,
             "source": source,
             "reason": reason,
@@ -105,7 +117,7 @@ def _ratio(measured: float | None, predicted: float | None) -> float:
     return min(max(measured / predicted, MIN_CORRECTION), MAX_CORRECTION)
 
 
-def correction(searcher: Any, deployed: Deployment, observed: Observed) -> tuple[float, float]:
+def correction(searcher: Any, deployed: Deployment | ColocatedDeployment, observed: Observed) -> tuple[float, float]:
     """Measured/predicted median of (TTFT, TPOT) for the deployment as it runs, at the measured
     rate (p90 where the metrics give no median).
 
@@ -150,11 +162,6 @@ def recommend(
 
     `growth`: the measured rate's growth per decision interval (`PolicyState.rate_growth`), for
     trend-aware headroom; None plans with the fixed GROWTH_HEADROOM."""
-    if plan.placement == "colocated":
-        raise PlanningError(
-            "AutoscalingUnsupported",
-            "colocated plans are not re-sized from measurements yet; the planner's count stays",
-        )
     measured = measured_spec(spec, observed, growth)
     scale = (1.0, 1.0)
     if correct:
@@ -162,6 +169,14 @@ def recommend(
         scale = correction(base.searcher, _deployment(plan, base), observed)
     setup = build_search(measured, nodes=nodes, profile=profile, profile_scale=scale)
     s, topo, rate = setup.searcher, setup.topology, setup.rate
+    if plan.placement == "colocated":
+        # Colocated instances of the deployed shape, sized as the first plan sizes them.
+        shape = Shape(plan.phase("colocated").tensor, plan.phase("colocated").pipeline)
+        choice = PhaseChoice(shape, s.colocated_goodput(shape))
+        _require(choice.goodput, f"colocated {shape}", spec)
+        colocated, _ = size_colocated(s, choice, rate, None, None)
+        _, attainment = joint_check(s, colocated, rate)
+        return Recommendation(0, 0, rate, attainment, scale, setup.profile_source, colocated=colocated.count)
     p_shape = Shape(plan.prefill.tensor, plan.prefill.pipeline)
     d_shape = Shape(plan.decode.tensor, plan.decode.pipeline)
     if plan.placement == "high-affinity":
@@ -181,7 +196,10 @@ def recommend(
     return Recommendation(dep.prefill_count, dep.decode_count, rate, attainment, scale, setup.profile_source)
 
 
-def _deployment(plan: Plan, setup: SearchSetup) -> Deployment:
+def _deployment(plan: Plan, setup: SearchSetup) -> Deployment | ColocatedDeployment:
+    if plan.placement == "colocated":
+        colocated = plan.phase("colocated")
+        return ColocatedDeployment(Shape(colocated.tensor, colocated.pipeline), colocated.replicas)
     gbps = setup.topology.cross_gbps if plan.placement == "high-affinity" else setup.topology.intra_gbps
     return Deployment(
         Shape(plan.prefill.tensor, plan.prefill.pipeline),
