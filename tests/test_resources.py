@@ -132,6 +132,28 @@ def test_api_key_secret_is_mounted_for_the_router():
     assert secret["secret"] == {"secretName": "keys", "items": [{"key": "token", "path": "api-key"}]}
 
 
+def test_router_timeouts_reach_the_router_only_when_set():
+    """spec.router.tokenTimeoutSeconds/prefillTimeoutSeconds become the router's flags, which its
+    own parser turns into its config; absent, the flags are left out (no rollout on upgrade)."""
+    from disaggserve_worker.router.cli import config_from_args, register
+
+    def router_config(args: list[str]):
+        import argparse
+
+        parser = argparse.ArgumentParser()
+        register(parser.add_subparsers(dest="command"))
+        return config_from_args(parser.parse_args(args))
+
+    plain = pod(render(example())["Deployment", "tiny-router"])["containers"][0]["args"]
+    assert "--token-timeout-s" not in plain and "--prefill-timeout-s" not in plain
+    assert router_config(plain).token_timeout_s == 30.0
+    body = example()
+    body["spec"]["router"] = {"tokenTimeoutSeconds": 90, "prefillTimeoutSeconds": 300}
+    args = pod(render(body)["Deployment", "tiny-router"])["containers"][0]["args"]
+    config = router_config(args)
+    assert (config.token_timeout_s, config.prefill_timeout_s) == (90.0, 300.0)
+
+
 def test_probes_and_draining_grace():
     objs = render(example())
     decode = pod(objs["StatefulSet", "tiny-decode"])

@@ -137,6 +137,8 @@ def router_args(
     tpot_slo_ms: float,
     api_key_file: str | None = None,
     engine: str = "builtin",
+    token_timeout_s: float | None = None,
+    prefill_timeout_s: float | None = None,
 ) -> list[str]:
     """Command line of `disaggserve-worker router`, discovering workers through the API."""
     args = [
@@ -164,4 +166,9 @@ def router_args(
         args += ["--api-key-file", api_key_file]
     if engine != "builtin":
         args += ["--engine", engine]
+    # Only when set: a default left out keeps existing routers' pod templates (no rollout on upgrade).
+    if token_timeout_s is not None:
+        args += ["--token-timeout-s", f"{token_timeout_s:g}"]
+    if prefill_timeout_s is not None:
+        args += ["--prefill-timeout-s", f"{prefill_timeout_s:g}"]
     return args

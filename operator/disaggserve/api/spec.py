@@ -395,6 +395,14 @@ class Engine(ApiModel):
 class Router(ApiModel):
     replicas: int = Field(1, ge=1, le=100)
     api_key_secret_ref: SecretKeyRef | None = None
+    token_timeout_seconds: float | None = Field(
+        None, gt=0, le=3600,
+        description="Longest silence between two tokens of a stream before the router gives up on the worker "
+        "(the client gets a retryable error). Absent: 30. Raise it for slow CPU deployments, where a decode "
+        "waiting on its KV pull under heavy load can be silent for longer.")
+    prefill_timeout_seconds: float | None = Field(
+        None, gt=0, le=3600,
+        description="Longest wait for a prefill worker's first token (queueing included). Absent: 120.")
 
 
 class EndpointPickerRef(ApiModel):

@@ -67,6 +67,8 @@ def router_objects(spec: DisaggServeSpec, name: str, namespace: str) -> list[dic
         tpot_slo_ms=spec.slo.tpot_ms,
         api_key_file=api_key_file,
         engine=spec.engine.kind,
+        token_timeout_s=spec.router.token_timeout_seconds,
+        prefill_timeout_s=spec.router.prefill_timeout_seconds,
     )
     container = {
         "name": "router",

@@ -57,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--queue-timeout-s", type=float,
                    help="longest wait in the queue before 429 (503 without any worker) (default 10)")
     p.add_argument("--body-timeout-s", type=float, help="longest wait for a request body (default 30)")
+    p.add_argument("--token-timeout-s", type=float,
+                   help="longest silence between two tokens before the worker is given up on (default 30)")
+    p.add_argument("--prefill-timeout-s", type=float,
+                   help="longest wait for a prefill worker's first token (default 120)")
     p.add_argument("--drain-timeout-s", type=float, default=60.0)
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(handler=main_router)
