@@ -63,9 +63,10 @@ def random_block() -> str:
 
 
 def start_workers(specs: list[tuple[str, str]], tmp: Path, model: str = MODEL,
-                  token: str | None = None) -> list[WorkerProcess]:
+                  token: str | None = None, extra_args: dict[str, list[str]] | None = None) -> list[WorkerProcess]:
     """Starts `(role, ip)` workers in parallel and waits until each answers /readyz; with `token`,
-    they accept only callers that send it (`disaggserve_worker.auth`)."""
+    they accept only callers that send it (`disaggserve_worker.auth`). `extra_args` by ip: more
+    flags for that worker (a later flag wins over the defaults here)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop(ENV_WORKER_TOKEN, None)
     if token:
@@ -75,7 +76,8 @@ def start_workers(specs: list[tuple[str, str]], tmp: Path, model: str = MODEL,
         log = tmp / f"worker-{role}-{ip}.log"
         cmd = [sys.executable, "-m", "disaggserve_worker.cli", "serve", "--role", role, "--model", model,
                "--model-name", SERVED, "--host", ip, "--port", "8100", "--kv-port", "8101", "--device", "cpu",
-               "--threads", "1", "--kv-cache-tokens", "16384", "--log-level", "WARNING"]
+               "--threads", "1", "--kv-cache-tokens", "16384", "--log-level", "WARNING",
+               *(extra_args or {}).get(ip, [])]
         proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
         workers.append(WorkerProcess(role, ip, 8100, proc, log))
     deadline = time.monotonic() + 90

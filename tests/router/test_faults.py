@@ -162,3 +162,30 @@ async def test_client_gone_mid_stream_stops_the_worker(disagg_router: RunningRou
             await asyncio.sleep(0.05)
     metrics = disagg_router.router.metrics.render().decode()
     assert 'disaggserve_requests_total{status="cancelled"} 1.0' in metrics
+
+
+async def test_a_request_given_up_after_its_prefill_frees_the_held_cache(tmp_path: Path) -> None:
+    """The decode worker refuses the request (it cannot hold prompt + max_tokens), so nobody will
+    pull the prefill worker's cache: the router releases it at once instead of leaving it held
+    (KV memory, and a draining prefill worker waiting) until its 60 s TTL."""
+    block = random_block()
+    workers = start_workers([("prefill", f"{block}.1"), ("decode", f"{block}.2")], tmp_path,
+                            extra_args={f"{block}.2": ["--kv-cache-tokens", "64"]})
+    prefill = workers[0]
+    try:
+        running = await start_router(router_config(workers))
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.post(running.url + "/v1/completions", json={
+                        "model": SERVED, "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True}) as resp:
+                    assert resp.status != 200, await resp.text()
+                held = None
+                async with asyncio.timeout(5):
+                    while held != 0:
+                        async with http.get(prefill.url + "/internal/load") as load:
+                            held = (await load.json())["held_caches"]
+                        await asyncio.sleep(0.05)
+        finally:
+            await running.runner.cleanup()
+    finally:
+        stop_all(workers, graceful=False)

@@ -144,6 +144,30 @@ async def test_prefill_waits_without_spinning_until_a_pull_frees_memory(tiny: Lo
         engine.stop()
 
 
+async def test_a_released_cache_is_freed_now_or_when_its_transfer_ends(tiny: LoadedModel) -> None:
+    """`release_held` (the router gave the request up): an idle held cache is freed at once, one
+    being sent is freed when its transfer ends, and an unknown handle is no error."""
+    loop = asyncio.get_running_loop()
+    engine = start_engine(tiny, "prefill")
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        handles = []
+        for rid in ("idle", "sending"):
+            stream = RequestStream(rid, loop)
+            engine.submit(rid, list(range(1, 30)), params, stream)
+            handles.append((await stream.queue.get()).kv_handle)
+        free = engine.allocator.free_tokens
+        assert engine.release_held(handles[0]) and engine.held_count == 1
+        assert engine.allocator.free_tokens > free
+        assert engine.pin_held(handles[1]) is not None  # a transfer is under way
+        assert engine.release_held(handles[1]) and engine.held_count == 1
+        engine.unpin_held(handles[1], release=False)  # it failed: nobody will retry a released cache
+        assert engine.expire_held() == 1 and engine.held_count == 0
+        assert not engine.release_held("unknown")
+    finally:
+        engine.stop()
+
+
 async def test_requests_after_stop_fail_fast_and_retryable(tiny: LoadedModel) -> None:
     engine = start_engine(tiny, "colocated")
     engine.stop()

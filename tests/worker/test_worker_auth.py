@@ -25,7 +25,7 @@ TOKEN = "a" * 64
 OTHER = "b" * 64  # the token of another DisaggServe
 GREEDY = {"temperature": 0, "max_tokens": 6, "ignore_eos": True}
 INTERNAL = [("GET", "/internal/load"), ("POST", "/internal/drain"), ("POST", "/internal/prefill"),
-            ("POST", "/internal/decode"), ("POST", "/internal/generate")]
+            ("POST", "/internal/decode"), ("POST", "/internal/generate"), ("POST", "/internal/release")]
 
 
 def _server(tiny: LoadedModel, role: str, host: str, token: str | None, kv_ttl_s: float = 60.0) -> WorkerServer:

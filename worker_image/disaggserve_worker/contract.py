@@ -15,6 +15,9 @@ pulls only from a `kv` whose signature checks (else 403 `kv_untrusted`):
     The KV cache stays on the prefill worker (with a TTL, `--kv-ttl-s`) until a decode worker
     pulls it. `kv` is null when the first token already finished the request (EOS, stop,
     max_tokens 1): nothing is held and no decode call is needed.
+- prefill worker   POST /internal/release   {handle}  -> 200 {released: bool}
+    The router gave the request up before a decode worker pulled its cache (the client left,
+    no decode worker took it): the cache is freed now instead of at its TTL.
 - decode worker    POST /internal/decode    {request_id, prompt_token_ids, first_token_id,
                                              sampling, kv: {address, handle}}
     -> 200 NDJSON stream of {token_id, text, finish_reason|null} events (tokens after the
@@ -113,6 +116,7 @@ PATH_LOAD = "/internal/load"
 PATH_PREFILL = "/internal/prefill"
 PATH_DECODE = "/internal/decode"
 PATH_GENERATE = "/internal/generate"
+PATH_RELEASE = "/internal/release"  # prefill: free a held KV cache whose request was given up
 
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"

@@ -257,6 +257,22 @@ class Engine:
         if release:
             self._notify()
 
+    def release_held(self, handle: str) -> bool:
+        """Free a held cache nobody will pull (the router gave its request up): without this it
+        would hold KV memory, and keep a draining worker waiting, until its TTL. A cache being
+        sent is freed when that transfer ends (it expires at once). False: unknown handle."""
+        with self._held_lock:
+            held = self._held.get(handle)
+            if held is None:
+                return False
+            if held.pins:
+                held.expires_at = 0.0
+                return True
+            del self._held[handle]
+            self.allocator.free(held.blocks)
+        self._notify()
+        return True
+
     def expire_held(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         with self._held_lock:

@@ -13,6 +13,7 @@ which it reports to the client as a retryable error; a stream is never silently 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from ..contract import PATH_DECODE, PATH_GENERATE, PATH_PREFILL
+from ..contract import PATH_DECODE, PATH_GENERATE, PATH_PREFILL, PATH_RELEASE
 from . import vllm_flow  # it imports this module's names only inside its functions
 from .errors import UpstreamError
 from .metrics import RouterMetrics
@@ -86,6 +87,7 @@ class Dispatcher:
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.timeouts = timeouts or Timeouts()
+        self._releases: set[asyncio.Task[None]] = set()  # held caches being freed (kept referenced)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Token]:
         """Yields the tokens of `req`, the last one with a finish_reason; raises UpstreamError."""
@@ -154,14 +156,39 @@ class Dispatcher:
             raise NoWorkerAvailable(self.pool.why_none("decode", excluded))
         prefill = self.pool.pick_prefill(excluded)
         first = await self._prefill(prefill, body, len(context))
-        yield Token(int(first["first_token_id"]), first.get("finish_reason"), first.get("logprobs"))
-        if first.get("finish_reason") is not None:
-            return
-        decode = self.pool.pick_decode(len(context) + req.max_tokens - len(generated), prefill.unit, excluded)
-        decode_body = {**body, "first_token_id": int(first["first_token_id"]), "kv": first["kv"]}
-        async with aclosing(self._stream(decode, PATH_DECODE, decode_body, 0, prefill=prefill)) as stream:
-            async for token in stream:
-                yield token
+        pulled = False
+        try:
+            yield Token(int(first["first_token_id"]), first.get("finish_reason"), first.get("logprobs"))
+            if first.get("finish_reason") is not None:
+                return
+            decode = self.pool.pick_decode(len(context) + req.max_tokens - len(generated), prefill.unit, excluded)
+            decode_body = {**body, "first_token_id": int(first["first_token_id"]), "kv": first["kv"]}
+            async with aclosing(self._stream(decode, PATH_DECODE, decode_body, 0, prefill=prefill)) as stream:
+                async for token in stream:
+                    pulled = True  # a decode worker pulls the cache before its first token
+                    yield token
+        finally:
+            # Given up between prefill and decode (the client left, no decode worker took it, the
+            # decode refused): the cache would stay held until its TTL. Releasing one a decode
+            # worker did pull is a no-op.
+            if not pulled and isinstance(first.get("kv"), dict) and first["kv"].get("handle"):
+                self._release(prefill, str(first["kv"]["handle"]))
+
+    def _release(self, worker: Worker, handle: str) -> None:
+        """Ask a prefill worker to free a held cache, without waiting (also from a cancelled
+        request); a failure only leaves the cache to its TTL."""
+        async def post() -> None:
+            try:
+                async with self.session.post(worker.url + PATH_RELEASE, json={"handle": handle},
+                                             timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.info("could not release held cache %s on %s (%s); it expires by itself", handle,
+                         worker.url, _describe(exc))
+
+        task = asyncio.get_running_loop().create_task(post())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     @staticmethod
     def _sampling(req: GenerationRequest, max_tokens: int) -> dict[str, Any]:
@@ -178,6 +205,25 @@ class Dispatcher:
         return sampling
 
     async def _prefill(self, worker: Worker, body: dict[str, Any], tokens: int) -> dict[str, Any]:
+        """The prefill call, finished even if this request is given up meanwhile (the client
+        left): the worker would still hold the cache it produced, which nobody would pull or
+        release, until its TTL (a guidellm sweep's cancellations left a draining prefill worker
+        waiting 45 s for one). Its answer then releases that cache."""
+        call = asyncio.ensure_future(self._post_prefill(worker, body, tokens))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._release_answer(worker, done))
+            raise
+
+    def _release_answer(self, worker: Worker, done: asyncio.Future[dict[str, Any]]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        kv = done.result().get("kv")
+        if isinstance(kv, dict) and kv.get("handle"):
+            self._release(worker, str(kv["handle"]))
+
+    async def _post_prefill(self, worker: Worker, body: dict[str, Any], tokens: int) -> dict[str, Any]:
         timeout = aiohttp.ClientTimeout(total=self.timeouts.prefill_s, connect=self.timeouts.connect_s)
         worker.inflight_requests += 1
         worker.inflight_tokens += tokens

@@ -33,7 +33,7 @@ from disaggserve_worker.engine.engine import Engine, Reservation
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent
 from disaggserve_worker.kv.framing import KVTransferError
 from disaggserve_worker.kv.transport import KVServer, KVTransport, TcpKVTransport, layout_of, pool_sink
-from disaggserve_worker.server.schemas import DecodeRequest, PromptRequest
+from disaggserve_worker.server.schemas import DecodeRequest, PromptRequest, ReleaseRequest
 from disaggserve_worker.server.worker_metrics import RequestTimer, WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class WorkerServer:
             web.post(contract.PATH_PREFILL, self.prefill),
             web.post(contract.PATH_DECODE, self.decode),
             web.post(contract.PATH_GENERATE, self.generate),
+            web.post(contract.PATH_RELEASE, self.release),
         ])
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -229,6 +230,12 @@ class WorkerServer:
     async def load(self, request: web.Request) -> web.Response:
         return web.json_response({"role": self.config.role, "model": self.config.model_name,
                                   "draining": self.draining, **self.engine.load()})
+
+    async def release(self, request: web.Request) -> web.Response:
+        """The router gave up a request between its prefill and its decode (the client left, no
+        decode worker took it): free its held cache now rather than at its TTL."""
+        body = await self._parse(request, ReleaseRequest)
+        return web.json_response({"released": self.engine.release_held(body.handle)})
 
     async def drain(self, request: web.Request) -> web.Response:
         self.draining = True

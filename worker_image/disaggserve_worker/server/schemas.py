@@ -32,3 +32,9 @@ class DecodeRequest(PromptRequest):
 
     first_token_id: int = Field(ge=0)
     kv: KVRef
+
+
+class ReleaseRequest(_Body):
+    """POST /internal/release: a held KV cache the router will not have pulled."""
+
+    handle: str = Field(min_length=1, max_length=512)
