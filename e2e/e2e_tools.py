@@ -52,3 +52,27 @@ async def worker_headers(cluster: Any, name: str, namespace: str = "default") ->
     if not secret:
         raise AssertionError(f"no worker token Secret for {name}")
     return {HEADER_WORKER_TOKEN: base64.b64decode(secret["data"]["token"]).decode()}
+
+
+async def measured_capacity(url: str, input_tokens: int, output_tokens: int, concurrency: int = 32,
+                            model: str = "tiny-llama") -> float:
+    """Requests per second one burst of `concurrency` requests finishes (closed loop, a lower
+    bound): overload tests offer a multiple of it, so a slow, busy machine is overloaded as
+    surely as a fast one."""
+    import asyncio
+    import random
+    import time
+
+    import aiohttp
+
+    from loadgen import one_request, synthetic_prompt
+
+    rng = random.Random(7)
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(
+            one_request(session, url, model, synthetic_prompt(rng, input_tokens), output_tokens, started)
+            for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+    return concurrency / elapsed

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
 
-import aiohttp
 import pytest
 import pytest_asyncio
 
 from disaggserve.local.cluster import default_resource
-from e2e_tools import ready_cluster
-from loadgen import one_request, run_poisson, summarize, synthetic_prompt
+from e2e_tools import measured_capacity, ready_cluster
+from loadgen import run_poisson, summarize
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 INTERVAL = 5
@@ -59,21 +57,6 @@ async def plan_of(cluster) -> dict:
     return ((await cluster.get("tiny")) or {}).get("status", {}).get("plan", {})
 
 
-async def measured_capacity(url: str, concurrency: int = 32) -> float:
-    """Requests per second one burst of `concurrency` requests finishes (closed loop, a lower bound)."""
-    import random
-
-    rng = random.Random(7)
-    async with aiohttp.ClientSession() as session:
-        started = time.perf_counter()
-        results = await asyncio.gather(*(
-            one_request(session, url, "tiny-llama", synthetic_prompt(rng, INPUT), OUTPUT, started)
-            for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
-    return concurrency / elapsed
-
-
 def scaled_down(history: list[tuple[float, int, int, str, str]], after: float, peak: int) -> bool:
     """True when the autoscaler published a scale-down step below the peak after it was reached."""
     return any(t > after and p + d < peak and "scale-down" in reason for t, p, d, _, reason in history)
@@ -99,7 +82,7 @@ async def test_overload_scales_up_and_quiet_scales_down_without_failures(cluster
             )
             await asyncio.sleep(0.5)
 
-    capacity = await measured_capacity(url)
+    capacity = await measured_capacity(url, INPUT, OUTPUT)
     rate = min(150.0, max(5.0, OVERLOAD * capacity))
     recorder = asyncio.create_task(record())
     try:
