@@ -22,7 +22,8 @@ from disaggserve.planner.deployment import ColocatedDeployment, Deployment
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.hook import manual_plan
 from disaggserve.planner.inputs import build_search
-from disaggserve.planner.search import Searcher, Shape
+from disaggserve.planner.replan import deployment_of
+from disaggserve.planner.search import Searcher
 from disaggserve.planner.workload import WorkloadError, load_trace
 from disaggserve.topology import TopologyError, parse_cluster, synthetic_nodes
 
@@ -211,16 +212,7 @@ def manual_plot_input(
     """A hand-written plan (spec.parallelism), simulated with the same profile and workload the
     planner would use, next to the best colocated engine. Raises PlanningError (e.g. no profile)."""
     setup = build_search(spec, nodes=nodes, profile=profile, rate=rate, lengths=lengths, max_tensor=max_tensor)
-    topo = setup.topology
-    gbps = topo.cross_gbps if plan.placement == "high-affinity" else topo.intra_gbps
-    deployment = Deployment(
-        Shape(plan.prefill.tensor, plan.prefill.pipeline),
-        plan.prefill.replicas,
-        Shape(plan.decode.tensor, plan.decode.pipeline),
-        plan.decode.replicas,
-        plan.units,
-        gbps,
-    )
+    deployment = deployment_of(plan, setup)
     colocated = setup.searcher.colocated()
     baseline = None
     if colocated:

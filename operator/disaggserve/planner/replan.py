@@ -166,7 +166,7 @@ def recommend(
     scale = (1.0, 1.0)
     if correct:
         base = build_search(measured, nodes=nodes, profile=profile)
-        scale = correction(base.searcher, _deployment(plan, base), observed)
+        scale = correction(base.searcher, deployment_of(plan, base), observed)
     setup = build_search(measured, nodes=nodes, profile=profile, profile_scale=scale)
     s, topo, rate = setup.searcher, setup.topology, setup.rate
     if plan.placement == "colocated":
@@ -196,7 +196,8 @@ def recommend(
     return Recommendation(dep.prefill_count, dep.decode_count, rate, attainment, scale, setup.profile_source)
 
 
-def _deployment(plan: Plan, setup: SearchSetup) -> Deployment | ColocatedDeployment:
+def deployment_of(plan: Plan, setup: SearchSetup) -> Deployment | ColocatedDeployment:
+    """The planner's view of a deployed plan (its instances on the setup's links), to simulate it."""
     if plan.placement == "colocated":
         colocated = plan.phase("colocated")
         return ColocatedDeployment(Shape(colocated.tensor, colocated.pipeline), colocated.replicas)
