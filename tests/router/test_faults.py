@@ -5,6 +5,8 @@ error; never a hang, never a silently shortened answer."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -189,3 +191,43 @@ async def test_a_request_given_up_after_its_prefill_frees_the_held_cache(tmp_pat
             await running.runner.cleanup()
     finally:
         stop_all(workers, graceful=False)
+
+
+async def test_a_write_to_a_client_that_hung_up_is_a_cancellation_not_a_server_error(
+        disagg_router: RunningRouter, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """When the client's connection is already closing, writing the next chunk raises
+    ConnectionResetError (a guidellm sweep's end hits this): the request counts as cancelled and
+    nothing is logged as an error with a traceback."""
+    from aiohttp import web
+
+    write = web.StreamResponse.write
+    writes = 0
+
+    async def failing_write(self: web.StreamResponse, data: bytes) -> None:
+        nonlocal writes
+        writes += 1
+        if writes > 2:  # the client is gone: its connection closes, as a real hang-up does
+            assert self._req is not None and self._req.transport is not None
+            self._req.transport.close()
+            raise ConnectionResetError("Cannot write to closing transport")
+        await write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", failing_write)
+    def cancelled() -> float:
+        text = disagg_router.router.metrics.render().decode()
+        found = re.search(r'disaggserve_requests_total\{status="cancelled"\} (\S+)', text)
+        return float(found.group(1)) if found else 0.0
+
+    before = cancelled()
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientError):
+            async with http.post(disagg_router.url + "/v1/completions", json={
+                    "model": SERVED, "prompt": PROMPT, "max_tokens": 50, "stream": True, "ignore_eos": True},
+                    timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                await resp.read()
+    async with asyncio.timeout(5):
+        while disagg_router.router.inflight:
+            await asyncio.sleep(0.05)
+    assert writes > 2
+    assert cancelled() == before + 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]

@@ -288,9 +288,14 @@ class Router:
             if not admitted:  # shed by the queue: 429 overloaded, or 503 no_workers
                 status = "shed" if exc.status == 429 else "no_workers"
             raise
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
             status = "cancelled"
             raise
+        except ConnectionResetError:
+            # The client hung up while its stream was written: counted as cancelled, not a server
+            # error for aiohttp to log with a traceback. This reply never reaches anyone.
+            status = "cancelled"
+            return web.Response(status=499)
         finally:
             if admitted:
                 self.admission.release(finished=status == "ok")

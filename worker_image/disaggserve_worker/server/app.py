@@ -193,11 +193,14 @@ class WorkerServer:
                 elif event.finish_reason is not None:
                     self.metrics.request("finished")
                     timer.finish(event.finish_reason)
-        except (ConnectionError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.CancelledError) as exc:
             self.engine.abort(stream.request_id)
             self.metrics.request("aborted")
             timer.finish("abort")
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            # The router hung up (its client left): an abort, counted above, not a server error
+            # for aiohttp to log with a traceback; it finishes the response quietly.
 
     async def _reserve(self, body: DecodeRequest) -> Reservation | None:
         """Wait for cache room (decode backpressure): pull only once the whole request fits."""
