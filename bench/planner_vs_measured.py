@@ -52,7 +52,14 @@ from disaggserve.planner.profile import fit_problems, parse_profile
 from disaggserve.planner.replan import correction
 from disaggserve.planner.search import Shape
 from disaggserve.planner.workload import RequestSample
-from disaggserve_worker.profile.overheads import Run, fit_link, overheads_section, process_cpu_ms, solve_costs
+from disaggserve_worker.profile.overheads import (
+    Run,
+    fit_link,
+    overheads_section,
+    prefill_stall_ms,
+    process_cpu_ms,
+    solve_costs,
+)
 from loadgen import one_request, run_poisson, summarize, synthetic_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,11 +135,13 @@ def predict_window(doc: dict[str, Any], mode: str, rate: float, sent_at_s: list[
     return deployment(mode, setup).simulate(searcher, rate).after_warmup(0.0).attainment(ttft_ms, tpot_ms)
 
 
-def rescore(path: Path) -> dict[str, float]:
-    """Predictions of a stored run again, from its stored fit, costs, KV link and corrections (the
-    model facts are the shipped small-llama profile's): a simulator change is judged against
-    measurements already taken, in seconds instead of a 25-minute run. Also the trace-driven
-    prediction of every window (`predict_window`)."""
+def rescore(path: Path, stall_ms: float | None = None) -> dict[str, float]:
+    """Predictions of a stored run again, from its stored fit, costs, KV link and prefill stall (the
+    model facts are the shipped small-llama profile's), with both corrections derived again from
+    the stored unloaded medians and knee window: a simulator change is judged against
+    measurements already taken, in a minute instead of a 25-minute run. Also the trace-driven
+    prediction of every window (`predict_window`). `stall_ms` replaces the stored prefill stall
+    (runs before it was measured have none)."""
     run = json.loads(path.read_text())
     base = json.loads((ROOT / "operator" / "disaggserve" / "data" / "profiles" / "small-llama-cpu.json").read_text())
     doc = {**base, "entries": [{"tensor": 1, "pipeline": 1, **run["profile_fit"]}],
@@ -140,9 +149,11 @@ def rescore(path: Path) -> dict[str, float]:
     gaps: dict[str, list[float]] = {"steady": [], "steady_live": [], "trace": [], "trace_live": []}
     for dep in run["deployments"]:
         mode, ttft_ms, tpot_ms = dep["mode"], dep["slo"]["ttft_ms"], dep["slo"]["tpot_ms"]
-        with_costs = parse_profile({**doc, "overheads": overheads_section(dep["costs"], run["kv_link"])})
-        profiles = {"": with_costs.scaled(*dep["correction"]).model_dump(mode="json"),
-                    "_live": with_costs.scaled(*dep["correction_live"]).model_dump(mode="json")}
+        stall = dep["unloaded"].get("prefill_stall_ms", 0.0) if stall_ms is None else stall_ms
+        with_costs = {**doc, "overheads": overheads_section(dep["costs"], run["kv_link"], stall)}
+        at_knee = next(p for p in reversed(dep["ramp"]) if p["rate"] == dep["knee_rps"])
+        profiles = {"": calibrated(with_costs, mode, dep["unloaded"])[0],
+                    "_live": corrected_live(with_costs, mode, at_knee, ttft_ms, tpot_ms)[0]}
         for row in dep["rows"]:
             measured = row["measured_median"]
             for suffix, prof in profiles.items():
@@ -253,7 +264,8 @@ def measure_costs(
                 pre, dec = forward_ms_batched(doc, requests, tokens, ran)
             fwd = {"router": 0.0, "prefill": pre, "decode": dec, "colocated": pre + dec}[role]
             runs[role].append(Run(requests, tokens, after[role] - before[role], fwd, steps=ran))
-    unloaded = {"ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots)}
+    unloaded = {"ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots),
+                "prefill_stall_ms": prefill_stall_ms(ttfts), "ttfts_ms": [round(t, 2) for t in ttfts]}
     # A process that runs no decode iterations (router, prefill) learns nothing from the
     # concurrent run but the batching of its prefills, which the profile does not model here.
     return {role: solve_costs(*(r if any(x.steps for x in r) else r[:2])) for role, r in runs.items()}, unloaded
@@ -349,7 +361,7 @@ def evaluate(
     # SLOs from what this deployment does unloaded *now*: on a loaded shared machine SLOs set
     # from the profile's CPU times can be out of reach at any rate. TTFT 3x, TPOT 2x the medians.
     ttft_ms, tpot_ms = 3 * unloaded["ttft_ms"], 2 * unloaded["tpot_ms"]
-    with_costs = {**doc, "overheads": overheads_section(costs, link)}
+    with_costs = {**doc, "overheads": overheads_section(costs, link, unloaded["prefill_stall_ms"])}
     corrected, factors = calibrated(with_costs, mode, unloaded)
     print(
         f"{mode}: costs outside the model {json.dumps(costs)}; unloaded {unloaded}; "
@@ -435,9 +447,11 @@ def main() -> None:
     parser.add_argument("--rescore", type=Path, default=None, metavar="RESULTS",
                         help="measure nothing: predict a stored run's windows again (steady state and "
                              "trace-driven) and print the gaps")
+    parser.add_argument("--stall-ms", type=float, default=None,
+                        help="with --rescore: the prefill stall to predict with instead of the stored one")
     args = parser.parse_args()
     if args.rescore is not None:
-        print(json.dumps(rescore(args.rescore), indent=2))
+        print(json.dumps(rescore(args.rescore, args.stall_ms), indent=2))
         return
     started = time.perf_counter()
     load_before = load_average()

@@ -86,8 +86,10 @@ def test_the_autoscalers_correction_scales_the_costs_outside_the_model_with_thei
         "prefill": {"per_request_ms": 3.0},
         "decode": {"per_request_ms": 1.0, "per_token_ms": 0.2, "per_step_ms": 0.5},
         "kv_link": {"gbps": 10.0, "latency_ms": 1.0},
+        "prefill_stall_ms": 5.0,
     }
     o = parse_profile(doc).scaled(2.0, 3.0).overheads
+    assert o.prefill_stall_ms == 10.0  # it lands in TTFT
     assert (o.router.per_request_ms, o.router.per_token_ms) == (8.0, 0.4 * 3.0)
     assert o.prefill.per_request_ms == 6.0
     assert (o.decode.per_request_ms, o.decode.per_token_ms, o.decode.per_step_ms) == (3.0, 0.2 * 3.0, 1.5)

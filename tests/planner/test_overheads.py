@@ -99,3 +99,10 @@ def test_unknown_overhead_keys_are_refused():
     doc["overheads"] = {"prefill": {"per_request": 3}}
     with pytest.raises(ProfileError, match=r"overheads\.prefill\.per_request"):
         parse_profile(doc)
+
+
+def test_a_measured_prefill_stall_spreads_ttft_but_not_tpot():
+    plain, stalled = run(profile()), run(profile(prefill_stall_ms=8.0))
+    assert np.allclose(plain.ttft_ms, 10)
+    assert stalled.ttft_ms.min() >= 10 and stalled.ttft_p(90) > stalled.ttft_p(50) + 8
+    assert np.allclose(stalled.tpot_ms, plain.tpot_ms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections import deque
@@ -16,6 +17,7 @@ from disaggserve.planner.simulator import (
     DecodeSetup,
     Lane,
     _steps_before,
+    prefill_stalls,
     simulate_colocated,
     simulate_decode,
     simulate_disaggregated,
@@ -148,3 +150,48 @@ def test_more_decode_instances_carry_more_load():
     one = simulate_decode(sample, 30, DecodeSetup(lat, 1, 30_000, 819_200, INF)).attainment(1e9, 60)
     two = simulate_decode(sample, 30, DecodeSetup(lat, 2, 30_000, 819_200, INF)).attainment(1e9, 60)
     assert two > one
+
+
+def _stalled(lat: PhaseLatency, stall_ms: float) -> PhaseLatency:
+    return dataclasses.replace(lat, prefill_stall_ms=stall_ms)
+
+
+def test_prefill_stall_spreads_unloaded_ttft_like_a_shifted_exponential():
+    """Unloaded (one request a minute), TTFT is the 10-ms prefill plus an exponential stall of the
+    given mean: p50 ≈ 10 + m·ln 2, p90 ≈ 10 + m·ln 10; without a stall every TTFT is 10 ms."""
+    lat = phase_latency(synthetic_profile([entry(1, coeffs(10, 0), coeffs(1, 0))]), 1, 1)
+    n = 4000
+    sample = RequestSample(np.arange(n) * 60_000.0, np.full(n, 4), np.full(n, 3))
+    setup = DecodeSetup(lat, 1, capacity_tokens=1000, kv_bytes_per_token=1, link_gbps=INF)
+    plain = simulate_disaggregated(sample, 1.0, lat, 1, setup)
+    assert plain.ttft_p(90) == pytest.approx(plain.ttft_p(50)) == pytest.approx(10.0)
+    for simulate in (
+        lambda lt: simulate_disaggregated(sample, 1.0, lt, 1, dataclasses.replace(setup, lat=lt)),
+        lambda lt: simulate_colocated(sample, 1.0, lt, capacity_tokens=1000),
+    ):
+        res = simulate(_stalled(lat, 20.0))
+        assert res.ttft_p(50) == pytest.approx(10 + 20 * math.log(2), rel=0.05)
+        assert res.ttft_p(90) == pytest.approx(10 + 20 * math.log(10), rel=0.05)
+        assert res.ttft_ms.min() >= 10.0
+        assert res.tpot_p(50) == pytest.approx(plain.tpot_p(50))  # unloaded: the stall is before decode
+
+
+def test_prefill_stall_occupies_the_worker_so_prompts_behind_it_wait():
+    """Two prompts 1 ms apart: the second waits for the first's prefill *and* its stall."""
+    lat = phase_latency(synthetic_profile([entry(1, coeffs(10, 0), coeffs(1, 0))]), 1, 1)
+    pair = RequestSample(np.array([0.0, 1.0]), np.array([4, 4]), np.array([2, 2]))
+    setup = DecodeSetup(lat, 1, capacity_tokens=1000, kv_bytes_per_token=1, link_gbps=INF)
+    stalled = _stalled(lat, 30.0)
+    stall = prefill_stalls(stalled, 2)
+    res = simulate_disaggregated(pair, 1000.0, stalled, 1, dataclasses.replace(setup, lat=stalled),
+                                 budget_tokens=0)
+    first_done = 10 + stall[0]
+    assert res.ttft_ms[0] == pytest.approx(first_done)
+    assert res.ttft_ms[1] == pytest.approx(first_done + 10 + stall[1] - 1.0)
+
+
+def test_prefill_stalls_are_the_same_for_every_configuration():
+    """Plans must be reproducible and comparisons fair: the same draws every call."""
+    lat = _stalled(phase_latency(synthetic_profile([entry(1, coeffs(10, 0), coeffs(1, 0))]), 1, 1), 5.0)
+    assert np.array_equal(prefill_stalls(lat, 100), prefill_stalls(lat, 100))
+    assert not prefill_stalls(_stalled(lat, 0.0), 100).any()

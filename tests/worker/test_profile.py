@@ -161,6 +161,24 @@ def test_the_kv_link_is_fitted_from_two_sizes() -> None:
         fit_link([(10**6, 0.002)])
 
 
+def test_the_prefill_stall_is_read_from_the_spread_of_unloaded_ttfts() -> None:
+    import math
+
+    import numpy as np
+
+    from disaggserve_worker.profile.overheads import overheads_section, prefill_stall_ms
+
+    # 40 ms of work plus an exponential stall of mean 12 ms: recovered within sampling error
+    ttfts = list(40 + np.random.default_rng(1).exponential(12.0, 4000))
+    assert prefill_stall_ms(ttfts) == pytest.approx(12.0, rel=0.1)
+    assert prefill_stall_ms([40.0] * 10) == 0.0  # no spread, no stall
+    assert prefill_stall_ms([40.0, 40.0, 40.0, 40.0, 40 + 10 * math.log(5) * 2.5]) > 0
+    with pytest.raises(ValueError, match="at least 5"):
+        prefill_stall_ms([40.0, 41.0])
+    assert overheads_section({}, None, 3.5) == {"prefill_stall_ms": 3.5}
+    assert overheads_section({}, None) == {}
+
+
 def test_process_cpu_time_grows_with_work() -> None:
     import os
 

@@ -105,6 +105,9 @@ class Overheads(BaseModel):
     decode: ProcessCost = Field(default_factory=ProcessCost)
     colocated: ProcessCost = Field(default_factory=ProcessCost)
     kv_link: KvLink | None = None
+    prefill_stall_ms: float = Field(
+        0.0, ge=0, description="mean of the exponentially distributed extra time of a prefill iteration "
+        "(scheduling, GC, neighbours on shared cores), from the spread of unloaded TTFT: (p90 - p50) / ln 5")
 
 
 class Measurement(BaseModel):
@@ -190,6 +193,7 @@ class LatencyProfile(BaseModel):
                 "prefill": cost(o.prefill, prefill, prefill),
                 "decode": cost(o.decode, decode, decode),
                 "colocated": cost(o.colocated, prefill, decode),
+                "prefill_stall_ms": o.prefill_stall_ms * prefill,
             }
         )
         measured = [
@@ -245,6 +249,8 @@ class PhaseLatency:
     decode_iteration_ms: float = 0.0
     router_request_ms: float = 0.0
     router_token_ms: float = 0.0
+    # Mean of the exponential stall a prefill iteration suffers (simulator.prefill_stalls).
+    prefill_stall_ms: float = 0.0
 
     @property
     def gpus(self) -> int:
@@ -291,6 +297,7 @@ def phase_latency(
         decode_iteration_ms=d_cost.per_step_ms,
         router_request_ms=costs.router.per_request_ms,
         router_token_ms=costs.router.per_token_ms,
+        prefill_stall_ms=costs.prefill_stall_ms,
     )
 
 

@@ -123,9 +123,9 @@ def correction(searcher: Any, deployed: Deployment | ColocatedDeployment, observ
 
     Predicting the *current* deployment at the *measured* rate separates a wrong profile from
     plain load: an overloaded system is slow in both, and needs replicas, not a slower profile.
-    Medians, not p90s: the simulator has no jitter, so its p90 near the knee is barely above its
-    median, while a real p90 carries scheduling and GC stalls; a p90 ratio read that tail as
-    slower steps and over-corrected (`bench/planner_vs_measured.py`: colocated predicted 12 points
+    Medians, not p90s: a real p90 carries scheduling and GC stalls that the simulator models only
+    where the profile measured them (`overheads.prefill_stall_ms`), so a p90 ratio read that tail
+    as slower steps and over-corrected (`bench/planner_vs_measured.py`: colocated predicted 12 points
     below the measured attainment after a p90 correction of x1.78 TTFT from one window).
     """
     predicted = deployed.simulate(searcher, max(observed.request_rate, MIN_RATE))

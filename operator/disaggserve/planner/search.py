@@ -28,6 +28,7 @@ from disaggserve.planner.simulator import (
     DEFAULT_PREFILL_TOKEN_BUDGET,
     DecodeSetup,
     SimResult,
+    prefill_stalls,
     simulate_colocated,
     simulate_decode,
     simulate_disaggregated,
@@ -207,6 +208,7 @@ class Searcher:
             + lat.pipeline * lat.stage_overhead_ms
             + lat.prefill_request_ms
             + lat.router_request_ms
+            + prefill_stalls(lat, len(n))
         )
 
     def decode_zero_load_ms(self, shape: Shape, gbps: float) -> np.ndarray:

@@ -33,6 +33,23 @@ INF = math.inf
 DEFAULT_PREFILL_TOKEN_BUDGET = 2048
 # Sequences one decode iteration may hold (vLLM's max_num_seqs default).
 DEFAULT_MAX_BATCH = 256
+# Prefill stalls are drawn from this seed, the same for every configuration and rate (as the
+# workload sample is): plans stay reproducible and comparisons between them fair.
+STALL_SEED = 7
+
+
+def prefill_stalls(lat: PhaseLatency, n: int) -> np.ndarray:
+    """Extra time of each request's prefill iteration (ms): exponential with the profile's mean
+    `prefill_stall_ms`, zero when the profile has none.
+
+    Why: a real worker's TTFT spreads even unloaded (scheduling, GC, neighbours on shared cores;
+    p90/p50 about 1.5 on the CPU bench), and the spread occupies the worker, so it queues the
+    prompts behind it. Without it the simulator's tail near the knee is its median, and attainment
+    there is over-predicted (bench/planner_vs_measured.py). A batch takes its first prompt's draw.
+    """
+    if lat.prefill_stall_ms <= 0:
+        return np.zeros(n)
+    return np.random.default_rng(STALL_SEED).exponential(lat.prefill_stall_ms, n)
 
 
 @dataclass(frozen=True)
@@ -68,11 +85,12 @@ class PrefillServer:
     start then; its prompts get their first token when it leaves the last stage, T later.
     """
 
-    __slots__ = ("budget", "free_at", "lat", "queue", "queued_ms")
+    __slots__ = ("budget", "free_at", "lat", "queue", "queued_ms", "stall")
 
-    def __init__(self, lat: PhaseLatency, budget_tokens: int):
+    def __init__(self, lat: PhaseLatency, budget_tokens: int, stall: np.ndarray):
         self.lat = lat
         self.budget = budget_tokens
+        self.stall = stall
         self.queue: deque[int] = deque()
         self.free_at = 0.0
         self.queued_ms = 0.0
@@ -105,7 +123,7 @@ class PrefillServer:
                 sq += n * n
                 self.queued_ms -= lat.prefill_stage_ms(n, n * n) + lat.prefill_request_ms
             # The worker's own per-request work (HTTP, KV send) is serial with its forward passes.
-            extra = lat.prefill_request_ms * len(batch)
+            extra = lat.prefill_request_ms * len(batch) + self.stall[batch[0]]
             done = start + lat.prefill_ms(tokens, sq) + extra
             for r in batch:
                 first[r] = done
@@ -156,6 +174,7 @@ class Lane:
         "reserved",
         "running",
         "seq",
+        "stall",
         "sum_ctx",
         "time",
         "used",
@@ -170,8 +189,10 @@ class Lane:
         colocated: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
         prefill_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+        stall: np.ndarray | None = None,
     ):
         self.lat = lat
+        self.stall = stall  # colocated lanes: each request's prefill stall (prefill_stalls)
         self.capacity = capacity_tokens
         self.colocated = colocated
         self.max_batch = max_batch
@@ -239,6 +260,8 @@ class Lane:
         if not batch:
             return False
         self.time += self.lat.prefill_ms(tokens, sq) + self.lat.prefill_request_ms * len(batch)
+        if self.stall is not None:
+            self.time += self.stall[batch[0]]
         for rid in batch:
             first[rid] = self.time
             self._join(rid, inp, out, done)
@@ -288,9 +311,11 @@ def _lanes_for(
     *,
     colocated: bool = False,
     prefill_budget: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+    stall: np.ndarray | None = None,
 ) -> list[Lane]:
     per_lane = capacity_tokens // lat.pipeline
-    return [Lane(lat, per_lane, colocated=colocated, prefill_budget=prefill_budget) for _ in range(lat.pipeline)]
+    return [Lane(lat, per_lane, colocated=colocated, prefill_budget=prefill_budget, stall=stall)
+            for _ in range(lat.pipeline)]
 
 
 def _run_prefill(servers: list[PrefillServer], arrival: np.ndarray, inp: np.ndarray, first: np.ndarray) -> np.ndarray:
@@ -327,7 +352,9 @@ def simulate_prefill(
     arrival = sample.arrivals_ms(rate)
     first = np.full(len(sample), INF)
     at_worker = arrival + lat.router_request_ms
-    _run_prefill([PrefillServer(lat, budget_tokens) for _ in range(instances)], at_worker, sample.input_tokens, first)
+    stall = prefill_stalls(lat, len(sample))
+    _run_prefill([PrefillServer(lat, budget_tokens, stall) for _ in range(instances)], at_worker, sample.input_tokens,
+                 first)
     return SimResult(ttft_ms=first - arrival, tpot_ms=np.zeros(len(sample)))
 
 
@@ -444,7 +471,8 @@ def simulate_disaggregated(
     arrival = sample.arrivals_ms(rate)
     inp, out = sample.input_tokens, sample.output_tokens
     first = np.full(len(sample), INF)
-    servers = [PrefillServer(prefill, budget_tokens) for _ in range(prefill_instances)]
+    stall = prefill_stalls(prefill, len(sample))
+    servers = [PrefillServer(prefill, budget_tokens, stall) for _ in range(prefill_instances)]
     # The router's own work per request delays its arrival at a worker; per token, the stream.
     chosen = _run_prefill(servers, arrival + prefill.router_request_ms, inp, first)
     group_of = chosen * units // prefill_instances
@@ -467,10 +495,11 @@ def simulate_colocated(
     n = len(sample)
     first = np.full(n, INF)
     done = np.full(n, INF)
+    stall = prefill_stalls(lat, n)
     lanes = [
         lane
         for _ in range(instances)
-        for lane in _lanes_for(lat, capacity_tokens, colocated=True, prefill_budget=budget_tokens)
+        for lane in _lanes_for(lat, capacity_tokens, colocated=True, prefill_budget=budget_tokens, stall=stall)
     ]
     at_worker = arrival + lat.router_request_ms
     for rid in range(n):

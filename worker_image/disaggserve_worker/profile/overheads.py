@@ -12,13 +12,15 @@ after. Subtracting the forward passes the profile predicts for those requests le
 outside them; two completion lengths separate the per-request part from the per-token part,
 and a run of concurrent requests with counted decode iterations separates the per-iteration
 part (`solve_costs`). The KV link is fitted from transfers of two sizes (`fit_link`): the slope is
-the bandwidth the workers' own transport reaches, the intercept its per-transfer latency.
+the bandwidth the workers' own transport reaches, the intercept its per-transfer latency. The
+spread of the sequential requests' TTFTs gives the prefill stall (`prefill_stall_ms`).
 
 The result is the profile's `overheads` section (`disaggserve.planner.profile.Overheads`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -107,9 +109,23 @@ def fit_link(transfers: list[tuple[int, float]]) -> dict[str, float]:
     return {"gbps": round(8 / slope / 1e9, 4), "latency_ms": round(latency * 1000, 4)}
 
 
-def overheads_section(costs: dict[str, dict[str, float]], link: dict[str, float] | None) -> dict[str, Any]:
-    """The profile's `overheads` value from per-process costs (router, prefill, decode, colocated)."""
+def prefill_stall_ms(unloaded_ttfts_ms: list[float]) -> float:
+    """Mean of the exponential stall that spreads unloaded TTFTs (the simulator's
+    `prefill_stalls`): a shifted exponential has p90 − p50 = mean · ln 5, and the quantiles keep
+    one slow outlier (a GC pause, a neighbour's burst) from setting it alone."""
+    if len(unloaded_ttfts_ms) < 5:
+        raise ValueError("estimate the prefill stall from at least 5 unloaded TTFTs")
+    p50, p90 = np.percentile(unloaded_ttfts_ms, [50, 90])
+    return round(max(0.0, float(p90 - p50)) / math.log(5), 4)
+
+
+def overheads_section(costs: dict[str, dict[str, float]], link: dict[str, float] | None,
+                      stall_ms: float = 0.0) -> dict[str, Any]:
+    """The profile's `overheads` value from per-process costs (router, prefill, decode, colocated),
+    the KV link and the prefill stall."""
     section: dict[str, Any] = {role: dict(c) for role, c in costs.items()}
     if link is not None:
         section["kv_link"] = dict(link)
+    if stall_ms > 0:
+        section["prefill_stall_ms"] = stall_ms
     return section
