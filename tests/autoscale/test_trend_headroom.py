@@ -41,12 +41,12 @@ async def test_each_decision_plans_for_the_rate_one_interval_ahead(rates):
     spec = parse_spec(body["spec"])
     plan = Plan.model_validate({"prefill": {"tensor": 1, "replicas": 1}, "decode": {"tensor": 1, "replicas": 1}})
     planner = _SpyPlanner()
-    autoscaler = Autoscaler(kube=None, planner=planner)  # _decide reads no API
+    autoscaler = Autoscaler(kube=None, planner=planner)  # no profile ConfigMap: _decide reads no API
     tracked = _Tracked(ScrapeWindow(60, stale_after=90))
     planned = []
     try:
         for tick, rate in enumerate(rates):
-            _, text = await autoscaler._decide(spec, plan, {}, _observed(rate), tracked, now=30.0 * tick)
+            _, text = await autoscaler._decide(spec, "default", plan, {}, _observed(rate), tracked, now=30.0 * tick)
             planned.append(float(re.search(r"planner at ([\d.e+]+) rps", text).group(1)))
     finally:
         await autoscaler.aclose()

@@ -22,9 +22,9 @@ from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
 from disaggserve.autoscaling.policy import Counts, Decision, Limits, PolicyState, Signals, decide
 from disaggserve.contract import LABEL_COMPONENT, ROUTER_PORT
-from disaggserve.controller.kube import Kube
+from disaggserve.controller.kube import Kube, KubeError
 from disaggserve.controller.planning import PlanService
-from disaggserve.controller.reconcile import replica_record
+from disaggserve.controller.reconcile import Refused, load_profile, replica_record
 from disaggserve.controller.view import ClusterView
 from disaggserve.metrics import MetricsUnavailable, Observed
 from disaggserve.metrics.promql import PrometheusSource
@@ -173,7 +173,7 @@ class Autoscaler:
         if now - tracked.last_decision < scaling.interval_seconds:
             return {"conditions": conditions, **self._slo(observed)}  # keep observing between decisions
         tracked.last_decision = now
-        decision, rec_text = await self._decide(spec, plan, status, observed, tracked, now)
+        decision, rec_text = await self._decide(spec, namespace, plan, status, observed, tracked, now)
         conditions = set_condition(
             conditions,
             "ScalingLimited",
@@ -210,6 +210,7 @@ class Autoscaler:
     async def _decide(
         self,
         spec: DisaggServeSpec,
+        namespace: str,
         plan: Plan,
         status: dict[str, Any],
         observed: Observed | None,
@@ -228,8 +229,12 @@ class Autoscaler:
             # sustained drop scale down early: the policy the autoscale bench measures.
             tracked.policy.observe_rate(now, observed.request_rate)
             try:
+                # The spec's own profile: without it a resource planned from a ConfigMap profile
+                # had every recommendation refused ("ConfigMap ... was not passed to the planner")
+                # and scaled on the SLO signals alone.
+                profile = await load_profile(self.kube, spec, namespace)
                 # Off the event loop and bounded, like every plan (controller/planning.py).
-                rec = await self.planner.run(None, recommend, spec, plan, observed,
+                rec = await self.planner.run(None, recommend, spec, plan, observed, profile=profile,
                                              growth=tracked.policy.rate_growth())
                 scale = rec.correction
                 recommended = Counts(rec.prefill, rec.decode, rec.colocated)
@@ -237,8 +242,10 @@ class Autoscaler:
                     f" (planner at {rec.rate:.3g} rps, {observed.mean_input_tokens or 0:.0f}/"
                     f"{observed.mean_output_tokens or 0:.0f} tokens, profile x{scale[0]:.2f}/x{scale[1]:.2f})"
                 )
-            except PlanningError as e:
+            except (PlanningError, Refused) as e:
                 rec_text = f" (planner: {e})"
+            except KubeError as e:  # the API server failed the ConfigMap read: plan again next tick
+                rec_text = f" (planner: the profile ConfigMap could not be read: {e})"
         gpu = spec.hardware.device == "gpu"
         colocated = plan.colocated.gpus_per_instance if plan.colocated else 0
         limits = Limits(

@@ -83,7 +83,9 @@ class Refused(Exception):
         super().__init__(message)
 
 
-async def _profile(kube: Kube, spec: DisaggServeSpec, namespace: str) -> dict[str, Any] | None:
+async def load_profile(kube: Kube, spec: DisaggServeSpec, namespace: str) -> dict[str, Any] | None:
+    """The profile document `spec.profile.configMapRef` names (None without one): the first plan
+    and every autoscaling decision plan from the same measured profile."""
     ref = spec.profile.config_map_ref if spec.profile else None
     if ref is None:
         return None
@@ -193,7 +195,7 @@ async def reconcile(
             spec = parse_spec(body.get("spec"))
         except SpecError as e:
             raise Refused("InvalidSpec", str(e)) from None
-        profile = await _profile(kube, spec, namespace)
+        profile = await load_profile(kube, spec, namespace)
         nodes = await view.nodes()
         try:
             planned = await _plan(kube, spec, profile, nodes, planner)
