@@ -16,7 +16,7 @@ import pytest_asyncio
 from disaggserve.contract import METRIC_GENERATION_TOKENS
 from disaggserve.local.cluster import default_resource
 from disaggserve.metrics.promql import PrometheusSource
-from disaggserve.metrics.scrape import ScrapeWindow, scrape_router
+from disaggserve.metrics.scrape import ScrapeWindow, scrape_kv, scrape_router
 from e2e_tools import ready_cluster, require_tool
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
@@ -87,9 +87,12 @@ async def prometheus(cluster, tmp_path_factory):
 
 async def test_promql_and_direct_scrape_agree_on_real_traffic(cluster, prometheus):
     url, router_ip = prometheus
+    decode_ip = next(p.ip for k, p in cluster.agent.pods.items() if k[1].startswith("tiny-decode-"))
     window = ScrapeWindow(window_seconds=120, stale_after=60)
+    kv_window = ScrapeWindow(window_seconds=120, stale_after=60)
     async with httpx.AsyncClient(timeout=10) as http:
         window.add("router", await scrape_router(http, router_ip))
+        kv_window.add("decode", await scrape_kv(http, decode_ip))
         await asyncio.sleep(1.5)  # one more baseline scrape before the load
         client = openai.AsyncOpenAI(base_url=await cluster.endpoint("tiny"), api_key="x", max_retries=0)
         started = time.monotonic()
@@ -103,6 +106,7 @@ async def test_promql_and_direct_scrape_agree_on_real_traffic(cluster, prometheu
             await client.completions.create(model="tiny-llama", prompt="x", max_tokens=0)
         sent_output = sum(r.usage.completion_tokens for r in results)
         window.add("router", await scrape_router(http, router_ip))
+        kv_window.add("decode", await scrape_kv(http, decode_ip))
         # Wait until Prometheus holds a sample with the whole burst (its scrapes lag on a busy
         # machine), plus one more so increase() has a sample after the load on every series.
         source = PrometheusSource(url, http)
@@ -113,6 +117,7 @@ async def test_promql_and_direct_scrape_agree_on_real_traffic(cluster, prometheu
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.5)
         scraped = window.observe(now=time.monotonic(), slo_ttft_s=TTFT_SLO_S, slo_tpot_s=TPOT_SLO_S)
+        pulled = kv_window.kv_transfers(now=time.monotonic())
         span = time.monotonic() - started + 5
         promql = await source.observe("default", "tiny", span, TTFT_SLO_S, TPOT_SLO_S)
 
@@ -126,6 +131,11 @@ async def test_promql_and_direct_scrape_agree_on_real_traffic(cluster, prometheu
     assert promql.attainment == pytest.approx(scraped.attainment, abs=0.01)
     assert promql.ttft_within_slo == pytest.approx(scraped.ttft_within_slo, abs=0.01)
     assert promql.ttft_p90_ms == pytest.approx(scraped.ttft_p90_ms, rel=0.05)
+    # The decode worker's KV pulls (the autoscaler's live link): one per request, both ways alike.
+    assert pulled is not None and pulled.transfers == 20 and pulled.bytes > 0 and pulled.seconds > 0
+    assert promql.kv is not None and promql.kv.transfers == pytest.approx(20, rel=0.35)
+    assert promql.kv.bytes / promql.kv.transfers == pytest.approx(pulled.bytes / pulled.transfers, rel=0.01)
+    assert promql.kv.seconds / promql.kv.transfers == pytest.approx(pulled.seconds / pulled.transfers, rel=0.01)
 
 
 async def test_missing_targets_are_unavailable_not_zero(cluster, prometheus):

@@ -145,3 +145,37 @@ def router_metrics(requests: int) -> str:
         f"{METRIC_TTFT}_sum {requests * 0.05}",
     ]
     return "\n".join(lines) + "\n"
+
+
+IDLE_WORKER = {"running": 0, "queued_requests": 0, "queued_tokens": 0, "held_caches": 0}
+
+
+def worker_kv_metrics(role: str, pulls: list[tuple[int, float]]) -> str:
+    """What a real worker of `role` exports after these (bytes, seconds) KV transfers."""
+    from prometheus_client import generate_latest
+
+    from disaggserve_worker.server.worker_metrics import WorkerMetrics
+
+    metrics = WorkerMetrics(role, lambda: IDLE_WORKER, None, None)
+    for nbytes, seconds in pulls:
+        metrics.observe_transfer(nbytes, seconds)
+    return generate_latest(metrics.registry).decode()
+
+
+def autoscaled_tiny(profile_configmap: str | None = None) -> dict[str, Any]:
+    """The tiny example, planned (no parallelism), autoscaling up to 3 of each phase, deployed 1 + 1."""
+    body = example()
+    body["metadata"]["uid"] = "u"
+    body["spec"].pop("parallelism")
+    if profile_configmap:
+        body["spec"]["profile"] = {"configMapRef": {"name": profile_configmap}}
+    body["spec"]["autoscaling"] = {"enabled": True, "intervalSeconds": 5, "maxReplicas": {"prefill": 3, "decode": 3}}
+    plan = {
+        "placement": "high-affinity",
+        "prefill": {"tensor": 1, "pipeline": 1, "replicas": 1},
+        "decode": {"tensor": 1, "pipeline": 1, "replicas": 1},
+        "source": "planner",
+    }
+    body["status"] = {"plan": plan, "phase": "Ready",
+                      "replicas": {"prefill": {"desired": 1, "ready": 1}, "decode": {"desired": 1, "ready": 1}}}
+    return body

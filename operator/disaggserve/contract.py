@@ -51,6 +51,9 @@ METRIC_REQUESTS = "disaggserve_requests_total"
 METRIC_PROMPT_TOKENS = "disaggserve_prompt_tokens_total"
 METRIC_GENERATION_TOKENS = "disaggserve_generation_tokens_total"
 METRIC_SLO_MET = "disaggserve_slo_met_total"
+# Every KV-cache pull a decode worker makes (histograms, label role): the autoscaler's live KV link.
+METRIC_KV_TRANSFER_BYTES = "disaggserve_kv_transfer_bytes"
+METRIC_KV_TRANSFER_SECONDS = "disaggserve_kv_transfer_seconds"
 # Engine series of every worker, in vLLM's names for both engines (labels model_name, engine):
 # what the Gateway API Inference Extension's endpoint picker and vLLM dashboards read.
 METRIC_ENGINE_WAITING = "vllm:num_requests_waiting"

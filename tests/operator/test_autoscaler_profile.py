@@ -16,7 +16,7 @@ from disaggserve.controller.kube import KubeError
 from disaggserve.controller.planning import PlanService
 from disaggserve.metrics import Observed
 from disaggserve.metrics.scrape import ScrapeWindow
-from helpers import OneRouter, example, router_metrics
+from helpers import OneRouter, autoscaled_tiny, router_metrics
 
 PROFILE = Path(__file__).resolve().parents[2] / "operator" / "disaggserve" / "data" / "profiles" / "tiny-llama-cpu.json"
 
@@ -37,23 +37,6 @@ class ProfileKube(OneRouter):
         return {"metadata": {"name": name}, "data": {"profile.json": PROFILE.read_text()}}
 
 
-def resource() -> dict:
-    body = example()
-    body["metadata"]["uid"] = "u"
-    body["spec"].pop("parallelism")
-    body["spec"]["profile"] = {"configMapRef": {"name": "tiny-profile"}}
-    body["spec"]["autoscaling"] = {"enabled": True, "intervalSeconds": 5, "maxReplicas": {"prefill": 3, "decode": 3}}
-    plan = {
-        "placement": "high-affinity",
-        "prefill": {"tensor": 1, "pipeline": 1, "replicas": 1},
-        "decode": {"tensor": 1, "pipeline": 1, "replicas": 1},
-        "source": "planner",
-    }
-    body["status"] = {"plan": plan, "phase": "Ready",
-                      "replicas": {"prefill": {"desired": 1, "ready": 1}, "decode": {"desired": 1, "ready": 1}}}
-    return body
-
-
 async def overload(kube: ProfileKube) -> dict:
     """Two ticks with 10 000 requests between the scrapes: far beyond one prefill and one decode."""
     served = iter([0, 10_000])
@@ -62,7 +45,7 @@ async def overload(kube: ProfileKube) -> dict:
         return httpx.Response(200, text=router_metrics(next(served)))
 
     autoscaler = Autoscaler(kube, http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
-    body, emit = resource(), (lambda *a: None)
+    body, emit = autoscaled_tiny("tiny-profile"), (lambda *a: None)
     try:
         await autoscaler.step(body, emit)
         for tracked in autoscaler.tracked.values():
@@ -83,7 +66,7 @@ async def test_the_autoscaler_plans_from_the_profile_configmap():
 
 
 async def test_a_missing_or_unreadable_profile_configmap_is_reported_not_raised():
-    body = resource()
+    body = autoscaled_tiny("tiny-profile")
     spec, plan = parse_spec(body["spec"]), Plan.model_validate(body["status"]["plan"])
     observed = Observed(source="scrape", window_seconds=30, requests=60, request_rate=2.0,
                         mean_input_tokens=64, mean_output_tokens=32, attainment=1.0)

@@ -27,8 +27,9 @@ from disaggserve.controller.planning import PlanService
 from disaggserve.controller.reconcile import Refused, load_profile, replica_record
 from disaggserve.controller.view import ClusterView
 from disaggserve.metrics import MetricsUnavailable, Observed
+from disaggserve.metrics.observed import KvTransfers
 from disaggserve.metrics.promql import PrometheusSource
-from disaggserve.metrics.scrape import ScrapeWindow, scrape_router
+from disaggserve.metrics.scrape import KvSample, RouterSample, ScrapeWindow, scrape_kv, scrape_router
 from disaggserve.planner import PlanningError
 from disaggserve.planner.replan import recommend
 from disaggserve.status_logic import now as now_text
@@ -43,9 +44,11 @@ DESIRED_REPLICAS = Gauge(
 
 @dataclass
 class _Tracked:
-    window: ScrapeWindow
+    window: ScrapeWindow[RouterSample]
     policy: PolicyState = field(default_factory=PolicyState)
     last_decision: float = 0.0
+    # The decode workers' KV pulls (the live KV link), kept while autoscaling; None: not scraped.
+    kv_window: ScrapeWindow[KvSample] | None = None
 
 
 def _ready(pod: Mapping[str, Any]) -> bool:
@@ -93,7 +96,24 @@ class Autoscaler:
         # for two ticks, exactly when the autoscaler needs them (a CI run saw MetricsAvailable=False
         # right after an overload).
         tracked.window.forget_missing({pod["metadata"]["name"] for pod in pods})
-        return tracked.window.observe(time.monotonic(), slo_ttft, slo_tpot)
+        # Scraped on every tick, before the routers' window may say "not enough yet": both windows fill together.
+        kv = await self._observe_kv(namespace, name, tracked.kv_window) if tracked.kv_window is not None else None
+        return tracked.window.observe(time.monotonic(), slo_ttft, slo_tpot).model_copy(update={"kv": kv})
+
+    async def _observe_kv(self, namespace: str, name: str, window: ScrapeWindow[KvSample]) -> KvTransfers | None:
+        """The decode workers' KV pulls over the window (None when none answered or none pulled): the
+        live link the planner's correction uses instead of the profile's (planner/replan.py)."""
+        pods = await self.view.pods(namespace, name, {LABEL_COMPONENT: "decode"})
+        for pod in pods:
+            ip = (pod.get("status") or {}).get("podIP")
+            if not ip or not _ready(pod):
+                continue
+            try:
+                window.add(pod["metadata"]["name"], await scrape_kv(self.http, ip))
+            except httpx.HTTPError:
+                continue  # the link is an optional refinement: a worker that does not answer adds nothing
+        window.forget_missing({pod["metadata"]["name"] for pod in pods})
+        return window.kv_transfers(time.monotonic())
 
     async def observe_only(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """With autoscaling off: measure the SLOs anyway (status.slo and MetricsAvailable), decide nothing.
@@ -150,9 +170,11 @@ class Autoscaler:
         plan = Plan.model_validate(record)
         tracked = self.tracked.get((namespace, name))
         if tracked is None:
+            stale_after = max(3.0 * scaling.interval_seconds, 30)
             tracked = self.tracked[(namespace, name)] = _Tracked(
-                ScrapeWindow(scaling.metrics.window_seconds, stale_after=max(3.0 * scaling.interval_seconds, 30)),
+                ScrapeWindow(scaling.metrics.window_seconds, stale_after),
                 PolicyState.starting_at(Counts.of(plan), time.monotonic()),
+                kv_window=ScrapeWindow(scaling.metrics.window_seconds, stale_after),
             )
         conditions = list(status.get("conditions") or [])
         generation = status.get("observedGeneration")
@@ -238,9 +260,10 @@ class Autoscaler:
                                              growth=tracked.policy.rate_growth())
                 scale = rec.correction
                 recommended = Counts(rec.prefill, rec.decode, rec.colocated)
+                link = (f", KV link {rec.kv_link.gbps:.3g} Gbit/s measured" if rec.kv_link else "")
                 rec_text = (
                     f" (planner at {rec.rate:.3g} rps, {observed.mean_input_tokens or 0:.0f}/"
-                    f"{observed.mean_output_tokens or 0:.0f} tokens, profile x{scale[0]:.2f}/x{scale[1]:.2f})"
+                    f"{observed.mean_output_tokens or 0:.0f} tokens, profile x{scale[0]:.2f}/x{scale[1]:.2f}{link})"
                 )
             except (PlanningError, Refused) as e:
                 rec_text = f" (planner: {e})"

@@ -9,6 +9,15 @@ class MetricsUnavailable(Exception):
     """No fresh metrics: the caller reports MetricsAvailable=False and must not scale down."""
 
 
+class KvTransfers(BaseModel):
+    """The KV-cache pulls the decode workers made in the window (totals over pods): the link as the
+    deployment really uses it, on its real path and at its real sizes."""
+
+    transfers: float = Field(ge=0)
+    bytes: float = Field(ge=0)
+    seconds: float = Field(ge=0)
+
+
 class Observed(BaseModel):
     source: str = Field(description="prometheus or scrape")
     window_seconds: float
@@ -26,3 +35,4 @@ class Observed(BaseModel):
     # per-SLO shares below come from histogram buckets whose edges include the thresholds.
     ttft_within_slo: float | None = None
     tpot_within_slo: float | None = None
+    kv: KvTransfers | None = Field(None, description="KV pulls of the decode workers (built-in engine)")

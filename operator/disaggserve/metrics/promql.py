@@ -1,7 +1,7 @@
 """The same observation from Prometheus (PromQL over HTTP), for clusters that run one.
 
 Series carry the labels the chart's PodMonitor sets: `namespace`, `disaggserve` (the
-resource's name) and `component` ("router").
+resource's name) and `component` ("router"; "decode" for the KV pulls).
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from prometheus_client.utils import floatToGoString
 
 from disaggserve.contract import (
     METRIC_GENERATION_TOKENS,
+    METRIC_KV_TRANSFER_BYTES,
+    METRIC_KV_TRANSFER_SECONDS,
     METRIC_PROMPT_TOKENS,
     METRIC_REQUESTS,
     METRIC_SLO_MET,
     METRIC_TPOT,
     METRIC_TTFT,
 )
-from disaggserve.metrics.observed import MetricsUnavailable, Observed
+from disaggserve.metrics.observed import KvTransfers, MetricsUnavailable, Observed
 from disaggserve.metrics.series import NOT_SERVED
 
 
@@ -85,6 +87,15 @@ class PrometheusSource:
                 at,
             )
 
+        decode = f'namespace="{namespace}",disaggserve="{name}",component="decode"'
+        kv = None
+        if transfers := await self.scalar(f"sum(increase({METRIC_KV_TRANSFER_SECONDS}_count{{{decode}}}[{w}]))", at):
+            kv = KvTransfers(
+                transfers=transfers,
+                bytes=await self.scalar(f"sum(increase({METRIC_KV_TRANSFER_BYTES}_sum{{{decode}}}[{w}]))", at) or 0.0,
+                seconds=await self.scalar(f"sum(increase({METRIC_KV_TRANSFER_SECONDS}_sum{{{decode}}}[{w}]))", at)
+                or 0.0,
+            )
         return Observed(
             source="prometheus",
             window_seconds=window_seconds,
@@ -99,4 +110,5 @@ class PrometheusSource:
             attainment=met / served if served else None,
             ttft_within_slo=await share(METRIC_TTFT, slo_ttft_s),
             tpot_within_slo=await share(METRIC_TPOT, slo_tpot_s),
+            kv=kv,
         )

@@ -3,7 +3,8 @@
 The router is where a request is seen from arrival to last token (docs/architecture.md §5), so its
 counters and histograms are the SLO ground truth. Each scrape of each router pod is kept for
 the window; the observation is the increase between the oldest and newest sample of every pod,
-summed over pods, with counter resets (a restarted router) handled as Prometheus does.
+summed over pods, with counter resets (a restarted router) handled as Prometheus does. The decode
+workers are scraped the same way for their KV pulls (`KvSample`), which give the live KV link.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import collections
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from disaggserve.contract import (
     METRIC_GENERATION_TOKENS,
+    METRIC_KV_TRANSFER_BYTES,
+    METRIC_KV_TRANSFER_SECONDS,
     METRIC_PROMPT_TOKENS,
     METRIC_REQUESTS,
     METRIC_SLO_MET,
@@ -25,8 +29,9 @@ from disaggserve.contract import (
     METRIC_TTFT,
     PATH_METRICS,
     ROUTER_PORT,
+    WORKER_PORT,
 )
-from disaggserve.metrics.observed import MetricsUnavailable, Observed
+from disaggserve.metrics.observed import KvTransfers, MetricsUnavailable, Observed
 from disaggserve.metrics.series import (
     NOT_SERVED,
     bucket_increase,
@@ -76,15 +81,48 @@ def parse_router_metrics(text: str, at: float) -> RouterSample:
     return sample
 
 
-class ScrapeWindow:
-    """Samples per router pod; `observe` turns the window into an Observed."""
+@dataclass
+class KvSample:
+    """A decode worker's KV-pull counters at one scrape (its histograms' counts and sums)."""
+
+    at: float
+    transfers: float = 0.0
+    bytes: float = 0.0
+    seconds: float = 0.0
+
+
+def parse_kv_metrics(text: str, at: float) -> KvSample:
+    sample = KvSample(at=at)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("role", "decode") != "decode":
+                continue  # a prefill worker's sends: the same transfers seen from the other end
+            if s.name == f"{METRIC_KV_TRANSFER_SECONDS}_count":
+                sample.transfers += s.value
+            elif s.name == f"{METRIC_KV_TRANSFER_SECONDS}_sum":
+                sample.seconds += s.value
+            elif s.name == f"{METRIC_KV_TRANSFER_BYTES}_sum":
+                sample.bytes += s.value
+    return sample
+
+
+class _Stamped(Protocol):
+    at: float
+
+
+S = TypeVar("S", bound=_Stamped)
+
+
+class ScrapeWindow(Generic[S]):
+    """Samples per pod (routers' `RouterSample`s, or decode workers' `KvSample`s); `observe` turns a
+    router window into an Observed, `kv_transfers` a decode-worker window into KvTransfers."""
 
     def __init__(self, window_seconds: float, stale_after: float):
         self.window_seconds = window_seconds
         self.stale_after = stale_after
-        self.samples: dict[str, collections.deque[RouterSample]] = {}
+        self.samples: dict[str, collections.deque[S]] = {}
 
-    def add(self, pod: str, sample: RouterSample) -> None:
+    def add(self, pod: str, sample: S) -> None:
         ring = self.samples.setdefault(pod, collections.deque())
         ring.append(sample)
         while ring and ring[0].at < sample.at - self.window_seconds * 2:
@@ -94,13 +132,29 @@ class ScrapeWindow:
         for pod in set(self.samples) - live_pods:
             del self.samples[pod]
 
-    def observe(self, now: float, slo_ttft_s: float | None = None, slo_tpot_s: float | None = None) -> Observed:
+    def spans(self, now: float) -> list[tuple[S, S]]:
+        """(oldest, newest) sample inside the window of every pod scraped at least twice in it."""
         start = now - self.window_seconds
         spans = []
         for ring in self.samples.values():
             inside = [s for s in ring if s.at >= start - 1e-9]
             if len(inside) >= 2:
                 spans.append((inside[0], inside[-1]))
+        return spans
+
+    def kv_transfers(self: ScrapeWindow[KvSample], now: float) -> KvTransfers | None:
+        """The decode workers' KV pulls in the window; None before two scrapes of any worker or
+        when none pulled (a colocated plan, an idle system)."""
+        spans = self.spans(now)
+        transfers = sum(increase(old.transfers, new.transfers) for old, new in spans)
+        if not transfers:
+            return None
+        return KvTransfers(transfers=transfers, bytes=sum(increase(old.bytes, new.bytes) for old, new in spans),
+                           seconds=sum(increase(old.seconds, new.seconds) for old, new in spans))
+
+    def observe(self: ScrapeWindow[RouterSample], now: float, slo_ttft_s: float | None = None,
+                slo_tpot_s: float | None = None) -> Observed:
+        spans = self.spans(now)
         newest = max((ring[-1].at for ring in self.samples.values() if ring), default=None)
         if newest is None or now - newest > self.stale_after:
             raise MetricsUnavailable("no router has been scraped recently")
@@ -138,3 +192,9 @@ async def scrape_router(http: httpx.AsyncClient, pod_ip: str, port: int = ROUTER
     response = await http.get(f"http://{pod_ip}:{port}{PATH_METRICS}")
     response.raise_for_status()
     return parse_router_metrics(response.text, time.monotonic())
+
+
+async def scrape_kv(http: httpx.AsyncClient, pod_ip: str, port: int = WORKER_PORT) -> KvSample:
+    response = await http.get(f"http://{pod_ip}:{port}{PATH_METRICS}")
+    response.raise_for_status()
+    return parse_kv_metrics(response.text, time.monotonic())

@@ -19,6 +19,7 @@ from disaggserve.planner.facts import Facts, builtin_facts, from_spec
 from disaggserve.planner.gpus import find_gpu, known_products
 from disaggserve.planner.profile import (
     MAX_FIT_ERROR,
+    KvLink,
     LatencyProfile,
     ProfileError,
     builtin_profiles,
@@ -179,14 +180,19 @@ def build_search(
     max_tensor: int | None = None,
     profile_scale: tuple[float, float] | None = None,
     check_fit: bool = True,
+    kv_link: KvLink | None = None,
 ) -> SearchSetup:
     """Resolve the inputs (profile, model facts, topology, workload) into a Searcher.
 
     `profile_scale` multiplies the profile's (prefill, decode) times: the autoscaler's
     correction from measured/predicted latency. `check_fit=False` skips refusing a profile whose
-    fit misses its own measurements (benchmarks that report that themselves).
+    fit misses its own measurements (benchmarks that report that themselves). `kv_link` replaces
+    the profile's KV link (the autoscaler's live measurement, `replan.live_link`).
     """
     prof, prof_source = resolve_profile(spec, profile)
+    if kv_link is not None:
+        prof = prof.model_copy(update={"overheads": prof.overheads.model_copy(update={"kv_link": kv_link})})
+        prof_source += f"; KV link {kv_link.gbps:.3g} Gbit/s + {kv_link.latency_ms:.2g} ms measured live"
     if profile_scale is not None:
         prof = prof.scaled(*profile_scale)
         prof_source += f" x ({profile_scale[0]:.2f} prefill, {profile_scale[1]:.2f} decode) measured"

@@ -4,7 +4,8 @@ The shapes (tensor, pipeline, placement, unit composition) stay as deployed: cha
 rolling replacement of every worker, which belongs to a spec change, not to a traffic change.
 What follows the traffic is how many instances (or units) of those shapes run. The planner sizes
 them with the same search and joint simulation as the first plan, for the measured rate and
-lengths, with the latency profile corrected by how far live latencies are from its predictions.
+lengths, with the latency profile corrected by how far live latencies are from its predictions,
+and with the KV link as the decode workers' own pulls measure it (`live_link`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from disaggserve.planner.deployment import (
     size_low,
 )
 from disaggserve.planner.errors import PlanningError
-from disaggserve.planner.inputs import SearchSetup, build_search
+from disaggserve.planner.inputs import SearchSetup, build_search, resolve_profile
+from disaggserve.planner.profile import KvLink
 from disaggserve.planner.search import PhaseChoice, Shape, UnitChoice
 
 # A correction outside this range means the profile is for other hardware: don't trust it blindly.
@@ -38,6 +40,8 @@ MIN_RATE = 0.01  # requests/s: an idle system is planned for a trickle, bounded 
 GROWTH_HEADROOM = 1.25
 MIN_HEADROOM = 1.05
 MAX_HEADROOM = 2.0
+# Fewer pulls than this in a window say too little about the link: the profile's stays.
+MIN_KV_TRANSFERS = 10
 
 
 def headroom(growth: float | None) -> float:
@@ -56,6 +60,27 @@ class Recommendation:
     correction: tuple[float, float]
     profile_source: str
     colocated: int = 0  # instances, for a colocated plan (prefill and decode are then 0)
+    kv_link: KvLink | None = None  # the live link planned with, when the window measured one
+
+
+def live_link(observed: Observed, prior: KvLink | None) -> KvLink | None:
+    """The KV link the decode workers' pulls in the window measured (None with too few of them).
+
+    Why live: a profile's link is one measurement between two pods (or none, and then the data
+    sheet's bandwidth, 1000x what the workers' transport reaches on a CPU host); the pulls are the
+    real path at the real sizes under the real load. Totals give one point per window, which
+    cannot split latency from bandwidth: the profile's per-transfer latency is kept and the rest
+    of the mean pull is bandwidth; a mean pull shorter than that latency is bandwidth alone.
+    """
+    kv = observed.kv
+    if kv is None or kv.transfers < MIN_KV_TRANSFERS or kv.bytes <= 0 or kv.seconds <= 0:
+        return None
+    per_pull_s, per_pull_bytes = kv.seconds / kv.transfers, kv.bytes / kv.transfers
+    latency_s = prior.latency_ms / 1000 if prior else 0.0
+    if per_pull_s - latency_s < 0.1 * per_pull_s:
+        latency_s = 0.0
+    return KvLink(gbps=round(per_pull_bytes * 8 / (per_pull_s - latency_s) / 1e9, 6),
+                  latency_ms=round(latency_s * 1000, 4))
 
 
 def carry_over(new: Plan, previous: dict[str, Any] | None, spec: DisaggServeSpec) -> Plan:
@@ -163,11 +188,12 @@ def recommend(
     `growth`: the measured rate's growth per decision interval (`PolicyState.rate_growth`), for
     trend-aware headroom; None plans with the fixed GROWTH_HEADROOM."""
     measured = measured_spec(spec, observed, growth)
+    link = live_link(observed, resolve_profile(measured, profile)[0].overheads.kv_link)
     scale = (1.0, 1.0)
     if correct:
-        base = build_search(measured, nodes=nodes, profile=profile)
+        base = build_search(measured, nodes=nodes, profile=profile, kv_link=link)
         scale = correction(base.searcher, deployment_of(plan, base), observed)
-    setup = build_search(measured, nodes=nodes, profile=profile, profile_scale=scale)
+    setup = build_search(measured, nodes=nodes, profile=profile, profile_scale=scale, kv_link=link)
     s, topo, rate = setup.searcher, setup.topology, setup.rate
     if plan.placement == "colocated":
         # Colocated instances of the deployed shape, sized as the first plan sizes them.
@@ -176,7 +202,8 @@ def recommend(
         _require(choice.goodput, f"colocated {shape}", spec)
         colocated, _ = size_colocated(s, choice, rate, None, None)
         _, attainment = joint_check(s, colocated, rate)
-        return Recommendation(0, 0, rate, attainment, scale, setup.profile_source, colocated=colocated.count)
+        return Recommendation(0, 0, rate, attainment, scale, setup.profile_source, colocated=colocated.count,
+                              kv_link=link)
     p_shape = Shape(plan.prefill.tensor, plan.prefill.pipeline)
     d_shape = Shape(plan.decode.tensor, plan.decode.pipeline)
     if plan.placement == "high-affinity":
@@ -193,7 +220,8 @@ def recommend(
         _require(unit.goodput, f"unit {unit}", spec)
         dep, _ = size_low(s, unit, rate, None, None, gbps)
     _, attainment = joint_check(s, dep, rate)
-    return Recommendation(dep.prefill_count, dep.decode_count, rate, attainment, scale, setup.profile_source)
+    return Recommendation(dep.prefill_count, dep.decode_count, rate, attainment, scale, setup.profile_source,
+                          kv_link=link)
 
 
 def deployment_of(plan: Plan, setup: SearchSetup) -> Deployment | ColocatedDeployment:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from disaggserve_worker import contract
 from disaggserve_worker.server.metrics import slo_buckets
 
 # vLLM exports no `*_created` series (it calls this too); a scraper diffing both engines sees the same.
@@ -165,9 +166,9 @@ class WorkerMetrics:
 
         gauge("disaggserve_queued_tokens", "Prompt tokens not yet prefilled.", "queued_tokens")
         gauge("disaggserve_held_kv_caches", "Prefilled caches waiting for a decode pull.", "held_caches")
-        self.kv_bytes = Histogram("disaggserve_kv_transfer_bytes", "Bytes of one KV-cache transfer.",
+        self.kv_bytes = Histogram(contract.METRIC_KV_TRANSFER_BYTES, "Bytes of one KV-cache transfer.",
                                   ["role"], buckets=KV_BYTES_BUCKETS, registry=r).labels(**labels)
-        self.kv_seconds = Histogram("disaggserve_kv_transfer_seconds", "Duration of one KV-cache transfer.",
+        self.kv_seconds = Histogram(contract.METRIC_KV_TRANSFER_SECONDS, "Duration of one KV-cache transfer.",
                                     ["role"], buckets=slo_buckets(), registry=r).labels(**labels)
         # Fixed, SLO-independent edges: an SLO edit must not restart workers to re-bucket (the
         # SLO arguments are accepted and ignored; the router and the autoscaler judge SLOs).
