@@ -179,3 +179,14 @@ def autoscaled_tiny(profile_configmap: str | None = None) -> dict[str, Any]:
     body["status"] = {"plan": plan, "phase": "Ready",
                       "replicas": {"prefill": {"desired": 1, "ready": 1}, "decode": {"desired": 1, "ready": 1}}}
     return body
+
+
+async def step_twice(autoscaler: Any, body: dict[str, Any]) -> dict[str, Any] | None:
+    """Two autoscaler ticks on `body`; the second decides at once (no interval to wait out in a unit
+    test). The first cannot: one scrape is not a window."""
+    emit = lambda *a: None  # noqa: E731
+    first = await autoscaler.step(body, emit)
+    assert "MetricsUnavailable" in str(first)
+    for tracked in autoscaler.tracked.values():
+        tracked.last_decision = 0.0
+    return await autoscaler.step(body, emit)

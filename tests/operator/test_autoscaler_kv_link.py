@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 
 from disaggserve.controller.autoscaler import Autoscaler
-from helpers import autoscaled_tiny, router_metrics, worker_kv_metrics
+from helpers import autoscaled_tiny, router_metrics, step_twice, worker_kv_metrics
 
 
 def pod(name: str, component: str, ip: str) -> dict:
@@ -35,12 +35,8 @@ async def test_the_decode_workers_pulls_set_the_link_the_autoscaler_plans_with()
         return httpx.Response(200, text=router_metrics(next(served)))
 
     autoscaler = Autoscaler(RouterAndDecode(), http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
-    body, emit = autoscaled_tiny(), (lambda *a: None)
     try:
-        await autoscaler.step(body, emit)
-        for tracked in autoscaler.tracked.values():
-            tracked.last_decision = 0.0  # decide at the next tick
-        patch = await autoscaler.step(body, emit)
+        patch = await step_twice(autoscaler, autoscaled_tiny())
     finally:
         await autoscaler.aclose()
     assert patch is not None and "plan" in patch, patch

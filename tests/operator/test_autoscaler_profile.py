@@ -16,7 +16,7 @@ from disaggserve.controller.kube import KubeError
 from disaggserve.controller.planning import PlanService
 from disaggserve.metrics import Observed
 from disaggserve.metrics.scrape import ScrapeWindow
-from helpers import OneRouter, autoscaled_tiny, router_metrics
+from helpers import OneRouter, autoscaled_tiny, router_metrics, step_twice
 
 PROFILE = Path(__file__).resolve().parents[2] / "operator" / "disaggserve" / "data" / "profiles" / "tiny-llama-cpu.json"
 
@@ -45,12 +45,8 @@ async def overload(kube: ProfileKube) -> dict:
         return httpx.Response(200, text=router_metrics(next(served)))
 
     autoscaler = Autoscaler(kube, http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
-    body, emit = autoscaled_tiny("tiny-profile"), (lambda *a: None)
     try:
-        await autoscaler.step(body, emit)
-        for tracked in autoscaler.tracked.values():
-            tracked.last_decision = 0.0  # decide at the next tick
-        patch = await autoscaler.step(body, emit)
+        patch = await step_twice(autoscaler, autoscaled_tiny("tiny-profile"))
     finally:
         await autoscaler.aclose()
     assert patch is not None and "plan" in patch, patch

@@ -11,7 +11,7 @@ import yaml
 from disaggserve.api.spec import parse_spec
 from disaggserve.controller.autoscaler import Autoscaler
 from disaggserve.planner import plan_for
-from helpers import OneRouter, router_metrics
+from helpers import OneRouter, router_metrics, step_twice
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "llama-3-8b-h100.yaml"
 
@@ -30,15 +30,6 @@ def colocated_resource(max_colocated: int) -> dict:
     plan = plan.model_copy(update={"colocated": plan.colocated.model_copy(update={"replicas": 1})})
     body["status"] = {"plan": plan.wire(), "phase": "Ready", "replicas": {"colocated": {"desired": 1, "ready": 1}}}
     return body
-
-
-async def step_twice(autoscaler: Autoscaler, body: dict) -> dict | None:
-    emit = lambda *a: None  # noqa: E731
-    first = await autoscaler.step(body, emit)
-    assert "MetricsUnavailable" in str(first)  # one scrape is not a window
-    for tracked in autoscaler.tracked.values():
-        tracked.last_decision = 0.0  # the next tick decides (no interval to wait out in a unit test)
-    return await autoscaler.step(body, emit)
 
 
 async def test_overload_adds_colocated_instances_within_their_bound():

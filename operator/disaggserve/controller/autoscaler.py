@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ from prometheus_client import Gauge
 from disaggserve.api.plan import Plan
 from disaggserve.api.spec import DisaggServeSpec, SpecError, parse_spec
 from disaggserve.autoscaling.policy import Counts, Decision, Limits, PolicyState, Signals, decide
-from disaggserve.contract import LABEL_COMPONENT, ROUTER_PORT
+from disaggserve.contract import LABEL_COMPONENT
 from disaggserve.controller.kube import Kube, KubeError
 from disaggserve.controller.planning import PlanService
 from disaggserve.controller.reconcile import Refused, load_profile, replica_record
@@ -82,37 +82,35 @@ class Autoscaler:
             return await PrometheusSource(source.prometheus_url, self.http).observe(
                 namespace, name, source.window_seconds, slo_ttft, slo_tpot
             )
-        pods = await self.view.pods(namespace, name, {LABEL_COMPONENT: "router"})
-        for pod in pods:
-            ip = (pod.get("status") or {}).get("podIP")
-            if not ip or not _ready(pod):
-                continue
-            try:
-                tracked.window.add(pod["metadata"]["name"], await scrape_router(self.http, ip, ROUTER_PORT))
-            except httpx.HTTPError:
-                continue  # a router that does not answer contributes nothing now; staleness is judged below
-        # Only a router pod that is gone loses its samples. One that missed a scrape keeps them: an
-        # overloaded router answers /metrics late, and dropping its window then read as "no metrics"
-        # for two ticks, exactly when the autoscaler needs them (a CI run saw MetricsAvailable=False
-        # right after an overload).
-        tracked.window.forget_missing({pod["metadata"]["name"] for pod in pods})
+        await self._scrape(namespace, name, "router", tracked.window, scrape_router)
         # Scraped on every tick, before the routers' window may say "not enough yet": both windows fill together.
         kv = await self._observe_kv(namespace, name, tracked.kv_window) if tracked.kv_window is not None else None
         return tracked.window.observe(time.monotonic(), slo_ttft, slo_tpot).model_copy(update={"kv": kv})
 
-    async def _observe_kv(self, namespace: str, name: str, window: ScrapeWindow[KvSample]) -> KvTransfers | None:
-        """The decode workers' KV pulls over the window (None when none answered or none pulled): the
-        live link the planner's correction uses instead of the profile's (planner/replan.py)."""
-        pods = await self.view.pods(namespace, name, {LABEL_COMPONENT: "decode"})
+    async def _scrape(self, namespace: str, name: str, component: str, window: ScrapeWindow[Any],
+                      scrape: Callable[[httpx.AsyncClient, str], Awaitable[Any]]) -> None:
+        """One scrape of every ready pod of `component` into `window`.
+
+        A pod that does not answer contributes nothing now; staleness is judged by the window. Only a
+        pod that is gone loses its samples. One that missed a scrape keeps them: an overloaded router
+        answers /metrics late, and dropping its window then read as "no metrics" for two ticks,
+        exactly when the autoscaler needs them (a CI run saw MetricsAvailable=False right after an
+        overload)."""
+        pods = await self.view.pods(namespace, name, {LABEL_COMPONENT: component})
         for pod in pods:
             ip = (pod.get("status") or {}).get("podIP")
             if not ip or not _ready(pod):
                 continue
             try:
-                window.add(pod["metadata"]["name"], await scrape_kv(self.http, ip))
+                window.add(pod["metadata"]["name"], await scrape(self.http, ip))
             except httpx.HTTPError:
-                continue  # the link is an optional refinement: a worker that does not answer adds nothing
+                continue
         window.forget_missing({pod["metadata"]["name"] for pod in pods})
+
+    async def _observe_kv(self, namespace: str, name: str, window: ScrapeWindow[KvSample]) -> KvTransfers | None:
+        """The decode workers' KV pulls over the window (None when none answered or none pulled): the
+        live link the planner's correction uses instead of the profile's (planner/replan.py)."""
+        await self._scrape(namespace, name, "decode", window, scrape_kv)
         return window.kv_transfers(time.monotonic())
 
     async def observe_only(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
