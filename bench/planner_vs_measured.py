@@ -195,8 +195,15 @@ def forward_ms(doc: dict[str, Any], output_tokens: int) -> tuple[float, float]:
     return prefill, decode
 
 
+# One seeded stream of prompts for the whole run: every measuring request gets a fresh prompt, so an
+# engine with a prefix cache (vLLM's default) cannot answer the unloaded runs from it (each call
+# re-seeding its own generator sent the same prompts again, and half of vLLM's unloaded TTFTs were
+# cache hits).
+_PROMPTS = random.Random(3)
+
+
 async def sequential(url: str, n: int, output_tokens: int) -> list[Any]:
-    rng = random.Random(3)
+    rng = _PROMPTS
     out = []
     async with aiohttp.ClientSession() as session:
         for _ in range(n):
@@ -210,7 +217,7 @@ async def sequential(url: str, n: int, output_tokens: int) -> list[Any]:
 
 
 async def concurrent(url: str, n: int, output_tokens: int) -> list[Any]:
-    rng = random.Random(4)
+    rng = _PROMPTS
     async with aiohttp.ClientSession() as session:
         started = time.perf_counter()
         answered = await asyncio.gather(*(
