@@ -71,6 +71,11 @@ STEPS_METRIC = "disaggserve_decode_iteration_seconds_count"
 TARGET = 0.9
 MIN_RAMP_RPS = 0.2
 BUDGET = 2048  # the worker's default --max-batch-tokens, which the operator leaves as it is
+# Cores the workers are pinned to (prefill 0 and decode 1; colocated 0). The router and this process
+# (the client) float over the host: where the workers' cores are all it has, they share them
+# (planner/profile.py PhaseLatency.sharing); a core no worker owns absorbs them instead.
+WORKER_CORES = {"disaggregated": 2, "colocated": 1}
+SHARED_CORES = {mode: cores if (os.cpu_count() or 1) <= cores else 0 for mode, cores in WORKER_CORES.items()}
 
 
 def load_average() -> list[float]:
@@ -135,13 +140,15 @@ def predict_window(doc: dict[str, Any], mode: str, rate: float, sent_at_s: list[
     return deployment(mode, setup).simulate(searcher, rate).after_warmup(0.0).attainment(ttft_ms, tpot_ms)
 
 
-def rescore(path: Path, stall_ms: float | None = None) -> dict[str, float]:
+def rescore(path: Path, stall_ms: float | None = None,
+            shared_cores: dict[str, int] | None = None) -> dict[str, float]:
     """Predictions of a stored run again, from its stored fit, costs, KV link and prefill stall (the
     model facts are the shipped small-llama profile's), with both corrections derived again from
     the stored unloaded medians and knee window: a simulator change is judged against
     measurements already taken, in a minute instead of a 25-minute run. Also the trace-driven
     prediction of every window (`predict_window`). `stall_ms` replaces the stored prefill stall
-    (runs before it was measured have none)."""
+    (runs before it was measured have none), `shared_cores` the stored shared cores per mode (runs
+    before it have none, and no client costs: only the router's CPU is then shared)."""
     run = json.loads(path.read_text())
     base = json.loads((ROOT / "operator" / "disaggserve" / "data" / "profiles" / "small-llama-cpu.json").read_text())
     doc = {**base, "entries": [{"tensor": 1, "pipeline": 1, **run["profile_fit"]}],
@@ -150,7 +157,8 @@ def rescore(path: Path, stall_ms: float | None = None) -> dict[str, float]:
     for dep in run["deployments"]:
         mode, ttft_ms, tpot_ms = dep["mode"], dep["slo"]["ttft_ms"], dep["slo"]["tpot_ms"]
         stall = dep["unloaded"].get("prefill_stall_ms", 0.0) if stall_ms is None else stall_ms
-        with_costs = {**doc, "overheads": overheads_section(dep["costs"], run["kv_link"], stall)}
+        shared = dep.get("shared_cores", 0) if shared_cores is None else shared_cores.get(mode, 0)
+        with_costs = {**doc, "overheads": overheads_section(dep["costs"], run["kv_link"], stall, shared)}
         at_knee = next(p for p in reversed(dep["ramp"]) if p["rate"] == dep["knee_rps"])
         profiles = {"": calibrated(with_costs, mode, dep["unloaded"])[0],
                     "_live": corrected_live(with_costs, mode, at_knee, ttft_ms, tpot_ms)[0]}
@@ -249,6 +257,8 @@ def measure_costs(
     completion lengths, then CONCURRENT requests at once, with each worker's decode iterations
     counted: per-iteration costs separate from per-token ones only where a batch forms."""
     asyncio.run(sequential(url, 2, SHORT))  # warm connections and caches
+    # This process is the client: what it spends per request is CPU the workers' cores may lose.
+    pids = {**pids, "client": os.getpid()}
     runs: dict[str, list[Run]] = {role: [] for role in pids}
     ttfts, tpots = [], []
     for tokens, at_once in ((SHORT, 1), (LONG, 1), (LONG, CONCURRENT)):
@@ -269,7 +279,7 @@ def measure_costs(
                 pre, dec = (requests * x for x in forward_ms(doc, tokens))
             else:
                 pre, dec = forward_ms_batched(doc, requests, tokens, ran)
-            fwd = {"router": 0.0, "prefill": pre, "decode": dec, "colocated": pre + dec}[role]
+            fwd = {"router": 0.0, "client": 0.0, "prefill": pre, "decode": dec, "colocated": pre + dec}[role]
             runs[role].append(Run(requests, tokens, after[role] - before[role], fwd, steps=ran))
     unloaded = {"ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots),
                 "prefill_stall_ms": prefill_stall_ms(ttfts), "ttfts_ms": [round(t, 2) for t in ttfts]}
@@ -368,7 +378,8 @@ def evaluate(
     # SLOs from what this deployment does unloaded *now*: on a loaded shared machine SLOs set
     # from the profile's CPU times can be out of reach at any rate. TTFT 3x, TPOT 2x the medians.
     ttft_ms, tpot_ms = 3 * unloaded["ttft_ms"], 2 * unloaded["tpot_ms"]
-    with_costs = {**doc, "overheads": overheads_section(costs, link, unloaded["prefill_stall_ms"])}
+    with_costs = {**doc, "overheads": overheads_section(costs, link, unloaded["prefill_stall_ms"],
+                                                       SHARED_CORES.get(mode, 0))}
     corrected, factors = calibrated(with_costs, mode, unloaded)
     print(
         f"{mode}: costs outside the model {json.dumps(costs)}; unloaded {unloaded}; "
@@ -382,6 +393,7 @@ def evaluate(
     knee, ramp = find_knee(url, 2.0, seconds, ttft_ms, tpot_ms)
     result: dict[str, Any] = {
         "mode": mode,
+        "shared_cores": SHARED_CORES.get(mode, 0),
         "costs": costs,
         "unloaded": unloaded,
         "slo": {"ttft_ms": round(ttft_ms, 2), "tpot_ms": round(tpot_ms, 2)},
@@ -456,9 +468,13 @@ def main() -> None:
                              "trace-driven) and print the gaps")
     parser.add_argument("--stall-ms", type=float, default=None,
                         help="with --rescore: the prefill stall to predict with instead of the stored one")
+    parser.add_argument("--shared-cores", action="store_true",
+                        help="with --rescore: predict with this bench's shared cores (SHARED_CORES) whatever "
+                             "the run stored")
     args = parser.parse_args()
     if args.rescore is not None:
-        print(json.dumps(rescore(args.rescore, args.stall_ms), indent=2))
+        print(json.dumps(rescore(args.rescore, args.stall_ms, SHARED_CORES if args.shared_cores else None),
+                         indent=2))
         return
     started = time.perf_counter()
     load_before = load_average()

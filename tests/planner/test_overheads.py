@@ -106,3 +106,30 @@ def test_a_measured_prefill_stall_spreads_ttft_but_not_tpot():
     assert np.allclose(plain.ttft_ms, 10)
     assert stalled.ttft_ms.min() >= 10 and stalled.ttft_p(90) > stalled.ttft_p(50) + 8
     assert np.allclose(stalled.tpot_ms, plain.tpot_ms)
+
+
+def test_shared_cores_slow_the_workers_by_the_router_and_client_cpu_the_rate_brings():
+    """Two shared cores; router 2 ms + 0.1 ms/token and client 1 ms + 0.1 ms/token of CPU per request
+    (10 tokens: 5 ms a request). At 100 req/s they take 0.5 cores, a quarter of each: the workers'
+    times stretch by 1 + 0.5 / 2. A cluster's router has CPUs of its own: nothing shared, no change."""
+    shared = profile(router={"per_request_ms": 2, "per_token_ms": 0.1},
+                     client={"per_request_ms": 1, "per_token_ms": 0.1}, prefill={"per_request_ms": 4}, shared_cores=2)
+    lat = phase_latency(shared, 1, 1)
+    assert (lat.shared_request_ms, lat.shared_token_ms, lat.shared_cores) == (3, 0.2, 2)
+    busy = lat.sharing(100, 10)
+    assert busy.prefill.a == pytest.approx(10 * 1.25) and busy.decode_small.a == pytest.approx(5 * 1.25)
+    assert busy.prefill_request_ms == pytest.approx(4 * 1.25)
+    assert busy.router_request_ms == lat.router_request_ms  # the router's own latency is not the workers'
+    assert busy.sharing(100, 10) == busy  # applied once
+    assert lat.sharing(0, 10) == lat
+    alone = phase_latency(profile(router={"per_request_ms": 2, "per_token_ms": 0.1}), 1, 1)
+    assert alone.sharing(100, 10) == alone
+    # the simulator applies it at the rate it simulates: an unloaded TTFT barely moves, a busy one does
+    slow, fast = run(shared, rate=0.1), run(profile(router={"per_request_ms": 2, "per_token_ms": 0.1},
+                                                    client={"per_request_ms": 1, "per_token_ms": 0.1},
+                                                    prefill={"per_request_ms": 4}), rate=0.1)
+    assert np.allclose(slow.ttft_ms, fast.ttft_ms, rtol=1e-3)
+    # 50 req/s of OUT-token requests: 50 x (3 + 0.2 OUT) ms of CPU a second over 2 cores stretches
+    # the 10 + 4 ms prefill (the router's 2 ms hop comes before it)
+    stretch = 1 + 50 * (3 + 0.2 * OUT) / 1000 / 2
+    assert np.allclose(run(shared, rate=50).ttft_ms, 2 + 14 * stretch)

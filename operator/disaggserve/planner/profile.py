@@ -9,6 +9,7 @@ there is one parser and one error style for all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -108,6 +109,10 @@ class Overheads(BaseModel):
     prefill_stall_ms: float = Field(
         0.0, ge=0, description="mean of the exponentially distributed extra time of a prefill iteration "
         "(scheduling, GC, neighbours on shared cores), from the spread of unloaded TTFT: (p90 - p50) / ln 5")
+    client: ProcessCost = Field(default_factory=ProcessCost, description="a load generator on the workers' host "
+                                "(benchmarks, a laptop): CPU it takes from shared cores")
+    shared_cores: int = Field(0, ge=0, description="cores the workers share with the router and the client (0: "
+                              "those run on CPUs of their own, as in a cluster); see PhaseLatency.sharing")
 
 
 class Measurement(BaseModel):
@@ -251,6 +256,11 @@ class PhaseLatency:
     router_token_ms: float = 0.0
     # Mean of the exponential stall a prefill iteration suffers (simulator.prefill_stalls).
     prefill_stall_ms: float = 0.0
+    # CPU the router and a client take per request and per generated token from `shared_cores`
+    # cores the workers also run on (0 cores: nothing shared).
+    shared_request_ms: float = 0.0
+    shared_token_ms: float = 0.0
+    shared_cores: int = 0
 
     @property
     def gpus(self) -> int:
@@ -271,6 +281,31 @@ class PhaseLatency:
         d = self.decode_coefficients(batch)
         return (d.a + self.decode_iteration_ms + d.b * sum_ctx + (d.c + self.decode_token_ms) * batch
                 + self.pipeline * self.stage_overhead_ms)
+
+    def sharing(self, rate: float, mean_output_tokens: float) -> PhaseLatency:
+        """The worker's times at `rate` requests/s when it shares its cores with the router and a
+        client: their CPU, which grows with the rate, is taken from the workers' cores, so each
+        worker runs 1 + demand/cores times slower (demand in cores, fair sharing).
+
+        Why: on one host (the 2-core bench, `disaggserve up` on a laptop) the pinned workers own
+        every core and the router and the load generator float over them; near the knee they take
+        a tenth of the cores or more, and a simulator that gives each worker a whole core predicted
+        every point from 0.8x the knee up too high (bench/planner_vs_measured.py). In a cluster the
+        router runs on CPUs of its own (`shared_cores` 0) and nothing changes.
+        """
+        if not self.shared_cores or rate <= 0:
+            return self
+        demand = rate * (self.shared_request_ms + self.shared_token_ms * mean_output_tokens) / 1000
+        k = 1 + demand / self.shared_cores
+
+        def times(c: Coefficients) -> Coefficients:
+            return Coefficients(a=c.a * k, b=c.b * k, c=c.c * k)
+
+        return dataclasses.replace(
+            self, prefill=times(self.prefill), decode_small=times(self.decode_small),
+            decode_large=times(self.decode_large), prefill_request_ms=self.prefill_request_ms * k,
+            decode_request_ms=self.decode_request_ms * k, decode_token_ms=self.decode_token_ms * k,
+            decode_iteration_ms=self.decode_iteration_ms * k, shared_cores=0)
 
 
 def phase_latency(
@@ -298,6 +333,9 @@ def phase_latency(
         router_request_ms=costs.router.per_request_ms,
         router_token_ms=costs.router.per_token_ms,
         prefill_stall_ms=costs.prefill_stall_ms,
+        shared_request_ms=costs.router.per_request_ms + costs.client.per_request_ms,
+        shared_token_ms=costs.router.per_token_ms + costs.client.per_token_ms,
+        shared_cores=costs.shared_cores,
     )
 
 

@@ -17,6 +17,7 @@ instance with pipeline size pp is `pp` lanes sharing its KV memory equally.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections import deque
@@ -349,6 +350,7 @@ def simulate_prefill(
     budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET,
 ) -> SimResult:
     """Prefill instances alone: TTFT per request (TPOT reported as 0)."""
+    lat = lat.sharing(rate, sample.mean_output_tokens)
     arrival = sample.arrivals_ms(rate)
     first = np.full(len(sample), INF)
     at_worker = arrival + lat.router_request_ms
@@ -436,6 +438,7 @@ def _build_decode(setup: DecodeSetup, groups_count: int) -> tuple[list[list[Lane
 def simulate_decode(sample: RequestSample, rate: float, setup: DecodeSetup) -> SimResult:
     """Decode instances alone, fed at the request rate (prompts assumed just prefilled):
     TPOT per request, including the KV transfer; TTFT reported as 0."""
+    setup = dataclasses.replace(setup, lat=setup.lat.sharing(rate, sample.mean_output_tokens))
     arrival = sample.arrivals_ms(rate)
     groups, link_of = _build_decode(setup, 1)
     done = _run_decode(
@@ -468,6 +471,8 @@ def simulate_disaggregated(
     """
     if prefill_instances % units or decode.instances % units:
         raise ValueError("instances must split evenly into units")
+    prefill = prefill.sharing(rate, sample.mean_output_tokens)
+    decode = dataclasses.replace(decode, lat=decode.lat.sharing(rate, sample.mean_output_tokens))
     arrival = sample.arrivals_ms(rate)
     inp, out = sample.input_tokens, sample.output_tokens
     first = np.full(len(sample), INF)
@@ -490,6 +495,7 @@ def simulate_colocated(
     budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET,
 ) -> SimResult:
     """Colocated (vLLM-style) instances: prefill and decode share iterations on the same GPUs."""
+    lat = lat.sharing(rate, sample.mean_output_tokens)
     arrival = sample.arrivals_ms(rate)
     inp, out = sample.input_tokens, sample.output_tokens
     n = len(sample)

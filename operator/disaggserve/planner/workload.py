@@ -82,6 +82,10 @@ class RequestSample:
     def arrivals_ms(self, rate: float) -> np.ndarray:
         return self.unit_arrivals_s * (1000.0 / rate)
 
+    @property
+    def mean_output_tokens(self) -> float:
+        return float(np.mean(self.output_tokens)) if len(self) else 0.0
+
 
 def sample_requests(workload: WorkloadModel, n: int = DEFAULT_REQUESTS, seed: int = DEFAULT_SEED) -> RequestSample:
     rng = np.random.default_rng(seed)

@@ -120,12 +120,15 @@ def prefill_stall_ms(unloaded_ttfts_ms: list[float]) -> float:
 
 
 def overheads_section(costs: dict[str, dict[str, float]], link: dict[str, float] | None,
-                      stall_ms: float = 0.0) -> dict[str, Any]:
-    """The profile's `overheads` value from per-process costs (router, prefill, decode, colocated),
-    the KV link and the prefill stall."""
+                      stall_ms: float = 0.0, shared_cores: int = 0) -> dict[str, Any]:
+    """The profile's `overheads` value from per-process costs (router, prefill, decode, colocated,
+    client), the KV link, the prefill stall and the cores the workers share with the router and
+    the client."""
     section: dict[str, Any] = {role: dict(c) for role, c in costs.items()}
     if link is not None:
         section["kv_link"] = dict(link)
     if stall_ms > 0:
         section["prefill_stall_ms"] = stall_ms
+    if shared_cores > 0:
+        section["shared_cores"] = shared_cores
     return section
