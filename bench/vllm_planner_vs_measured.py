@@ -88,8 +88,10 @@ from planner_vs_measured import (  # noqa: E402
     calibrated,
     corrected_live,
     evaluate,
+    gap_summary,
     load_average,
     predict,
+    predict_row,
     predict_window,
 )
 from vllm_disagg_vs_colocated import SERVED, spawn, vllm_python, wait_ready, warm_up, with_host  # noqa: E402
@@ -108,14 +110,6 @@ RENDER_SLO = {"ttftMs": 1000, "tpotMs": 100}
 # came from them. The Poisson windows' prompts are all fresh, so the cache never serves them:
 # turning it off changes nothing measured there and makes the unloaded medians real prefills.
 EXTRA_ARGS = ["--no-enable-prefix-caching"]
-VARIANTS = {  # result key infix -> the row's gap field
-    "": "gap_pp",  # unloaded-corrected (calibrated)
-    "_live_corrected": "gap_live_corrected_pp",
-    "_uncorrected": "gap_uncorrected_pp",
-    "_without_overheads": "gap_without_overheads_pp",
-}
-
-
 def render_colocated(checkpoint: Path, core: int) -> tuple[list[str], dict[str, str]]:
     """The operator's vLLM command line (after `python3`) and literal env for one colocated
     instance of this workload, with the engine's OpenMP thread bound to `core`.
@@ -151,20 +145,6 @@ def sweep_fits(sweep: Sweep, max_num_seqs: int) -> list[int]:
     return sorted({batch for batch, _ in sweep.decode if batch > max_num_seqs})
 
 
-def gap_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median and max absolute gap (pp) of each prediction variant over the grid, and whether the
-    goal (median <= 3 pp, max <= 8 pp) is met by the unloaded-corrected and the live-corrected ones."""
-    out: dict[str, Any] = {}
-    for infix, field in VARIANTS.items():
-        gaps = [abs(float(r[field])) for r in rows if r.get(field) is not None]
-        out[f"median_abs_gap{infix}_pp"] = round(statistics.median(gaps), 2) if gaps else None
-        out[f"max_abs_gap{infix}_pp"] = round(max(gaps), 2) if gaps else None
-    for infix in ("", "_live_corrected"):
-        median, worst = out[f"median_abs_gap{infix}_pp"], out[f"max_abs_gap{infix}_pp"]
-        out[f"goal_met{infix}"] = median is not None and median <= 3 and worst <= 8
-    return out
-
-
 def rescore(path: Path) -> dict[str, Any]:
     """Predictions of a stored run again with the current simulator, from its stored profile,
     router costs and prefill stall, both corrections derived again (`calibrated` from the stored
@@ -178,29 +158,36 @@ def rescore(path: Path) -> dict[str, Any]:
     with_costs = {**doc, "overheads": overheads_section(dep["costs"], None,
                                                         dep["unloaded"].get("prefill_stall_ms", 0.0))}
     at_knee = next(p for p in reversed(dep["ramp"]) if p["rate"] == dep["knee_rps"])
-    profiles = {"gap_pp": calibrated(with_costs, "colocated", dep["unloaded"])[0],
+    start = calibrated(with_costs, "colocated", dep["unloaded"])[0]
+    profiles = {"gap_pp": start, "gap_start_calibrated_pp": start,
                 "gap_live_corrected_pp": corrected_live(with_costs, "colocated", at_knee, ttft_ms, tpot_ms)[0],
                 "gap_uncorrected_pp": with_costs, "gap_without_overheads_pp": doc}
     rows, traced = [], []
     for row in dep["rows"]:
-        predicted = {key: predict(prof, "colocated", row["rate"], ttft_ms, tpot_ms) for key, prof in profiles.items()}
+        predicted = {key: predict_row(prof, "colocated", row, ttft_ms, tpot_ms) if key == "gap_pp"  # windows' speed
+                     else predict(prof, "colocated", row["rate"], ttft_ms, tpot_ms) for key, prof in profiles.items()}
         rows.append({key: round(100 * (p - row["measured_median"]), 1) for key, p in predicted.items()})
         if row.get("per_request"):
-            traced.append({key: round(100 * (trace_predicted(profiles[key], row, ttft_ms, tpot_ms)
+            traced.append({key: round(100 * (trace_predicted(profiles[key], row, ttft_ms, tpot_ms, key == "gap_pp")
                                              - row["measured_median"]), 1)
-                           for key in ("gap_pp", "gap_live_corrected_pp")})
+                           for key in ("gap_pp", "gap_start_calibrated_pp", "gap_live_corrected_pp")})
         print(f"{row['fraction_of_knee']:.1f}x knee ({row['rate']} rps): measured {row['measured_median']}, "
               f"gaps {rows[-1]}, trace-driven {traced[-1] if row.get('per_request') else None}", flush=True)
     trace = {f"trace_{k}": v for k, v in gap_summary(traced).items() if "uncorrected" not in k and "without" not in k}
     return {**gap_summary(rows), **trace}
 
 
-def trace_predicted(prof: dict[str, Any], row: dict[str, Any], ttft_ms: float, tpot_ms: float) -> float:
+def trace_predicted(prof: dict[str, Any], row: dict[str, Any], ttft_ms: float, tpot_ms: float,
+                    at_speed: bool = False) -> float:
     """Median over a grid row's windows of the simulator run on each window's own arrivals
     (planner_vs_measured's `predict_window`): what the model misses, apart from what a window's
-    Poisson bursts do."""
-    return statistics.median(predict_window(prof, "colocated", row["rate"], [r[0] for r in rep], ttft_ms, tpot_ms)
-                             for rep in row["per_request"])
+    Poisson bursts do. `at_speed`: each window on the profile scaled by its measured speed."""
+    speeds = row.get("speed") if at_speed and row.get("speed") else [None] * len(row["per_request"])
+    base = parse_profile(prof)
+    return statistics.median(
+        predict_window(prof if s is None else base.scaled(*s).model_dump(mode="json"), "colocated", row["rate"],
+                       [r[0] for r in rep], ttft_ms, tpot_ms)
+        for rep, s in zip(row["per_request"], speeds, strict=True))
 
 
 def export_checkpoint(python: str, out: Path) -> None:

@@ -35,3 +35,24 @@ def test_a_window_is_predicted_on_its_own_arrivals():
     spread = predict_window(doc, "colocated", 1.0, [float(i) for i in range(40)], 300.0, 50.0)
     burst = predict_window(doc, "colocated", 1.0, [0.0] * 40, 300.0, 50.0)
     assert spread == 1.0 and burst < 0.5, (spread, burst)
+
+
+def test_a_window_is_predicted_at_the_speed_its_probes_measured():
+    """`planner_vs_measured.speed` is the probes' mean over the start's unloaded medians, and
+    `predict_row` predicts each window on the profile scaled by it: at the start's speed as
+    calibrated, on a machine running half as fast a rate near capacity loses attainment."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from planner_vs_measured import predict, predict_row, speed
+
+    unloaded = {"ttft_ms": 40.0, "tpot_ms": 5.0}
+    assert speed({"ttft_ms": 40.0, "tpot_ms": 5.0}, {"ttft_ms": 60.0, "tpot_ms": 6.0}, unloaded) == [1.25, 1.1]
+    root = Path(__file__).resolve().parents[1]
+    doc = json.loads((root / "operator" / "disaggserve" / "data" / "profiles" / "small-llama-cpu.json").read_text())
+    row = {"rate": 2.0, "speed": [[1.0, 1.0]] * 3}
+    base = predict(doc, "colocated", 2.0, 400.0, 60.0)
+    assert predict_row(doc, "colocated", row, 400.0, 60.0) == base
+    assert predict_row(doc, "colocated", {"rate": 2.0}, 400.0, 60.0) == base  # a run without probes
+    slow = predict_row(doc, "colocated", {**row, "speed": [[2.0, 2.0]] * 3}, 400.0, 60.0)
+    assert base == 1.0 and slow < 0.9, (slow, base)
