@@ -159,18 +159,19 @@ def rescore(path: Path) -> dict[str, Any]:
                                                         dep["unloaded"].get("prefill_stall_ms", 0.0))}
     at_knee = next(p for p in reversed(dep["ramp"]) if p["rate"] == dep["knee_rps"])
     start = calibrated(with_costs, "colocated", dep["unloaded"])[0]
-    profiles = {"gap_pp": start, "gap_start_calibrated_pp": start,
+    profiles = {"gap_pp": start, "gap_speed_calibrated_pp": start,
                 "gap_live_corrected_pp": corrected_live(with_costs, "colocated", at_knee, ttft_ms, tpot_ms)[0],
                 "gap_uncorrected_pp": with_costs, "gap_without_overheads_pp": doc}
     rows, traced = [], []
     for row in dep["rows"]:
-        predicted = {key: predict_row(prof, "colocated", row, ttft_ms, tpot_ms) if key == "gap_pp"  # windows' speed
+        predicted = {key: predict_row(prof, "colocated", row, ttft_ms, tpot_ms) if key == "gap_speed_calibrated_pp"
                      else predict(prof, "colocated", row["rate"], ttft_ms, tpot_ms) for key, prof in profiles.items()}
         rows.append({key: round(100 * (p - row["measured_median"]), 1) for key, p in predicted.items()})
         if row.get("per_request"):
-            traced.append({key: round(100 * (trace_predicted(profiles[key], row, ttft_ms, tpot_ms, key == "gap_pp")
+            traced.append({key: round(100 * (trace_predicted(profiles[key], row, ttft_ms, tpot_ms,
+                                                             at_speed=key == "gap_speed_calibrated_pp")
                                              - row["measured_median"]), 1)
-                           for key in ("gap_pp", "gap_start_calibrated_pp", "gap_live_corrected_pp")})
+                           for key in ("gap_pp", "gap_speed_calibrated_pp", "gap_live_corrected_pp")})
         print(f"{row['fraction_of_knee']:.1f}x knee ({row['rate']} rps): measured {row['measured_median']}, "
               f"gaps {rows[-1]}, trace-driven {traced[-1] if row.get('per_request') else None}", flush=True)
     trace = {f"trace_{k}": v for k, v in gap_summary(traced).items() if "uncorrected" not in k and "without" not in k}

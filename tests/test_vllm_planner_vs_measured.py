@@ -83,7 +83,7 @@ def test_rescore_predicts_the_stored_grid_again(tmp_path: Path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps(run))
     s = rescore(path)
-    for infix in ("", "_start_calibrated", "_live_corrected", "_uncorrected", "_without_overheads"):
+    for infix in ("", "_speed_calibrated", "_live_corrected", "_uncorrected", "_without_overheads"):
         assert (s[f"median_abs_gap{infix}_pp"], s[f"max_abs_gap{infix}_pp"]) == (25.0, 50.0), (infix, s)
     # trace-driven only where windows were stored: the first row, predicted 1.0 as measured
     assert (s["trace_median_abs_gap_pp"], s["trace_max_abs_gap_live_corrected_pp"]) == (0.0, 0.0), s
