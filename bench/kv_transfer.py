@@ -164,7 +164,8 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
     try:
         kv_port, raw_port = await asyncio.to_thread(parent.recv)
         layers = loaded.config.num_hidden_layers
-        raw = RawReceiver(raw_port, layout_of(decode).layer_bytes(tokens) * layers)
+        layout = layout_of(decode)  # made once, as the decode worker does
+        raw = RawReceiver(raw_port, layout.layer_bytes(tokens) * layers)
         prompt = [1] * tokens
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         for i in range(repeats + 1):  # the first pull opens the persistent connection: not timed
@@ -175,7 +176,7 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
             await asyncio.sleep(settle_s)
             start = time.perf_counter()
             stats = await transport.pull(f"127.0.0.61:{kv_port}", handle, f"b{i}",
-                                         layout_of(decode), pool_sink(decode, reservation.slot_table))
+                                         layout, pool_sink(decode, reservation))
             seconds = time.perf_counter() - start
             decode.cancel_reservation(reservation)
             nbytes = stats.bytes

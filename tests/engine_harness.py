@@ -80,7 +80,7 @@ async def run_disaggregated(prefill: Engine, decode: Engine, requests: Requests,
         reservation = decode.reserve(prompt, params)
         assert first.kv_handle is not None and reservation is not None
         stats = await transport.pull(f"{host}:{server.port}", first.kv_handle, f"r{i}", layout_of(decode),
-                                     pool_sink(decode, reservation.slot_table))
+                                     pool_sink(decode, reservation))
         rest = RequestStream(f"r{i}", loop)
         decode.submit_decode(f"r{i}", prompt, first.token_id, params, reservation, rest)  # type: ignore[arg-type]
         return [first.token_id, *await collect(rest)], stats  # type: ignore[list-item]

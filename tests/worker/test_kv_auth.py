@@ -67,7 +67,7 @@ async def test_pull_without_the_right_token_is_refused(port, tiny: LoadedModel, 
     try:
         with pytest.raises(KVTransferError) as error:
             await transport.pull(address, handle, "r", layout_of(receiver),
-                                 pool_sink(receiver, reservation.slot_table))
+                                 pool_sink(receiver, reservation))
     finally:
         transport.close()
     assert error.value.kind == "kv_unauthorized" and not error.value.retryable
@@ -83,7 +83,7 @@ async def test_pull_with_the_token_succeeds(port, tiny: LoadedModel) -> None:  #
     transport = TcpKVTransport(token=TOKEN)
     try:
         stats = await transport.pull(address, handle, "r", layout_of(receiver),
-                                     pool_sink(receiver, reservation.slot_table))
+                                     pool_sink(receiver, reservation))
     finally:
         transport.close()
     assert stats.tokens == len(prompt)

@@ -25,7 +25,7 @@ from disaggserve_worker.kv.framing import (
     recv_exact,
     recv_frame_head,
 )
-from disaggserve_worker.kv.layout import slot_runs
+from disaggserve_worker.kv.layout import block_runs, slot_runs
 from disaggserve_worker.kv.transport import KVLayout, KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.loader import LoadedModel
 from kv_fakes import FakeKVPeer
@@ -89,6 +89,24 @@ def test_slot_runs_merge_consecutive_blocks() -> None:
     slots = torch.tensor([32, 33, 34, 35, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17])
     assert slot_runs(slots) == [(32, 4), (0, 8), (16, 2)]
     assert slot_runs(torch.tensor([], dtype=torch.long)) == []
+
+
+def test_block_runs_are_the_slot_runs_of_the_block_table() -> None:
+    import random
+
+    from disaggserve_worker.engine.kv_cache import BlockAllocator
+
+    rng = random.Random(5)
+    allocator = BlockAllocator(64, 16)
+    for _ in range(50):
+        blocks = rng.sample(range(64), rng.randint(1, 12))
+        if rng.random() < 0.5:
+            blocks.sort()  # long runs of consecutive blocks
+        tokens = rng.randint(0, len(blocks) * 16)
+        table = allocator.slot_table(blocks)
+        assert block_runs(blocks, 16, tokens) == slot_runs(table[:tokens]), (blocks, tokens)
+    with pytest.raises(ValueError, match="do not fit"):
+        block_runs([3], 16, 17)
 
 
 def test_pool_views_are_shared_and_do_not_outlive_the_pool() -> None:
@@ -161,7 +179,7 @@ async def test_receiver_refuses_more_tokens_than_it_reserved(tiny: LoadedModel) 
 
     with FakeKVPeer(announces_a_huge_cache) as peer, pytest.raises(KVTransferError, match="does not fit") as error:
         await TcpKVTransport(frame_timeout=5).pull(peer.address, "h", "r", layout_of(receiver),
-                                                    pool_sink(receiver, reservation.slot_table))
+                                                    pool_sink(receiver, reservation))
     assert error.value.kind == "kv_mismatch" and not error.value.retryable
 
 
@@ -258,7 +276,7 @@ async def test_pulled_cache_equals_source_and_is_freed_after_ack(tiny: LoadedMod
         reservation = receiver.reserve(prompt, SamplingParams(max_tokens=8))
         assert reservation is not None
         stats = await TcpKVTransport().pull(address, handle, "r", layout_of(receiver),
-                                            pool_sink(receiver, reservation.slot_table))
+                                            pool_sink(receiver, reservation))
         assert stats.bytes == source.numel() * 4
         slots = reservation.slot_table[: len(prompt)]
         received = torch.stack([receiver.kv_pool.read(i, slots) for i in range(len(receiver.kv_pool))])
@@ -304,7 +322,7 @@ async def test_bfloat16_cache_crosses_the_wire_bit_exact() -> None:
         reservation = receiver.reserve(prompt, SamplingParams(max_tokens=4))
         assert reservation is not None
         await TcpKVTransport().pull(address, handle, "r", layout_of(receiver),
-                                    pool_sink(receiver, reservation.slot_table))
+                                    pool_sink(receiver, reservation))
         slots = reservation.slot_table[: len(prompt)]
         assert torch.equal(torch.stack([receiver.kv_pool.read(i, slots) for i in range(len(receiver.kv_pool))]),
                            source)
@@ -335,7 +353,7 @@ async def test_pulls_reuse_one_connection_and_survive_a_restarted_port(tiny: Loa
         reservation = receiver.reserve(prompt, params)
         assert first.kv_handle is not None and reservation is not None
         await transport.pull(f"127.0.0.32:{server.port}", first.kv_handle, f"r{i}", layout_of(receiver),
-                             pool_sink(receiver, reservation.slot_table))
+                             pool_sink(receiver, reservation))
         receiver.cancel_reservation(reservation)
 
     try:
@@ -373,7 +391,7 @@ async def test_pull_into_fragmented_blocks_equals_source(tiny: LoadedModel) -> N
         engine.unpin_held(handle, release=False)
         source = torch.stack([engine.kv_pool.read(i, held.slot_table[: len(prompt)])
                               for i in range(len(engine.kv_pool))])
-        await transport.pull(address, handle, "r", layout_of(receiver), pool_sink(receiver, reservation.slot_table))
+        await transport.pull(address, handle, "r", layout_of(receiver), pool_sink(receiver, reservation))
         slots = reservation.slot_table[: len(prompt)]
         assert torch.equal(torch.stack([receiver.kv_pool.read(i, slots) for i in range(len(receiver.kv_pool))]),
                            source)

@@ -102,6 +102,7 @@ class HeldCache:
     num_tokens: int
     expires_at: float
     pins: int = 0
+    wire: object = None  # the KV port's prepared reply (`Engine.on_hold`), opaque to the engine
 
 
 class Engine:
@@ -131,6 +132,9 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.busy = False
+        # Called on the engine thread with each cache it holds for a pull, before the handle is
+        # out: the KV port prepares its reply there, off the critical path of the pull.
+        self.on_hold: Callable[[HeldCache], None] | None = None
         # Speculative decoding (decode and colocated roles): replaces the plain decode forward.
         self.speculator = speculator
         if speculator is not None:
@@ -469,6 +473,8 @@ class Engine:
         handle = f"{seq.request_id}-{uuid.uuid4().hex[:12]}"
         held = HeldCache(handle, seq.request_id, seq.blocks, seq.slot_table,  # type: ignore[arg-type]
                          len(seq.prompt_ids), time.monotonic() + self.config.kv_ttl_seconds)
+        if self.on_hold is not None:
+            self.on_hold(held)
         with self._held_lock:
             self._held[handle] = held
         seq.blocks = []

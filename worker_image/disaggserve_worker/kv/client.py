@@ -4,16 +4,22 @@ One connection per peer is kept open between pulls (a second one opens only whil
 is busy) and authenticated once, when it opens; a pull then costs one round trip: REQUEST out,
 HEADER + layers + END back in one stream, ACK out.
 
-The event loop opens the TCP connection (which it can cancel) and sends the REQUEST without
-blocking; the rest of the exchange runs as one call on a transfer thread over a blocking socket
-(`framing.set_timeout`): one hand-off from the loop and one back, however many frames the
-transfer takes, and the hand-off overlaps the prefill worker preparing its reply. Each layer is
-scatter-read (`recvmsg_into`) straight into the reserved pool blocks (`PoolSink.targets`).
-Why not on the event loop: there every partial read of a layer is a readiness callback, a
-future and a task step, and a 1 MB pull on loopback arrives in a dozen or more pieces; on the
-2-core bench host that put the event-loop pull at 0.38x raw TCP (`bench/kv_transfer.py`).
-A cancelled pull shuts its socket down, which ends the blocked read at once, and waits for
-the thread: once `pull` returns or raises, nothing writes into the sink any more.
+Two ways to drive the same frames, chosen per pull:
+- On the event loop (`framing.LoopStream`), for a pooled connection pulling into a direct pool
+  sink of up to LOOP_MAX_BYTES (a typical prompt's cache): each read takes what has arrived,
+  layers are scatter-read (`recvmsg_into`) straight into the reserved pool blocks, and the ACK
+  goes out right after the pull has returned (`_acknowledge`). No thread hand-off: on the 2-core
+  bench host the transfer thread woken for a 1 MB pull queued behind the very sender it waited
+  for and started reading only once the whole send was done (bench/kv_transfer.py: 0.44x raw
+  TCP before, 0.76x after, with the prefill side's reply prepared in advance).
+- On a transfer thread over a blocking socket (`framing.set_timeout`) for everything else: the
+  handshake of a new connection, larger caches (one blocking `MSG_WAITALL` read per layer
+  instead of a readiness wake-up per arriving piece), and staged sinks (pools split over shards
+  or on a GPU, plain callbacks). The loop opens the TCP connection (cancellable) and sends the
+  REQUEST without blocking; a cancelled pull shuts the socket down, which ends the blocked read
+  at once, and waits for the thread.
+Either way, once `pull` returns or raises (cancellation included) nothing writes into the sink
+any more.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from disaggserve_worker.kv.framing import (
     SOCKET_BUFFER,
     FrameType,
     KVTransferError,
+    LoopStream,
     PeerClosed,
     decode_json,
     encode_json,
@@ -56,6 +63,11 @@ from disaggserve_worker.kv.framing import (
 from disaggserve_worker.kv.layout import DTYPES, KVLayout, LayerSink, PoolSink, TransferStats
 
 _UNSET = object()
+# Pulls into reservations of up to this size are read on the event loop, larger ones on a transfer
+# thread (one blocking read per layer instead of a readiness wake-up per arriving piece): on the
+# 2-core bench host a 1 MB pull took 1.7-2.1 ms on the loop and 2.1-2.2 ms on a thread, a 12 MB one
+# 8.4-9.7 ms on the loop and 7.8-8.8 ms on a thread (bench/kv_transfer.py).
+LOOP_MAX_BYTES = 4 << 20
 _T = TypeVar("_T")
 
 
@@ -106,6 +118,7 @@ class TcpKVTransport:
         self._idle: dict[str, list[_Connection]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
+        self._closed = False
 
     async def pull(self, address: str, handle: str, request_id: str, expect: KVLayout,
                    sink: LayerSink | PoolSink) -> TransferStats:
@@ -115,11 +128,17 @@ class TcpKVTransport:
         for attempt in range(2):
             conn, reused = await self._checkout(address)
             request = encode_json(FrameType.REQUEST, {"handle": handle, "request_id": request_id})
-            sent = conn.send_now(request) if conn.authenticated else 0
-            exchange = functools.partial(self._exchange, conn, request[sent:], expect, sink,
-                                         may_be_stale=reused and attempt == 0)
+            may_be_stale = reused and attempt == 0
+            ack: bytes | None = None  # still to send once the pull has returned
             try:
-                total, tokens = await self._on_thread(conn, exchange)
+                if (conn.authenticated and isinstance(sink, PoolSink) and sink.direct
+                        and expect.layer_bytes(sink.capacity) * expect.layers <= LOOP_MAX_BYTES):
+                    total, tokens, ack = await self._exchange_on_loop(conn, request, expect, sink, may_be_stale)
+                else:
+                    sent = conn.send_now(request) if conn.authenticated else 0
+                    exchange = functools.partial(self._exchange, conn, request[sent:], expect, sink,
+                                                 may_be_stale=may_be_stale)
+                    total, tokens = await self._on_thread(conn, exchange)
             except _Stale:
                 conn.close()
                 continue  # the peer had closed the pooled connection: once more on a fresh one
@@ -129,11 +148,15 @@ class TcpKVTransport:
             except BaseException:
                 conn.close()
                 raise
-            self._checkin(conn)
+            if ack is None:
+                self._checkin(conn)
+            else:
+                asyncio.get_running_loop().call_soon(self._acknowledge, conn, ack)
             return TransferStats(total, time.perf_counter() - start, tokens)
         raise KVTransferError("kv_unavailable", f"KV port {address} closed the connection", True)
 
     def close(self) -> None:
+        self._closed = True
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
@@ -175,8 +198,22 @@ class TcpKVTransport:
         return await self._connect(address), False
 
     def _checkin(self, conn: _Connection) -> None:
+        if self._closed:
+            conn.close()
+            return
         conn.last_used = time.monotonic()
         self._idle.setdefault(conn.address, []).append(conn)
+
+    def _acknowledge(self, conn: _Connection, ack: bytes) -> None:
+        """Send a loop pull's ACK, right after the pull returned (the cache is in place: the decode
+        engine need not wait for the syscall, which on loopback also delivers it and wakes the
+        sender: ~0.3 ms of a ~2 ms 1 MB pull). The connection is pooled again only once its ACK is
+        out, so the next REQUEST on it follows it; one that cannot take 30 bytes at once is closed
+        (the prefill worker then keeps the cache until its TTL, as for a decode worker that died)."""
+        if conn.send_now(ack) == len(ack):
+            self._checkin(conn)
+        else:
+            conn.close()
 
     async def _connect(self, address: str) -> _Connection:
         """Open the TCP connection on the loop (cancellable); the handshake runs on the transfer
@@ -229,6 +266,7 @@ class TcpKVTransport:
         """One pull on a transfer thread: the handshake on a new connection, whatever of the
         REQUEST frame the loop did not send, then the reply."""
         sock = conn.sock
+        set_timeout(sock, self.frame_timeout)  # blocking (a loop pull leaves it non-blocking)
         if not conn.authenticated:
             self._handshake(conn)
         try:
@@ -238,24 +276,40 @@ class TcpKVTransport:
             if may_be_stale:
                 raise _Stale() from None
             raise
-        if kind is FrameType.ERROR:
-            err = decode_json(payload)
-            raise _Refused(str(err.get("type", "kv_unavailable")), str(err.get("message")),
-                           bool(err.get("retryable", True)))
-        if kind is not FrameType.HEADER:
-            raise KVTransferError("kv_protocol", f"expected a KV header, got {kind.name}", False)
-        tokens = self._check_header(decode_json(payload), expect, sink)
+        tokens = self._check_header(_reply_header(kind, payload), expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
         if isinstance(sink, PoolSink) and sink.direct:
             self._receive_direct(sock, expect, sink, tokens, layer_bytes)
         else:
             self._receive_staged(sock, expect, sink, tokens, layer_bytes)
-        kind, payload = recv_control(sock)
-        raise_if_error(kind, payload)
-        if kind is not FrameType.END:
-            raise KVTransferError("kv_protocol", f"expected the KV end frame, got {kind.name}", False)
+        _check_end(*recv_control(sock))
         send_json(sock, FrameType.ACK, {"bytes": layer_bytes * expect.layers})
         return layer_bytes * expect.layers, tokens
+
+    async def _exchange_on_loop(self, conn: _Connection, request: bytes, expect: KVLayout, sink: PoolSink,
+                                may_be_stale: bool) -> tuple[int, int, bytes | None]:
+        """One pull on an authenticated connection into a direct sink, from the event loop
+        (`framing.LoopStream`): the same frames as `_exchange`, each layer scatter-read straight
+        into the reserved blocks. Returns (bytes, tokens, the ACK still to send). A cancellation
+        stops it at a read; the caller then closes the connection, and nothing writes into the
+        sink any more."""
+        stream = LoopStream(conn.sock, self.frame_timeout)
+        try:
+            await stream.send(request)
+            kind, payload = await stream.control()
+        except PeerClosed:
+            if may_be_stale:
+                raise _Stale() from None
+            raise
+        tokens = self._check_header(_reply_header(kind, payload), expect, sink)
+        layer_bytes = expect.layer_bytes(tokens)
+        total = layer_bytes * expect.layers
+        head = bytearray(HEADER.size + LAYER_INDEX.size)
+        for layer in range(expect.layers):
+            await stream.recv_into([memoryview(head), *sink.targets(layer, tokens)])
+            _check_layer_head(head, layer, layer_bytes)
+        _check_end(*await stream.control())
+        return total, tokens, encode_json(FrameType.ACK, {"bytes": total})
 
     @staticmethod
     def _receive_direct(sock: socket.socket, expect: KVLayout, sink: PoolSink, tokens: int,
@@ -265,14 +319,9 @@ class TcpKVTransport:
         just checked, so the read is bounded by the reservation; a frame head that turns out
         wrong fails the pull (the caller frees the reservation it wrote into)."""
         head = bytearray(HEADER.size + LAYER_INDEX.size)
-        want = (int(FrameType.LAYER), LAYER_INDEX.size + layer_bytes)
         for expected_layer in range(expect.layers):
             recv_into_buffers(sock, [memoryview(head), *sink.targets(expected_layer, tokens)])
-            kind, length = HEADER.unpack_from(head)
-            (layer,) = LAYER_INDEX.unpack_from(head, HEADER.size)
-            if (kind, length) != want or layer != expected_layer:
-                raise KVTransferError("kv_protocol", f"bad KV frame (type {kind}, {length} bytes, layer {layer}) "
-                                      f"where layer {expected_layer} of {layer_bytes} bytes was due", False)
+            _check_layer_head(head, expected_layer, layer_bytes)
 
     @staticmethod
     def _receive_staged(sock: socket.socket, expect: KVLayout, sink: LayerSink | PoolSink, tokens: int,
@@ -315,6 +364,33 @@ class TcpKVTransport:
             raise KVTransferError("kv_mismatch", f"KV cache of {tokens} tokens does not fit the {limit} "
                                   "this worker reserved (model length or reservation)", False)
         return tokens
+
+
+def _reply_header(kind: FrameType, payload: bytearray) -> dict[str, object]:
+    """The HEADER that answers a REQUEST; ERROR (unknown handle...) raises `_Refused`."""
+    if kind is FrameType.ERROR:
+        err = decode_json(payload)
+        raise _Refused(str(err.get("type", "kv_unavailable")), str(err.get("message")),
+                       bool(err.get("retryable", True)))
+    if kind is not FrameType.HEADER:
+        raise KVTransferError("kv_protocol", f"expected a KV header, got {kind.name}", False)
+    return decode_json(payload)
+
+
+def _check_layer_head(head: bytearray, expected_layer: int, layer_bytes: int) -> None:
+    """A direct read takes a layer frame's head together with its payload: a head that turns out
+    wrong fails the pull (the caller frees the reservation it wrote into)."""
+    kind, length = HEADER.unpack_from(head)
+    (layer,) = LAYER_INDEX.unpack_from(head, HEADER.size)
+    if (kind, length, layer) != (int(FrameType.LAYER), LAYER_INDEX.size + layer_bytes, expected_layer):
+        raise KVTransferError("kv_protocol", f"bad KV frame (type {kind}, {length} bytes, layer {layer}) "
+                              f"where layer {expected_layer} of {layer_bytes} bytes was due", False)
+
+
+def _check_end(kind: FrameType, payload: bytearray) -> None:
+    raise_if_error(kind, payload)
+    if kind is not FrameType.END:
+        raise KVTransferError("kv_protocol", f"expected the KV end frame, got {kind.name}", False)
 
 
 class _Stale(Exception):

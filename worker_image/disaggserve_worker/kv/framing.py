@@ -24,6 +24,7 @@ size the header announced, which the receiver checks against its model and reser
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
@@ -117,6 +118,18 @@ def _translate(error: BaseException, sock: socket.socket) -> KVTransferError:
     return PeerClosed(f"KV peer closed the stream: {error!r}")
 
 
+def _consume(pending: list[memoryview], done: int) -> None:
+    """Drop the first `done` bytes of the pending buffers (what one scatter/gather call moved)."""
+    while done:
+        head = pending[0]
+        if done >= head.nbytes:
+            done -= head.nbytes
+            pending.pop(0)
+        else:
+            pending[0] = head[done:]
+            done = 0
+
+
 def recv_into_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> None:
     """Fill every buffer, in order (scatter-read: one syscall per up to IOV_MAX buffers, which on
     a blocking socket waits for all of them)."""
@@ -128,14 +141,7 @@ def recv_into_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> Non
             raise _translate(error, sock) from None
         if got == 0:
             raise PeerClosed("KV peer closed the stream mid-frame")
-        while got:
-            head = pending[0]
-            if got >= head.nbytes:
-                got -= head.nbytes
-                pending.pop(0)
-            else:
-                pending[0] = head[got:]
-                got = 0
+        _consume(pending, got)
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytearray:
@@ -152,19 +158,15 @@ def send_buffers(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> 
             sent = sock.sendmsg(pending[:IOV_MAX])
         except OSError as error:
             raise _translate(error, sock) from None
-        while sent:
-            head = pending[0]
-            if sent >= head.nbytes:
-                sent -= head.nbytes
-                pending.pop(0)
-            else:
-                pending[0] = head[sent:]
-                sent = 0
+        _consume(pending, sent)
 
 
 def recv_frame_head(sock: socket.socket) -> tuple[FrameType, int]:
     """The next frame's type and payload length (the payload is not read)."""
-    head = recv_exact(sock, HEADER.size)
+    return _frame_head(recv_exact(sock, HEADER.size))
+
+
+def _frame_head(head: bytes | bytearray) -> tuple[FrameType, int]:
     kind_value, length = HEADER.unpack(head)
     try:
         return FrameType(kind_value), length
@@ -172,14 +174,78 @@ def recv_frame_head(sock: socket.socket) -> tuple[FrameType, int]:
         raise KVTransferError("kv_protocol", f"unknown KV frame type {kind_value}", False) from None
 
 
-def recv_control(sock: socket.socket, limit: int = MAX_CONTROL_FRAME) -> tuple[FrameType, bytearray]:
-    """One whole control frame; a LAYER frame or one longer than `limit` is refused unread."""
-    kind, length = recv_frame_head(sock)
+def _check_control(kind: FrameType, length: int, limit: int) -> None:
     if kind is FrameType.LAYER:
         raise KVTransferError("kv_protocol", "unexpected KV layer frame", False)
     if length > limit:
         raise KVTransferError("kv_protocol", f"KV {kind.name} frame of {length} bytes exceeds {limit}", False)
+
+
+def recv_control(sock: socket.socket, limit: int = MAX_CONTROL_FRAME) -> tuple[FrameType, bytearray]:
+    """One whole control frame; a LAYER frame or one longer than `limit` is refused unread."""
+    kind, length = recv_frame_head(sock)
+    _check_control(kind, length, limit)
     return kind, recv_exact(sock, length)
+
+
+class LoopStream:
+    """The same framed stream read and written from an event loop, on the socket made
+    non-blocking: each read takes what has arrived and waits for readability only when nothing
+    has (no thread hand-off, no stream-reader buffer); each wait is bounded by `timeout`.
+
+    Why a second way to drive the stream: a transfer thread costs two hand-offs per pull, and on a
+    small host the woken thread can queue behind the very sender it waits for (a 1 MB pull on
+    the 2-core bench host started receiving only once the whole send was done, bench/kv_transfer.py)."""
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        self.sock = sock
+        self.timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+
+    async def _readable(self) -> None:
+        ready = self._loop.create_future()
+        fd = self.sock.fileno()
+        self._loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            async with asyncio.timeout(self.timeout):
+                await ready
+        except TimeoutError:
+            raise KVTransferError("kv_timeout", f"no KV data within {self.timeout:g} s", True) from None
+        finally:
+            self._loop.remove_reader(fd)
+
+    async def recv_into(self, buffers: Sequence[memoryview]) -> None:
+        pending = [b for b in buffers if b.nbytes]
+        while pending:
+            try:
+                got = self.sock.recvmsg_into(pending[:IOV_MAX])[0]
+            except (BlockingIOError, InterruptedError):
+                await self._readable()
+                continue
+            except OSError as error:
+                raise _translate(error, self.sock) from None
+            if got == 0:
+                raise PeerClosed("KV peer closed the stream mid-frame")
+            _consume(pending, got)
+
+    async def control(self, limit: int = MAX_CONTROL_FRAME) -> tuple[FrameType, bytearray]:
+        head = bytearray(HEADER.size)
+        await self.recv_into([memoryview(head)])
+        kind, length = _frame_head(head)
+        _check_control(kind, length, limit)
+        payload = bytearray(length)
+        await self.recv_into([memoryview(payload)])
+        return kind, payload
+
+    async def send(self, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._loop.sock_sendall(self.sock, data)
+        except TimeoutError:
+            raise KVTransferError("kv_timeout", f"KV peer took no data within {self.timeout:g} s", True) from None
+        except OSError as error:
+            raise _translate(error, self.sock) from None
 
 
 def send_json(sock: socket.socket, kind: FrameType, obj: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ most `MAX_HANDSHAKE_FRAME` bytes, and it has `handshake_timeout` seconds to prov
 token; after that, control frames are bounded by `MAX_CONTROL_FRAME`. Nothing a peer sends is
 buffered beyond those limits, so a hostile or broken client cannot grow this process.
 Layers are sent with `sendmsg` straight from the pool's blocks (no gather copy) on a
-single-shard CPU pool; other pools gather a layer with `KVPool.read` first.
+single-shard CPU pool, as one gather-write prepared when the engine holds the cache
+(`Engine.on_hold`), so a pull only sends it; other pools gather a layer with `KVPool.read` first.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from disaggserve_worker.kv.framing import (
     send_json,
     set_timeout,
 )
-from disaggserve_worker.kv.layout import DTYPE_NAMES, PoolRegions, regions_of, slot_runs
+from disaggserve_worker.kv.layout import DTYPE_NAMES, PoolRegions, block_runs, regions_of
 
 if TYPE_CHECKING:
-    from disaggserve_worker.engine.engine import Engine
+    from disaggserve_worker.engine.engine import Engine, HeldCache
 
 log = logging.getLogger(__name__)
 _UNSET = object()
@@ -91,6 +92,8 @@ class KVServer:
         self._listener = listener
         self.port = int(listener.getsockname()[1])
         self._regions = regions_of(self.engine.kv_pool)
+        if self._regions is not None:
+            self.engine.on_hold = self._prepare
         self._accept_thread = threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True)
         self._accept_thread.start()
 
@@ -100,6 +103,8 @@ class KVServer:
     def close(self) -> None:
         """Stop accepting, cut every connection (their held caches stay for a retry), join."""
         self._closing = True
+        if self.engine.on_hold == self._prepare:
+            self.engine.on_hold = None
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
@@ -203,7 +208,7 @@ class KVServer:
         delivered = False
         try:
             start = time.perf_counter()
-            sent = self._send(conn, held.request_id, held.slot_table[: held.num_tokens])
+            sent = self._send(conn, held)
             kind, _ = recv_control(conn)
             delivered = kind is FrameType.ACK
             if delivered and self.on_sent:
@@ -211,30 +216,51 @@ class KVServer:
         finally:
             self.engine.unpin_held(handle, release=delivered)
 
-    def _send(self, conn: socket.socket, request_id: str, slots: torch.Tensor) -> int:
+    def _prepare(self, held: HeldCache) -> None:
+        """Build a held cache's whole reply (on the engine thread, as it holds the cache): on a
+        pull the port then only sends it. Built on the pull instead, on a port thread woken from
+        idle, it took ~0.5 ms of a ~2 ms 1 MB pull (bench/kv_transfer.py)."""
+        held.wire = self._direct_reply(held)
+
+    def _direct_reply(self, held: HeldCache) -> tuple[list[bytes | memoryview], int]:
+        """The reply as one gather-write from the pool's blocks (HEADER, each layer's frame head and
+        K then V regions, END), and its layer bytes."""
+        assert self._regions is not None
+        pool = self.engine.kv_pool
+        tokens = held.num_tokens
+        layer_bytes = 2 * tokens * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
+        runs = block_runs(held.blocks, self.engine.allocator.block_size, tokens)
+        buffers: list[bytes | memoryview] = [self._header(held, layer_bytes)]
+        for layer in range(len(pool)):
+            buffers += [_layer_head(layer, layer_bytes), *self._regions.layer_regions(layer, runs)]
+        buffers.append(encode_json(FrameType.END, {"bytes": layer_bytes * len(pool)}))
+        return buffers, layer_bytes * len(pool)
+
+    def _header(self, held: HeldCache, layer_bytes: int) -> bytes:
         # Full-head layers on the wire whatever this worker's tensor size: a receiver of another
         # tensor size splits them its own way.
         pool = self.engine.kv_pool
-        tokens = int(slots.numel())
-        shape = [2, tokens, pool.kv_heads, pool.head_dim]
+        return encode_json(FrameType.HEADER, {"request_id": held.request_id, "dtype": DTYPE_NAMES[pool.dtype],
+                                              "layers": len(pool),
+                                              "shape": [2, held.num_tokens, pool.kv_heads, pool.head_dim]})
+
+    def _send(self, conn: socket.socket, held: HeldCache) -> int:
+        if self._regions is not None:
+            buffers, sent = held.wire if held.wire is not None else self._direct_reply(held)  # type: ignore[misc]
+            send_buffers(conn, buffers)
+            return sent  # type: ignore[no-any-return]
+        pool = self.engine.kv_pool  # sharded or on a GPU: gather each layer first
+        tokens = held.num_tokens
         layer_bytes = 2 * tokens * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
-        header = encode_json(FrameType.HEADER, {"request_id": request_id, "dtype": DTYPE_NAMES[pool.dtype],
-                                                "layers": len(pool), "shape": shape})
-        end = encode_json(FrameType.END, {"bytes": layer_bytes * len(pool)})
-
-        def head(layer: int) -> bytes:
-            return HEADER.pack(int(FrameType.LAYER), LAYER_INDEX.size + layer_bytes) + LAYER_INDEX.pack(layer)
-
-        if self._regions is not None:  # the whole reply as one gather-write from the pool's blocks
-            runs = slot_runs(slots)
-            buffers: list[bytes | memoryview] = [header]
-            for layer in range(len(pool)):
-                buffers += [head(layer), *self._regions.layer_regions(layer, runs)]
-            send_buffers(conn, [*buffers, end])
-            return layer_bytes * len(pool)
-        send_buffers(conn, [header])
+        send_buffers(conn, [self._header(held, layer_bytes)])
+        slots = held.slot_table[:tokens]
         for layer in range(len(pool)):
             gathered = pool.read(layer, slots, torch.device("cpu")).contiguous()
-            send_buffers(conn, [head(layer), memoryview(gathered.view(torch.uint8).reshape(-1).numpy())])
-        send_buffers(conn, [end])
+            send_buffers(conn, [_layer_head(layer, layer_bytes),
+                                memoryview(gathered.view(torch.uint8).reshape(-1).numpy())])
+        send_buffers(conn, [encode_json(FrameType.END, {"bytes": layer_bytes * len(pool)})])
         return layer_bytes * len(pool)
+
+
+def _layer_head(layer: int, layer_bytes: int) -> bytes:
+    return HEADER.pack(int(FrameType.LAYER), LAYER_INDEX.size + layer_bytes) + LAYER_INDEX.pack(layer)

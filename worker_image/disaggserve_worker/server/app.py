@@ -82,6 +82,7 @@ class WorkerServer:
         self.config = config
         self.metrics = metrics
         self.transport: KVTransport = transport or TcpKVTransport(token=config.token)  # proves it on the KV port
+        self.kv_layout = layout_of(engine)  # what every pull expects (made once: it walks the model)
         self.draining = False
         self.inflight = 0
         self.admitting = 0  # decode requests waiting for KV-cache room (vllm:num_requests_waiting)
@@ -322,8 +323,7 @@ class WorkerServer:
                 return response
             try:
                 stats = await self.transport.pull(body.kv.address, body.kv.handle, body.request_id,
-                                                  layout_of(self.engine), pool_sink(self.engine,
-                                                                                    reservation.slot_table))
+                                                  self.kv_layout, pool_sink(self.engine, reservation))
             except KVTransferError as error:
                 self.engine.cancel_reservation(reservation)
                 self.metrics.request("kv_failed")

@@ -1,0 +1,159 @@
+"""Pulls on a pooled connection into a direct pool sink run on the event loop
+(`TcpKVTransport._exchange_on_loop`), with the ACK sent right after the pull returns: the same
+faults as the transfer-thread path (a stalled peer, a peer dying mid-layer, a cancellation, a
+refused handle) must end the same way, and the data and the ACK must arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from disaggserve_worker.kv.framing import HEADER, LAYER_INDEX, FrameType, KVTransferError, encode_json, recv_control
+from disaggserve_worker.kv.layout import PoolSink
+from disaggserve_worker.kv.transport import KVLayout, TcpKVTransport
+from disaggserve_worker.model.kv_pool import KVPool
+from kv_fakes import FakeKVPeer
+
+LAYOUT = KVLayout(torch.float32, layers=2, kv_heads=1, head_dim=4)
+TOKENS = 3
+
+
+def _layer(layer: int) -> bytes:
+    payload = LAYER_INDEX.pack(layer) + torch.full((2, TOKENS, 1, 4), float(layer + 1)).numpy().tobytes()
+    return HEADER.pack(int(FrameType.LAYER), len(payload)) + payload
+
+
+def _header(conn: socket.socket) -> None:
+    conn.sendall(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32", "layers": 2,
+                                                "shape": [2, TOKENS, 1, 4]}))
+
+
+def _answers(conn: socket.socket, acks: list[float]) -> None:
+    """One well-formed reply, then the ACK (its arrival time recorded)."""
+    assert recv_control(conn)[0] is FrameType.REQUEST
+    _header(conn)
+    conn.sendall(_layer(0) + _layer(1) + encode_json(FrameType.END, {"bytes": 2 * LAYOUT.layer_bytes(TOKENS)}))
+    kind, _ = recv_control(conn)
+    assert kind is FrameType.ACK
+    acks.append(time.monotonic())
+
+
+def _sink() -> tuple[PoolSink, KVPool]:
+    pool = KVPool([[torch.zeros(2, 8, 1, 4)] for _ in range(2)])
+    return PoolSink(pool, torch.tensor([5, 6, 7])), pool
+
+
+async def _second_pull(then: Callable[[socket.socket], None], frame_timeout: float = 5.0,
+                       cancel_after: threading.Event | None = None,
+                       took: list[float] | None = None,
+                       pools: list[KVPool] | None = None) -> tuple[TcpKVTransport, PoolSink, KVPool]:
+    """A first pull that authenticates the connection (on a transfer thread), then a second one on
+    the loop against `then`; raises what the second raises. `took` gets the seconds the second
+    pull ran (from its cancellation, if cancelled) before it ended, `pools` its sink's pool."""
+    acks: list[float] = []
+
+    def script(conn: socket.socket) -> None:
+        _answers(conn, acks)
+        then(conn)
+
+    transport = TcpKVTransport(frame_timeout=frame_timeout, token=None)
+    with FakeKVPeer(script) as peer:
+        first, _ = _sink()
+        await transport.pull(peer.address, "h1", "r1", LAYOUT, first)
+        sink, pool = _sink()
+        if pools is not None:
+            pools.append(pool)
+        task = asyncio.ensure_future(transport.pull(peer.address, "h2", "r2", LAYOUT, sink))
+        start = time.monotonic()
+        if cancel_after is not None:
+            await asyncio.to_thread(cancel_after.wait, 5)
+            await asyncio.sleep(0.1)
+            start = time.monotonic()
+            task.cancel()
+        try:
+            await task
+        finally:
+            if took is not None:
+                took.append(time.monotonic() - start)
+            transport.close()
+    return transport, sink, pool
+
+
+async def test_a_pooled_pull_lands_in_the_pool_and_is_acknowledged_after_it_returns() -> None:
+    acks: list[float] = []
+    transport = TcpKVTransport(token=None)
+    with FakeKVPeer(lambda conn: (_answers(conn, acks), _answers(conn, acks))) as peer:
+        await transport.pull(peer.address, "h1", "r1", LAYOUT, _sink()[0])
+        sink, pool = _sink()
+        stats = await transport.pull(peer.address, "h2", "r2", LAYOUT, sink)
+        returned = time.monotonic()
+        for _ in range(100):
+            if len(acks) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(acks) == 2, "the second pull's ACK reached the peer"
+        assert acks[1] >= returned - 0.05
+        assert len(transport._idle[peer.address]) == 1, "pooled again once its ACK was out"
+    transport.close()
+    assert (stats.bytes, stats.tokens) == (2 * LAYOUT.layer_bytes(TOKENS), TOKENS)
+    for layer in range(2):
+        assert torch.equal(pool.layers[layer][0][:, 5:8], torch.full((2, TOKENS, 1, 4), float(layer + 1)))
+        assert not pool.layers[layer][0][:, :5].any() and not pool.layers[layer][0][:, 8:].any()
+
+
+async def test_a_stalled_peer_times_out_on_the_loop() -> None:
+    def stalls(conn: socket.socket) -> None:
+        recv_control(conn)
+        time.sleep(1.5)
+
+    took: list[float] = []
+    with pytest.raises(KVTransferError) as error:
+        await _second_pull(stalls, frame_timeout=0.3, took=took)
+    assert error.value.kind == "kv_timeout" and error.value.retryable
+    assert took[0] < 1.2, took
+
+
+async def test_a_peer_dying_mid_layer_is_retryable_on_the_loop() -> None:
+    def dies(conn: socket.socket) -> None:
+        recv_control(conn)
+        _header(conn)
+        conn.sendall(_layer(0)[:20])
+
+    with pytest.raises(KVTransferError) as error:
+        await _second_pull(dies)
+    assert error.value.kind == "kv_unavailable" and error.value.retryable
+
+
+async def test_a_refused_handle_keeps_the_connection() -> None:
+    def refuses(conn: socket.socket) -> None:
+        recv_control(conn)
+        conn.sendall(encode_json(FrameType.ERROR, {"type": "kv_unavailable", "message": "expired",
+                                                   "retryable": True}))
+        time.sleep(0.5)
+
+    with pytest.raises(KVTransferError, match="expired"):
+        await _second_pull(refuses)
+
+
+async def test_a_cancelled_loop_pull_writes_nothing_after_it_returns() -> None:
+    header_sent = threading.Event()
+
+    def stalls_after_the_header(conn: socket.socket) -> None:
+        recv_control(conn)
+        _header(conn)
+        header_sent.set()
+        time.sleep(2)
+        conn.sendall(_layer(0))  # too late: the pull was cancelled
+
+    took: list[float] = []
+    pools: list[KVPool] = []
+    with pytest.raises(asyncio.CancelledError):
+        await _second_pull(stalls_after_the_header, cancel_after=header_sent, took=took, pools=pools)
+    assert took[0] < 0.5, "cancellation does not wait for the peer"
+    assert not any(layer[0].any() for layer in pools[-1].layers), "the late layer went nowhere"
