@@ -30,7 +30,7 @@ import functools
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -269,13 +269,9 @@ class TcpKVTransport:
         set_timeout(sock, self.frame_timeout)  # blocking (a loop pull leaves it non-blocking)
         if not conn.authenticated:
             self._handshake(conn)
-        try:
+        with _stale_if(may_be_stale):
             send_buffers(sock, [unsent])
             kind, payload = recv_control(sock)
-        except PeerClosed:
-            if may_be_stale:
-                raise _Stale() from None
-            raise
         tokens = self._check_header(_reply_header(kind, payload), expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
         if isinstance(sink, PoolSink) and sink.direct:
@@ -287,20 +283,16 @@ class TcpKVTransport:
         return layer_bytes * expect.layers, tokens
 
     async def _exchange_on_loop(self, conn: _Connection, request: bytes, expect: KVLayout, sink: PoolSink,
-                                may_be_stale: bool) -> tuple[int, int, bytes | None]:
+                                may_be_stale: bool) -> tuple[int, int, bytes]:
         """One pull on an authenticated connection into a direct sink, from the event loop
         (`framing.LoopStream`): the same frames as `_exchange`, each layer scatter-read straight
         into the reserved blocks. Returns (bytes, tokens, the ACK still to send). A cancellation
         stops it at a read; the caller then closes the connection, and nothing writes into the
         sink any more."""
         stream = LoopStream(conn.sock, self.frame_timeout)
-        try:
+        with _stale_if(may_be_stale):
             await stream.send(request)
             kind, payload = await stream.control()
-        except PeerClosed:
-            if may_be_stale:
-                raise _Stale() from None
-            raise
         tokens = self._check_header(_reply_header(kind, payload), expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
         total = layer_bytes * expect.layers
@@ -364,6 +356,18 @@ class TcpKVTransport:
             raise KVTransferError("kv_mismatch", f"KV cache of {tokens} tokens does not fit the {limit} "
                                   "this worker reserved (model length or reservation)", False)
         return tokens
+
+
+@contextlib.contextmanager
+def _stale_if(may_be_stale: bool) -> Iterator[None]:
+    """A peer that had closed a pooled connection shows at the REQUEST or the first read of the
+    reply: `_Stale`, which `pull` retries once on a fresh connection."""
+    try:
+        yield
+    except PeerClosed:
+        if may_be_stale:
+            raise _Stale() from None
+        raise
 
 
 def _reply_header(kind: FrameType, payload: bytearray) -> dict[str, object]:
