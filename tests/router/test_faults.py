@@ -126,6 +126,37 @@ async def test_dead_prefill_is_retried_on_another(disagg_workers: list[WorkerPro
         stop_all(extra)
 
 
+async def test_draining_workers_cost_no_attempt_and_are_passed_by(disagg_workers: list[WorkerProcess],
+                                                                    tmp_path: Path) -> None:
+    """During a scale-down several prefill workers drain at once; with nothing in flight they look
+    the least loaded until the next load poll. Their refusals must not use up a request's attempts
+    (CI saw three of them exhaust three) while a serving worker stands beside them."""
+    block = random_block()
+    draining = start_workers([("prefill", f"{block}.1"), ("prefill", f"{block}.2")], tmp_path)
+    try:
+        # Listed first, so an unaware pick (all scores equal) takes a draining one; one attempt only.
+        running = await start_router(router_config(draining + disagg_workers, poll_interval_s=60,
+                                                   max_attempts=1))
+        try:
+            async with aiohttp.ClientSession() as http:
+                for worker in draining:
+                    async with http.post(worker.url + "/internal/drain") as resp:
+                        assert resp.status == 200
+            for _ in range(3):
+                done = await api(running).completions.create(model=SERVED, prompt=PROMPT, max_tokens=4,
+                                                             extra_body=LONG)
+                assert done.usage is not None and done.usage.completion_tokens == 4
+            pool = running.router.pool
+            assert all(pool.workers[w.url].draining for w in draining)  # learned from the refusals
+            metrics = running.router.metrics.render().decode()
+            refused = re.search(r'disaggserve_router_retries_total\{reason="worker_busy"\} (\d+)', metrics)
+            assert refused is not None and 1 <= float(refused.group(1)) <= 2, metrics
+        finally:
+            await running.runner.cleanup()
+    finally:
+        stop_all(draining)
+
+
 async def test_drain_finishes_in_flight_and_refuses_new(disagg_router: RunningRouter) -> None:
     router = disagg_router
     stream = await api(router).completions.create(model=SERVED, prompt=PROMPT, max_tokens=MAX_TOKENS,

@@ -90,17 +90,25 @@ class Dispatcher:
         self._releases: set[asyncio.Task[None]] = set()  # held caches being freed (kept referenced)
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Token]:
-        """Yields the tokens of `req`, the last one with a finish_reason; raises UpstreamError."""
+        """Yields the tokens of `req`, the last one with a finish_reason; raises UpstreamError.
+
+        A worker that refuses before doing any work (busy, draining) costs no attempt: it is only
+        excluded. While the operator scales down, several workers drain at once and, having nothing
+        left in flight, look the least loaded until the next load poll: three of them used up a
+        request's three attempts although a serving worker stood beside them. Exclusion bounds
+        those refusals by the number of workers."""
         generated: list[int] = []
         excluded: set[str] = set()
         errors: list[str] = []
-        for attempt in range(self.max_attempts):
+        attempt = 0
+        refusals = 0
+        while attempt < self.max_attempts:
             remaining = req.max_tokens - len(generated)
             if remaining <= 0:  # the stream broke right after its last token
                 yield Token(None, "length")
                 return
             try:
-                async with aclosing(self._one_attempt(req, generated, attempt, excluded)) as tokens:
+                async with aclosing(self._one_attempt(req, generated, attempt + refusals, excluded)) as tokens:
                     async for token in tokens:
                         generated.append(token.token_id)  # type: ignore[arg-type]
                         yield token
@@ -115,14 +123,18 @@ class Dispatcher:
                 if not fault.retryable:
                     raise UpstreamError(str(fault), retryable=False,
                                         client_fault=fault.reason == "worker_refused") from None
-                if attempt + 1 == self.max_attempts:
+                if fault.reason == "worker_busy" and fault.exclude and refusals < len(self.pool.workers):
+                    refusals += 1
+                else:
+                    attempt += 1
+                if attempt == self.max_attempts:
                     log.warning("request %s attempt %d failed (%s); no attempts left", req.request_id,
-                                attempt + 1, fault)
+                                attempt, fault)
                     break
                 self.metrics.retries.labels(reason=fault.reason).inc()
                 if generated:
                     self.metrics.resumed.inc()
-                log.warning("request %s attempt %d failed (%s); %s", req.request_id, attempt + 1, fault,
+                log.warning("request %s attempt %d failed (%s); %s", req.request_id, attempt, fault,
                             f"resuming after {len(generated)} tokens" if generated else "retrying")
             except NoWorkerAvailable as exc:
                 errors.append(str(exc))
@@ -283,11 +295,24 @@ async def _check_status(worker: Worker, resp: aiohttp.ClientResponse) -> None:
                           "(router and workers must get the same DISAGGSERVE_WORKER_TOKEN)",
                           blame=False, retryable=False)
     if resp.status in (429, 503):  # busy or draining: try another, no blame
+        if resp.status == 503 and _error_type(text) == "draining":
+            # Every request, not only this one, should pass it by until a load poll says otherwise.
+            worker.draining = True
         raise WorkerFault(worker, "worker_busy", f"answered {resp.status}: {text}", blame=False)
     if 400 <= resp.status < 500:  # the worker judged the request itself wrong: another would too
         raise WorkerFault(worker, "worker_refused", f"refused the request ({resp.status}): {text}",
                           blame=False, retryable=False)
     raise WorkerFault(worker, "worker_error", f"answered {resp.status}: {text}")
+
+
+def _error_type(text: str) -> str | None:
+    """The `error.type` of a worker's JSON error body (`server.app.error_body`), if it is one."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return str(error.get("type")) if isinstance(error, dict) else None
 
 
 def _stream_error(worker: Worker, error: Any, prefill: Worker | None) -> WorkerFault:
