@@ -52,6 +52,10 @@ class BatchLayout:
     # Every sequence is a prompt with nothing cached before this step and no sliding window cuts
     # into it: attention is plain causal over the step's own tokens (`Attention._attend_fresh`).
     fresh: bool = False
+    # Pure decode: sequence b attends context_slots[b, span_starts[b]:span_ends[b]] (the mask as
+    # ranges, for the CPU kernel in `cpu_attention`); None for other steps.
+    span_starts: torch.Tensor | None = None
+    span_ends: torch.Tensor | None = None
     _groups: dict[int, DecodeGroups | None] = field(default_factory=dict, repr=False, compare=False)
 
     def to(self, device: torch.device) -> BatchLayout:
@@ -59,7 +63,9 @@ class BatchLayout:
         return replace(self, positions=self.positions.to(device), seq_index=self.seq_index.to(device),
                        q_index=self.q_index.to(device), write_slots=self.write_slots.to(device),
                        context_slots=self.context_slots.to(device), attn_mask=self.attn_mask.to(device),
-                       last_index=self.last_index.to(device), _groups={})
+                       last_index=self.last_index.to(device), _groups={},
+                       span_starts=None if self.span_starts is None else self.span_starts.to(device),
+                       span_ends=None if self.span_ends is None else self.span_ends.to(device))
 
     @property
     def num_seqs(self) -> int:
@@ -135,8 +141,11 @@ class BatchLayout:
         rows = torch.arange(len(past_lens))
         k_pos = torch.arange(int(context_slots.shape[1]))[None, :]
         mask = k_pos <= past[:, None]
+        ends = past + 1
+        starts = torch.zeros_like(ends)
         if sliding_window is not None:
             mask &= k_pos > past[:, None] - sliding_window
+            starts = (ends - sliding_window).clamp_(min=0)
         rows_here = rows.to(device)
         return cls(
             positions=past.to(device),
@@ -149,6 +158,8 @@ class BatchLayout:
             max_query=1,
             context_lens=tuple(totals),
             fresh=max(past_lens) == 0,
+            span_starts=starts.to(device),
+            span_ends=ends.to(device),
         )
 
     @classmethod

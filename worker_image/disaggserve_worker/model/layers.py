@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from disaggserve_worker.model import cpu_attention
 from disaggserve_worker.model.batch import BatchLayout, DecodeGroups
 from disaggserve_worker.model.config import ModelConfig
 from disaggserve_worker.model.rope import apply_rotary
@@ -129,6 +130,11 @@ class Attention(nn.Module):
         layer_cache[0].index_copy_(0, layout.write_slots, k.to(layer_cache.dtype))
         layer_cache[1].index_copy_(0, layout.write_slots, v.to(layer_cache.dtype))
         if layout.max_query == 1:  # pure decode: one query per sequence, no padding to undo
+            if (layout.span_starts is not None and layout.span_ends is not None
+                    and cpu_attention.supports(q, layer_cache) and (kernel := cpu_attention.kernel()) is not None):
+                out = cpu_attention.decode(kernel, q, layer_cache, layout.context_slots, layout.span_starts,
+                                           layout.span_ends)
+                return self.o_proj(out.reshape(x.shape[0], -1))
             groups = None
             if layer_cache.device.type == "cpu":
                 token_bytes = 2 * self.kv_heads * self.head_dim * layer_cache.element_size()

@@ -1,0 +1,120 @@
+"""The CPU decode-attention kernel (`model/cpu_attention.c`) computes the attention the torch path
+computes, over the pool in place, and the engine falls back cleanly when it cannot be built."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from disaggserve_worker.model import cpu_attention
+from disaggserve_worker.model.batch import BatchLayout
+from disaggserve_worker.model.builtin import builtin_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """The real kernel, built (or taken from the cache) on this host; CI has gcc, so it must build."""
+    monkeypatch.setenv(cpu_attention.ENV_MODE, "require")
+    cpu_attention.reset()
+    yield cpu_attention.kernel()
+    cpu_attention.reset()
+
+
+def _reference(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
+               ends: torch.Tensor) -> torch.Tensor:
+    """Gather + masked SDPA in float32: what the torch path computes."""
+    batch, heads, dim = q.shape
+    kv_heads, width = int(cache.shape[2]), int(slots.shape[1])
+    kv = cache.float().index_select(1, slots.reshape(-1)).view(2, batch, width, kv_heads, dim)
+    pos = torch.arange(width)[None]
+    mask = (pos >= starts[:, None]) & (pos < ends[:, None])
+    out = F.scaled_dot_product_attention(q.float().reshape(batch, kv_heads, heads // kv_heads, dim),
+                                         kv[0].transpose(1, 2), kv[1].transpose(1, 2), attn_mask=mask[:, None, None])
+    return out.reshape(batch, heads, dim)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 32), (4, 4, 64), (8, 1, 128), (6, 2, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_gathered_attention(kernel, heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> None:
+    """GQA groups of 1-8, head sizes with a specialised loop (32/64/128) and without (80),
+    scattered slots, ragged contexts, a windowed row and a one-token row."""
+    gen = torch.Generator().manual_seed(heads * dim)
+    pool_slots, batch, width = 4096, 6, 300
+    cache = torch.randn(2, pool_slots, kv_heads, dim, generator=gen).to(dtype)
+    slots = torch.stack([torch.randperm(pool_slots, generator=gen)[:width] for _ in range(batch)])
+    ends = torch.tensor([300, 1, 17, 256, 299, 150])
+    starts = torch.tensor([0, 0, 0, 200, 0, 149])  # row 3: a 56-token window; row 5: its last token only
+    q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
+    got = cpu_attention.decode(kernel, q, cache, slots, starts, ends)  # type: ignore[arg-type]
+    assert got.dtype == dtype and got.shape == q.shape
+    want = _reference(q, cache, slots, starts, ends)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want, atol=tolerance, rtol=tolerance), (got.float() - want).abs().max()
+
+
+@pytest.mark.parametrize("window", [None, 12])
+def test_model_decode_step_equals_the_torch_path(kernel, monkeypatch: pytest.MonkeyPatch, window: int | None) -> None:
+    model = builtin_model("tiny-llama")
+    contexts = [5, 40, 17, 63, 9]
+    gen = torch.Generator().manual_seed(5)
+    tables = [torch.randperm(1024, generator=gen)[: n + 1] for n in contexts]
+    ids = [torch.randint(0, model.config.vocab_size, (n + 1,), generator=gen) for n in contexts]
+
+    def decode_logits() -> torch.Tensor:
+        pool = model.new_kv_pool(1024)
+        prefill = BatchLayout.build(contexts, [0] * len(contexts), tables, CPU, window)
+        model.forward_step(torch.cat([i[:-1] for i in ids]), prefill, pool)
+        step = BatchLayout.build([1] * len(contexts), contexts, tables, CPU, window)
+        return model.forward_step(torch.stack([i[-1] for i in ids]), step, pool)
+
+    with_kernel = decode_logits()
+    monkeypatch.setattr(cpu_attention, "kernel", lambda: None)
+    torch_path = decode_logits()
+    assert torch.allclose(with_kernel, torch_path, atol=1e-4, rtol=1e-4), (with_kernel - torch_path).abs().max()
+    assert torch.equal(with_kernel.argmax(-1), torch_path.argmax(-1))
+
+
+def test_off_and_a_missing_compiler_fall_back_to_torch_and_require_says_why(
+        monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(cpu_attention.ENV_CACHE, str(tmp_path))  # nothing cached: it must build
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    try:
+        monkeypatch.setenv(cpu_attention.ENV_MODE, "off")
+        cpu_attention.reset()
+        assert cpu_attention.kernel() is None
+        monkeypatch.setenv(cpu_attention.ENV_MODE, "auto")
+        cpu_attention.reset()
+        assert cpu_attention.kernel() is None
+        assert "runs in torch" in caplog.text and "C compiler" in caplog.text
+        monkeypatch.setenv(cpu_attention.ENV_MODE, "require")
+        cpu_attention.reset()
+        with pytest.raises(cpu_attention.KernelUnavailable, match="no-such-cc"):
+            cpu_attention.kernel()
+        monkeypatch.setenv(cpu_attention.ENV_MODE, "fast")
+        cpu_attention.reset()
+        with pytest.raises(ValueError, match="DISAGGSERVE_CPU_KERNEL='fast': use one of auto, off, require"):
+            cpu_attention.kernel()
+    finally:
+        cpu_attention.reset()
+
+
+def test_a_broken_compiler_is_reported_not_cached(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fake cc 1.0'\n[ \"$1\" = --version ] && exit 0\n"
+                    "echo 'cc1: internal error' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv(cpu_attention.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv(cpu_attention.ENV_MODE, "require")
+    cpu_attention.reset()
+    try:
+        with pytest.raises(cpu_attention.KernelUnavailable, match="internal error"):
+            cpu_attention.kernel()
+        assert not list((tmp_path / "cache").glob("*.so"))  # no half-written library left behind
+    finally:
+        cpu_attention.reset()
