@@ -56,6 +56,11 @@ class BatchLayout:
     # ranges, for the CPU kernel in `cpu_attention`); None for other steps.
     span_starts: torch.Tensor | None = None
     span_ends: torch.Tensor | None = None
+    # A mixed step (decode rows first, then prompt chunks, as the runner packs them): the layouts
+    # of the two parts, which attention runs apart. Padded together, every decode row's single
+    # query was padded to the chunk's length (32 decode rows beside a 512-token chunk: 32x the
+    # attention) and its context gathered into the chunk's padded copy.
+    parts: tuple[BatchLayout, BatchLayout] | None = None
     _groups: dict[int, DecodeGroups | None] = field(default_factory=dict, repr=False, compare=False)
 
     def to(self, device: torch.device) -> BatchLayout:
@@ -65,7 +70,8 @@ class BatchLayout:
                        context_slots=self.context_slots.to(device), attn_mask=self.attn_mask.to(device),
                        last_index=self.last_index.to(device), _groups={},
                        span_starts=None if self.span_starts is None else self.span_starts.to(device),
-                       span_ends=None if self.span_ends is None else self.span_ends.to(device))
+                       span_ends=None if self.span_ends is None else self.span_ends.to(device),
+                       parts=None if self.parts is None else (self.parts[0].to(device), self.parts[1].to(device)))
 
     @property
     def num_seqs(self) -> int:
@@ -120,7 +126,13 @@ class BatchLayout:
             raise ValueError("every sequence in a step must bring at least one new token")
         if max(new_lens) == 1:
             return cls._decode(past_lens, slot_tables, device, sliding_window)
-        return cls._general(new_lens, past_lens, slot_tables, device, sliding_window)
+        layout = cls._general(new_lens, past_lens, slot_tables, device, sliding_window)
+        decoding = next((b for b, n in enumerate(new_lens) if n != 1), len(new_lens))
+        if decoding:  # leading one-token rows beside prompt chunks: attend each part apart
+            layout.parts = (cls._decode(past_lens[:decoding], slot_tables[:decoding], device, sliding_window),
+                            cls._general(new_lens[decoding:], past_lens[decoding:], slot_tables[decoding:], device,
+                                         sliding_window))
+        return layout
 
     @staticmethod
     def _contexts(slot_tables: list[torch.Tensor], totals: list[int]) -> list[torch.Tensor]:

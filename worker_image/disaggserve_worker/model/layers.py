@@ -129,31 +129,39 @@ class Attention(nn.Module):
         # index_copy_/index_select, not advanced indexing: several times faster on CPU.
         layer_cache[0].index_copy_(0, layout.write_slots, k.to(layer_cache.dtype))
         layer_cache[1].index_copy_(0, layout.write_slots, v.to(layer_cache.dtype))
+        return self.o_proj(self._attention(q, k.to(layer_cache.dtype), v.to(layer_cache.dtype), layout, layer_cache))
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,
+                   layer_cache: torch.Tensor) -> torch.Tensor:
+        """(T, H * D) attention output of the step's packed queries (K/V already in the pool)."""
+        t = q.shape[0]
+        if layout.parts is not None:  # a mixed step: its decode rows and its prompt chunks apart
+            decode, prompts = layout.parts
+            d = decode.num_seqs
+            return torch.cat([self._attention(q[:d], k[:d], v[:d], decode, layer_cache),
+                              self._attention(q[d:], k[d:], v[d:], prompts, layer_cache)])
         if layout.max_query == 1:  # pure decode: one query per sequence, no padding to undo
             if (layout.span_starts is not None and layout.span_ends is not None
                     and cpu_attention.supports(q, layer_cache) and (kernel := cpu_attention.kernel()) is not None):
-                out = cpu_attention.decode(kernel, q, layer_cache, layout.context_slots, layout.span_starts,
-                                           layout.span_ends)
-                return self.o_proj(out.reshape(x.shape[0], -1))
+                return cpu_attention.decode(kernel, q, layer_cache, layout.context_slots, layout.span_starts,
+                                            layout.span_ends).reshape(t, -1)
             groups = None
             if layer_cache.device.type == "cpu":
                 token_bytes = 2 * self.kv_heads * self.head_dim * layer_cache.element_size()
                 groups = layout.decode_groups(max(1, CPU_DECODE_GROUP_BYTES // token_bytes))
             if groups is not None:
-                return self.o_proj(self._grouped_decode(q, layer_cache, groups))
+                return self._grouped_decode(q, layer_cache, groups)
             out = self._attend(q, layer_cache, layout.context_slots.reshape(-1), layout.num_seqs, layout.attn_mask)
-            return self.o_proj(out.reshape(x.shape[0], -1))
+            return out.reshape(t, -1)
         if layout.fresh:
-            out = self._attend_fresh(q, k.to(layer_cache.dtype), v.to(layer_cache.dtype), layout)
-            return self.o_proj(out.reshape(x.shape[0], -1))
+            return self._attend_fresh(q, k, v, layout).reshape(t, -1)
         batch, context = layout.context_slots.shape
         keys, values = self._gather(layer_cache, layout.context_slots.reshape(-1), batch, context)
         padded = q.new_zeros(layout.num_seqs, layout.max_query, self.heads, self.head_dim)
         padded[layout.seq_index, layout.q_index] = q
         out = F.scaled_dot_product_attention(padded.transpose(1, 2), keys, values,
                                              attn_mask=layout.attn_mask, enable_gqa=True)
-        out = out.transpose(1, 2)[layout.seq_index, layout.q_index]  # (T, H, D)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        return out.transpose(1, 2)[layout.seq_index, layout.q_index].reshape(t, -1)  # (T, H * D)
 
     def _attend_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
         """Prompts with nothing cached attend only to this step's own tokens: causal attention on
