@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from disaggserve_worker.model import cpu_attention, layers
+from disaggserve_worker.model import cpu_kernels, layers
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.builtin import builtin_model
 
@@ -15,7 +15,7 @@ CONTEXTS = [5, 40, 17, 63, 9, 33, 2, 50]  # mixed, unsorted: groups must put row
 
 def _decode_logits(model, monkeypatch: pytest.MonkeyPatch, group_bytes: int, window: int | None) -> torch.Tensor:
     monkeypatch.setattr(layers, "CPU_DECODE_GROUP_BYTES", group_bytes)
-    monkeypatch.setattr(cpu_attention, "kernel", lambda: None)  # the torch path, which groups
+    monkeypatch.setattr(cpu_kernels, "kernel", lambda: None)  # the torch path, which groups
     gen = torch.Generator().manual_seed(3)
     pool = model.new_kv_pool(1024)
     tables = [torch.randperm(1024, generator=gen)[: n + 1] for n in CONTEXTS]  # scattered slots

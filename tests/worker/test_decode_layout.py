@@ -48,11 +48,11 @@ def test_a_mixed_step_attends_its_parts_apart_with_the_logits_of_one_padded_batc
         monkeypatch: pytest.MonkeyPatch, window: int | None, kernel: bool) -> None:
     """Decode rows beside prompt chunks (a colocated iteration): attention per part equals the one
     padded attention over the whole step, with and without the CPU decode kernel."""
-    from disaggserve_worker.model import cpu_attention
+    from disaggserve_worker.model import cpu_kernels
     from disaggserve_worker.model.builtin import builtin_model
 
     if not kernel:
-        monkeypatch.setattr(cpu_attention, "kernel", lambda: None)
+        monkeypatch.setattr(cpu_kernels, "kernel", lambda: None)
     model = builtin_model("tiny-llama")
     gen = torch.Generator().manual_seed(9)
     past = [30, 7, 55, 0, 20]  # three decode rows, a fresh prompt chunk, a later chunk of a prompt

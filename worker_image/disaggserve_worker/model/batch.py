@@ -53,7 +53,7 @@ class BatchLayout:
     # into it: attention is plain causal over the step's own tokens (`Attention._attend_fresh`).
     fresh: bool = False
     # Pure decode: sequence b attends context_slots[b, span_starts[b]:span_ends[b]] (the mask as
-    # ranges, for the CPU kernel in `cpu_attention`); None for other steps.
+    # ranges, for the CPU kernel in `cpu_kernels`); None for other steps.
     span_starts: torch.Tensor | None = None
     span_ends: torch.Tensor | None = None
     # A mixed step (decode rows first, then prompt chunks, as the runner packs them): the layouts

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disaggserve_worker.model import cpu_attention
+from disaggserve_worker.model import cpu_kernels
 from disaggserve_worker.model.batch import BatchLayout, DecodeGroups
 from disaggserve_worker.model.config import ModelConfig
 from disaggserve_worker.model.rope import apply_rotary
@@ -49,7 +49,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one kernel instead of seven ops; the same formula in fp32
+        if cpu_kernels.usable(x, self.weight) and (lib := cpu_kernels.kernel()) is not None:
+            return cpu_kernels.rms_norm(lib, x, self.weight, self.eps)
+        if x.dtype == torch.float32:  # one call instead of seven ops (on a CPU it still runs them); fp32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 like the reference implementation; bf16 variance loses too much.
         dtype = x.dtype
@@ -117,7 +119,11 @@ class Attention(nn.Module):
         # ran twice per layer before).
         t, qk_heads = x.shape[0], self.heads + self.kv_heads
         qkv = self.qkv_proj.fused(x)
-        qk = apply_rotary(qkv[:, :qk_heads * self.head_dim].view(t, qk_heads, self.head_dim), cos, sin)
+        if cpu_kernels.usable(qkv, cos, sin) and (lib := cpu_kernels.kernel()) is not None:
+            cpu_kernels.rotary_(lib, qkv, qk_heads, self.head_dim, cos, sin)
+            qk = qkv[:, :qk_heads * self.head_dim].view(t, qk_heads, self.head_dim)
+        else:
+            qk = apply_rotary(qkv[:, :qk_heads * self.head_dim].view(t, qk_heads, self.head_dim), cos, sin)
         v = qkv[:, qk_heads * self.head_dim:].view(t, self.kv_heads, self.head_dim)
         # Contiguous again: strided Q/K slowed the prefill kernels more than the copy costs.
         return qk[:, :self.heads].contiguous(), qk[:, self.heads:].contiguous(), v
@@ -142,8 +148,8 @@ class Attention(nn.Module):
                               self._attention(q[d:], k[d:], v[d:], prompts, layer_cache)])
         if layout.max_query == 1:  # pure decode: one query per sequence, no padding to undo
             if (layout.span_starts is not None and layout.span_ends is not None
-                    and cpu_attention.supports(q, layer_cache) and (kernel := cpu_attention.kernel()) is not None):
-                return cpu_attention.decode(kernel, q, layer_cache, layout.context_slots, layout.span_starts,
+                    and cpu_kernels.supports(q, layer_cache) and (kernel := cpu_kernels.kernel()) is not None):
+                return cpu_kernels.decode(kernel, q, layer_cache, layout.context_slots, layout.span_starts,
                                             layout.span_ends).reshape(t, -1)
             groups = None
             if layer_cache.device.type == "cpu":
@@ -227,5 +233,8 @@ class MLP(nn.Module):
         self.gate_up_proj = FusedLinear(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x)
+        gate_up = self.gate_up_proj.fused(x)
+        if cpu_kernels.usable(gate_up) and (lib := cpu_kernels.kernel()) is not None:
+            return self.down_proj(cpu_kernels.silu_mul(lib, gate_up))
+        gate, up = gate_up.split(self.gate_up_proj.sizes, dim=-1)
         return self.down_proj(F.silu(gate) * up)

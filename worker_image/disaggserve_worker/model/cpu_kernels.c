@@ -1,12 +1,18 @@
-/* Decode attention straight over the paged KV pool, on a CPU (see cpu_attention.py for why).
+/* The CPU kernels of the built-in engine (see cpu_kernels.py for why each exists).
  *
+ * Decode attention straight over the paged KV pool:
  * One query token per sequence: for sequence b and KV head h, the G = H / KVH query heads that
  * share h read the keys and values of b's context slots where they lie in the pool, with no
  * gathered copy. Two passes per (b, h): scores (each key row read once for all G heads), then a
  * softmax per head and the value sum (each value row read once). Work items run in parallel on
  * the OpenMP runtime torch already loaded (same soname, so the loader reuses it).
  *
- * Built by cpu_attention.py with the host's compiler; plain C with a C ABI, no torch headers, so
+ * RMSNorm, rotary embedding and SiLU-and-multiply: one pass each over rows that torch walks five
+ * to seven times (its CPU rms_norm, for one, is pow, mean, add, rsqrt and two muls). In bfloat16
+ * they round where torch's ops round, so the results are torch's bit for bit in either dtype
+ * up to float summation order.
+ *
+ * Built by cpu_kernels.py with the host's compiler; plain C with a C ABI, no torch headers, so
  * it builds in about a second.
  */
 #include <float.h>
@@ -136,4 +142,111 @@ int paged_decode_attention(const void *q, void *out, const void *key, const void
         return decode_bf16(q, out, key, value, slot_stride, slots, slots_stride, starts, ends, B,
                            H, KVH, D, scale, threads);
     return -2;
+}
+
+/* Rows small enough not to wake the thread team for. */
+#define PARALLEL_MIN_ELEMENTS 65536
+
+/* x, out: (T, N); out = x * rsqrt(mean(x^2) + eps) * w. bfloat16 as RMSNorm.forward: normalise in
+ * float32, round, then weight * normalised rounded again. */
+#define DEFINE_RMS_NORM(NAME, T, LOAD, STORE, ROUND_TWICE)                                         \
+    static void NAME(const T *x, const T *w, T *out, int64_t rows, int64_t n, float eps,          \
+                     int threads) {                                                               \
+        _Pragma("omp parallel for num_threads(threads) if (rows * n >= PARALLEL_MIN_ELEMENTS)")   \
+        for (int64_t r = 0; r < rows; r++) {                                                      \
+            const T *xr = x + r * n;                                                              \
+            T *orow = out + r * n;                                                                \
+            float sum = 0.0f;                                                                     \
+            _Pragma("omp simd reduction(+:sum)")                                                  \
+            for (int64_t i = 0; i < n; i++) {                                                     \
+                const float v = LOAD(&xr[i]);                                                     \
+                sum += v * v;                                                                     \
+            }                                                                                     \
+            const float inv = 1.0f / sqrtf(sum / (float)n + eps);                                 \
+            for (int64_t i = 0; i < n; i++) {                                                     \
+                if (ROUND_TWICE) {                                                                \
+                    T normed;                                                                     \
+                    STORE(&normed, LOAD(&xr[i]) * inv);                                           \
+                    STORE(&orow[i], LOAD(&w[i]) * LOAD(&normed));                                 \
+                } else {                                                                          \
+                    STORE(&orow[i], LOAD(&xr[i]) * inv * LOAD(&w[i]));                            \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+DEFINE_RMS_NORM(rms_norm_f32, float, f32_load, f32_store, 0)
+DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, bf16_load, bf16_store, 1)
+
+int rms_norm(const void *x, const void *w, void *out, int64_t rows, int64_t n, float eps, int dtype,
+             int threads) {
+    if (dtype == 0) rms_norm_f32(x, w, out, rows, n, eps, threads);
+    else if (dtype == 1) rms_norm_bf16(x, w, out, rows, n, eps, threads);
+    else return -2;
+    return 0;
+}
+
+/* In place: `heads` heads of D in each of `rows` rows (row r at r * row_stride), rotated by the
+ * row's cos/sin (rows, D): x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1). Each
+ * product and the sum rounded as torch's three ops round them. */
+#define DEFINE_ROTARY(NAME, T, LOAD, STORE)                                                        \
+    static void NAME(T *x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride,            \
+                     const T *cos, const T *sin, int threads) {                                   \
+        const int64_t half = D / 2;                                                               \
+        _Pragma("omp parallel for num_threads(threads) if (rows * heads * D >= PARALLEL_MIN_ELEMENTS)") \
+        for (int64_t r = 0; r < rows; r++) {                                                      \
+            const T *c = cos + r * D, *s = sin + r * D;                                           \
+            for (int64_t h = 0; h < heads; h++) {                                                 \
+                T *xh = x + r * row_stride + h * D;                                               \
+                for (int64_t j = 0; j < half; j++) {                                              \
+                    const float x1 = LOAD(&xh[j]), x2 = LOAD(&xh[j + half]);                      \
+                    T a, b, e, f;                                                                 \
+                    STORE(&a, x1 * LOAD(&c[j]));                                                  \
+                    STORE(&b, -x2 * LOAD(&s[j]));                                                 \
+                    STORE(&e, x2 * LOAD(&c[j + half]));                                           \
+                    STORE(&f, x1 * LOAD(&s[j + half]));                                           \
+                    STORE(&xh[j], LOAD(&a) + LOAD(&b));                                           \
+                    STORE(&xh[j + half], LOAD(&e) + LOAD(&f));                                    \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+DEFINE_ROTARY(rotary_f32, float, f32_load, f32_store)
+DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_load, bf16_store)
+
+int rotary(void *x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride, const void *cos,
+           const void *sin, int dtype, int threads) {
+    if (D % 2) return -3;
+    if (dtype == 0) rotary_f32(x, rows, heads, D, row_stride, cos, sin, threads);
+    else if (dtype == 1) rotary_bf16(x, rows, heads, D, row_stride, cos, sin, threads);
+    else return -2;
+    return 0;
+}
+
+/* gate_up (rows, 2n): gate then up; out (rows, n) = silu(gate) * up, silu rounded first. */
+#define DEFINE_SILU_MUL(NAME, T, LOAD, STORE)                                                      \
+    static void NAME(const T *gate_up, T *out, int64_t rows, int64_t n, int threads) {            \
+        _Pragma("omp parallel for num_threads(threads) if (rows * n >= PARALLEL_MIN_ELEMENTS)")   \
+        for (int64_t r = 0; r < rows; r++) {                                                      \
+            const T *g = gate_up + r * 2 * n, *u = g + n;                                         \
+            T *o = out + r * n;                                                                   \
+            _Pragma("omp simd")                                                                   \
+            for (int64_t i = 0; i < n; i++) {                                                     \
+                const float gv = LOAD(&g[i]);                                                     \
+                T silu;                                                                           \
+                STORE(&silu, gv / (1.0f + expf(-gv)));                                            \
+                STORE(&o[i], LOAD(&silu) * LOAD(&u[i]));                                          \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+DEFINE_SILU_MUL(silu_mul_f32, float, f32_load, f32_store)
+DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, bf16_load, bf16_store)
+
+int silu_mul(const void *gate_up, void *out, int64_t rows, int64_t n, int dtype, int threads) {
+    if (dtype == 0) silu_mul_f32(gate_up, out, rows, n, threads);
+    else if (dtype == 1) silu_mul_bf16(gate_up, out, rows, n, threads);
+    else return -2;
+    return 0;
 }

