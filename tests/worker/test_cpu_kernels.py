@@ -98,7 +98,8 @@ def test_model_decode_step_equals_the_torch_path(kernel, monkeypatch: pytest.Mon
     model = builtin_model("tiny-llama")
     contexts = [5, 40, 17, 63, 9]
     gen = torch.Generator().manual_seed(5)
-    tables = [torch.randperm(1024, generator=gen)[: n + 1] for n in contexts]
+    # Scattered and disjoint: sequences sharing slots would overwrite each other's cache.
+    tables = list(torch.randperm(1024, generator=gen)[: sum(n + 1 for n in contexts)].split([n + 1 for n in contexts]))
     ids = [torch.randint(0, model.config.vocab_size, (n + 1,), generator=gen) for n in contexts]
 
     def decode_logits() -> torch.Tensor:

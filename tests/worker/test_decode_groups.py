@@ -18,7 +18,8 @@ def _decode_logits(model, monkeypatch: pytest.MonkeyPatch, group_bytes: int, win
     monkeypatch.setattr(cpu_kernels, "kernel", lambda: None)  # the torch path, which groups
     gen = torch.Generator().manual_seed(3)
     pool = model.new_kv_pool(1024)
-    tables = [torch.randperm(1024, generator=gen)[: n + 1] for n in CONTEXTS]  # scattered slots
+    # Scattered and disjoint (sequences sharing slots would overwrite each other's cache).
+    tables = list(torch.randperm(1024, generator=gen)[: sum(n + 1 for n in CONTEXTS)].split([n + 1 for n in CONTEXTS]))
     ids = [torch.randint(0, model.config.vocab_size, (n + 1,), generator=gen) for n in CONTEXTS]
     with torch.no_grad():
         prefill = BatchLayout.build(CONTEXTS, [0] * len(CONTEXTS), tables, CPU, window)

@@ -57,7 +57,8 @@ def test_a_mixed_step_attends_its_parts_apart_with_the_logits_of_one_padded_batc
     gen = torch.Generator().manual_seed(9)
     past = [30, 7, 55, 0, 20]  # three decode rows, a fresh prompt chunk, a later chunk of a prompt
     new = [1, 1, 1, 16, 9]
-    tables = [torch.randperm(2048, generator=gen)[: p + n] for p, n in zip(past, new, strict=True)]
+    sizes = [p + n for p, n in zip(past, new, strict=True)]
+    tables = list(torch.randperm(2048, generator=gen)[: sum(sizes)].split(sizes))  # scattered, disjoint
     ids = [torch.randint(0, model.config.vocab_size, (p + n,), generator=gen) for p, n in zip(past, new, strict=True)]
 
     def step_logits(split: bool) -> torch.Tensor:
