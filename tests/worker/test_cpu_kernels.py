@@ -155,3 +155,19 @@ def test_a_broken_compiler_is_reported_not_cached(monkeypatch: pytest.MonkeyPatc
         assert not list((tmp_path / "cache").glob("*.so"))  # no half-written library left behind
     finally:
         cpu_kernels.reset()
+
+
+def test_an_unusable_cache_folder_falls_back_to_the_temp_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(blocker / "kernels"))  # cannot be made, even as root
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(cpu_kernels.tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setenv(cpu_kernels.ENV_MODE, "require")
+    cpu_kernels.reset()
+    try:
+        assert cpu_kernels.kernel() is not None
+        assert list((tmp_path / "tmp" / "disaggserve-kernels").glob("cpu_kernels-*.so"))
+    finally:
+        cpu_kernels.reset()

@@ -98,11 +98,19 @@ def _cpu_id() -> str:
 
 
 def _cache_dir() -> Path:
+    """$DISAGGSERVE_KERNEL_CACHE, else the user's cache; the temp folder where that cannot be made
+    (a read-only home: worker pods get a writable /tmp and HOME=/tmp, other hosts may not)."""
     given = os.environ.get(ENV_CACHE)
-    if given:
-        return Path(given)
     base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    return Path(base) / "disaggserve" / "kernels"
+    wanted = Path(given) if given else Path(base) / "disaggserve" / "kernels"
+    try:
+        wanted.mkdir(parents=True, exist_ok=True)
+        return wanted
+    except OSError as exc:
+        fallback = Path(tempfile.gettempdir()) / "disaggserve-kernels"
+        log.info("kernel cache %s cannot be made (%s); using %s", wanted, exc, fallback)
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
 
 
 def _compile(cc: str, flags: list[str], target: Path) -> None:
