@@ -90,3 +90,34 @@ async def test_decode_role_over_tcp_with_draft_catches_up_the_prompt(
     assert got == [reference_greedy(p, s.max_tokens) for p, s in requests]
     assert spec.controller.alpha() > 0.9, "a draft identical to the target must agree after catch-up"
     assert decode.allocator.free_tokens == decode.allocator.capacity_tokens
+
+
+async def test_a_step_with_no_proposal_is_the_plain_fused_step(
+        tiny: LoadedModel, reference_greedy: Callable[[list[int], int], list[int]]) -> None:
+    """Where the speculator proposes nothing (here: n-gram lookups on random prompts find nothing
+    early on), the running batch decodes in the same forward as the next prompt chunk, as without
+    a speculator, instead of a verification forward of its own; those steps are still reported,
+    with k = 0, and the tokens stay the target's."""
+    from engine_harness import start_engine
+
+    spec = make_speculator(tiny, None, "fixed", "ngram")
+    steps = record_steps(spec)
+    engine = start_engine(tiny, kv=4096, budget=8, max_model_len=1024, speculator=spec)
+    plans: list[tuple[int, int]] = []
+    real = engine.runner.execute
+
+    def spy(plan):  # type: ignore[no-untyped-def]
+        plans.append((len(plan.decode), sum(n for _, n in plan.prefill)))
+        return real(plan)
+
+    engine.runner.execute = spy  # type: ignore[method-assign]
+    rng = random.Random(3)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    requests = [([rng.randrange(3, 512) for _ in range(n)], params) for n in (5, 30, 30)]
+    try:
+        got = await run_requests(engine, requests)
+    finally:
+        engine.stop()
+    assert got == [reference_greedy(p, s.max_tokens) for p, s in requests]
+    assert any(d and p for d, p in plans), f"no fused decode + prompt-chunk forward: {plans}"
+    assert any(not any(step.ks) for step in steps), "plain steps are reported too, with k = 0"

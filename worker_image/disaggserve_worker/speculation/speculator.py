@@ -185,10 +185,19 @@ class Speculator:
         return self.controller.choose(contexts, alphas, found).ks, lookups
 
     # ---- the step -----------------------------------------------------------------------------
-    def step(self, batch: list[SpecSequence]) -> list[list[int]]:
+    def step(self, batch: list[SpecSequence]) -> list[list[int]] | None:
+        """Each sequence's emitted tokens (accepted proposal + the target's token), or None when no
+        sequence gets a proposal this step: nothing ran, the engine decodes the batch in its plain
+        fused step (the step is still reported and counted, with k = 0 everywhere)."""
         assert self.kv_pool is not None, "attach() the engine's KV pool first"
         histories = [s.prompt_ids + s.tokens for s in batch]
         ks, lookups = self._plan(batch, histories, self._caps(batch))
+        if not any(ks):
+            zeros = [0] * len(batch)
+            self.last = StepReport(ks=zeros, proposed=zeros, accepted=zeros, seconds=0.0)
+            if self.metrics is not None:
+                self.metrics.observe_step(zeros, 0, 0, len(batch), len(batch), 0.0, self.controller.alpha())
+            return None
         start = time.perf_counter()
         proposals: list[list[int]]
         draft_probs: list[torch.Tensor | None]
