@@ -126,7 +126,10 @@ def test_router_process_drains_on_sigterm(colocated: list[WorkerProcess], tmp_pa
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
         client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
-        stream = client.completions.create(model=SERVED, prompt="Hi", max_tokens=200, stream=True,
+        # Long enough to be in flight when readiness is checked 0.3 s after SIGTERM: 200 tokens
+        # took longer than that once, but no longer with the CPU kernels (the router had drained
+        # and exited, and /readyz refused the connection instead of answering 503).
+        stream = client.completions.create(model=SERVED, prompt="Hi", max_tokens=1500, stream=True,
                                            extra_body={"ignore_eos": True})
         next(iter(stream))
         proc.send_signal(signal.SIGTERM)

@@ -4,6 +4,9 @@ when they cannot be built."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -171,3 +174,20 @@ def test_an_unusable_cache_folder_falls_back_to_the_temp_folder(monkeypatch: pyt
         assert list((tmp_path / "tmp" / "disaggserve-kernels").glob("cpu_kernels-*.so"))
     finally:
         cpu_kernels.reset()
+
+
+def test_loading_the_kernels_leaves_the_process_floating_point_state_alone(tmp_path) -> None:
+    """Built with fast-math, the library must not carry gcc's crtfastmath.o: its constructor would
+    turn on flush-to-zero for the whole process at load, and every float op in the worker (numpy,
+    Python's own arithmetic) would lose subnormals. In a fresh process, so nothing loaded before
+    hides or fakes it."""
+    script = (
+        "from disaggserve_worker.model import cpu_kernels\n"
+        "tiny = 5e-324\n"
+        "assert tiny * 2 > 0, 'subnormals flushed before the load?'\n"
+        "assert cpu_kernels.kernel() is not None\n"
+        "assert tiny * 2 > 0, 'loading the kernels turned on flush-to-zero'\n"
+    )
+    env = {**os.environ, cpu_kernels.ENV_MODE: "require", cpu_kernels.ENV_CACHE: str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -38,7 +38,12 @@ ENV_MODE = "DISAGGSERVE_CPU_KERNELS"
 ENV_CACHE = "DISAGGSERVE_KERNEL_CACHE"
 MODES = ("auto", "off", "require")
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC")  # fast-math: vectorised expf and sums
+# Compiled with fast-math (vectorised expf and sums) but linked without it: at link time gcc and
+# clang add crtfastmath.o for -ffast-math, whose constructor sets flush-to-zero/denormals-are-zero
+# for the whole process when the library loads, changing every float op in it (hypothesis caught
+# that in CI: Python's own arithmetic flushed subnormals to zero after the first kernel load).
+COMPILE_FLAGS = ("-O3", "-ffast-math", "-fopenmp", "-fPIC", "-c")
+LINK_FLAGS = ("-shared", "-fopenmp")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -114,18 +119,22 @@ def _cache_dir() -> Path:
 
 
 def _compile(cc: str, flags: list[str], target: Path) -> None:
+    """Compile with `flags`, link with LINK_FLAGS only, into `target` atomically (processes building
+    at once each install a whole file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    obj = tmp + ".o"
     try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, target)  # atomic: processes building at once each install a whole file
+        for command in ([cc, *flags, str(SOURCE), "-o", obj], [cc, *LINK_FLAGS, obj, "-o", tmp, "-lm"]):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, obj):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def _build() -> Path:
@@ -136,8 +145,8 @@ def _build() -> Path:
     source = SOURCE.read_bytes()
     errors = []
     for arch in (["-march=native"], []):  # some compilers/targets lack -march=native
-        flags = [*FLAGS, *arch]
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+        flags = [*COMPILE_FLAGS, *arch]
+        key = hashlib.sha256(b"\0".join([source, " ".join([*flags, *LINK_FLAGS]).encode(), version.encode(),
                                          _cpu_id().encode()])).hexdigest()[:16]
         target = _cache_dir() / f"cpu_kernels-{key}.so"
         if target.exists():
