@@ -56,6 +56,16 @@ async def two_decode_workers(cluster) -> None:
         timeout=90,
         message="two ready decode workers",
     )
+    # Ready pods are not yet workers the router picks: it learns of them by discovery. Requests sent
+    # before that all land on the first worker (with the CPU kernels, a test's whole batch of
+    # streams was prefilled and handed off before the router saw the second one).
+    router = (await cluster.endpoint("tiny")).removesuffix("/v1")
+
+    async def router_sees_both() -> bool:
+        async with httpx.AsyncClient(timeout=5) as http:
+            return (await http.get(router + "/readyz")).json()["workers"]["decode"] == 2
+
+    await until(router_sees_both, timeout=30, message="the router picking from two decode workers")
 
 
 def decode_pods(cluster) -> dict[str, object]:
@@ -174,8 +184,10 @@ async def test_scale_down_drains_first_and_fails_no_request(cluster):
     c = await client(cluster)
 
     async def long_stream(i: int) -> int:
+        # Long enough to outlast the operator's drain (300 tokens finished first once decode got
+        # faster, and the watcher below never saw the draining status).
         stream = await c.completions.create(
-            model="tiny-llama", prompt=f"{i} {PROMPT}", max_tokens=300, temperature=0, stream=True
+            model="tiny-llama", prompt=f"{i} {PROMPT}", max_tokens=1500, temperature=0, stream=True
         )
         return sum(1 for _ in [chunk async for chunk in stream if chunk.choices and chunk.choices[0].text])
 

@@ -39,6 +39,7 @@ from disaggserve_worker.engine.runner import ModelRunner
 from disaggserve_worker.engine.sampling import SampleContext, SamplingParams, sample_rows
 from disaggserve_worker.engine.scheduler import StepPlan, plan_step
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent, push_many
+from disaggserve_worker.model import cpu_kernels
 from disaggserve_worker.model.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -120,6 +121,10 @@ class Engine:
         self.kv_pool = model.new_kv_pool(self.allocator.capacity_tokens)
         self.runner = ModelRunner(model, self.kv_pool)
         self.device = model.device
+        if any(device.type == "cpu" for device in model.devices):
+            # Build or load the CPU kernels now, before the worker reports ready: at the first
+            # forward they stalled that request ~1 s in every pod with a cold cache (HOME=/tmp).
+            cpu_kernels.kernel()
         self._pending: list[tuple[RequestStream, TokenEvent]] = []  # this iteration's events
         self._inbox: deque[Sequence] = deque()
         self._aborts: set[str] = set()
