@@ -38,6 +38,19 @@ def start_engine(model: LoadedModel, role: str = "colocated", *, kv: int = 1024,
     return engine
 
 
+def record_plans(engine: Engine) -> list[tuple[int, int]]:
+    """(decode rows, prompt-chunk tokens) of every forward the engine's runner executes, in order."""
+    plans: list[tuple[int, int]] = []
+    real = engine.runner.execute
+
+    def spy(plan):  # type: ignore[no-untyped-def]
+        plans.append((len(plan.decode), sum(n for _, n in plan.prefill)))
+        return real(plan)
+
+    engine.runner.execute = spy  # type: ignore[method-assign]
+    return plans
+
+
 async def collect(stream: RequestStream) -> list[int]:
     """Every token id of a stream; an error event fails the test where it happened."""
     out = []

@@ -98,19 +98,12 @@ async def test_a_step_with_no_proposal_is_the_plain_fused_step(
     early on), the running batch decodes in the same forward as the next prompt chunk, as without
     a speculator, instead of a verification forward of its own; those steps are still reported,
     with k = 0, and the tokens stay the target's."""
-    from engine_harness import start_engine
+    from engine_harness import record_plans, start_engine
 
     spec = make_speculator(tiny, None, "fixed", "ngram")
     steps = record_steps(spec)
     engine = start_engine(tiny, kv=4096, budget=8, max_model_len=1024, speculator=spec)
-    plans: list[tuple[int, int]] = []
-    real = engine.runner.execute
-
-    def spy(plan):  # type: ignore[no-untyped-def]
-        plans.append((len(plan.decode), sum(n for _, n in plan.prefill)))
-        return real(plan)
-
-    engine.runner.execute = spy  # type: ignore[method-assign]
+    plans = record_plans(engine)
     rng = random.Random(3)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     requests = [([rng.randrange(3, 512) for _ in range(n)], params) for n in (5, 30, 30)]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from disaggserve_worker.engine.scheduler import StepPlan, plan_step
 from disaggserve_worker.model.loader import LoadedModel
-from engine_harness import greedy_requests, run_requests, start_engine
+from engine_harness import greedy_requests, record_plans, run_requests, start_engine
 
 
 @dataclass
@@ -41,14 +41,7 @@ def test_empty_plan_is_false() -> None:
 async def test_colocated_iterations_mix_decode_and_prefill_in_one_forward(
         tiny: LoadedModel, reference_greedy) -> None:  # type: ignore[no-untyped-def]
     engine = start_engine(tiny, budget=8)
-    plans: list[tuple[int, int]] = []
-    real = engine.runner.execute
-
-    def spy(plan):  # type: ignore[no-untyped-def]
-        plans.append((len(plan.decode), sum(n for _, n in plan.prefill)))
-        return real(plan)
-
-    engine.runner.execute = spy  # type: ignore[method-assign]
+    plans = record_plans(engine)
     try:
         requests = greedy_requests(tiny)
         # All at once, not staggered: with a budget of 8 the later prompts are chunked while the
