@@ -66,7 +66,8 @@ static inline void f32_store(float *p, float f) { *p = f; }
             for (int64_t t = 0; t < n; t++) m = si[t] > m ? si[t] : m;                            \
             _Pragma("omp simd reduction(+:sum)")                                                  \
             for (int64_t t = 0; t < n; t++) {                                                     \
-                si[t] = expf(si[t] - m);                                                          \
+                /* below e^-87 a weight is subnormal: zero instead (subnormal math is slow) */   \
+                si[t] = si[t] - m < -87.0f ? 0.0f : expf(si[t] - m);                              \
                 sum += si[t];                                                                     \
             }                                                                                     \
             const float inv = 1.0f / sum;                                                         \
