@@ -1,6 +1,6 @@
-"""The CPU kernels (`model/cpu_kernels.c`) compute what the torch paths compute (decode attention
-over the pool in place, RMSNorm, rotary, SiLU-and-multiply), and the engine falls back cleanly
-when they cannot be built."""
+"""The CPU kernels (`model/cpu_kernels.c`) compute what the torch paths compute (decode and prompt
+attention over the pool in place, RMSNorm, rotary, SiLU-and-multiply), and the engine falls back
+cleanly when they cannot be built."""
 
 from __future__ import annotations
 
@@ -61,6 +61,70 @@ def test_kernel_matches_gathered_attention(kernel, heads: int, kv_heads: int, di
     want = _reference(q, cache, slots, starts, ends)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want, atol=tolerance, rtol=tolerance), (got.float() - want).abs().max()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 32), (4, 4, 64), (8, 1, 128), (6, 2, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 50])
+def test_prompt_kernel_matches_masked_attention(kernel, heads: int, kv_heads: int, dim: int, dtype: torch.dtype,
+                                                window: int | None) -> None:
+    """Ragged prompts and chunks (nothing cached, some cached, a one-query row, lengths that are
+    not whole 16-query tiles or 64-query work items) over scattered, disjoint slots, against
+    masked SDPA of each sequence over its gathered context."""
+    gen = torch.Generator().manual_seed(heads * dim + (window or 0))
+    new, past = [130, 1, 17, 64, 200], [0, 40, 300, 0, 77]
+    totals = [n + p for n, p in zip(new, past, strict=True)]
+    cache = torch.randn(2, 4096, kv_heads, dim, generator=gen).to(dtype)
+    tables = list(torch.randperm(4096, generator=gen)[:sum(totals)].split(totals))
+    layout = BatchLayout.build(new, past, tables, CPU, window)
+    q = torch.randn(sum(new), heads, dim, generator=gen).to(dtype)
+    got = cpu_kernels.prompt(kernel, q, cache, layout.context_slots, layout.spans, window)  # type: ignore[arg-type]
+    assert got.dtype == dtype and got.shape == q.shape
+    want = []
+    for b, (n, total) in enumerate(zip(new, totals, strict=True)):
+        kv = cache.float().index_select(1, tables[b])
+        rows = q[int(layout.spans[0, b]):int(layout.spans[0, b]) + n].float()
+        mask = layout.attn_mask[b, 0, :n, :total]
+        out = F.scaled_dot_product_attention(rows.transpose(0, 1), kv[0].transpose(0, 1), kv[1].transpose(0, 1),
+                                             attn_mask=mask, enable_gqa=True)
+        want.append(out.transpose(0, 1))
+    want_all = torch.cat(want)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want_all, atol=tolerance, rtol=tolerance), (got.float() - want_all).abs().max()
+
+
+@pytest.mark.parametrize("window", [None, 12])
+def test_model_chunked_and_mixed_steps_equal_the_torch_path(kernel, monkeypatch: pytest.MonkeyPatch,
+                                                            window: int | None) -> None:
+    """Prompts prefilled in two chunks (the second attends the first from the pool), then a mixed
+    step: decode rows beside a third chunk, as a colocated worker runs them."""
+    model = builtin_model("tiny-llama")
+    gen = torch.Generator().manual_seed(8)
+    first, second = [33, 70, 5], [40, 1, 90]
+    totals = [a + b + 1 for a, b in zip(first, second, strict=True)]
+    tables = list(torch.randperm(1024, generator=gen)[:sum(totals) + 60].split([*totals, 60]))
+    ids = [torch.randint(0, model.config.vocab_size, (n,), generator=gen) for n in totals]
+    extra = torch.randint(0, model.config.vocab_size, (60,), generator=gen)
+
+    def logits() -> list[torch.Tensor]:
+        pool = model.new_kv_pool(1024)
+        got = []
+        for news, pasts in ((first, [0, 0, 0]), (second, first)):
+            layout = BatchLayout.build(news, pasts, tables[:3], CPU, window)
+            tokens = torch.cat([i[p:p + n] for i, n, p in zip(ids, news, pasts, strict=True)])
+            got.append(model.forward_step(tokens, layout, pool))
+        pasts = [a + b for a, b in zip(first, second, strict=True)]
+        mixed = BatchLayout.build([1, 1, 1, 60], [*pasts, 0], tables, CPU, window)
+        tokens = torch.cat([torch.stack([i[p] for i, p in zip(ids, pasts, strict=True)]), extra])
+        got.append(model.forward_step(tokens, mixed, pool))
+        return got
+
+    with_kernel = logits()
+    monkeypatch.setattr(cpu_kernels, "kernel", lambda: None)
+    torch_path = logits()
+    for a, b in zip(with_kernel, torch_path, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -23,7 +23,7 @@ def test_the_decode_layout_equals_the_general_one(past: list[int], window: int |
     fast = BatchLayout.build([1] * len(past), past, tables, CPU, window)
     general = BatchLayout._general([1] * len(past), past, tables, CPU, window)
     for f in dataclasses.fields(BatchLayout):
-        if f.name in ("_groups", "span_starts", "span_ends"):  # decode-only: checked against the mask below
+        if f.name in ("_groups", "span_starts", "span_ends", "spans"):  # one path's only: checked below
             continue
         a, b = getattr(fast, f.name), getattr(general, f.name)
         if isinstance(a, torch.Tensor):
@@ -35,6 +35,9 @@ def test_the_decode_layout_equals_the_general_one(past: list[int], window: int |
     pos = torch.arange(fast.attn_mask.shape[-1])[None]
     spans = (pos >= fast.span_starts[:, None]) & (pos < fast.span_ends[:, None])
     assert torch.equal(spans, fast.attn_mask[:, 0, 0])
+    # The general path's prompt spans: first row, new tokens, context length of each sequence.
+    assert fast.spans is None and general.spans is not None
+    assert general.spans.tolist() == [list(range(len(past))), [1] * len(past), [p + 1 for p in past]]
 
 
 def test_a_decode_step_past_its_slot_table_is_refused() -> None:

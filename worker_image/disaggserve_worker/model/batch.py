@@ -61,6 +61,11 @@ class BatchLayout:
     # query was padded to the chunk's length (32 decode rows beside a 512-token chunk: 32x the
     # attention) and its context gathered into the chunk's padded copy.
     parts: tuple[BatchLayout, BatchLayout] | None = None
+    # Steps with prompt rows: (3, B) int64 of each sequence's first packed row, new tokens and
+    # context length (for the CPU prompt kernel in `cpu_kernels`, which needs no padding), and the
+    # sliding window the mask holds.
+    spans: torch.Tensor | None = None
+    window: int | None = None
     _groups: dict[int, DecodeGroups | None] = field(default_factory=dict, repr=False, compare=False)
 
     def to(self, device: torch.device) -> BatchLayout:
@@ -71,6 +76,7 @@ class BatchLayout:
                        last_index=self.last_index.to(device), _groups={},
                        span_starts=None if self.span_starts is None else self.span_starts.to(device),
                        span_ends=None if self.span_ends is None else self.span_ends.to(device),
+                       spans=None if self.spans is None else self.spans.to(device),
                        parts=None if self.parts is None else (self.parts[0].to(device), self.parts[1].to(device)))
 
     @property
@@ -172,6 +178,7 @@ class BatchLayout:
             fresh=max(past_lens) == 0,
             span_starts=starts.to(device),
             span_ends=ends.to(device),
+            window=sliding_window,
         )
 
     @classmethod
@@ -206,4 +213,6 @@ class BatchLayout:
             max_query=max_query,
             context_lens=tuple(int(t) for t in total),
             fresh=max(past_lens) == 0 and (sliding_window is None or sliding_window >= max_query),
+            spans=torch.stack([starts, new, total]).to(device),
+            window=sliding_window,
         )

@@ -251,3 +251,209 @@ int silu_mul(const void *gate_up, void *out, int64_t rows, int64_t n, int dtype,
     else return -2;
     return 0;
 }
+
+/* Prompt attention (fresh prompts, later chunks of a prompt, the prompt part of a mixed step):
+ * causal, optionally windowed, over the pool (this step's keys and values are already in it).
+ * Flash-style with the vector lanes across 16 queries of one head, not across the head size:
+ * a score tile is 16 keys x 16 queries in 16 registers, each key element broadcast against a
+ * column of transposed queries, so the running maximum and sum of the online softmax are
+ * per-lane vector ops with no horizontal reduction, and the value sum is a broadcast FMA per
+ * (key, dimension) into transposed accumulators. Key blocks wholly after a tile's queries are
+ * skipped (the causal half), and only the blocks the causal or window edge crosses are masked.
+ * A work item is 64 queries of one sequence for all the query heads of one KV head; it first
+ * copies the keys and values it reads into contiguous float rows, so the tile loops see one
+ * layout whatever the slots and dtype. Written with GCC/Clang vector extensions: 16 lanes are
+ * one AVX-512 register, or two AVX2 ones where the CPU has no AVX-512. Measured on small-llama
+ * (4 x 512-token prompts, 8 heads of 32, one core): 5.6 ms a layer against 9.9 for torch's
+ * flash kernel; an earlier version with a row of scores per query and a libm call per exp
+ * vector was 16 ms. */
+#define LANES 16
+#define KEYS 16
+#define QCHUNK 64
+typedef float vf __attribute__((vector_size(64), aligned(64)));
+typedef int32_t vi __attribute__((vector_size(64), aligned(64)));
+
+static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+/* e^x for x <= 0 (a score minus its row's running maximum), zero below e^-80: Cephes' expf
+ * polynomial in vector code (a libm call per vector spills every register of the tile). Below
+ * e^-80 a weight times a value can land in the subnormal range, which x86 computes slowly. */
+static inline vf vexp(vf x) {
+    const vi tiny = x < -80.0f;
+    x = vsel(tiny, (vf){} - 80.0f, x);
+    const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);
+    const vf nf = __builtin_convertvector(n, vf);
+    const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const vf scale = (vf)((n + 127) << 23);
+    return vsel(tiny, (vf){}, p * scale);
+}
+
+/* One tile: 16 query lanes (transposed, pre-scaled queries qt[D]) over the keys they see.
+ * posv: each lane's position; acc[D] gets the lanes' outputs, transposed. */
+static inline __attribute__((always_inline)) void prompt_tile(
+    const float *kbuf, const float *vbuf, int64_t klo, const vf *qt, vf *acc, vf posv,
+    int64_t pmin, int64_t pmax, int64_t window, const int64_t D) {
+    int64_t lo = window > 0 ? pmin - window + 1 : 0;
+    if (lo < klo) lo = klo;
+    lo = klo + (lo - klo) / KEYS * KEYS;
+    vf m = (vf){} - 1e30f, l = (vf){};
+    for (int64_t d = 0; d < D; d++) acc[d] = (vf){};
+    for (int64_t j0 = lo; j0 <= pmax; j0 += KEYS) {
+        const float *kb = kbuf + (j0 - klo) * D, *vb = vbuf + (j0 - klo) * D;
+        vf s[KEYS];
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < KEYS; j++) s[j] = (vf){};
+        for (int64_t d = 0; d < D; d++) {
+            const vf qd = qt[d];
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < KEYS; j++) s[j] += kb[j * D + d] * qd;
+        }
+        const int masked = j0 + KEYS - 1 > pmin || (window > 0 && j0 <= pmax - window);
+        vi valid[KEYS];
+        if (masked) {
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < KEYS; j++) {
+                const vf key = (vf){} + (float)(j0 + j);
+                valid[j] = key <= posv;
+                if (window > 0) valid[j] &= key > posv - (float)window;
+                s[j] = vsel(valid[j], s[j], (vf){} - 1e30f);
+            }
+        }
+        vf bm = s[0];
+        _Pragma("GCC unroll 16")
+        for (int j = 1; j < KEYS; j++) bm = vmax(bm, s[j]);
+        const vf mn = vmax(m, bm), corr = vexp(m - mn);
+        vf sum = (vf){};
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < KEYS; j++) {
+            s[j] = vexp(s[j] - mn);
+            if (masked) s[j] = vsel(valid[j], s[j], (vf){});
+            sum += s[j];
+        }
+        l = l * corr + sum;
+        m = mn;
+        for (int64_t d = 0; d < D; d++) {
+            vf a = acc[d] * corr;
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < KEYS; j++) a += vb[j * D + d] * s[j];
+            acc[d] = a;
+        }
+    }
+    const vf inv = 1.0f / l;
+    for (int64_t d = 0; d < D; d++) acc[d] *= inv;
+}
+
+/* One work item: queries [c0, c1) of sequence b (positions ctx - qlen + c0 ...), all G heads of KV
+ * head kh. Copies the keys/values it reads into float scratch rows first (once for all its queries
+ * and heads), so the tile loops read one contiguous buffer whatever the slots and dtype. */
+#define DEFINE_PROMPT_ITEM(NAME, T, LOAD, STORE)                                                   \
+    static inline __attribute__((always_inline)) void NAME(                                       \
+        const T *q, T *out, const T *key, const T *value, int64_t slot_stride, const int64_t *row, \
+        int64_t qstart, int64_t qlen, int64_t ctx, int64_t c0, int64_t c1, int64_t kh,            \
+        int64_t window, int64_t H, int64_t KVH, const int64_t D, float scale, float *kbuf,        \
+        float *vbuf, vf *qt, vf *acc) {                                                           \
+        const int64_t G = H / KVH, first = ctx - qlen;                                            \
+        const int64_t hi = first + c1 - 1;                                                        \
+        int64_t klo = window > 0 ? first + c0 - window + 1 : 0;                                   \
+        if (klo < 0) klo = 0;                                                                     \
+        for (int64_t j = klo; j <= hi; j++) {                                                     \
+            const T *k = key + row[j] * slot_stride + kh * D, *v = value + row[j] * slot_stride + kh * D; \
+            float *kd = kbuf + (j - klo) * D, *vd = vbuf + (j - klo) * D;                         \
+            for (int64_t d = 0; d < D; d++) { kd[d] = LOAD(&k[d]); vd[d] = LOAD(&v[d]); }         \
+        }                                                                                         \
+        /* the last tile may read up to KEYS - 1 rows past hi: zeros, masked anyway */            \
+        memset(kbuf + (hi + 1 - klo) * D, 0, sizeof(float) * (size_t)(KEYS * D));                 \
+        memset(vbuf + (hi + 1 - klo) * D, 0, sizeof(float) * (size_t)(KEYS * D));                 \
+        for (int64_t b0 = c0; b0 < c1; b0 += LANES) {                                             \
+            const int64_t nl = c1 - b0 < LANES ? c1 - b0 : LANES;                                 \
+            const int64_t pmin = first + b0, pmax = first + b0 + nl - 1;                          \
+            float posf[LANES] __attribute__((aligned(64)));                                       \
+            for (int l = 0; l < LANES; l++) posf[l] = (float)(first + b0 + (l < nl ? l : nl - 1)); \
+            vf posv;                                                                              \
+            memcpy(&posv, posf, sizeof posv);                                                     \
+            for (int64_t g = 0; g < G; g++) {                                                     \
+                const int64_t h = kh * G + g;                                                     \
+                float *qtf = (float *)qt;                                                         \
+                for (int l = 0; l < LANES; l++) {                                                 \
+                    const T *qr = q + (qstart + b0 + (l < nl ? l : nl - 1)) * H * D + h * D;      \
+                    for (int64_t d = 0; d < D; d++) qtf[d * LANES + l] = LOAD(&qr[d]) * scale;    \
+                }                                                                                 \
+                prompt_tile(kbuf, vbuf, klo, qt, acc, posv, pmin, pmax, window, D);               \
+                const float *af = (const float *)acc;                                             \
+                for (int64_t l = 0; l < nl; l++) {                                                \
+                    T *orow = out + (qstart + b0 + l) * H * D + h * D;                            \
+                    for (int64_t d = 0; d < D; d++) STORE(&orow[d], af[d * LANES + l]);           \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+DEFINE_PROMPT_ITEM(prompt_item_f32, float, f32_load, f32_store)
+DEFINE_PROMPT_ITEM(prompt_item_bf16, uint16_t, bf16_load, bf16_store)
+
+#define DEFINE_PROMPT_KERNEL(NAME, ITEM, T)                                                        \
+    static int NAME(const T *q, T *out, const T *key, const T *value, int64_t slot_stride,        \
+                    const int64_t *slots, int64_t slots_stride, const int64_t *qstarts,           \
+                    const int64_t *qlens, const int64_t *ctxs, int64_t window, int64_t B,         \
+                    int64_t H, int64_t KVH, int64_t D, float scale, int threads) {                \
+        int64_t items = 0, max_keys = 1;                                                          \
+        for (int64_t b = 0; b < B; b++) {                                                         \
+            items += (qlens[b] + QCHUNK - 1) / QCHUNK * KVH;                                      \
+            const int64_t span = window > 0 && window + QCHUNK < ctxs[b] ? window + QCHUNK : ctxs[b]; \
+            if (span > max_keys) max_keys = span;                                                 \
+        }                                                                                         \
+        int failed = 0;                                                                           \
+        _Pragma("omp parallel num_threads(threads)")                                             \
+        {                                                                                         \
+            const size_t rows = (size_t)(max_keys + KEYS);                                        \
+            float *scratch = aligned_alloc(64, sizeof(float) * (2 * rows * (size_t)D + 2 * (size_t)(D * LANES))); \
+            if (scratch == NULL) {                                                                \
+                _Pragma("omp atomic write") failed = 1;                                           \
+            }                                                                                     \
+            vf *qt = (vf *)scratch, *acc = qt + D;                                                \
+            float *kbuf = scratch + 2 * D * LANES, *vbuf = kbuf + rows * D;                       \
+            _Pragma("omp for schedule(dynamic)")                                                  \
+            for (int64_t it = 0; it < items; it++) {                                              \
+                if (scratch == NULL) continue;                                                    \
+                int64_t b = 0, rest = it;                                                         \
+                while (rest >= (qlens[b] + QCHUNK - 1) / QCHUNK * KVH) {                          \
+                    rest -= (qlens[b] + QCHUNK - 1) / QCHUNK * KVH;                               \
+                    b++;                                                                          \
+                }                                                                                 \
+                const int64_t kh = rest % KVH, c0 = rest / KVH * QCHUNK;                          \
+                const int64_t c1 = c0 + QCHUNK < qlens[b] ? c0 + QCHUNK : qlens[b];               \
+                const int64_t *row = slots + b * slots_stride;                                    \
+                switch (D) {                                                                      \
+                case 32: ITEM(q, out, key, value, slot_stride, row, qstarts[b], qlens[b], ctxs[b], c0, c1, kh, window, H, KVH, 32, scale, kbuf, vbuf, qt, acc); break; \
+                case 64: ITEM(q, out, key, value, slot_stride, row, qstarts[b], qlens[b], ctxs[b], c0, c1, kh, window, H, KVH, 64, scale, kbuf, vbuf, qt, acc); break; \
+                case 128: ITEM(q, out, key, value, slot_stride, row, qstarts[b], qlens[b], ctxs[b], c0, c1, kh, window, H, KVH, 128, scale, kbuf, vbuf, qt, acc); break; \
+                default: ITEM(q, out, key, value, slot_stride, row, qstarts[b], qlens[b], ctxs[b], c0, c1, kh, window, H, KVH, D, scale, kbuf, vbuf, qt, acc); \
+                }                                                                                 \
+            }                                                                                     \
+            free(scratch);                                                                        \
+        }                                                                                         \
+        return failed ? -1 : 0;                                                                   \
+    }
+
+DEFINE_PROMPT_KERNEL(prompt_f32, prompt_item_f32, float)
+DEFINE_PROMPT_KERNEL(prompt_bf16, prompt_item_bf16, uint16_t)
+
+int paged_prompt_attention(const void *q, void *out, const void *key, const void *value,
+                           int64_t slot_stride, const int64_t *slots, int64_t slots_stride,
+                           const int64_t *qstarts, const int64_t *qlens, const int64_t *ctxs,
+                           int64_t window, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                           float scale, int dtype, int threads) {
+    if (dtype == 0)
+        return prompt_f32(q, out, key, value, slot_stride, slots, slots_stride, qstarts, qlens, ctxs,
+                          window, B, H, KVH, D, scale, threads);
+    if (dtype == 1)
+        return prompt_bf16(q, out, key, value, slot_stride, slots, slots_stride, qstarts, qlens,
+                           ctxs, window, B, H, KVH, D, scale, threads);
+    return -2;
+}

@@ -6,6 +6,9 @@ kernels where torch is slow on a CPU, and so does this:
   context's keys and values into a padded copy (`index_select`) and ran SDPA on it: at 8
   sequences of ~800 tokens that was ~45 % of the engine's CPU time, for a few MB of reads. The
   kernel reads each key and value row once for all the query heads that share it;
+- prompt attention over the pool: torch's CPU flash kernel ran at ~25 GMAC/s at head size 32
+  (~35 % of a 2048-token prefill step), and the padded copies of the packed queries, keys and
+  values around it cost another ~8 %;
 - RMSNorm, rotary embedding and SiLU-and-multiply, one pass each where torch's CPU ops walk the
   rows five to seven times (its rms_norm alone was 4 % of a 2048-token prefill step).
 
@@ -165,6 +168,8 @@ def _load(path: Path) -> ctypes.CDLL:
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     signatures = {
         "paged_decode_attention": [ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, f32, i32, i32],
+        "paged_prompt_attention": [ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32,
+                                   i32, i32],
         "rms_norm": [ptr, ptr, ptr, i64, i64, f32, i32, i32],
         "rotary": [ptr, i64, i64, i64, i64, ptr, ptr, i32, i32],
         "silu_mul": [ptr, ptr, i64, i64, i32, i32],
@@ -235,4 +240,25 @@ def decode(lib: ctypes.CDLL, q: torch.Tensor, layer_cache: torch.Tensor, slots: 
         kv_heads * dim, slots.data_ptr(), int(slots.stride(0)), starts.data_ptr(), ends.data_ptr(),
         batch, heads, kv_heads, dim, dim ** -0.5, DTYPES[q.dtype], torch.get_num_threads())
     _check(status, "paged_decode_attention")
+    return out
+
+
+def prompt(lib: ctypes.CDLL, q: torch.Tensor, layer_cache: torch.Tensor, slots: torch.Tensor,
+           spans: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal attention of several queries per sequence over the pool. q (T, H, D): each sequence's
+    queries packed one after another; layer_cache (2, pool slots, KVH, D), this step's keys and
+    values already written; slots (B, K): sequence b's context slots in position order; spans
+    (3, B) int64: each sequence's first row in q, number of queries, and context length (cached
+    + new: its queries are the last positions of its context). `window`: sliding window or None.
+    Returns (T, H, D) in q's dtype."""
+    _, heads, dim = q.shape
+    kv_heads = int(layer_cache.shape[2])
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    slots, spans = slots.contiguous(), spans.contiguous()
+    status = lib.paged_prompt_attention(
+        q.data_ptr(), out.data_ptr(), layer_cache[0].data_ptr(), layer_cache[1].data_ptr(), kv_heads * dim,
+        slots.data_ptr(), int(slots.stride(0)), spans[0].data_ptr(), spans[1].data_ptr(), spans[2].data_ptr(),
+        window or 0, int(spans.shape[1]), heads, kv_heads, dim, dim ** -0.5, DTYPES[q.dtype], torch.get_num_threads())
+    _check(status, "paged_prompt_attention")
     return out

@@ -159,6 +159,10 @@ class Attention(nn.Module):
                 return self._grouped_decode(q, layer_cache, groups)
             out = self._attend(q, layer_cache, layout.context_slots.reshape(-1), layout.num_seqs, layout.attn_mask)
             return out.reshape(t, -1)
+        if (layout.spans is not None and cpu_kernels.supports(q, layer_cache)
+                and (kernel := cpu_kernels.kernel()) is not None):
+            return cpu_kernels.prompt(kernel, q, layer_cache, layout.context_slots, layout.spans,
+                                      layout.window).reshape(t, -1)
         if layout.fresh:
             return self._attend_fresh(q, k, v, layout).reshape(t, -1)
         batch, context = layout.context_slots.shape
