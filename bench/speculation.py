@@ -75,9 +75,9 @@ async def serve(model: LoadedModel, config: str, requests: list[tuple[float, lis
     if spec is not None:
         real = spec.step
 
-        def step(batch):  # type: ignore[no-untyped-def]
+        def step(batch, **options):  # type: ignore[no-untyped-def]
             nonlocal proposed, accepted, steps
-            out = real(batch)
+            out = real(batch, **options)
             assert spec.last is not None
             proposed += sum(spec.last.proposed)
             accepted += sum(spec.last.accepted)

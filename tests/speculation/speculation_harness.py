@@ -24,8 +24,8 @@ def record_steps(spec: Speculator) -> list[StepReport]:
     reports: list[StepReport] = []
     real = spec.step
 
-    def step(batch):  # type: ignore[no-untyped-def]
-        out = real(batch)
+    def step(batch, **options):  # type: ignore[no-untyped-def]
+        out = real(batch, **options)
         assert spec.last is not None
         reports.append(spec.last)
         return out

@@ -88,6 +88,23 @@ def test_bias_keeps_k_zero_when_the_gain_is_marginal() -> None:
     pytest.fail("no acceptance with a marginal gain found")
 
 
+def test_a_verification_step_dearer_than_the_plain_step_must_pay_for_itself() -> None:
+    """CPU-like costs: verifying an extra token is nearly free, but the verification step itself
+    costs 20 % more than the engine's plain step. Judged against its own k = 0 the controller
+    would speculate at low acceptance; against the plain step it does not, and at high acceptance
+    it still does. A prompt chunk that a speculative step pushes into a second forward (`extra`)
+    raises the bar further."""
+    cpu = StepCoefficients(a=0.0014, b=1e-8, c=2e-5)
+    dear = StepCoefficients(a=cpu.a * 1.2, b=cpu.b, c=cpu.c)
+    alone = GoodputController(num_speculative_tokens=4, verify=StepTimeModel(dear))
+    both = GoodputController(num_speculative_tokens=4, verify=StepTimeModel(dear), plain=StepTimeModel(cpu))
+    assert alone.choose([200], [0.2], [4]).ks != [0]  # the mistake this guards against
+    assert both.choose([200], [0.2], [4]).ks == [0]
+    assert both.choose([200], [0.8], [4]).ks[0] >= 2
+    alpha = next(a / 100 for a in range(1, 100) if both.choose([200], [a / 100], [4]).ks != [0])
+    assert both.choose([200], [alpha], [4], extra=cpu.a).ks == [0]
+
+
 def test_expected_tokens_formula() -> None:
     assert expected_tokens(0.5, 0) == 1
     assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
@@ -123,6 +140,8 @@ async def test_adaptive_on_the_engine_skips_a_random_draft(tiny: LoadedModel,
     finally:
         engine.stop()
     assert spec.controller.alpha() < 0.3
+    # The engine timed its plain decode steps for the controller (calibration seeded the model).
+    assert spec.controller.plain is not None and spec.controller.plain.samples > 0
     ks = [k for step in steps for k in step.ks]
     late = ks[len(ks) // 2:]
     assert sum(1 for k in late if k) <= len(late) * 0.15, f"speculated too often with a random draft: {late}"

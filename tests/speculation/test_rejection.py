@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from chi_square import chi_square, critical_value
 
-from disaggserve_worker.speculation.ngram import NgramProposer
+from disaggserve_worker.speculation.ngram import NgramIndex, NgramProposer
 from disaggserve_worker.speculation.rejection import verify_greedy, verify_sampled
 
 VOCAB = 6
@@ -111,3 +113,33 @@ def test_ngram_min_excludes_short_matches() -> None:
     with pytest.raises(ValueError, match="n-gram sizes"):
         NgramProposer(3, 2)
 
+
+def _searched(history: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """The lookup by search: the latest start of the tail n-gram among those ending before it."""
+    for n in range(min(n_max, len(history) - 1), n_min - 1, -1):
+        tail = history[-n:]
+        starts = [s for s in range(len(history) - n) if history[s:s + n] == tail]
+        if starts and k > 0:
+            start = starts[-1] + n
+            copied = history[start:start + k]
+            while len(copied) < k:
+                copied.append(copied[len(copied) - (len(history) - start)])
+            return copied
+    return []
+
+
+def test_the_incremental_index_finds_what_a_search_finds() -> None:
+    """Grown in uneven pieces (a prompt, then accepted runs of 1-5 tokens) over a small vocabulary
+    (many matches and loops), every lookup equals a search of the whole history."""
+    rng = random.Random(4)
+    for n_min, n_max in ((1, 3), (2, 4), (1, 1)):
+        prompt = [rng.randrange(6) for _ in range(rng.randrange(1, 30))]
+        tokens: list[int] = []
+        index = NgramIndex(n_min, n_max)
+        for _ in range(60):
+            index.sync(prompt, tokens)
+            history = prompt + tokens
+            assert index.history == history
+            for k in (1, 4):
+                assert index.propose(k) == _searched(history, k, n_min, n_max), (history, k)
+            tokens += [rng.randrange(6) for _ in range(rng.randrange(1, 6))]

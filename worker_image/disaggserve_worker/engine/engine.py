@@ -374,6 +374,13 @@ class Engine:
         else:
             # No speculator, or it proposes nothing this step: one fused forward, as without one.
             plan = plan_step(self._running, self._prefilling, budget)
+            if self.speculator is not None and plan.decode and not plan.prefill:
+                # A plain decode step, timed as the speculator times its own: what it must beat.
+                context = sum(seq.num_cached + 1 for seq in plan.decode)
+                start = time.perf_counter()
+                self._run_plan(plan)
+                self.speculator.observe_plain(time.perf_counter() - start, context, len(plan.decode))
+                return
         if plan:
             self._run_plan(plan)
 
@@ -422,7 +429,7 @@ class Engine:
         almost always, that made requests 1.1-1.4x slower than with speculation off)."""
         batch = list(self._running)
         start = time.perf_counter()
-        emitted = self.speculator.step(batch)  # type: ignore[union-attr]
+        emitted = self.speculator.step(batch, split=bool(self._prefilling))  # type: ignore[union-attr]
         if emitted is None:
             return False
         if self.observer:  # before emitting, so a client that saw its last token sees it counted

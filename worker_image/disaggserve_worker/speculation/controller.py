@@ -3,7 +3,8 @@
 Goodput of a step = expected tokens the batch generates / predicted time of the step. A
 request with acceptance α that proposes k tokens yields E(k) = (1 − α^(k+1)) / (1 − α);
 the step costs the target's verification (StepTimeModel over Σctx and batched tokens) plus
-the proposer's own steps. Why per request: E's marginal gain of the j-th proposed token is
+the proposer's own steps, against the engine's plain decode step (a separate model: the two
+paths differ by more than tokens, see `plain`). Why per request: E's marginal gain of the j-th proposed token is
 α^j, so with a cost linear in batched tokens the best allocation takes proposed tokens in
 order of α_i^j while each still raises tokens/second — requests with high acceptance get a
 long k, poor ones none. The outer loop over the longest k (K) accounts for a draft model's
@@ -63,6 +64,13 @@ class GoodputController:
     bias: float = 0.05
     global_acceptance: Acceptance = field(default_factory=lambda: Acceptance(decay=0.98))
     initial_alpha: float = 0.5
+    # The engine's plain decode step (what runs when every k is 0), or None to take the verify
+    # model at k = 0. Why apart: a verification step is not a plain step with more tokens. It
+    # plans, builds a ragged layout, runs the many-query attention path and keeps every row's
+    # logits; on the CPU engine that was ~20 % over a one-request plain step, which a model fitted
+    # to verification steps alone could only spread over the per-token cost, so the controller
+    # kept choosing k > 0 where speculation lost (non-repetitive text: 1.2-1.5x slower than off).
+    plain: StepTimeModel | None = None
 
     def alpha(self, own: Acceptance | None = None) -> float:
         g = self.global_acceptance.rate(self.initial_alpha)
@@ -79,20 +87,23 @@ class GoodputController:
         # One catch-up step over the tokens the draft has not seen, then longest−1 single-token steps.
         return (self.draft.time(0, catch_up) + (longest - 1) * self.draft.time(0, proposing))
 
-    def choose(self, contexts: list[int], alphas: list[float], caps: list[int]) -> Choice:
-        """k per request (≤ caps[i]: what the request can still use, or what the proposer has)."""
+    def choose(self, contexts: list[int], alphas: list[float], caps: list[int], extra: float = 0.0) -> Choice:
+        """k per request (≤ caps[i]: what the request can still use, or what the proposer has).
+        `extra`: seconds a speculative step costs beyond its own forward (the engine's second
+        forward for prompt chunks, which a plain step fuses)."""
         batch = len(contexts)
         ctx = float(sum(contexts))
         c = self.verify.coefficients.c
-        base_time = self.verify.time(ctx, batch)
+        base_time = (self.plain or self.verify).time(ctx, batch)
         baseline = batch / base_time
+        verify_time = self.verify.time(ctx, batch) + extra
         best = Choice([0] * batch, baseline, baseline)
         longest_cap = min(max(caps, default=0), self.num_speculative_tokens)
         for longest in range(1, longest_cap + 1):
             gains = sorted(((min(max(alphas[i], 0.0), ALPHA_CAP) ** j, i, j) for i in range(batch)
                             for j in range(1, min(longest, caps[i]) + 1)), key=lambda g: (-g[0], g[2], g[1]))
             ks = [0] * batch
-            tokens, time = float(batch), base_time
+            tokens, time = float(batch), verify_time
             for gain, i, j in gains:
                 if j != ks[i] + 1:
                     continue  # equal gains may arrive out of order; take prefixes only

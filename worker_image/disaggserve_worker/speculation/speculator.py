@@ -32,7 +32,7 @@ from disaggserve_worker.speculation.config import SpeculationConfig
 from disaggserve_worker.speculation.controller import Acceptance, GoodputController
 from disaggserve_worker.speculation.draft import DraftProposer, DraftRequest
 from disaggserve_worker.speculation.metrics import SpecMetrics
-from disaggserve_worker.speculation.ngram import NgramProposer
+from disaggserve_worker.speculation.ngram import NgramIndex
 from disaggserve_worker.speculation.rejection import verify_greedy, verify_sampled
 from disaggserve_worker.speculation.step_time import StepCoefficients, StepTimeModel
 
@@ -54,6 +54,7 @@ class SpecSequence(Protocol):
 @dataclass
 class _RequestState:
     acceptance: Acceptance = field(default_factory=Acceptance)
+    ngrams: NgramIndex | None = None  # the n-gram proposer's index of this request's history
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Speculator:
         self.config = config
         self.model = model
         self.draft = draft if config.proposer == "draft" else None
-        self.ngram = NgramProposer(config.ngram_min, config.ngram_max) if config.proposer == "ngram" else None
+        self.ngram = config.proposer == "ngram"
         self.metrics = metrics
         self.controller = GoodputController(
             num_speculative_tokens=config.num_speculative_tokens,
@@ -102,15 +103,17 @@ class Speculator:
             self.calibrate(allocator)
 
     def calibrate(self, allocator: BlockAllocator, repeats: int = 2) -> None:
-        """Seed the verification step-time model from a few real forward passes (a micro profile
-        in the planner's form) on scratch slots of the idle pool.
+        """Seed the step-time models from a few real steps (a micro profile in the planner's form)
+        on scratch slots of the idle pool: the plain decode step (k = 0 everywhere) and the
+        verification step, each timed from its layout to its tokens.
 
         Why: online, the controller mostly repeats the same k, so measured steps alone barely
         tell the per-token cost from the fixed cost; a seed measured on this device with k
         varied on purpose does, and the online fit then tracks drift from it.
         """
         k = self.config.num_speculative_tokens
-        shapes = [(1, 64, 0), (1, 64, k), (8, 64, 0), (8, 64, k), (8, 256, 0), (1, 256, k)]
+        plain_shapes = [(1, 64, 0), (8, 64, 0), (8, 256, 0), (1, 256, 0), (4, 128, 0)]
+        verify_shapes = [(1, 64, 1), (1, 64, k), (8, 64, 1), (8, 64, k), (8, 256, 1), (1, 256, k)]
         span = 256 + k + 1
         blocks = allocator.try_allocate(8 * span)
         if blocks is None:
@@ -119,24 +122,36 @@ class Speculator:
         device = self.model.device
         try:
             table = allocator.slot_table(blocks, device)
-            fit = StepTimeModel(self.controller.verify.seed, prior_weight=0.5, refit_every=1 << 30)
+            fits = {name: StepTimeModel(self.controller.verify.seed, prior_weight=0.5, refit_every=1 << 30)
+                    for name in ("plain", "verify")}
             for rep in range(repeats + 1):
-                for batch, ctx, extra in shapes:
-                    tables = [table[i * span:(i + 1) * span] for i in range(batch)]
-                    layout = BatchLayout.build([extra + 1] * batch, [ctx] * batch, tables, device,
-                                               self.model.sliding_window)
-                    ids = torch.zeros(batch * (extra + 1), dtype=torch.long, device=device)
-                    start = time.perf_counter()
-                    self.model.forward_step(ids, layout, self.kv_pool, all_logits=True)  # type: ignore[arg-type]
-                    self.sync()
-                    if rep:  # the first round warms up kernels and caches
-                        fit.observe(time.perf_counter() - start, batch * (ctx + extra + 1),
-                                    batch * (extra + 1))
-            fit.refit()
+                for name, shapes in (("plain", plain_shapes), ("verify", verify_shapes)):
+                    for batch, ctx, extra in shapes:
+                        start = time.perf_counter()
+                        tables = [table[i * span:(i + 1) * span] for i in range(batch)]
+                        layout = BatchLayout.build([extra + 1] * batch, [ctx] * batch, tables, device,
+                                                   self.model.sliding_window)
+                        ids = torch.zeros(batch * (extra + 1), dtype=torch.long, device=device)
+                        logits = self.model.forward_step(ids, layout, self.kv_pool,  # type: ignore[arg-type]
+                                                         all_logits=extra > 0)
+                        logits.argmax(dim=-1).tolist()
+                        if rep:  # the first round warms up kernels and caches
+                            fits[name].observe(time.perf_counter() - start, batch * (ctx + extra + 1),
+                                               batch * (extra + 1))
+            for fit in fits.values():
+                fit.refit()
         finally:
             allocator.free(blocks)
-        self.controller.verify = StepTimeModel(fit.coefficients, prior_weight=16.0)
-        log.info("speculation step-time seed measured: %s", fit.coefficients)
+        self.controller.verify = StepTimeModel(fits["verify"].coefficients, prior_weight=16.0)
+        self.controller.plain = StepTimeModel(fits["plain"].coefficients, prior_weight=16.0)
+        log.info("speculation step-time seeds measured: plain %s, verify %s", fits["plain"].coefficients,
+                 fits["verify"].coefficients)
+
+    def observe_plain(self, seconds: float, context_tokens: int, batch: int) -> None:
+        """A plain decode step the engine ran (k = 0 everywhere, no prompt chunk beside it), timed
+        from its layout to its tokens: what speculation has to beat."""
+        if self.controller.plain is not None:
+            self.controller.plain.observe(seconds, context_tokens, batch)
 
     def release(self, seq: SpecSequence) -> None:
         """The sequence left the engine (finished, aborted, failed): drop its state and draft cache."""
@@ -150,22 +165,31 @@ class Speculator:
         return [max(0, min(self.config.num_speculative_tokens, s.params.max_tokens - len(s.tokens) - 1,
                            self.max_model_len - len(s.prompt_ids) - len(s.tokens) - 1)) for s in batch]
 
-    def _lookups(self, histories: list[list[int]], caps: list[int]) -> list[list[int]]:
-        assert self.ngram is not None
-        return [self.ngram.propose(h, c) if c else [] for h, c in zip(histories, caps, strict=True)]
+    def _lookups(self, batch: list[SpecSequence], caps: list[int]) -> list[list[int]]:
+        lookups = []
+        for seq, cap in zip(batch, caps, strict=True):
+            if not cap:
+                lookups.append([])
+                continue
+            state = self._requests.setdefault(seq.request_id, _RequestState())
+            if state.ngrams is None:
+                state.ngrams = NgramIndex(self.config.ngram_min, self.config.ngram_max)
+            state.ngrams.sync(seq.prompt_ids, seq.tokens)
+            lookups.append(state.ngrams.propose(cap))
+        return lookups
 
-    def _plan(self, batch: list[SpecSequence], histories: list[list[int]], caps: list[int]
+    def _plan(self, batch: list[SpecSequence], caps: list[int], extra: float
               ) -> tuple[list[int], list[list[int]]]:
         """k per request, and the n-gram lookups (n-gram proposer) bounding them."""
         if self.config.mode == "fixed":
-            lookups = self._lookups(histories, caps) if self.ngram is not None else []
+            lookups = self._lookups(batch, caps) if self.ngram else []
             return ([len(f) for f in lookups] if lookups else list(caps)), lookups
         states = [self._requests.setdefault(s.request_id, _RequestState()) for s in batch]
         alphas = [self.controller.alpha(st.acceptance) for st in states]
         contexts = [s.num_cached + 1 for s in batch]
         # Decide on the request's own caps first: a lookup only lowers caps, so when that says
         # k = 0 everywhere the lookups (the proposer's whole cost) can be skipped.
-        ks = self.controller.choose(contexts, alphas, caps).ks
+        ks = self.controller.choose(contexts, alphas, caps, extra).ks
         probe = False
         if not any(ks):
             # Acceptance is learnt only from proposals: probe with k=1 now and then, or a
@@ -176,22 +200,26 @@ class Speculator:
                 return ks, []
             caps = [min(1, c) for c in caps]
         self._zero_steps = 0
-        if self.ngram is None:
+        if not self.ngram:
             return (caps if probe else ks), []
-        lookups = self._lookups(histories, caps)
+        lookups = self._lookups(batch, caps)
         found = [len(f) for f in lookups]
         if probe:
             return found, lookups
-        return self.controller.choose(contexts, alphas, found).ks, lookups
+        return self.controller.choose(contexts, alphas, found, extra).ks, lookups
 
     # ---- the step -----------------------------------------------------------------------------
-    def step(self, batch: list[SpecSequence]) -> list[list[int]] | None:
+    def step(self, batch: list[SpecSequence], split: bool = False) -> list[list[int]] | None:
         """Each sequence's emitted tokens (accepted proposal + the target's token), or None when no
         sequence gets a proposal this step: nothing ran, the engine decodes the batch in its plain
-        fused step (the step is still reported and counted, with k = 0 everywhere)."""
+        fused step (the step is still reported and counted, with k = 0 everywhere).
+        `split`: prompt chunks wait, which a speculative step leaves to a second forward of their
+        own (a plain step fuses them), so speculating costs that forward's fixed part too."""
         assert self.kv_pool is not None, "attach() the engine's KV pool first"
-        histories = [s.prompt_ids + s.tokens for s in batch]
-        ks, lookups = self._plan(batch, histories, self._caps(batch))
+        step_start = time.perf_counter()
+        plain = self.controller.plain
+        extra = plain.coefficients.a if split and plain is not None else 0.0
+        ks, lookups = self._plan(batch, self._caps(batch), extra)
         if not any(ks):
             zeros = [0] * len(batch)
             self.last = StepReport(ks=zeros, proposed=zeros, accepted=zeros, seconds=0.0)
@@ -201,7 +229,8 @@ class Speculator:
         start = time.perf_counter()
         proposals: list[list[int]]
         draft_probs: list[torch.Tensor | None]
-        if self.ngram is not None:
+        histories = [s.prompt_ids + s.tokens for s in batch] if self.draft is not None else []
+        if self.ngram:
             proposals = ([found[:k] for found, k in zip(lookups, ks, strict=True)] if lookups
                          else [[] for _ in batch])
             draft_probs = [None] * len(batch)
@@ -217,12 +246,16 @@ class Speculator:
         propose_seconds = time.perf_counter() - start
         emitted, verify_seconds = self._verify(batch, proposals, draft_probs)
         accepted = [len(e) - 1 for e in emitted]
-        for seq, history, proposal, n_ok in zip(batch, histories, proposals, accepted, strict=True):
+        for i, (seq, proposal, n_ok) in enumerate(zip(batch, proposals, accepted, strict=True)):
             if proposal:
                 state = self._requests.setdefault(seq.request_id, _RequestState())
                 self.controller.observe(state.acceptance, len(proposal), n_ok)
             if self.draft is not None:
-                self.draft.rollback(id(seq), len(history) + n_ok)
+                self.draft.rollback(id(seq), len(histories[i]) + n_ok)
+        # The whole step, planning to accepted tokens, as the plain step is timed (`observe_plain`).
+        tokens = sum(len(p) + 1 for p in proposals)
+        self.controller.verify.observe(time.perf_counter() - step_start,
+                                       sum(s.num_cached for s in batch) + tokens, tokens)
         proposed = [len(p) for p in proposals]
         self.last = StepReport(ks=[len(p) for p in proposals], proposed=proposed, accepted=accepted,
                                seconds=propose_seconds + verify_seconds)
@@ -244,7 +277,6 @@ class Speculator:
         logits = self.model.forward_step(ids, layout, self.kv_pool, all_logits=True)  # type: ignore[arg-type]
         self.sync()
         seconds = time.perf_counter() - start
-        self.controller.verify.observe(seconds, sum(past) + int(ids.numel()), int(ids.numel()))
         argmax: list[int] = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
         offsets = [0]
         for row in new:
