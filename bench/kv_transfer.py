@@ -9,7 +9,10 @@ The sending side (prefill engine + KV port, raw sender) runs in a child process,
 worker does in a deployment; the receiving side in this process.
 - kv: a real pull from a prefill engine's held cache into a decode engine's reservation
   (`TcpKVTransport.pull` → `KVServer`), over its persistent authenticated connection, timed
-  as the decode worker's event loop sees it.
+  as the decode worker's event loop sees it, two ways: over TCP (a transport that does not map
+  the peer's segment: what a pull between hosts does) and through the prefill pool's
+  shared-memory segment (`kv.shared_memory`: what a pull between workers on one host does; the
+  sender's pool is in shared memory as a prefill worker's is, when /dev/shm has room).
 Raw is timed three ways — received on the event loop, on a thread awaited from the loop, and
 inside that thread (no hop at all); the headline ratio takes the faster of the first two,
 and the ratio against the third is reported beside it.
@@ -94,13 +97,14 @@ def sender_process(pipe, model: str, tokens: int, threads: int,  # type: ignore[
         loop = asyncio.get_running_loop()
         loaded = load_model(model, device="cpu")
         prefill = Engine(loaded.model, loaded.tokenizer, [], EngineConfig(
-            role="prefill", kv_cache_tokens=2 * tokens + 64, max_batch_tokens=tokens, max_model_len=tokens + 64))
+            role="prefill", kv_cache_tokens=2 * tokens + 64, max_batch_tokens=tokens, max_model_len=tokens + 64,
+            shared_kv=True))
         prefill.start()
         server = KVServer(prefill, token=TOKEN)
         await server.start("127.0.0.61", 0)
         raw = RawSender("127.0.0.62", loaded.config.kv_bytes_per_token(4) * tokens // loaded.config.num_hidden_layers,
                         loaded.config.num_hidden_layers)
-        pipe.send((server.port, raw.port))
+        pipe.send((server.port, raw.port, prefill.kv_segment is not None))
         prompt = torch.randint(0, loaded.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         try:
@@ -159,27 +163,30 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
     proc.start()
     decode = Engine(loaded.model, loaded.tokenizer, [], EngineConfig(
         role="decode", kv_cache_tokens=tokens + 64, max_model_len=tokens + 64))
-    transport = TcpKVTransport(token=TOKEN)
-    kv_s, raw_loop, raw_thread, raw_inner, nbytes = [], [], [], [], 0
+    transports = {"tcp": TcpKVTransport(token=TOKEN, shared_memory=False), "shm": TcpKVTransport(token=TOKEN)}
+    kv_s: dict[str, list[float]] = {name: [] for name in transports}
+    raw_loop, raw_thread, raw_inner, nbytes = [], [], [], 0
     try:
-        kv_port, raw_port = await asyncio.to_thread(parent.recv)
+        kv_port, raw_port, shared = await asyncio.to_thread(parent.recv)
         layers = loaded.config.num_hidden_layers
         layout = layout_of(decode)  # made once, as the decode worker does
         raw = RawReceiver(raw_port, layout.layer_bytes(tokens) * layers)
         prompt = [1] * tokens
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         for i in range(repeats + 1):  # the first pull opens the persistent connection: not timed
-            parent.send("prefill")
-            handle = await asyncio.to_thread(parent.recv)
-            reservation = decode.reserve(prompt, params)
-            assert reservation is not None
-            await asyncio.sleep(settle_s)
-            start = time.perf_counter()
-            stats = await transport.pull(f"127.0.0.61:{kv_port}", handle, f"b{i}",
-                                         layout, pool_sink(decode, reservation))
-            seconds = time.perf_counter() - start
-            decode.cancel_reservation(reservation)
-            nbytes = stats.bytes
+            pulled: dict[str, float] = {}
+            for name, transport in transports.items():
+                parent.send("prefill")
+                handle = await asyncio.to_thread(parent.recv)
+                reservation = decode.reserve(prompt, params)
+                assert reservation is not None
+                await asyncio.sleep(settle_s)
+                start = time.perf_counter()
+                stats = await transport.pull(f"127.0.0.61:{kv_port}", handle, f"b{i}{name}",
+                                             layout, pool_sink(decode, reservation))
+                pulled[name] = time.perf_counter() - start
+                decode.cancel_reservation(reservation)
+                nbytes = stats.bytes
             await asyncio.sleep(settle_s)
             on_loop = await raw.transfer_on_loop()
             await asyncio.sleep(settle_s)
@@ -188,18 +195,21 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
             on_thread = time.perf_counter() - start
             if i == 0:
                 continue
-            kv_s.append(seconds)
+            for name, seconds in pulled.items():
+                kv_s[name].append(seconds)
             raw_loop.append(on_loop)
             raw_thread.append(on_thread)
             raw_inner.append(inner)
         raw.sock.close()
     finally:
-        transport.close()
+        for transport in transports.values():
+            transport.close()
         parent.send("stop")
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
-    kv_median = statistics.median(kv_s)
+    kv_median = statistics.median(kv_s["tcp"])
+    shm_median = statistics.median(kv_s["shm"])
     raw_variants = {"raw_tcp_on_event_loop": statistics.median(raw_loop),
                     "raw_tcp_on_a_thread_awaited": statistics.median(raw_thread),
                     "raw_tcp_on_a_thread_excluding_the_hop": statistics.median(raw_inner)}
@@ -213,7 +223,12 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
         "kv_over_raw_throughput": raw_median / kv_median,
         "raw_variants_seconds_median": raw_variants,
         "kv_over_raw_excluding_any_hop": raw_variants["raw_tcp_on_a_thread_excluding_the_hop"] / kv_median,
-        "kv_seconds": kv_s, "raw_tcp_on_event_loop_seconds": raw_loop,
+        # Same host: the pull copies the held blocks out of the prefill pool's shared segment.
+        "sender_pool_in_shared_memory": shared,
+        "kv_shared_memory_seconds_median": shm_median,
+        "kv_shared_memory_gbytes_per_s": nbytes / shm_median / 1e9,
+        "kv_shared_memory_over_raw_throughput": raw_median / shm_median,
+        "kv_seconds": kv_s["tcp"], "kv_shared_memory_seconds": kv_s["shm"], "raw_tcp_on_event_loop_seconds": raw_loop,
         "raw_tcp_on_a_thread_seconds": raw_thread,
     }
 
@@ -265,9 +280,10 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for size in result["sizes"]:  # type: ignore[attr-defined]
-        print(f"{size['bytes'] / 1e6:5.1f} MB: KV {size['kv_gbytes_per_s']:.2f} GB/s vs raw TCP "
-              f"{size['raw_tcp_gbytes_per_s']:.2f} GB/s (ratio {size['kv_over_raw_throughput']:.2f}), "
-              f"median of {size['repeats']}")
+        print(f"{size['bytes'] / 1e6:5.1f} MB: KV over TCP {size['kv_gbytes_per_s']:.2f} GB/s, through shared "
+              f"memory {size['kv_shared_memory_gbytes_per_s']:.2f} GB/s, vs raw TCP "
+              f"{size['raw_tcp_gbytes_per_s']:.2f} GB/s (ratios {size['kv_over_raw_throughput']:.2f} / "
+              f"{size['kv_shared_memory_over_raw_throughput']:.2f}), median of {size['repeats']}")
     print(f"load average {result['load_average_before']} -> {result['load_average_after']}")
 
 

@@ -89,20 +89,40 @@ def test_bias_keeps_k_zero_when_the_gain_is_marginal() -> None:
 
 
 def test_a_verification_step_dearer_than_the_plain_step_must_pay_for_itself() -> None:
-    """CPU-like costs: verifying an extra token is nearly free, but the verification step itself
-    costs 20 % more than the engine's plain step. Judged against its own k = 0 the controller
-    would speculate at low acceptance; against the plain step it does not, and at high acceptance
-    it still does. A prompt chunk that a speculative step pushes into a second forward (`extra`)
-    raises the bar further."""
+    """CPU-like costs: verifying an extra token is nearly free, but a verification step costs 20 %
+    more than the engine's plain step (the premium `o`). Judged against itself at k = 0 the
+    controller would speculate at low acceptance; with the premium it does not, and at high
+    acceptance it still does. A prompt chunk that a speculative step pushes into a second forward
+    (`extra`) raises the bar further."""
     cpu = StepCoefficients(a=0.0014, b=1e-8, c=2e-5)
-    dear = StepCoefficients(a=cpu.a * 1.2, b=cpu.b, c=cpu.c)
-    alone = GoodputController(num_speculative_tokens=4, verify=StepTimeModel(dear))
-    both = GoodputController(num_speculative_tokens=4, verify=StepTimeModel(dear), plain=StepTimeModel(cpu))
-    assert alone.choose([200], [0.2], [4]).ks != [0]  # the mistake this guards against
-    assert both.choose([200], [0.2], [4]).ks == [0]
-    assert both.choose([200], [0.8], [4]).ks[0] >= 2
-    alpha = next(a / 100 for a in range(1, 100) if both.choose([200], [a / 100], [4]).ks != [0])
-    assert both.choose([200], [alpha], [4], extra=cpu.a).ks == [0]
+    blind = GoodputController(num_speculative_tokens=4, verify=StepTimeModel(
+        StepCoefficients(a=cpu.a * 1.2, b=cpu.b, c=cpu.c)))
+    priced = GoodputController(num_speculative_tokens=4, verify=StepTimeModel(
+        StepCoefficients(a=cpu.a, b=cpu.b, c=cpu.c, o=cpu.a * 0.2)))
+    assert blind.choose([200], [0.2], [4]).ks != [0]  # the mistake this guards against
+    assert priced.choose([200], [0.2], [4]).ks == [0]
+    assert priced.choose([200], [0.8], [4]).ks[0] >= 2
+    alpha = next(a / 100 for a in range(1, 100) if priced.choose([200], [a / 100], [4]).ks != [0])
+    assert priced.choose([200], [alpha], [4], extra=cpu.a).ks == [0]
+
+
+def test_the_fit_separates_the_verification_premium_from_the_shared_forward() -> None:
+    """Plain and verification steps of many batch sizes: one fit recovers the forward's costs and
+    the premium, so a large batch is judged with the same forward on both sides."""
+    true = StepCoefficients(a=0.0015, b=5e-8, c=3e-5, o=2e-4, p=1.5e-5)
+    model = StepTimeModel(StepCoefficients(a=0.01, b=0.0, c=1e-5), prior_weight=0.5, refit_every=10_000)
+    rng = random.Random(9)
+    for _ in range(256):
+        batch = rng.randint(1, 64)
+        ctx = batch * rng.randint(100, 600)
+        verified = batch if rng.random() < 0.5 else 0
+        tokens = batch * (1 + rng.randint(1, 4)) if verified else batch
+        model.observe(true.time(ctx, tokens, verified) * rng.uniform(0.97, 1.03), ctx, tokens, verified)
+    model.refit()
+    for batch in (1, 16, 128):
+        for verified in (0, batch):
+            want = true.time(batch * 400, batch * (3 if verified else 1), verified)
+            assert model.time(batch * 400, batch * (3 if verified else 1), verified) == pytest.approx(want, rel=0.1)
 
 
 def test_expected_tokens_formula() -> None:
@@ -140,8 +160,8 @@ async def test_adaptive_on_the_engine_skips_a_random_draft(tiny: LoadedModel,
     finally:
         engine.stop()
     assert spec.controller.alpha() < 0.3
-    # The engine timed its plain decode steps for the controller (calibration seeded the model).
-    assert spec.controller.plain is not None and spec.controller.plain.samples > 0
+    # The engine timed its plain decode steps for the controller, beside the verification steps.
+    assert 0 < spec.controller.verify.plain_samples < spec.controller.verify.samples
     ks = [k for step in steps for k in step.ks]
     late = ks[len(ks) // 2:]
     assert sum(1 for k in late if k) <= len(late) * 0.15, f"speculated too often with a random draft: {late}"

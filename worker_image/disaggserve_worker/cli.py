@@ -357,7 +357,7 @@ def serve(args: argparse.Namespace) -> int:
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids,
                     EngineConfig(role=args.role, kv_cache_tokens=kv_tokens, block_size=args.block_size,
                                  max_batch_tokens=args.max_batch_tokens, max_model_len=max_len,
-                                 kv_ttl_seconds=args.kv_ttl_s),
+                                 kv_ttl_seconds=args.kv_ttl_s, shared_kv=args.role == "prefill"),
                     observer=metrics.observe_iteration, speculator=speculator)
     server = WorkerServer(engine, ServerConfig(
         role=args.role, host=args.host, port=args.port, kv_port=args.kv_port, advertise_host=advertise,

@@ -39,7 +39,10 @@ from disaggserve_worker.engine.runner import ModelRunner
 from disaggserve_worker.engine.sampling import SampleContext, SamplingParams, sample_rows
 from disaggserve_worker.engine.scheduler import StepPlan, plan_step
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent, push_many
+from disaggserve_worker.kv import shared_memory
+from disaggserve_worker.kv.shared_memory import SegmentInfo
 from disaggserve_worker.model import cpu_kernels
+from disaggserve_worker.model.kv_pool import KVPool
 from disaggserve_worker.model.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -58,6 +61,9 @@ class EngineConfig:
     max_batch_tokens: int = 2048
     max_model_len: int = 4096
     kv_ttl_seconds: float = 60.0
+    # Put a CPU pool in shared memory (`kv.shared_memory`), so decode workers on this host copy held
+    # caches out of it instead of pulling them over TCP; what prefill workers ask for.
+    shared_kv: bool = False
 
 
 @dataclass
@@ -118,7 +124,8 @@ class Engine:
         self.config = config
         self.observer = observer
         self.allocator = BlockAllocator(-(-config.kv_cache_tokens // config.block_size), config.block_size)
-        self.kv_pool = model.new_kv_pool(self.allocator.capacity_tokens)
+        self.kv_segment: SegmentInfo | None = None  # where the pool lives when it is shared
+        self.kv_pool = self._new_pool(model, config)
         self.runner = ModelRunner(model, self.kv_pool)
         self.device = model.device
         if any(device.type == "cpu" for device in model.devices):
@@ -144,6 +151,16 @@ class Engine:
         self.speculator = speculator
         if speculator is not None:
             speculator.attach(self.kv_pool, config.max_model_len, self._sync, self.allocator)
+
+    def _new_pool(self, model: LlamaForCausalLM, config: EngineConfig) -> KVPool:
+        capacity = self.allocator.capacity_tokens
+        if config.shared_kv and model.tensor_parallel == 1 and all(d.type == "cpu" for d in model.devices):
+            c = model.config
+            made = shared_memory.shared_pool(c.num_hidden_layers, capacity, c.kv_heads, c.dim_per_head, model.dtype)
+            if made is not None:
+                pool, self.kv_segment = made
+                return pool
+        return model.new_kv_pool(capacity)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:

@@ -20,6 +20,11 @@ Two ways to drive the same frames, chosen per pull:
   at once, and waits for the thread.
 Either way, once `pull` returns or raises (cancellation included) nothing writes into the sink
 any more.
+
+Same host (`kv.shared_memory`): when the port's READY names a shared-memory segment that this
+process can map and check, pulls into direct sinks ask for slot runs instead of bytes and copy
+the blocks out of the mapping (on the loop or the transfer thread, by size, as above). A peer
+whose segment cannot be mapped (another host, another user) is pulled over TCP as before.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import socket
 import threading
 import time
@@ -61,7 +67,9 @@ from disaggserve_worker.kv.framing import (
     set_timeout,
 )
 from disaggserve_worker.kv.layout import DTYPES, KVLayout, LayerSink, PoolSink, TransferStats
+from disaggserve_worker.kv.shared_memory import SegmentInfo, SegmentReader, copy_regions
 
+log = logging.getLogger(__name__)
 _UNSET = object()
 # Pulls into reservations of up to this size are read on the event loop, larger ones on a transfer
 # thread (one blocking read per layer instead of a readiness wake-up per arriving piece): on the
@@ -86,6 +94,7 @@ class _Connection:
     address: str
     authenticated: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    segment: SegmentReader | None = None  # the peer's pool, mapped (same host)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -109,12 +118,16 @@ class TcpKVTransport:
     """Pull KV caches from prefill workers' KV ports (see `kv.framing` for the protocol)."""
 
     def __init__(self, connect_timeout: float = 5.0, frame_timeout: float = 30.0,
-                 token: str | object | None = _UNSET, idle_seconds: float = 60.0, max_threads: int = 32):
+                 token: str | object | None = _UNSET, idle_seconds: float = 60.0, max_threads: int = 32,
+                 shared_memory: bool = True):
         self.connect_timeout = connect_timeout
         self.frame_timeout = frame_timeout
         self.token: str | None = auth.worker_token() if token is _UNSET else token  # type: ignore[assignment]
         self.idle_seconds = idle_seconds
         self.max_threads = max_threads
+        self.shared_memory = shared_memory  # map same-host peers' segments (False: always TCP)
+        self._segments: dict[str, SegmentReader] = {}  # by segment id, shared by a peer's connections
+        self._segments_lock = threading.Lock()
         self._idle: dict[str, list[_Connection]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
@@ -127,7 +140,8 @@ class TcpKVTransport:
         start = time.perf_counter()
         for attempt in range(2):
             conn, reused = await self._checkout(address)
-            request = encode_json(FrameType.REQUEST, {"handle": handle, "request_id": request_id})
+            shared = conn.segment is not None and isinstance(sink, PoolSink) and sink.direct
+            request = _request(handle, request_id, shared)
             may_be_stale = reused and attempt == 0
             ack: bytes | None = None  # still to send once the pull has returned
             try:
@@ -136,8 +150,8 @@ class TcpKVTransport:
                     total, tokens, ack = await self._exchange_on_loop(conn, request, expect, sink, may_be_stale)
                 else:
                     sent = conn.send_now(request) if conn.authenticated else 0
-                    exchange = functools.partial(self._exchange, conn, request[sent:], expect, sink,
-                                                 may_be_stale=may_be_stale)
+                    exchange = functools.partial(self._exchange, conn, request[sent:] if sent else None, expect, sink,
+                                                 may_be_stale=may_be_stale, handle=handle, request_id=request_id)
                     total, tokens = await self._on_thread(conn, exchange)
             except _Stale:
                 conn.close()
@@ -165,6 +179,10 @@ class TcpKVTransport:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False)
+        with self._segments_lock:
+            segments, self._segments = list(self._segments.values()), {}
+        for segment in segments:
+            segment.close()
 
     # ---- threads -----------------------------------------------------------------------------
     async def _on_thread(self, conn: _Connection, job: Callable[[], _T]) -> _T:
@@ -256,25 +274,51 @@ class TcpKVTransport:
             raise_if_error(kind, payload)
             if kind is not FrameType.READY:
                 raise KVTransferError("kv_protocol", f"expected READY, got {kind.name}", False)
+            ready = decode_json(payload)
         except ValueError as error:
             raise KVTransferError("kv_protocol", f"malformed KV handshake: {error!r}", False) from None
         conn.authenticated = True
+        if self.shared_memory and "shm" in ready:
+            conn.segment = self._map_segment(conn.address, ready["shm"])
+
+    def _map_segment(self, address: str, described: object) -> SegmentReader | None:
+        """The peer's pool segment, mapped once per segment; None where it cannot be (another
+        host or user: the pulls then go over TCP)."""
+        try:
+            info = SegmentInfo.parse(described)
+            with self._segments_lock:
+                reader = self._segments.get(info.id)
+                if reader is None:
+                    reader = self._segments[info.id] = SegmentReader(info)
+            log.info("KV port %s: same host, pulls copy from its shared pool %s", address, info.path)
+            return reader
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            log.debug("KV port %s: its shared pool is not reachable from here (%s); pulling over TCP",
+                      address, error)
+            return None
 
     # ---- one pull (on a transfer thread) -----------------------------------------------------
-    def _exchange(self, conn: _Connection, unsent: bytes, expect: KVLayout, sink: LayerSink | PoolSink,
-                  may_be_stale: bool) -> tuple[int, int]:
+    def _exchange(self, conn: _Connection, unsent: bytes | None, expect: KVLayout, sink: LayerSink | PoolSink,
+                  may_be_stale: bool, handle: str, request_id: str) -> tuple[int, int]:
         """One pull on a transfer thread: the handshake on a new connection, whatever of the
-        REQUEST frame the loop did not send, then the reply."""
+        REQUEST frame the loop did not send (None: none of it, so it is made here, after the
+        handshake has told whether the peer shares memory), then the reply."""
         sock = conn.sock
         set_timeout(sock, self.frame_timeout)  # blocking (a loop pull leaves it non-blocking)
         if not conn.authenticated:
             self._handshake(conn)
+        if unsent is None:
+            unsent = _request(handle, request_id,
+                              conn.segment is not None and isinstance(sink, PoolSink) and sink.direct)
         with _stale_if(may_be_stale):
             send_buffers(sock, [unsent])
             kind, payload = recv_control(sock)
-        tokens = self._check_header(_reply_header(kind, payload), expect, sink)
+        header = _reply_header(kind, payload)
+        tokens = self._check_header(header, expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
-        if isinstance(sink, PoolSink) and sink.direct:
+        if "runs" in header:
+            self._copy_shared(conn, header, expect, sink, tokens)
+        elif isinstance(sink, PoolSink) and sink.direct:
             self._receive_direct(sock, expect, sink, tokens, layer_bytes)
         else:
             self._receive_staged(sock, expect, sink, tokens, layer_bytes)
@@ -293,15 +337,37 @@ class TcpKVTransport:
         with _stale_if(may_be_stale):
             await stream.send(request)
             kind, payload = await stream.control()
-        tokens = self._check_header(_reply_header(kind, payload), expect, sink)
+        header = _reply_header(kind, payload)
+        tokens = self._check_header(header, expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
         total = layer_bytes * expect.layers
-        head = bytearray(HEADER.size + LAYER_INDEX.size)
-        for layer in range(expect.layers):
-            await stream.recv_into([memoryview(head), *sink.targets(layer, tokens)])
-            _check_layer_head(head, layer, layer_bytes)
+        if "runs" in header:
+            self._copy_shared(conn, header, expect, sink, tokens)
+        else:
+            head = bytearray(HEADER.size + LAYER_INDEX.size)
+            for layer in range(expect.layers):
+                await stream.recv_into([memoryview(head), *sink.targets(layer, tokens)])
+                _check_layer_head(head, layer, layer_bytes)
         _check_end(*await stream.control())
         return total, tokens, encode_json(FrameType.ACK, {"bytes": total})
+
+    @staticmethod
+    def _copy_shared(conn: _Connection, header: dict[str, object], expect: KVLayout, sink: LayerSink | PoolSink,
+                     tokens: int) -> None:
+        """A same-host reply: copy the held blocks' slot runs out of the peer's mapped pool."""
+        segment = conn.segment
+        if segment is None or not isinstance(sink, PoolSink) or not sink.direct:
+            raise KVTransferError("kv_protocol", "the KV port answered with shared-memory slot runs to a "
+                                  "request that did not ask for them", False)
+        if segment.info.token_bytes != expect.token_bytes or segment.info.layers != expect.layers:
+            raise KVTransferError("kv_mismatch", f"the peer's shared pool ({segment.info}) does not hold "
+                                  f"this worker's KV layout ({expect})", False)
+        try:
+            runs = segment.check_runs(header["runs"], tokens)
+        except (ValueError, TypeError) as error:
+            raise KVTransferError("kv_protocol", f"bad shared-memory slot runs: {error}", False) from None
+        for layer in range(expect.layers):
+            copy_regions(segment.layer_regions(layer, runs), sink.targets(layer, tokens))
 
     @staticmethod
     def _receive_direct(sock: socket.socket, expect: KVLayout, sink: PoolSink, tokens: int,
@@ -356,6 +422,13 @@ class TcpKVTransport:
             raise KVTransferError("kv_mismatch", f"KV cache of {tokens} tokens does not fit the {limit} "
                                   "this worker reserved (model length or reservation)", False)
         return tokens
+
+
+def _request(handle: str, request_id: str, shared: bool) -> bytes:
+    request: dict[str, object] = {"handle": handle, "request_id": request_id}
+    if shared:
+        request["shm"] = True
+    return encode_json(FrameType.REQUEST, request)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,10 @@ buffered beyond those limits, so a hostile or broken client cannot grow this pro
 Layers are sent with `sendmsg` straight from the pool's blocks (no gather copy) on a
 single-shard CPU pool, as one gather-write prepared when the engine holds the cache
 (`Engine.on_hold`), so a pull only sends it; other pools gather a layer with `KVPool.read` first.
+When the pool is in shared memory (`kv.shared_memory`), READY names its segment, and a peer that
+mapped it asks with `"shm": true`: the reply is then the header with the held blocks' slot runs
+and the end frame, no layers; the peer copies the blocks and ACKs, and the cache stays pinned
+until then as for a TCP pull.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from disaggserve_worker.kv import auth
 from disaggserve_worker.kv.framing import (
     HEADER,
     LAYER_INDEX,
+    MAX_CONTROL_FRAME,
     MAX_HANDSHAKE_FRAME,
     PROTOCOL_VERSION,
     SOCKET_BUFFER,
@@ -70,6 +75,7 @@ class KVServer:
         self._lock = threading.Lock()
         self._closing = False
         self.accepted = 0  # connections admitted past the limit check (authenticated or not)
+        self.shared_pulls = 0  # pulls answered with slot runs in the shared pool (same-host peers)
         self._regions: PoolRegions | None = None
 
     @property
@@ -188,7 +194,8 @@ class KVServer:
                 "kv_unauthorized", "the KV port needs the DisaggServe's worker token "
                 f"({auth.ENV_WORKER_TOKEN}) proved in the first frame", False))
             return False
-        send_json(conn, FrameType.READY, {})
+        segment = self.engine.kv_segment
+        send_json(conn, FrameType.READY, {} if segment is None or self._regions is None else {"shm": segment.wire()})
         return True
 
     @staticmethod
@@ -208,9 +215,13 @@ class KVServer:
         delivered = False
         try:
             start = time.perf_counter()
-            sent = self._send(conn, held)
+            shared = bool(request.get("shm")) and self.engine.kv_segment is not None and self._regions is not None
+            sent = self._send_runs(conn, held) if shared else self._send(conn, held)
             kind, _ = recv_control(conn)
             delivered = kind is FrameType.ACK
+            if delivered and shared:
+                with self._lock:
+                    self.shared_pulls += 1
             if delivered and self.on_sent:
                 self.on_sent(sent, time.perf_counter() - start)
         finally:
@@ -236,13 +247,26 @@ class KVServer:
         buffers.append(encode_json(FrameType.END, {"bytes": layer_bytes * len(pool)}))
         return buffers, layer_bytes * len(pool)
 
-    def _header(self, held: HeldCache, layer_bytes: int) -> bytes:
+    def _header(self, held: HeldCache, layer_bytes: int, runs: list[tuple[int, int]] | None = None) -> bytes:
         # Full-head layers on the wire whatever this worker's tensor size: a receiver of another
         # tensor size splits them its own way.
         pool = self.engine.kv_pool
-        return encode_json(FrameType.HEADER, {"request_id": held.request_id, "dtype": DTYPE_NAMES[pool.dtype],
-                                              "layers": len(pool),
-                                              "shape": [2, held.num_tokens, pool.kv_heads, pool.head_dim]})
+        header: dict[str, object] = {"request_id": held.request_id, "dtype": DTYPE_NAMES[pool.dtype],
+                                     "layers": len(pool), "shape": [2, held.num_tokens, pool.kv_heads, pool.head_dim]}
+        if runs is not None:
+            header["runs"] = [list(run) for run in runs]
+        return encode_json(FrameType.HEADER, header)
+
+    def _send_runs(self, conn: socket.socket, held: HeldCache) -> int:
+        """A same-host pull: where the held blocks lie in the shared pool, for the peer to copy."""
+        pool = self.engine.kv_pool
+        tokens = held.num_tokens
+        layer_bytes = 2 * tokens * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
+        header = self._header(held, layer_bytes, block_runs(held.blocks, self.engine.allocator.block_size, tokens))
+        if len(header) > MAX_CONTROL_FRAME:  # too scattered to list in one control frame: send the bytes
+            return self._send(conn, held)
+        send_buffers(conn, [header, encode_json(FrameType.END, {"bytes": layer_bytes * len(pool)})])
+        return layer_bytes * len(pool)
 
     def _send(self, conn: socket.socket, held: HeldCache) -> int:
         if self._regions is not None:

@@ -370,28 +370,39 @@ static inline __attribute__((always_inline)) void prompt_tile(
         /* the last tile may read up to KEYS - 1 rows past hi: zeros, masked anyway */            \
         memset(kbuf + (hi + 1 - klo) * D, 0, sizeof(float) * (size_t)(KEYS * D));                 \
         memset(vbuf + (hi + 1 - klo) * D, 0, sizeof(float) * (size_t)(KEYS * D));                 \
-        for (int64_t b0 = c0; b0 < c1; b0 += LANES) {                                             \
-            const int64_t nl = c1 - b0 < LANES ? c1 - b0 : LANES;                                 \
-            const int64_t pmin = first + b0, pmax = first + b0 + nl - 1;                          \
-            float posf[LANES] __attribute__((aligned(64)));                                       \
-            for (int l = 0; l < LANES; l++) posf[l] = (float)(first + b0 + (l < nl ? l : nl - 1)); \
-            vf posv;                                                                              \
-            memcpy(&posv, posf, sizeof posv);                                                     \
-            for (int64_t g = 0; g < G; g++) {                                                     \
-                const int64_t h = kh * G + g;                                                     \
-                float *qtf = (float *)qt;                                                         \
-                for (int l = 0; l < LANES; l++) {                                                 \
-                    const T *qr = q + (qstart + b0 + (l < nl ? l : nl - 1)) * H * D + h * D;      \
-                    for (int64_t d = 0; d < D; d++) qtf[d * LANES + l] = LOAD(&qr[d]) * scale;    \
-                }                                                                                 \
-                prompt_tile(kbuf, vbuf, klo, qt, acc, posv, pmin, pmax, window, D);               \
-                const float *af = (const float *)acc;                                             \
-                for (int64_t l = 0; l < nl; l++) {                                                \
-                    T *orow = out + (qstart + b0 + l) * H * D + h * D;                            \
-                    for (int64_t d = 0; d < D; d++) STORE(&orow[d], af[d * LANES + l]);           \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
+        /* Rows are (head of the group, query position) pairs, a run of `per` positions for every  \
+         * head of the group before the next run, so a tile's 16 lanes are full whenever the item  \
+         * has 16 rows: a verification step's 2-5 queries per sequence fill them with the group's  \
+         * heads instead of using 2-5 lanes of a tile per head. */                                 \
+        const int64_t nq = c1 - c0, per = G >= LANES ? 1 : LANES / G, rows = nq * G;               \
+        for (int64_t r0 = 0; r0 < rows; r0 += LANES) {                                             \
+            const int64_t nl = rows - r0 < LANES ? rows - r0 : LANES;                              \
+            int64_t lane_h[LANES], lane_p[LANES], pmin = INT64_MAX, pmax = -1;                     \
+            float posf[LANES] __attribute__((aligned(64)));                                        \
+            for (int l = 0; l < LANES; l++) {                                                      \
+                const int64_t r = r0 + (l < nl ? l : nl - 1), run = r / (per * G);                 \
+                const int64_t within = r - run * per * G;                                          \
+                const int64_t len = nq - run * per < per ? nq - run * per : per;                   \
+                lane_h[l] = kh * G + within / len;                                                 \
+                lane_p[l] = c0 + run * per + within % len;                                         \
+                posf[l] = (float)(first + lane_p[l]);                                              \
+                if (first + lane_p[l] < pmin) pmin = first + lane_p[l];                            \
+                if (first + lane_p[l] > pmax) pmax = first + lane_p[l];                            \
+            }                                                                                      \
+            vf posv;                                                                               \
+            memcpy(&posv, posf, sizeof posv);                                                      \
+            float *qtf = (float *)qt;                                                              \
+            for (int l = 0; l < LANES; l++) {                                                      \
+                const T *qr = q + (qstart + lane_p[l]) * H * D + lane_h[l] * D;                    \
+                for (int64_t d = 0; d < D; d++) qtf[d * LANES + l] = LOAD(&qr[d]) * scale;         \
+            }                                                                                      \
+            prompt_tile(kbuf, vbuf, klo, qt, acc, posv, pmin, pmax, window, D);                    \
+            const float *af = (const float *)acc;                                                  \
+            for (int64_t l = 0; l < nl; l++) {                                                     \
+                T *orow = out + (qstart + lane_p[l]) * H * D + lane_h[l] * D;                      \
+                for (int64_t d = 0; d < D; d++) STORE(&orow[d], af[d * LANES + l]);                \
+            }                                                                                      \
+        }                                                                                          \
     }
 
 DEFINE_PROMPT_ITEM(prompt_item_f32, float, f32_load, f32_store)

@@ -1,15 +1,16 @@
 """Goodput controller (SmartSpec): pick how many tokens each request proposes this step.
 
 Goodput of a step = expected tokens the batch generates / predicted time of the step. A
-request with acceptance α that proposes k tokens yields E(k) = (1 − α^(k+1)) / (1 − α);
-the step costs the target's verification (StepTimeModel over Σctx and batched tokens) plus
-the proposer's own steps, against the engine's plain decode step (a separate model: the two
-paths differ by more than tokens, see `plain`). Why per request: E's marginal gain of the j-th proposed token is
-α^j, so with a cost linear in batched tokens the best allocation takes proposed tokens in
-order of α_i^j while each still raises tokens/second — requests with high acceptance get a
-long k, poor ones none. The outer loop over the longest k (K) accounts for a draft model's
-cost, which grows with K, not with the sum. At large batches the fixed step cost is shared
-by many requests, so extra verified tokens are relatively dearer and k shrinks.
+request with acceptance α that proposes k tokens yields E(k) = (1 − α^(k+1)) / (1 − α); the
+step costs the target's verification (StepTimeModel over Σctx and batched tokens) plus the
+proposer's own steps, against the engine's plain decode step (the model's premium of a
+verification step, `StepCoefficients.o/p`, is what proposals have to earn first). Why per
+request: E's marginal gain of the j-th proposed token is α^j, so with a cost linear in
+batched tokens the best allocation takes proposed tokens in order of α_i^j while each still
+raises tokens/second — requests with high acceptance get a long k, poor ones none. The outer
+loop over the longest k (K) accounts for a draft model's cost, which grows with K, not with
+the sum. At large batches the fixed step cost is shared by many requests, so extra verified
+tokens are relatively dearer and k shrinks.
 """
 
 from __future__ import annotations
@@ -64,13 +65,6 @@ class GoodputController:
     bias: float = 0.05
     global_acceptance: Acceptance = field(default_factory=lambda: Acceptance(decay=0.98))
     initial_alpha: float = 0.5
-    # The engine's plain decode step (what runs when every k is 0), or None to take the verify
-    # model at k = 0. Why apart: a verification step is not a plain step with more tokens. It
-    # plans, builds a ragged layout, runs the many-query attention path and keeps every row's
-    # logits; on the CPU engine that was ~20 % over a one-request plain step, which a model fitted
-    # to verification steps alone could only spread over the per-token cost, so the controller
-    # kept choosing k > 0 where speculation lost (non-repetitive text: 1.2-1.5x slower than off).
-    plain: StepTimeModel | None = None
 
     def alpha(self, own: Acceptance | None = None) -> float:
         g = self.global_acceptance.rate(self.initial_alpha)
@@ -94,9 +88,9 @@ class GoodputController:
         batch = len(contexts)
         ctx = float(sum(contexts))
         c = self.verify.coefficients.c
-        base_time = (self.plain or self.verify).time(ctx, batch)
+        base_time = self.verify.time(ctx, batch)  # the plain step
         baseline = batch / base_time
-        verify_time = self.verify.time(ctx, batch) + extra
+        verify_time = self.verify.time(ctx, batch, verified=batch) + extra
         best = Choice([0] * batch, baseline, baseline)
         longest_cap = min(max(caps, default=0), self.num_speculative_tokens)
         for longest in range(1, longest_cap + 1):
