@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 from statistics import mean
+from types import SimpleNamespace
 
 import pytest
 from speculation_harness import copy_heavy_prompt, make_engine, make_speculator, record_steps
 
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel
-from disaggserve_worker.speculation.controller import Acceptance, GoodputController, expected_tokens
+from disaggserve_worker.speculation.controller import Acceptance, Choice, GoodputController, expected_tokens
 from disaggserve_worker.speculation.step_time import StepCoefficients, StepTimeModel
 from engine_harness import run_requests
 
@@ -123,6 +124,45 @@ def test_the_fit_separates_the_verification_premium_from_the_shared_forward() ->
         for verified in (0, batch):
             want = true.time(batch * 400, batch * (3 if verified else 1), verified)
             assert model.time(batch * 400, batch * (3 if verified else 1), verified) == pytest.approx(want, rel=0.1)
+
+
+def test_without_a_draft_one_pass_finds_what_every_longest_k_finds() -> None:
+    """An n-gram controller allocates once, for the longest k; a zero-cost draft model makes the
+    controller try every longest k: both must reach the same goodput."""
+    rng = random.Random(12)
+    free = GoodputController(num_speculative_tokens=6, verify=StepTimeModel(TARGET))
+    every = GoodputController(num_speculative_tokens=6, verify=StepTimeModel(TARGET),
+                              draft=StepTimeModel(StepCoefficients(a=0.0, b=0.0, c=0.0)))
+    for _ in range(200):
+        batch = rng.randint(1, 40)
+        contexts = [rng.randint(10, 2000) for _ in range(batch)]
+        alphas = [rng.random() for _ in range(batch)]
+        caps = [rng.randint(0, 6) for _ in range(batch)]
+        one, all_ = free.choose(contexts, alphas, caps), every.choose(contexts, alphas, caps)
+        assert one.goodput == pytest.approx(all_.goodput, rel=1e-9), (alphas, caps)
+
+
+def test_probes_grow_rarer_while_they_keep_saying_no_and_speculation_resets_them(tiny: LoadedModel) -> None:
+    """A probe (k = 1 for the batch) that leaves the controller at k = 0 doubles the wait before the
+    next one, up to 8x the configured interval; a step that speculates restores it."""
+    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    seq = SimpleNamespace(request_id="r", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
+                          params=SamplingParams(max_tokens=100))
+    spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
+
+    def probes(steps: int) -> list[int]:
+        return [i for i in range(steps) if any(spec._plan([seq], [4], 0.0)[0])]
+
+    every = spec.config.probe_every
+    got = probes(40 * every)
+    assert got, "no probe at all"
+    starts = [-1, *got]
+    gaps = [b - a for a, b in zip(starts, got, strict=False)]
+    assert gaps[:5] == [every, 2 * every, 4 * every, 8 * every, 8 * every], gaps
+    spec.controller.choose = lambda *a, **k: Choice([2], 2.0, 1.0)  # type: ignore[method-assign]
+    assert spec._plan([seq], [4], 0.0)[0] == [2]  # speculating resets the interval
+    spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
+    assert probes(every)[-1] == every - 1
 
 
 def test_expected_tokens_formula() -> None:

@@ -38,6 +38,8 @@ from disaggserve_worker.speculation.step_time import StepCoefficients, StepTimeM
 
 log = logging.getLogger(__name__)
 
+PROBE_BACKOFF = 8  # probes grow at most this much rarer than `probe_every` while k stays 0
+
 
 class SpecSequence(Protocol):
     """What the speculator reads of an engine sequence (engine.Sequence satisfies it)."""
@@ -88,6 +90,13 @@ class Speculator:
             bias=config.bias)
         self._requests: dict[str, _RequestState] = {}
         self._zero_steps = 0
+        # Steps of k = 0 between probes: doubled (up to PROBE_BACKOFF x the configured interval)
+        # after each probe that did not lead to speculating, back to the configured one as soon as
+        # a step speculates. Why: a probe is a verification step of the whole batch at k = 1; on
+        # non-repetitive text at overload the probes every 16 steps were ~5 % of the engine's CPU,
+        # for an acceptance estimate that kept saying no.
+        self._probe_interval = config.probe_every
+        self._probed = False
         self.kv_pool: KVPool | None = None
         self.max_model_len = 1 << 30
         self.sync: Callable[[], None] = lambda: None
@@ -188,11 +197,17 @@ class Speculator:
         if not any(ks):
             # Acceptance is learnt only from proposals: probe with k=1 now and then, or a
             # pessimistic estimate would never be corrected.
+            if self._probed:  # the last probe did not change the answer: probe less often
+                self._probe_interval = min(2 * self._probe_interval, PROBE_BACKOFF * self.config.probe_every)
+                self._probed = False
             self._zero_steps += 1
-            probe = self._zero_steps >= self.config.probe_every
+            probe = self._zero_steps >= self._probe_interval
             if not probe:
                 return ks, []
+            self._probed = True
             caps = [min(1, c) for c in caps]
+        else:
+            self._probe_interval, self._probed = self.config.probe_every, False
         self._zero_steps = 0
         if not self.ngram:
             return (caps if probe else ks), []
