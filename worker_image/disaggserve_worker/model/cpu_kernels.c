@@ -423,7 +423,9 @@ DEFINE_PROMPT_ITEM(prompt_item_bf16, uint16_t, bf16_load, bf16_store)
         _Pragma("omp parallel num_threads(threads)")                                             \
         {                                                                                         \
             const size_t rows = (size_t)(max_keys + KEYS);                                        \
-            float *scratch = aligned_alloc(64, sizeof(float) * (2 * rows * (size_t)D + 2 * (size_t)(D * LANES))); \
+            /* aligned_alloc wants a multiple of the alignment (macOS enforces it) */              \
+            const size_t bytes = sizeof(float) * (2 * rows * (size_t)D + 2 * (size_t)(D * LANES)); \
+            float *scratch = aligned_alloc(64, (bytes + 63) / 64 * 64);                            \
             if (scratch == NULL) {                                                                \
                 _Pragma("omp atomic write") failed = 1;                                           \
             }                                                                                     \
