@@ -76,6 +76,10 @@ _UNSET = object()
 # 2-core bench host a 1 MB pull took 1.7-2.1 ms on the loop and 2.1-2.2 ms on a thread, a 12 MB one
 # 8.4-9.7 ms on the loop and 7.8-8.8 ms on a thread (bench/kv_transfer.py).
 LOOP_MAX_BYTES = 4 << 20
+# Through shared memory a pull is a memcpy (~14 GB/s: 0.9 ms for 12 MB), not a stream of socket
+# reads, so larger ones stay on the loop too: on a transfer thread a 12 MB same-host pull took
+# 3.1 ms, most of it the hand-off (bench/kv_transfer.py --pin).
+SHARED_LOOP_MAX_BYTES = 16 << 20
 _T = TypeVar("_T")
 
 
@@ -146,7 +150,8 @@ class TcpKVTransport:
             ack: bytes | None = None  # still to send once the pull has returned
             try:
                 if (conn.authenticated and isinstance(sink, PoolSink) and sink.direct
-                        and expect.layer_bytes(sink.capacity) * expect.layers <= LOOP_MAX_BYTES):
+                        and expect.layer_bytes(sink.capacity) * expect.layers
+                        <= (SHARED_LOOP_MAX_BYTES if shared else LOOP_MAX_BYTES)):
                     total, tokens, ack = await self._exchange_on_loop(conn, request, expect, sink, may_be_stale)
                 else:
                     sent = conn.send_now(request) if conn.authenticated else 0
