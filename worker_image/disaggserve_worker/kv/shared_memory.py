@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from disaggserve_worker import switches
 from disaggserve_worker.model.kv_pool import KVPool
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,7 @@ class SharedMemoryUnavailable(RuntimeError):
 
 
 def mode() -> str:
-    value = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV_MODE}={value!r}: use one of {', '.join(MODES)}")
-    return value
+    return switches.choice(ENV_MODE, MODES)
 
 
 def folder() -> Path:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from disaggserve_worker import switches
+
 log = logging.getLogger(__name__)
 
 ENV_MODE = "DISAGGSERVE_CPU_KERNELS"
@@ -58,10 +60,7 @@ class KernelUnavailable(RuntimeError):
 
 
 def mode() -> str:
-    value = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
-    if value not in MODES:
-        raise ValueError(f"{ENV_MODE}={value!r}: use one of {', '.join(MODES)}")
-    return value
+    return switches.choice(ENV_MODE, MODES)
 
 
 def kernel() -> ctypes.CDLL | None:
