@@ -17,7 +17,10 @@ pods keep private memory unless they mount a bigger one), `on` (fail if it canno
 The file starts with one page holding a magic, the segment's random id and its pool geometry;
 a reader checks them before trusting a mapping. Files are removed when their pool is
 collected or the process exits; files of dead processes (a SIGKILLed worker) are swept when
-the next pool is made in that folder.
+the next pool is made in that folder. "Dead" is judged in this process's PID namespace: where
+containers with their own PID namespaces share one folder, a sweep can unlink another worker's
+live segment; its pool keeps working (the mapping outlives the name), and peers that have not
+mapped it yet pull over TCP.
 """
 
 from __future__ import annotations
