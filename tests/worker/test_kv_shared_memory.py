@@ -141,6 +141,22 @@ def test_a_peers_slot_runs_are_checked_against_the_segment(shm_dir: Path) -> Non
         reader.close()
 
 
+def test_a_restarted_peers_old_segment_is_unmapped(shm_dir: Path) -> None:
+    """The old mapping would keep the old pool's pages alive after its worker is gone."""
+    first, second = shared_pool(1, 32, 1, 4, torch.float32), shared_pool(1, 32, 1, 4, torch.float32)
+    assert first is not None and second is not None
+    transport = TcpKVTransport(token=None)
+    try:
+        old = transport._map_segment("10.0.0.1:9000", first[1].wire())
+        assert old is not None and transport._map_segment("10.0.0.2:9000", first[1].wire()) is old
+        assert transport._map_segment("10.0.0.1:9000", second[1].wire()) is not old
+        assert not old._map.closed, "another peer address still uses it"
+        transport._map_segment("10.0.0.2:9000", second[1].wire())
+        assert old._map.closed
+    finally:
+        transport.close()
+
+
 def test_segments_go_with_their_pool_and_stale_ones_are_swept(shm_dir: Path) -> None:
     made = shared_pool(1, 32, 1, 4, torch.bfloat16)
     assert made is not None

@@ -131,6 +131,7 @@ class TcpKVTransport:
         self.max_threads = max_threads
         self.shared_memory = shared_memory  # map same-host peers' segments (False: always TCP)
         self._segments: dict[str, SegmentReader] = {}  # by segment id, shared by a peer's connections
+        self._segment_of: dict[str, str] = {}  # peer address -> the id of the segment it announced
         self._segments_lock = threading.Lock()
         self._idle: dict[str, list[_Connection]] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -289,18 +290,27 @@ class TcpKVTransport:
     def _map_segment(self, address: str, described: object) -> SegmentReader | None:
         """The peer's pool segment, mapped once per segment; None where it cannot be (another
         host or user: the pulls then go over TCP)."""
+        stale: SegmentReader | None = None
         try:
             info = SegmentInfo.parse(described)
             with self._segments_lock:
                 reader = self._segments.get(info.id)
                 if reader is None:
                     reader = self._segments[info.id] = SegmentReader(info)
+                # A restarted peer announces a new segment: drop the old one's mapping, which
+                # would otherwise keep its whole pool's pages alive after its file is gone.
+                old, self._segment_of[address] = self._segment_of.get(address), info.id
+                if old is not None and old != info.id and old not in self._segment_of.values():
+                    stale = self._segments.pop(old, None)
             log.info("KV port %s: same host, pulls copy from its shared pool %s", address, info.path)
             return reader
         except (OSError, ValueError, KeyError, TypeError) as error:
             log.debug("KV port %s: its shared pool is not reachable from here (%s); pulling over TCP",
                       address, error)
             return None
+        finally:
+            if stale is not None:
+                stale.close()
 
     # ---- one pull (on a transfer thread) -----------------------------------------------------
     def _exchange(self, conn: _Connection, unsent: bytes | None, expect: KVLayout, sink: LayerSink | PoolSink,
