@@ -349,6 +349,26 @@ static inline __attribute__((always_inline)) void prompt_tile(
     for (int64_t d = 0; d < D; d++) acc[d] *= inv;
 }
 
+/* The tile compiled once per common head size (float math only: shared by both dtypes' items),
+ * not inlined into every (dtype, head size) item: eight inlined copies took gcc 5 s to build. */
+#define DEFINE_TILE_FOR(NAME, DIM)                                                                 \
+    static __attribute__((noinline)) void NAME(const float *kbuf, const float *vbuf, int64_t klo,  \
+                                               const vf *qt, vf *acc, vf posv, int64_t pmin,       \
+                                               int64_t pmax, int64_t window, int64_t D) {          \
+        prompt_tile(kbuf, vbuf, klo, qt, acc, posv, pmin, pmax, window, DIM);                     \
+    }
+DEFINE_TILE_FOR(prompt_tile_32, 32)
+DEFINE_TILE_FOR(prompt_tile_64, 64)
+DEFINE_TILE_FOR(prompt_tile_128, 128)
+DEFINE_TILE_FOR(prompt_tile_any, D)
+
+typedef void (*tile_fn)(const float *, const float *, int64_t, const vf *, vf *, vf, int64_t, int64_t,
+                        int64_t, int64_t);
+
+static tile_fn tile_for(int64_t D) {
+    return D == 32 ? prompt_tile_32 : D == 64 ? prompt_tile_64 : D == 128 ? prompt_tile_128 : prompt_tile_any;
+}
+
 /* One work item: queries [c0, c1) of sequence b (positions ctx - qlen + c0 ...), all G heads of KV
  * head kh. Copies the keys/values it reads into float scratch rows first (once for all its queries
  * and heads), so the tile loops read one contiguous buffer whatever the slots and dtype. */
@@ -357,7 +377,7 @@ static inline __attribute__((always_inline)) void prompt_tile(
         const T *q, T *out, const T *key, const T *value, int64_t slot_stride, const int64_t *row, \
         int64_t qstart, int64_t qlen, int64_t ctx, int64_t c0, int64_t c1, int64_t kh,            \
         int64_t window, int64_t H, int64_t KVH, const int64_t D, float scale, float *kbuf,        \
-        float *vbuf, vf *qt, vf *acc) {                                                           \
+        float *vbuf, vf *qt, vf *acc, tile_fn tile) {                                             \
         const int64_t G = H / KVH, first = ctx - qlen;                                            \
         const int64_t hi = first + c1 - 1;                                                        \
         int64_t klo = window > 0 ? first + c0 - window + 1 : 0;                                   \
@@ -396,7 +416,7 @@ static inline __attribute__((always_inline)) void prompt_tile(
                 const T *qr = q + (qstart + lane_p[l]) * H * D + lane_h[l] * D;                    \
                 for (int64_t d = 0; d < D; d++) qtf[d * LANES + l] = LOAD(&qr[d]) * scale;         \
             }                                                                                      \
-            prompt_tile(kbuf, vbuf, klo, qt, acc, posv, pmin, pmax, window, D);                    \
+            tile(kbuf, vbuf, klo, qt, acc, posv, pmin, pmax, window, D);                           \
             const float *af = (const float *)acc;                                                  \
             for (int64_t l = 0; l < nl; l++) {                                                     \
                 T *orow = out + (qstart + lane_p[l]) * H * D + lane_h[l] * D;                      \
@@ -442,12 +462,8 @@ DEFINE_PROMPT_ITEM(prompt_item_bf16, uint16_t, bf16_load, bf16_store)
                 const int64_t kh = rest % KVH, c0 = rest / KVH * QCHUNK;                          \
                 const int64_t c1 = c0 + QCHUNK < qlens[b] ? c0 + QCHUNK : qlens[b];               \
                 const int64_t *row = slots + b * slots_stride;                                    \
-                switch (D) {                                                                      \
-                case 32: ITEM(q, out, key, value, slot_stride, row, qstarts[b], qlens[b], ctxs[b], c0, c1, kh, window, H, KVH, 32, scale, kbuf, vbuf, qt, acc); break; \
-                case 64: ITEM(q, out, key, value, slot_stride, row, qstarts[b], qlens[b], ctxs[b], c0, c1, kh, window, H, KVH, 64, scale, kbuf, vbuf, qt, acc); break; \
-                case 128: ITEM(q, out, key, value, slot_stride, row, qstarts[b], qlens[b], ctxs[b], c0, c1, kh, window, H, KVH, 128, scale, kbuf, vbuf, qt, acc); break; \
-                default: ITEM(q, out, key, value, slot_stride, row, qstarts[b], qlens[b], ctxs[b], c0, c1, kh, window, H, KVH, D, scale, kbuf, vbuf, qt, acc); \
-                }                                                                                 \
+                ITEM(q, out, key, value, slot_stride, row, qstarts[b], qlens[b], ctxs[b], c0, c1, kh,  \
+                     window, H, KVH, D, scale, kbuf, vbuf, qt, acc, tile_for(D));                  \
             }                                                                                     \
             free(scratch);                                                                        \
         }                                                                                         \
