@@ -12,7 +12,10 @@ worker does in a deployment; the receiving side in this process.
   as the decode worker's event loop sees it, two ways: over TCP (a transport that does not map
   the peer's segment: what a pull between hosts does) and through the prefill pool's
   shared-memory segment (`kv.shared_memory`: what a pull between workers on one host does; the
-  sender's pool is in shared memory as a prefill worker's is, when /dev/shm has room).
+  sender's pool is in shared memory as a prefill worker's is, when /dev/shm has room), the
+  latter two ways: told where the cache lies and under which lease, as the prefill reply's
+  `kv.shm` tells a decode worker (it copies, checks the lease, and tells the port afterwards:
+  the headline), and asking the port for the slot runs first (one round trip more).
 Raw is timed three ways — received on the event loop, on a thread awaited from the loop, and
 inside that thread (no hop at all); the headline ratio takes the faster of the first two,
 and the ratio against the third is reported beside it.
@@ -53,6 +56,7 @@ from disaggserve_worker.engine.types import RequestStream
 from disaggserve_worker.kv.framing import SOCKET_BUFFER
 from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.loader import load_model
+from disaggserve_worker.server.schemas import SharedKVRef
 
 RESULTS = Path(__file__).parent / "results"
 TOKEN = "bench-token"
@@ -113,7 +117,7 @@ def sender_process(pipe, model: str, tokens: int, threads: int,  # type: ignore[
                 stream = RequestStream(f"b{i}", loop)
                 prefill.submit(f"b{i}", prompt.tolist(), params, stream)
                 first = await stream.queue.get()
-                pipe.send(first.kv_handle)
+                pipe.send((first.kv_handle, first.kv_shared))
                 i += 1
         finally:
             raw.close()
@@ -163,7 +167,8 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
     proc.start()
     decode = Engine(loaded.model, loaded.tokenizer, [], EngineConfig(
         role="decode", kv_cache_tokens=tokens + 64, max_model_len=tokens + 64))
-    transports = {"tcp": TcpKVTransport(token=TOKEN, shared_memory=False), "shm": TcpKVTransport(token=TOKEN)}
+    transports = {"tcp": TcpKVTransport(token=TOKEN, shared_memory=False), "shm": TcpKVTransport(token=TOKEN),
+                  "shm_asking": TcpKVTransport(token=TOKEN)}
     kv_s: dict[str, list[float]] = {name: [] for name in transports}
     raw_loop, raw_thread, raw_inner, nbytes = [], [], [], 0
     try:
@@ -177,13 +182,14 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
             pulled: dict[str, float] = {}
             for name, transport in transports.items():
                 parent.send("prefill")
-                handle = await asyncio.to_thread(parent.recv)
+                handle, where = await asyncio.to_thread(parent.recv)
+                location = SharedKVRef.model_validate(where) if where is not None and name == "shm" else None
                 reservation = decode.reserve(prompt, params)
                 assert reservation is not None
                 await asyncio.sleep(settle_s)
                 start = time.perf_counter()
                 stats = await transport.pull(f"127.0.0.61:{kv_port}", handle, f"b{i}{name}",
-                                             layout, pool_sink(decode, reservation))
+                                             layout, pool_sink(decode, reservation), shared=location)
                 pulled[name] = time.perf_counter() - start
                 decode.cancel_reservation(reservation)
                 nbytes = stats.bytes
@@ -210,6 +216,7 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
             proc.kill()
     kv_median = statistics.median(kv_s["tcp"])
     shm_median = statistics.median(kv_s["shm"])
+    asking_median = statistics.median(kv_s["shm_asking"])
     raw_variants = {"raw_tcp_on_event_loop": statistics.median(raw_loop),
                     "raw_tcp_on_a_thread_awaited": statistics.median(raw_thread),
                     "raw_tcp_on_a_thread_excluding_the_hop": statistics.median(raw_inner)}
@@ -228,7 +235,11 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
         "kv_shared_memory_seconds_median": shm_median,
         "kv_shared_memory_gbytes_per_s": nbytes / shm_median / 1e9,
         "kv_shared_memory_over_raw_throughput": raw_median / shm_median,
-        "kv_seconds": kv_s["tcp"], "kv_shared_memory_seconds": kv_s["shm"], "raw_tcp_on_event_loop_seconds": raw_loop,
+        "kv_shared_memory_copied_without_asking": transports["shm"].copied_pulls,
+        "kv_shared_memory_asking_first_seconds_median": asking_median,
+        "kv_shared_memory_asking_first_over_raw_throughput": raw_median / asking_median,
+        "kv_seconds": kv_s["tcp"], "kv_shared_memory_seconds": kv_s["shm"],
+        "kv_shared_memory_asking_first_seconds": kv_s["shm_asking"], "raw_tcp_on_event_loop_seconds": raw_loop,
         "raw_tcp_on_a_thread_seconds": raw_thread,
     }
 
@@ -283,7 +294,8 @@ def main() -> None:
         print(f"{size['bytes'] / 1e6:5.1f} MB: KV over TCP {size['kv_gbytes_per_s']:.2f} GB/s, through shared "
               f"memory {size['kv_shared_memory_gbytes_per_s']:.2f} GB/s, vs raw TCP "
               f"{size['raw_tcp_gbytes_per_s']:.2f} GB/s (ratios {size['kv_over_raw_throughput']:.2f} / "
-              f"{size['kv_shared_memory_over_raw_throughput']:.2f}), median of {size['repeats']}")
+              f"{size['kv_shared_memory_over_raw_throughput']:.2f}; asking the port first "
+              f"{size['kv_shared_memory_asking_first_over_raw_throughput']:.2f}), median of {size['repeats']}")
     print(f"load average {result['load_average_before']} -> {result['load_average_after']}")
 
 

@@ -11,15 +11,17 @@ pulls only from a `kv` whose signature checks (else 403 `kv_untrusted`):
 
 - prefill worker   POST /internal/prefill   {request_id, prompt_token_ids, sampling}
     -> 200 {request_id, first_token_id, text, finish_reason|null, prompt_tokens,
-            kv: {address: "ip:kv_port", handle, bytes} | null}
+            kv: {address: "ip:kv_port", handle, bytes, shm?: {segment, lease, runs}} | null}
     The KV cache stays on the prefill worker (with a TTL, `--kv-ttl-s`) until a decode worker
-    pulls it. `kv` is null when the first token already finished the request (EOS, stop,
+    pulls it. `kv.shm` (a pool in shared memory, `kv.shared_memory`) says where the cache lies
+    in it and under which lease: a decode worker on the same host copies it without asking the
+    KV port first. `kv` is null when the first token already finished the request (EOS, stop,
     max_tokens 1): nothing is held and no decode call is needed.
 - prefill worker   POST /internal/release   {handle}  -> 200 {released: bool}
     The router gave the request up before a decode worker pulled its cache (the client left,
     no decode worker took it): the cache is freed now instead of at its TTL.
 - decode worker    POST /internal/decode    {request_id, prompt_token_ids, first_token_id,
-                                             sampling, kv: {address, handle}}
+                                             sampling, kv: {address, handle, shm?}}
     -> 200 NDJSON stream of {token_id, text, finish_reason|null} events (tokens after the
        first); an event {"error": {"type": "kv_unavailable" | "kv_timeout" | "overloaded" |
        "kv_mismatch" | "engine_error" | ..., "message", "retryable"}} ends a failed stream.

@@ -40,7 +40,8 @@ from disaggserve_worker.engine.sampling import SampleContext, SamplingParams, sa
 from disaggserve_worker.engine.scheduler import StepPlan, plan_step
 from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEvent, push_many
 from disaggserve_worker.kv import shared_memory
-from disaggserve_worker.kv.shared_memory import SegmentInfo
+from disaggserve_worker.kv.layout import block_runs
+from disaggserve_worker.kv.shared_memory import Leases, SegmentInfo
 from disaggserve_worker.model import cpu_kernels
 from disaggserve_worker.model.kv_pool import KVPool
 from disaggserve_worker.model.llama import LlamaForCausalLM
@@ -110,6 +111,7 @@ class HeldCache:
     expires_at: float
     pins: int = 0
     wire: object = None  # the KV port's prepared reply (`Engine.on_hold`), opaque to the engine
+    shared: dict[str, object] | None = None  # where it lies in the shared pool, under which lease
 
 
 class Engine:
@@ -125,6 +127,7 @@ class Engine:
         self.observer = observer
         self.allocator = BlockAllocator(-(-config.kv_cache_tokens // config.block_size), config.block_size)
         self.kv_segment: SegmentInfo | None = None  # where the pool lives when it is shared
+        self.kv_leases: Leases | None = None  # and which held cache each of its blocks belongs to
         self.kv_pool = self._new_pool(model, config)
         self.runner = ModelRunner(model, self.kv_pool)
         self.device = model.device
@@ -156,10 +159,11 @@ class Engine:
         capacity = self.allocator.capacity_tokens
         if config.shared_kv and model.tensor_parallel == 1 and all(d.type == "cpu" for d in model.devices):
             c = model.config
-            made = shared_memory.shared_pool(c.num_hidden_layers, capacity, c.kv_heads, c.dim_per_head, model.dtype)
+            made = shared_memory.shared_pool(c.num_hidden_layers, capacity, c.kv_heads, c.dim_per_head, model.dtype,
+                                             block_size=config.block_size)
             if made is not None:
-                pool, self.kv_segment = made
-                return pool
+                self.kv_segment, self.kv_leases = made.info, made.leases
+                return made.pool
         return model.new_kv_pool(capacity)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -278,8 +282,7 @@ class Engine:
                 return
             held.pins -= 1
             if release:
-                del self._held[handle]
-                self.allocator.free(held.blocks)
+                self._drop_held(held)
         if release:
             self._notify()
 
@@ -294,8 +297,7 @@ class Engine:
             if held.pins:
                 held.expires_at = 0.0
                 return True
-            del self._held[handle]
-            self.allocator.free(held.blocks)
+            self._drop_held(held)
         self._notify()
         return True
 
@@ -304,9 +306,16 @@ class Engine:
         with self._held_lock:
             expired = [h for h in self._held.values() if h.expires_at < now and h.pins == 0]
             for held in expired:
-                del self._held[held.handle]
-                self.allocator.free(held.blocks)
+                self._drop_held(held)
         return len(expired)
+
+    def _drop_held(self, held: HeldCache) -> None:
+        """Free a held cache (under `_held_lock`): its leases go first, so a decode worker copying
+        it out of the shared pool finds them gone (`kv.shared_memory`)."""
+        del self._held[held.handle]
+        if self.kv_leases is not None:
+            self.kv_leases.revoke(held.blocks)
+        self.allocator.free(held.blocks)
 
     @property
     def held_count(self) -> int:
@@ -508,6 +517,10 @@ class Engine:
         handle = f"{seq.request_id}-{uuid.uuid4().hex[:12]}"
         held = HeldCache(handle, seq.request_id, seq.blocks, seq.slot_table,  # type: ignore[arg-type]
                          len(seq.prompt_ids), time.monotonic() + self.config.kv_ttl_seconds)
+        if self.kv_leases is not None and self.kv_segment is not None:
+            held.shared = {"segment": self.kv_segment.id, "lease": self.kv_leases.grant(held.blocks),
+                           "runs": [list(run) for run in block_runs(held.blocks, self.config.block_size,
+                                                                    held.num_tokens)]}
         if self.on_hold is not None:
             self.on_hold(held)
         with self._held_lock:
@@ -515,7 +528,7 @@ class Engine:
         seq.blocks = []
         token = seq.tokens[-1]
         self._emit(seq.stream, TokenEvent(token, seq.detok.settled(), None, kv_handle=handle,
-                                          logprobs=seq.first_logprobs))
+                                          logprobs=seq.first_logprobs, kv_shared=held.shared))
 
     def _free(self, seq: Sequence) -> None:
         if self.speculator is not None:

@@ -15,6 +15,7 @@ class TokenEvent:
     error: dict[str, Any] | None = None  # {"type", "message", "retryable"}
     kv_handle: str | None = None  # prefill role: where the held cache can be pulled from
     logprobs: dict[str, Any] | None = None  # {"logprob", "top": [[id, logprob], ...]} when asked for
+    kv_shared: dict[str, Any] | None = None  # prefill role, shared pool: {segment, lease, runs}
 
     def wire(self) -> dict[str, Any]:
         if self.error is not None:

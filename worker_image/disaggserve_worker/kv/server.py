@@ -11,7 +11,9 @@ single-shard CPU pool, as one gather-write prepared when the engine holds the ca
 When the pool is in shared memory (`kv.shared_memory`), READY names its segment, and a peer that
 mapped it asks with `"shm": true`: the reply is then the header with the held blocks' slot runs
 and the end frame, no layers; the peer copies the blocks and ACKs, and the cache stays pinned
-until then as for a TCP pull.
+until then as for a TCP pull. A peer that copied a leased cache without asking (it knew the runs
+from the prefill reply) sends a REQUEST with `"copied": true` instead: the cache is freed, and
+nothing is answered.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class KVServer:
         self._closing = False
         self.accepted = 0  # connections admitted past the limit check (authenticated or not)
         self.shared_pulls = 0  # pulls answered with slot runs in the shared pool (same-host peers)
+        self.copied_releases = 0  # caches a peer copied out of the shared pool without asking first
         self._regions: PoolRegions | None = None
 
     @property
@@ -206,6 +209,11 @@ class KVServer:
 
     def _serve_request(self, conn: socket.socket, request: dict[str, object]) -> None:
         handle = str(request.get("handle", ""))
+        if request.get("copied") is True:  # a same-host peer copied it under its lease: free it
+            if self.engine.release_held(handle):
+                with self._lock:
+                    self.copied_releases += 1
+            return
         held = self.engine.pin_held(handle)
         if held is None:
             send_json(conn, FrameType.ERROR, KVTransferError(

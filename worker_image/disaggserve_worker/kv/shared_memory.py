@@ -15,7 +15,16 @@ has room for it, with a quarter to spare; a container's default 64 MiB /dev/shm 
 pods keep private memory unless they mount a bigger one), `on` (fail if it cannot), `off`.
 
 The file starts with one page holding a magic, the segment's random id and its pool geometry;
-a reader checks them before trusting a mapping. Files are removed when their pool is
+a reader checks them before trusting a mapping. A lease table follows (one 64-bit word per
+block, page-aligned), then the pool. When the engine holds a prompt's cache it writes a random
+lease into its blocks' words and hands the lease and the blocks' slot runs out with the KV
+handle (`kv.shm` in the prefill reply); it zeroes the words before the blocks can be reused
+(delivered, released, expired). A decode worker that has the segment mapped can then copy the
+blocks without asking first and check afterwards that every word still holds the lease: if it
+does, nothing reused the blocks while they were copied (the prefill writes the zero before it
+writes new KV, and on x86-64, whose stores and loads keep program order between cores, the
+copy's reads cannot see the new KV without the check's read seeing the zero). Elsewhere the
+decode worker asks the KV port first, as before. Files are removed when their pool is
 collected or the process exits; files of dead processes (a SIGKILLed worker) are swept when
 the next pool is made in that folder. "Dead" is judged in this process's PID namespace: where
 containers with their own PID namespaces share one folder, a sweep can unlink another worker's
@@ -31,11 +40,14 @@ import json
 import logging
 import mmap
 import os
+import platform
 import secrets
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from disaggserve_worker import switches
@@ -47,9 +59,13 @@ ENV_MODE = "DISAGGSERVE_KV_SHM"
 ENV_DIR = "DISAGGSERVE_KV_SHM_DIR"
 MODES = ("auto", "on", "off")
 PREFIX = "disaggserve-kv-"
-MAGIC = b"DISAGGSERVE-KV\x00\x01"
+MAGIC = b"DISAGGSERVE-KV\x00\x02"
 HEADER_BYTES = 4096  # one page: the pool that follows stays page-aligned
 HEADROOM = 1.25  # `auto` wants this much free space per pool byte
+LEASE = np.dtype("<u8")  # one word per block: 0 free, else the lease of the held cache on it
+# Copying before checking relies on loads and stores keeping program order between cores (x86
+# TSO); other machines ask the KV port for the runs first (one round trip more).
+COPY_BEFORE_CHECK = platform.machine().lower() in ("x86_64", "amd64")
 
 
 class SharedMemoryUnavailable(RuntimeError):
@@ -73,27 +89,70 @@ class SegmentInfo:
     layers: int
     slots: int
     token_bytes: int  # one token's K (or V) in one layer
+    block_size: int  # slots per block: one lease word each
 
     @property
     def layer_bytes(self) -> int:
         return 2 * self.slots * self.token_bytes
 
     @property
+    def blocks(self) -> int:
+        return -(-self.slots // self.block_size)
+
+    @property
+    def pool_offset(self) -> int:
+        """Where the pool starts: after the header page and the page-rounded lease table."""
+        return HEADER_BYTES + -(-self.blocks * LEASE.itemsize // HEADER_BYTES) * HEADER_BYTES
+
+    @property
     def size(self) -> int:
-        return HEADER_BYTES + self.layers * self.layer_bytes
+        return self.pool_offset + self.layers * self.layer_bytes
 
     def wire(self) -> dict[str, object]:
         return {"path": self.path, "id": self.id, "layers": self.layers, "slots": self.slots,
-                "token_bytes": self.token_bytes}
+                "token_bytes": self.token_bytes, "block_size": self.block_size}
 
     @classmethod
     def parse(cls, obj: object) -> SegmentInfo:
         if not isinstance(obj, dict):
             raise ValueError(f"segment description is {type(obj).__name__}, not an object")
-        info = cls(str(obj["path"]), str(obj["id"]), int(obj["layers"]), int(obj["slots"]), int(obj["token_bytes"]))
-        if min(info.layers, info.slots, info.token_bytes) <= 0:
+        info = cls(str(obj["path"]), str(obj["id"]), int(obj["layers"]), int(obj["slots"]), int(obj["token_bytes"]),
+                   int(obj["block_size"]))
+        if min(info.layers, info.slots, info.token_bytes, info.block_size) <= 0:
             raise ValueError(f"segment geometry {info} is not positive")
         return info
+
+
+class HeldLocation(Protocol):
+    """Where a held cache lies in a segment, and its lease (the prefill reply's `kv.shm`)."""
+
+    segment: str
+    lease: int
+    runs: list[tuple[int, int]]
+
+
+class Leases:
+    """The writer's lease table: which held cache each block belongs to (see the module's doc)."""
+
+    def __init__(self, words: np.ndarray):
+        self.words = words
+
+    def grant(self, blocks: list[int]) -> int:
+        """Mark `blocks` as held under a new random lease (never 0); the lease."""
+        lease = secrets.randbits(63) | 1
+        self.words[blocks] = lease
+        return lease
+
+    def revoke(self, blocks: list[int]) -> None:
+        """Before `blocks` can be reused: a copy in flight then fails its check."""
+        self.words[blocks] = 0
+
+
+@dataclass
+class SharedPool:
+    pool: KVPool
+    info: SegmentInfo
+    leases: Leases
 
 
 def _alive(pid: int) -> bool:
@@ -125,16 +184,16 @@ def _unlink(path: str) -> None:
 
 
 def shared_pool(layers: int, slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                wanted: str | None = None) -> tuple[KVPool, SegmentInfo] | None:
+                wanted: str | None = None, block_size: int = 16) -> SharedPool | None:
     """A single-shard CPU pool (per layer (2, slots, kv_heads, head_dim), zeroed) in a shared-memory
-    file, and its description; None when `auto` finds no room or the folder is unusable."""
+    file, its description and lease table; None when `auto` finds no room or the folder is unusable."""
     wanted = wanted or mode()
     if wanted == "off":
         return None
     where = folder()
     token_bytes = kv_heads * head_dim * dtype.itemsize
     info = SegmentInfo(str(where / f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"), secrets.token_hex(16),
-                       layers, slots, token_bytes)
+                       layers, slots, token_bytes, block_size)
     try:
         sweep_stale(where)
         stat = os.statvfs(where)
@@ -158,14 +217,15 @@ def shared_pool(layers: int, slots: int, kv_heads: int, head_dim: int, dtype: to
         raise
     finally:
         os.close(fd)
-    pool_bytes = flat[HEADER_BYTES:]
+    pool_bytes = flat[info.pool_offset:]
+    leases = Leases(flat[HEADER_BYTES:HEADER_BYTES + info.blocks * LEASE.itemsize].numpy().view(LEASE))
     pool = KVPool([[pool_bytes[i * info.layer_bytes:(i + 1) * info.layer_bytes].view(dtype)
                     .view(2, slots, kv_heads, head_dim)] for i in range(layers)])
     # The file goes with the pool (or the process); its mapping lives as long as any view of it.
     weakref.finalize(pool, _unlink, info.path)
     atexit.register(_unlink, info.path)
     log.info("KV pool in shared memory: %s (%d MiB)", info.path, info.size >> 20)
-    return pool, info
+    return SharedPool(pool, info, leases)
 
 
 class SegmentReader:
@@ -189,11 +249,12 @@ class SegmentReader:
             self.close()
             raise OSError(f"{info.path} describes {described}, the peer announced {info.wire()} (another segment)")
         self.view = memoryview(self._map)
+        self._leases = np.frombuffer(self._map, LEASE, info.blocks, HEADER_BYTES)
 
     def layer_regions(self, layer: int, runs: list[tuple[int, int]]) -> list[memoryview]:
         """The K then V regions of slot `runs` in layer `layer` (the order of a TCP layer frame)."""
         info, tb = self.info, self.info.token_bytes
-        base = HEADER_BYTES + layer * info.layer_bytes
+        base = info.pool_offset + layer * info.layer_bytes
         out = []
         for kv in (0, 1):
             half = base + kv * info.slots * tb
@@ -214,7 +275,15 @@ class SegmentReader:
             raise ValueError(f"slot runs cover {sum(n for _, n in out)} tokens, the header says {tokens}")
         return out
 
+    def leased(self, runs: list[tuple[int, int]], lease: int) -> bool:
+        """Whether every block the (checked) runs touch still holds `lease`: read after a copy,
+        True means the copy saw the held cache (see the module's doc)."""
+        bs = self.info.block_size
+        words = self._leases
+        return all(bool((words[start // bs:(start + n - 1) // bs + 1] == lease).all()) for start, n in runs)
+
     def close(self) -> None:
+        self._leases = np.empty(0, LEASE)  # drops its export of the mapping
         with contextlib.suppress(BufferError, ValueError):
             if hasattr(self, "view"):
                 self.view.release()

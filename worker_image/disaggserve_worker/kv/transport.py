@@ -13,11 +13,12 @@ from typing import Protocol
 from disaggserve_worker.kv.client import TcpKVTransport
 from disaggserve_worker.kv.layout import KVLayout, LayerSink, PoolSink, TransferStats, layout_of, pool_sink
 from disaggserve_worker.kv.server import KVServer
+from disaggserve_worker.kv.shared_memory import HeldLocation
 
 
 class KVTransport(Protocol):
     async def pull(self, address: str, handle: str, request_id: str, expect: KVLayout,
-                   sink: LayerSink | PoolSink) -> TransferStats: ...
+                   sink: LayerSink | PoolSink, shared: HeldLocation | None = None) -> TransferStats: ...
 
 
 __all__ = ["KVLayout", "KVServer", "KVTransport", "LayerSink", "PoolSink", "TcpKVTransport", "TransferStats",

@@ -275,6 +275,8 @@ class WorkerServer:
                       "bytes": per_token * len(body.prompt_token_ids)}
                 if self.config.token is not None:  # peers of this DisaggServe pull only from us
                     kv["signature"] = sign(self.config.token, self.kv_address, event.kv_handle)
+                if event.kv_shared is not None:
+                    kv["shm"] = event.kv_shared
             else:
                 self.metrics.request("finished")
             timer.token()
@@ -323,7 +325,8 @@ class WorkerServer:
                 return response
             try:
                 stats = await self.transport.pull(body.kv.address, body.kv.handle, body.request_id,
-                                                  self.kv_layout, pool_sink(self.engine, reservation))
+                                                  self.kv_layout, pool_sink(self.engine, reservation),
+                                                  shared=body.kv.shm)
             except KVTransferError as error:
                 self.engine.cancel_reservation(reservation)
                 self.metrics.request("kv_failed")

@@ -19,12 +19,24 @@ class PromptRequest(_Body):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
 
 
+class SharedKVRef(_Body):
+    """Where a held cache lies in the prefill worker's shared pool (`kv.shared_memory`): a decode
+    worker that has that segment mapped copies the runs and checks the lease afterwards, without
+    asking the KV port first. Not signed: a wrong one fails the lease check and the pull goes over
+    the port as without it."""
+
+    segment: str = Field(min_length=1, max_length=64)
+    lease: int = Field(ge=1, lt=1 << 64)
+    runs: list[tuple[int, int]] = Field(min_length=1, max_length=1 << 16)
+
+
 class KVRef(_Body):
     address: str = Field(min_length=3, max_length=300, pattern=r"^.+:\d{1,5}$")
     handle: str = Field(min_length=1, max_length=512)
     bytes: int | None = Field(None, ge=0)
     # HMAC of address and handle under the DisaggServe's token (`disaggserve_worker.auth.sign`).
     signature: str | None = Field(None, max_length=128)
+    shm: SharedKVRef | None = None
 
 
 class DecodeRequest(PromptRequest):
