@@ -249,7 +249,6 @@ class SegmentReader:
             self.close()
             raise OSError(f"{info.path} describes {described}, the peer announced {info.wire()} (another segment)")
         self.view = memoryview(self._map)
-        self._leases = np.frombuffer(self._map, LEASE, info.blocks, HEADER_BYTES)
 
     def layer_regions(self, layer: int, runs: list[tuple[int, int]]) -> list[memoryview]:
         """The K then V regions of slot `runs` in layer `layer` (the order of a TCP layer frame)."""
@@ -278,12 +277,15 @@ class SegmentReader:
     def leased(self, runs: list[tuple[int, int]], lease: int) -> bool:
         """Whether every block the (checked) runs touch still holds `lease`: read after a copy,
         True means the copy saw the held cache (see the module's doc)."""
-        bs = self.info.block_size
-        words = self._leases
-        return all(bool((words[start // bs:(start + n - 1) // bs + 1] == lease).all()) for start, n in runs)
+        bs, word = self.info.block_size, lease.to_bytes(LEASE.itemsize, "little")
+        for start, n in runs:  # compared as bytes: numpy's per-call overhead was ~0.1 ms a 1 MB pull
+            first, last = start // bs, (start + n - 1) // bs
+            at = HEADER_BYTES + first * LEASE.itemsize
+            if self._map[at:at + (last - first + 1) * LEASE.itemsize] != word * (last - first + 1):
+                return False
+        return True
 
     def close(self) -> None:
-        self._leases = np.empty(0, LEASE)  # drops its export of the mapping
         with contextlib.suppress(BufferError, ValueError):
             if hasattr(self, "view"):
                 self.view.release()
