@@ -142,6 +142,40 @@ def test_without_a_draft_one_pass_finds_what_every_longest_k_finds() -> None:
         assert one.goodput == pytest.approx(all_.goodput, rel=1e-9), (alphas, caps)
 
 
+def test_the_bound_that_skips_the_search_never_changes_the_choice() -> None:
+    """`choose` skips the exact search when an upper bound says no allocation beats the plain step:
+    on random batches, acceptances, caps, premiums and draft costs it must pick what the search
+    picks, and it must skip on a large batch of poorly predicted text (what the bound is for)."""
+    rng = random.Random(7)
+    skipped = 0
+    for _ in range(2000):
+        seed = StepCoefficients(a=rng.uniform(1e-4, 5e-3), b=rng.uniform(0, 1e-6), c=rng.uniform(1e-6, 5e-4),
+                                o=rng.uniform(0, 5e-3), p=rng.uniform(0, 5e-4))
+        draft = None if rng.random() < 0.5 else StepTimeModel(StepCoefficients(a=rng.uniform(0, 1e-3), b=0.0,
+                                                                                  c=rng.uniform(0, 1e-4)))
+        controller = GoodputController(num_speculative_tokens=rng.randint(1, 6), verify=StepTimeModel(seed),
+                                       draft=draft)
+        batch = rng.randint(1, 64)
+        contexts = [rng.randint(10, 2000) for _ in range(batch)]
+        top = rng.random()
+        alphas = [rng.uniform(0, top) for _ in range(batch)]
+        caps = [rng.randint(0, 6) for _ in range(batch)]
+        chosen = controller.choose(contexts, alphas, caps)
+        base = controller.verify.time(sum(contexts), batch)
+        plain = Choice([0] * batch, batch / base, batch / base)
+        verify_time = controller.verify.time(sum(contexts), batch, verified=batch)
+        longest = min(max(caps), controller.num_speculative_tokens)
+        searched = controller._search(plain, alphas, caps, longest, verify_time, controller.verify.coefficients.c)
+        assert chosen.ks == searched.ks, (seed, alphas, caps)
+        skipped += not controller._may_beat(plain.baseline, verify_time, batch, alphas, caps, longest,
+                                            controller.verify.coefficients.c)
+    assert 200 < skipped < 1800
+    big = GoodputController(num_speculative_tokens=4, verify=StepTimeModel(
+        StepCoefficients(a=1.2e-3, b=2e-7, c=1.5e-4, o=5e-4, p=1e-4)))
+    assert not big._may_beat(100 / big.verify.time(30_000, 100), big.verify.time(30_000, 100, verified=100), 100,
+                             [0.3] * 100, [4] * 100, 4, 1.5e-4)
+
+
 def test_probes_grow_rarer_while_they_keep_saying_no_and_speculation_resets_them(tiny: LoadedModel) -> None:
     """A probe (k = 1 for the batch) that leaves the controller at k = 0 doubles the wait before the
     next one, up to 8x the configured interval; a step that speculates restores it."""

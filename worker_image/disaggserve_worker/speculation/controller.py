@@ -93,6 +93,38 @@ class GoodputController:
         verify_time = self.verify.time(ctx, batch, verified=batch) + extra
         best = Choice([0] * batch, baseline, baseline)
         longest_cap = min(max(caps, default=0), self.num_speculative_tokens)
+        if not self._may_beat(baseline, verify_time, batch, alphas, caps, longest_cap, c):
+            return best
+        return self._search(best, alphas, caps, longest_cap, verify_time, c)
+
+    def _may_beat(self, baseline: float, verify_time: float, batch: int, alphas: list[float], caps: list[int],
+                  longest_cap: int, c: float) -> bool:
+        """Whether any allocation could beat the plain step, from an upper bound on its goodput.
+        n proposed tokens cost at least n·c more than the verification step and yield at most
+        S(n) = min(n·max α, G), G = Σᵢ Σⱼ αᵢʲ (every gain there is): goodput ≤ (batch + S(n)) /
+        (verify time + n·c). Up to n* = G / max α that is a ratio of two linear functions of n
+        (monotone), beyond it it falls: the bound is its value at 0 or at n*.
+        Why: the exact search sorts batch × K gains every step (0.22 ms at a batch of 100, ~2 % of
+        a CPU step); on text that n-grams do not predict the bound already says no."""
+        if not batch or longest_cap <= 0:
+            return False
+        if c <= 0 or verify_time <= 0:
+            return True  # a fit this odd bounds nothing: search
+        top, every = 0.0, 0.0
+        for alpha, cap in zip(alphas, caps, strict=True):
+            a, m = min(max(alpha, 0.0), ALPHA_CAP), min(cap, longest_cap)
+            if a > 0 and m > 0:
+                every += a * (1 - a ** m) / (1 - a)  # α + α² + … + αᵐ
+                top = max(top, a)
+        if top <= 0:
+            return batch / verify_time > baseline * (1 + self.bias)
+        bound = max(batch / verify_time, (batch + every) / (verify_time + every / top * c))
+        return bound > baseline * (1 + self.bias)
+
+    def _search(self, best: Choice, alphas: list[float], caps: list[int], longest_cap: int, verify_time: float,
+                c: float) -> Choice:
+        """The exact allocation (see the module's doc); `best` is the plain step's choice."""
+        batch, baseline = len(alphas), best.baseline
         # Without a draft model proposals cost nothing per `longest`, so the allocation allowed the
         # longest k is the best of them all: one pass instead of K (at a batch of 100 and K = 4 the
         # passes were ~1 ms of a ~40 ms CPU step, twice a step).

@@ -162,6 +162,12 @@ class Speculator:
         if self.draft is not None:
             self.draft.release(id(seq))
 
+    def _state(self, seq: SpecSequence) -> _RequestState:
+        state = self._requests.get(seq.request_id)
+        if state is None:  # not setdefault: that built a state per request per step (~1 µs each)
+            state = self._requests[seq.request_id] = _RequestState()
+        return state
+
     # ---- choosing k ---------------------------------------------------------------------------
     def _caps(self, batch: list[SpecSequence]) -> list[int]:
         """Tokens each request can still use: k + 1 emitted tokens must fit max_tokens and the model."""
@@ -174,7 +180,7 @@ class Speculator:
             if not cap:
                 lookups.append([])
                 continue
-            state = self._requests.setdefault(seq.request_id, _RequestState())
+            state = self._state(seq)
             if state.ngrams is None:
                 state.ngrams = NgramIndex(self.config.ngram_min, self.config.ngram_max)
             state.ngrams.sync(seq.prompt_ids, seq.tokens)
@@ -187,8 +193,8 @@ class Speculator:
         if self.config.mode == "fixed":
             lookups = self._lookups(batch, caps) if self.ngram else []
             return ([len(f) for f in lookups] if lookups else list(caps)), lookups
-        states = [self._requests.setdefault(s.request_id, _RequestState()) for s in batch]
-        alphas = [self.controller.alpha(st.acceptance) for st in states]
+        prior = self.controller.alpha()  # the global estimate, each request's prior
+        alphas = [self._state(s).acceptance.rate(prior) for s in batch]
         contexts = [s.num_cached + 1 for s in batch]
         # Decide on the request's own caps first: a lookup only lowers caps, so when that says
         # k = 0 everywhere the lookups (the proposer's whole cost) can be skipped.
@@ -256,7 +262,7 @@ class Speculator:
         accepted = [len(e) - 1 for e in emitted]
         for i, (seq, proposal, n_ok) in enumerate(zip(batch, proposals, accepted, strict=True)):
             if proposal:
-                state = self._requests.setdefault(seq.request_id, _RequestState())
+                state = self._state(seq)
                 self.controller.observe(state.acceptance, len(proposal), n_ok)
             if self.draft is not None:
                 self.draft.rollback(id(seq), len(histories[i]) + n_ok)
