@@ -240,8 +240,18 @@ class LoopStream:
 
     async def send(self, data: bytes) -> None:
         try:
+            # A REQUEST fits an idle socket's buffer: one non-blocking send, no timeout scope and no
+            # loop round (those were ~0.1 ms of a ~1 ms 1 MB pull, bench/kv_transfer.py --pin).
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            raise _translate(error, self.sock) from None
+        if sent == len(data):
+            return
+        try:
             async with asyncio.timeout(self.timeout):
-                await self._loop.sock_sendall(self.sock, data)
+                await self._loop.sock_sendall(self.sock, memoryview(data)[sent:])
         except TimeoutError:
             raise KVTransferError("kv_timeout", f"KV peer took no data within {self.timeout:g} s", True) from None
         except OSError as error:
