@@ -175,3 +175,13 @@ async def test_requests_after_stop_fail_fast_and_retryable(tiny: LoadedModel) ->
     engine.submit("late", [1, 2], SamplingParams(max_tokens=2), stream)
     event = await asyncio.wait_for(stream.queue.get(), 2)
     assert event.error == {"type": "shutdown", "message": "worker is shutting down", "retryable": True}
+
+
+def test_an_engine_starts_once(tiny: LoadedModel) -> None:
+    """Two engine threads over one scheduler would prefill a sequence twice and fail every request."""
+    engine = start_engine(tiny)
+    try:
+        with pytest.raises(RuntimeError, match="already started"):
+            engine.start()
+    finally:
+        engine.stop()

@@ -168,6 +168,10 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        if self._thread is not None:
+            # Two engine threads over one scheduler corrupt it (a sequence prefilled twice, "engine
+            # step failed" for every request): refuse rather than race.
+            raise RuntimeError("the engine is already started")
         self._thread = threading.Thread(target=self._run, name="disaggserve-engine", daemon=True)
         self._thread.start()
 
