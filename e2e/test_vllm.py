@@ -12,7 +12,8 @@ check that
 - streaming chat works through the official `openai` client;
 - a scale-down under load fails no request, and no request was retried by the router: the
   SIGTERMed vLLM server drained its streams itself (`--shutdown-timeout`);
-- a decode server killed mid-stream gives the client the complete answer or a clear retryable error.
+- a decode server killed mid-stream gives the client the complete answer or a clear retryable error,
+  and is restarted and serves again.
 
 They run with the vLLM interpreter `scripts/test` installs (`.venv/vllm`); without one they skip.
 """
@@ -391,6 +392,27 @@ async def test_decode_killed_mid_stream_gives_a_complete_answer_or_a_retryable_e
         assert "".join(text) == reference_text, "a resumed stream must equal the greedy reference"
     else:
         assert "can be retried" in str(error), f"the error must say the request can be retried: {error}"
+    # The node agent restarts the killed server, which serves again. Waiting here also keeps a
+    # restart from still being in vLLM's start-up at the end of the session: one caught there did
+    # not answer SIGTERM and the session's teardown waited out the pod's 180 s grace period.
+    await _wait_restarted(vllm_system, decode["metadata"]["name"], _restarts(decode))
+    again = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    assert again.choices[0].text == _reference_ids(vllm_system, prompt, 24)[1]
+
+
+def _restarts(pod: dict) -> int:
+    return sum(int(c.get("restartCount", 0)) for c in (pod.get("status") or {}).get("containerStatuses", []))
+
+
+async def _wait_restarted(system: System, name: str, before: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pod in await system.ready_pods("decode"):
+            if pod["metadata"]["name"] == name and _restarts(pod) > before:
+                return
+        await asyncio.sleep(2)
+    raise AssertionError(f"decode pod {name} was not restarted and ready within {timeout:.0f}s; "
+                         f"logs in {system.state_dir}/logs")
 
 
 def _kill_server_on(ip: str) -> bool:
