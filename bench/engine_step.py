@@ -9,9 +9,11 @@ shared host's load hits every column alike); medians over rounds:
   iteration;
 - vLLM-CPU (`--vllm`), the offline engine on the same model exported as a Hugging Face checkpoint
   (`disaggserve-worker export-checkpoint`), run by the vLLM interpreter (`--vllm-python`, default
-  $DISAGGSERVE_VLLM_PYTHON or .venv/vllm/bin/python) through bench/engine_step_vllm.py, float32 like
-  the built-in engine, its engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), compiled
-  (vLLM's default; compile and warm-up outside the windows), and `--vllm-eager` for its eager mode.
+  $DISAGGSERVE_VLLM_PYTHON or .venv/vllm/bin/python) through bench/engine_step_vllm.py, in the
+  built-in engine's dtype (`--dtype`: float32 by default; bfloat16 is vLLM's own CPU default, and
+  on CPUs with AMX its matmuls run ~8x faster than float32 ones), its engine core in-process
+  (VLLM_ENABLE_V1_MULTIPROCESSING=0), compiled (vLLM's default; compile and warm-up outside the
+  windows), and `--vllm-eager` for its eager mode.
 
 Both engines are driven through their public APIs (`Engine.submit` + token streams;
 `LLMEngine.add_request` + `step`), so the same script measures any version of the built-in one:
@@ -26,7 +28,7 @@ built-in / vLLM and built-in / before for each metric; load averages with every 
     python bench/engine_step.py [--model builtin:small-llama] [--before ebcb66e 61c0924]
         [--vllm] [--vllm-eager] [--vllm-python PATH] [--core N] [--rounds 3]
         [--batches 1 8 32] [--prompt-len 64] [--window 2.0] [--prefill-prompts 4] [--prefill-len 512]
-        [--out bench/results/engine_step.json]
+        [--dtype float32|bfloat16] [--out bench/results/engine_step.json]
 
 On a shared host run it under `flock /work/bench.lock` (about 2 min per round with both vLLM modes).
 `--worker` (internal) measures the built-in engine on PYTHONPATH in this process and prints JSON.
@@ -123,7 +125,7 @@ async def prefill_rate(loaded, prompts: int, prompt_len: int) -> tuple[float, fl
 def measure(args: argparse.Namespace) -> dict[str, object]:
     """One round of every metric on the built-in engine on PYTHONPATH: (wall, CPU) tokens/s each."""
     torch.set_num_threads(1)
-    loaded = load_model(args.model, device="cpu")
+    loaded = load_model(args.model, device="cpu", dtype=args.dtype)
 
     async def go() -> dict[str, object]:
         await prefill_rate(loaded, args.prefill_prompts, args.prefill_len)  # warm-up, untimed
@@ -160,7 +162,8 @@ def columns(args: argparse.Namespace, work: Path) -> list[Column]:
     common = ["--batches", *map(str, args.batches), "--prompt-len", str(args.prompt_len),
               "--warm", str(args.warm), "--window", str(args.window), "--prefill-prompts", str(args.prefill_prompts),
               "--prefill-len", str(args.prefill_len)]
-    here = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", args.model, *common]
+    here = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", args.model, "--dtype", args.dtype,
+            *common]
     base_env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ours = f"{ROOT / 'operator'}{os.pathsep}{ROOT / 'worker_image'}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
@@ -242,11 +245,14 @@ def main() -> None:
     parser.add_argument("--before", nargs="*", default=[], help="older commits whose built-in engine to measure too")
     parser.add_argument("--vllm", action="store_true", help="measure vLLM-CPU (compiled) on the same checkpoint")
     parser.add_argument("--vllm-eager", action="store_true", help="measure vLLM-CPU with --enforce-eager")
-    parser.add_argument("--vllm-dtype", default="float32", help="float32 matches the built-in engine on CPU")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the built-in engine's weights and KV cache (and vLLM's, unless --vllm-dtype)")
+    parser.add_argument("--vllm-dtype", help="vLLM's --dtype (default: --dtype; vLLM's own CPU default is bfloat16)")
     parser.add_argument("--vllm-python")
     parser.add_argument("--out", default=str(RESULTS / "engine_step.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.vllm_dtype = args.vllm_dtype or args.dtype
     if args.worker:
         print(json.dumps(measure(args)))
         return
