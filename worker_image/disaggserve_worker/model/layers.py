@@ -24,6 +24,7 @@ from torch import nn
 from disaggserve_worker.model import cpu_kernels
 from disaggserve_worker.model.batch import BatchLayout, DecodeGroups
 from disaggserve_worker.model.config import ModelConfig
+from disaggserve_worker.model.packed_linear import linear
 from disaggserve_worker.model.rope import apply_rotary
 
 # Gathered keys + values per decode group on a CPU (`BatchLayout.decode_groups`): small enough
@@ -96,7 +97,7 @@ class FusedLinear:
         # Re-fuse if a parameter was replaced (moved to a device, reloaded into new storage).
         if self._weight is None or self._current() != self._ptrs:
             self._fuse()
-        return F.linear(x, self._weight, self._bias)  # type: ignore[arg-type]
+        return linear(x, self._weight, self._bias)  # type: ignore[arg-type]
 
 
 class Attention(nn.Module):
@@ -135,7 +136,8 @@ class Attention(nn.Module):
         # index_copy_/index_select, not advanced indexing: several times faster on CPU.
         layer_cache[0].index_copy_(0, layout.write_slots, k.to(layer_cache.dtype))
         layer_cache[1].index_copy_(0, layout.write_slots, v.to(layer_cache.dtype))
-        return self.o_proj(self._attention(q, k.to(layer_cache.dtype), v.to(layer_cache.dtype), layout, layer_cache))
+        out = self._attention(q, k.to(layer_cache.dtype), v.to(layer_cache.dtype), layout, layer_cache)
+        return linear(out, self.o_proj.weight, self.o_proj.bias)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,
                    layer_cache: torch.Tensor) -> torch.Tensor:
@@ -224,7 +226,7 @@ class Attention(nn.Module):
             mask &= ~torch.ones_like(mask).tril(-window)
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                              v.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out[0].transpose(0, 1).reshape(t, -1))
+        return linear(out[0].transpose(0, 1).reshape(t, -1), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -239,6 +241,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj.fused(x)
         if cpu_kernels.usable(gate_up) and (lib := cpu_kernels.kernel()) is not None:
-            return self.down_proj(cpu_kernels.silu_mul(lib, gate_up))
+            return linear(cpu_kernels.silu_mul(lib, gate_up), self.down_proj.weight, self.down_proj.bias)
         gate, up = gate_up.split(self.gate_up_proj.sizes, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)

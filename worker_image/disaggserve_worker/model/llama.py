@@ -20,6 +20,7 @@ from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.config import ModelConfig
 from disaggserve_worker.model.kv_pool import KVPool
 from disaggserve_worker.model.layers import MLP, Attention, RMSNorm, StepInputs
+from disaggserve_worker.model.packed_linear import linear
 from disaggserve_worker.model.rope import Rotary
 from disaggserve_worker.model.tensor_parallel import ShardedAttention, ShardedMLP, check_divisible
 
@@ -168,7 +169,7 @@ class LlamaForCausalLM(nn.Module):
         x = x.to(self.lm_head.weight.device)
         if not all_logits:
             x = x[layout.last_index.to(x.device)]
-        return self.lm_head(self.model.norm(x)).float()
+        return linear(self.model.norm(x), self.lm_head.weight).float()
 
     @torch.inference_mode()
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -185,4 +186,4 @@ class LlamaForCausalLM(nn.Module):
             else:
                 x = x + layer.self_attn.forward_reference(h, *tables[0], self.sliding_window)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.model.norm(x.to(self.lm_head.weight.device))).float()
+        return linear(self.model.norm(x.to(self.lm_head.weight.device)), self.lm_head.weight).float()
