@@ -53,7 +53,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that have it, else fp16."""
+    """fp32 on CPU, bf16 on GPUs that have it, else fp16.
+
+    Why fp32 on CPU although vLLM-CPU defaults to bf16: with AMX (bench host) bf16 prefill runs
+    2-2.5x faster, but the built-in engine's bf16 decode of a small model at batch 1-8 is still
+    slower than its fp32 one (bench/results/engine_step-bf16.json); `--dtype bfloat16` chooses it."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
