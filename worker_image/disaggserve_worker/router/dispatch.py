@@ -174,11 +174,24 @@ class Dispatcher:
             if first.get("finish_reason") is not None:
                 return
             decode = self.pool.pick_decode(len(context) + req.max_tokens - len(generated), prefill.unit, excluded)
-            decode_body = {**body, "first_token_id": int(first["first_token_id"]), "kv": first["kv"]}
-            async with aclosing(self._stream(decode, PATH_DECODE, decode_body, 0, prefill=prefill)) as stream:
-                async for token in stream:
-                    pulled = True  # a decode worker pulls the cache before its first token
-                    yield token
+            kv = first["kv"]
+            bodies = [{**body, "first_token_id": int(first["first_token_id"]), "kv": kv}]
+            if isinstance(kv, dict) and "shm" in kv:
+                # A decode worker of an earlier version (during a rolling upgrade) refuses the
+                # shared-memory location it does not know; it pulls the same cache without it.
+                bodies.append({**bodies[0], "kv": {k: v for k, v in kv.items() if k != "shm"}})
+            for i, decode_body in enumerate(bodies):
+                try:
+                    async with aclosing(self._stream(decode, PATH_DECODE, decode_body, 0, prefill=prefill)) as stream:
+                        async for token in stream:
+                            pulled = True  # a decode worker pulls the cache before its first token
+                            yield token
+                    break
+                except WorkerFault as fault:
+                    if pulled or i + 1 == len(bodies) or fault.reason != "worker_refused" or "kv.shm" not in str(fault):
+                        raise
+                    log.info("decode worker %s does not know kv.shm (an earlier version); pulling without it",
+                             decode.url)
         finally:
             # Given up between prefill and decode (the client left, no decode worker took it, the
             # decode refused): the cache would stay held until its TTL. Releasing one a decode
