@@ -248,7 +248,7 @@ class TcpKVTransport:
         try:
             conn, _ = await self._checkout(address)
         except KVTransferError as error:
-            log.debug("KV port %s: cannot say %s was copied (%s); it expires at its TTL", address, handle, error)
+            log.warning("KV port %s: cannot say %s was copied (%s); it expires at its TTL", address, handle, error)
             return
         try:
             if conn.authenticated:
@@ -257,11 +257,13 @@ class TcpKVTransport:
                 await self._on_thread(conn, functools.partial(self._handshake_and_send, conn, notice))
                 sent = True
         except (KVTransferError, OSError) as error:
-            log.debug("KV port %s: cannot say %s was copied (%s); it expires at its TTL", address, handle, error)
+            log.warning("KV port %s: cannot say %s was copied (%s); it expires at its TTL", address, handle, error)
             sent = False
         if sent:
             self._checkin(conn)
         else:
+            log.warning("KV port %s: the notice that %s was copied did not go out; it expires at its TTL",
+                        address, handle)
             conn.close()
 
     def _handshake_and_send(self, conn: _Connection, frame: bytes) -> None:
