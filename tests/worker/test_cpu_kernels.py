@@ -44,11 +44,13 @@ def _reference(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, starts
     return out.reshape(batch, heads, dim)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 32), (4, 4, 64), (8, 1, 128), (6, 2, 80)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 32), (4, 4, 64), (8, 1, 128), (6, 2, 80),
+                                                    (4, 2, 40), (32, 1, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_gathered_attention(kernel, heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> None:
-    """GQA groups of 1-8, head sizes with a specialised loop (32/64/128) and without (80),
-    scattered slots, ragged contexts, a windowed row and a one-token row."""
+    """GQA groups of 1-32, head sizes with a specialised vector loop (32/64/128), a generic one
+    (80: a multiple of 16) and the scalar one (40), scattered slots, ragged contexts (full and
+    partial 16-key blocks), a windowed row and a one-token row."""
     gen = torch.Generator().manual_seed(heads * dim)
     pool_slots, batch, width = 4096, 6, 300
     cache = torch.randn(2, pool_slots, kv_heads, dim, generator=gen).to(dtype)

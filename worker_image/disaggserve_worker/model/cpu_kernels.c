@@ -20,6 +20,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 static inline float bf16_load(const uint16_t *p) {
     uint32_t u = (uint32_t)(*p) << 16;
@@ -37,6 +40,89 @@ static inline void bf16_store(uint16_t *p, float f) {
 
 static inline float f32_load(const float *p) { return *p; }
 static inline void f32_store(float *p, float f) { *p = f; }
+
+/* GCC/Clang vector extensions: 16 float lanes are one AVX-512 register, or two AVX2 ones where the
+ * CPU has no AVX-512. Unaligned loads and stores go through the `u` types. */
+typedef float vf __attribute__((vector_size(64), aligned(64)));
+typedef int32_t vi __attribute__((vector_size(64), aligned(64)));
+
+static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+/* e^x for x <= 0 (a score minus its row's running maximum), zero below e^-80: Cephes' expf
+ * polynomial in vector code (a libm call per vector spills every register of the tile). Below
+ * e^-80 a weight times a value can land in the subnormal range, which x86 computes slowly. */
+static inline vf vexp(vf x) {
+    const vi tiny = x < -80.0f;
+    x = vsel(tiny, (vf){} - 80.0f, x);
+    const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);
+    const vf nf = __builtin_convertvector(n, vf);
+    const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const vf scale = (vf)((n + 127) << 23);
+    return vsel(tiny, (vf){}, p * scale);
+}
+
+typedef float vfu __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(64), aligned(64)));
+typedef uint16_t vhu __attribute__((vector_size(32), aligned(2)));
+
+static inline vf vload_f32(const float *p) { return *(const vfu *)p; }
+#if defined(__AVX512F__)
+/* gcc 12 splits the generic widening below into 128-bit pieces and reassembles them (three
+ * instructions more per load); one vpmovzxwd does it */
+static inline vf vload_bf16(const uint16_t *p) {
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+}
+#else
+static inline vf vload_bf16(const uint16_t *p) { return (vf)(__builtin_convertvector(*(const vhu *)p, vu) << 16); }
+#endif
+static inline void vstore_f32(float *p, vf v) { *(vfu *)p = v; }
+static inline void vstore_bf16(uint16_t *p, vf v) {
+    vu u = (vu)v;
+    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even, as bf16_store */
+    *(vhu *)p = __builtin_convertvector(u >> 16, vhu);
+}
+
+/* The sums of 16 vectors' lanes, as one vector (lane i: the sum of p[i]'s lanes): a transposing
+ * tree of 15 shuffle pairs and adds, where 16 separate reductions take 4 of each apiece. */
+static inline __attribute__((always_inline)) vf hsum16(const vf *p) {
+    vf w[8], x[4], y[2];
+    for (int k = 0; k < 8; k++)
+        w[k] = __builtin_shufflevector(p[2 * k], p[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(p[2 * k], p[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int k = 0; k < 4; k++)
+        x[k] = __builtin_shufflevector(w[2 * k], w[2 * k + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+             + __builtin_shufflevector(w[2 * k], w[2 * k + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int k = 0; k < 2; k++)
+        y[k] = __builtin_shufflevector(x[2 * k], x[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+             + __builtin_shufflevector(x[2 * k], x[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    const vf z = __builtin_shufflevector(y[0], y[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+               + __builtin_shufflevector(y[0], y[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    /* lane l of z holds p[bit-reversed l] */
+    return __builtin_shufflevector(z, z, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+static inline float hsum(vf v) {
+    float f[16];
+    memcpy(f, &v, sizeof f);
+    float s = 0.0f;
+    for (int i = 0; i < 16; i++) s += f[i];
+    return s;
+}
+
+static inline float hmax(vf v) {
+    float f[16];
+    memcpy(f, &v, sizeof f);
+    float m = f[0];
+    for (int i = 1; i < 16; i++) m = f[i] > m ? f[i] : m;
+    return m;
+}
+
 
 /* One sequence: q, out (H, D); its context rows `row[0..n)` of the pool. All heads of a row are
  * handled while it is in cache (a row holds every KV head side by side), so each key and value
@@ -88,10 +174,62 @@ static inline void f32_store(float *p, float f) { *p = f; }
         for (int64_t i = 0; i < H * D; i++) STORE(&out[i], acc[i]);                               \
     }
 
+/* The same for head sizes that are a multiple of 16, in vector code, one query head at a time (its
+ * KV head's key and value rows stay in cache for the group's next head). Scores 16 keys at a time:
+ * each key's products with the query are one vector of partial sums, and `hsum16` reduces 16 of
+ * them together; the softmax in vector code (vexp); the value sum in registers (D / 16 vectors).
+ * Per (key, head) that is D / 16 loads and FMAs plus a sixteenth of the reduction tree, where the
+ * scalar form above pays a whole reduction per dot product and keeps its sums in memory. At 32
+ * sequences of ~160 tokens (small-llama, bfloat16, one core) that form took 2.5 of a 4.5 ms
+ * decode forward, this one 1.6 of 3.7 (the rest of the gap is reading the pool from memory). A
+ * software prefetch of the next block's rows made it slower, in cache and out.
+ * sc: n rounded up to 16, plus 16, floats (64-byte aligned). */
+#define DEFINE_SEQUENCE_VEC(NAME, T, VLOAD, VSTORE)                                                \
+    static inline __attribute__((always_inline)) void NAME(                                       \
+        const T *q, T *out, const T *key, const T *value, int64_t slot_stride, const int64_t *row, \
+        int64_t n, int64_t H, int64_t KVH, const int64_t D, float scale, float *sc) {             \
+        const int64_t G = H / KVH, C = D / 16, padded = (n + 15) / 16 * 16;                       \
+        for (int64_t i = 0; i < H; i++) {                                                         \
+            const int64_t kh = i / G;                                                             \
+            vf qv[C], acc[C];                                                                     \
+            for (int64_t c = 0; c < C; c++) qv[c] = VLOAD(q + i * D + 16 * c) * scale;           \
+            for (int64_t t0 = 0; t0 < n; t0 += 16) {                                              \
+                vf p[16];                                                                         \
+                _Pragma("GCC unroll 16")                                                          \
+                for (int j = 0; j < 16; j++) {                                                    \
+                    p[j] = (vf){};                                                                \
+                    if (t0 + j < n) {                                                             \
+                        const T *k = key + row[t0 + j] * slot_stride + kh * D;                    \
+                        for (int64_t c = 0; c < C; c++) p[j] += qv[c] * VLOAD(k + 16 * c);        \
+                    }                                                                             \
+                }                                                                                 \
+                *(vf *)(sc + t0) = hsum16(p);                                                     \
+            }                                                                                     \
+            for (int64_t t = n; t < padded; t++) sc[t] = -1e30f;                                  \
+            vf m = (vf){} - 1e30f;                                                                \
+            for (int64_t t = 0; t < padded; t += 16) m = vmax(m, *(vf *)(sc + t));                \
+            const float mx = hmax(m);                                                             \
+            vf sum = (vf){};                                                                      \
+            for (int64_t t = 0; t < padded; t += 16) {                                            \
+                const vf e = vexp(*(vf *)(sc + t) - mx);                                          \
+                *(vf *)(sc + t) = e;                                                              \
+                sum += e;                                                                         \
+            }                                                                                     \
+            for (int64_t c = 0; c < C; c++) acc[c] = (vf){};                                      \
+            for (int64_t t = 0; t < n; t++) {                                                     \
+                const T *v = value + row[t] * slot_stride + kh * D;                               \
+                const float w = sc[t];                                                            \
+                for (int64_t c = 0; c < C; c++) acc[c] += w * VLOAD(v + 16 * c);                  \
+            }                                                                                     \
+            const float inv = 1.0f / hsum(sum);                                                   \
+            for (int64_t c = 0; c < C; c++) VSTORE(out + i * D + 16 * c, acc[c] * inv);          \
+        }                                                                                         \
+    }
+
 /* q, out: (B, H, D) contiguous. key/value: rows of one slot, `slot_stride` elements apart, head h
  * at h * D. slots: row b at b * slots_stride. Sequence b attends slots[b][starts[b] .. ends[b]).
  * Sequences run in parallel, each with its own scratch. */
-#define DEFINE_KERNEL(NAME, SEQUENCE, T)                                                           \
+#define DEFINE_KERNEL(NAME, SEQUENCE, SEQUENCE_VEC, T)                                             \
     static int NAME(const T *q, T *out, const T *key, const T *value, int64_t slot_stride,        \
                     const int64_t *slots, int64_t slots_stride, const int64_t *starts,            \
                     const int64_t *ends, int64_t B, int64_t H, int64_t KVH, int64_t D,            \
@@ -102,7 +240,8 @@ static inline void f32_store(float *p, float f) { *p = f; }
         int failed = 0;                                                                           \
         _Pragma("omp parallel num_threads(threads)")                                             \
         {                                                                                         \
-            float *scores = malloc(sizeof(float) * (size_t)(H * max_span + 2 * H * D));           \
+            const size_t bytes = sizeof(float) * (size_t)(H * max_span + 2 * H * D + 32);          \
+            float *scores = aligned_alloc(64, (bytes + 63) / 64 * 64);                            \
             if (scores == NULL) {                                                                 \
                 _Pragma("omp atomic write") failed = 1;                                           \
             }                                                                                     \
@@ -115,10 +254,15 @@ static inline void f32_store(float *p, float f) { *p = f; }
                 const T *qb = q + b * H * D;                                                      \
                 T *ob = out + b * H * D;                                                          \
                 switch (D) { /* constant head sizes: unrolled dot products */                     \
-                case 32: SEQUENCE(qb, ob, key, value, slot_stride, row, n, H, KVH, 32, scale, scores, qf, acc); break; \
-                case 64: SEQUENCE(qb, ob, key, value, slot_stride, row, n, H, KVH, 64, scale, scores, qf, acc); break; \
-                case 128: SEQUENCE(qb, ob, key, value, slot_stride, row, n, H, KVH, 128, scale, scores, qf, acc); break; \
-                default: SEQUENCE(qb, ob, key, value, slot_stride, row, n, H, KVH, D, scale, scores, qf, acc); \
+                case 32: SEQUENCE_VEC(qb, ob, key, value, slot_stride, row, n, H, KVH, 32, scale, scores); break; \
+                case 64: SEQUENCE_VEC(qb, ob, key, value, slot_stride, row, n, H, KVH, 64, scale, scores); break; \
+                case 128: SEQUENCE_VEC(qb, ob, key, value, slot_stride, row, n, H, KVH, 128, scale, scores); break; \
+                default:                                                                          \
+                    if (D % 16 == 0) {                                                            \
+                        SEQUENCE_VEC(qb, ob, key, value, slot_stride, row, n, H, KVH, D, scale, scores); \
+                        break;                                                                    \
+                    }                                                                             \
+                    SEQUENCE(qb, ob, key, value, slot_stride, row, n, H, KVH, D, scale, scores, qf, acc); \
                 }                                                                                 \
             }                                                                                     \
             free(scores);                                                                         \
@@ -128,8 +272,10 @@ static inline void f32_store(float *p, float f) { *p = f; }
 
 DEFINE_SEQUENCE(sequence_f32, float, f32_load, f32_store)
 DEFINE_SEQUENCE(sequence_bf16, uint16_t, bf16_load, bf16_store)
-DEFINE_KERNEL(decode_f32, sequence_f32, float)
-DEFINE_KERNEL(decode_bf16, sequence_bf16, uint16_t)
+DEFINE_SEQUENCE_VEC(sequence_vec_f32, float, vload_f32, vstore_f32)
+DEFINE_SEQUENCE_VEC(sequence_vec_bf16, uint16_t, vload_bf16, vstore_bf16)
+DEFINE_KERNEL(decode_f32, sequence_f32, sequence_vec_f32, float)
+DEFINE_KERNEL(decode_bf16, sequence_bf16, sequence_vec_bf16, uint16_t)
 
 /* dtype: 0 float32, 1 bfloat16. Returns 0, -1 when scratch memory ran out, -2 for a bad dtype. */
 int paged_decode_attention(const void *q, void *out, const void *key, const void *value,
@@ -270,30 +416,6 @@ int silu_mul(const void *gate_up, void *out, int64_t rows, int64_t n, int dtype,
 #define LANES 16
 #define KEYS 16
 #define QCHUNK 64
-typedef float vf __attribute__((vector_size(64), aligned(64)));
-typedef int32_t vi __attribute__((vector_size(64), aligned(64)));
-
-static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
-/* e^x for x <= 0 (a score minus its row's running maximum), zero below e^-80: Cephes' expf
- * polynomial in vector code (a libm call per vector spills every register of the tile). Below
- * e^-80 a weight times a value can land in the subnormal range, which x86 computes slowly. */
-static inline vf vexp(vf x) {
-    const vi tiny = x < -80.0f;
-    x = vsel(tiny, (vf){} - 80.0f, x);
-    const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);
-    const vf nf = __builtin_convertvector(n, vf);
-    const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    vf p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    const vf scale = (vf)((n + 127) << 23);
-    return vsel(tiny, (vf){}, p * scale);
-}
-
 /* One tile: 16 query lanes (transposed, pre-scaled queries qt[D]) over the keys they see.
  * posv: each lane's position; acc[D] gets the lanes' outputs, transposed. */
 static inline __attribute__((always_inline)) void prompt_tile(
