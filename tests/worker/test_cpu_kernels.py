@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from disaggserve_worker.model import cpu_kernels
+from disaggserve_worker.model import cpu_kernels, packed_linear
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.builtin import builtin_model
 from disaggserve_worker.model.layers import RMSNorm
@@ -127,6 +127,50 @@ def test_model_chunked_and_mixed_steps_equal_the_torch_path(kernel, monkeypatch:
     for a, b in zip(with_kernel, torch_path, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (37, 48), (16, 256)])
+def test_small_linear_matches_f_linear(kernel, dtype: torch.dtype, rows: int, out_features: int,
+                                       in_features: int) -> None:
+    """Few-row projections (a decode step's tokens) against F.linear: tiles of 1, 2 and 4 rows with
+    ragged edges (3 and 5 rows, 37 outputs), K a multiple of 32 (bfloat16 pairs where the CPU has
+    them) and of 16 only (48), with and without a bias; within float summation order, one
+    bfloat16 rounding."""
+    gen = torch.Generator().manual_seed(rows * out_features + in_features)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    bias = torch.randn(out_features, generator=gen).to(dtype)
+    tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 1e-2}
+    with torch.inference_mode():
+        assert cpu_kernels.linear_supports(x, weight, bias)
+        for b in (None, bias):
+            got = cpu_kernels.small_linear(kernel, x, weight, b)  # type: ignore[arg-type]
+            want = F.linear(x.float(), weight.float(), None if b is None else b.float())
+            assert got.dtype == dtype and got.shape == (rows, out_features)
+            assert torch.allclose(got.float(), want, **tolerance), (got.float() - want).abs().max()
+        assert not cpu_kernels.linear_supports(x[:, :40], weight[:, :40], None)  # K % 16 != 0
+        assert not cpu_kernels.linear_supports(x[:, ::2], weight[:, ::2], None)  # not contiguous
+
+
+def test_decode_projections_go_through_the_small_linear_kernel(kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`packed_linear.linear` sends bfloat16 decode rows to the kernel and everything else (float32,
+    prefill rows) to the libraries, with the same results either way."""
+    calls: list[int] = []
+    real = cpu_kernels.small_linear
+    monkeypatch.setattr(cpu_kernels, "small_linear", lambda *a: calls.append(int(a[1].shape[0])) or real(*a))
+    gen = torch.Generator().manual_seed(3)
+    weights = {dtype: torch.randn(64, 32, generator=gen).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    with torch.no_grad():
+        for rows, dtype, routed in [(1, torch.bfloat16, True), (2, torch.bfloat16, True),
+                                    (64, torch.bfloat16, False), (1, torch.float32, False)]:
+            calls.clear()
+            x = torch.randn(rows, 32, generator=gen).to(dtype)
+            got = packed_linear.linear(x, weights[dtype])
+            assert bool(calls) == routed, (rows, dtype)
+            want = F.linear(x.float(), weights[dtype].float())
+            assert torch.allclose(got.float(), want, atol=0.05, rtol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -172,6 +172,7 @@ def _load(path: Path) -> ctypes.CDLL:
         "rms_norm": [ptr, ptr, ptr, i64, i64, f32, i32, i32],
         "rotary": [ptr, i64, i64, i64, i64, ptr, ptr, i32, i32],
         "silu_mul": [ptr, ptr, i64, i64, i32, i32],
+        "small_linear": [ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -217,6 +218,23 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     _check(lib.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n, DTYPES[gate_up.dtype],
                         torch.get_num_threads()), "silu_mul")
     return out
+
+
+def small_linear(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """x (rows, K) @ weight (N, K)^T + bias for contiguous tensors of one dtype, K a multiple of 16
+    (`linear_supports`): what `F.linear` computes, summed in another order."""
+    rows, n = int(x.shape[0]), int(weight.shape[0])
+    out = x.new_empty(rows, n)
+    _check(lib.small_linear(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+                            rows, n, int(x.shape[1]), DTYPES[x.dtype], torch.get_num_threads()), "small_linear")
+    return out
+
+
+def linear_supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `small_linear` can take these (2-D, the kernels' dtypes, contiguous, K % 16 == 0)."""
+    return (x.dim() == 2 and weight.dim() == 2 and int(x.shape[1]) % 16 == 0 and int(x.shape[0]) > 0
+            and usable(x, weight, *(() if bias is None else (bias,))))
 
 
 def supports(q: torch.Tensor, layer_cache: torch.Tensor) -> bool:

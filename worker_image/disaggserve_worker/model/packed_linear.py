@@ -7,6 +7,14 @@ while oneDNN with the weight packed once (`torch.ops.mkldnn._reorder_linear_weig
 PyTorch's own inductor CPU backend takes) takes 25 µs, and 35 against 134 µs for 32 tokens. The
 result is the same bits (checked in tests/worker/test_packed_linear.py).
 
+One or two bfloat16 rows (a decode step at batch 1-2) skip oneDNN altogether: its ~20 µs of
+set-up per call is most of such a projection, and the C kernel's few-row tiles
+(`cpu_kernels.small_linear`, bfloat16 pairs summed in float) take 5-11 µs for the same
+small-llama projections (1.7-3.1x). From four rows on oneDNN (AMX) is as fast or faster. In
+float32 MKL's own small-row path is as fast as the kernel, so float32 stays with it. The kernel
+sums in another order than oneDNN, so these rows are not oneDNN's bits, only its values within
+float rounding.
+
 The packed copy is kept beside the checkpoint's weight (it is an opaque layout other code cannot
 read), so bfloat16 weights take twice their memory on the CPU. `DISAGGSERVE_CPU_PACKED_WEIGHTS`:
 `auto` (default: where oneDNN has bfloat16 support), `off`.
@@ -21,9 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from disaggserve_worker import switches
+from disaggserve_worker.model import cpu_kernels
 
 ENV_MODE = "DISAGGSERVE_CPU_PACKED_WEIGHTS"
 MODES = ("auto", "off")
+SMALL_ROWS = {torch.bfloat16: 2}  # rows up to which `linear` uses the C kernel, by dtype
 BATCH_HINT = 32  # the row count oneDNN packs for: decode batches; prefill rows run as fast as unpacked
 
 _lock = threading.Lock()
@@ -57,7 +67,11 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through the packed weight for bfloat16 on the CPU."""
+    """`F.linear(x, weight, bias)`: through the C kernel for a few bfloat16 rows on the CPU, the
+    packed weight for more."""
+    if (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= SMALL_ROWS.get(x.dtype, 0)
+            and (lib := cpu_kernels.kernel()) is not None and cpu_kernels.linear_supports(x, weight, bias)):
+        return cpu_kernels.small_linear(lib, x, weight, bias)
     if weight.dtype is torch.bfloat16 and x.dtype is torch.bfloat16 and x.device.type == "cpu" and usable():
         return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
