@@ -134,43 +134,71 @@ def test_model_chunked_and_mixed_steps_equal_the_torch_path(kernel, monkeypatch:
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (37, 48), (16, 256)])
 def test_small_linear_matches_f_linear(kernel, dtype: torch.dtype, rows: int, out_features: int,
                                        in_features: int) -> None:
-    """Few-row projections (a decode step's tokens) against F.linear: tiles of 1, 2 and 4 rows with
-    ragged edges (3 and 5 rows, 37 outputs), K a multiple of 32 (bfloat16 pairs where the CPU has
-    them) and of 16 only (48), with and without a bias; within float summation order, one
-    bfloat16 rounding."""
+    """Few-row projections in vector tiles against F.linear: tiles of 1, 2 and 4 rows with ragged
+    edges (3 and 5 rows, 37 outputs), K a multiple of 32 (bfloat16 pairs where the CPU has them)
+    and of 16 only (48), with and without a bias; within float summation order, one bfloat16
+    rounding."""
     gen = torch.Generator().manual_seed(rows * out_features + in_features)
     x = torch.randn(rows, in_features, generator=gen).to(dtype)
     weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
     bias = torch.randn(out_features, generator=gen).to(dtype)
     tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 1e-2}
-    with torch.inference_mode():
-        assert cpu_kernels.linear_supports(x, weight, bias)
-        for b in (None, bias):
-            got = cpu_kernels.small_linear(kernel, x, weight, b)  # type: ignore[arg-type]
-            want = F.linear(x.float(), weight.float(), None if b is None else b.float())
-            assert got.dtype == dtype and got.shape == (rows, out_features)
-            assert torch.allclose(got.float(), want, **tolerance), (got.float() - want).abs().max()
-        assert not cpu_kernels.linear_supports(x[:, :40], weight[:, :40], None)  # K % 16 != 0
-        assert not cpu_kernels.linear_supports(x[:, ::2], weight[:, ::2], None)  # not contiguous
+    for b in (None, bias):
+        got = cpu_kernels.small_linear(kernel, x, weight, b)  # type: ignore[arg-type]
+        want = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        assert got.dtype == dtype and got.shape == (rows, out_features)
+        assert torch.allclose(got.float(), want, **tolerance), (got.float() - want).abs().max()
 
 
-def test_decode_projections_go_through_the_small_linear_kernel(kernel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`packed_linear.linear` sends bfloat16 decode rows to the kernel and everything else (float32,
-    prefill rows) to the libraries, with the same results either way."""
-    calls: list[int] = []
-    real = cpu_kernels.small_linear
-    monkeypatch.setattr(cpu_kernels, "small_linear", lambda *a: calls.append(int(a[1].shape[0])) or real(*a))
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (37, 256), (16, 32)])
+def test_amx_linear_matches_f_linear(kernel, rows: int, out_features: int, in_features: int) -> None:
+    """bfloat16 projections on AMX tiles against F.linear: row blocks of 16 with a ragged last one
+    (3, 17, 40 rows), output groups of 64 with ragged tiles (37, 96), one and several K slabs,
+    with and without a bias."""
+    if not kernel.amx_available():  # type: ignore[attr-defined]
+        pytest.skip("no AMX on this CPU (or the kernel refuses the tile state)")
+    gen = torch.Generator().manual_seed(rows * out_features + in_features)
+    x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(out_features, in_features, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=gen).to(torch.bfloat16)
+    packed = cpu_kernels.pack_amx(weight)
+    for b in (None, bias):
+        got = cpu_kernels.amx_linear(kernel, x, packed, out_features, b)  # type: ignore[arg-type]
+        want = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        assert got is not None and got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+        assert torch.allclose(got.float(), want, atol=0.1, rtol=1e-2), (got.float() - want).abs().max()
+
+
+def test_projections_take_the_kernel_only_where_it_applies(kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`packed_linear.linear`: bfloat16 decode-sized row counts go to the C kernel (AMX tiles where
+    the CPU has them, else vector tiles for one or two rows), prefill-sized ones to oneDNN, and
+    float32, strided inputs and autograd to torch; the values agree whichever path."""
+    paths: list[str] = []
+    for name in ("amx_linear", "small_linear"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: paths.append(name) or real(*a))
+    amx = bool(kernel.amx_available())  # type: ignore[attr-defined]
     gen = torch.Generator().manual_seed(3)
-    weights = {dtype: torch.randn(64, 32, generator=gen).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    weights = {dtype: torch.randn(64, 64, generator=gen).to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    cases = [(1, torch.bfloat16, "amx_linear" if amx else "small_linear"),
+             (2, torch.bfloat16, "amx_linear" if amx else "small_linear"),
+             (packed_linear.AMX_ROWS, torch.bfloat16, "amx_linear" if amx else None),
+             (packed_linear.AMX_ROWS + 1, torch.bfloat16, None), (1, torch.float32, None)]
+    for rows, dtype, path in cases:
+        x = torch.randn(rows, 64, generator=gen).to(dtype)
+        want = F.linear(x.float(), weights[dtype].float())
+        for grad in (False, True):
+            paths.clear()
+            with torch.set_grad_enabled(grad):
+                got = packed_linear.linear(x, weights[dtype])
+            assert paths == ([path] if path and not grad else []), (rows, dtype, grad)
+            assert torch.allclose(got.float(), want, atol=0.1, rtol=1e-2)
+    paths.clear()
+    wide = torch.randn(1, 128, generator=gen).to(torch.bfloat16)
     with torch.no_grad():
-        for rows, dtype, routed in [(1, torch.bfloat16, True), (2, torch.bfloat16, True),
-                                    (64, torch.bfloat16, False), (1, torch.float32, False)]:
-            calls.clear()
-            x = torch.randn(rows, 32, generator=gen).to(dtype)
-            got = packed_linear.linear(x, weights[dtype])
-            assert bool(calls) == routed, (rows, dtype)
-            want = F.linear(x.float(), weights[dtype].float())
-            assert torch.allclose(got.float(), want, atol=0.05, rtol=1e-2)
+        packed_linear.linear(wide[:, ::2], weights[torch.bfloat16])  # strided rows: oneDNN/torch
+    assert paths == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -388,6 +388,94 @@ int small_linear(const void *x, const void *w, const void *bias, void *y, int64_
     return 0;
 }
 
+/* bfloat16 projections on AMX (Intel's tile matrix unit, Sapphire Rapids on): y (M, N) = x (M, K)
+ * W^T + bias with W packed once (`pack_amx`: for each 16 outputs and 32-wide K slab, one 16 x 16
+ * tile of bfloat16 pairs, the layout tdpbf16ps takes), K a multiple of 32. A pass holds 16 rows
+ * by 64 outputs in four float tiles and walks K one slab a step: one x tile, four weight tiles,
+ * four tile products (16 x 16 x 32 each). Why: oneDNN's AMX path costs ~20 us of set-up a call,
+ * which at a decode step's 1-32 rows is most of a small model's projection. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+static int amx_permitted = 0; /* 0: not asked yet, 1: granted, -1: refused (old kernel, no AMX) */
+
+int amx_available(void) {
+    if (amx_permitted == 0) /* the permission is per process; asking twice is harmless */
+        amx_permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
+    return amx_permitted == 1;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static void amx_configure(int rows) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 4; t++) { cfg.rows[t] = (uint8_t)rows; cfg.colsb[t] = 64; } /* float sums */
+    cfg.rows[4] = (uint8_t)rows; cfg.colsb[4] = 64;                                 /* x slab */
+    for (int t = 5; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }             /* weights */
+    _tile_loadconfig(&cfg);
+}
+
+#define AMX_GROUP 4 /* output tiles of 16 a pass */
+
+int amx_linear(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, uint16_t *y, int64_t M,
+               int64_t N, int64_t K, int threads) {
+    if (K % 32 != 0) return -3;
+    if (!amx_available()) return -4;
+    const int64_t slabs = K / 32, nblocks = (N + 15) / 16, groups = (nblocks + AMX_GROUP - 1) / AMX_GROUP;
+    const int64_t mblocks = (M + 15) / 16, items = mblocks * groups;
+    _Pragma("omp parallel num_threads(threads) if (M * N * K >= (1 << 24))")
+    {
+        int configured = 0;
+        float out[16 * 16 * AMX_GROUP] __attribute__((aligned(64)));
+        _Pragma("omp for schedule(static)")
+        for (int64_t it = 0; it < items; it++) {
+            const int64_t m0 = it / groups * 16, g0 = it % groups * AMX_GROUP;
+            const int rows = (int)(M - m0 < 16 ? M - m0 : 16);
+            if (configured != rows) { amx_configure(rows); configured = rows; }
+            const int64_t nb = nblocks - g0 < AMX_GROUP ? nblocks - g0 : AMX_GROUP;
+            const uint16_t *w0 = wp + g0 * slabs * 512;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t k = 0; k < slabs; k++) {
+                _tile_loadd(4, x + m0 * K + k * 32, K * 2);
+                _tile_loadd(5, w0 + k * 512, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                if (nb > 1) { _tile_loadd(6, w0 + (slabs + k) * 512, 64); _tile_dpbf16ps(1, 4, 6); }
+                if (nb > 2) { _tile_loadd(7, w0 + (2 * slabs + k) * 512, 64); _tile_dpbf16ps(2, 4, 7); }
+                if (nb > 3) { _tile_loadd(5, w0 + (3 * slabs + k) * 512, 64); _tile_dpbf16ps(3, 4, 5); }
+            }
+            _tile_stored(0, out, 64 * AMX_GROUP);
+            _tile_stored(1, out + 16, 64 * AMX_GROUP);
+            _tile_stored(2, out + 32, 64 * AMX_GROUP);
+            _tile_stored(3, out + 48, 64 * AMX_GROUP);
+            const int64_t n0 = g0 * 16, width = N - n0 < 16 * nb ? N - n0 : 16 * nb;
+            for (int r = 0; r < rows; r++) {
+                uint16_t *yr = y + (m0 + r) * N + n0;
+                const float *o = out + r * 16 * AMX_GROUP;
+                for (int64_t j = 0; j < width; j++) bf16_store(&yr[j], o[j] + (bias ? bf16_load(&bias[n0 + j]) : 0.0f));
+            }
+        }
+        if (configured) _tile_release();
+    }
+    return 0;
+}
+#else
+int amx_available(void) { return 0; }
+int amx_linear(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, uint16_t *y, int64_t M,
+               int64_t N, int64_t K, int threads) {
+    (void)x; (void)wp; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)threads;
+    return -4;
+}
+#endif
+
 /* Rows small enough not to wake the thread team for. */
 #define PARALLEL_MIN_ELEMENTS 65536
 

@@ -7,17 +7,20 @@ while oneDNN with the weight packed once (`torch.ops.mkldnn._reorder_linear_weig
 PyTorch's own inductor CPU backend takes) takes 25 µs, and 35 against 134 µs for 32 tokens. The
 result is the same bits (checked in tests/worker/test_packed_linear.py).
 
-One or two bfloat16 rows (a decode step at batch 1-2) skip oneDNN altogether: its ~20 µs of
-set-up per call is most of such a projection, and the C kernel's few-row tiles
-(`cpu_kernels.small_linear`, bfloat16 pairs summed in float) take 5-11 µs for the same
-small-llama projections (1.7-3.1x). From four rows on oneDNN (AMX) is as fast or faster. In
-float32 MKL's own small-row path is as fast as the kernel, so float32 stays with it. The kernel
-sums in another order than oneDNN, so these rows are not oneDNN's bits, only its values within
-float rounding.
+Decode-sized row counts (up to 64) skip oneDNN altogether: its ~20 µs of set-up per call is
+most of such a projection. On a CPU with AMX they run on the C kernel's tiles
+(`cpu_kernels.amx_linear`, the weight packed once more into tile layout): 5-10 µs for
+small-llama's projections at 1-16 rows, 2-4x oneDNN, still 1.5-2x at 64; at 512 rows the two
+are level, so prefill stays with oneDNN. Without AMX, one or two rows run on the kernel's vector
+tiles (`cpu_kernels.small_linear`: 1.7-3.1x). In float32 MKL's own small-row path is as fast
+as those vector tiles, so float32 stays with it. The kernels sum in another order than oneDNN:
+their rows are oneDNN's values within float rounding, not its bits.
 
-The packed copy is kept beside the checkpoint's weight (it is an opaque layout other code cannot
-read), so bfloat16 weights take twice their memory on the CPU. `DISAGGSERVE_CPU_PACKED_WEIGHTS`:
-`auto` (default: where oneDNN has bfloat16 support), `off`.
+The packed copies are kept beside the checkpoint's weight (layouts other code cannot read), each
+made on first use: a worker that both prefills and decodes holds bfloat16 weights three times on
+the CPU (a decode worker mostly only the AMX copy, a prefill worker the oneDNN one).
+`DISAGGSERVE_CPU_PACKED_WEIGHTS`: `auto` (default: each packed path where the CPU supports it),
+`off` (neither: plain `F.linear`, or the vector tiles for one or two rows).
 """
 
 from __future__ import annotations
@@ -33,16 +36,18 @@ from disaggserve_worker.model import cpu_kernels
 
 ENV_MODE = "DISAGGSERVE_CPU_PACKED_WEIGHTS"
 MODES = ("auto", "off")
-SMALL_ROWS = {torch.bfloat16: 2}  # rows up to which `linear` uses the C kernel, by dtype
+AMX_ROWS = 64  # rows up to which bfloat16 projections run on the C kernel's AMX tiles
+SMALL_ROWS = 2  # rows up to which they run on its vector tiles, where there is no AMX
 BATCH_HINT = 32  # the row count oneDNN packs for: decode batches; prefill rows run as fast as unpacked
 
 _lock = threading.Lock()
-_packed: dict[int, tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]] = {}
+_packed: dict[tuple[int, str], tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]] = {}
 _usable: bool | None = None
+_amx: bool | None = None
 
 
 def usable() -> bool:
-    """Whether bfloat16 CPU projections go through packed weights here (decided once)."""
+    """Whether bfloat16 CPU projections go through oneDNN-packed weights here (decided once)."""
     global _usable
     if _usable is None:
         ops = torch.ops.mkldnn
@@ -52,26 +57,57 @@ def usable() -> bool:
     return _usable
 
 
-def packed(weight: torch.Tensor) -> torch.Tensor:
-    """The oneDNN-packed copy of `weight`, made on first use and again if the weight was replaced
-    or changed in place (its storage or version moved)."""
-    key = id(weight)
+def amx_usable() -> bool:
+    """Whether the C kernel's AMX projections run here: built, on a CPU with AMX, allowed by the
+    kernel (Linux 5.16+ grants the tile state on request), packing not switched off."""
+    global _amx
+    if _amx is None:
+        lib = cpu_kernels.kernel()
+        _amx = switches.choice(ENV_MODE, MODES) == "auto" and lib is not None and bool(lib.amx_available())
+    return _amx
+
+
+def _pack(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "amx":
+        return cpu_kernels.pack_amx(weight)
+    return torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)  # type: ignore[no-any-return]
+
+
+def packed(weight: torch.Tensor, kind: str = "onednn") -> torch.Tensor:
+    """The packed copy of `weight` for oneDNN (`onednn`) or the AMX kernel (`amx`), made on first
+    use and again if the weight was replaced or changed in place (its storage or version moved)."""
+    key = (id(weight), kind)
     entry = _packed.get(key)
     if entry is not None and entry[0]() is weight and entry[1] == weight.data_ptr() and entry[2] == weight._version:
         return entry[3]
     with _lock, torch.inference_mode(False), torch.no_grad():
-        made = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
+        made = _pack(weight.detach(), kind)
         _packed[key] = (weakref.ref(weight, lambda _ref, key=key: _packed.pop(key, None)), weight.data_ptr(),
                         weight._version, made)
     return made
 
 
+def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Inference on contiguous tensors (the C kernels' contract; checked on every call, so kept to
+    a few attribute reads: a decode step makes 17 of these calls on small-llama)."""
+    return (not torch.is_grad_enabled() and x.is_contiguous() and weight.is_contiguous()
+            and (bias is None or (bias.dtype is torch.bfloat16 and bias.is_contiguous())))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`: through the C kernel for a few bfloat16 rows on the CPU, the
-    packed weight for more."""
-    if (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= SMALL_ROWS.get(x.dtype, 0)
-            and (lib := cpu_kernels.kernel()) is not None and cpu_kernels.linear_supports(x, weight, bias)):
-        return cpu_kernels.small_linear(lib, x, weight, bias)
-    if weight.dtype is torch.bfloat16 and x.dtype is torch.bfloat16 and x.device.type == "cpu" and usable():
-        return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "none", [], "")
+    """`F.linear(x, weight, bias)`; bfloat16 on the CPU through the C kernel for decode-sized row
+    counts (AMX tiles, or vector tiles for one or two rows without AMX), the oneDNN-packed weight
+    for more."""
+    if x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu":
+        rows, k = x.shape if x.dim() == 2 else (0, 0)
+        if 0 < rows <= AMX_ROWS and k % 32 == 0 and amx_usable() and _plain(x, weight, bias):
+            out = cpu_kernels.amx_linear(cpu_kernels.kernel(), x, packed(weight, "amx"),  # type: ignore[arg-type]
+                                         int(weight.shape[0]), bias)
+            if out is not None:
+                return out
+        if 0 < rows <= SMALL_ROWS and k % 16 == 0 and _plain(x, weight, bias) \
+                and (lib := cpu_kernels.kernel()) is not None:
+            return cpu_kernels.small_linear(lib, x, weight, bias)
+        if usable():
+            return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
