@@ -71,10 +71,10 @@ def test_kernel_matches_gathered_attention(kernel, heads: int, kv_heads: int, di
 def test_prompt_kernel_matches_masked_attention(kernel, heads: int, kv_heads: int, dim: int, dtype: torch.dtype,
                                                 window: int | None) -> None:
     """Ragged prompts and chunks (nothing cached, some cached, a one-query row, lengths that are
-    not whole 16-query tiles or 64-query work items) over scattered, disjoint slots, against
-    masked SDPA of each sequence over its gathered context."""
+    not whole 16-query tiles, 64-query work items or, on AMX, 512-query ones) over scattered,
+    disjoint slots, against masked SDPA of each sequence over its gathered context."""
     gen = torch.Generator().manual_seed(heads * dim + (window or 0))
-    new, past = [130, 1, 17, 64, 200], [0, 40, 300, 0, 77]
+    new, past = [130, 1, 17, 64, 200, 600], [0, 40, 300, 0, 77, 30]
     totals = [n + p for n, p in zip(new, past, strict=True)]
     cache = torch.randn(2, 4096, kv_heads, dim, generator=gen).to(dtype)
     tables = list(torch.randperm(4096, generator=gen)[:sum(totals)].split(totals))

@@ -780,6 +780,196 @@ DEFINE_PROMPT_ITEM(prompt_item_bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_PROMPT_KERNEL(prompt_f32, prompt_item_f32, float)
 DEFINE_PROMPT_KERNEL(prompt_bf16, prompt_item_bf16, uint16_t)
 
+/* bfloat16 prompt attention on AMX tiles, for head sizes that are multiples of 32. The same work
+ * items, lanes and online softmax as the vector tiles above, with the two products on the tile
+ * unit: scores transposed, S^T (32 keys x 16 query lanes) = K Q^T, so that each stored row is one
+ * key's scores across the lanes (the layout the softmax code works in), and the output transposed,
+ * O^T (16 dims x 16 lanes) += V^T P^T, with P rounded to bfloat16 (as torch's and vLLM's bfloat16
+ * attention round it). Keys are copied once per item as rows (the A operand as is), values
+ * transposed (V^T rows), the item's queries per tile as VNNI pairs (the B operand); items are
+ * 512 queries, so a prompt's values are transposed once, not once per 64 queries. The softmax
+ * works in log2 units with a cubic exp2 good to bfloat16's precision. On small-llama (4 x
+ * 512-token prompts, 8 heads of 32, one core): 3.1 ms a layer against 6.5 for the float32
+ * vector tiles; in a bfloat16 prefill step attention went from 23.6 to 14.3 of 44 -> 34 ms. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__linux__)
+#define AMX_KEYS 32
+#define AMX_QCHUNK 512 /* queries an item: its keys are copied (values transposed) once an item */
+
+static inline vf vload_plain(const float *p) { return *(const vf *)p; }
+
+/* 2^x for x <= 0 to bfloat16's precision (relative error ~1e-4 where bfloat16 rounds at 4e-3):
+ * a cubic on the fraction and vscalefps for the power of two, 7 instructions where vexp takes
+ * ~16; clamped at 2^-126, so nothing subnormal comes out (masked keys are zeroed by their mask,
+ * and a weight of 2^-126 next to the row maximum's 1 is nothing). */
+static inline vf vexp2_bf16(vf x) {
+    x = (vf)_mm512_max_ps((__m512)x, _mm512_set1_ps(-126.0f));
+    const vf n = (vf)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const vf f = x - n;
+    const vf p = ((0.0555041086648216f * f + 0.2402264923172690f) * f + 0.6931471805599453f) * f + 1.0f;
+    return (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
+}
+
+static void amx_configure_square(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
+/* One item (see DEFINE_PROMPT_ITEM). kb: keys as rows (keys x D); vt: values transposed (D x
+ * padded keys); qb: D / 32 tiles of query pairs; sb: 32 x 16 floats; pb: 16 x 32 bfloat16; pv:
+ * 16 x 16 floats; acc: D vectors. */
+static void prompt_item_amx(const uint16_t *q, uint16_t *out, const uint16_t *key, const uint16_t *value,
+                            int64_t slot_stride, const int64_t *row, int64_t qstart, int64_t qlen, int64_t ctx,
+                            int64_t c0, int64_t c1, int64_t kh, int64_t window, int64_t H, int64_t KVH,
+                            int64_t D, float scale, uint16_t *kb, uint16_t *vt, uint16_t *qb, float *sb,
+                            uint16_t *pb, float *pv, vf *acc) {
+    const int64_t G = H / KVH, first = ctx - qlen, DS = D / 32;
+    const float scale2 = scale * 1.4426950408889634f; /* scores in log2 units: exp2 below */
+    const int64_t hi = first + c1 - 1;
+    int64_t klo = window > 0 ? first + c0 - window + 1 : 0;
+    if (klo < 0) klo = 0;
+    const int64_t nk = hi - klo + 1, padded = (nk + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+    for (int64_t j = 0; j < nk; j++) {
+        const uint16_t *k = key + row[klo + j] * slot_stride + kh * D, *v = value + row[klo + j] * slot_stride + kh * D;
+        memcpy(kb + j * D, k, sizeof(uint16_t) * (size_t)D);
+        for (int64_t d = 0; d < D; d++) vt[d * padded + j] = v[d];
+    }
+    memset(kb + nk * D, 0, sizeof(uint16_t) * (size_t)((padded - nk) * D));
+    for (int64_t d = 0; d < D; d++) memset(vt + d * padded + nk, 0, sizeof(uint16_t) * (size_t)(padded - nk));
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const int64_t nq = c1 - c0, per = G >= LANES ? 1 : LANES / G, rows = nq * G;
+    for (int64_t r0 = 0; r0 < rows; r0 += LANES) {
+        const int64_t nl = rows - r0 < LANES ? rows - r0 : LANES;
+        int64_t lane_h[LANES], lane_p[LANES], pmin = INT64_MAX, pmax = -1;
+        float posf[LANES] __attribute__((aligned(64)));
+        for (int l = 0; l < LANES; l++) {
+            const int64_t r = r0 + (l < nl ? l : nl - 1), run = r / (per * G);
+            const int64_t within = r - run * per * G;
+            const int64_t len = nq - run * per < per ? nq - run * per : per;
+            lane_h[l] = kh * G + within / len;
+            lane_p[l] = c0 + run * per + within % len;
+            posf[l] = (float)(first + lane_p[l]);
+            if (first + lane_p[l] < pmin) pmin = first + lane_p[l];
+            if (first + lane_p[l] > pmax) pmax = first + lane_p[l];
+        }
+        const vf posv = vload_plain(posf);
+        for (int l = 0; l < LANES; l++) { /* B operand: row p of slab s holds dims 32s + 2p, +1 of each lane */
+            const uint16_t *qr = q + (qstart + lane_p[l]) * H * D + lane_h[l] * D;
+            for (int64_t d = 0; d < D; d++) qb[(d / 32) * 512 + ((d % 32) / 2) * 32 + l * 2 + (d % 2)] = qr[d];
+        }
+        int64_t lo = window > 0 ? pmin - window + 1 : 0;
+        if (lo < klo) lo = klo;
+        lo = klo + (lo - klo) / AMX_KEYS * AMX_KEYS;
+        vf m = (vf){} - 1e30f, l = (vf){};
+        for (int64_t d = 0; d < D; d++) acc[d] = (vf){};
+        if (DS == 1) _tile_loadd(2, qb, 64);
+        for (int64_t j0 = lo; j0 <= pmax; j0 += AMX_KEYS) {
+            const uint16_t *kj = kb + (j0 - klo) * D;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t ds = 0; ds < DS; ds++) {
+                if (DS > 1) _tile_loadd(2, qb + ds * 512, 64);
+                _tile_loadd(3, kj + ds * 32, D * 2);
+                _tile_dpbf16ps(0, 3, 2);
+                _tile_loadd(3, kj + 16 * D + ds * 32, D * 2);
+                _tile_dpbf16ps(1, 3, 2);
+            }
+            _tile_stored(0, sb, 64);
+            _tile_stored(1, sb + 256, 64);
+            vf s[AMX_KEYS];
+            const int masked = j0 + AMX_KEYS - 1 > pmin || (window > 0 && j0 <= pmax - window);
+            vi valid[AMX_KEYS];
+            for (int j = 0; j < AMX_KEYS; j++) {
+                s[j] = vload_plain(sb + 16 * j) * scale2;
+                if (masked) {
+                    const vf keypos = (vf){} + (float)(j0 + j);
+                    valid[j] = keypos <= posv;
+                    if (window > 0) valid[j] &= keypos > posv - (float)window;
+                    s[j] = vsel(valid[j], s[j], (vf){} - 1e30f);
+                }
+            }
+            vf bm = s[0];
+            for (int j = 1; j < AMX_KEYS; j++) bm = vmax(bm, s[j]);
+            const vf mn = vmax(m, bm), corr = vexp2_bf16(m - mn);
+            vf sum = (vf){};
+            for (int j = 0; j < AMX_KEYS; j++) {
+                s[j] = vexp2_bf16(s[j] - mn);
+                if (masked) s[j] = vsel(valid[j], s[j], (vf){});
+                sum += s[j];
+            }
+            l = l * corr + sum;
+            m = mn;
+            for (int kp = 0; kp < 16; kp++) { /* P^T as VNNI pairs: row kp holds keys 2kp, 2kp+1 of each lane */
+                const __m512bh both = _mm512_cvtne2ps_pbh((__m512)s[2 * kp + 1], (__m512)s[2 * kp]);
+                _mm512_store_si512((__m512i *)(pb + kp * 32), _mm512_permutexvar_epi16(pairs, (__m512i)both));
+            }
+            _tile_loadd(4, pb, 64);
+            for (int64_t dd = 0; dd < D / 16; dd++) {
+                _tile_zero(6);
+                _tile_loadd(5, vt + dd * 16 * padded + (j0 - klo), padded * 2);
+                _tile_dpbf16ps(6, 5, 4);
+                _tile_stored(6, pv, 64);
+                for (int i = 0; i < 16; i++) acc[dd * 16 + i] = acc[dd * 16 + i] * corr + vload_plain(pv + 16 * i);
+            }
+        }
+        const vf inv = 1.0f / l;
+        const float *af = (const float *)acc;
+        for (int64_t d = 0; d < D; d++) acc[d] *= inv;
+        for (int64_t ln = 0; ln < nl; ln++) {
+            uint16_t *orow = out + (qstart + lane_p[ln]) * H * D + lane_h[ln] * D;
+            for (int64_t d = 0; d < D; d++) bf16_store(&orow[d], af[d * LANES + ln]);
+        }
+    }
+}
+
+static int prompt_bf16_amx(const uint16_t *q, uint16_t *out, const uint16_t *key, const uint16_t *value,
+                           int64_t slot_stride, const int64_t *slots, int64_t slots_stride, const int64_t *qstarts,
+                           const int64_t *qlens, const int64_t *ctxs, int64_t window, int64_t B, int64_t H,
+                           int64_t KVH, int64_t D, float scale, int threads) {
+    int64_t items = 0, max_keys = 1;
+    for (int64_t b = 0; b < B; b++) {
+        items += (qlens[b] + AMX_QCHUNK - 1) / AMX_QCHUNK * KVH;
+        const int64_t span = window > 0 && window + AMX_QCHUNK < ctxs[b] ? window + AMX_QCHUNK : ctxs[b];
+        if (span > max_keys) max_keys = span;
+    }
+    int failed = 0;
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        const size_t keys = (size_t)((max_keys + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS);
+        /* acc (D vectors), sb (512 floats), pv (256 floats), then bfloat16: pb (512), qb (16 D), kb, vt */
+        const size_t bytes = 64 * (size_t)D + 4 * 768 + 2 * (512 + 16 * (size_t)D + 2 * keys * (size_t)D);
+        char *scratch = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        if (scratch == NULL) {
+            _Pragma("omp atomic write") failed = 1;
+        }
+        vf *acc = (vf *)scratch;
+        float *sb = (float *)(scratch + 64 * D), *pv = sb + 512;
+        uint16_t *pb = (uint16_t *)(pv + 256), *qb = pb + 512, *kb = qb + 16 * D, *vt = kb + keys * D;
+        if (scratch != NULL) amx_configure_square();
+        _Pragma("omp for schedule(dynamic)")
+        for (int64_t it = 0; it < items; it++) {
+            if (scratch == NULL) continue;
+            int64_t b = 0, rest = it;
+            while (rest >= (qlens[b] + AMX_QCHUNK - 1) / AMX_QCHUNK * KVH) {
+                rest -= (qlens[b] + AMX_QCHUNK - 1) / AMX_QCHUNK * KVH;
+                b++;
+            }
+            const int64_t kh = rest % KVH, c0 = rest / KVH * AMX_QCHUNK;
+            const int64_t c1 = c0 + AMX_QCHUNK < qlens[b] ? c0 + AMX_QCHUNK : qlens[b];
+            prompt_item_amx(q, out, key, value, slot_stride, slots + b * slots_stride, qstarts[b], qlens[b], ctxs[b],
+                            c0, c1, kh, window, H, KVH, D, scale, kb, vt, qb, sb, pb, pv, acc);
+        }
+        if (scratch != NULL) _tile_release();
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
+#define PROMPT_AMX 1
+#endif
+
 int paged_prompt_attention(const void *q, void *out, const void *key, const void *value,
                            int64_t slot_stride, const int64_t *slots, int64_t slots_stride,
                            const int64_t *qstarts, const int64_t *qlens, const int64_t *ctxs,
@@ -788,6 +978,11 @@ int paged_prompt_attention(const void *q, void *out, const void *key, const void
     if (dtype == 0)
         return prompt_f32(q, out, key, value, slot_stride, slots, slots_stride, qstarts, qlens, ctxs,
                           window, B, H, KVH, D, scale, threads);
+#ifdef PROMPT_AMX
+    if (dtype == 1 && D % 32 == 0 && amx_available())
+        return prompt_bf16_amx(q, out, key, value, slot_stride, slots, slots_stride, qstarts, qlens, ctxs,
+                               window, B, H, KVH, D, scale, threads);
+#endif
     if (dtype == 1)
         return prompt_bf16(q, out, key, value, slot_stride, slots, slots_stride, qstarts, qlens,
                            ctxs, window, B, H, KVH, D, scale, threads);

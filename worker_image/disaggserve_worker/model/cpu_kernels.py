@@ -9,6 +9,8 @@ kernels where torch is slow on a CPU, and so does this:
 - prompt attention over the pool: torch's CPU flash kernel ran at ~25 GMAC/s at head size 32
   (~35 % of a 2048-token prefill step), and the padded copies of the packed queries, keys and
   values around it cost another ~8 %;
+  in bfloat16 on a CPU with AMX its two products run on the tile unit (twice the vector tiles'
+  speed at head size 32, where the softmax between them is what is left);
 - RMSNorm, rotary embedding and SiLU-and-multiply, one pass each where torch's CPU ops walk the
   rows five to seven times (its rms_norm alone was 4 % of a 2048-token prefill step).
 - bfloat16 projections of a decode step's few rows (`model.packed_linear` says when): on AMX
