@@ -174,62 +174,172 @@ static inline float hmax(vf v) {
         for (int64_t i = 0; i < H * D; i++) STORE(&out[i], acc[i]);                               \
     }
 
-/* The same for head sizes that are a multiple of 16, in vector code, one query head at a time (its
- * KV head's key and value rows stay in cache for the group's next head). Scores 16 keys at a time:
- * each key's products with the query are one vector of partial sums, and `hsum16` reduces 16 of
- * them together; the softmax in vector code (vexp); the value sum in registers (D / 16 vectors).
- * Per (key, head) that is D / 16 loads and FMAs plus a sixteenth of the reduction tree, where the
- * scalar form above pays a whole reduction per dot product and keeps its sums in memory. At 32
+/* The same for head sizes that are a multiple of 16, in vector code, 16 keys at a time for every
+ * head: a block's key and value rows (contiguous in the pool, one 4 KB page for small-llama in
+ * bfloat16) are read from memory once, in order, and stay in L1 for all heads. Scores: each
+ * key's products with a query head are one vector of partial sums, and `hsum16` reduces 16 of
+ * them together; the softmax in vector code (vexp); the value sums per head in D / 16 vectors,
+ * kept in scratch between blocks. Per (key, head): D / 16 loads and FMAs plus a sixteenth of the
+ * reduction tree, where the scalar form above pays a whole reduction per dot product. At 32
  * sequences of ~160 tokens (small-llama, bfloat16, one core) that form took 2.5 of a 4.5 ms
- * decode forward, this one 1.6 of 3.7 (the rest of the gap is reading the pool from memory). A
- * software prefetch of the next block's rows made it slower, in cache and out.
- * sc: n rounded up to 16, plus 16, floats (64-byte aligned). */
-#define DEFINE_SEQUENCE_VEC(NAME, T, VLOAD, VSTORE)                                                \
+ * decode forward; this one, head by head over all keys, took 1.6 of 3.7, and block by block
+ * (each row's lines fetched together rather than in one pass per KV head), with bfloat16 pairs
+ * (vdpbf16ps) for both products where the CPU has them, 1.5 of 3.1 (float32: 1.9 -> 1.7 of
+ * 4.6). Software prefetch of the next block's rows and huge pages for the pool were each worth
+ * under 6 % in a 32-sequence micro-benchmark: not kept.
+ * work: H * D floats of queries, H * D of sums, then H rows of n rounded up to 16 scores, each
+ * 64-byte aligned. */
+/* A query head as a block's dot products take it (`PREP`), and 16 keys' scores against it
+ * (`SCORES`): in float vectors, the query pre-scaled (float32, and bfloat16 without the pair
+ * instructions); or as bfloat16 pairs (vdpbf16ps: one load and one instruction per 32 elements
+ * of a key, no widening), scaled after the sums. */
+#define DEFINE_FLOAT_SCORES(PREP, SCORES, VSUM, T, VLOAD)                                          \
+    static inline void PREP(vf *qv, const T *q, int64_t H, int64_t D, float scale) {              \
+        for (int64_t i = 0; i < H * D / 16; i++) qv[i] = VLOAD(q + 16 * i) * scale;               \
+    }                                                                                             \
+    static inline __attribute__((always_inline)) vf SCORES(                                      \
+        const vf *qi, const T *key, const int64_t *row, int64_t t0, int64_t n, int64_t offset,    \
+        int64_t slot_stride, const int64_t D, float scale) {                                      \
+        (void)scale;                                                                              \
+        vf p[16];                                                                                 \
+        const int full = t0 + 16 <= n; /* every key present: no test per key */                  \
+        _Pragma("GCC unroll 16")                                                                  \
+        for (int j = 0; j < 16; j++) {                                                            \
+            p[j] = (vf){};                                                                        \
+            if (full || t0 + j < n) {                                                             \
+                const T *k = key + row[t0 + j] * slot_stride + offset;                            \
+                for (int64_t c = 0; c < D / 16; c++) p[j] += qi[c] * VLOAD(k + 16 * c);           \
+            }                                                                                     \
+        }                                                                                         \
+        return hsum16(p);                                                                         \
+    }                                                                                             \
+    static inline __attribute__((always_inline)) void VSUM(                                       \
+        vf *acc, const T *value, const int64_t *row, int64_t t0, int64_t t1, int64_t offset,      \
+        int64_t slot_stride, const int64_t D, const float *w) {                                   \
+        vf a[D / 16], b[D / 16]; /* two chains: one waited on each FMA's latency */               \
+        for (int64_t c = 0; c < D / 16; c++) { a[c] = acc[c]; b[c] = (vf){}; }                   \
+        int64_t t = t0;                                                                           \
+        for (; t + 1 < t1; t += 2) {                                                              \
+            const T *v0 = value + row[t] * slot_stride + offset;                                  \
+            const T *v1 = value + row[t + 1] * slot_stride + offset;                              \
+            for (int64_t c = 0; c < D / 16; c++) {                                                \
+                a[c] += w[t] * VLOAD(v0 + 16 * c);                                                \
+                b[c] += w[t + 1] * VLOAD(v1 + 16 * c);                                            \
+            }                                                                                     \
+        }                                                                                         \
+        if (t < t1)                                                                               \
+            for (int64_t c = 0; c < D / 16; c++) a[c] += w[t] * VLOAD(value + row[t] * slot_stride + offset + 16 * c); \
+        for (int64_t c = 0; c < D / 16; c++) acc[c] = a[c] + b[c];                                \
+    }
+
+DEFINE_FLOAT_SCORES(prep_f32, scores_f32, vsum_f32, float, vload_f32)
+#if defined(__AVX512BF16__)
+static inline void prep_bf16(vf *qv, const uint16_t *q, int64_t H, int64_t D, float scale) {
+    (void)scale; /* raw bfloat16, head i at vector i * D / 16 as in the float layout (half used) */
+    for (int64_t i = 0; i < H; i++) memcpy(qv + i * D / 16, q + i * D, sizeof(uint16_t) * (size_t)D);
+}
+
+static inline __attribute__((always_inline)) vf scores_bf16(
+    const vf *qi, const uint16_t *key, const int64_t *row, int64_t t0, int64_t n, int64_t offset,
+    int64_t slot_stride, const int64_t D, float scale) {
+    const __m512bh *qp = (const __m512bh *)qi;
+    vf p[16];
+    const int full = t0 + 16 <= n;
+    _Pragma("GCC unroll 16")
+    for (int j = 0; j < 16; j++) {
+        p[j] = (vf){};
+        if (full || t0 + j < n) {
+            const uint16_t *k = key + row[t0 + j] * slot_stride + offset;
+            for (int64_t c = 0; c < D / 32; c++)
+                p[j] = (vf)_mm512_dpbf16_ps((__m512)p[j], qp[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+        }
+    }
+    return hsum16(p) * scale;
+}
+
+/* The weighted value sum over keys [t0, t1) two keys at a time: their rows interleaved into
+ * (v_t, v_t+1) pairs per dimension (vpermt2w) against the weights' pair (w_t, w_t+1) in
+ * bfloat16, the rounding P gets in torch's and vLLM's bfloat16 attention. */
+static inline __attribute__((always_inline)) void vsum_bf16(
+    vf *acc, const uint16_t *value, const int64_t *row, int64_t t0, int64_t t1, int64_t offset,
+    int64_t slot_stride, const int64_t D, const float *w) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                        55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+    uint32_t pairs[8];
+    /* w[t1 .. t0 + 16) are the softmax's zeros for the padding keys */
+    _mm256_storeu_si256((__m256i *)pairs, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w + t0)));
+    vf a[D / 16], b[D / 16]; /* two chains: one waited on each vdpbf16ps's latency */
+    for (int64_t c = 0; c < D / 16; c++) { a[c] = acc[c]; b[c] = (vf){}; }
+    for (int64_t t = t0; t < t1; t += 4) { /* keys t, t+1 into a; t+2, t+3 into b */
+        const uint16_t *v0 = value + row[t] * slot_stride + offset;
+        const uint16_t *v1 = t + 1 < t1 ? value + row[t + 1] * slot_stride + offset : v0; /* weight 0 */
+        const uint16_t *v2 = t + 2 < t1 ? value + row[t + 2] * slot_stride + offset : v0;
+        const uint16_t *v3 = t + 3 < t1 ? value + row[t + 3] * slot_stride + offset : v0;
+        const __m512bh wa = (__m512bh)_mm512_set1_epi32((int)pairs[(t - t0) / 2]);
+        const __m512bh wb = (__m512bh)_mm512_set1_epi32((int)pairs[(t - t0) / 2 + 1]);
+        for (int64_t c = 0; c < D / 32; c++) {
+            const __m512i x0 = _mm512_loadu_si512(v0 + 32 * c), x1 = _mm512_loadu_si512(v1 + 32 * c);
+            const __m512i x2 = _mm512_loadu_si512(v2 + 32 * c), x3 = _mm512_loadu_si512(v3 + 32 * c);
+            a[2 * c] = (vf)_mm512_dpbf16_ps((__m512)a[2 * c], (__m512bh)_mm512_permutex2var_epi16(x0, lo, x1), wa);
+            a[2 * c + 1] = (vf)_mm512_dpbf16_ps((__m512)a[2 * c + 1], (__m512bh)_mm512_permutex2var_epi16(x0, hi, x1), wa);
+            b[2 * c] = (vf)_mm512_dpbf16_ps((__m512)b[2 * c], (__m512bh)_mm512_permutex2var_epi16(x2, lo, x3), wb);
+            b[2 * c + 1] = (vf)_mm512_dpbf16_ps((__m512)b[2 * c + 1], (__m512bh)_mm512_permutex2var_epi16(x2, hi, x3), wb);
+        }
+    }
+    for (int64_t c = 0; c < D / 16; c++) acc[c] = a[c] + b[c];
+}
+#define BF16_SCORE_ALIGN 32 /* the pair paths want whole 32-element vectors of a head */
+#else
+DEFINE_FLOAT_SCORES(prep_bf16, scores_bf16, vsum_bf16, uint16_t, vload_bf16)
+#define BF16_SCORE_ALIGN 16
+#endif
+
+#define DEFINE_SEQUENCE_VEC(NAME, T, VSTORE, PREP, SCORES, VSUM)                                   \
     static inline __attribute__((always_inline)) void NAME(                                       \
         const T *q, T *out, const T *key, const T *value, int64_t slot_stride, const int64_t *row, \
-        int64_t n, int64_t H, int64_t KVH, const int64_t D, float scale, float *sc) {             \
+        int64_t n, int64_t H, int64_t KVH, const int64_t D, float scale, float *work) {           \
         const int64_t G = H / KVH, C = D / 16, padded = (n + 15) / 16 * 16;                       \
+        vf *qv = (vf *)work, *acc = qv + H * C;                                                   \
+        float *sc = (float *)(acc + H * C);                                                       \
+        PREP(qv, q, H, D, scale);                                                                 \
+        for (int64_t i = 0; i < H * C; i++) acc[i] = (vf){};                                      \
+        for (int64_t t0 = 0; t0 < n; t0 += 16) {                                                  \
+            for (int64_t kh = 0, i = 0; kh < KVH; kh++) /* no division in these loops: an idiv */ \
+                for (int64_t g = 0; g < G; g++, i++)   /* per block and head was ~1/3 of them */ \
+                    *(vf *)(sc + i * padded + t0) =                                               \
+                        SCORES(qv + i * C, key, row, t0, n, kh * D, slot_stride, D, scale);       \
+        }                                                                                         \
+        float inv[H];                                                                             \
         for (int64_t i = 0; i < H; i++) {                                                         \
-            const int64_t kh = i / G;                                                             \
-            vf qv[C], acc[C];                                                                     \
-            for (int64_t c = 0; c < C; c++) qv[c] = VLOAD(q + i * D + 16 * c) * scale;           \
-            for (int64_t t0 = 0; t0 < n; t0 += 16) {                                              \
-                vf p[16];                                                                         \
-                _Pragma("GCC unroll 16")                                                          \
-                for (int j = 0; j < 16; j++) {                                                    \
-                    p[j] = (vf){};                                                                \
-                    if (t0 + j < n) {                                                             \
-                        const T *k = key + row[t0 + j] * slot_stride + kh * D;                    \
-                        for (int64_t c = 0; c < C; c++) p[j] += qv[c] * VLOAD(k + 16 * c);        \
-                    }                                                                             \
-                }                                                                                 \
-                *(vf *)(sc + t0) = hsum16(p);                                                     \
-            }                                                                                     \
-            for (int64_t t = n; t < padded; t++) sc[t] = -1e30f;                                  \
+            float *si = sc + i * padded;                                                          \
+            for (int64_t t = n; t < padded; t++) si[t] = -1e30f;                                  \
             vf m = (vf){} - 1e30f;                                                                \
-            for (int64_t t = 0; t < padded; t += 16) m = vmax(m, *(vf *)(sc + t));                \
+            for (int64_t t = 0; t < padded; t += 16) m = vmax(m, *(vf *)(si + t));                \
             const float mx = hmax(m);                                                             \
             vf sum = (vf){};                                                                      \
             for (int64_t t = 0; t < padded; t += 16) {                                            \
-                const vf e = vexp(*(vf *)(sc + t) - mx);                                          \
-                *(vf *)(sc + t) = e;                                                              \
+                const vf e = vexp(*(vf *)(si + t) - mx);                                          \
+                *(vf *)(si + t) = e;                                                              \
                 sum += e;                                                                         \
             }                                                                                     \
-            for (int64_t c = 0; c < C; c++) acc[c] = (vf){};                                      \
-            for (int64_t t = 0; t < n; t++) {                                                     \
-                const T *v = value + row[t] * slot_stride + kh * D;                               \
-                const float w = sc[t];                                                            \
-                for (int64_t c = 0; c < C; c++) acc[c] += w * VLOAD(v + 16 * c);                  \
-            }                                                                                     \
-            const float inv = 1.0f / hsum(sum);                                                   \
-            for (int64_t c = 0; c < C; c++) VSTORE(out + i * D + 16 * c, acc[c] * inv);          \
+            inv[i] = 1.0f / hsum(sum);                                                            \
         }                                                                                         \
+        for (int64_t t0 = 0; t0 < n; t0 += 16) {                                                  \
+            const int64_t t1 = t0 + 16 < n ? t0 + 16 : n;                                         \
+            for (int64_t kh = 0, i = 0; kh < KVH; kh++)                                           \
+                for (int64_t g = 0; g < G; g++, i++)                                              \
+                    VSUM(acc + i * C, value, row, t0, t1, kh * D, slot_stride, D, sc + i * padded); \
+        }                                                                                         \
+        for (int64_t i = 0; i < H; i++)                                                           \
+            for (int64_t c = 0; c < C; c++) VSTORE(out + i * D + 16 * c, acc[i * C + c] * inv[i]); \
     }
 
 /* q, out: (B, H, D) contiguous. key/value: rows of one slot, `slot_stride` elements apart, head h
  * at h * D. slots: row b at b * slots_stride. Sequence b attends slots[b][starts[b] .. ends[b]).
  * Sequences run in parallel, each with its own scratch. */
-#define DEFINE_KERNEL(NAME, SEQUENCE, SEQUENCE_VEC, T)                                             \
+#define DEFINE_KERNEL(NAME, SEQUENCE, SEQUENCE_VEC, T, ALIGN)                                      \
     static int NAME(const T *q, T *out, const T *key, const T *value, int64_t slot_stride,        \
                     const int64_t *slots, int64_t slots_stride, const int64_t *starts,            \
                     const int64_t *ends, int64_t B, int64_t H, int64_t KVH, int64_t D,            \
@@ -240,7 +350,7 @@ static inline float hmax(vf v) {
         int failed = 0;                                                                           \
         _Pragma("omp parallel num_threads(threads)")                                             \
         {                                                                                         \
-            const size_t bytes = sizeof(float) * (size_t)(H * max_span + 2 * H * D + 32);          \
+            const size_t bytes = sizeof(float) * (size_t)(H * (max_span + 16) + 2 * H * D + 32);   \
             float *scores = aligned_alloc(64, (bytes + 63) / 64 * 64);                            \
             if (scores == NULL) {                                                                 \
                 _Pragma("omp atomic write") failed = 1;                                           \
@@ -258,7 +368,7 @@ static inline float hmax(vf v) {
                 case 64: SEQUENCE_VEC(qb, ob, key, value, slot_stride, row, n, H, KVH, 64, scale, scores); break; \
                 case 128: SEQUENCE_VEC(qb, ob, key, value, slot_stride, row, n, H, KVH, 128, scale, scores); break; \
                 default:                                                                          \
-                    if (D % 16 == 0) {                                                            \
+                    if (D % ALIGN == 0) {                                                         \
                         SEQUENCE_VEC(qb, ob, key, value, slot_stride, row, n, H, KVH, D, scale, scores); \
                         break;                                                                    \
                     }                                                                             \
@@ -272,10 +382,10 @@ static inline float hmax(vf v) {
 
 DEFINE_SEQUENCE(sequence_f32, float, f32_load, f32_store)
 DEFINE_SEQUENCE(sequence_bf16, uint16_t, bf16_load, bf16_store)
-DEFINE_SEQUENCE_VEC(sequence_vec_f32, float, vload_f32, vstore_f32)
-DEFINE_SEQUENCE_VEC(sequence_vec_bf16, uint16_t, vload_bf16, vstore_bf16)
-DEFINE_KERNEL(decode_f32, sequence_f32, sequence_vec_f32, float)
-DEFINE_KERNEL(decode_bf16, sequence_bf16, sequence_vec_bf16, uint16_t)
+DEFINE_SEQUENCE_VEC(sequence_vec_f32, float, vstore_f32, prep_f32, scores_f32, vsum_f32)
+DEFINE_SEQUENCE_VEC(sequence_vec_bf16, uint16_t, vstore_bf16, prep_bf16, scores_bf16, vsum_bf16)
+DEFINE_KERNEL(decode_f32, sequence_f32, sequence_vec_f32, float, 16)
+DEFINE_KERNEL(decode_bf16, sequence_bf16, sequence_vec_bf16, uint16_t, BF16_SCORE_ALIGN)
 
 /* dtype: 0 float32, 1 bfloat16. Returns 0, -1 when scratch memory ran out, -2 for a bad dtype. */
 int paged_decode_attention(const void *q, void *out, const void *key, const void *value,
