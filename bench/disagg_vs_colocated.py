@@ -35,7 +35,8 @@ where it does not.
 Also measured: the router's added latency — the same small request sent to a colocated worker
 directly (`/internal/generate`) and through the router (`/v1/completions`), interleaved.
 
-Writes bench/results/disagg_vs_colocated[-quick].json and .png. `--quick`: a smoke run (< 1 min).
+Writes bench/results/disagg_vs_colocated[-REGIME][-DTYPE][-quick].json and .png. `--quick`: a smoke
+run (< 1 min). `--dtype bfloat16`: every worker in bfloat16 (on an AMX CPU the faster choice).
 """
 
 from __future__ import annotations
@@ -112,10 +113,11 @@ def wait_ready(procs: list[Proc], timeout_s: float = 180) -> None:
             time.sleep(0.2)
 
 
-def worker(name: str, role: str, ip: str, core: int, model: str, logdir: Path, budget: int) -> Proc:
+def worker(name: str, role: str, ip: str, core: int, model: str, logdir: Path, budget: int,
+           dtype: str = "auto") -> Proc:
     return spawn(name, ["serve", "--role", role, "--model", model, "--model-name", SERVED, "--host", ip,
                         "--port", "8100", "--kv-port", "8101", "--device", "cpu", "--threads", "1",
-                        "--max-batch-tokens", str(budget), "--log-level", "WARNING"],
+                        "--dtype", dtype, "--max-batch-tokens", str(budget), "--log-level", "WARNING"],
                  f"http://{ip}:8100", logdir, core)
 
 
@@ -398,6 +400,8 @@ def main() -> None:
                         help="TPOT SLOs (multiples of the unloaded base) to also read goodput at, same requests")
     parser.add_argument("--calibration", type=int, default=7, help="unloaded requests for the SLO base")
     parser.add_argument("--overhead-repeats", type=int, default=30)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="every worker's --dtype (auto: float32 on a CPU); not auto: its own result file")
     args = parser.parse_args()
     regime = REGIMES[args.regime]
     args.input_tokens = args.input_tokens or regime["input_tokens"]
@@ -423,16 +427,17 @@ def main() -> None:
     load_start = os.getloadavg()
     try:
         # The prefill worker needs no chunking (no decode to protect): whole prompts per iteration.
-        workers = [worker("prefill", "prefill", f"{block}.1", c0, args.model, logdir, 4096),
-                   worker("decode", "decode", f"{block}.2", c1, args.model, logdir, args.colocated_budget),
-                   worker("colocated-a", "colocated", f"{block}.3", c0, args.model, logdir, args.colocated_budget),
-                   worker("colocated-b", "colocated", f"{block}.4", c1, args.model, logdir, args.colocated_budget)]
+        spec = {"model": args.model, "logdir": logdir, "dtype": args.dtype}
+        workers = [worker("prefill", "prefill", f"{block}.1", c0, budget=4096, **spec),
+                   worker("decode", "decode", f"{block}.2", c1, budget=args.colocated_budget, **spec),
+                   worker("colocated-a", "colocated", f"{block}.3", c0, budget=args.colocated_budget, **spec),
+                   worker("colocated-b", "colocated", f"{block}.4", c1, budget=args.colocated_budget, **spec)]
         extra = [b for b in dict.fromkeys(args.colocated_budgets) if b != args.colocated_budget]
         for i, budget in enumerate(extra):
-            workers += [worker(f"colocated-b{budget}-a", "colocated", f"{block}.{20 + 2 * i}", c0, args.model, logdir,
-                               budget),
-                        worker(f"colocated-b{budget}-b", "colocated", f"{block}.{21 + 2 * i}", c1, args.model, logdir,
-                               budget)]
+            workers += [worker(f"colocated-b{budget}-a", "colocated", f"{block}.{20 + 2 * i}", c0, budget=budget,
+                               **spec),
+                        worker(f"colocated-b{budget}-b", "colocated", f"{block}.{21 + 2 * i}", c1, budget=budget,
+                               **spec)]
         procs += workers
         wait_ready(workers)
         routers = [router("router-disagg", f"{block}.10", args.model,
@@ -469,7 +474,7 @@ def main() -> None:
         "setup": {"cores": [c0, c1], "pinning": "taskset, 1 torch thread per worker",
                   "disaggregated": "prefill on core A, decode on core B",
                   "colocated": "one colocated worker on each core (per budget)",
-                  "routers_and_loadgen": "unpinned"},
+                  "routers_and_loadgen": "unpinned", "worker_dtype": args.dtype},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg(),
                     "note": load_note(load_start, os.getloadavg(), os.cpu_count() or 1)},
@@ -477,7 +482,7 @@ def main() -> None:
     })
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "disagg_vs_colocated" + ("" if args.regime == "distserve" else f"-{args.regime}") + \
-        ("-quick" if args.quick else "")
+        ("" if args.dtype == "auto" else f"-{args.dtype}") + ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / f"{stem}.png")
     g = {n: (s["goodput_rps"], s["goodput_interpolated"]["rps"]) for n, s in result["systems"].items()}
