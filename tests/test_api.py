@@ -88,6 +88,15 @@ def test_errors_name_the_wire_field_and_say_what_is_accepted():
     assert "spec.extra: unknown field" in text
 
 
+def test_an_unknown_model_dtype_is_refused_with_the_choices():
+    raw = minimal()
+    raw["model"]["dtype"] = "fp8"
+    with pytest.raises(SpecError) as err:
+        parse_spec(raw)
+    text = "\n".join(err.value.problems)
+    assert "spec.model.dtype" in text and "bfloat16" in text, text
+
+
 def test_model_and_operator_agree_with_the_crd_on_cel_rules():
     """Each CEL rule refuses the same specs in the model (pydantic) and in the CRD (API server)."""
     schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]

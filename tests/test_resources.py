@@ -65,6 +65,20 @@ def test_cpu_mode_children_and_owner_references():
     assert objs["Service", "tiny-prefill"]["spec"]["clusterIP"] == "None"
 
 
+def test_model_dtype_reaches_both_phases_of_builtin_workers():
+    """One dtype for prefill and decode (their KV caches must agree); auto renders nothing, so
+    existing resources keep their pod templates."""
+    body = example()
+    assert all("--dtype" not in pod(o)["containers"][0]["args"]
+               for o in render(body).values() if o["kind"] == "StatefulSet")
+    body["spec"]["model"]["dtype"] = "bfloat16"
+    sets = [o for o in render(body).values() if o["kind"] == "StatefulSet"]
+    assert len(sets) == 2
+    for obj in sets:
+        args = pod(obj)["containers"][0]["args"]
+        assert args[args.index("--dtype") + 1] == "bfloat16"
+
+
 def test_offline_render_has_no_owner_references():
     assert all("ownerReferences" not in o["metadata"] for o in render(example(), uid=None).values())
 

@@ -88,6 +88,7 @@ def worker_args(
     ttft_slo_ms: float | None = None,
     tpot_slo_ms: float | None = None,
     max_model_len: int | None = None,
+    dtype: str = "auto",
     speculation: dict[str, str | int] | None = None,
 ) -> list[str]:
     """Command line of `disaggserve-worker serve` for one pod.
@@ -125,6 +126,8 @@ def worker_args(
         args += ["--tpot-slo-ms", f"{tpot_slo_ms:g}"]
     if max_model_len:
         args += ["--max-model-len", str(max_model_len)]
+    if dtype != "auto":  # auto renders nothing, as before the field existed: no pod template changes
+        args += ["--dtype", dtype]
     for key, value in (speculation or {}).items():
         args += [f"--speculation-{key}", str(value)]
     return args

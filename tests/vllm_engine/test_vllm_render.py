@@ -122,6 +122,16 @@ def test_extra_args_are_appended():
     assert container["image"] == "registry.example/vllm:1"
 
 
+def test_model_dtype_reaches_both_phases_and_extra_args_still_win():
+    spec = vllm_spec(model={**BASE["model"], "dtype": "bfloat16"},
+                     engine={"kind": "vllm", "extraArgs": ["--dtype=float32"]})
+    pods = containers(spec, CPU_PLAN)
+    for phase in ("prefill", "decode"):
+        args = pods[phase]["containers"][0]["args"]
+        assert flag(args, "--dtype") == "bfloat16" and args[-1] == "--dtype=float32"  # the later flag wins in vLLM
+    assert "--dtype" not in containers(vllm_spec(), CPU_PLAN)["decode"]["containers"][0]["args"]  # auto: vLLM's own
+
+
 def test_router_is_told_the_engine():
     spec = vllm_spec()
     router = next(o for o in build_children(Owner("tiny", "ns"), spec, CPU_PLAN) if o["kind"] == "Deployment")

@@ -33,8 +33,9 @@ def test_operator_rendering_is_accepted_when_the_control_plane_is_installed() ->
     operator_contract = pytest.importorskip("disaggserve.contract")
     rendered = operator_contract.worker_args(role="prefill", model="builtin:tiny-llama", model_name="tiny",
                                              tensor=1, pipeline=1, device="cpu", ttft_slo_ms=200,
-                                             tpot_slo_ms=50, max_model_len=1024)
-    assert validate_serve_args(build_parser().parse_args(rendered)) == []
+                                             tpot_slo_ms=50, max_model_len=1024, dtype="bfloat16")
+    args = build_parser().parse_args(rendered)
+    assert validate_serve_args(args) == [] and args.dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("tensor", [2, 4, 8])

@@ -98,6 +98,13 @@ class ModelSpec(ApiModel):
     max_model_len: int | None = Field(
         None, ge=16, le=MAX_TOKENS_PER_REQUEST, description="Longest prompt + completion, in tokens."
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights and KV cache of every worker, both phases alike (they must agree to pass KV "
+        "caches). auto: the engine's default (built-in: bfloat16 on GPUs that have it, float32 on CPUs; "
+        "vLLM: its own). bfloat16 is the faster choice on CPUs with AMX. For vLLM an --dtype in "
+        "engine.extraArgs overrides it.",
+    )
     facts: ModelFacts | None = None
 
 

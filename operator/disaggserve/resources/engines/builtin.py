@@ -46,6 +46,7 @@ class BuiltinEngine:
             pipeline=phase_plan.pipeline,
             device="cuda" if spec.hardware.device == "gpu" else "cpu",
             max_model_len=spec.model.max_model_len,
+            dtype=spec.model.dtype,
             speculation=_speculation_args(spec) if phase in ("decode", "colocated") else None,
         )
         return WorkerContainer(

@@ -130,6 +130,8 @@ def vllm_args(spec: DisaggServeSpec, plan: Plan, phase: Role) -> list[str]:
         args += ["--kv-transfer-config", json.dumps(connector, separators=(",", ":"))]
     if spec.model.max_model_len:
         args += ["--max-model-len", str(spec.model.max_model_len)]
+    if spec.model.dtype != "auto":  # before extraArgs: an --dtype there comes later and wins
+        args += ["--dtype", spec.model.dtype]
     # vLLM's default (0) aborts in-flight requests on SIGTERM; drain them within the pod's grace period.
     args += ["--shutdown-timeout", str(max(1, GRACE_SECONDS.get(phase, 180) - 10))]
     if phase in ("decode", "colocated") and (speculative := speculative_config(spec)):
