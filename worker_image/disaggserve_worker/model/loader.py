@@ -60,7 +60,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     kernels' AMX tiles), as vLLM-CPU, whose default it is, finds. "auto" stays fp32 on CPUs
     because prefill and decode workers must agree on the KV dtype and each resolves "auto" on
     its own node: a CPU pool mixing AMX and older nodes would split. `--dtype bfloat16` chooses
-    it; making it the CPU default wants the operator to pass one dtype to both phases first."""
+    it (`spec.model.dtype` on a cluster, which the operator passes to both phases alike)."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
