@@ -719,6 +719,71 @@ int silu_mul(const void *gate_up, void *out, int64_t rows, int64_t n, int dtype,
 #define LANES 16
 #define KEYS 16
 #define QCHUNK 64
+/* One key block of the online softmax over 16 query lanes (positions posv): masks the keys a lane
+ * must not see (causal, window), turns the scores s into weights against the lanes' new running
+ * maximum *m, adds them to the running sums *l, and returns the factor the sums and outputs so
+ * far must be scaled by. EXP: e^x for the float tiles, the cubic 2^x (scores in log2 units) for
+ * the bfloat16 AMX items. */
+#define DEFINE_SOFTMAX_BLOCK(NAME, NKEYS, EXP)                                                     \
+    static inline __attribute__((always_inline)) vf NAME(vf *s, int64_t j0, vf posv, int64_t pmin, \
+                                                         int64_t pmax, int64_t window, vf *m,      \
+                                                         vf *l) {                                  \
+        const int masked = j0 + NKEYS - 1 > pmin || (window > 0 && j0 <= pmax - window);          \
+        vi valid[NKEYS];                                                                           \
+        if (masked) {                                                                              \
+            _Pragma("GCC unroll 32")                                                               \
+            for (int j = 0; j < NKEYS; j++) {                                                      \
+                const vf key = (vf){} + (float)(j0 + j);                                           \
+                valid[j] = key <= posv;                                                            \
+                if (window > 0) valid[j] &= key > posv - (float)window;                            \
+                s[j] = vsel(valid[j], s[j], (vf){} - 1e30f);                                       \
+            }                                                                                      \
+        }                                                                                          \
+        vf bm = s[0];                                                                              \
+        _Pragma("GCC unroll 32")                                                                   \
+        for (int j = 1; j < NKEYS; j++) bm = vmax(bm, s[j]);                                       \
+        const vf mn = vmax(*m, bm), corr = EXP(*m - mn);                                           \
+        vf sum = (vf){};                                                                           \
+        _Pragma("GCC unroll 32")                                                                   \
+        for (int j = 0; j < NKEYS; j++) {                                                          \
+            s[j] = EXP(s[j] - mn);                                                                 \
+            if (masked) s[j] = vsel(valid[j], s[j], (vf){});                                       \
+            sum += s[j];                                                                           \
+        }                                                                                          \
+        *l = *l * corr + sum;                                                                      \
+        *m = mn;                                                                                   \
+        return corr;                                                                               \
+    }
+
+DEFINE_SOFTMAX_BLOCK(softmax_block, KEYS, vexp)
+
+/* A tile's 16 lanes: rows r0.. of an item's (head of the group, query position) pairs, a run of
+ * `per` positions for every head of the group before the next run, so a tile's lanes are full
+ * whenever the item has 16 rows: a verification step's 2-5 queries per sequence fill them with
+ * the group's heads instead of using 2-5 lanes of a tile per head. Lanes past the item's rows
+ * repeat its last. lane_h / lane_p: each lane's head and query index in the item's sequence,
+ * *posv their positions; *pmin, *pmax the smallest and largest. Returns the lanes in use. */
+static inline int64_t tile_lanes(int64_t r0, int64_t nq, int64_t G, int64_t kh, int64_t c0, int64_t first,
+                                 int64_t *lane_h, int64_t *lane_p, vf *posv, int64_t *pmin, int64_t *pmax) {
+    const int64_t per = G >= LANES ? 1 : LANES / G, rows = nq * G;
+    const int64_t nl = rows - r0 < LANES ? rows - r0 : LANES;
+    float posf[LANES] __attribute__((aligned(64)));
+    *pmin = INT64_MAX;
+    *pmax = -1;
+    for (int l = 0; l < LANES; l++) {
+        const int64_t r = r0 + (l < nl ? l : nl - 1), run = r / (per * G);
+        const int64_t within = r - run * per * G;
+        const int64_t len = nq - run * per < per ? nq - run * per : per;
+        lane_h[l] = kh * G + within / len;
+        lane_p[l] = c0 + run * per + within % len;
+        posf[l] = (float)(first + lane_p[l]);
+        if (first + lane_p[l] < *pmin) *pmin = first + lane_p[l];
+        if (first + lane_p[l] > *pmax) *pmax = first + lane_p[l];
+    }
+    memcpy(posv, posf, sizeof *posv);
+    return nl;
+}
+
 /* One tile: 16 query lanes (transposed, pre-scaled queries qt[D]) over the keys they see.
  * posv: each lane's position; acc[D] gets the lanes' outputs, transposed. */
 static inline __attribute__((always_inline)) void prompt_tile(
@@ -739,30 +804,7 @@ static inline __attribute__((always_inline)) void prompt_tile(
             _Pragma("GCC unroll 16")
             for (int j = 0; j < KEYS; j++) s[j] += kb[j * D + d] * qd;
         }
-        const int masked = j0 + KEYS - 1 > pmin || (window > 0 && j0 <= pmax - window);
-        vi valid[KEYS];
-        if (masked) {
-            _Pragma("GCC unroll 16")
-            for (int j = 0; j < KEYS; j++) {
-                const vf key = (vf){} + (float)(j0 + j);
-                valid[j] = key <= posv;
-                if (window > 0) valid[j] &= key > posv - (float)window;
-                s[j] = vsel(valid[j], s[j], (vf){} - 1e30f);
-            }
-        }
-        vf bm = s[0];
-        _Pragma("GCC unroll 16")
-        for (int j = 1; j < KEYS; j++) bm = vmax(bm, s[j]);
-        const vf mn = vmax(m, bm), corr = vexp(m - mn);
-        vf sum = (vf){};
-        _Pragma("GCC unroll 16")
-        for (int j = 0; j < KEYS; j++) {
-            s[j] = vexp(s[j] - mn);
-            if (masked) s[j] = vsel(valid[j], s[j], (vf){});
-            sum += s[j];
-        }
-        l = l * corr + sum;
-        m = mn;
+        const vf corr = softmax_block(s, j0, posv, pmin, pmax, window, &m, &l);
         for (int64_t d = 0; d < D; d++) {
             vf a = acc[d] * corr;
             _Pragma("GCC unroll 16")
@@ -815,27 +857,12 @@ static tile_fn tile_for(int64_t D) {
         /* the last tile may read up to KEYS - 1 rows past hi: zeros, masked anyway */            \
         memset(kbuf + (hi + 1 - klo) * D, 0, sizeof(float) * (size_t)(KEYS * D));                 \
         memset(vbuf + (hi + 1 - klo) * D, 0, sizeof(float) * (size_t)(KEYS * D));                 \
-        /* Rows are (head of the group, query position) pairs, a run of `per` positions for every  \
-         * head of the group before the next run, so a tile's 16 lanes are full whenever the item  \
-         * has 16 rows: a verification step's 2-5 queries per sequence fill them with the group's  \
-         * heads instead of using 2-5 lanes of a tile per head. */                                 \
-        const int64_t nq = c1 - c0, per = G >= LANES ? 1 : LANES / G, rows = nq * G;               \
-        for (int64_t r0 = 0; r0 < rows; r0 += LANES) {                                             \
-            const int64_t nl = rows - r0 < LANES ? rows - r0 : LANES;                              \
-            int64_t lane_h[LANES], lane_p[LANES], pmin = INT64_MAX, pmax = -1;                     \
-            float posf[LANES] __attribute__((aligned(64)));                                        \
-            for (int l = 0; l < LANES; l++) {                                                      \
-                const int64_t r = r0 + (l < nl ? l : nl - 1), run = r / (per * G);                 \
-                const int64_t within = r - run * per * G;                                          \
-                const int64_t len = nq - run * per < per ? nq - run * per : per;                   \
-                lane_h[l] = kh * G + within / len;                                                 \
-                lane_p[l] = c0 + run * per + within % len;                                         \
-                posf[l] = (float)(first + lane_p[l]);                                              \
-                if (first + lane_p[l] < pmin) pmin = first + lane_p[l];                            \
-                if (first + lane_p[l] > pmax) pmax = first + lane_p[l];                            \
-            }                                                                                      \
+        /* Rows are (head of the group, query position) pairs: see tile_lanes */                  \
+        const int64_t nq = c1 - c0;                                                                \
+        for (int64_t r0 = 0; r0 < nq * G; r0 += LANES) {                                           \
+            int64_t lane_h[LANES], lane_p[LANES], pmin, pmax;                                      \
             vf posv;                                                                               \
-            memcpy(&posv, posf, sizeof posv);                                                      \
+            const int64_t nl = tile_lanes(r0, nq, G, kh, c0, first, lane_h, lane_p, &posv, &pmin, &pmax); \
             float *qtf = (float *)qt;                                                              \
             for (int l = 0; l < LANES; l++) {                                                      \
                 const T *qr = q + (qstart + lane_p[l]) * H * D + lane_h[l] * D;                    \
@@ -927,6 +954,8 @@ static inline vf vexp2_bf16(vf x) {
     return (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
 }
 
+DEFINE_SOFTMAX_BLOCK(softmax_block_log2, AMX_KEYS, vexp2_bf16)
+
 static void amx_configure_square(void) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -958,22 +987,11 @@ static void prompt_item_amx(const uint16_t *q, uint16_t *out, const uint16_t *ke
     for (int64_t d = 0; d < D; d++) memset(vt + d * padded + nk, 0, sizeof(uint16_t) * (size_t)(padded - nk));
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const int64_t nq = c1 - c0, per = G >= LANES ? 1 : LANES / G, rows = nq * G;
-    for (int64_t r0 = 0; r0 < rows; r0 += LANES) {
-        const int64_t nl = rows - r0 < LANES ? rows - r0 : LANES;
-        int64_t lane_h[LANES], lane_p[LANES], pmin = INT64_MAX, pmax = -1;
-        float posf[LANES] __attribute__((aligned(64)));
-        for (int l = 0; l < LANES; l++) {
-            const int64_t r = r0 + (l < nl ? l : nl - 1), run = r / (per * G);
-            const int64_t within = r - run * per * G;
-            const int64_t len = nq - run * per < per ? nq - run * per : per;
-            lane_h[l] = kh * G + within / len;
-            lane_p[l] = c0 + run * per + within % len;
-            posf[l] = (float)(first + lane_p[l]);
-            if (first + lane_p[l] < pmin) pmin = first + lane_p[l];
-            if (first + lane_p[l] > pmax) pmax = first + lane_p[l];
-        }
-        const vf posv = vload_plain(posf);
+    const int64_t nq = c1 - c0;
+    for (int64_t r0 = 0; r0 < nq * G; r0 += LANES) {
+        int64_t lane_h[LANES], lane_p[LANES], pmin, pmax;
+        vf posv;
+        const int64_t nl = tile_lanes(r0, nq, G, kh, c0, first, lane_h, lane_p, &posv, &pmin, &pmax);
         for (int l = 0; l < LANES; l++) { /* B operand: row p of slab s holds dims 32s + 2p, +1 of each lane */
             const uint16_t *qr = q + (qstart + lane_p[l]) * H * D + lane_h[l] * D;
             for (int64_t d = 0; d < D; d++) qb[(d / 32) * 512 + ((d % 32) / 2) * 32 + l * 2 + (d % 2)] = qr[d];
@@ -998,28 +1016,8 @@ static void prompt_item_amx(const uint16_t *q, uint16_t *out, const uint16_t *ke
             _tile_stored(0, sb, 64);
             _tile_stored(1, sb + 256, 64);
             vf s[AMX_KEYS];
-            const int masked = j0 + AMX_KEYS - 1 > pmin || (window > 0 && j0 <= pmax - window);
-            vi valid[AMX_KEYS];
-            for (int j = 0; j < AMX_KEYS; j++) {
-                s[j] = vload_plain(sb + 16 * j) * scale2;
-                if (masked) {
-                    const vf keypos = (vf){} + (float)(j0 + j);
-                    valid[j] = keypos <= posv;
-                    if (window > 0) valid[j] &= keypos > posv - (float)window;
-                    s[j] = vsel(valid[j], s[j], (vf){} - 1e30f);
-                }
-            }
-            vf bm = s[0];
-            for (int j = 1; j < AMX_KEYS; j++) bm = vmax(bm, s[j]);
-            const vf mn = vmax(m, bm), corr = vexp2_bf16(m - mn);
-            vf sum = (vf){};
-            for (int j = 0; j < AMX_KEYS; j++) {
-                s[j] = vexp2_bf16(s[j] - mn);
-                if (masked) s[j] = vsel(valid[j], s[j], (vf){});
-                sum += s[j];
-            }
-            l = l * corr + sum;
-            m = mn;
+            for (int j = 0; j < AMX_KEYS; j++) s[j] = vload_plain(sb + 16 * j) * scale2;
+            const vf corr = softmax_block_log2(s, j0, posv, pmin, pmax, window, &m, &l);
             for (int kp = 0; kp < 16; kp++) { /* P^T as VNNI pairs: row kp holds keys 2kp, 2kp+1 of each lane */
                 const __m512bh both = _mm512_cvtne2ps_pbh((__m512)s[2 * kp + 1], (__m512)s[2 * kp]);
                 _mm512_store_si512((__m512i *)(pb + kp * 32), _mm512_permutexvar_epi16(pairs, (__m512i)both));
