@@ -9,8 +9,10 @@ guidellm's dependencies clash with ours, so it lives in its own virtualenv (`scr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 import pytest_asyncio
 
 from disaggserve.local.cluster import default_resource
+from disaggserve_worker.contract import METRIC_ROUTER_INFLIGHT
 from e2e_tools import ROOT, ready_cluster
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
@@ -53,25 +56,68 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-async def _guidellm(target: str, tokenizer: Path, folder: Path, *args: str) -> dict:
-    report = folder / "report.json"
+# guidellm itself sometimes stalls between two strategies of a sweep, sending nothing more while
+# the server sits idle (vllm-project/guidellm#431, #1152). A stall with nothing in flight at our
+# router is that, and is retried once; a stall with requests still in flight is ours and fails.
+ATTEMPT_SECONDS = 240
+ATTEMPTS = 2
+
+
+async def _inflight(target: str) -> float | None:
+    """The router's in-flight gauge: requests it accepted and has not answered yet."""
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            text = (await http.get(f"{target}/metrics")).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(METRIC_ROUTER_INFLIGHT + " "):
+            return float(line.split()[1])
+    return None
+
+
+async def _guidellm_once(target: str, tokenizer: Path, folder: Path, args: tuple[str, ...]) -> tuple[int | None, str]:
+    """One guidellm run: its exit code (None when it stalled past ATTEMPT_SECONDS) and its log.
+
+    It runs in its own session with its log in a file: guidellm's worker processes inherit its
+    stdout, so after a stall only killing the whole group ends it (a pipe held open by an orphaned
+    worker would keep this test waiting forever)."""
+    log_path = folder / "guidellm.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": "",
            "GUIDELLM__LOGGING__CONSOLE_LOG_LEVEL": "WARNING"}
-    proc = await asyncio.create_subprocess_exec(
-        guidellm_binary(), "run",
-        "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
-        "--data", f"kind=synthetic_text,prompt_tokens={PROMPT_TOKENS},output_tokens={OUTPUT_TOKENS}",
-        "--output", f"kind=json,path={report}", "--disable-console-interactive", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=folder)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout=420)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            guidellm_binary(), "run",
+            "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
+            "--data", f"kind=synthetic_text,prompt_tokens={PROMPT_TOKENS},output_tokens={OUTPUT_TOKENS}",
+            "--output", f"kind=json,path={folder / 'report.json'}", "--disable-console-interactive", *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT, env=env, cwd=folder,
+            start_new_session=True)
+        try:
+            code: int | None = await asyncio.wait_for(proc.wait(), timeout=ATTEMPT_SECONDS)
+        except TimeoutError:
+            code = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group: guidellm and its worker processes
             await proc.wait()
-    log = out.decode(errors="replace")
-    assert proc.returncode == 0, log[-4000:]
-    return json.loads(report.read_text())
+    return code, log_path.read_text(errors="replace")
+
+
+async def _guidellm(target: str, tokenizer: Path, folder: Path, *args: str) -> dict:
+    for attempt in range(1, ATTEMPTS + 1):
+        run_folder = folder / f"attempt-{attempt}"
+        run_folder.mkdir()
+        code, log = await _guidellm_once(target, tokenizer, run_folder, args)
+        if code is not None:
+            assert code == 0, log[-4000:]
+            return json.loads((run_folder / "report.json").read_text())
+        inflight = await _inflight(target)
+        assert inflight == 0, (
+            f"guidellm made no progress for {ATTEMPT_SECONDS} s while the router still had {inflight} "
+            f"requests in flight: the server stopped answering.\n{log[-4000:]}")
+        print(f"guidellm stalled with nothing in flight at the router (attempt {attempt}); its log:\n{log[-2000:]}")
+    raise AssertionError(f"guidellm stalled {ATTEMPTS} times with nothing in flight at the router")
 
 
 def _check_no_failures(report: dict) -> list[str]:
