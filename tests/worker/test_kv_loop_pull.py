@@ -107,6 +107,31 @@ async def test_a_pooled_pull_lands_in_the_pool_and_is_acknowledged_after_it_retu
         assert not pool.layers[layer][0][:, :5].any() and not pool.layers[layer][0][:, 8:].any()
 
 
+async def test_transfer_thread_pulls_back_to_back_share_one_connection_and_both_are_acknowledged() -> None:
+    """A staged sink pulls on a transfer thread, whose ACK also goes out from the loop once the pull
+    has returned: a pull that follows at once must send it first on the same connection (the fake
+    peer accepts one connection only: opening a second would hang this test)."""
+    acks: list[float] = []
+    received: list[tuple[int, torch.Tensor]] = []
+    transport = TcpKVTransport(token=None)
+    with FakeKVPeer(lambda conn: (_answers(conn, acks), _answers(conn, acks))) as peer:
+        returned = []
+        for handle in ("h1", "h2"):
+            await transport.pull(peer.address, handle, "r", LAYOUT,
+                                 lambda layer, tensor: received.append((layer, tensor.clone())))
+            returned.append(time.monotonic())
+        for _ in range(100):
+            if len(acks) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(acks) == 2, "both ACKs reached the peer"
+        assert acks[0] >= returned[0] - 0.05 and acks[1] >= returned[1] - 0.05
+        assert len(peer.connections) == 1 and len(transport._idle[peer.address]) == 1
+    transport.close()
+    assert [layer for layer, _ in received] == [0, 1, 0, 1]
+    assert all(torch.equal(t, torch.full((2, TOKENS, 1, 4), float(layer + 1))) for layer, t in received)
+
+
 async def test_a_stalled_peer_times_out_on_the_loop() -> None:
     def stalls(conn: socket.socket) -> None:
         recv_control(conn)

@@ -19,7 +19,7 @@ Two ways to drive the same frames, chosen per pull:
   REQUEST without blocking; a cancelled pull shuts the socket down, which ends the blocked read
   at once, and waits for the thread.
 Either way, once `pull` returns or raises (cancellation included) nothing writes into the sink
-any more.
+any more, and the ACK goes out from the loop right after `pull` has returned (`_acknowledge`).
 
 Same host (`kv.shared_memory`): when the port's READY names a shared-memory segment that this
 process can map and check, pulls into direct sinks ask for slot runs instead of bytes and copy
@@ -112,6 +112,7 @@ class _Connection:
     authenticated: bool = False
     last_used: float = field(default_factory=time.monotonic)
     segment: SegmentReader | None = None  # the peer's pool, mapped (same host)
+    ack: bytes | None = None  # the last pull's ACK, not sent yet: it goes out before anything else
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -172,7 +173,6 @@ class TcpKVTransport:
             shared = conn.segment is not None and isinstance(sink, PoolSink) and sink.direct
             request = _request(handle, request_id, shared)
             may_be_stale = reused and attempt == 0
-            ack: bytes | None = None  # still to send once the pull has returned
             try:
                 if (conn.authenticated and isinstance(sink, PoolSink) and sink.direct
                         and expect.layer_bytes(sink.capacity) * expect.layers
@@ -182,7 +182,7 @@ class TcpKVTransport:
                     sent = conn.send_now(request) if conn.authenticated else 0
                     exchange = functools.partial(self._exchange, conn, request[sent:] if sent else None, expect, sink,
                                                  may_be_stale=may_be_stale, handle=handle, request_id=request_id)
-                    total, tokens = await self._on_thread(conn, exchange)
+                    total, tokens, ack = await self._on_thread(conn, exchange)
             except _Stale:
                 conn.close()
                 continue  # the peer had closed the pooled connection: once more on a fresh one
@@ -192,10 +192,9 @@ class TcpKVTransport:
             except BaseException:
                 conn.close()
                 raise
-            if ack is None:
-                self._checkin(conn)
-            else:
-                asyncio.get_running_loop().call_soon(self._acknowledge, conn, ack)
+            conn.ack = ack  # sent from the loop once this has returned, or before the next REQUEST
+            self._checkin(conn)
+            asyncio.get_running_loop().call_soon(self._acknowledge, conn)
             return TransferStats(total, time.perf_counter() - start, tokens)
         raise KVTransferError("kv_unavailable", f"KV port {address} closed the connection", True)
 
@@ -204,6 +203,7 @@ class TcpKVTransport:
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
+                self._acknowledge(conn)  # a last pull's ACK still due: the peer then frees its cache now
                 conn.close()
         with self._executor_lock:
             executor, self._executor = self._executor, None
@@ -298,7 +298,7 @@ class TcpKVTransport:
         conns = self._idle.get(address, [])
         while conns:
             conn = conns.pop()
-            if now - conn.last_used < self.idle_seconds:
+            if now - conn.last_used < self.idle_seconds and self._acknowledge(conn):
                 return conn, True
             conn.close()
         return await self._connect(address), False
@@ -310,16 +310,23 @@ class TcpKVTransport:
         conn.last_used = time.monotonic()
         self._idle.setdefault(conn.address, []).append(conn)
 
-    def _acknowledge(self, conn: _Connection, ack: bytes) -> None:
-        """Send a loop pull's ACK, right after the pull returned (the cache is in place: the decode
-        engine need not wait for the syscall, which on loopback also delivers it and wakes the
-        sender: ~0.3 ms of a ~2 ms 1 MB pull). The connection is pooled again only once its ACK is
-        out, so the next REQUEST on it follows it; one that cannot take 30 bytes at once is closed
-        (the prefill worker then keeps the cache until its TTL, as for a decode worker that died)."""
+    def _acknowledge(self, conn: _Connection) -> bool:
+        """Send a pull's ACK if it is still due: from the loop right after the pull returned (the
+        cache is in place: the decode engine need not wait for the syscall, which on loopback also
+        delivers it and wakes the sender: ~0.3 ms of a ~2 ms 1 MB pull), or before the connection's
+        next use if that comes first, so the next REQUEST always follows it. A connection that
+        cannot take 30 bytes at once is closed and dropped from the pool (the prefill worker then
+        keeps the cache until its TTL, as for a decode worker that died); False then."""
+        if conn.ack is None:
+            return True
+        ack, conn.ack = conn.ack, None
         if conn.send_now(ack) == len(ack):
-            self._checkin(conn)
-        else:
-            conn.close()
+            return True
+        idle = self._idle.get(conn.address, [])
+        if conn in idle:
+            idle.remove(conn)
+        conn.close()
+        return False
 
     async def _connect(self, address: str) -> _Connection:
         """Open the TCP connection on the loop (cancellable); the handshake runs on the transfer
@@ -396,10 +403,14 @@ class TcpKVTransport:
 
     # ---- one pull (on a transfer thread) -----------------------------------------------------
     def _exchange(self, conn: _Connection, unsent: bytes | None, expect: KVLayout, sink: LayerSink | PoolSink,
-                  may_be_stale: bool, handle: str, request_id: str) -> tuple[int, int]:
+                  may_be_stale: bool, handle: str, request_id: str) -> tuple[int, int, bytes]:
         """One pull on a transfer thread: the handshake on a new connection, whatever of the
         REQUEST frame the loop did not send (None: none of it, so it is made here, after the
-        handshake has told whether the peer shares memory), then the reply."""
+        handshake has told whether the peer shares memory), then the reply. Returns (bytes,
+        tokens, the ACK still to send): the loop sends it after the pull has returned, as for a
+        loop pull. Sent here, it woke the port's thread, which on the 2-core bench host ran in
+        this thread's place before the hop back to the loop: 0.3-0.5 ms of a 7-8 ms 12 MB pull
+        (bench/kv_transfer.py)."""
         sock = conn.sock
         set_timeout(sock, self.frame_timeout)  # blocking (a loop pull leaves it non-blocking)
         if not conn.authenticated:
@@ -420,8 +431,8 @@ class TcpKVTransport:
         else:
             self._receive_staged(sock, expect, sink, tokens, layer_bytes)
         _check_end(*recv_control(sock))
-        send_json(sock, FrameType.ACK, {"bytes": layer_bytes * expect.layers})
-        return layer_bytes * expect.layers, tokens
+        total = layer_bytes * expect.layers
+        return total, tokens, encode_json(FrameType.ACK, {"bytes": total})
 
     async def _exchange_on_loop(self, conn: _Connection, request: bytes, expect: KVLayout, sink: PoolSink,
                                 may_be_stale: bool) -> tuple[int, int, bytes]:
