@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import spec_dict
-from disaggserve.api.spec import parse_spec
+from disaggserve.api.spec import DisaggServeSpec, parse_spec
 from disaggserve.planner import PlanningError, plan_for
+from disaggserve.planner.facts import BUILTIN_FACTS, GIB, MEMORY_UTILIZATION, from_spec, with_dtype
 from disaggserve.topology import synthetic_nodes
 
 A100 = "NVIDIA-A100-SXM4-80GB"
@@ -194,3 +195,33 @@ def test_replanning_at_a_new_rate_reuses_memoised_goodputs():
     clear_shared_goodputs()
     cold = plan_automatically(spec, nodes=nodes(4), rate=7, with_baseline=False)
     assert cold.plan == again.plan  # memoised and fresh searches agree
+
+
+def _opt13b_on_a100_40gb(**model: object) -> DisaggServeSpec:
+    return parse_spec(spec_dict(
+        model={"name": "facebook/opt-13b", "source": {"path": "/m"}, **model},
+        hardware={"gpuProduct": "NVIDIA-A100-SXM4-40GB", "gpuMemoryGiB": 40, "gpusPerNode": 8}))
+
+
+def test_the_chosen_dtype_sets_the_bytes_the_plan_fits_in_memory():
+    """The workers get spec.model.dtype, so the plan fits their weights and KV at its width:
+    float32 OPT-13B (51 GB of weights) cannot go on the tensor-2 instances bfloat16 fits."""
+    facts = BUILTIN_FACTS["opt-13b"]
+    usable = 40 * GIB * MEMORY_UTILIZATION
+    for dtype, width in (("auto", 2), ("bfloat16", 2), ("float16", 2), ("float32", 4)):
+        plan = plan_for(_opt13b_on_a100_40gb(dtype=dtype))
+        for phase in (plan.prefill, plan.decode):
+            gpus = phase.tensor * phase.pipeline
+            assert gpus * usable > facts.parameters * width, (dtype, phase)
+    assert plan.decode.tensor * plan.decode.pipeline > plan_for(_opt13b_on_a100_40gb()).decode.tensor
+
+
+def test_a_dtype_bytes_the_user_wrote_wins_over_the_dtype():
+    """A quantized checkpoint's weights are narrower than the dtype it computes in."""
+    written = {"layers": 40, "attentionHeads": 40, "hiddenSize": 5120, "parameters": 12_853_000_000}
+    spec = _opt13b_on_a100_40gb(dtype="bfloat16", facts={**written, "dtypeBytes": 1})
+    assert with_dtype(from_spec(spec.model.facts), spec.model).dtype_bytes == 1
+    spec = _opt13b_on_a100_40gb(dtype="float32", facts=written)
+    assert with_dtype(from_spec(spec.model.facts), spec.model).dtype_bytes == 4
+    spec = _opt13b_on_a100_40gb(facts=written)
+    assert with_dtype(from_spec(spec.model.facts), spec.model).dtype_bytes == 2

@@ -89,7 +89,11 @@ class ModelFacts(ApiModel):
     kv_heads: int | None = Field(None, ge=1, le=1024)
     hidden_size: int = Field(ge=1, le=1_000_000)
     parameters: int = Field(ge=1, description="Parameter count (not bytes).")
-    dtype_bytes: Literal[1, 2, 4] = 2
+    dtype_bytes: Literal[1, 2, 4] = Field(
+        2,
+        description="Bytes per weight and KV-cache element. Unset: those of spec.model.dtype (float32 4, "
+        "bfloat16 and float16 2; 2 for auto). Set it for quantized weights narrower than the dtype.",
+    )
 
 
 class ModelSpec(ApiModel):
@@ -103,7 +107,7 @@ class ModelSpec(ApiModel):
         description="Weights and KV cache of every worker, both phases alike (they must agree to pass KV "
         "caches). auto: the engine's default (built-in: bfloat16 on GPUs that have it, float32 on CPUs; "
         "vLLM: its own). bfloat16 is the faster choice on CPUs with AMX. For vLLM an --dtype in "
-        "engine.extraArgs overrides it.",
+        "engine.extraArgs overrides it. The planner fits weights and KV cache at this dtype's width.",
     )
     facts: ModelFacts | None = None
 

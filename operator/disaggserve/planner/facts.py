@@ -3,16 +3,19 @@
 Tensor parallelism splits attention heads (and KV heads), pipeline parallelism splits layers,
 and an instance must hold its share of the weights plus room for KV cache. The facts come
 from `spec.model.facts`, else a profile's `model_facts`, else the table below (published
-architectures), in that order: what the user wrote wins.
+architectures), in that order: what the user wrote wins. The bytes per weight and KV element
+follow `spec.model.dtype` when the user chose one (`with_dtype`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from disaggserve.api.spec import ModelFacts
+from disaggserve.api.spec import ModelFacts, ModelSpec
 
 GIB = 1024**3
+# Bytes per element of each dtype `spec.model.dtype` can name (auto: whatever the facts say).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Share of GPU memory the engine may use (the rest is CUDA context, activations, fragmentation);
 # vLLM's default gpu_memory_utilization is the same number.
 MEMORY_UTILIZATION = 0.9
@@ -84,3 +87,16 @@ def from_spec(facts: ModelFacts) -> Facts:
 
 def builtin_facts(model_name: str) -> Facts | None:
     return BUILTIN_FACTS.get(model_name.rsplit("/", 1)[-1].lower())
+
+
+def with_dtype(facts: Facts, model: ModelSpec) -> Facts:
+    """`facts` with the bytes per element of the dtype the workers will run (`spec.model.dtype`).
+
+    Why: the workers get that dtype, so weights and KV cache take its bytes: planning float32
+    with the facts' default of 2 bytes would count half the memory each instance needs and fit
+    caches that do not fit. A `dtypeBytes` the user wrote in `spec.model.facts` still wins: a
+    quantized checkpoint's weights are narrower than the dtype it computes in."""
+    chosen = DTYPE_BYTES.get(model.dtype)
+    if chosen is None or (model.facts is not None and "dtype_bytes" in model.facts.model_fields_set):
+        return facts
+    return replace(facts, dtype_bytes=chosen)

@@ -15,7 +15,7 @@ import numpy as np
 
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.planner.errors import PlanningError
-from disaggserve.planner.facts import Facts, builtin_facts, from_spec
+from disaggserve.planner.facts import Facts, builtin_facts, from_spec, with_dtype
 from disaggserve.planner.gpus import find_gpu, known_products
 from disaggserve.planner.profile import (
     MAX_FIT_ERROR,
@@ -101,18 +101,19 @@ def estimate_profile(spec: DisaggServeSpec) -> LatencyProfile | None:
         facts = next((f for f in map(builtin_facts, names) if f is not None), None)
     if facts is None:
         return None
-    return estimated_profile(spec.model.name, facts, spec.hardware.gpu_product or gpu.name, gpu)
+    return estimated_profile(spec.model.name, with_dtype(facts, spec.model), spec.hardware.gpu_product or gpu.name,
+                             gpu)
 
 
 def resolve_facts(spec: DisaggServeSpec, profile: LatencyProfile) -> Facts:
     if spec.model.facts is not None:
-        return from_spec(spec.model.facts)
+        return with_dtype(from_spec(spec.model.facts), spec.model)
     if profile.model_facts is not None:
-        return profile.model_facts.to_facts()
+        return with_dtype(profile.model_facts.to_facts(), spec.model)
     for name in (spec.model.name, profile.model):
         found = builtin_facts(name)
         if found:
-            return found
+            return with_dtype(found, spec.model)
     raise PlanningError(
         "ModelFactsMissing",
         f"the planner does not know the architecture of "
