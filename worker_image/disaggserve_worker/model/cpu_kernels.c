@@ -556,7 +556,11 @@ int amx_linear(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, uint
         float out[16 * 16 * AMX_GROUP] __attribute__((aligned(64)));
         _Pragma("omp for schedule(static)")
         for (int64_t it = 0; it < items; it++) {
-            const int64_t m0 = it / groups * 16, g0 = it % groups * AMX_GROUP;
+            /* Row blocks vary fastest: a thread's consecutive items share one group's weight
+             * slabs, which stay in its L2 while every row block passes them (row blocks
+             * outermost, each streamed the whole weight from memory again: at 32-64 rows
+             * of a 4096 x 4096 projection 2-2.3x slower than oneDNN). */
+            const int64_t m0 = it % mblocks * 16, g0 = it / mblocks * AMX_GROUP;
             const int rows = (int)(M - m0 < 16 ? M - m0 : 16);
             if (configured != rows) { amx_configure(rows); configured = rows; }
             const int64_t nb = nblocks - g0 < AMX_GROUP ? nblocks - g0 : AMX_GROUP;

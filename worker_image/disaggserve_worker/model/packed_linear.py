@@ -7,11 +7,14 @@ while oneDNN with the weight packed once (`torch.ops.mkldnn._reorder_linear_weig
 PyTorch's own inductor CPU backend takes) takes 25 µs, and 35 against 134 µs for 32 tokens. The
 result is the same bits (checked in tests/worker/test_packed_linear.py).
 
-Decode-sized row counts (up to 64) skip oneDNN altogether: its ~20 µs of set-up per call is
-most of such a projection. On a CPU with AMX they run on the C kernel's tiles
-(`cpu_kernels.amx_linear`, the weight packed once more into tile layout): 5-10 µs for
-small-llama's projections at 1-16 rows, 2-4x oneDNN, still 1.5-2x at 64; at 512 rows the two
-are level, so prefill stays with oneDNN. Without AMX, one or two rows run on the kernel's vector
+Decode-sized row counts skip oneDNN altogether where its ~20 µs of set-up per call is most of
+such a projection. On a CPU with AMX they run on the C kernel's tiles (`cpu_kernels.amx_linear`,
+the weight packed once more into tile layout): 5-10 µs for small-llama's projections at 1-16
+rows, 2-4x oneDNN, still 1.5-2x at 64; at 512 rows the two are level, so prefill stays with
+oneDNN. Up to 16 rows (one row block: the weight is read once) the kernel is level with oneDNN
+or ahead on any weight (1.03x at 4096 x 4096); at 17-64 rows only on a weight that stays in the
+core's cache (up to AMX_CACHED_BYTES: 1.1-1.35x at 1 MB, 0.9-0.94x from 2 MB, 0.84-0.9x at
+4096 x 4096), so larger weights take oneDNN there. Without AMX, one or two rows run on the kernel's vector
 tiles (`cpu_kernels.small_linear`: 1.7-3.1x). In float32 MKL's own small-row path is as fast
 as those vector tiles, so float32 stays with it. The kernels sum in another order than oneDNN:
 their rows are oneDNN's values within float rounding, not its bits.
@@ -36,7 +39,9 @@ from disaggserve_worker.model import cpu_kernels
 
 ENV_MODE = "DISAGGSERVE_CPU_PACKED_WEIGHTS"
 MODES = ("auto", "off")
-AMX_ROWS = 64  # rows up to which bfloat16 projections run on the C kernel's AMX tiles
+AMX_ROWS = 64  # rows up to which bfloat16 projections run on the C kernel's AMX tiles...
+AMX_STREAMED_ROWS = 16  # ...whatever the weight's size up to this many; beyond, only for weights
+AMX_CACHED_BYTES = 1 << 20  # of at most this size (see the module docstring)
 SMALL_ROWS = 2  # rows up to which they run on its vector tiles, where there is no AMX
 BATCH_HINT = 32  # the row count oneDNN packs for: decode batches; prefill rows run as fast as unpacked
 
@@ -97,10 +102,11 @@ def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; bfloat16 on the CPU through the C kernel for decode-sized row
     counts (AMX tiles, or vector tiles for one or two rows without AMX), the oneDNN-packed weight
-    for more."""
+    for more (and for 17-64 rows of a weight too large to stay in cache)."""
     if x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu":
         rows, k = x.shape if x.dim() == 2 else (0, 0)
-        if 0 < rows <= AMX_ROWS and k % 32 == 0 and amx_usable() and _plain(x, weight, bias):
+        if (0 < rows <= AMX_ROWS and k % 32 == 0 and amx_usable() and _plain(x, weight, bias)
+                and (rows <= AMX_STREAMED_ROWS or weight.numel() * 2 <= AMX_CACHED_BYTES)):
             out = cpu_kernels.amx_linear(cpu_kernels.kernel(), x, packed(weight, "amx"),  # type: ignore[arg-type]
                                          int(weight.shape[0]), bias)
             if out is not None:
