@@ -30,7 +30,7 @@ LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
 DNS_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
-BUILTIN_MODELS = ("tiny-llama", "tiny-llama-draft", "small-llama")
+BUILTIN_MODELS = ("tiny-llama", "tiny-llama-draft", "small-llama", "medium-llama")  # the worker's BUILTIN_CONFIGS
 
 Tensor = Annotated[int, Field(ge=1, le=8, description="Tensor-parallel size: 1, 2, 4 or 8.")]
 

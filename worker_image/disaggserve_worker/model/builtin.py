@@ -23,6 +23,11 @@ BUILTIN_CONFIGS: dict[str, dict[str, object]] = {
     # Sized so a 512-token prefill takes tens of ms on a laptop-class CPU core pair.
     "small-llama": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
                     "num_attention_heads": 8, "num_key_value_heads": 4},
+    # The projection shapes of a 1B-class Llama (hidden 2048, head 128, 16 query / 8 KV heads),
+    # 8 layers: 377M parameters. For benchmarks: the small models' weights stay in a core's
+    # cache, which hides what a real model's projections cost (bench/engine_step.py --model).
+    "medium-llama": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 8,
+                     "num_attention_heads": 16, "num_key_value_heads": 8},
 }
 SEED = 20240601
 
