@@ -194,10 +194,10 @@ def test_projections_take_the_kernel_only_where_it_applies(kernel, monkeypatch: 
                 got = packed_linear.linear(x, weights[dtype])
             assert paths == ([path] if path and not grad else []), (rows, dtype, grad)
             assert torch.allclose(got.float(), want, atol=0.1, rtol=1e-2)
-    # A weight too large to stay in cache: the AMX kernel up to one row block, oneDNN beyond.
+    # A weight too large to stay in cache never takes AMX (one packed copy at most): the vector
+    # tiles for one or two rows, oneDNN beyond.
     large = torch.randn(packed_linear.AMX_CACHED_BYTES // 2 // 64 + 16, 64, generator=gen).to(torch.bfloat16)
-    for rows, path in ((packed_linear.AMX_STREAMED_ROWS, "amx_linear" if amx else None),
-                       (packed_linear.AMX_STREAMED_ROWS + 1, None)):
+    for rows, path in ((1, "small_linear"), (packed_linear.SMALL_ROWS + 1, None), (packed_linear.AMX_ROWS, None)):
         paths.clear()
         x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
         with torch.no_grad():

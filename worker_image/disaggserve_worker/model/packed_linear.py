@@ -7,21 +7,23 @@ while oneDNN with the weight packed once (`torch.ops.mkldnn._reorder_linear_weig
 PyTorch's own inductor CPU backend takes) takes 25 µs, and 35 against 134 µs for 32 tokens. The
 result is the same bits (checked in tests/worker/test_packed_linear.py).
 
-Decode-sized row counts skip oneDNN altogether where its ~20 µs of set-up per call is most of
-such a projection. On a CPU with AMX they run on the C kernel's tiles (`cpu_kernels.amx_linear`,
-the weight packed once more into tile layout): 5-10 µs for small-llama's projections at 1-16
-rows, 2-4x oneDNN, still 1.5-2x at 64; at 512 rows the two are level, so prefill stays with
-oneDNN. Up to 16 rows (one row block: the weight is read once) the kernel is level with oneDNN
-or ahead on any weight (1.03x at 4096 x 4096); at 17-64 rows only on a weight that stays in the
-core's cache (up to AMX_CACHED_BYTES: 1.1-1.35x at 1 MB, 0.9-0.94x from 2 MB, 0.84-0.9x at
-4096 x 4096), so larger weights take oneDNN there. Without AMX, one or two rows run on the kernel's vector
-tiles (`cpu_kernels.small_linear`: 1.7-3.1x). In float32 MKL's own small-row path is as fast
-as those vector tiles, so float32 stays with it. The kernels sum in another order than oneDNN:
-their rows are oneDNN's values within float rounding, not its bits.
+Decode-sized row counts of small weights skip oneDNN altogether: its ~20 µs of set-up per call
+is most of such a projection. On a CPU with AMX they run on the C kernel's tiles
+(`cpu_kernels.amx_linear`, the weight packed once more into tile layout): 5-10 µs for
+small-llama's projections at 1-16 rows, 2-4x oneDNN, still 1.5-2x at 64; at 512 rows the two
+are level, so prefill stays with oneDNN. Weights over AMX_CACHED_BYTES never take the AMX
+kernel: there it is only 1.04-1.14x oneDNN up to 16 rows (one row block, the weight read once:
+2048 x 2048 to 11264 x 2048) and 0.84-0.94x at 17-64 (2 MB to 4096 x 4096), and a second
+packed copy of a real model's weights costs more memory than those few percent are worth.
+One or two rows that do not take the AMX kernel (a large weight, or no AMX) run on the
+kernel's vector tiles (`cpu_kernels.small_linear`, no packed copy: 1.7-3.1x oneDNN on
+small-llama, 1.03-1.11x on 2048 x 2048 to 11264 x 2048). In float32 MKL's own small-row path is as fast as those vector
+tiles, so float32 stays with it. The kernels sum in another order than oneDNN: their rows are
+oneDNN's values within float rounding, not its bits.
 
 The packed copies are kept beside the checkpoint's weight (layouts other code cannot read), each
-made on first use: a worker that both prefills and decodes holds bfloat16 weights three times on
-the CPU (a decode worker mostly only the AMX copy, a prefill worker the oneDNN one).
+made on first use: a weight over AMX_CACHED_BYTES is held twice (the checkpoint's and oneDNN's),
+a smaller one up to three times (AMX's too, where both row ranges come).
 `DISAGGSERVE_CPU_PACKED_WEIGHTS`: `auto` (default: each packed path where the CPU supports it),
 `off` (neither: plain `F.linear`, or the vector tiles for one or two rows).
 """
@@ -40,8 +42,7 @@ from disaggserve_worker.model import cpu_kernels
 ENV_MODE = "DISAGGSERVE_CPU_PACKED_WEIGHTS"
 MODES = ("auto", "off")
 AMX_ROWS = 64  # rows up to which bfloat16 projections run on the C kernel's AMX tiles...
-AMX_STREAMED_ROWS = 16  # ...whatever the weight's size up to this many; beyond, only for weights
-AMX_CACHED_BYTES = 1 << 20  # of at most this size (see the module docstring)
+AMX_CACHED_BYTES = 1 << 20  # ...for weights of at most this size (see the module docstring)
 SMALL_ROWS = 2  # rows up to which they run on its vector tiles, where there is no AMX
 BATCH_HINT = 32  # the row count oneDNN packs for: decode batches; prefill rows run as fast as unpacked
 
@@ -102,11 +103,11 @@ def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; bfloat16 on the CPU through the C kernel for decode-sized row
     counts (AMX tiles, or vector tiles for one or two rows without AMX), the oneDNN-packed weight
-    for more (and for 17-64 rows of a weight too large to stay in cache)."""
+    for more and for weights too large to stay in cache."""
     if x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu":
         rows, k = x.shape if x.dim() == 2 else (0, 0)
-        if (0 < rows <= AMX_ROWS and k % 32 == 0 and amx_usable() and _plain(x, weight, bias)
-                and (rows <= AMX_STREAMED_ROWS or weight.numel() * 2 <= AMX_CACHED_BYTES)):
+        if (0 < rows <= AMX_ROWS and k % 32 == 0 and weight.numel() * 2 <= AMX_CACHED_BYTES and amx_usable()
+                and _plain(x, weight, bias)):
             out = cpu_kernels.amx_linear(cpu_kernels.kernel(), x, packed(weight, "amx"),  # type: ignore[arg-type]
                                          int(weight.shape[0]), bias)
             if out is not None:
