@@ -18,6 +18,7 @@ from disaggserve_worker.kv.framing import (
     MAX_HANDSHAKE_FRAME,
     FrameType,
     KVTransferError,
+    PullRequest,
     decode_json,
     recv_control,
     send_json,
@@ -130,7 +131,7 @@ async def test_request_without_authentication_is_refused_at_once(port) -> None: 
     engine, server, address, handle, _prompt = port
     sock = _raw(address)
     try:
-        send_json(sock, FrameType.REQUEST, {"handle": handle, "request_id": "r"})  # skips AUTH
+        sock.sendall(PullRequest(handle, "r").encode())  # skips AUTH
         start = time.monotonic()
         reply = await asyncio.to_thread(_closed_by_peer, sock)
         assert time.monotonic() - start < 1.5
@@ -171,19 +172,38 @@ async def test_oversized_first_frame_is_refused_and_nothing_is_buffered(port) ->
     assert peak < 8 << 20, f"{peak} bytes allocated while refusing the frame"
 
 
-async def test_oversized_control_frame_after_authentication_is_refused(port) -> None:  # type: ignore[no-untyped-def]
-    _engine, server, address, _handle, _prompt = port
+def _authenticated(address: str) -> socket.socket:
     host, p = address.rsplit(":", 1)
     sock = socket.create_connection((host, int(p)), timeout=3)
+    _kind, payload = recv_control(sock, MAX_HANDSHAKE_FRAME)
+    send_json(sock, FrameType.AUTH, {"mac": auth.prove(TOKEN, bytes.fromhex(decode_json(payload)["nonce"]))})
+    assert recv_control(sock, MAX_HANDSHAKE_FRAME)[0] is FrameType.READY
+    return sock
+
+
+async def test_oversized_control_frame_after_authentication_is_refused(port) -> None:  # type: ignore[no-untyped-def]
+    _engine, server, address, _handle, _prompt = port
+    sock = _authenticated(address)
     try:
-        _kind, payload = recv_control(sock, MAX_HANDSHAKE_FRAME)
-        send_json(sock, FrameType.AUTH, {"mac": auth.prove(TOKEN, bytes.fromhex(decode_json(payload)["nonce"]))})
-        assert recv_control(sock, MAX_HANDSHAKE_FRAME)[0] is FrameType.READY
         sock.sendall(HEADER.pack(int(FrameType.REQUEST), 1 << 34))
         reply = await asyncio.to_thread(_closed_by_peer, sock)
     finally:
         sock.close()
     assert FrameType(reply[0]) is FrameType.ERROR and b"exceeds" in reply
+    await _wait_no_connections(server)
+
+
+async def test_malformed_request_is_refused_and_the_cache_kept(port) -> None:  # type: ignore[no-untyped-def]
+    engine, server, address, _handle, _prompt = port
+    sock = _authenticated(address)
+    try:
+        payload = b"\x00\x00\x40abc"  # announces a 64-byte handle, carries 3 bytes
+        sock.sendall(HEADER.pack(int(FrameType.REQUEST), len(payload)) + payload)
+        reply = await asyncio.to_thread(_closed_by_peer, sock)
+    finally:
+        sock.close()
+    assert FrameType(reply[0]) is FrameType.ERROR and b"kv_protocol" in reply and b"malformed KV request" in reply
+    assert engine.held_count == 1
     await _wait_no_connections(server)
 
 

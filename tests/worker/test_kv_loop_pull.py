@@ -14,7 +14,16 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from disaggserve_worker.kv.framing import HEADER, LAYER_INDEX, FrameType, KVTransferError, encode_json, recv_control
+from disaggserve_worker.kv.framing import (
+    HEADER,
+    LAYER_INDEX,
+    FrameType,
+    KVTransferError,
+    ReplyHeader,
+    encode_count,
+    encode_json,
+    recv_control,
+)
 from disaggserve_worker.kv.layout import PoolSink
 from disaggserve_worker.kv.transport import KVLayout, TcpKVTransport
 from disaggserve_worker.model.kv_pool import KVPool
@@ -30,15 +39,14 @@ def _layer(layer: int) -> bytes:
 
 
 def _header(conn: socket.socket) -> None:
-    conn.sendall(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32", "layers": 2,
-                                                "shape": [2, TOKENS, 1, 4]}))
+    conn.sendall(ReplyHeader("float32", layers=2, tokens=TOKENS, kv_heads=1, head_dim=4).encode())
 
 
 def _answers(conn: socket.socket, acks: list[float]) -> None:
     """One well-formed reply, then the ACK (its arrival time recorded)."""
     assert recv_control(conn)[0] is FrameType.REQUEST
     _header(conn)
-    conn.sendall(_layer(0) + _layer(1) + encode_json(FrameType.END, {"bytes": 2 * LAYOUT.layer_bytes(TOKENS)}))
+    conn.sendall(_layer(0) + _layer(1) + encode_count(FrameType.END, 2 * LAYOUT.layer_bytes(TOKENS)))
     kind, _ = recv_control(conn)
     assert kind is FrameType.ACK
     acks.append(time.monotonic())
@@ -153,6 +161,19 @@ async def test_a_peer_dying_mid_layer_is_retryable_on_the_loop() -> None:
     with pytest.raises(KVTransferError) as error:
         await _second_pull(dies)
     assert error.value.kind == "kv_unavailable" and error.value.retryable
+
+
+async def test_a_reply_without_its_end_frame_fails_the_loop_pull() -> None:
+    def errs_in_place_of_the_end(conn: socket.socket) -> None:
+        recv_control(conn)
+        _header(conn)
+        conn.sendall(_layer(0) + _layer(1) + encode_json(FrameType.ERROR, {"type": "kv_unavailable",
+                                                                            "message": "gone", "retryable": True}))
+        time.sleep(0.5)
+
+    with pytest.raises(KVTransferError, match="expected the KV end frame") as error:
+        await _second_pull(errs_in_place_of_the_end)
+    assert error.value.kind == "kv_protocol"
 
 
 async def test_a_refused_handle_keeps_the_connection() -> None:

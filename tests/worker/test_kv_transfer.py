@@ -19,8 +19,9 @@ from disaggserve_worker.kv.framing import (
     LAYER_INDEX,
     FrameType,
     KVTransferError,
-    decode_json,
-    encode_json,
+    PullRequest,
+    ReplyHeader,
+    encode_count,
     recv_control,
     recv_exact,
     recv_frame_head,
@@ -33,10 +34,30 @@ from kv_fakes import FakeKVPeer
 LAYOUT = KVLayout(torch.float32, layers=2, kv_heads=1, head_dim=4)
 
 
+def test_pull_frames_round_trip_and_malformed_ones_are_protocol_errors() -> None:
+    for request in (PullRequest("h-1", "r"), PullRequest("hé", "réq", shm=True), PullRequest("h", "", copied=True)):
+        encoded = request.encode()
+        kind, length = HEADER.unpack_from(encoded)
+        assert kind == FrameType.REQUEST and length == len(encoded) - HEADER.size
+        assert PullRequest.decode(encoded[HEADER.size:]) == request
+    header = ReplyHeader("float16", layers=3, tokens=7, kv_heads=2, head_dim=8, runs=((0, 4), (16, 3)))
+    assert ReplyHeader.decode(header.encode()[HEADER.size:]) == header
+    end = encode_count(FrameType.END, 12345)
+    assert HEADER.unpack_from(end) == (int(FrameType.END), 8) and end[HEADER.size:] == (12345).to_bytes(8, "big")
+    good = header.encode()[HEADER.size:]
+    for bad in (b"", b"\x00\x00\x09abc", b"\xff\xff", PullRequest("h", "r").encode()[HEADER.size:][:2]):
+        with pytest.raises(KVTransferError, match="malformed KV request") as error:
+            PullRequest.decode(bad)
+        assert error.value.kind == "kv_protocol" and not error.value.retryable
+    for bad in (good[:-1], good + b"\x00", b"\x09" + good[1:], b""):  # runs cut, runs extra, dtype 9, empty
+        with pytest.raises(KVTransferError, match="malformed KV header"):
+            ReplyHeader.decode(bad)
+
+
 def test_frame_round_trip_with_partial_reads() -> None:
     a, b = socket.socketpair()
-    data = encode_json(FrameType.HEADER, {"request_id": "r", "layers": 2}) + \
-        HEADER.pack(int(FrameType.LAYER), 8) + LAYER_INDEX.pack(1) + b"abcd"
+    header = ReplyHeader("bfloat16", layers=2, tokens=3, kv_heads=1, head_dim=4, runs=((8, 2), (40, 1)))
+    data = header.encode() + HEADER.pack(int(FrameType.LAYER), 8) + LAYER_INDEX.pack(1) + b"abcd"
 
     def trickle() -> None:  # one byte at a time: frames must still come out whole
         for i in range(len(data)):
@@ -48,7 +69,7 @@ def test_frame_round_trip_with_partial_reads() -> None:
     try:
         b.settimeout(5)
         kind, payload = recv_control(b)
-        assert kind is FrameType.HEADER and decode_json(payload) == {"request_id": "r", "layers": 2}
+        assert kind is FrameType.HEADER and ReplyHeader.decode(payload) == header
         kind, length = recv_frame_head(b)
         payload = recv_exact(b, length)
         assert kind is FrameType.LAYER and LAYER_INDEX.unpack_from(payload) == (1,) and payload[4:] == b"abcd"
@@ -132,8 +153,7 @@ def test_pool_views_are_shared_and_do_not_outlive_the_pool() -> None:
 async def test_peer_dying_mid_transfer_is_a_clean_retryable_error() -> None:
     def dies_after_one_layer(conn: socket.socket) -> None:
         recv_control(conn)
-        conn.sendall(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32", "layers": 2,
-                                                    "shape": [2, 3, 1, 4]}))
+        conn.sendall(ReplyHeader("float32", layers=2, tokens=3, kv_heads=1, head_dim=4).encode())
         payload = LAYER_INDEX.pack(0) + torch.zeros(2, 3, 1, 4).numpy().tobytes()
         conn.sendall(HEADER.pack(int(FrameType.LAYER), len(payload)) + payload)
         second = LAYER_INDEX.pack(1) + payload[LAYER_INDEX.size:]
@@ -172,9 +192,7 @@ async def test_receiver_refuses_more_tokens_than_it_reserved(tiny: LoadedModel) 
 
     def announces_a_huge_cache(conn: socket.socket) -> None:
         recv_control(conn)
-        conn.sendall(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32",
-                                                    "layers": c.num_hidden_layers,
-                                                    "shape": [2, 1 << 20, c.kv_heads, c.dim_per_head]}))
+        conn.sendall(ReplyHeader("float32", c.num_hidden_layers, 1 << 20, c.kv_heads, c.dim_per_head).encode())
         time.sleep(1)
 
     with FakeKVPeer(announces_a_huge_cache) as peer, pytest.raises(KVTransferError, match="does not fit") as error:
@@ -186,8 +204,7 @@ async def test_receiver_refuses_more_tokens_than_it_reserved(tiny: LoadedModel) 
 async def test_layer_frame_of_the_wrong_size_is_refused_unread() -> None:
     def lies_about_the_layer(conn: socket.socket) -> None:
         recv_control(conn)
-        conn.sendall(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32", "layers": 2,
-                                                    "shape": [2, 3, 1, 4]}))
+        conn.sendall(ReplyHeader("float32", layers=2, tokens=3, kv_heads=1, head_dim=4).encode())
         conn.sendall(HEADER.pack(int(FrameType.LAYER), 1 << 33) + LAYER_INDEX.pack(0))
         time.sleep(1)
 
@@ -202,8 +219,7 @@ async def test_cancelled_pull_stops_writing_before_it_returns() -> None:
 
     def stalls_after_the_header(conn: socket.socket) -> None:
         recv_control(conn)
-        conn.sendall(encode_json(FrameType.HEADER, {"request_id": "r", "dtype": "float32", "layers": 2,
-                                                    "shape": [2, 3, 1, 4]}))
+        conn.sendall(ReplyHeader("float32", layers=2, tokens=3, kv_heads=1, head_dim=4).encode())
         sent_header.set()
         time.sleep(3)
 

@@ -7,14 +7,15 @@ HEADER + layers + END back in one stream, ACK out.
 Two ways to drive the same frames, chosen per pull:
 - On the event loop (`framing.LoopStream`), for a pooled connection pulling into a direct pool
   sink of up to LOOP_MAX_BYTES (a typical prompt's cache): each read takes what has arrived,
-  layers are scatter-read (`recvmsg_into`) straight into the reserved pool blocks, and the ACK
+  every layer and the END are scatter-read (`recvmsg_into`, `_DirectReply`) straight into the
+  reserved pool blocks, and the ACK
   goes out right after the pull has returned (`_acknowledge`). No thread hand-off: on the 2-core
   bench host the transfer thread woken for a 1 MB pull queued behind the very sender it waited
   for and started reading only once the whole send was done (bench/kv_transfer.py: 0.44x raw
   TCP before, 0.76x after, with the prefill side's reply prepared in advance).
 - On a transfer thread over a blocking socket (`framing.set_timeout`) for everything else: the
-  handshake of a new connection, larger caches (one blocking `MSG_WAITALL` read per layer
-  instead of a readiness wake-up per arriving piece), and staged sinks (pools split over shards
+  handshake of a new connection, larger caches (one blocking `MSG_WAITALL` scatter-read of
+  every layer instead of a readiness wake-up per arriving piece), and staged sinks (pools split over shards
   or on a GPU, plain callbacks). The loop opens the TCP connection (cancellable) and sends the
   REQUEST without blocking; a cancelled pull shuts the socket down, which ends the blocked read
   at once, and waits for the thread.
@@ -28,7 +29,7 @@ whose segment cannot be mapped (another host, another user) is pulled over TCP a
 When the decode request also says where the held blocks lie and under which lease (`kv.shm`
 in the prefill reply) and this process has that peer's segment mapped, the pull copies them
 without asking first, checks the lease afterwards and tells the port it may free the cache
-after returning (a REQUEST with `"copied": true`, which the port does not answer): no round
+after returning (a REQUEST flagged `copied`, which the port does not answer): no round
 trip to the prefill worker's port thread, which was most of a 1 MB same-host pull (0.47 of
 0.9 ms with sender and receiver on their own cores, bench/kv_transfer.py --pin). If the lease
 has gone (expired, released) the pull asks the port as before.
@@ -52,7 +53,10 @@ import torch
 
 from disaggserve_worker.kv import auth
 from disaggserve_worker.kv.framing import (
+    BYTE_COUNT,
+    COUNT_FRAME_SIZE,
     HEADER,
+    LAYER_HEAD_SIZE,
     LAYER_INDEX,
     MAX_CONTROL_FRAME,
     MAX_HANDSHAKE_FRAME,
@@ -62,8 +66,10 @@ from disaggserve_worker.kv.framing import (
     KVTransferError,
     LoopStream,
     PeerClosed,
+    PullRequest,
+    ReplyHeader,
     decode_json,
-    encode_json,
+    encode_count,
     raise_if_error,
     recv_control,
     recv_exact,
@@ -244,7 +250,7 @@ class TcpKVTransport:
 
     async def _notify_copied(self, address: str, handle: str, request_id: str) -> None:
         """Tell the port a leased cache was copied, so it frees it now rather than at its TTL."""
-        notice = encode_json(FrameType.REQUEST, {"handle": handle, "request_id": request_id, "copied": True})
+        notice = PullRequest(handle, request_id, copied=True).encode()
         try:
             conn, _ = await self._checkout(address)
         except KVTransferError as error:
@@ -424,15 +430,18 @@ class TcpKVTransport:
         header = _reply_header(kind, payload)
         tokens = self._check_header(header, expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
-        if "runs" in header:
+        if header.runs:
             self._copy_shared(conn, header, expect, sink, tokens)
+            _check_end(*recv_control(sock))
         elif isinstance(sink, PoolSink) and sink.direct:
-            self._receive_direct(sock, expect, sink, tokens, layer_bytes)
+            reply = _DirectReply(expect, sink, tokens)
+            recv_into_buffers(sock, reply.buffers)
+            reply.check(layer_bytes)
         else:
             self._receive_staged(sock, expect, sink, tokens, layer_bytes)
-        _check_end(*recv_control(sock))
+            _check_end(*recv_control(sock))
         total = layer_bytes * expect.layers
-        return total, tokens, encode_json(FrameType.ACK, {"bytes": total})
+        return total, tokens, encode_count(FrameType.ACK, total)
 
     async def _exchange_on_loop(self, conn: _Connection, request: bytes, expect: KVLayout, sink: PoolSink,
                                 may_be_stale: bool) -> tuple[int, int, bytes]:
@@ -449,18 +458,17 @@ class TcpKVTransport:
         tokens = self._check_header(header, expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
         total = layer_bytes * expect.layers
-        if "runs" in header:
+        if header.runs:
             self._copy_shared(conn, header, expect, sink, tokens)
+            _check_end(*await stream.control())
         else:
-            head = bytearray(HEADER.size + LAYER_INDEX.size)
-            for layer in range(expect.layers):
-                await stream.recv_into([memoryview(head), *sink.targets(layer, tokens)])
-                _check_layer_head(head, layer, layer_bytes)
-        _check_end(*await stream.control())
-        return total, tokens, encode_json(FrameType.ACK, {"bytes": total})
+            reply = _DirectReply(expect, sink, tokens)
+            await stream.recv_into(reply.buffers)
+            reply.check(layer_bytes)
+        return total, tokens, encode_count(FrameType.ACK, total)
 
     @staticmethod
-    def _copy_shared(conn: _Connection, header: dict[str, object], expect: KVLayout, sink: LayerSink | PoolSink,
+    def _copy_shared(conn: _Connection, header: ReplyHeader, expect: KVLayout, sink: LayerSink | PoolSink,
                      tokens: int) -> None:
         """A same-host reply: copy the held blocks' slot runs out of the peer's mapped pool."""
         segment = conn.segment
@@ -471,23 +479,11 @@ class TcpKVTransport:
             raise KVTransferError("kv_mismatch", f"the peer's shared pool ({segment.info}) does not hold "
                                   f"this worker's KV layout ({expect})", False)
         try:
-            runs = segment.check_runs(header["runs"], tokens)
+            runs = segment.check_runs(list(header.runs), tokens)
         except (ValueError, TypeError) as error:
             raise KVTransferError("kv_protocol", f"bad shared-memory slot runs: {error}", False) from None
         for layer in range(expect.layers):
             copy_regions(segment.layer_regions(layer, runs), sink.targets(layer, tokens))
-
-    @staticmethod
-    def _receive_direct(sock: socket.socket, expect: KVLayout, sink: PoolSink, tokens: int,
-                        layer_bytes: int) -> None:
-        """Each layer frame (head, index, K and V blocks) in one scatter-read straight into the
-        reserved blocks. After the header only layer frames may come, each of exactly the size
-        just checked, so the read is bounded by the reservation; a frame head that turns out
-        wrong fails the pull (the caller frees the reservation it wrote into)."""
-        head = bytearray(HEADER.size + LAYER_INDEX.size)
-        for expected_layer in range(expect.layers):
-            recv_into_buffers(sock, [memoryview(head), *sink.targets(expected_layer, tokens)])
-            _check_layer_head(head, expected_layer, layer_bytes)
 
     @staticmethod
     def _receive_staged(sock: socket.socket, expect: KVLayout, sink: LayerSink | PoolSink, tokens: int,
@@ -512,19 +508,14 @@ class TcpKVTransport:
             sink(layer, staging)
 
     @staticmethod
-    def _check_header(header: dict[str, object], expect: KVLayout, sink: LayerSink | PoolSink) -> int:
-        try:
-            shape = [int(x) for x in header["shape"]]  # type: ignore[attr-defined]
-            dtype = DTYPES.get(str(header["dtype"]))
-            layers = int(header["layers"])  # type: ignore[call-overload]
-        except (KeyError, ValueError, TypeError) as error:
-            raise KVTransferError("kv_protocol", f"malformed KV header: {error!r}", False) from None
-        if (dtype != expect.dtype or layers != expect.layers or len(shape) != 4 or shape[0] != 2
-                or shape[2:] != [expect.kv_heads, expect.head_dim]):
+    def _check_header(header: ReplyHeader, expect: KVLayout, sink: LayerSink | PoolSink) -> int:
+        if (DTYPES.get(header.dtype) != expect.dtype or header.layers != expect.layers
+                or (header.kv_heads, header.head_dim) != (expect.kv_heads, expect.head_dim)):
             raise KVTransferError(
-                "kv_mismatch", f"KV cache of {header} does not fit this worker ({expect}); prefill and "
-                "decode must serve the same model and dtype", False)
-        tokens = shape[1]
+                "kv_mismatch", f"KV cache of {header.layers} layers x {header.kv_heads} heads x {header.head_dim} "
+                f"{header.dtype} does not fit this worker ({expect}); prefill and decode must serve the same "
+                "model and dtype", False)
+        tokens = header.tokens
         limit = min(expect.max_tokens, sink.capacity) if isinstance(sink, PoolSink) else expect.max_tokens
         if not 0 < tokens <= limit:
             raise KVTransferError("kv_mismatch", f"KV cache of {tokens} tokens does not fit the {limit} "
@@ -533,10 +524,32 @@ class TcpKVTransport:
 
 
 def _request(handle: str, request_id: str, shared: bool) -> bytes:
-    request: dict[str, object] = {"handle": handle, "request_id": request_id}
-    if shared:
-        request["shm"] = True
-    return encode_json(FrameType.REQUEST, request)
+    return PullRequest(handle, request_id, shm=shared).encode()
+
+
+class _DirectReply:
+    """Every layer frame and the END of a reply laid out for one scatter-read: each layer's
+    frame head, then its K and V straight into the reserved blocks, then the fixed-size END.
+    After the header only these may come, each of the size just checked, so the read is bounded
+    by the reservation; a frame head that turns out wrong fails the pull (the caller frees the
+    reservation it wrote into). One read instead of two per layer and two for the END: on the
+    2-core bench host each was a Python round on a cold vCPU (bench/kv_transfer.py)."""
+
+    def __init__(self, expect: KVLayout, sink: PoolSink, tokens: int):
+        self.heads = [bytearray(LAYER_HEAD_SIZE) for _ in range(expect.layers)]
+        self.end = bytearray(COUNT_FRAME_SIZE)
+        self.buffers: list[memoryview] = []
+        for layer, head in enumerate(self.heads):
+            self.buffers += [memoryview(head), *sink.targets(layer, tokens)]
+        self.buffers.append(memoryview(self.end))
+
+    def check(self, layer_bytes: int) -> None:
+        for layer, head in enumerate(self.heads):
+            _check_layer_head(head, layer, layer_bytes)
+        kind, length = HEADER.unpack_from(self.end)
+        if (kind, length) != (int(FrameType.END), BYTE_COUNT.size):
+            raise KVTransferError("kv_protocol", f"expected the KV end frame after the last layer, got a frame of "
+                                  f"type {kind} and {length} bytes", False)
 
 
 @contextlib.contextmanager
@@ -551,7 +564,7 @@ def _stale_if(may_be_stale: bool) -> Iterator[None]:
         raise
 
 
-def _reply_header(kind: FrameType, payload: bytearray) -> dict[str, object]:
+def _reply_header(kind: FrameType, payload: bytearray) -> ReplyHeader:
     """The HEADER that answers a REQUEST; ERROR (unknown handle...) raises `_Refused`."""
     if kind is FrameType.ERROR:
         err = decode_json(payload)
@@ -559,7 +572,7 @@ def _reply_header(kind: FrameType, payload: bytearray) -> dict[str, object]:
                        bool(err.get("retryable", True)))
     if kind is not FrameType.HEADER:
         raise KVTransferError("kv_protocol", f"expected a KV header, got {kind.name}", False)
-    return decode_json(payload)
+    return ReplyHeader.decode(payload)
 
 
 def _check_layer_head(head: bytearray, expected_layer: int, layer_bytes: int) -> None:

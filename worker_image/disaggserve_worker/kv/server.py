@@ -9,10 +9,10 @@ Layers are sent with `sendmsg` straight from the pool's blocks (no gather copy) 
 single-shard CPU pool, as one gather-write prepared when the engine holds the cache
 (`Engine.on_hold`), so a pull only sends it; other pools gather a layer with `KVPool.read` first.
 When the pool is in shared memory (`kv.shared_memory`), READY names its segment, and a peer that
-mapped it asks with `"shm": true`: the reply is then the header with the held blocks' slot runs
+mapped it asks with the `shm` flag: the reply is then the header with the held blocks' slot runs
 and the end frame, no layers; the peer copies the blocks and ACKs, and the cache stays pinned
 until then as for a TCP pull. A peer that copied a leased cache without asking (it knew the runs
-from the prefill reply) sends a REQUEST with `"copied": true` instead: the cache is freed, and
+from the prefill reply) sends a REQUEST flagged `copied` instead: the cache is freed, and
 nothing is answered.
 """
 
@@ -40,8 +40,10 @@ from disaggserve_worker.kv.framing import (
     FrameType,
     KVTransferError,
     PeerClosed,
+    PullRequest,
+    ReplyHeader,
     decode_json,
-    encode_json,
+    encode_count,
     recv_control,
     send_buffers,
     send_json,
@@ -164,7 +166,7 @@ class KVServer:
                 if kind is not FrameType.REQUEST:
                     raise KVTransferError("kv_protocol", f"expected a KV request, got {kind.name}", False)
                 set_timeout(conn, self.frame_timeout)
-                self._serve_request(conn, decode_json(payload))
+                self._serve_request(conn, PullRequest.decode(payload))
         except PeerClosed:
             pass  # the peer is done with this connection (or died: its pull is retried)
         except KVTransferError as error:
@@ -207,9 +209,9 @@ class KVServer:
             set_timeout(conn, 1.0)
             send_json(conn, FrameType.ERROR, error.wire())
 
-    def _serve_request(self, conn: socket.socket, request: dict[str, object]) -> None:
-        handle = str(request.get("handle", ""))
-        if request.get("copied") is True:  # a same-host peer copied it under its lease: free it
+    def _serve_request(self, conn: socket.socket, request: PullRequest) -> None:
+        handle = request.handle
+        if request.copied:  # a same-host peer copied it under its lease: free it
             if self.engine.release_held(handle):
                 with self._lock:
                     self.copied_releases += 1
@@ -223,7 +225,7 @@ class KVServer:
         delivered = False
         try:
             start = time.perf_counter()
-            shared = bool(request.get("shm")) and self.engine.kv_segment is not None and self._regions is not None
+            shared = request.shm and self.engine.kv_segment is not None and self._regions is not None
             sent = self._send_runs(conn, held) if shared else self._send(conn, held)
             kind, _ = recv_control(conn)
             delivered = kind is FrameType.ACK
@@ -249,31 +251,28 @@ class KVServer:
         tokens = held.num_tokens
         layer_bytes = 2 * tokens * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
         runs = block_runs(held.blocks, self.engine.allocator.block_size, tokens)
-        buffers: list[bytes | memoryview] = [self._header(held, layer_bytes)]
+        buffers: list[bytes | memoryview] = [self._header(held)]
         for layer in range(len(pool)):
             buffers += [_layer_head(layer, layer_bytes), *self._regions.layer_regions(layer, runs)]
-        buffers.append(encode_json(FrameType.END, {"bytes": layer_bytes * len(pool)}))
+        buffers.append(encode_count(FrameType.END, layer_bytes * len(pool)))
         return buffers, layer_bytes * len(pool)
 
-    def _header(self, held: HeldCache, layer_bytes: int, runs: list[tuple[int, int]] | None = None) -> bytes:
+    def _header(self, held: HeldCache, runs: list[tuple[int, int]] | None = None) -> bytes:
         # Full-head layers on the wire whatever this worker's tensor size: a receiver of another
         # tensor size splits them its own way.
         pool = self.engine.kv_pool
-        header: dict[str, object] = {"request_id": held.request_id, "dtype": DTYPE_NAMES[pool.dtype],
-                                     "layers": len(pool), "shape": [2, held.num_tokens, pool.kv_heads, pool.head_dim]}
-        if runs is not None:
-            header["runs"] = [list(run) for run in runs]
-        return encode_json(FrameType.HEADER, header)
+        return ReplyHeader(DTYPE_NAMES[pool.dtype], len(pool), held.num_tokens, pool.kv_heads, pool.head_dim,
+                           tuple(runs or ())).encode()
 
     def _send_runs(self, conn: socket.socket, held: HeldCache) -> int:
         """A same-host pull: where the held blocks lie in the shared pool, for the peer to copy."""
         pool = self.engine.kv_pool
         tokens = held.num_tokens
         layer_bytes = 2 * tokens * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
-        header = self._header(held, layer_bytes, block_runs(held.blocks, self.engine.allocator.block_size, tokens))
+        header = self._header(held, block_runs(held.blocks, self.engine.allocator.block_size, tokens))
         if len(header) > MAX_CONTROL_FRAME:  # too scattered to list in one control frame: send the bytes
             return self._send(conn, held)
-        send_buffers(conn, [header, encode_json(FrameType.END, {"bytes": layer_bytes * len(pool)})])
+        send_buffers(conn, [header, encode_count(FrameType.END, layer_bytes * len(pool))])
         return layer_bytes * len(pool)
 
     def _send(self, conn: socket.socket, held: HeldCache) -> int:
@@ -284,13 +283,13 @@ class KVServer:
         pool = self.engine.kv_pool  # sharded or on a GPU: gather each layer first
         tokens = held.num_tokens
         layer_bytes = 2 * tokens * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
-        send_buffers(conn, [self._header(held, layer_bytes)])
+        send_buffers(conn, [self._header(held)])
         slots = held.slot_table[:tokens]
         for layer in range(len(pool)):
             gathered = pool.read(layer, slots, torch.device("cpu")).contiguous()
             send_buffers(conn, [_layer_head(layer, layer_bytes),
                                 memoryview(gathered.view(torch.uint8).reshape(-1).numpy())])
-        send_buffers(conn, [encode_json(FrameType.END, {"bytes": layer_bytes * len(pool)})])
+        send_buffers(conn, [encode_count(FrameType.END, layer_bytes * len(pool))])
         return layer_bytes * len(pool)
 
 
