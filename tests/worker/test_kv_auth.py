@@ -19,8 +19,12 @@ from disaggserve_worker.kv.framing import (
     FrameType,
     KVTransferError,
     PullRequest,
+    ReplyHeader,
     decode_json,
+    encode_count,
     recv_control,
+    recv_exact,
+    recv_frame_head,
     send_json,
 )
 from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
@@ -191,6 +195,31 @@ async def test_oversized_control_frame_after_authentication_is_refused(port) -> 
         sock.close()
     assert FrameType(reply[0]) is FrameType.ERROR and b"exceeds" in reply
     await _wait_no_connections(server)
+
+
+async def test_the_ack_is_awaited_under_the_frame_timeout_and_requests_under_the_idle_one(port) -> None:  # type: ignore[no-untyped-def]
+    engine, server, address, handle, _prompt = port
+    server.idle_timeout = 0.5  # the fixture's frame timeout is 2 s
+    sock = _authenticated(address)
+    try:
+        sock.sendall(PullRequest(handle, "r").encode())
+        kind, payload = recv_control(sock)
+        assert kind is FrameType.HEADER
+        for _ in range(ReplyHeader.decode(payload).layers):
+            recv_exact(sock, recv_frame_head(sock)[1])
+        assert recv_control(sock)[0] is FrameType.END
+        await asyncio.sleep(1.0)  # past the idle bound, within the frame bound
+        sock.sendall(encode_count(FrameType.ACK, 0))
+        for _ in range(200):
+            if engine.held_count == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.held_count == 0, "the late ACK, within the frame timeout, freed the cache"
+        start = time.monotonic()
+        await asyncio.to_thread(_closed_by_peer, sock)
+        assert 0.3 < time.monotonic() - start < 1.5, "then the next request is awaited under the idle bound"
+    finally:
+        sock.close()
 
 
 async def test_malformed_request_is_refused_and_the_cache_kept(port) -> None:  # type: ignore[no-untyped-def]

@@ -70,6 +70,7 @@ from disaggserve_worker.kv.framing import (
     ReplyHeader,
     decode_json,
     encode_count,
+    make_blocking,
     raise_if_error,
     recv_control,
     recv_exact,
@@ -418,7 +419,7 @@ class TcpKVTransport:
         this thread's place before the hop back to the loop: 0.3-0.5 ms of a 7-8 ms 12 MB pull
         (bench/kv_transfer.py)."""
         sock = conn.sock
-        set_timeout(sock, self.frame_timeout)  # blocking (a loop pull leaves it non-blocking)
+        make_blocking(sock)  # a loop pull leaves it non-blocking
         if not conn.authenticated:
             self._handshake(conn)
         if unsent is None:

@@ -47,6 +47,7 @@ from disaggserve_worker.kv.framing import (
     recv_control,
     send_buffers,
     send_json,
+    set_read_timeout,
     set_timeout,
 )
 from disaggserve_worker.kv.layout import DTYPE_NAMES, PoolRegions, block_runs, regions_of
@@ -160,12 +161,12 @@ class KVServer:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             if not self._handshake(conn):
                 return
+            set_timeout(conn, self.frame_timeout)  # every write from here on, and the wait for an ACK
+            set_read_timeout(conn, self.idle_timeout)  # the wait for the next REQUEST
             while not self._closing:
-                set_timeout(conn, self.idle_timeout)
                 kind, payload = recv_control(conn)
                 if kind is not FrameType.REQUEST:
                     raise KVTransferError("kv_protocol", f"expected a KV request, got {kind.name}", False)
-                set_timeout(conn, self.frame_timeout)
                 self._serve_request(conn, PullRequest.decode(payload))
         except PeerClosed:
             pass  # the peer is done with this connection (or died: its pull is retried)
@@ -227,7 +228,11 @@ class KVServer:
             start = time.perf_counter()
             shared = request.shm and self.engine.kv_segment is not None and self._regions is not None
             sent = self._send_runs(conn, held) if shared else self._send(conn, held)
-            kind, _ = recv_control(conn)
+            set_read_timeout(conn, self.frame_timeout)  # the reply is out: the ACK is due within a frame's time
+            try:
+                kind, _ = recv_control(conn)
+            finally:
+                set_read_timeout(conn, self.idle_timeout)
             delivered = kind is FrameType.ACK
             if delivered and shared:
                 with self._lock:
