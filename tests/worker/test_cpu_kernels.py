@@ -65,7 +65,8 @@ def test_kernel_matches_gathered_attention(kernel, heads: int, kv_heads: int, di
     assert torch.allclose(got.float(), want, atol=tolerance, rtol=tolerance), (got.float() - want).abs().max()
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 32), (4, 4, 64), (8, 1, 128), (6, 2, 80)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(8, 4, 32), (4, 4, 64), (8, 1, 128), (6, 2, 80),
+                                                    (16, 8, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 50])
 def test_prompt_kernel_matches_masked_attention(kernel, heads: int, kv_heads: int, dim: int, dtype: torch.dtype,

@@ -47,7 +47,12 @@ typedef float vf __attribute__((vector_size(64), aligned(64)));
 typedef int32_t vi __attribute__((vector_size(64), aligned(64)));
 
 static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+#if defined(__AVX512F__)
+/* one vmaxps; gcc compiles the select below to a compare and two masked xors */
+static inline vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+#else
 static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+#endif
 /* e^x for x <= 0 (a score minus its row's running maximum), zero below e^-80: Cephes' expf
  * polynomial in vector code (a libm call per vector spills every register of the tile). Below
  * e^-80 a weight times a value can land in the subnormal range, which x86 computes slowly. */
@@ -930,8 +935,8 @@ DEFINE_PROMPT_KERNEL(prompt_f32, prompt_item_f32, float)
 DEFINE_PROMPT_KERNEL(prompt_bf16, prompt_item_bf16, uint16_t)
 
 /* bfloat16 prompt attention on AMX tiles, for head sizes that are multiples of 32. The same work
- * items, lanes and online softmax as the vector tiles above, with the two products on the tile
- * unit: scores transposed, S^T (32 keys x 16 query lanes) = K Q^T, so that each stored row is one
+ * items and lanes as the vector tiles above (the softmax in three passes: prompt_item_amx), the
+ * two products on the tile unit: scores transposed, S^T (32 keys x 16 query lanes) = K Q^T, so that each stored row is one
  * key's scores across the lanes (the layout the softmax code works in), and the output transposed,
  * O^T (16 dims x 16 lanes) += V^T P^T, with P rounded to bfloat16 (as torch's and vLLM's bfloat16
  * attention round it). Keys are copied once per item as rows (the A operand as is), values
@@ -939,7 +944,9 @@ DEFINE_PROMPT_KERNEL(prompt_bf16, prompt_item_bf16, uint16_t)
  * 512 queries, so a prompt's values are transposed once, not once per 64 queries. The softmax
  * works in log2 units with a cubic exp2 good to bfloat16's precision. On small-llama (4 x
  * 512-token prompts, 8 heads of 32, one core): 3.1 ms a layer against 6.5 for the float32
- * vector tiles; in a bfloat16 prefill step attention went from 23.6 to 14.3 of 44 -> 34 ms. */
+ * vector tiles; in a bfloat16 prefill step attention went from 23.6 to 14.3 of 44 -> 34 ms. The
+ * three-pass items took it to 2.7 ms a layer there, and from 26 to 13 on medium-llama (16 heads of
+ * 128). */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__linux__)
 #define AMX_KEYS 32
 #define AMX_QCHUNK 512 /* queries an item: its keys are copied (values transposed) once an item */
@@ -968,27 +975,84 @@ static void amx_configure_square(void) {
     _tile_loadconfig(&cfg);
 }
 
+/* r[i] lane j -> r[j] lane i: a 16 x 16 transpose of 32-bit units (a unit here: two bfloat16). */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
 /* One item (see DEFINE_PROMPT_ITEM). kb: keys as rows (keys x D); vt: values transposed (D x
- * padded keys); qb: D / 32 tiles of query pairs; sb: 32 x 16 floats; pb: 16 x 32 bfloat16; pv:
- * 16 x 16 floats; acc: D vectors. */
+ * padded keys); qb: D / 32 tiles of query pairs; sb: 16 floats a key (a tile's scores, one row per
+ * key); pb: 512 bfloat16 a 32-key block (P^T as VNNI pairs); acc: D vectors.
+ * A tile's lanes take three passes over its keys, not one online pass: every block's scores
+ * (S^T = K Q^T) into sb, then the exact row maximum, then the weights in bfloat16 pairs with their
+ * sums; the output O^T = V^T P^T then accumulates in four tiles over all the blocks, stored once.
+ * Why: the online form rescaled the output by each block's correction, so every block stored its
+ * D / 16 output tiles and added them into vectors, one dependent tile product after another
+ * (~3,300 cycles a 32-key block at head size 128, against ~16 tile products' 260). The queries
+ * go into their pairs, the values into V^T and the outputs back out by 16 x 16 transposes of
+ * pairs, not element by element (that was a third of the time left). */
 static void prompt_item_amx(const uint16_t *q, uint16_t *out, const uint16_t *key, const uint16_t *value,
                             int64_t slot_stride, const int64_t *row, int64_t qstart, int64_t qlen, int64_t ctx,
                             int64_t c0, int64_t c1, int64_t kh, int64_t window, int64_t H, int64_t KVH,
                             int64_t D, float scale, uint16_t *kb, uint16_t *vt, uint16_t *qb, float *sb,
-                            uint16_t *pb, float *pv, vf *acc) {
-    const int64_t G = H / KVH, first = ctx - qlen, DS = D / 32;
+                            uint16_t *pb, vf *acc) {
+    const int64_t G = H / KVH, first = ctx - qlen, DS = D / 32, DT = D / 16;
     const float scale2 = scale * 1.4426950408889634f; /* scores in log2 units: exp2 below */
     const int64_t hi = first + c1 - 1;
     int64_t klo = window > 0 ? first + c0 - window + 1 : 0;
     if (klo < 0) klo = 0;
     const int64_t nk = hi - klo + 1, padded = (nk + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
-    for (int64_t j = 0; j < nk; j++) {
-        const uint16_t *k = key + row[klo + j] * slot_stride + kh * D, *v = value + row[klo + j] * slot_stride + kh * D;
-        memcpy(kb + j * D, k, sizeof(uint16_t) * (size_t)D);
-        for (int64_t d = 0; d < D; d++) vt[d * padded + j] = v[d];
-    }
+    for (int64_t j = 0; j < nk; j++)
+        memcpy(kb + j * D, key + row[klo + j] * slot_stride + kh * D, sizeof(uint16_t) * (size_t)D);
     memset(kb + nk * D, 0, sizeof(uint16_t) * (size_t)((padded - nk) * D));
-    for (int64_t d = 0; d < D; d++) memset(vt + d * padded + nk, 0, sizeof(uint16_t) * (size_t)(padded - nk));
+    /* V^T 32 keys by 32 dimensions at a time: each key pair's rows interleaved (dimension d of both
+     * keys, one 32-bit unit), 16 pairs transposed into rows of vt (zeros past the last key) */
+    {
+        const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                            55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+        uint32_t *vt32 = (uint32_t *)vt;
+        for (int64_t j0 = 0; j0 < padded; j0 += AMX_KEYS) {
+            const uint16_t *v[AMX_KEYS];
+            for (int j = 0; j < AMX_KEYS; j++)
+                v[j] = j0 + j < nk ? value + row[klo + j0 + j] * slot_stride + kh * D : NULL;
+            for (int64_t d = 0; d < D; d += 32) {
+                __m512i a16[16], b16[16];
+                for (int i = 0; i < 16; i++) {
+                    const __m512i x0 = v[2 * i] ? _mm512_loadu_si512(v[2 * i] + d) : _mm512_setzero_si512();
+                    const __m512i x1 = v[2 * i + 1] ? _mm512_loadu_si512(v[2 * i + 1] + d) : _mm512_setzero_si512();
+                    a16[i] = _mm512_permutex2var_epi16(x0, lo, x1);
+                    b16[i] = _mm512_permutex2var_epi16(x0, hi, x1);
+                }
+                transpose16(a16);
+                transpose16(b16);
+                for (int k = 0; k < 16; k++) {
+                    _mm512_store_si512((__m512i *)(vt32 + (d + k) * (padded / 2) + j0 / 2), a16[k]);
+                    _mm512_store_si512((__m512i *)(vt32 + (d + 16 + k) * (padded / 2) + j0 / 2), b16[k]);
+                }
+            }
+        }
+    }
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const int64_t nq = c1 - c0;
@@ -996,51 +1060,98 @@ static void prompt_item_amx(const uint16_t *q, uint16_t *out, const uint16_t *ke
         int64_t lane_h[LANES], lane_p[LANES], pmin, pmax;
         vf posv;
         const int64_t nl = tile_lanes(r0, nq, G, kh, c0, first, lane_h, lane_p, &posv, &pmin, &pmax);
-        for (int l = 0; l < LANES; l++) { /* B operand: row p of slab s holds dims 32s + 2p, +1 of each lane */
-            const uint16_t *qr = q + (qstart + lane_p[l]) * H * D + lane_h[l] * D;
-            for (int64_t d = 0; d < D; d++) qb[(d / 32) * 512 + ((d % 32) / 2) * 32 + l * 2 + (d % 2)] = qr[d];
+        /* each lane's row of q (and of out) in 32-bit units: a pair of dimensions a unit */
+        int32_t base[LANES] __attribute__((aligned(64)));
+        for (int l = 0; l < LANES; l++) base[l] = (int32_t)(((qstart + lane_p[l]) * H * D + lane_h[l] * D) / 2);
+        /* B operand: row p of slab s holds dims 32s + 2p, +1 of each lane, i.e. unit u = 16s + p of
+         * every lane at qb32[16 u + lane]: the lanes' rows transposed, 16 units at a time */
+        for (int64_t u0 = 0; u0 < D / 2; u0 += 16) {
+            __m512i r[16];
+            for (int ln = 0; ln < LANES; ln++) r[ln] = _mm512_loadu_si512((const uint32_t *)q + base[ln] + u0);
+            transpose16(r);
+            for (int i = 0; i < 16; i++) _mm512_store_si512((__m512i *)(qb + 32 * (u0 + i)), r[i]);
         }
         int64_t lo = window > 0 ? pmin - window + 1 : 0;
         if (lo < klo) lo = klo;
         lo = klo + (lo - klo) / AMX_KEYS * AMX_KEYS;
-        vf m = (vf){} - 1e30f, l = (vf){};
-        for (int64_t d = 0; d < D; d++) acc[d] = (vf){};
+        const int64_t blocks = (pmax - lo) / AMX_KEYS + 1;
+        /* pass 1: scores, row (j0 - lo + j) of sb holding key j0 + j across the lanes */
         if (DS == 1) _tile_loadd(2, qb, 64);
-        for (int64_t j0 = lo; j0 <= pmax; j0 += AMX_KEYS) {
-            const uint16_t *kj = kb + (j0 - klo) * D;
+        for (int64_t bi = 0; bi < blocks; bi++) {
+            const uint16_t *kj = kb + (lo - klo + bi * AMX_KEYS) * D;
             _tile_zero(0);
             _tile_zero(1);
             for (int64_t ds = 0; ds < DS; ds++) {
                 if (DS > 1) _tile_loadd(2, qb + ds * 512, 64);
                 _tile_loadd(3, kj + ds * 32, D * 2);
+                _tile_loadd(4, kj + 16 * D + ds * 32, D * 2);
                 _tile_dpbf16ps(0, 3, 2);
-                _tile_loadd(3, kj + 16 * D + ds * 32, D * 2);
-                _tile_dpbf16ps(1, 3, 2);
+                _tile_dpbf16ps(1, 4, 2);
             }
-            _tile_stored(0, sb, 64);
-            _tile_stored(1, sb + 256, 64);
-            vf s[AMX_KEYS];
-            for (int j = 0; j < AMX_KEYS; j++) s[j] = vload_plain(sb + 16 * j) * scale2;
-            const vf corr = softmax_block_log2(s, j0, posv, pmin, pmax, window, &m, &l);
-            for (int kp = 0; kp < 16; kp++) { /* P^T as VNNI pairs: row kp holds keys 2kp, 2kp+1 of each lane */
-                const __m512bh both = _mm512_cvtne2ps_pbh((__m512)s[2 * kp + 1], (__m512)s[2 * kp]);
-                _mm512_store_si512((__m512i *)(pb + kp * 32), _mm512_permutexvar_epi16(pairs, (__m512i)both));
-            }
-            _tile_loadd(4, pb, 64);
-            for (int64_t dd = 0; dd < D / 16; dd++) {
-                _tile_zero(6);
-                _tile_loadd(5, vt + dd * 16 * padded + (j0 - klo), padded * 2);
-                _tile_dpbf16ps(6, 5, 4);
-                _tile_stored(6, pv, 64);
-                for (int i = 0; i < 16; i++) acc[dd * 16 + i] = acc[dd * 16 + i] * corr + vload_plain(pv + 16 * i);
+            _tile_stored(0, sb + bi * AMX_KEYS * 16, 64);
+            _tile_stored(1, sb + bi * AMX_KEYS * 16 + 256, 64);
+        }
+        /* pass 2: each lane's maximum over the keys it sees */
+        vf m = (vf){} - 1e30f, l = (vf){};
+        for (int64_t bi = 0; bi < blocks; bi++) {
+            const int64_t j0 = lo + bi * AMX_KEYS;
+            const int masked = j0 + AMX_KEYS - 1 > pmin || (window > 0 && j0 <= pmax - window);
+            for (int j = 0; j < AMX_KEYS; j++) {
+                vf sj = vload_plain(sb + (bi * AMX_KEYS + j) * 16) * scale2;
+                if (masked) {
+                    const vf keyv = (vf){} + (float)(j0 + j);
+                    vi valid = keyv <= posv;
+                    if (window > 0) valid &= keyv > posv - (float)window;
+                    sj = vsel(valid, sj, (vf){} - 1e30f);
+                }
+                m = vmax(m, sj);
             }
         }
+        /* pass 3: weights against that maximum (the block's correction is then 1), their sums, and
+         * P^T as VNNI pairs: row kp of a block holds keys 2kp, 2kp+1 of each lane */
+        for (int64_t bi = 0; bi < blocks; bi++) {
+            vf sv[AMX_KEYS];
+            for (int j = 0; j < AMX_KEYS; j++) sv[j] = vload_plain(sb + (bi * AMX_KEYS + j) * 16) * scale2;
+            (void)softmax_block_log2(sv, lo + bi * AMX_KEYS, posv, pmin, pmax, window, &m, &l);
+            for (int kp = 0; kp < 16; kp++) {
+                const __m512bh both = _mm512_cvtne2ps_pbh((__m512)sv[2 * kp + 1], (__m512)sv[2 * kp]);
+                _mm512_store_si512((__m512i *)(pb + bi * 512 + kp * 32), _mm512_permutexvar_epi16(pairs, (__m512i)both));
+            }
+        }
+        /* pass 4: O^T, four 16-dimension tiles at a time over every block, straight into acc */
+        for (int64_t d0 = 0; d0 < DT; d0 += 4) {
+            const int64_t nt = DT - d0 < 4 ? DT - d0 : 4;
+            _tile_zero(0);
+            if (nt > 1) _tile_zero(1);
+            if (nt > 2) _tile_zero(2);
+            if (nt > 3) _tile_zero(3);
+            for (int64_t bi = 0; bi < blocks; bi++) {
+                const uint16_t *vj = vt + d0 * 16 * padded + (lo - klo + bi * AMX_KEYS);
+                _tile_loadd(4, pb + bi * 512, 64);
+                _tile_loadd(5, vj, padded * 2);
+                _tile_dpbf16ps(0, 5, 4);
+                if (nt > 1) { _tile_loadd(6, vj + 16 * padded, padded * 2); _tile_dpbf16ps(1, 6, 4); }
+                if (nt > 2) { _tile_loadd(7, vj + 32 * padded, padded * 2); _tile_dpbf16ps(2, 7, 4); }
+                if (nt > 3) { _tile_loadd(5, vj + 48 * padded, padded * 2); _tile_dpbf16ps(3, 5, 4); }
+            }
+            _tile_stored(0, acc + d0 * 16, 64);
+            if (nt > 1) _tile_stored(1, acc + (d0 + 1) * 16, 64);
+            if (nt > 2) _tile_stored(2, acc + (d0 + 2) * 16, 64);
+            if (nt > 3) _tile_stored(3, acc + (d0 + 3) * 16, 64);
+        }
+        /* out: dims 2u, 2u + 1 of each lane rounded to bfloat16 as one 32-bit unit, transposed back
+         * into the lanes' rows (lanes past nl repeat the last row: left out) */
         const vf inv = 1.0f / l;
-        const float *af = (const float *)acc;
-        for (int64_t d = 0; d < D; d++) acc[d] *= inv;
-        for (int64_t ln = 0; ln < nl; ln++) {
-            uint16_t *orow = out + (qstart + lane_p[ln]) * H * D + lane_h[ln] * D;
-            for (int64_t d = 0; d < D; d++) bf16_store(&orow[d], af[d * LANES + ln]);
+        for (int64_t u0 = 0; u0 < D / 2; u0 += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                const int64_t u = u0 + i;
+                const __m512i lo16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)(acc[2 * u] * inv)));
+                const __m512i hi16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh((__m512)(acc[2 * u + 1] * inv)));
+                r[i] = _mm512_or_si512(lo16, _mm512_slli_epi32(hi16, 16));
+            }
+            transpose16(r);
+            for (int64_t ln = 0; ln < nl; ln++) _mm512_storeu_si512((uint32_t *)out + base[ln] + u0, r[ln]);
         }
     }
 }
@@ -1059,15 +1170,15 @@ static int prompt_bf16_amx(const uint16_t *q, uint16_t *out, const uint16_t *key
     _Pragma("omp parallel num_threads(threads)")
     {
         const size_t keys = (size_t)((max_keys + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS);
-        /* acc (D vectors), sb (512 floats), pv (256 floats), then bfloat16: pb (512), qb (16 D), kb, vt */
-        const size_t bytes = 64 * (size_t)D + 4 * 768 + 2 * (512 + 16 * (size_t)D + 2 * keys * (size_t)D);
+        /* acc (D vectors), sb (16 floats a key), then bfloat16: pb (16 a key), qb (16 D), kb, vt */
+        const size_t bytes = 64 * (size_t)D + 4 * 16 * keys + 2 * (16 * keys + 16 * (size_t)D + 2 * keys * (size_t)D);
         char *scratch = aligned_alloc(64, (bytes + 63) / 64 * 64);
         if (scratch == NULL) {
             _Pragma("omp atomic write") failed = 1;
         }
         vf *acc = (vf *)scratch;
-        float *sb = (float *)(scratch + 64 * D), *pv = sb + 512;
-        uint16_t *pb = (uint16_t *)(pv + 256), *qb = pb + 512, *kb = qb + 16 * D, *vt = kb + keys * D;
+        float *sb = (float *)(scratch + 64 * D);
+        uint16_t *pb = (uint16_t *)(sb + 16 * keys), *qb = pb + 16 * keys, *kb = qb + 16 * D, *vt = kb + keys * D;
         if (scratch != NULL) amx_configure_square();
         _Pragma("omp for schedule(dynamic)")
         for (int64_t it = 0; it < items; it++) {
@@ -1080,7 +1191,7 @@ static int prompt_bf16_amx(const uint16_t *q, uint16_t *out, const uint16_t *key
             const int64_t kh = rest % KVH, c0 = rest / KVH * AMX_QCHUNK;
             const int64_t c1 = c0 + AMX_QCHUNK < qlens[b] ? c0 + AMX_QCHUNK : qlens[b];
             prompt_item_amx(q, out, key, value, slot_stride, slots + b * slots_stride, qstarts[b], qlens[b], ctxs[b],
-                            c0, c1, kh, window, H, KVH, D, scale, kb, vt, qb, sb, pb, pv, acc);
+                            c0, c1, kh, window, H, KVH, D, scale, kb, vt, qb, sb, pb, acc);
         }
         if (scratch != NULL) _tile_release();
         free(scratch);
