@@ -54,6 +54,32 @@ def test_pull_frames_round_trip_and_malformed_ones_are_protocol_errors() -> None
             ReplyHeader.decode(bad)
 
 
+def test_gather_writes_keep_the_order_and_each_call_takes_at_most_a_socket_buffer() -> None:
+    import random
+
+    from disaggserve_worker.kv.framing import SOCKET_BUFFER, send_buffers
+
+    class Wire:  # takes part of what it is offered, as a full send buffer does
+        def __init__(self) -> None:
+            self.data, self.calls, self.rng = bytearray(), [], random.Random(3)
+
+        def sendmsg(self, buffers: list[memoryview]) -> int:
+            offered = b"".join(bytes(b) for b in buffers)
+            self.calls.append(len(offered))
+            taken = offered[:self.rng.choice([len(offered), self.rng.randint(1, len(offered))])]
+            self.data += taken
+            return len(taken)
+
+    rng = random.Random(1)
+    buffers = [bytes(rng.getrandbits(8) for _ in range(n)) for n in (29, 13, 5, 0, 13)]
+    buffers += [torch.randint(0, 256, (n,), dtype=torch.uint8).numpy().tobytes()
+                for n in (3 * SOCKET_BUFFER + 7, SOCKET_BUFFER // 3, 17)]
+    wire = Wire()
+    send_buffers(wire, [memoryview(b) for b in buffers])  # type: ignore[arg-type]
+    assert bytes(wire.data) == b"".join(buffers)
+    assert max(wire.calls) == SOCKET_BUFFER and len(wire.calls) >= 5
+
+
 def test_frame_round_trip_with_partial_reads() -> None:
     a, b = socket.socketpair()
     header = ReplyHeader("bfloat16", layers=2, tokens=3, kv_heads=1, head_dim=4, runs=((8, 2), (40, 1)))
