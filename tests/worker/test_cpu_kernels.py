@@ -171,12 +171,38 @@ def test_amx_linear_matches_f_linear(kernel, rows: int, out_features: int, in_fe
         assert torch.allclose(got.float(), want, atol=0.1, rtol=1e-2), (got.float() - want).abs().max()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 32, 40, 64])
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (48, 256), (16, 32), (4096, 2048)])
+def test_amx_linear_plain_matches_f_linear(kernel, rows: int, out_features: int, in_features: int) -> None:
+    """bfloat16 projections on AMX with the weight in its own layout against F.linear: one to four
+    16-row token blocks with ragged last ones, 32-output passes with a lone last 16 (48, 16), one
+    and several K slabs, a large weight's shape, with and without a bias; shapes it does not take
+    (N not a multiple of 16, more than 64 rows) are refused, not computed."""
+    if not kernel.amx_available():  # type: ignore[attr-defined]
+        pytest.skip("no AMX on this CPU (or the kernel refuses the tile state)")
+    gen = torch.Generator().manual_seed(rows * out_features + in_features)
+    x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+    weight = (torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=gen).to(torch.bfloat16)
+    for b in (None, bias):
+        got = cpu_kernels.amx_linear_plain(kernel, x, weight, b)  # type: ignore[arg-type]
+        want = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        assert got is not None and got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
+        assert torch.allclose(got.float(), want, atol=2e-2, rtol=1e-2), (got.float() - want).abs().max()
+    with pytest.raises(RuntimeError, match="status -3"):
+        cpu_kernels.amx_linear_plain(kernel, x, weight[:out_features - 1], None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="status -3"):
+        cpu_kernels.amx_linear_plain(kernel, torch.randn(65, in_features).to(torch.bfloat16), weight,  # type: ignore[arg-type]
+                                     None)
+
+
 def test_projections_take_the_kernel_only_where_it_applies(kernel, monkeypatch: pytest.MonkeyPatch) -> None:
     """`packed_linear.linear`: bfloat16 decode-sized row counts go to the C kernel (AMX tiles where
-    the CPU has them, else vector tiles for one or two rows), prefill-sized ones to oneDNN, and
+    the CPU has them, else vector tiles for one or two rows; a large weight's AMX rows on its own
+    layout), prefill-sized ones to oneDNN, and
     float32, strided inputs and autograd to torch; the values agree whichever path."""
     paths: list[str] = []
-    for name in ("amx_linear", "small_linear"):
+    for name in ("amx_linear", "small_linear", "amx_linear_plain"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, name=name: paths.append(name) or real(*a))
     amx = bool(kernel.amx_available())  # type: ignore[attr-defined]
@@ -195,10 +221,13 @@ def test_projections_take_the_kernel_only_where_it_applies(kernel, monkeypatch: 
                 got = packed_linear.linear(x, weights[dtype])
             assert paths == ([path] if path and not grad else []), (rows, dtype, grad)
             assert torch.allclose(got.float(), want, atol=0.1, rtol=1e-2)
-    # A weight too large to stay in cache never takes AMX (one packed copy at most): the vector
-    # tiles for one or two rows, oneDNN beyond.
+    # A weight too large to stay in cache never takes the packed AMX kernel (one packed copy at
+    # most): the vector tiles for one or two rows, AMX on the weight as it lies up to AMX_ROWS
+    # (where the CPU has it), oneDNN beyond.
     large = torch.randn(packed_linear.AMX_CACHED_BYTES // 2 // 64 + 16, 64, generator=gen).to(torch.bfloat16)
-    for rows, path in ((1, "small_linear"), (packed_linear.SMALL_ROWS + 1, None), (packed_linear.AMX_ROWS, None)):
+    plain = "amx_linear_plain" if amx else None
+    for rows, path in ((1, "small_linear"), (packed_linear.SMALL_ROWS + 1, plain), (packed_linear.AMX_ROWS, plain),
+                       (packed_linear.AMX_ROWS + 1, None)):
         paths.clear()
         x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
         with torch.no_grad():

@@ -517,7 +517,7 @@ int small_linear(const void *x, const void *w, const void *bias, void *y, int64_
  * by 64 outputs in four float tiles and walks K one slab a step: one x tile, four weight tiles,
  * four tile products (16 x 16 x 32 each). Why: oneDNN's AMX path costs ~20 us of set-up a call,
  * which at a decode step's 1-32 rows is most of a small model's projection. */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -594,11 +594,129 @@ int amx_linear(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, uint
     }
     return 0;
 }
+
+static void amx_configure_square(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
+/* r[i] lane j -> r[j] lane i: a 16 x 16 transpose of 32-bit units (a unit here: two bfloat16). */
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+
+/* bfloat16 projections of a few rows (3-64) on AMX with W in the checkpoint's own layout (N, K),
+ * for weights too large to stay in cache: y^T = W x^T, W the A operand as it lies (16 output rows
+ * of 32 K values a tile, each row 2K bytes on), x the B operand, its rows transposed into VNNI
+ * pairs once a call. A pass holds 32 outputs by 32 rows in four float tiles, so each weight line
+ * is read from memory once, and asks for the next pass's 32 weight rows a line per K step ahead
+ * of use. Why: such a decode step's projections are memory-bound, and oneDNN streamed them at
+ * ~11 GB/s of the ~16 one core reads; this reaches 12.5-14 (32 rows, one core, weights cycled
+ * through 800 MB: 2048 x 2048 to 11264 x 2048). No packed copy of W. N % 16 == 0, K % 32 == 0. */
+int amx_linear_plain(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
+                     int64_t N, int64_t K, int threads) {
+    if (K % 32 != 0 || N % 16 != 0 || M < 1 || M > 64) return -3;
+    if (!amx_available()) return -4;
+    const int64_t S = K / 32, TB = (M + 15) / 16, pairs = (N + 31) / 32;
+    uint32_t *xb = aligned_alloc(64, (size_t)TB * (size_t)S * 1024);
+    if (xb == NULL) return -1;
+    /* xb: token block tb, K pair u (= 16 s + p), token t at unit (tb S 16 + u) 16 + t */
+    const uint32_t *x32 = (const uint32_t *)x;
+    for (int64_t tb = 0; tb < TB; tb++)
+        for (int64_t u0 = 0; u0 < K / 2; u0 += 16) {
+            __m512i r[16];
+            for (int t = 0; t < 16; t++)
+                r[t] = tb * 16 + t < M ? _mm512_loadu_si512(x32 + (tb * 16 + t) * (K / 2) + u0) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int i = 0; i < 16; i++) _mm512_store_si512((__m512i *)(xb + (tb * S * 16 + u0 + i) * 16), r[i]);
+        }
+    _Pragma("omp parallel num_threads(threads) if (M * N * K >= (1 << 24))")
+    {
+        amx_configure_square();
+        float out[4][256] __attribute__((aligned(64)));
+        _Pragma("omp for schedule(static)")
+        for (int64_t pi = 0; pi < pairs; pi++) {
+            const int64_t n0 = pi * 32;
+            const int two_n = n0 + 16 < N;
+            const uint16_t *a0 = w + n0 * K, *a1 = w + (two_n ? n0 + 16 : n0) * K;
+            const char *next = n0 + 32 < N ? (const char *)(w + (n0 + 32) * K) : NULL;
+            const int64_t next_rows = next == NULL ? 0 : N - n0 - 32 < 32 ? N - n0 - 32 : 32;
+            for (int64_t tb = 0; tb < TB; tb += 2) {
+                const int two_t = tb + 1 < TB;
+                const uint32_t *b0 = xb + tb * S * 256, *b1 = xb + (two_t ? tb + 1 : tb) * S * 256;
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int64_t s = 0; s < S; s++) {
+                    if (tb == 0)
+                        for (int64_t r = 0; r < next_rows; r++) _mm_prefetch(next + r * K * 2 + s * 64, _MM_HINT_T0);
+                    _tile_loadd(4, a0 + s * 32, K * 2);
+                    _tile_loadd(6, b0 + s * 256, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (two_n) { _tile_loadd(5, a1 + s * 32, K * 2); _tile_dpbf16ps(2, 5, 6); }
+                    if (two_t) {
+                        _tile_loadd(7, b1 + s * 256, 64);
+                        _tile_dpbf16ps(1, 4, 7);
+                        if (two_n) _tile_dpbf16ps(3, 5, 7);
+                    }
+                }
+                /* tile (output block i, token block j) holds 16 outputs x 16 tokens: transposed to
+                 * a token's 16 outputs a row, bias added, rounded to bfloat16 */
+                _tile_stored(0, out[0], 64);
+                if (two_t) _tile_stored(1, out[1], 64);
+                if (two_n) _tile_stored(2, out[2], 64);
+                if (two_n && two_t) _tile_stored(3, out[3], 64);
+                for (int i = 0; i < (two_n ? 2 : 1); i++) {
+                    const __m512 b = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                         _mm256_loadu_si256((const __m256i *)(bias + n0 + 16 * i))), 16))
+                                          : _mm512_setzero_ps();
+                    for (int j = 0; j < (two_t ? 2 : 1); j++) {
+                        __m512i r[16];
+                        for (int o = 0; o < 16; o++) r[o] = _mm512_load_si512((const __m512i *)(out[2 * i + j] + 16 * o));
+                        transpose16(r);
+                        for (int t = 0; t < 16 && (tb + j) * 16 + t < M; t++)
+                            _mm256_storeu_si256((__m256i *)(y + ((tb + j) * 16 + t) * N + n0 + 16 * i),
+                                                (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(r[t]), b)));
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(xb);
+    return 0;
+}
 #else
 int amx_available(void) { return 0; }
 int amx_linear(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, uint16_t *y, int64_t M,
                int64_t N, int64_t K, int threads) {
     (void)x; (void)wp; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)threads;
+    return -4;
+}
+int amx_linear_plain(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
+                     int64_t N, int64_t K, int threads) {
+    (void)x; (void)w; (void)bias; (void)y; (void)M; (void)N; (void)K; (void)threads;
     return -4;
 }
 #endif
@@ -966,38 +1084,6 @@ static inline vf vexp2_bf16(vf x) {
 }
 
 DEFINE_SOFTMAX_BLOCK(softmax_block_log2, AMX_KEYS, vexp2_bf16)
-
-static void amx_configure_square(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
-    _tile_loadconfig(&cfg);
-}
-
-/* r[i] lane j -> r[j] lane i: a 16 x 16 transpose of 32-bit units (a unit here: two bfloat16). */
-static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int i = 0; i < 16; i += 8)
-        for (int j = 0; j < 4; j++) {
-            t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
-            t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
-        }
-    for (int j = 0; j < 8; j++) {
-        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
-        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
-    }
-}
 
 /* One item (see DEFINE_PROMPT_ITEM). kb: keys as rows (keys x D); vt: values transposed (D x
  * padded keys); qb: D / 32 tiles of query pairs; sb: 16 floats a key (a tile's scores, one row per

@@ -178,6 +178,7 @@ def _load(path: Path) -> ctypes.CDLL:
         "silu_mul": [ptr, ptr, i64, i64, i32, i32],
         "small_linear": [ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32],
         "amx_linear": [ptr, ptr, ptr, ptr, i64, i64, i64, i32],
+        "amx_linear_plain": [ptr, ptr, ptr, ptr, i64, i64, i64, i32],
         "amx_available": [],
     }
     for name, argtypes in signatures.items():
@@ -257,6 +258,20 @@ def amx_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, out_feat
     if status == -4:
         return None
     _check(status, "amx_linear")
+    return out
+
+
+def amx_linear_plain(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x (rows, K) bfloat16 @ weight (N, K)^T + bias on AMX with the weight as it lies (no packed
+    copy), 1-64 rows, N % 16 == 0, K % 32 == 0; None where this CPU or kernel has no AMX."""
+    rows, n = int(x.shape[0]), int(weight.shape[0])
+    out = x.new_empty(rows, n)
+    status = lib.amx_linear_plain(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                  out.data_ptr(), rows, n, int(x.shape[1]), torch.get_num_threads())
+    if status == -4:
+        return None
+    _check(status, "amx_linear_plain")
     return out
 
 

@@ -17,12 +17,18 @@ kernel: there it is only 1.04-1.14x oneDNN up to 16 rows (one row block, the wei
 packed copy of a real model's weights costs more memory than those few percent are worth.
 One or two rows that do not take the AMX kernel (a large weight, or no AMX) run on the
 kernel's vector tiles (`cpu_kernels.small_linear`, no packed copy: 1.7-3.1x oneDNN on
-small-llama, 1.03-1.11x on 2048 x 2048 to 11264 x 2048). In float32 MKL's own small-row path is as fast as those vector
-tiles, so float32 stays with it. The kernels sum in another order than oneDNN: their rows are
-oneDNN's values within float rounding, not its bits.
+small-llama, 1.03-1.11x on 2048 x 2048 to 11264 x 2048). Three to AMX_ROWS rows of a large
+weight run on AMX with the weight as it lies (`cpu_kernels.amx_linear_plain`: each weight line
+read from memory once and asked for ahead; no packed copy): 1.18-1.19x oneDNN at 32 rows on
+2048 x 2048 to 11264 x 2048, 1.01-1.06x at 3 and 8, 1.02-1.28x at 64, so a decode worker whose
+batches stay within AMX_ROWS never makes oneDNN's packed copy of a large weight. In float32
+MKL's own small-row path is as fast as those vector tiles, so float32 stays with it. The
+kernels sum in another order than oneDNN: their rows are oneDNN's values within float rounding,
+not always its bits.
 
 The packed copies are kept beside the checkpoint's weight (layouts other code cannot read), each
-made on first use: a weight over AMX_CACHED_BYTES is held twice (the checkpoint's and oneDNN's),
+made on first use: a weight over AMX_CACHED_BYTES is held at most twice (the checkpoint's and
+oneDNN's, made by the first projection of more than AMX_ROWS rows),
 a smaller one up to three times (AMX's too, where both row ranges come).
 `DISAGGSERVE_CPU_PACKED_WEIGHTS`: `auto` (default: each packed path where the CPU supports it),
 `off` (neither: plain `F.linear`, or the vector tiles for one or two rows).
@@ -102,8 +108,9 @@ def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`; bfloat16 on the CPU through the C kernel for decode-sized row
-    counts (AMX tiles, or vector tiles for one or two rows without AMX), the oneDNN-packed weight
-    for more and for weights too large to stay in cache."""
+    counts (AMX tiles on a packed copy for small weights or on the weight as it lies for large
+    ones, vector tiles for one or two rows of a large weight or without AMX), the oneDNN-packed
+    weight for more rows."""
     if x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu":
         rows, k = x.shape if x.dim() == 2 else (0, 0)
         if (0 < rows <= AMX_ROWS and k % 32 == 0 and weight.numel() * 2 <= AMX_CACHED_BYTES and amx_usable()
@@ -115,6 +122,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if 0 < rows <= SMALL_ROWS and k % 16 == 0 and _plain(x, weight, bias) \
                 and (lib := cpu_kernels.kernel()) is not None:
             return cpu_kernels.small_linear(lib, x, weight, bias)
+        if (0 < rows <= AMX_ROWS and k % 32 == 0 and int(weight.shape[0]) % 16 == 0 and amx_usable()
+                and _plain(x, weight, bias)):
+            out = cpu_kernels.amx_linear_plain(cpu_kernels.kernel(), x, weight, bias)  # type: ignore[arg-type]
+            if out is not None:
+                return out
         if usable():
             return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
