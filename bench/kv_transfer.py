@@ -29,9 +29,13 @@ receiver from the sender's context, the scheduler queues it behind the sender on
 and a 1 MB pull's receiver only starts once the whole send is done (traced: the transfer thread
 started 1.4 ms into a 2.3 ms pull). Both kinds of transfer run in the same two processes, so
 pinning applies to the raw baseline alike.
-Medians over repeats; JSON to bench/results/kv_transfer.json with the machine load.
+Medians over repeats, and over `--rounds` (each a fresh sender process and connections: on the
+shared 2-vCPU host the median of one round of 21 repeats at 1 MB ranged 0.63-0.99x between
+rounds minutes apart, more than any change measured); JSON to bench/results/kv_transfer.json
+with every round and the machine load.
 
-    .venv/bin/python bench/kv_transfer.py [--model builtin:small-llama] [--tokens 256 3000] [--repeats 15] [--pin]
+    .venv/bin/python bench/kv_transfer.py [--model builtin:small-llama] [--tokens 256 3000] [--repeats 15]
+        [--rounds 3] [--pin]
 """
 
 from __future__ import annotations
@@ -252,18 +256,45 @@ def pinned_cores() -> tuple[int, int]:
     return cores[-2], cores[-1]
 
 
+_RATIOS = ("kv_over_raw_throughput", "kv_over_raw_excluding_any_hop", "kv_shared_memory_over_raw_throughput",
+           "kv_shared_memory_asking_first_over_raw_throughput")
+_SECONDS = ("kv_seconds_median", "raw_tcp_seconds_median", "kv_shared_memory_seconds_median",
+            "kv_shared_memory_asking_first_seconds_median")
+
+
+def over_rounds(rounds: list[dict[str, object]]) -> dict[str, object]:
+    """One size's headline: the median over rounds of each round's medians and ratios, each
+    round's ratios beside it, and every round whole."""
+    first = rounds[0]
+    out: dict[str, object] = {"tokens": first["tokens"], "bytes": first["bytes"], "repeats": first["repeats"],
+                              "rounds": len(rounds)}
+    for key in (*_SECONDS, *_RATIOS):
+        out[key] = statistics.median(float(r[key]) for r in rounds)  # type: ignore[arg-type]
+    nbytes = int(first["bytes"])  # type: ignore[call-overload]
+    out["kv_gbytes_per_s"] = nbytes / out["kv_seconds_median"] / 1e9  # type: ignore[operator]
+    out["raw_tcp_gbytes_per_s"] = nbytes / out["raw_tcp_seconds_median"] / 1e9  # type: ignore[operator]
+    out["kv_shared_memory_gbytes_per_s"] = nbytes / out["kv_shared_memory_seconds_median"] / 1e9  # type: ignore[operator]
+    out["ratios_by_round"] = {key: [r[key] for r in rounds] for key in _RATIOS}
+    out["sender_pool_in_shared_memory"] = first["sender_pool_in_shared_memory"]
+    out["by_round"] = rounds
+    return out
+
+
 async def run(model: str, sizes: list[int], repeats: int, threads: int, settle_ms: float = 0.0,
-              pin: bool = False) -> dict[str, object]:
+              pin: bool = False, rounds: int = 1) -> dict[str, object]:
     sender_core, receiver_core = pinned_cores() if pin else (None, None)
     if receiver_core is not None:
         os.sched_setaffinity(0, {receiver_core})  # every thread this process starts from here on
     loaded = load_model(model, device="cpu")
     load_before = os.getloadavg()
-    results = [await measure(model, loaded, tokens, repeats, threads, settle_ms / 1000, sender_core)
-               for tokens in sizes]
+    by_size: dict[int, list[dict[str, object]]] = {tokens: [] for tokens in sizes}
+    for _ in range(rounds):  # round by round, every size in each, so drift hits the sizes alike
+        for tokens in sizes:
+            by_size[tokens].append(await measure(model, loaded, tokens, repeats, threads, settle_ms / 1000,
+                                                 sender_core))
     return {
         "benchmark": "kv_transfer", "model": model, "layers": loaded.config.num_hidden_layers,
-        "sizes": results, "authenticated": True,
+        "sizes": [over_rounds(by_size[tokens]) for tokens in sizes], "authenticated": True,
         "host": platform.node(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "settle_ms": settle_ms,
         "pinned": {"sender_core": sender_core, "receiver_core": receiver_core} if pin else None,
@@ -279,6 +310,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 3000],
                         help="cache sizes in tokens (small-llama: 4096 B/token, so ~1 MB and ~12 MB)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="whole measurements, each with a fresh sender process; medians over them")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--settle-ms", type=float, default=20.0,
                         help="idle time before each timed transfer, both kinds (0: pull at once)")
@@ -287,15 +320,18 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "kv_transfer.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = asyncio.run(run(args.model, args.tokens, args.repeats, args.threads, args.settle_ms, args.pin))
+    result = asyncio.run(run(args.model, args.tokens, args.repeats, args.threads, args.settle_ms, args.pin,
+                             args.rounds))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for size in result["sizes"]:  # type: ignore[attr-defined]
+        by_round = [round(r, 2) for r in size["ratios_by_round"]["kv_over_raw_throughput"]]
         print(f"{size['bytes'] / 1e6:5.1f} MB: KV over TCP {size['kv_gbytes_per_s']:.2f} GB/s, through shared "
               f"memory {size['kv_shared_memory_gbytes_per_s']:.2f} GB/s, vs raw TCP "
               f"{size['raw_tcp_gbytes_per_s']:.2f} GB/s (ratios {size['kv_over_raw_throughput']:.2f} / "
               f"{size['kv_shared_memory_over_raw_throughput']:.2f}; asking the port first "
-              f"{size['kv_shared_memory_asking_first_over_raw_throughput']:.2f}), median of {size['repeats']}")
+              f"{size['kv_shared_memory_asking_first_over_raw_throughput']:.2f}), median of {size['rounds']} rounds "
+              f"of {size['repeats']}; TCP ratio by round {by_round}")
     print(f"load average {result['load_average_before']} -> {result['load_average_after']}")
 
 
