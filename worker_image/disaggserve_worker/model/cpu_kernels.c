@@ -725,22 +725,39 @@ int amx_linear_plain(const uint16_t *x, const uint16_t *w, const uint16_t *bias,
 #define PARALLEL_MIN_ELEMENTS 65536
 
 /* x, out: (T, N); out = x * rsqrt(mean(x^2) + eps) * w. bfloat16 as RMSNorm.forward: normalise in
- * float32, round, then weight * normalised rounded again. */
-#define DEFINE_RMS_NORM(NAME, T, LOAD, STORE, ROUND_TWICE)                                         \
+ * float32, round, then weight * normalised rounded again. 16 columns at a time in vector code,
+ * the tail in scalar: the scalar form (bfloat16 rounded per element) took 4.5 ms for 2048 x 2048
+ * in bfloat16, six times a copy's time (17 of them in a medium-llama prefill step). */
+static inline vf vround_bf16(vf v) { /* to bfloat16's precision, still a float (as bf16_store) */
+    vu u = (vu)v;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (vf)(u & 0xFFFF0000u);
+}
+static inline vf vround_none(vf v) { return v; }
+#define DEFINE_RMS_NORM(NAME, T, LOAD, STORE, VLOAD, VSTORE, VROUND, ROUND_TWICE)                  \
     static void NAME(const T *x, const T *w, T *out, int64_t rows, int64_t n, float eps,          \
                      int threads) {                                                               \
         _Pragma("omp parallel for num_threads(threads) if (rows * n >= PARALLEL_MIN_ELEMENTS)")   \
         for (int64_t r = 0; r < rows; r++) {                                                      \
             const T *xr = x + r * n;                                                              \
             T *orow = out + r * n;                                                                \
-            float sum = 0.0f;                                                                     \
-            _Pragma("omp simd reduction(+:sum)")                                                  \
-            for (int64_t i = 0; i < n; i++) {                                                     \
+            const int64_t nv = n / 16 * 16;                                                       \
+            vf sq = (vf){};                                                                       \
+            for (int64_t i = 0; i < nv; i += 16) {                                                \
+                const vf v = VLOAD(xr + i);                                                       \
+                sq += v * v;                                                                      \
+            }                                                                                     \
+            float sum = hsum(sq);                                                                 \
+            for (int64_t i = nv; i < n; i++) {                                                    \
                 const float v = LOAD(&xr[i]);                                                     \
                 sum += v * v;                                                                     \
             }                                                                                     \
             const float inv = 1.0f / sqrtf(sum / (float)n + eps);                                 \
-            for (int64_t i = 0; i < n; i++) {                                                     \
+            for (int64_t i = 0; i < nv; i += 16) {                                                \
+                if (ROUND_TWICE) VSTORE(orow + i, VLOAD(w + i) * VROUND(VLOAD(xr + i) * inv));    \
+                else VSTORE(orow + i, VLOAD(xr + i) * inv * VLOAD(w + i));                        \
+            }                                                                                     \
+            for (int64_t i = nv; i < n; i++) {                                                    \
                 if (ROUND_TWICE) {                                                                \
                     T normed;                                                                     \
                     STORE(&normed, LOAD(&xr[i]) * inv);                                           \
@@ -752,8 +769,8 @@ int amx_linear_plain(const uint16_t *x, const uint16_t *w, const uint16_t *bias,
         }                                                                                         \
     }
 
-DEFINE_RMS_NORM(rms_norm_f32, float, f32_load, f32_store, 0)
-DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, bf16_load, bf16_store, 1)
+DEFINE_RMS_NORM(rms_norm_f32, float, f32_load, f32_store, vload_f32, vstore_f32, vround_none, 0)
+DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, bf16_load, bf16_store, vload_bf16, vstore_bf16, vround_bf16, 1)
 
 int rms_norm(const void *x, const void *w, void *out, int64_t rows, int64_t n, float eps, int dtype,
              int threads) {
@@ -766,7 +783,7 @@ int rms_norm(const void *x, const void *w, void *out, int64_t rows, int64_t n, f
 /* In place: `heads` heads of D in each of `rows` rows (row r at r * row_stride), rotated by the
  * row's cos/sin (rows, D): x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1). Each
  * product and the sum rounded as torch's three ops round them. */
-#define DEFINE_ROTARY(NAME, T, LOAD, STORE)                                                        \
+#define DEFINE_ROTARY(NAME, T, LOAD, STORE, VLOAD, VSTORE, VROUND)                              \
     static void NAME(T *x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride,            \
                      const T *cos, const T *sin, int threads) {                                   \
         const int64_t half = D / 2;                                                               \
@@ -775,7 +792,15 @@ int rms_norm(const void *x, const void *w, void *out, int64_t rows, int64_t n, f
             const T *c = cos + r * D, *s = sin + r * D;                                           \
             for (int64_t h = 0; h < heads; h++) {                                                 \
                 T *xh = x + r * row_stride + h * D;                                               \
-                for (int64_t j = 0; j < half; j++) {                                              \
+                int64_t j = 0;                                                                    \
+                for (; j + 16 <= half; j += 16) { /* the same roundings, 16 columns a step */     \
+                    const vf x1 = VLOAD(xh + j), x2 = VLOAD(xh + j + half);                       \
+                    const vf a = VROUND(x1 * VLOAD(c + j)), b = VROUND(-x2 * VLOAD(s + j));       \
+                    const vf e = VROUND(x2 * VLOAD(c + j + half)), f = VROUND(x1 * VLOAD(s + j + half)); \
+                    VSTORE(xh + j, a + b);                                                        \
+                    VSTORE(xh + j + half, e + f);                                                 \
+                }                                                                                 \
+                for (; j < half; j++) {                                                           \
                     const float x1 = LOAD(&xh[j]), x2 = LOAD(&xh[j + half]);                      \
                     T a, b, e, f;                                                                 \
                     STORE(&a, x1 * LOAD(&c[j]));                                                  \
@@ -789,8 +814,8 @@ int rms_norm(const void *x, const void *w, void *out, int64_t rows, int64_t n, f
         }                                                                                         \
     }
 
-DEFINE_ROTARY(rotary_f32, float, f32_load, f32_store)
-DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_ROTARY(rotary_f32, float, f32_load, f32_store, vload_f32, vstore_f32, vround_none)
+DEFINE_ROTARY(rotary_bf16, uint16_t, bf16_load, bf16_store, vload_bf16, vstore_bf16, vround_bf16)
 
 int rotary(void *x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride, const void *cos,
            const void *sin, int dtype, int threads) {
