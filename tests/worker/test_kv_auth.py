@@ -16,6 +16,7 @@ from disaggserve_worker.kv import auth
 from disaggserve_worker.kv.framing import (
     HEADER,
     MAX_HANDSHAKE_FRAME,
+    PROTOCOL_VERSION,
     FrameType,
     KVTransferError,
     PullRequest,
@@ -180,7 +181,8 @@ def _authenticated(address: str) -> socket.socket:
     host, p = address.rsplit(":", 1)
     sock = socket.create_connection((host, int(p)), timeout=3)
     _kind, payload = recv_control(sock, MAX_HANDSHAKE_FRAME)
-    send_json(sock, FrameType.AUTH, {"mac": auth.prove(TOKEN, bytes.fromhex(decode_json(payload)["nonce"]))})
+    send_json(sock, FrameType.AUTH, {"mac": auth.prove(TOKEN, bytes.fromhex(decode_json(payload)["nonce"])),
+                                     "version": PROTOCOL_VERSION})
     assert recv_control(sock, MAX_HANDSHAKE_FRAME)[0] is FrameType.READY
     return sock
 

@@ -58,10 +58,12 @@ from disaggserve_worker.kv.framing import (
     HEADER,
     LAYER_HEAD_SIZE,
     LAYER_INDEX,
+    LEGACY_VERSION,
     MAX_CONTROL_FRAME,
     MAX_HANDSHAKE_FRAME,
     PROTOCOL_VERSION,
     SOCKET_BUFFER,
+    VERSIONS,
     FrameType,
     KVTransferError,
     LoopStream,
@@ -119,6 +121,7 @@ class _Connection:
     authenticated: bool = False
     last_used: float = field(default_factory=time.monotonic)
     segment: SegmentReader | None = None  # the peer's pool, mapped (same host)
+    version: int = PROTOCOL_VERSION  # of the frames, settled by the handshake
     ack: bytes | None = None  # the last pull's ACK, not sent yet: it goes out before anything else
 
     def close(self) -> None:
@@ -144,8 +147,9 @@ class TcpKVTransport:
 
     def __init__(self, connect_timeout: float = 5.0, frame_timeout: float = 30.0,
                  token: str | object | None = _UNSET, idle_seconds: float = 60.0, max_threads: int = 32,
-                 shared_memory: bool = True):
+                 shared_memory: bool = True, versions: tuple[int, ...] = VERSIONS):
         self.connect_timeout = connect_timeout
+        self.versions = versions  # of the protocol this side speaks; the newest both sides know is used
         self.frame_timeout = frame_timeout
         self.token: str | None = auth.worker_token() if token is _UNSET else token  # type: ignore[assignment]
         self.idle_seconds = idle_seconds
@@ -178,7 +182,7 @@ class TcpKVTransport:
         for attempt in range(2):
             conn, reused = await self._checkout(address)
             shared = conn.segment is not None and isinstance(sink, PoolSink) and sink.direct
-            request = _request(handle, request_id, shared)
+            request = PullRequest(handle, request_id, shm=shared).encode(conn.version)
             may_be_stale = reused and attempt == 0
             try:
                 if (conn.authenticated and isinstance(sink, PoolSink) and sink.direct
@@ -251,7 +255,7 @@ class TcpKVTransport:
 
     async def _notify_copied(self, address: str, handle: str, request_id: str) -> None:
         """Tell the port a leased cache was copied, so it frees it now rather than at its TTL."""
-        notice = PullRequest(handle, request_id, copied=True).encode()
+        notice = PullRequest(handle, request_id, copied=True)
         try:
             conn, _ = await self._checkout(address)
         except KVTransferError as error:
@@ -259,7 +263,8 @@ class TcpKVTransport:
             return
         try:
             if conn.authenticated:
-                sent = conn.send_now(notice) == len(notice)
+                frame = notice.encode(conn.version)
+                sent = conn.send_now(frame) == len(frame)
             else:
                 await self._on_thread(conn, functools.partial(self._handshake_and_send, conn, notice))
                 sent = True
@@ -273,10 +278,10 @@ class TcpKVTransport:
                         address, handle)
             conn.close()
 
-    def _handshake_and_send(self, conn: _Connection, frame: bytes) -> None:
+    def _handshake_and_send(self, conn: _Connection, request: PullRequest) -> None:
         set_timeout(conn.sock, self.frame_timeout)
         self._handshake(conn)
-        send_buffers(conn.sock, [frame])
+        send_buffers(conn.sock, [request.encode(conn.version)])
 
     # ---- threads -----------------------------------------------------------------------------
     async def _on_thread(self, conn: _Connection | None, job: Callable[[], _T]) -> _T:
@@ -367,11 +372,16 @@ class TcpKVTransport:
                 raise KVTransferError("kv_protocol", f"expected the KV port's HELLO, got {kind.name} "
                                       "(a worker of another version?)", False)
             hello = decode_json(payload)
-            if hello.get("version") != PROTOCOL_VERSION:
-                raise KVTransferError("kv_protocol", f"KV protocol version {hello.get('version')} is not "
-                                      f"{PROTOCOL_VERSION}: run the same worker image on both sides", False)
+            offered = hello.get("versions")
+            if not isinstance(offered, list):  # a port of version 2 names only its own
+                offered = [hello.get("version")]
+            common = [v for v in self.versions if v in offered]
+            if not common:
+                raise KVTransferError("kv_protocol", f"the KV port speaks protocol versions {offered}, this worker "
+                                      f"{list(self.versions)}: upgrade the older of the two worker images", False)
+            conn.version = max(common)
             nonce = bytes.fromhex(str(hello.get("nonce", "")))
-            send_json(sock, FrameType.AUTH, {"mac": auth.prove(self.token, nonce)})
+            send_json(sock, FrameType.AUTH, {"mac": auth.prove(self.token, nonce), "version": conn.version})
             kind, payload = recv_control(sock, MAX_HANDSHAKE_FRAME)
             raise_if_error(kind, payload)
             if kind is not FrameType.READY:
@@ -423,26 +433,27 @@ class TcpKVTransport:
         if not conn.authenticated:
             self._handshake(conn)
         if unsent is None:
-            unsent = _request(handle, request_id,
-                              conn.segment is not None and isinstance(sink, PoolSink) and sink.direct)
+            shared = conn.segment is not None and isinstance(sink, PoolSink) and sink.direct
+            unsent = PullRequest(handle, request_id, shm=shared).encode(conn.version)
         with _stale_if(may_be_stale):
             send_buffers(sock, [unsent])
             kind, payload = recv_control(sock)
-        header = _reply_header(kind, payload)
+        header = _reply_header(kind, payload, conn.version)
         tokens = self._check_header(header, expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
+        ended = False  # whether the END came in with the layers
         if header.runs:
             self._copy_shared(conn, header, expect, sink, tokens)
-            _check_end(*recv_control(sock))
         elif isinstance(sink, PoolSink) and sink.direct:
-            reply = _DirectReply(expect, sink, tokens)
+            reply = _DirectReply(expect, sink, tokens, conn.version)
             recv_into_buffers(sock, reply.buffers)
-            reply.check(layer_bytes)
+            ended = reply.check(layer_bytes)
         else:
             self._receive_staged(sock, expect, sink, tokens, layer_bytes)
+        if not ended:
             _check_end(*recv_control(sock))
         total = layer_bytes * expect.layers
-        return total, tokens, encode_count(FrameType.ACK, total)
+        return total, tokens, encode_count(FrameType.ACK, total, conn.version)
 
     async def _exchange_on_loop(self, conn: _Connection, request: bytes, expect: KVLayout, sink: PoolSink,
                                 may_be_stale: bool) -> tuple[int, int, bytes]:
@@ -455,18 +466,20 @@ class TcpKVTransport:
         with _stale_if(may_be_stale):
             await stream.send(request)
             kind, payload = await stream.control()
-        header = _reply_header(kind, payload)
+        header = _reply_header(kind, payload, conn.version)
         tokens = self._check_header(header, expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
         total = layer_bytes * expect.layers
+        ended = False  # whether the END came in with the layers
         if header.runs:
             self._copy_shared(conn, header, expect, sink, tokens)
-            _check_end(*await stream.control())
         else:
-            reply = _DirectReply(expect, sink, tokens)
+            reply = _DirectReply(expect, sink, tokens, conn.version)
             await stream.recv_into(reply.buffers)
-            reply.check(layer_bytes)
-        return total, tokens, encode_count(FrameType.ACK, total)
+            ended = reply.check(layer_bytes)
+        if not ended:
+            _check_end(*await stream.control())
+        return total, tokens, encode_count(FrameType.ACK, total, conn.version)
 
     @staticmethod
     def _copy_shared(conn: _Connection, header: ReplyHeader, expect: KVLayout, sink: LayerSink | PoolSink,
@@ -524,33 +537,35 @@ class TcpKVTransport:
         return tokens
 
 
-def _request(handle: str, request_id: str, shared: bool) -> bytes:
-    return PullRequest(handle, request_id, shm=shared).encode()
-
-
 class _DirectReply:
     """Every layer frame and the END of a reply laid out for one scatter-read: each layer's
     frame head, then its K and V straight into the reserved blocks, then the fixed-size END.
     After the header only these may come, each of the size just checked, so the read is bounded
     by the reservation; a frame head that turns out wrong fails the pull (the caller frees the
     reservation it wrote into). One read instead of two per layer and two for the END: on the
-    2-core bench host each was a Python round on a cold vCPU (bench/kv_transfer.py)."""
+    2-core bench host each was a Python round on a cold vCPU (bench/kv_transfer.py). A port of
+    the legacy version sends a JSON END of its own length: the caller reads that one after."""
 
-    def __init__(self, expect: KVLayout, sink: PoolSink, tokens: int):
+    def __init__(self, expect: KVLayout, sink: PoolSink, tokens: int, version: int):
         self.heads = [bytearray(LAYER_HEAD_SIZE) for _ in range(expect.layers)]
-        self.end = bytearray(COUNT_FRAME_SIZE)
+        self.end = bytearray(COUNT_FRAME_SIZE) if version != LEGACY_VERSION else None
         self.buffers: list[memoryview] = []
         for layer, head in enumerate(self.heads):
             self.buffers += [memoryview(head), *sink.targets(layer, tokens)]
-        self.buffers.append(memoryview(self.end))
+        if self.end is not None:
+            self.buffers.append(memoryview(self.end))
 
-    def check(self, layer_bytes: int) -> None:
+    def check(self, layer_bytes: int) -> bool:
+        """Whether the END came in with the layers (raises if a frame head is wrong)."""
         for layer, head in enumerate(self.heads):
             _check_layer_head(head, layer, layer_bytes)
+        if self.end is None:
+            return False
         kind, length = HEADER.unpack_from(self.end)
         if (kind, length) != (int(FrameType.END), BYTE_COUNT.size):
             raise KVTransferError("kv_protocol", f"expected the KV end frame after the last layer, got a frame of "
                                   f"type {kind} and {length} bytes", False)
+        return True
 
 
 @contextlib.contextmanager
@@ -565,7 +580,7 @@ def _stale_if(may_be_stale: bool) -> Iterator[None]:
         raise
 
 
-def _reply_header(kind: FrameType, payload: bytearray) -> ReplyHeader:
+def _reply_header(kind: FrameType, payload: bytearray, version: int) -> ReplyHeader:
     """The HEADER that answers a REQUEST; ERROR (unknown handle...) raises `_Refused`."""
     if kind is FrameType.ERROR:
         err = decode_json(payload)
@@ -573,7 +588,7 @@ def _reply_header(kind: FrameType, payload: bytearray) -> ReplyHeader:
                        bool(err.get("retryable", True)))
     if kind is not FrameType.HEADER:
         raise KVTransferError("kv_protocol", f"expected a KV header, got {kind.name}", False)
-    return ReplyHeader.decode(payload)
+    return ReplyHeader.decode(payload, version)
 
 
 def _check_layer_head(head: bytearray, expected_layer: int, layer_bytes: int) -> None:

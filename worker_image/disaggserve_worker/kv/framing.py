@@ -51,6 +51,13 @@ _RUN = struct.Struct("!II")  # first slot, slots
 _SHM, _COPIED = 1, 2  # REQUEST flags
 WIRE_DTYPES = ("float32", "bfloat16", "float16")  # a dtype's wire code is its index
 PROTOCOL_VERSION = 3
+# The previous release's frames (JSON REQUEST/HEADER/END/ACK), still spoken to a peer that knows
+# no other: prefill and decode StatefulSets roll one pod at a time and independently, so during
+# an upgrade old and new workers pull from each other, and a refused pull is a failed request.
+# The handshake settles the version (`VERSIONS` in HELLO, the choice in AUTH). Drop it in the
+# release after the next.
+LEGACY_VERSION = 2
+VERSIONS = (LEGACY_VERSION, PROTOCOL_VERSION)
 MAX_HANDSHAKE_FRAME = 1024  # HELLO/AUTH/READY, read before the peer is trusted
 MAX_CONTROL_FRAME = 64 * 1024  # REQUEST, HEADER, END, ACK, ERROR
 IOV_MAX = 1024  # buffers per sendmsg/recvmsg call (Linux's UIO_MAXIOV)
@@ -97,8 +104,10 @@ def encode_json(kind: FrameType, obj: dict[str, Any]) -> bytes:
     return HEADER.pack(int(kind), len(data)) + data
 
 
-def encode_count(kind: FrameType, count: int) -> bytes:
+def encode_count(kind: FrameType, count: int, version: int = PROTOCOL_VERSION) -> bytes:
     """END or ACK: a fixed-size frame carrying the pull's layer bytes."""
+    if version == LEGACY_VERSION:
+        return encode_json(kind, {"bytes": count})
     return HEADER.pack(int(kind), BYTE_COUNT.size) + BYTE_COUNT.pack(count)
 
 
@@ -117,13 +126,21 @@ class PullRequest:
     shm: bool = False
     copied: bool = False
 
-    def encode(self) -> bytes:
+    def encode(self, version: int = PROTOCOL_VERSION) -> bytes:
+        if version == LEGACY_VERSION:
+            legacy: dict[str, object] = {"handle": self.handle, "request_id": self.request_id}
+            legacy |= {"shm": True} if self.shm else {}
+            return encode_json(FrameType.REQUEST, legacy | ({"copied": True} if self.copied else {}))
         handle, request_id = self.handle.encode(), self.request_id.encode()
         payload = _REQUEST.pack(_SHM * self.shm | _COPIED * self.copied, len(handle)) + handle + request_id
         return HEADER.pack(int(FrameType.REQUEST), len(payload)) + payload
 
     @classmethod
-    def decode(cls, payload: bytes | bytearray) -> PullRequest:
+    def decode(cls, payload: bytes | bytearray, version: int = PROTOCOL_VERSION) -> PullRequest:
+        if version == LEGACY_VERSION:
+            obj = decode_json(payload)
+            return cls(str(obj.get("handle", "")), str(obj.get("request_id", "")), bool(obj.get("shm")),
+                       obj.get("copied") is True)
         try:
             flags, length = _REQUEST.unpack_from(payload)
             start = _REQUEST.size
@@ -149,13 +166,19 @@ class ReplyHeader:
     head_dim: int
     runs: tuple[tuple[int, int], ...] = ()
 
-    def encode(self) -> bytes:
+    def encode(self, version: int = PROTOCOL_VERSION) -> bytes:
+        if version == LEGACY_VERSION:
+            legacy: dict[str, object] = {"dtype": self.dtype, "layers": self.layers,
+                                         "shape": [2, self.tokens, self.kv_heads, self.head_dim]}
+            return encode_json(FrameType.HEADER, legacy | ({"runs": [list(r) for r in self.runs]} if self.runs else {}))
         payload = _REPLY.pack(WIRE_DTYPES.index(self.dtype), self.layers, self.tokens, self.kv_heads,
                               self.head_dim, len(self.runs)) + b"".join(_RUN.pack(*run) for run in self.runs)
         return HEADER.pack(int(FrameType.HEADER), len(payload)) + payload
 
     @classmethod
-    def decode(cls, payload: bytes | bytearray) -> ReplyHeader:
+    def decode(cls, payload: bytes | bytearray, version: int = PROTOCOL_VERSION) -> ReplyHeader:
+        if version == LEGACY_VERSION:
+            return cls._decode_legacy(decode_json(payload))
         try:
             code, layers, tokens, kv_heads, head_dim, count = _REPLY.unpack_from(payload)
             if len(payload) != _REPLY.size + count * _RUN.size:
@@ -166,6 +189,17 @@ class ReplyHeader:
         except (struct.error, ValueError) as error:
             raise _malformed("header", error) from None
         return cls(WIRE_DTYPES[code], layers, tokens, kv_heads, head_dim, runs)
+
+    @classmethod
+    def _decode_legacy(cls, obj: dict[str, Any]) -> ReplyHeader:
+        try:
+            two, tokens, kv_heads, head_dim = (int(x) for x in obj["shape"])
+            if two != 2:
+                raise ValueError(f"shape {obj['shape']} is not K and V")
+            runs = tuple((int(start), int(n)) for start, n in obj.get("runs", []))
+            return cls(str(obj["dtype"]), int(obj["layers"]), tokens, kv_heads, head_dim, runs)
+        except (KeyError, TypeError, ValueError) as error:
+            raise _malformed("header", error) from None
 
 
 def decode_json(payload: bytes | bytearray) -> dict[str, Any]:

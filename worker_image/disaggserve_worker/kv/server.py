@@ -33,10 +33,12 @@ from disaggserve_worker.kv import auth
 from disaggserve_worker.kv.framing import (
     HEADER,
     LAYER_INDEX,
+    LEGACY_VERSION,
     MAX_CONTROL_FRAME,
     MAX_HANDSHAKE_FRAME,
     PROTOCOL_VERSION,
     SOCKET_BUFFER,
+    VERSIONS,
     FrameType,
     KVTransferError,
     PeerClosed,
@@ -64,8 +66,10 @@ class KVServer:
 
     def __init__(self, engine: Engine, frame_timeout: float = 30.0,
                  on_sent: Callable[[int, float], None] | None = None, token: str | object | None = _UNSET,
-                 handshake_timeout: float = 5.0, idle_timeout: float = 300.0, max_connections: int = 64):
+                 handshake_timeout: float = 5.0, idle_timeout: float = 300.0, max_connections: int = 64,
+                 versions: tuple[int, ...] = VERSIONS):
         self.engine = engine
+        self.versions = versions  # of the protocol this port speaks (`kv.framing.VERSIONS`)
         self.frame_timeout = frame_timeout
         self.on_sent = on_sent
         self.token: str | None = auth.worker_token() if token is _UNSET else token  # type: ignore[assignment]
@@ -159,7 +163,8 @@ class KVServer:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            if not self._handshake(conn):
+            version = self._handshake(conn)
+            if version is None:
                 return
             set_timeout(conn, self.frame_timeout)  # every write from here on, and the wait for an ACK
             set_read_timeout(conn, self.idle_timeout)  # the wait for the next REQUEST
@@ -167,7 +172,7 @@ class KVServer:
                 kind, payload = recv_control(conn)
                 if kind is not FrameType.REQUEST:
                     raise KVTransferError("kv_protocol", f"expected a KV request, got {kind.name}", False)
-                self._serve_request(conn, PullRequest.decode(payload))
+                self._serve_request(conn, PullRequest.decode(payload, version), version)
         except PeerClosed:
             pass  # the peer is done with this connection (or died: its pull is retried)
         except KVTransferError as error:
@@ -182,27 +187,38 @@ class KVServer:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def _handshake(self, conn: socket.socket) -> bool:
+    def _handshake(self, conn: socket.socket) -> int | None:
+        """The protocol version of an authenticated peer; None: refused or gone. HELLO names the
+        oldest version this port speaks as `version` (a peer of version 2 checks only that) and
+        all of them as `versions`; a newer peer names its choice in AUTH."""
         set_timeout(conn, self.handshake_timeout)
         nonce = auth.new_nonce()
         kind: FrameType | None = None
         proof: object = None
-        send_json(conn, FrameType.HELLO, {"version": PROTOCOL_VERSION, "nonce": nonce.hex(),
-                                          "auth": self.token is not None})
+        chosen: object = LEGACY_VERSION  # what a peer of version 2, which names none, speaks
+        send_json(conn, FrameType.HELLO, {"version": min(self.versions), "versions": list(self.versions),
+                                          "nonce": nonce.hex(), "auth": self.token is not None})
         try:
             kind, payload = recv_control(conn, MAX_HANDSHAKE_FRAME)
-            proof = decode_json(payload).get("mac") if kind is FrameType.AUTH else None
+            if kind is FrameType.AUTH:
+                proof_frame = decode_json(payload)
+                proof, chosen = proof_frame.get("mac"), proof_frame.get("version", LEGACY_VERSION)
         except KVTransferError as error:
             if error.kind == "kv_timeout" or isinstance(error, PeerClosed):
-                return False
+                return None
         if kind is not FrameType.AUTH or not auth.verify(self.token, nonce, proof):
             self._refuse(conn, KVTransferError(
                 "kv_unauthorized", "the KV port needs the DisaggServe's worker token "
                 f"({auth.ENV_WORKER_TOKEN}) proved in the first frame", False))
-            return False
+            return None
+        if chosen not in self.versions:
+            self._refuse(conn, KVTransferError(
+                "kv_protocol", f"KV protocol version {chosen!r} is not one of this port's {list(self.versions)}: "
+                "upgrade the older of the two worker images", False))
+            return None
         segment = self.engine.kv_segment
         send_json(conn, FrameType.READY, {} if segment is None or self._regions is None else {"shm": segment.wire()})
-        return True
+        return int(chosen)  # type: ignore[call-overload]
 
     @staticmethod
     def _refuse(conn: socket.socket, error: KVTransferError) -> None:
@@ -210,7 +226,7 @@ class KVServer:
             set_timeout(conn, 1.0)
             send_json(conn, FrameType.ERROR, error.wire())
 
-    def _serve_request(self, conn: socket.socket, request: PullRequest) -> None:
+    def _serve_request(self, conn: socket.socket, request: PullRequest, version: int) -> None:
         handle = request.handle
         if request.copied:  # a same-host peer copied it under its lease: free it
             if self.engine.release_held(handle):
@@ -227,7 +243,7 @@ class KVServer:
         try:
             start = time.perf_counter()
             shared = request.shm and self.engine.kv_segment is not None and self._regions is not None
-            sent = self._send_runs(conn, held) if shared else self._send(conn, held)
+            sent = self._send_runs(conn, held, version) if shared else self._send(conn, held, version)
             set_read_timeout(conn, self.frame_timeout)  # the reply is out: the ACK is due within a frame's time
             try:
                 kind, _ = recv_control(conn)
@@ -248,7 +264,7 @@ class KVServer:
         idle, it took ~0.5 ms of a ~2 ms 1 MB pull (bench/kv_transfer.py)."""
         held.wire = self._direct_reply(held)
 
-    def _direct_reply(self, held: HeldCache) -> tuple[list[bytes | memoryview], int]:
+    def _direct_reply(self, held: HeldCache, version: int = PROTOCOL_VERSION) -> tuple[list[bytes | memoryview], int]:
         """The reply as one gather-write from the pool's blocks (HEADER, each layer's frame head and
         K then V regions, END), and its layer bytes."""
         assert self._regions is not None
@@ -256,45 +272,46 @@ class KVServer:
         tokens = held.num_tokens
         layer_bytes = 2 * tokens * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
         runs = block_runs(held.blocks, self.engine.allocator.block_size, tokens)
-        buffers: list[bytes | memoryview] = [self._header(held)]
+        buffers: list[bytes | memoryview] = [self._header(held, version)]
         for layer in range(len(pool)):
             buffers += [_layer_head(layer, layer_bytes), *self._regions.layer_regions(layer, runs)]
-        buffers.append(encode_count(FrameType.END, layer_bytes * len(pool)))
+        buffers.append(encode_count(FrameType.END, layer_bytes * len(pool), version))
         return buffers, layer_bytes * len(pool)
 
-    def _header(self, held: HeldCache, runs: list[tuple[int, int]] | None = None) -> bytes:
+    def _header(self, held: HeldCache, version: int, runs: list[tuple[int, int]] | None = None) -> bytes:
         # Full-head layers on the wire whatever this worker's tensor size: a receiver of another
         # tensor size splits them its own way.
         pool = self.engine.kv_pool
         return ReplyHeader(DTYPE_NAMES[pool.dtype], len(pool), held.num_tokens, pool.kv_heads, pool.head_dim,
-                           tuple(runs or ())).encode()
+                           tuple(runs or ())).encode(version)
 
-    def _send_runs(self, conn: socket.socket, held: HeldCache) -> int:
+    def _send_runs(self, conn: socket.socket, held: HeldCache, version: int) -> int:
         """A same-host pull: where the held blocks lie in the shared pool, for the peer to copy."""
         pool = self.engine.kv_pool
         tokens = held.num_tokens
         layer_bytes = 2 * tokens * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
-        header = self._header(held, block_runs(held.blocks, self.engine.allocator.block_size, tokens))
+        header = self._header(held, version, block_runs(held.blocks, self.engine.allocator.block_size, tokens))
         if len(header) > MAX_CONTROL_FRAME:  # too scattered to list in one control frame: send the bytes
-            return self._send(conn, held)
-        send_buffers(conn, [header, encode_count(FrameType.END, layer_bytes * len(pool))])
+            return self._send(conn, held, version)
+        send_buffers(conn, [header, encode_count(FrameType.END, layer_bytes * len(pool), version)])
         return layer_bytes * len(pool)
 
-    def _send(self, conn: socket.socket, held: HeldCache) -> int:
+    def _send(self, conn: socket.socket, held: HeldCache, version: int) -> int:
         if self._regions is not None:
-            buffers, sent = held.wire if held.wire is not None else self._direct_reply(held)  # type: ignore[misc]
+            prepared = held.wire if version == PROTOCOL_VERSION else None  # built for the current version
+            buffers, sent = prepared if prepared is not None else self._direct_reply(held, version)  # type: ignore[misc]
             send_buffers(conn, buffers)
             return sent  # type: ignore[no-any-return]
         pool = self.engine.kv_pool  # sharded or on a GPU: gather each layer first
         tokens = held.num_tokens
         layer_bytes = 2 * tokens * pool.kv_heads * pool.head_dim * pool.dtype.itemsize
-        send_buffers(conn, [self._header(held)])
+        send_buffers(conn, [self._header(held, version)])
         slots = held.slot_table[:tokens]
         for layer in range(len(pool)):
             gathered = pool.read(layer, slots, torch.device("cpu")).contiguous()
             send_buffers(conn, [_layer_head(layer, layer_bytes),
                                 memoryview(gathered.view(torch.uint8).reshape(-1).numpy())])
-        send_buffers(conn, [encode_count(FrameType.END, layer_bytes * len(pool))])
+        send_buffers(conn, [encode_count(FrameType.END, layer_bytes * len(pool), version)])
         return layer_bytes * len(pool)
 
 
