@@ -73,7 +73,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SERVED = "bench"
 REGIMES: dict[str, dict[str, Any]] = {
     "distserve": {"input_tokens": 1024, "output_tokens": 16, "ttft_scale": 3.0, "tpot_scale": 3.0,
-                  "tpot_stat": "p90", "rate_factors": [0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 0.95, 1.1],
+                  "tpot_stat": "p90", "rate_factors": [0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 0.95, 1.1, 1.25, 1.4],
                   "rate_base": "prefill"},
     # Rates as multiples of one request's whole unloaded latency: decode batching is the capacity.
     "decode-heavy": {"input_tokens": 64, "output_tokens": 128, "ttft_scale": 5.0, "tpot_scale": 2.0,
