@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from disaggserve_worker.model import cpu_kernels, packed_linear
+from disaggserve_worker.model import cpu_kernels, layers, packed_linear
 from disaggserve_worker.model.batch import BatchLayout
-from disaggserve_worker.model.builtin import builtin_model
+from disaggserve_worker.model.builtin import builtin_config, builtin_model
 from disaggserve_worker.model.layers import RMSNorm
 from disaggserve_worker.model.rope import apply_rotary
 
@@ -239,6 +239,28 @@ def test_projections_take_the_kernel_only_where_it_applies(kernel, monkeypatch: 
     with torch.no_grad():
         packed_linear.linear(wide[:, ::2], weights[torch.bfloat16])  # strided rows: oneDNN/torch
     assert paths == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_mlp_runs_long_steps_in_row_chunks_with_the_same_result(kernel, monkeypatch: pytest.MonkeyPatch,
+                                                                    dtype: torch.dtype) -> None:
+    """A CPU MLP whose gate/up output would pass CPU_MLP_CHUNK_BYTES runs its rows in chunks of
+    whole 64-row blocks (the last one ragged) and returns what one pass over all rows returns."""
+    mlp = layers.MLP(builtin_config("small-llama")).to(dtype)  # gate/up: 1024 outputs a row
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 256, generator=gen).to(dtype)
+    chunks: list[int] = []
+    real = layers.MLP._rows
+    monkeypatch.setattr(layers.MLP, "_rows", lambda self, rows: chunks.append(int(rows.shape[0])) or real(self, rows))
+    with torch.no_grad():
+        whole = mlp(x)
+        assert chunks == [300]
+        monkeypatch.setattr(layers, "CPU_MLP_CHUNK_BYTES", 100 * 1024 * x.element_size())  # 100 rows: 64
+        chunks.clear()
+        got = mlp(x)
+    assert chunks == [64, 64, 64, 64, 44]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), whole.float(), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -32,6 +32,11 @@ from disaggserve_worker.model.rope import apply_rotary
 # glibc's 32 MiB mmap ceiling. Measured at batch 8-64 of 1-2k-token contexts: 2-16 MiB alike
 # (8 MiB best by a little); one group of the whole batch was 2-5x slower.
 CPU_DECODE_GROUP_BYTES = 8 << 20
+# A CPU MLP runs a step's rows in chunks whose fused gate/up output is at most this many bytes,
+# under glibc's highest mmap threshold (32 MiB). Why: glibc serves a larger allocation with a fresh
+# mmap, which the kernel faults in and zeroes page by page every time it is made, and which CPU
+# time counts: medium-llama's gate/up output of a 2048-token prefill step is 46 MB.
+CPU_MLP_CHUNK_BYTES = 30 << 20
 
 
 @dataclass
@@ -239,6 +244,17 @@ class MLP(nn.Module):
         self.gate_up_proj = FusedLinear(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """On a CPU, a prefill step's rows in chunks whose gate/up output stays within
+        CPU_MLP_CHUNK_BYTES (each row's result does not depend on the others)."""
+        rows = int(x.shape[0]) if x.dim() == 2 else 0
+        if rows > 1 and x.device.type == "cpu":
+            per = CPU_MLP_CHUNK_BYTES // (sum(self.gate_up_proj.sizes) * x.element_size())
+            per = per // 64 * 64 if per >= 64 else max(1, per)  # whole blocks of the GEMM's rows
+            if rows > per:
+                return torch.cat([self._rows(x[i:i + per]) for i in range(0, rows, per)])
+        return self._rows(x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj.fused(x)
         if cpu_kernels.usable(gate_up) and (lib := cpu_kernels.kernel()) is not None:
             return linear(cpu_kernels.silu_mul(lib, gate_up), self.down_proj.weight, self.down_proj.bias)
