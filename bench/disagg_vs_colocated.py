@@ -338,6 +338,43 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
                          for name, rows in raw.items()}}
 
 
+@dataclass(frozen=True)
+class StoredRequest:
+    """A request as a result file keeps it: [TTFT s, the TPOT statistic judged, s], None if it failed."""
+
+    pair: list[float | None] | None
+
+    def meets(self, ttft_slo_s: float, tpot_slo_s: float, tpot_stat: str = "mean") -> bool:
+        del tpot_stat  # the file keeps the statistic the run judged
+        if self.pair is None:
+            return False
+        ttft, tpot = self.pair
+        return ttft is not None and ttft <= ttft_slo_s and (tpot is None or tpot <= tpot_slo_s)
+
+
+def resweep(path: Path, scales: list[float]) -> None:
+    """Judge a result file's stored requests at other TPOT SLOs and write its sweep (and plot)
+    anew: the SLO-scale curve extended without running the load again."""
+    result = json.loads(path.read_text())
+    stat = "p90" if result["slo"]["tpot_judged_as"] == "per-request p90 token gap" else "mean"
+    raw = {name: [(row["rate"], [[StoredRequest(pair) for pair in repeat] for repeat in row["repeats"]])
+                  for row in rows] for name, rows in result["requests"].items()}
+    tpot_base = result["systems"]["colocated"]["unloaded"]["tpot_p90_ms" if stat == "p90" else "tpot_ms"]
+    judge = argparse.Namespace(tpot_sweep=scales, tpot_stat=stat, target=result["target_attainment"])
+    result["tpot_slo_sweep"] = slo_sweep(raw, judge, result["slo"]["ttft_ms"], tpot_base)
+    result["tpot_slo_sweep_judged"] = "again from the stored requests (--resweep), same run"
+    for row in result["tpot_slo_sweep"]:
+        print(f"TPOT SLO {row['tpot_scale']:g}x ({row['tpot_ms']:.1f} ms): goodput {row['goodput_rps']}, "
+              f"ratio over the best colocated {row['ratio']}", flush=True)
+    path.write_text(json.dumps(result, indent=2))
+    plot(result, path.with_suffix(".png"))
+
+
+def _attainment(results: list[Any], ttft_slo_s: float, tpot_slo_s: float, tpot_stat: str) -> float:
+    """Share of requests meeting both SLOs (a failed one meets neither), as `summarize` counts it."""
+    return sum(r.meets(ttft_slo_s, tpot_slo_s, tpot_stat) for r in results) / max(1, len(results))
+
+
 def slo_sweep(raw: dict[str, list[tuple[float, list[list[Any]]]]], args: argparse.Namespace, ttft_slo: float,
               tpot_base: float) -> list[dict[str, Any]]:
     """Goodput of every system at other TPOT SLOs, from the same requests (DistServe's SLO-scale
@@ -351,7 +388,7 @@ def slo_sweep(raw: dict[str, list[tuple[float, list[list[Any]]]]], args: argpars
         goodputs = {}
         for name, rows in raw.items():
             curve = [{"rate": rate, "attainment": statistics.median(
-                summarize(results, ttft_slo / 1000, tpot_ms / 1000, args.tpot_stat)["attainment"]
+                _attainment(results, ttft_slo / 1000, tpot_ms / 1000, args.tpot_stat)
                 for results in repeats)} for rate, repeats in rows]
             goodputs[name] = goodput_interpolated(curve, args.target)["rps"]
         best = max((n for n in goodputs if n != "disaggregated"), key=lambda n: goodputs[n])
@@ -408,13 +445,19 @@ def main() -> None:
     parser.add_argument("--ttft-slo-ms", type=float)
     parser.add_argument("--tpot-slo-ms", type=float)
     parser.add_argument("--target", type=float, default=0.9, help="SLO attainment goodput is defined at")
-    parser.add_argument("--tpot-sweep", type=float, nargs="*", default=[1.5, 2.0, 2.5, 3.0, 4.0, 6.0],
+    parser.add_argument("--tpot-sweep", type=float, nargs="*", default=[1.1, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0],
                         help="TPOT SLOs (multiples of the unloaded base) to also read goodput at, same requests")
     parser.add_argument("--calibration", type=int, default=7, help="unloaded requests for the SLO base")
     parser.add_argument("--overhead-repeats", type=int, default=30)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="every worker's --dtype (auto: float32 on a CPU); not auto: its own result file")
+    parser.add_argument("--resweep", type=Path, metavar="RESULT",
+                        help="judge RESULT's stored requests at the --tpot-sweep SLOs, rewrite its sweep and "
+                             "plot, and run nothing")
     args = parser.parse_args()
+    if args.resweep:
+        resweep(args.resweep, args.tpot_sweep)
+        return
     regime = REGIMES[args.regime]
     args.input_tokens = args.input_tokens or regime["input_tokens"]
     args.output_tokens = args.output_tokens or regime["output_tokens"]

@@ -56,3 +56,24 @@ def test_a_window_is_predicted_at_the_speed_its_probes_measured():
     assert predict_row(doc, "colocated", {"rate": 2.0}, 400.0, 60.0) == base  # a run without probes
     slow = predict_row(doc, "colocated", {**row, "speed": [[2.0, 2.0]] * 3}, 400.0, 60.0)
     assert base == 1.0 and slow < 0.9, (slow, base)
+
+
+def test_a_stored_run_judged_again_reproduces_its_sweep(tmp_path: Path):
+    """`disagg_vs_colocated.py --resweep` judges a result file's stored requests at other TPOT SLOs:
+    at the SLOs the run itself swept it must give back exactly what the run wrote, and a looser
+    SLO never lowers a system's goodput."""
+    import json
+    import shutil
+
+    result = BENCH / "results" / "disagg_vs_colocated-bfloat16.json"
+    copy = tmp_path / result.name
+    shutil.copy(result, copy)
+    stored = {row["tpot_scale"]: row for row in json.loads(result.read_text())["tpot_slo_sweep"]}
+    done = subprocess.run([sys.executable, str(BENCH / "disagg_vs_colocated.py"), "--resweep", str(copy),
+                           "--tpot-sweep", "2.0", "3.0", "9.0"], capture_output=True, text=True, timeout=120,
+                          cwd=BENCH.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {row["tpot_scale"]: row for row in json.loads(copy.read_text())["tpot_slo_sweep"]}
+    assert rows[2.0] == stored[2.0] and rows[3.0] == stored[3.0]
+    assert all(rows[9.0]["goodput_rps"][name] >= rows[3.0]["goodput_rps"][name] for name in rows[9.0]["goodput_rps"])
+    assert copy.with_suffix(".png").stat().st_size > 0
