@@ -127,9 +127,47 @@ def worker(name: str, role: str, ip: str, core: int, model: str, logdir: Path, b
                  f"http://{ip}:8100", logdir, core)
 
 
-def router(name: str, ip: str, model: str, endpoints: list[str], logdir: Path) -> Proc:
-    return spawn(name, ["router", "--model", model, "--model-name", SERVED, "--host", ip, "--port", "8000",
+def router(name: str, ip: str, model: str, endpoints: list[str], logdir: Path, cores: list[int] | None = None) -> Proc:
+    proc = spawn(name, ["router", "--model", model, "--model-name", SERVED, "--host", ip, "--port", "8000",
                         *endpoints, "--log-level", "WARNING"], f"http://{ip}:8000", logdir)
+    if cores:
+        os.sched_setaffinity(proc.popen.pid, cores)
+    return proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class SystemProcs:
+    """The processes one system under test runs: its pinned workers and its router."""
+
+    workers: dict[str, int]  # name -> pid
+    router: int
+
+
+def cpu_snapshot(procs: SystemProcs) -> dict[str, float]:
+    """CPU seconds so far of a system's workers and router, this process's (the load generator's) and the clock."""
+    return {**{name: cpu_seconds(pid) for name, pid in procs.workers.items()},
+            "router": cpu_seconds(procs.router), "loadgen": time.process_time(), "wall": time.perf_counter()}
+
+
+def cpu_use(before: dict[str, float], after: dict[str, float], cores: int) -> dict[str, Any]:
+    """Where the CPU went during one run. Why: on a host with no core to spare, the routers and the
+    load generator (the harness) run on the workers' cores and preempt whichever worker is busy; a
+    system that leaves a core idle (disaggregated, in a regime where one phase is light) absorbs the
+    harness there for free, while one that keeps both cores busy (colocated) loses it from its
+    workers. `worker_busy` (fraction of a core each worker ran) and `harness_share` (the harness's CPU
+    over all cores of the run) make that visible in the result instead of hiding it in the latencies."""
+    wall = after["wall"] - before["wall"]
+    used = {key: after[key] - before[key] for key in after if key != "wall"}
+    workers = {key: value for key, value in used.items() if key not in ("router", "loadgen")}
+    return {"wall_s": wall, "cpu_s": used,
+            "worker_busy": {name: value / wall for name, value in workers.items()} if wall > 0 else {},
+            "harness_share": (used["router"] + used["loadgen"]) / (wall * cores) if wall > 0 else None}
 
 
 async def router_overhead(worker_url: str, router_url: str, repeats: int) -> dict[str, Any]:
@@ -256,7 +294,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: str) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: str,
+                  procs: dict[str, SystemProcs]) -> dict[str, Any]:
     overhead = await router_overhead(coloc_worker, urls["colocated"], args.overhead_repeats)
     print(f"router overhead: p50 {overhead['added_p50_ms']:.2f} ms added "
           f"({overhead['direct_p50_ms']:.1f} → {overhead['router_p50_ms']:.1f} ms)", flush=True)
@@ -284,19 +323,23 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
         for rep in range(args.repeats):
             order = list(urls) if rep % 2 == 0 else list(reversed(urls))
             for name in order:
+                before = cpu_snapshot(procs[name])
                 results = await run_poisson(urls[name], SERVED, rate=rate, num_requests=count,
                                             input_tokens=args.input_tokens, output_tokens=args.output_tokens,
                                             seed=rep)
-                runs[name].append(summarize(results, ttft_slo / 1000, tpot_slo / 1000, args.tpot_stat))
+                summary = summarize(results, ttft_slo / 1000, tpot_slo / 1000, args.tpot_stat)
+                summary["cpu"] = cpu_use(before, cpu_snapshot(procs[name]), args.host_cores)
+                runs[name].append(summary)
                 kept[name].append(results)
         for name, results_by_repeat in kept.items():
             raw[name].append((rate, results_by_repeat))
         for name, summaries in runs.items():
             row = rate_row(rate, summaries)
             per_rate[name].append(row)
+            busy = " ".join(f"{w} {b:.0%}" for w, b in row["worker_busy"].items())
             print(f"rate {rate:6.2f}  {name:14s} attainment {row['attainment']:.0%}  "
-                  f"TTFT p90 {row['ttft_ms']['p90']:.0f} ms  TPOT p90 {row['tpot_ms']['p90']:.1f} ms",
-                  flush=True)
+                  f"TTFT p90 {row['ttft_ms']['p90']:.0f} ms  TPOT p90 {row['tpot_ms']['p90']:.1f} ms  "
+                  f"busy {busy}  harness {row['harness_share']:.0%}", flush=True)
     systems = {name: {"rates": rows, "goodput_rps": goodput(rows, args.target),
                       "goodput_rps_per_core": goodput(rows, args.target) / 2,
                       "goodput_interpolated": goodput_interpolated(rows, args.target),
@@ -405,7 +448,11 @@ def rate_row(rate: float, summaries: list[dict[str, Any]]) -> dict[str, Any]:
             "tpot_attainment": statistics.median(s["tpot_attainment"] for s in summaries),
             "ttft_ms": _median_dicts([s["ttft_ms"] for s in summaries]),
             "tpot_ms": _median_dicts([s["tpot_ms"] for s in summaries]),
-            "failed": sum(s["failed"] for s in summaries), "repeats": summaries}
+            "failed": sum(s["failed"] for s in summaries),
+            "worker_busy": _median_dicts([s["cpu"]["worker_busy"] for s in summaries]) if "cpu" in summaries[0] else {},
+            "harness_share": statistics.median(s["cpu"]["harness_share"] for s in summaries)
+            if "cpu" in summaries[0] else None,
+            "repeats": summaries}
 
 
 def _median_dicts(dicts: list[dict[str, float | None]]) -> dict[str, float | None]:
@@ -477,6 +524,12 @@ def main() -> None:
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"disagg-bench-{os.getpid()}"
     logdir.mkdir(parents=True, exist_ok=True)
     c0, c1 = cores[0], cores[1]
+    # Where a third core exists, the routers and this load generator get the cores the workers do
+    # not use, as a deployment's routers run off the GPU nodes; on two cores they must share.
+    harness = cores[2:]
+    if harness:
+        os.sched_setaffinity(0, harness)
+    args.host_cores = len(cores)
     procs: list[Proc] = []
     started = time.monotonic()
     load_start = os.getloadavg()
@@ -499,17 +552,20 @@ def main() -> None:
         wait_ready(workers)
         routers = [router("router-disagg", f"{block}.10", args.model,
                           ["--prefill-endpoints", workers[0].url, "--decode-endpoints", workers[1].url],
-                          logdir),
+                          logdir, harness),
                    router("router-coloc", f"{block}.11", args.model,
-                          ["--colocated-endpoints", f"{workers[2].url},{workers[3].url}"], logdir)]
+                          ["--colocated-endpoints", f"{workers[2].url},{workers[3].url}"], logdir, harness)]
         routers += [router(f"router-coloc-b{budget}", f"{block}.{12 + i}", args.model,
-                           ["--colocated-endpoints", f"{workers[4 + 2 * i].url},{workers[5 + 2 * i].url}"], logdir)
+                           ["--colocated-endpoints", f"{workers[4 + 2 * i].url},{workers[5 + 2 * i].url}"], logdir,
+                           harness)
                     for i, budget in enumerate(extra)]
         procs += routers
         wait_ready(routers)
         urls = {"disaggregated": routers[0].url, "colocated": routers[1].url}
         urls |= {f"colocated-b{budget}": routers[2 + i].url for i, budget in enumerate(extra)}
-        result = asyncio.run(measure(args, urls, workers[2].url))
+        system_procs = {name: SystemProcs({w.name: w.popen.pid for w in workers[2 * i:2 * i + 2]},
+                                          routers[i].popen.pid) for i, name in enumerate(urls)}
+        result = asyncio.run(measure(args, urls, workers[2].url, system_procs))
     finally:
         for proc in procs:
             if proc.popen.poll() is None:
@@ -532,7 +588,9 @@ def main() -> None:
                   "prefill_budget": max(args.prefill_budget, args.input_tokens),
                   "disaggregated": "prefill on core A, decode on core B",
                   "colocated": "one colocated worker on each core (per budget)",
-                  "routers_and_loadgen": "unpinned", "worker_dtype": args.dtype},
+                  "routers_and_loadgen": f"pinned to cores {harness}" if harness else
+                  "unpinned, on the workers' two cores (no third core): see each rate's worker_busy and "
+                  "harness_share", "worker_dtype": args.dtype},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg(),
                     "note": load_note(load_start, os.getloadavg(), os.cpu_count() or 1)},

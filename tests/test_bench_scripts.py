@@ -77,3 +77,31 @@ def test_a_stored_run_judged_again_reproduces_its_sweep(tmp_path: Path):
     assert rows[2.0] == stored[2.0] and rows[3.0] == stored[3.0]
     assert all(rows[9.0]["goodput_rps"][name] >= rows[3.0]["goodput_rps"][name] for name in rows[9.0]["goodput_rps"])
     assert copy.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_run_accounts_where_the_cpu_went():
+    """Each tested rate records how busy each worker was and how much CPU the harness (router and
+    load generator) took: on a two-core host the harness runs on the workers' cores, and a system
+    that leaves a core idle absorbs it for free. The accounting reads real processes' CPU time."""
+    import os
+    import time
+
+    sys.path.insert(0, str(BENCH))
+    import disagg_vs_colocated as bench
+
+    spin = "import time\nend = time.time() + 0.6\nwhile time.time() < end: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        procs = bench.SystemProcs({"busy": spinner.pid, "idle": os.getpid()}, router=os.getpid())
+        before = bench.cpu_snapshot(procs)
+        time.sleep(0.5)
+        after = bench.cpu_snapshot(procs)
+    finally:
+        spinner.wait(10)
+    use = bench.cpu_use(before, after, cores=2)
+    # A spinning process ran most of the window (less where a shared host's other work preempts it);
+    # this process slept. Ticks are 10 ms.
+    assert use["worker_busy"]["busy"] > max(0.3, use["worker_busy"]["idle"] + 0.2)
+    assert use["worker_busy"]["idle"] < 0.2
+    assert 0 <= use["harness_share"] < 0.2
+    assert set(use["cpu_s"]) == {"busy", "idle", "router", "loadgen"}
