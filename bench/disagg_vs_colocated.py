@@ -104,6 +104,65 @@ def spawn(name: str, args: list[str], url: str, logdir: Path, core: int | None =
     return Proc(name, url, popen, log)
 
 
+class CpuCaps:
+    """Caps each worker at a share of its core with the kernel's CFS bandwidth control (a cgroup per
+    worker: v2 `cpu.max`, or v1 `cpu.cfs_quota_us`). Why: with no core to spare, the harness (routers,
+    load generator) runs on the workers' cores. Uncapped, a system that leaves a core idle absorbs the
+    harness there for free while one that keeps both cores busy loses it from its workers (measured:
+    colocated workers 66-74 % of a core while overloaded, the disaggregated decode worker 92-99 %), so the
+    comparison favoured disaggregation. Capped at the same share, every worker of both systems gets the
+    same compute whatever the harness does, and the harness has the rest of each core: an emulation of
+    dedicated worker cores that run slower. Each worker's group also weighs 10x a plain process, so up to
+    its cap it runs whenever it wants to (a capped group otherwise competes as one process against each
+    of the harness's and the host's, and got 49-61 % of a core while overloaded at a 0.7 cap); the
+    harness runs in what is left. The period is short (2 ms) so that throttling chops steps
+    finely instead of stalling a token for tens of ms; its jitter (a stall of ~1-3 ms when a worker
+    exhausts its quota) hits a busy worker of either system alike."""
+
+    PERIOD_US = 2000
+
+    def __init__(self, share: float):
+        self.share = share
+        self.groups: list[Path] = []
+        v2 = Path("/sys/fs/cgroup")
+        controllers = (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else []
+        if "cpu" in controllers:
+            self.root, self.v2 = v2, True
+        elif (Path("/sys/fs/cgroup/cpu") / "cpu.cfs_quota_us").exists():
+            self.root, self.v2 = Path("/sys/fs/cgroup/cpu"), False
+        else:
+            raise SystemExit("--worker-cpu-share needs the cgroup cpu controller (v2 cpu.max or v1 cpu.cfs_quota_us); "
+                             "none is mounted here. Pass --worker-cpu-share 1 to run uncapped (the harness then "
+                             "takes its CPU from whichever worker is busy; the result records how much)")
+        # The kernel's smallest quota is 1 ms: a share below 0.5 needs a longer period.
+        self.period_us = max(self.PERIOD_US, round(1000 / share))
+
+    def cap(self, proc: Proc) -> None:
+        group = self.root / f"disagg-bench-{os.getpid()}-{proc.name}"
+        quota = round(self.share * self.period_us)
+        try:
+            group.mkdir(exist_ok=True)
+            self.groups.append(group)
+            if self.v2:
+                (group / "cpu.max").write_text(f"{quota} {self.period_us}")
+                (group / "cpu.weight").write_text("1000")  # default 100
+            else:
+                (group / "cpu.cfs_period_us").write_text(str(self.period_us))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+                (group / "cpu.shares").write_text("10240")  # default 1024
+            (group / "cgroup.procs").write_text(str(proc.popen.pid))
+        except OSError as error:
+            raise SystemExit(f"cannot cap {proc.name} at {self.share:g} of a core in {group}: {error}. Run as root "
+                             "with a writable cgroup cpu controller, or pass --worker-cpu-share 1 to run uncapped") \
+                from error
+
+    def release(self) -> None:
+        """Remove the cgroups (each is empty once its worker has exited)."""
+        for group in self.groups:
+            with suppress(OSError):
+                group.rmdir()
+
+
 def wait_ready(procs: list[Proc], timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     for proc in procs:
@@ -498,6 +557,10 @@ def main() -> None:
     parser.add_argument("--overhead-repeats", type=int, default=30)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="every worker's --dtype (auto: float32 on a CPU); not auto: its own result file")
+    parser.add_argument("--worker-cpu-share", type=float,
+                        help="cap every worker at this share of its core (cgroup CPU bandwidth), leaving the rest "
+                             "to the routers and load generator; default 0.7 where they have no core of their own "
+                             "(two cores), else 1 (uncapped)")
     parser.add_argument("--resweep", type=Path, metavar="RESULT",
                         help="judge RESULT's stored requests at the --tpot-sweep SLOs, rewrite its sweep and "
                              "plot, and run nothing")
@@ -530,6 +593,10 @@ def main() -> None:
     if harness:
         os.sched_setaffinity(0, harness)
     args.host_cores = len(cores)
+    share = args.worker_cpu_share if args.worker_cpu_share is not None else (1.0 if harness else 0.7)
+    if not 0 < share <= 1:
+        raise SystemExit(f"--worker-cpu-share must be in (0, 1], got {share:g}")
+    caps = CpuCaps(share) if share < 1 else None
     procs: list[Proc] = []
     started = time.monotonic()
     load_start = os.getloadavg()
@@ -549,6 +616,8 @@ def main() -> None:
                         worker(f"colocated-b{budget}-b", "colocated", f"{block}.{21 + 2 * i}", c1, budget=budget,
                                **spec)]
         procs += workers
+        for proc in workers if caps else ():
+            caps.cap(proc)
         wait_ready(workers)
         routers = [router("router-disagg", f"{block}.10", args.model,
                           ["--prefill-endpoints", workers[0].url, "--decode-endpoints", workers[1].url],
@@ -575,6 +644,9 @@ def main() -> None:
                 proc.popen.wait(15)
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
+                proc.popen.wait(15)
+        if caps:
+            caps.release()
     result.update({
         "benchmark": "disagg_vs_colocated", "quick": args.quick, "model": args.model,
         "regime": args.regime, "colocated_budget": args.colocated_budget,
@@ -590,7 +662,9 @@ def main() -> None:
                   "colocated": "one colocated worker on each core (per budget)",
                   "routers_and_loadgen": f"pinned to cores {harness}" if harness else
                   "unpinned, on the workers' two cores (no third core): see each rate's worker_busy and "
-                  "harness_share", "worker_dtype": args.dtype},
+                  "harness_share", "worker_dtype": args.dtype,
+                  "worker_cpu_share": share if caps is None else
+                  f"{share:g} of a core each (cgroup CPU bandwidth, {caps.period_us} us period)"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg(),
                     "note": load_note(load_start, os.getloadavg(), os.cpu_count() or 1)},
