@@ -55,10 +55,11 @@ import numpy as np
 from disagg_vs_colocated import SERVED, router, wait_ready, worker
 from disaggserve.api import parse_spec
 from disaggserve.metrics.observed import Observed
+from disaggserve.planner.batching import prefill_token_budget
 from disaggserve.planner.deployment import ColocatedDeployment, Deployment
 from disaggserve.planner.errors import PlanningError
 from disaggserve.planner.inputs import build_search
-from disaggserve.planner.profile import fit_problems, parse_profile
+from disaggserve.planner.profile import fit_problems, parse_profile, phase_latency
 from disaggserve.planner.replan import correction
 from disaggserve.planner.search import Shape
 from disaggserve.planner.workload import RequestSample
@@ -81,7 +82,7 @@ STEPS_METRIC = "disaggserve_decode_iteration_seconds_count"
 TARGET = 0.9
 PROBE_REQUESTS = 6  # sequential unloaded requests around each window (~1.3 s): the machine's speed then
 MIN_RAMP_RPS = 0.2
-BUDGET = 2048  # the worker's default --max-batch-tokens, which the operator leaves as it is
+BUDGET = 2048  # decode and colocated workers: the worker's default --max-batch-tokens, which the operator keeps
 # Cores the workers are pinned to (prefill 0 and decode 1; colocated 0). The router and this process
 # (the client) float over the host: where the workers' cores are all it has, they share them
 # (planner/profile.py PhaseLatency.sharing); a core no worker owns absorbs them instead.
@@ -549,7 +550,10 @@ def main() -> None:
         logdir = Path(tmp)
         doc = profile(logdir / "profile.json", args.quick)
         prof = parse_profile(doc)
-        fit_issues = fit_problems(prof, max_decode_batch=64, max_prefill_tokens=2048)
+        # The prefill worker batches up to the profile's L_m, as the operator renders a planned prefill pod
+        # and as the simulator predicts it (planner/batching.py).
+        prefill_budget = prefill_token_budget(phase_latency(prof, 1, 1))
+        fit_issues = fit_problems(prof, max_decode_batch=64, max_prefill_tokens=max(2048, prefill_budget))
         e = doc["entries"][0]
         prefill_ms = e["prefill"]["a"] + e["prefill"]["b"] * INPUT + e["prefill"]["c"] * INPUT**2
         step_ms = e["decode_small"]["a"] + e["decode_small"]["b"] * INPUT + e["decode_small"]["c"]
@@ -557,14 +561,14 @@ def main() -> None:
         link = measure_link(args.quick)
         print(
             f"profile SLO TTFT {profile_slo[0]:.1f} ms, TPOT {profile_slo[1]:.2f} ms; KV link {link}; "
-            f"fit problems {fit_issues}",
+            f"fit problems {fit_issues}; prefill budget (L_m) {prefill_budget} tokens",
             flush=True,
         )
         deployments = [
             (
                 "disaggregated",
                 [
-                    worker("prefill", "prefill", "127.61.0.1", 0, MODEL, logdir, BUDGET),
+                    worker("prefill", "prefill", "127.61.0.1", 0, MODEL, logdir, prefill_budget),
                     worker("decode", "decode", "127.61.0.2", 1, MODEL, logdir, BUDGET),
                 ],
                 ["--prefill-endpoints", "http://127.61.0.1:8100", "--decode-endpoints", "http://127.61.0.2:8100"],
@@ -614,6 +618,7 @@ def main() -> None:
             k: doc["entries"][0][k] for k in ("prefill", "decode_small", "decode_large", "decode_batch_threshold")
         },
         "profile_fit_problems": fit_issues,
+        "prefill_budget": prefill_budget,
         "profile_measurements": doc.get("measurements"),
         "kv_link": link,
         "deployments": results,

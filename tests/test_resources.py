@@ -79,6 +79,25 @@ def test_model_dtype_reaches_both_phases_of_builtin_workers():
         assert args[args.index("--dtype") + 1] == "bfloat16"
 
 
+def test_builtin_prefill_pods_batch_up_to_the_plan_l_m_and_decode_pods_keep_the_default():
+    """The plan's prefill budget (DistServe's L_m from the profile) reaches the prefill worker's
+    --max-batch-tokens, which the worker's own parser accepts; decode pods render none."""
+    from disaggserve_worker.cli import build_parser
+
+    for body in (example(), gpu_example("high-affinity")):
+        spec = parse_spec(body["spec"])
+        plan = plan_for(spec)
+        assert plan.prefill.max_batch_tokens is not None
+        objects = build_children(Owner(body["metadata"]["name"], "ns", UID), spec, plan)
+        sets = {o["metadata"]["labels"]["app.kubernetes.io/component"]: o
+                for o in objects if o["kind"] == "StatefulSet"}
+        prefill = pod(sets["prefill"])["containers"][0]["args"]
+        assert build_parser().parse_args(prefill).max_batch_tokens == plan.prefill.max_batch_tokens
+        assert "--max-batch-tokens" not in pod(sets["decode"])["containers"][0]["args"]
+    # tiny-cpu.yaml is a hand-written plan on tiny-llama: its budget is the built-in CPU profile's L_m.
+    assert plan_for(parse_spec(example()["spec"])).prefill.max_batch_tokens == 1408
+
+
 def test_offline_render_has_no_owner_references():
     assert all("ownerReferences" not in o["metadata"] for o in render(example(), uid=None).values())
 

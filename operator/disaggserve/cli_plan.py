@@ -139,7 +139,10 @@ def outcome_facts(o: PlanOutcome) -> dict[str, Any]:
 
 def _phase(plan: Plan, phase: str) -> dict[str, int]:
     p = plan.phase(phase)  # type: ignore[arg-type]
-    return {"tensor": p.tensor, "pipeline": p.pipeline, "replicas": p.replicas, "gpus": p.gpus}
+    out = {"tensor": p.tensor, "pipeline": p.pipeline, "replicas": p.replicas, "gpus": p.gpus}
+    if p.max_batch_tokens is not None:
+        out["max_batch_tokens"] = p.max_batch_tokens
+    return out
 
 
 def _print_table(facts: dict[str, Any], unit: str = "GPU") -> None:
@@ -148,12 +151,13 @@ def _print_table(facts: dict[str, Any], unit: str = "GPU") -> None:
 
     console = Console()
     table = Table(title=f"DisaggServe plan: {facts['placement']} ({facts['placement_reason']})")
-    for col in ("phase", "tensor", "pipeline", "replicas", f"{unit}s"):
+    for col in ("phase", "tensor", "pipeline", "replicas", f"{unit}s", "batch tokens"):
         table.add_column(col, justify="right" if col != "phase" else "left")
     for phase in ("colocated",) if facts.get("colocated") else ("prefill", "decode"):
         p = facts[phase]
-        table.add_row(phase, str(p["tensor"]), str(p["pipeline"]), str(p["replicas"]), str(p["gpus"]))
-    table.add_row("total", "", "", f"{facts['units']} unit(s)", str(facts["gpus_total"]))
+        table.add_row(phase, str(p["tensor"]), str(p["pipeline"]), str(p["replicas"]), str(p["gpus"]),
+                      str(p.get("max_batch_tokens", "-")))
+    table.add_row("total", "", "", f"{facts['units']} unit(s)", str(facts["gpus_total"]), "")
     console.print(table)
     pred = facts["predicted"] or {}
     if pred:
@@ -315,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if spec.parallelism is not None:
-        plan = manual_plan(spec)
+        plan = manual_plan(spec, profile)
         if args.output == "json":
             print(
                 json.dumps(

@@ -90,8 +90,12 @@ def worker_args(
     max_model_len: int | None = None,
     dtype: str = "auto",
     speculation: dict[str, str | int] | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[str]:
     """Command line of `disaggserve-worker serve` for one pod.
+
+    `max_batch_tokens`: the token budget of one iteration (the plan's prefill L_m); None renders
+    nothing and the worker keeps its default, so plans without one change no pod template.
 
     The operator passes no SLOs: workers bucket latencies with fixed edges, so an SLO edit
     changes no pod template and restarts no worker (the router and the autoscaler judge SLOs).
@@ -128,6 +132,8 @@ def worker_args(
         args += ["--max-model-len", str(max_model_len)]
     if dtype != "auto":  # auto renders nothing, as before the field existed: no pod template changes
         args += ["--dtype", dtype]
+    if max_batch_tokens is not None:
+        args += ["--max-batch-tokens", str(max_batch_tokens)]
     for key, value in (speculation or {}).items():
         args += [f"--speculation-{key}", str(value)]
     return args

@@ -104,6 +104,33 @@ def test_batch_limits_follow_the_workload_and_not_the_replica_count():
     assert before == after
 
 
+def test_prefill_batches_up_to_the_plan_l_m():
+    """The plan's prefill budget (DistServe's L_m from the profile) replaces max(2048, mean prompt); vLLM
+    chunks longer prompts. Its constraints still hold: never below max_num_seqs, and with chunked
+    prefill turned off never below max_model_len (or, unknown, left to vLLM)."""
+    plan = Plan.model_validate({"prefill": {"tensor": 1, "replicas": 2, "maxBatchTokens": 1536},
+                                "decode": {"tensor": 1, "replicas": 2}})
+    spec = vllm_spec(workload={"requestRate": 2, "inputTokens": 3000, "outputTokens": 200})
+    seqs, tokens = batch_limits(spec, plan, "prefill")
+    assert tokens == 1536
+    assert batch_limits(spec, plan, "decode")[1] == 2048  # decode and colocated keep theirs
+    assert flag(containers(spec, plan)["prefill"]["containers"][0]["args"], "--max-num-batched-tokens") == "1536"
+    busy = vllm_spec(workload={"requestRate": 400, "inputTokens": 64, "outputTokens": 32})
+    tiny_budget = plan.model_copy(update={"prefill": plan.prefill.model_copy(update={"max_batch_tokens": 100})})
+    seqs, tokens = batch_limits(busy, tiny_budget, "prefill")
+    assert seqs == 256 and tokens == 256  # vLLM refuses max_num_batched_tokens < max_num_seqs
+    short = vllm_spec(model={**BASE["model"], "maxModelLen": 1024})
+    assert batch_limits(short, plan, "prefill")[1] == 1536  # within max(maxModelLen, 2048)
+    long = vllm_spec(model={**BASE["model"], "maxModelLen": 8192},
+                     engine={"kind": "vllm", "extraArgs": ["--no-enable-chunked-prefill"]})
+    assert batch_limits(long, plan, "prefill")[1] == 8192  # a whole prompt must fit one batch
+    flip = ["--no-enable-chunked-prefill", "--enable-chunked-prefill"]  # the last one wins, as in vLLM
+    back_on = vllm_spec(model={**BASE["model"], "maxModelLen": 8192}, engine={"kind": "vllm", "extraArgs": flip})
+    assert batch_limits(back_on, plan, "prefill")[1] == 1536
+    unknown = vllm_spec(engine={"kind": "vllm", "extraArgs": ["--no-enable-chunked-prefill"]})
+    assert "--max-num-batched-tokens" not in containers(unknown, plan)["prefill"]["containers"][0]["args"]
+
+
 def test_fixed_speculation_maps_to_speculative_config_on_decode_only():
     spec = vllm_spec(speculation={"mode": "fixed", "proposer": "ngram", "numSpeculativeTokens": 3,
                                   "ngramMin": 2, "ngramMax": 4})
@@ -234,7 +261,10 @@ def test_vllm_argument_parser_accepts_every_rendered_command_line(vllm_py, tmp_p
                       "speculation": {"mode": "fixed", "proposer": "ngram", "numSpeculativeTokens": 2}})
     gpu = vllm_spec(hardware=GPU_HARDWARE, model={"name": "tiny", "source": {"hf": "org/model"}})
     cases, expected = [], []
-    for spec, plan, build in [(cpu, CPU_PLAN, True), (gpu, GPU_PLAN, False)]:
+    # Plans as the planner writes them: the prefill phase carries its L_m.
+    cpu_plan = CPU_PLAN.model_copy(update={"prefill": CPU_PLAN.prefill.model_copy(update={"max_batch_tokens": 768})})
+    gpu_plan = GPU_PLAN.model_copy(update={"prefill": GPU_PLAN.prefill.model_copy(update={"max_batch_tokens": 3456})})
+    for spec, plan, build in [(cpu, cpu_plan, True), (gpu, gpu_plan, False)]:
         for phase, pod in containers(spec, plan).items():
             args = pod["containers"][0]["args"]
             cases.append([args, build])
@@ -246,6 +276,8 @@ def test_vllm_argument_parser_accepts_every_rendered_command_line(vllm_py, tmp_p
         assert (result["tp"], result["pp"]) == (phase_plan.tensor, phase_plan.pipeline)
         assert result["max_num_seqs"] == int(flag(args, "--max-num-seqs"))
         assert result["batched"] == int(flag(args, "--max-num-batched-tokens"))
+        if phase == "prefill":
+            assert result["batched"] == phase_plan.max_batch_tokens
         assert result["served"] == ["tiny"] and result["port"] == 8100 and result["host"] == "0.0.0.0"
         assert result["kv"] == "NixlConnector"
         assert result["kv_role"] == ("kv_producer" if phase == "prefill" else "kv_consumer")

@@ -22,6 +22,15 @@ class PhasePlan(ApiModel):
     tensor: int = Field(ge=1, le=8)
     pipeline: int = Field(1, ge=1, le=64)
     replicas: int = Field(ge=0, le=100_000, description="Instances in total (all units together).")
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=1_048_576,
+        description="Prefill: prompt tokens one iteration batches, DistServe's L_m from the latency profile "
+        "(batching past the point where the device saturates saves almost nothing and makes every prompt "
+        "wait for the whole batch); longer prompts are chunked. Rendered as the built-in worker's "
+        "--max-batch-tokens and vLLM's --max-num-batched-tokens. Absent: the engine's default.",
+    )
 
     @property
     def gpus_per_instance(self) -> int:

@@ -159,7 +159,7 @@ async def _plan(
     kube: Kube, spec: DisaggServeSpec, profile: dict[str, Any] | None, nodes: list[dict[str, Any]], planner: PlanService
 ) -> Plan | Pending:
     if spec.parallelism is not None:
-        return manual_plan(spec)  # no search: inline
+        return manual_plan(spec, profile)  # no search: inline
     max_tensor = max_tensor_parallel(spec.hardware.device)
     key = _plan_inputs_key(spec, nodes, profile, max_tensor)
     result = await planner.plan(key, spec, nodes=nodes, profile=profile, max_tensor=max_tensor, wait=PLAN_WAIT_SECONDS)

@@ -348,10 +348,12 @@ def plan_automatically(
         reason = (
             f"planner{marking}: {chosen.placement} ({why}); {chosen.choice_text}; {dep.prefill_count} prefill + "
             f"{dep.decode_count} decode instance(s) in {dep.units} unit(s), {dep.gpus} GPUs for {target:g} rps; "
+            f"prefill batches up to {s.prefill_budget(dep.prefill)} tokens (L_m of the profile); "
             f"predicted attainment {attainment:.1%}, goodput {achievable:.3g} rps = {per_gpu:.3g} rps/GPU{ratio}"
         )
         phases = {
-            "prefill": PhasePlan(tensor=dep.prefill.tensor, pipeline=dep.prefill.pipeline, replicas=dep.prefill_count),
+            "prefill": PhasePlan(tensor=dep.prefill.tensor, pipeline=dep.prefill.pipeline, replicas=dep.prefill_count,
+                                 max_batch_tokens=s.prefill_budget(dep.prefill)),
             "decode": PhasePlan(tensor=dep.decode.tensor, pipeline=dep.decode.pipeline, replicas=dep.decode_count),
             "units": dep.units,
         }

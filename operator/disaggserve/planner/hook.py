@@ -14,7 +14,10 @@ from typing import Any
 from disaggserve.api.plan import PhasePlan, Plan
 from disaggserve.api.spec import DisaggServeSpec
 from disaggserve.planner.auto import plan_automatically
+from disaggserve.planner.batching import prefill_token_budget
 from disaggserve.planner.errors import PlanningError
+from disaggserve.planner.inputs import resolve_profile
+from disaggserve.planner.profile import phase_latency
 from disaggserve.topology import TopologyError
 
 __all__ = ["PlanningError", "capacity_problem", "manual_plan", "plan_for"]
@@ -87,8 +90,25 @@ def capacity_problem(spec: DisaggServeSpec, plan: Plan, nodes: list[dict[str, An
     return None
 
 
-def manual_plan(spec: DisaggServeSpec) -> Plan:
-    """The plan a user wrote down in `spec.parallelism` (replicas default to 1)."""
+def manual_prefill_budget(spec: DisaggServeSpec, profile: dict[str, Any] | None) -> int | None:
+    """L_m (planner/batching.py) for the prefill shape of a hand-written plan, from the profile the
+    planner would use; None (the engine's default budget) when none resolves, or it lacks the shape.
+
+    Why: `spec.parallelism` fixes shapes and counts, not how a prefill pod batches; without this
+    its pods would batch past the point where the device saturates, as no planned pod does."""
+    assert spec.parallelism is not None
+    try:
+        prof, _ = resolve_profile(spec, profile)
+    except PlanningError:
+        return None
+    shape = spec.parallelism.prefill
+    lat = phase_latency(prof, shape.tensor, shape.pipeline)
+    return prefill_token_budget(lat) if lat is not None else None
+
+
+def manual_plan(spec: DisaggServeSpec, profile: dict[str, Any] | None = None) -> Plan:
+    """The plan a user wrote down in `spec.parallelism` (replicas default to 1), its prefill
+    budget from `profile` (a profile document; None: the built-in or estimated one) when one resolves."""
     assert spec.parallelism is not None
     prefill = spec.parallelism.prefill
     decode = spec.parallelism.decode
@@ -99,7 +119,8 @@ def manual_plan(spec: DisaggServeSpec) -> Plan:
     unit = "GPU" if spec.hardware.device == "gpu" else "CPU worker"
     return Plan(
         placement=placement,
-        prefill=PhasePlan(tensor=prefill.tensor, pipeline=prefill.pipeline, replicas=p_replicas),
+        prefill=PhasePlan(tensor=prefill.tensor, pipeline=prefill.pipeline, replicas=p_replicas,
+                          max_batch_tokens=manual_prefill_budget(spec, profile)),
         decode=PhasePlan(tensor=decode.tensor, pipeline=decode.pipeline, replicas=d_replicas),
         units=units,
         source="manual",
@@ -127,7 +148,7 @@ def plan_for(
     `max_tensor` caps the tensor-parallel size at what the deployed worker runs.
     """
     if spec.parallelism is not None:
-        return manual_plan(spec)
+        return manual_plan(spec, profile)
     try:
         plan = plan_automatically(
             _planning_view(spec), nodes=nodes, profile=profile, rate=rate, used_gpus=used_gpus, max_tensor=max_tensor

@@ -226,7 +226,9 @@ def check_profile_fit(searcher: Searcher, source: str) -> None:
     per_request = float(np.mean(searcher.sample.input_tokens + searcher.sample.output_tokens))
     lane = max((searcher.capacity_tokens(x) // x.pipeline for x in shapes), default=0)
     batch = int(min(DEFAULT_MAX_BATCH, max(1, lane // max(per_request, 1))))
-    problems = fit_problems(searcher.profile, max_decode_batch=batch, max_prefill_tokens=searcher.budget_tokens)
+    # Prefill batches reach the colocated budget or a prefill shape's L_m, whichever is larger.
+    prefill_tokens = max([searcher.budget_tokens, *(searcher.prefill_budget(x) for x in searcher.shapes())])
+    problems = fit_problems(searcher.profile, max_decode_batch=batch, max_prefill_tokens=prefill_tokens)
     if problems:
         raise PlanningError(
             "ProfileInvalid",

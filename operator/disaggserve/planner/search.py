@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from disaggserve.api.spec import Slo  # the one SLO type (spec.slo), read by the search
+from disaggserve.planner.batching import prefill_token_budget
 from disaggserve.planner.facts import Facts
 from disaggserve.planner.goodput import max_rate
 from disaggserve.planner.profile import LatencyProfile, PhaseLatency, phase_latency
@@ -148,6 +149,8 @@ class Searcher:
     slo: Slo
     hardware: HardwareView
     target_rate: float
+    # Colocated instances' prompt-chunk budget (vLLM's default; see prefill_budget for why the
+    # disaggregated prefill instances' own is not this).
     budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET
     min_requests: int = DEFAULT_REQUESTS
     max_tensor: int = max(TENSOR_SIZES)  # what the deployed worker can run
@@ -196,6 +199,15 @@ class Searcher:
         if lat is None:
             raise KeyError(f"profile has no tensor size {shape.tensor}")
         return lat
+
+    def prefill_budget(self, shape: Shape) -> int:
+        """Prompt tokens one disaggregated prefill iteration of `shape` batches: DistServe's L_m
+        from the profile (planner/batching.py), what the plan renders into the prefill pods.
+
+        Colocated instances keep `budget_tokens`: their iterations also carry the running decodes,
+        so their budget trades TTFT against the decodes' stall, not device saturation alone, and
+        DistServe's baseline is vLLM as configured by default."""
+        return prefill_token_budget(self.latency(shape))
 
     # ---- zero-load checks -----------------------------------------------------------------
     def prefill_zero_load_ms(self, shape: Shape) -> np.ndarray:
@@ -246,7 +258,7 @@ class Searcher:
     def prefill_capacity(self, shape: Shape) -> float:
         lat = self.latency(shape)
         mean = float(np.mean(self.sample.input_tokens))
-        per_batch = max(1, int(self.budget_tokens // mean))
+        per_batch = max(1, int(self.prefill_budget(shape) // mean))
         stage = lat.prefill_stage_ms(per_batch * mean, per_batch * mean * mean)
         return 1000.0 * per_batch / stage
 
@@ -293,7 +305,7 @@ class Searcher:
         lat = self.latency(shape)
         return self._goodput(
             ("prefill", shape),
-            lambda r: simulate_prefill(self.requests_for(r), r, lat, budget_tokens=self.budget_tokens),
+            lambda r: simulate_prefill(self.requests_for(r), r, lat, budget_tokens=self.prefill_budget(shape)),
             self.prefill_capacity(shape),
         )
 
@@ -319,7 +331,7 @@ class Searcher:
                 n_p * units,
                 setup,
                 units=units,
-                budget_tokens=self.budget_tokens,
+                budget_tokens=self.prefill_budget(p),
             ),
             guess,
         )
@@ -347,7 +359,7 @@ class Searcher:
             n_p,
             self._decode_setup(d, n_d, gbps),
             units=units,
-            budget_tokens=self.budget_tokens,
+            budget_tokens=self.prefill_budget(p),
         ).after_warmup(WARMUP)
 
     def simulate_colocated_plan(self, rate: float, shape: Shape, instances: int) -> SimResult:

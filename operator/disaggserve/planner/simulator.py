@@ -25,12 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from disaggserve.planner.batching import prefill_token_budget
 from disaggserve.planner.profile import PhaseLatency
 from disaggserve.planner.workload import RequestSample
 
 INF = math.inf
-# Prompts a prefill iteration may batch, in tokens (vLLM's max_num_batched_tokens default).
-# A longer prompt still runs, alone. 0 disables batching (one prompt per iteration).
+# Prompt tokens a colocated (vLLM-style) iteration may batch (vLLM's max_num_batched_tokens
+# default). Disaggregated prefill instances batch up to their shape's L_m instead
+# (batching.prefill_token_budget), what the plan renders into their pods. In either, a longer
+# prompt still runs, alone; 0 disables batching (one prompt per iteration).
 DEFAULT_PREFILL_TOKEN_BUDGET = 2048
 # Sequences one decode iteration may hold (vLLM's max_num_seqs default).
 DEFAULT_MAX_BATCH = 256
@@ -347,9 +350,12 @@ def simulate_prefill(
     rate: float,
     lat: PhaseLatency,
     instances: int = 1,
-    budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+    budget_tokens: int | None = None,
 ) -> SimResult:
-    """Prefill instances alone: TTFT per request (TPOT reported as 0)."""
+    """Prefill instances alone: TTFT per request (TPOT reported as 0). `budget_tokens` None: the
+    shape's L_m (batching.prefill_token_budget), as a planned prefill pod batches."""
+    if budget_tokens is None:
+        budget_tokens = prefill_token_budget(lat)
     lat = lat.sharing(rate, sample.mean_output_tokens)
     arrival = sample.arrivals_ms(rate)
     first = np.full(len(sample), INF)
@@ -462,15 +468,18 @@ def simulate_disaggregated(
     decode: DecodeSetup,
     *,
     units: int = 1,
-    budget_tokens: int = DEFAULT_PREFILL_TOKEN_BUDGET,
+    budget_tokens: int | None = None,
 ) -> SimResult:
     """The whole system: prefill instances → KV transfer → decode instances.
 
     With `units` > 1 (low node-affinity), prefill and decode instances are split evenly into
-    units and a prompt prefilled in one unit decodes in the same unit.
+    units and a prompt prefilled in one unit decodes in the same unit. `budget_tokens` None: the
+    prefill shape's L_m (batching.prefill_token_budget), as a planned prefill pod batches.
     """
     if prefill_instances % units or decode.instances % units:
         raise ValueError("instances must split evenly into units")
+    if budget_tokens is None:
+        budget_tokens = prefill_token_budget(prefill)
     prefill = prefill.sharing(rate, sample.mean_output_tokens)
     decode = dataclasses.replace(decode, lat=decode.lat.sharing(rate, sample.mean_output_tokens))
     arrival = sample.arrivals_ms(rate)

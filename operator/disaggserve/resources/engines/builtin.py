@@ -48,6 +48,8 @@ class BuiltinEngine:
             max_model_len=spec.model.max_model_len,
             dtype=spec.model.dtype,
             speculation=_speculation_args(spec) if phase in ("decode", "colocated") else None,
+            # The plan's prefill L_m (planner/batching.py); decode and colocated keep the worker's default.
+            max_batch_tokens=phase_plan.max_batch_tokens,
         )
         return WorkerContainer(
             image=spec.image.reference,

@@ -50,6 +50,20 @@ def _power_of_two(x: float) -> int:
     return min(256, max(8, 2 ** math.ceil(math.log2(max(1.0, x)))))
 
 
+# vLLM's chunked prefill is on by default (0.32, generative models); `engine.extraArgs` may turn it
+# off with the first flag (vLLM's parser refuses `--enable-chunked-prefill=false` and the like), and
+# vLLM then refuses a max_num_batched_tokens below max_model_len: a prompt must fit one batch.
+CHUNKED_PREFILL_FLAGS = {"--no-enable-chunked-prefill": True, "--enable-chunked-prefill": False}
+
+
+def chunked_prefill_off(spec: DisaggServeSpec) -> bool:
+    """Whether `engine.extraArgs` turn chunked prefill off (the last of the two flags wins, as in vLLM)."""
+    off = False
+    for arg in spec.engine.extra_args or []:
+        off = CHUNKED_PREFILL_FLAGS.get(arg, off)
+    return off
+
+
 def batch_limits(spec: DisaggServeSpec, plan: Plan, phase: Role) -> tuple[int, int]:
     """(max_num_seqs, max_num_batched_tokens) of one instance of `phase`.
 
@@ -58,11 +72,13 @@ def batch_limits(spec: DisaggServeSpec, plan: Plan, phase: Role) -> tuple[int, i
     phase on each scaling step. Decode: the sequences in flight at the planned rate (Little's law:
     rate x output tokens x TPOT target), doubled for bursts, as a power of two in [8, 256], so one
     instance could hold the whole load if the others are draining. Prefill: the prompts arriving
-    within one TTFT target, same rounding; a batch holds max(2048, one mean prompt) tokens (DistServe:
-    prefill saturates the device beyond a few thousand tokens; longer prompts are chunked).
-    `max_num_batched_tokens` is never below `max_num_seqs` (vLLM refuses that).
+    within one TTFT target, same rounding; a batch holds the plan's prefill budget, DistServe's L_m
+    from the profile (planner/batching.py: past it batching saves almost nothing and delays every
+    prompt in the batch; vLLM chunks longer prompts), or, for a plan without one, max(2048, one mean
+    prompt) tokens as before. `max_num_batched_tokens` is never below `max_num_seqs` (vLLM refuses
+    that), nor, with chunked prefill turned off in `engine.extraArgs`, below `model.maxModelLen`
+    (vLLM refuses that too: a prompt must then fit one batch).
     """
-    del plan  # the plan's sizes go to --tensor/--pipeline-parallel-size; see above for replicas
     w, slo = spec.workload, spec.slo
     if phase == "decode":
         seqs = _power_of_two(2 * w.request_rate * w.output_tokens * slo.tpot_ms / 1000.0)
@@ -72,10 +88,21 @@ def batch_limits(spec: DisaggServeSpec, plan: Plan, phase: Role) -> tuple[int, i
         tokens = max(2048, w.input_tokens, seqs)
     else:
         seqs = _power_of_two(2 * w.request_rate * slo.ttft_ms / 1000.0)
-        tokens = max(2048, w.input_tokens, seqs)
-    if spec.model.max_model_len:
-        tokens = max(min(tokens, max(spec.model.max_model_len, 2048)), seqs)
+        budget = plan.prefill.max_batch_tokens
+        tokens = max(budget, seqs) if budget is not None else max(2048, w.input_tokens, seqs)
+    limit = spec.model.max_model_len
+    if limit:
+        tokens = max(min(tokens, max(limit, 2048)), seqs)
+        if chunked_prefill_off(spec):
+            tokens = max(tokens, limit)
     return seqs, tokens
+
+
+def renders_batched_tokens(spec: DisaggServeSpec) -> bool:
+    """Whether the server gets `--max-num-batched-tokens`: not when chunked prefill is off and
+    `model.maxModelLen` unset, where only vLLM knows the model's length that a batch must hold (it
+    then takes max(that length, its default) itself)."""
+    return bool(spec.model.max_model_len) or not chunked_prefill_off(spec)
 
 
 def speculative_config(spec: DisaggServeSpec) -> dict[str, Any] | None:
@@ -124,8 +151,9 @@ def vllm_args(spec: DisaggServeSpec, plan: Plan, phase: Role) -> list[str]:
         "--tensor-parallel-size", str(phase_plan.tensor),
         "--pipeline-parallel-size", str(phase_plan.pipeline),
         "--max-num-seqs", str(seqs),
-        "--max-num-batched-tokens", str(tokens),
     ]  # fmt: skip
+    if renders_batched_tokens(spec):
+        args += ["--max-num-batched-tokens", str(tokens)]
     if (connector := kv_transfer_config(spec, phase)) is not None:
         args += ["--kv-transfer-config", json.dumps(connector, separators=(",", ":"))]
     if spec.model.max_model_len:
