@@ -75,12 +75,14 @@ SERVED = "bench"
 REGIMES: dict[str, dict[str, Any]] = {
     "distserve": {"input_tokens": 1024, "output_tokens": 16, "ttft_scale": 3.0, "tpot_scale": 3.0,
                   "tpot_stat": "p90", "rate_factors": [0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 0.95, 1.1, 1.25, 1.4],
-                  "rate_base": "prefill"},
+                  "rate_base": "prefill", "worker_cpu_share": 0.9},
     # Rates as multiples of one request's whole unloaded latency: decode batching is the capacity.
     "decode-heavy": {"input_tokens": 64, "output_tokens": 128, "ttft_scale": 5.0, "tpot_scale": 2.0,
-                     "tpot_stat": "mean", "rate_factors": [1.0, 2.5, 5.0, 8.0, 11.0, 14.0], "rate_base": "request"},
+                     "tpot_stat": "mean", "rate_factors": [1.0, 2.5, 5.0, 8.0, 11.0, 14.0], "rate_base": "request",
+                     "worker_cpu_share": 0.7},
     "legacy": {"input_tokens": 512, "output_tokens": 64, "ttft_scale": 5.0, "tpot_scale": 3.0,
-               "tpot_stat": "mean", "rate_factors": [0.12, 0.2, 0.3, 0.45, 0.6], "rate_base": "prefill"},
+               "tpot_stat": "mean", "rate_factors": [0.12, 0.2, 0.3, 0.45, 0.6], "rate_base": "prefill",
+               "worker_cpu_share": 0.8},
 }
 
 
@@ -115,11 +117,14 @@ class CpuCaps:
     dedicated worker cores that run slower. Each worker's group also weighs 10x a plain process, so up to
     its cap it runs whenever it wants to (a capped group otherwise competes as one process against each
     of the harness's and the host's, and got 49-61 % of a core while overloaded at a 0.7 cap); the
-    harness runs in what is left. The period is short (2 ms) so that throttling chops steps
-    finely instead of stalling a token for tens of ms; its jitter (a stall of ~1-3 ms when a worker
-    exhausts its quota) hits a busy worker of either system alike."""
+    harness runs in what is left. The period is the shortest that still delivers the share asked: a
+    spinning process capped at 0.7 got 0.51 of its core with a 2 ms period (the unthrottle timer's
+    latency), 0.68 with 5 ms, 0.70 with 10 ms. A worker that exhausts its quota stalls for up to
+    (1 - share) x 10 ms, a busy worker of either system alike; each regime's default share is the
+    largest that leaves the harness what it was measured to need, so the stall stays short where the
+    SLO judges single token gaps."""
 
-    PERIOD_US = 2000
+    PERIOD_US = 10_000
 
     def __init__(self, share: float):
         self.share = share
@@ -134,7 +139,7 @@ class CpuCaps:
             raise SystemExit("--worker-cpu-share needs the cgroup cpu controller (v2 cpu.max or v1 cpu.cfs_quota_us); "
                              "none is mounted here. Pass --worker-cpu-share 1 to run uncapped (the harness then "
                              "takes its CPU from whichever worker is busy; the result records how much)")
-        # The kernel's smallest quota is 1 ms: a share below 0.5 needs a longer period.
+        # The kernel's smallest quota is 1 ms: a share below 0.1 needs a longer period.
         self.period_us = max(self.PERIOD_US, round(1000 / share))
 
     def cap(self, proc: Proc) -> None:
@@ -559,8 +564,9 @@ def main() -> None:
                         help="every worker's --dtype (auto: float32 on a CPU); not auto: its own result file")
     parser.add_argument("--worker-cpu-share", type=float,
                         help="cap every worker at this share of its core (cgroup CPU bandwidth), leaving the rest "
-                             "to the routers and load generator; default 0.7 where they have no core of their own "
-                             "(two cores), else 1 (uncapped)")
+                             "to the routers and load generator; default where they have no core of their own (two "
+                             "cores): the regime's (distserve 0.9: the harness took <= 7 %% of both cores there; "
+                             "decode-heavy 0.7: up to 26 %%, it streams 8x the tokens; legacy 0.8), else 1 (uncapped)")
     parser.add_argument("--resweep", type=Path, metavar="RESULT",
                         help="judge RESULT's stored requests at the --tpot-sweep SLOs, rewrite its sweep and "
                              "plot, and run nothing")
@@ -593,7 +599,8 @@ def main() -> None:
     if harness:
         os.sched_setaffinity(0, harness)
     args.host_cores = len(cores)
-    share = args.worker_cpu_share if args.worker_cpu_share is not None else (1.0 if harness else 0.7)
+    share = args.worker_cpu_share if args.worker_cpu_share is not None else \
+        (1.0 if harness else regime["worker_cpu_share"])
     if not 0 < share <= 1:
         raise SystemExit(f"--worker-cpu-share must be in (0, 1], got {share:g}")
     caps = CpuCaps(share) if share < 1 else None
