@@ -11,6 +11,9 @@ import socket
 import threading
 from collections.abc import Callable
 
+import pytest
+
+from disaggserve_worker.kv import native
 from disaggserve_worker.kv.framing import PROTOCOL_VERSION, FrameType, recv_control, send_json
 
 Script = Callable[[socket.socket], None]
@@ -54,3 +57,15 @@ class FakeKVPeer:
                 send_json(conn, FrameType.READY, {})
             self.script(conn)
         conn.close()
+
+
+@pytest.fixture(params=["native", "python"])
+def kv_io(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a KV test both ways: reads in C (`kv/kv_io.c`, `kv.native`) and Python's own path,
+    which must answer every reply and fault alike (a module uses it with
+    `pytestmark = pytest.mark.usefixtures("kv_io")`)."""
+    if request.param == "python":
+        monkeypatch.setattr(native, "library", lambda: None)
+    else:
+        assert native.library() is not None, "kv_io.c did not build (a C compiler is needed for these tests)"
+    return str(request.param)

@@ -30,6 +30,9 @@ from disaggserve_worker.kv.framing import (
 )
 from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.loader import LoadedModel
+from kv_fakes import kv_io  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.usefixtures("kv_io")  # each test reads in C and in Python
 
 HOST = "127.0.0.33"
 TOKEN = "s3cret-of-this-disaggserve"

@@ -27,7 +27,9 @@ from disaggserve_worker.kv.framing import (
 from disaggserve_worker.kv.layout import PoolSink
 from disaggserve_worker.kv.transport import KVLayout, TcpKVTransport
 from disaggserve_worker.model.kv_pool import KVPool
-from kv_fakes import FakeKVPeer
+from kv_fakes import FakeKVPeer, kv_io  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.usefixtures("kv_io")  # each test reads in C and in Python
 
 LAYOUT = KVLayout(torch.float32, layers=2, kv_heads=1, head_dim=4)
 TOKENS = 3
@@ -203,3 +205,56 @@ async def test_a_cancelled_loop_pull_writes_nothing_after_it_returns() -> None:
         await _second_pull(stalls_after_the_header, cancel_after=header_sent, took=took, pools=pools)
     assert took[0] < 0.5, "cancellation does not wait for the peer"
     assert not any(layer[0].any() for layer in pools[-1].layers), "the late layer went nowhere"
+
+
+async def test_a_header_that_does_not_fit_fails_the_loop_pull_as_a_mismatch() -> None:
+    """The native receive declines a header it does not take; the Python path then reports it."""
+    for header in (ReplyHeader("float32", layers=2, tokens=TOKENS, kv_heads=2, head_dim=4),  # another model
+                   ReplyHeader("float32", layers=2, tokens=4, kv_heads=1, head_dim=4)):  # more than reserved
+        def answers(conn: socket.socket, header: ReplyHeader = header) -> None:
+            recv_control(conn)
+            conn.sendall(header.encode())
+            time.sleep(0.5)
+
+        with pytest.raises(KVTransferError, match="does not fit") as error:
+            await _second_pull(answers)
+        assert error.value.kind == "kv_mismatch" and not error.value.retryable
+
+
+async def test_layers_out_of_order_fail_the_loop_pull() -> None:
+    def swaps(conn: socket.socket) -> None:
+        recv_control(conn)
+        _header(conn)
+        conn.sendall(_layer(1) + _layer(0) + encode_count(FrameType.END, 2 * LAYOUT.layer_bytes(TOKENS)))
+        time.sleep(0.5)
+
+    with pytest.raises(KVTransferError, match=r"layer 1\) where layer 0 ") as error:
+        await _second_pull(swaps)
+    assert error.value.kind == "kv_protocol" and not error.value.retryable
+
+
+async def test_a_loop_pull_into_scattered_blocks_lands_token_by_token() -> None:
+    """Blocks 3 then 0 of two slots: the three tokens land in slots 6, 7 and 0, K and V apart."""
+    values = torch.arange(2 * TOKENS * 4, dtype=torch.float32).reshape(2, TOKENS, 1, 4)
+
+    def answers(conn: socket.socket) -> None:
+        recv_control(conn)
+        _header(conn)
+        for layer in range(2):
+            payload = LAYER_INDEX.pack(layer) + (values + 100 * layer).numpy().tobytes()
+            conn.sendall(HEADER.pack(int(FrameType.LAYER), len(payload)) + payload)
+        conn.sendall(encode_count(FrameType.END, 2 * LAYOUT.layer_bytes(TOKENS)))
+        recv_control(conn)
+
+    transport = TcpKVTransport(token=None)
+    with FakeKVPeer(lambda conn: (_answers(conn, []), answers(conn))) as peer:
+        await transport.pull(peer.address, "h1", "r1", LAYOUT, _sink()[0])
+        pool = KVPool([[torch.zeros(2, 8, 1, 4)] for _ in range(2)])
+        sink = PoolSink(pool, torch.tensor([6, 7, 0, 1]), blocks=[3, 0], block_size=2)
+        stats = await transport.pull(peer.address, "h2", "r2", LAYOUT, sink)
+    transport.close()
+    assert stats.tokens == TOKENS
+    for layer in range(2):
+        got = pool.layers[layer][0][:, [6, 7, 0]]
+        assert torch.equal(got, values + 100 * layer)
+        assert not pool.layers[layer][0][:, 1:6].any()

@@ -17,6 +17,7 @@ from disaggserve_worker.engine.types import RequestStream
 from disaggserve_worker.kv.framing import (
     HEADER,
     LAYER_INDEX,
+    MAX_CONTROL_FRAME,
     FrameType,
     KVTransferError,
     PullRequest,
@@ -25,11 +26,15 @@ from disaggserve_worker.kv.framing import (
     recv_control,
     recv_exact,
     recv_frame_head,
+    set_timeout,
 )
 from disaggserve_worker.kv.layout import block_runs, slot_runs
+from disaggserve_worker.kv.native import frame_reader
 from disaggserve_worker.kv.transport import KVLayout, KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.loader import LoadedModel
-from kv_fakes import FakeKVPeer
+from kv_fakes import FakeKVPeer, kv_io  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.usefixtures("kv_io")  # each test reads in C and in Python
 
 LAYOUT = KVLayout(torch.float32, layers=2, kv_heads=1, head_dim=4)
 
@@ -441,3 +446,74 @@ async def test_pull_into_fragmented_blocks_equals_source(tiny: LoadedModel) -> N
         transport.close()
         await server.stop()
         engine.stop()
+
+
+def test_the_ports_frame_reader_reads_and_refuses_as_recv_control_does() -> None:
+    """`native.frame_reader` (C where it builds, see the kv_io fixture) on a port's blocking socket."""
+    a, b = socket.socketpair()
+    try:
+        set_timeout(b, 0.2)
+        read = frame_reader(b)
+        a.sendall(HEADER.pack(int(FrameType.ACK), 3) + b"xyz" + HEADER.pack(int(FrameType.REQUEST), 2) + b"hi")
+        assert read(MAX_CONTROL_FRAME) == (FrameType.ACK, bytearray(b"xyz"))
+        assert read(MAX_CONTROL_FRAME) == (FrameType.REQUEST, bytearray(b"hi"))
+        a.sendall(HEADER.pack(int(FrameType.END), 10) + b"abc")  # promises 10 bytes, sends 3
+        with pytest.raises(KVTransferError) as timeout:
+            read(MAX_CONTROL_FRAME)
+        assert timeout.value.kind == "kv_timeout" and timeout.value.retryable
+    finally:
+        a.close()
+        b.close()
+    a, b = socket.socketpair()
+    try:
+        set_timeout(b, 1)
+        read = frame_reader(b)
+        a.sendall(HEADER.pack(int(FrameType.REQUEST), 1 << 40))  # a terabyte, refused unread
+        with pytest.raises(KVTransferError, match="exceeds") as big:
+            read(MAX_CONTROL_FRAME)
+        assert big.value.kind == "kv_protocol"
+        a.sendall(HEADER.pack(int(FrameType.LAYER), 8))
+        with pytest.raises(KVTransferError, match="unexpected KV layer frame"):
+            read(MAX_CONTROL_FRAME)
+        a.sendall(HEADER.pack(int(FrameType.REQUEST), 4) + b"ab")
+        a.close()
+        with pytest.raises(KVTransferError, match="closed") as closed:
+            read(MAX_CONTROL_FRAME)
+        assert closed.value.kind == "kv_unavailable" and closed.value.retryable
+    finally:
+        b.close()
+
+
+def test_a_prepared_reply_goes_out_whole_and_in_order() -> None:
+    """`native.Gather` (a held cache's reply, sent in C) sends what `send_buffers` would, through
+    a socket buffer that fills many times over; a peer gone is a retryable error."""
+    from disaggserve_worker.kv import native
+    from disaggserve_worker.kv.framing import SOCKET_BUFFER, send_buffers
+
+    rng = torch.Generator().manual_seed(5)
+    pool = torch.randint(0, 256, (3 * SOCKET_BUFFER + 11,), dtype=torch.uint8, generator=rng)
+    view = memoryview(pool.numpy())
+    buffers = [b"head", view[5:SOCKET_BUFFER + 9], b"", b"mid", view[SOCKET_BUFFER + 9:], view[:5], b"end"]
+    expected = b"".join(bytes(b) for b in buffers)
+    prepared = native.gather(buffers)
+    assert (prepared is None) == (native.library() is None)
+    a, b = socket.socketpair()
+    try:
+        set_timeout(a, 5)
+        received = bytearray()
+        reader = threading.Thread(target=lambda: received.extend(recv_exact(b, len(expected))))
+        reader.start()
+        if prepared is not None:
+            prepared.send(a)
+        else:
+            send_buffers(a, buffers)
+        reader.join(10)
+        assert received == expected
+        b.close()
+        with pytest.raises(KVTransferError) as gone:
+            for _ in range(4):  # the first send after the peer closed may still be taken
+                prepared.send(a) if prepared is not None else send_buffers(a, buffers)
+        assert gone.value.kind == "kv_unavailable" and gone.value.retryable
+    finally:
+        a.close()
+        b.close()

@@ -17,6 +17,9 @@ from disaggserve_worker.engine.types import RequestStream
 from disaggserve_worker.kv.framing import LEGACY_VERSION, PROTOCOL_VERSION, KVTransferError
 from disaggserve_worker.kv.transport import KVServer, TcpKVTransport, layout_of, pool_sink
 from disaggserve_worker.model.loader import LoadedModel
+from kv_fakes import kv_io  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.usefixtures("kv_io")  # each test reads in C and in Python
 
 HOST = "127.0.0.34"
 BOTH = (LEGACY_VERSION, PROTOCOL_VERSION)

@@ -9,7 +9,10 @@ Two ways to drive the same frames, chosen per pull:
   sink of up to LOOP_MAX_BYTES (a typical prompt's cache): each read takes what has arrived,
   every layer and the END are scatter-read (`recvmsg_into`, `_DirectReply`) straight into the
   reserved pool blocks, and the ACK
-  goes out right after the pull has returned (`_acknowledge`). No thread hand-off: on the 2-core
+  goes out right after the pull has returned (`_acknowledge`). The REQUEST goes out before any
+  other Python of the pull, and where `kv/kv_io.c` builds, the reply is read in C (`kv.native`:
+  header, checks, scatter targets and reads in one call per wake-up); Python's path reads any
+  reply the C code declines, and every reply when it cannot build. No thread hand-off: on the 2-core
   bench host the transfer thread woken for a 1 MB pull queued behind the very sender it waited
   for and started reading only once the whole send was done (bench/kv_transfer.py: 0.44x raw
   TCP before, 0.76x after, with the prefill side's reply prepared in advance).
@@ -41,6 +44,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
 import threading
 import time
@@ -51,7 +55,7 @@ from typing import TypeVar
 
 import torch
 
-from disaggserve_worker.kv import auth
+from disaggserve_worker.kv import auth, native
 from disaggserve_worker.kv.framing import (
     BYTE_COUNT,
     COUNT_FRAME_SIZE,
@@ -70,8 +74,10 @@ from disaggserve_worker.kv.framing import (
     PeerClosed,
     PullRequest,
     ReplyHeader,
+    check_control,
     decode_json,
     encode_count,
+    frame_head,
     make_blocking,
     raise_if_error,
     recv_control,
@@ -81,8 +87,10 @@ from disaggserve_worker.kv.framing import (
     send_buffers,
     send_json,
     set_timeout,
+    translate,
 )
 from disaggserve_worker.kv.layout import DTYPES, KVLayout, LayerSink, PoolSink, TransferStats
+from disaggserve_worker.kv.native import NativePull
 from disaggserve_worker.kv.shared_memory import (
     COPY_BEFORE_CHECK,
     HeldLocation,
@@ -181,14 +189,18 @@ class TcpKVTransport:
                 return TransferStats(expect.layer_bytes(copied) * expect.layers, time.perf_counter() - start, copied)
         for attempt in range(2):
             conn, reused = await self._checkout(address)
-            shared = conn.segment is not None and isinstance(sink, PoolSink) and sink.direct
+            direct = sink if isinstance(sink, PoolSink) and sink.direct else None
+            shared = conn.segment is not None and direct is not None
             request = PullRequest(handle, request_id, shm=shared).encode(conn.version)
             may_be_stale = reused and attempt == 0
             try:
-                if (conn.authenticated and isinstance(sink, PoolSink) and sink.direct
-                        and expect.layer_bytes(sink.capacity) * expect.layers
+                if (conn.authenticated and direct is not None and expect.layer_bytes(direct.capacity) * expect.layers
                         <= (SHARED_LOOP_MAX_BYTES if shared else LOOP_MAX_BYTES)):
-                    total, tokens, ack = await self._exchange_on_loop(conn, request, expect, sink, may_be_stale)
+                    # The REQUEST first, before any other Python: the port's answer then overlaps the
+                    # rest (on a vCPU woken cold, the Python before it was ~60 us of a 1 MB pull).
+                    sent = conn.send_now(request)
+                    total, tokens, ack = await self._exchange_on_loop(conn, request[sent:], expect, direct,
+                                                                      may_be_stale)
                 else:
                     sent = conn.send_now(request) if conn.authenticated else 0
                     exchange = functools.partial(self._exchange, conn, request[sent:] if sent else None, expect, sink,
@@ -459,13 +471,24 @@ class TcpKVTransport:
                                 may_be_stale: bool) -> tuple[int, int, bytes]:
         """One pull on an authenticated connection into a direct sink, from the event loop
         (`framing.LoopStream`): the same frames as `_exchange`, each layer scatter-read straight
-        into the reserved blocks. Returns (bytes, tokens, the ACK still to send). A cancellation
+        into the reserved blocks; `request` is what of the REQUEST frame is still to send (the
+        caller sends what the socket takes at once). Returns (bytes, tokens, the ACK still to send). A cancellation
         stops it at a read; the caller then closes the connection, and nothing writes into the
         sink any more."""
         stream = LoopStream(conn.sock, self.frame_timeout)
+        # The native receive takes a stream reply of the current protocol (a same-host peer's
+        # connection asks for slot runs instead).
+        lib = native.library() if conn.version == PROTOCOL_VERSION and conn.segment is None else None
         with _stale_if(may_be_stale):
             await stream.send(request)
-            kind, payload = await stream.control()
+            if lib is None:
+                kind, payload = await stream.control()
+        if lib is not None:
+            read = await self._receive_native(NativePull(lib, conn.sock.fileno(), expect, sink), stream, may_be_stale)
+            if isinstance(read, int):
+                total = expect.layer_bytes(read) * expect.layers
+                return total, read, encode_count(FrameType.ACK, total, conn.version)
+            kind, payload = read
         header = _reply_header(kind, payload, conn.version)
         tokens = self._check_header(header, expect, sink)
         layer_bytes = expect.layer_bytes(tokens)
@@ -480,6 +503,43 @@ class TcpKVTransport:
         if not ended:
             _check_end(*await stream.control())
         return total, tokens, encode_count(FrameType.ACK, total, conn.version)
+
+    @staticmethod
+    async def _receive_native(pull: NativePull, stream: LoopStream,
+                              may_be_stale: bool) -> int | tuple[FrameType, bytearray]:
+        """The reply read by the native receive (`kv.native`): its tokens once it is all in the
+        sink, or the first frame it declined (an ERROR, slot runs, a shape that does not fit),
+        read whole, for the Python path to take on from. A peer that closed a pooled connection
+        before answering is `_Stale`, as on the Python path."""
+        while (status := pull.step()) == native.AGAIN:
+            await stream.wait_readable()
+        if status == native.DONE:
+            return int(pull.state.tokens)
+        if status == native.DECLINED_HEADER:
+            return FrameType.HEADER, pull.header_payload()
+        if status == native.DECLINED_HEAD:
+            kind, length = frame_head(pull.frame_head())
+            check_control(kind, length, MAX_CONTROL_FRAME)
+            payload = bytearray(length)
+            await stream.recv_into([memoryview(payload)])
+            return kind, payload
+        if status == native.BAD_FRAMES:
+            heads, end = pull.layer_frames()
+            layer_bytes = 2 * int(pull.state.tokens) * int(pull.state.token_bytes)
+            _check_frames(heads, end, layer_bytes)  # raises the Python path's error
+            raise KVTransferError("kv_protocol", "the native KV receive refused frames the Python path "
+                                  "takes", False)
+        if status == native.CLOSED:
+            if may_be_stale and pull.untouched:
+                raise _Stale()
+            raise PeerClosed("KV peer closed the stream mid-frame")
+        if status == native.ERRNO:
+            error = OSError(int(pull.state.error), os.strerror(int(pull.state.error)))
+            if may_be_stale and pull.untouched and isinstance(error, ConnectionError):
+                raise _Stale()
+            raise translate(error, stream.sock)
+        raise KVTransferError("kv_protocol", f"native KV receive failed (status {status}): the reservation "
+                              "does not hold the reply", False)
 
     @staticmethod
     def _copy_shared(conn: _Connection, header: ReplyHeader, expect: KVLayout, sink: LayerSink | PoolSink,
@@ -557,15 +617,20 @@ class _DirectReply:
 
     def check(self, layer_bytes: int) -> bool:
         """Whether the END came in with the layers (raises if a frame head is wrong)."""
-        for layer, head in enumerate(self.heads):
-            _check_layer_head(head, layer, layer_bytes)
-        if self.end is None:
-            return False
-        kind, length = HEADER.unpack_from(self.end)
-        if (kind, length) != (int(FrameType.END), BYTE_COUNT.size):
-            raise KVTransferError("kv_protocol", f"expected the KV end frame after the last layer, got a frame of "
-                                  f"type {kind} and {length} bytes", False)
-        return True
+        _check_frames(self.heads, self.end, layer_bytes)
+        return self.end is not None
+
+
+def _check_frames(heads: list[bytearray], end: bytearray | None, layer_bytes: int) -> None:
+    """Raise if a layer frame head or the END (None: read apart, legacy) read with the layers is wrong."""
+    for layer, head in enumerate(heads):
+        _check_layer_head(head, layer, layer_bytes)
+    if end is None:
+        return
+    kind, length = HEADER.unpack_from(end)
+    if (kind, length) != (int(FrameType.END), BYTE_COUNT.size):
+        raise KVTransferError("kv_protocol", f"expected the KV end frame after the last layer, got a frame of "
+                              f"type {kind} and {length} bytes", False)
 
 
 @contextlib.contextmanager

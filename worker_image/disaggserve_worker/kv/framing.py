@@ -250,7 +250,7 @@ def _timeout_of(sock: socket.socket) -> float:
     return whole + micros / 1e6
 
 
-def _translate(error: BaseException, sock: socket.socket) -> KVTransferError:
+def translate(error: BaseException, sock: socket.socket) -> KVTransferError:
     # A kernel timeout (`set_timeout`) surfaces as EAGAIN, Python's own as TimeoutError.
     if isinstance(error, TimeoutError | BlockingIOError):
         return KVTransferError("kv_timeout", f"no KV data within {_timeout_of(sock):g} s", True)
@@ -277,7 +277,7 @@ def recv_into_buffers(sock: socket.socket, buffers: Sequence[memoryview]) -> Non
         try:
             got = sock.recvmsg_into(pending[:IOV_MAX], 0, socket.MSG_WAITALL)[0]
         except OSError as error:
-            raise _translate(error, sock) from None
+            raise translate(error, sock) from None
         if got == 0:
             raise PeerClosed("KV peer closed the stream mid-frame")
         _consume(pending, got)
@@ -307,16 +307,16 @@ def send_buffers(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> 
         try:
             sent = sock.sendmsg(batch)
         except OSError as error:
-            raise _translate(error, sock) from None
+            raise translate(error, sock) from None
         _consume(pending, sent)
 
 
 def recv_frame_head(sock: socket.socket) -> tuple[FrameType, int]:
     """The next frame's type and payload length (the payload is not read)."""
-    return _frame_head(recv_exact(sock, HEADER.size))
+    return frame_head(recv_exact(sock, HEADER.size))
 
 
-def _frame_head(head: bytes | bytearray) -> tuple[FrameType, int]:
+def frame_head(head: bytes | bytearray) -> tuple[FrameType, int]:
     kind_value, length = HEADER.unpack(head)
     try:
         return FrameType(kind_value), length
@@ -324,7 +324,7 @@ def _frame_head(head: bytes | bytearray) -> tuple[FrameType, int]:
         raise KVTransferError("kv_protocol", f"unknown KV frame type {kind_value}", False) from None
 
 
-def _check_control(kind: FrameType, length: int, limit: int) -> None:
+def check_control(kind: FrameType, length: int, limit: int) -> None:
     if kind is FrameType.LAYER:
         raise KVTransferError("kv_protocol", "unexpected KV layer frame", False)
     if length > limit:
@@ -334,7 +334,7 @@ def _check_control(kind: FrameType, length: int, limit: int) -> None:
 def recv_control(sock: socket.socket, limit: int = MAX_CONTROL_FRAME) -> tuple[FrameType, bytearray]:
     """One whole control frame; a LAYER frame or one longer than `limit` is refused unread."""
     kind, length = recv_frame_head(sock)
-    _check_control(kind, length, limit)
+    check_control(kind, length, limit)
     return kind, recv_exact(sock, length)
 
 
@@ -354,7 +354,7 @@ class LoopStream:
         if sock.getblocking():  # a syscall: made only when a transfer thread last used the socket
             sock.setblocking(False)
 
-    async def _readable(self) -> None:
+    async def wait_readable(self) -> None:
         ready = self._loop.create_future()
         fd = self.sock.fileno()
         self._loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
@@ -372,10 +372,10 @@ class LoopStream:
             try:
                 got = self.sock.recvmsg_into(pending[:IOV_MAX])[0]
             except (BlockingIOError, InterruptedError):
-                await self._readable()
+                await self.wait_readable()
                 continue
             except OSError as error:
-                raise _translate(error, self.sock) from None
+                raise translate(error, self.sock) from None
             if got == 0:
                 raise PeerClosed("KV peer closed the stream mid-frame")
             _consume(pending, got)
@@ -383,13 +383,15 @@ class LoopStream:
     async def control(self, limit: int = MAX_CONTROL_FRAME) -> tuple[FrameType, bytearray]:
         head = bytearray(HEADER.size)
         await self.recv_into([memoryview(head)])
-        kind, length = _frame_head(head)
-        _check_control(kind, length, limit)
+        kind, length = frame_head(head)
+        check_control(kind, length, limit)
         payload = bytearray(length)
         await self.recv_into([memoryview(payload)])
         return kind, payload
 
     async def send(self, data: bytes) -> None:
+        if not data:
+            return
         try:
             # A REQUEST fits an idle socket's buffer: one non-blocking send, no timeout scope and no
             # loop round (those were ~0.1 ms of a ~1 ms 1 MB pull, bench/kv_transfer.py --pin).
@@ -397,7 +399,7 @@ class LoopStream:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as error:
-            raise _translate(error, self.sock) from None
+            raise translate(error, self.sock) from None
         if sent == len(data):
             return
         try:
@@ -406,7 +408,7 @@ class LoopStream:
         except TimeoutError:
             raise KVTransferError("kv_timeout", f"KV peer took no data within {self.timeout:g} s", True) from None
         except OSError as error:
-            raise _translate(error, self.sock) from None
+            raise translate(error, self.sock) from None
 
 
 def send_json(sock: socket.socket, kind: FrameType, obj: dict[str, Any]) -> None:

@@ -10,6 +10,8 @@ split over tensor shards or on a GPU go through a staging tensor and `KVPool.rea
 
 from __future__ import annotations
 
+import array
+import ctypes
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -123,6 +125,8 @@ class PoolRegions:
     def __init__(self, pool: KVPool):
         # No reference back to `pool`: `regions_of` keys on it weakly.
         self._views = [_flat_bytes(shards[0]) for shards in pool.layers]
+        # Each layer's address, for the native receive (`kv.native`), which fills regions itself.
+        self.bases = (ctypes.c_void_p * len(pool.layers))(*[shards[0].data_ptr() for shards in pool.layers])
         first = pool.layers[0][0]
         self.slots = int(first.shape[1])
         self.token_bytes = int(first.shape[2] * first.shape[3] * first.element_size())
@@ -176,6 +180,17 @@ class PoolSink:
     @property
     def direct(self) -> bool:
         return self._regions is not None
+
+    @property
+    def regions(self) -> PoolRegions | None:
+        return self._regions
+
+    def blocks_for_native(self) -> tuple[array.array[int], int]:
+        """The reservation as (block ids, block size) in the int64 array the native receive reads
+        (`kv.native`); a sink made from slots alone gives each slot as a block of one."""
+        if self._blocks is not None:
+            return array.array("q", self._blocks[0]), self._blocks[1]
+        return array.array("q", self.slots.to(torch.int64).tolist()), 1
 
     def targets(self, layer: int, tokens: int) -> list[memoryview]:
         """The pool memory of the first `tokens` reserved slots in layer `layer`, in wire order."""

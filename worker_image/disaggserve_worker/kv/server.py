@@ -8,6 +8,9 @@ buffered beyond those limits, so a hostile or broken client cannot grow this pro
 Layers are sent with `sendmsg` straight from the pool's blocks (no gather copy) on a
 single-shard CPU pool, as one gather-write prepared when the engine holds the cache
 (`Engine.on_hold`), so a pull only sends it; other pools gather a layer with `KVPool.read` first.
+Where `kv/kv_io.c` builds (`kv.native`), the control frames are read and the prepared reply is
+sent in C: on a port thread woken cold, the Python between a REQUEST's arrival and the reply's
+first byte was most of what delayed it.
 When the pool is in shared memory (`kv.shared_memory`), READY names its segment, and a peer that
 mapped it asks with the `shm` flag: the reply is then the header with the held blocks' slot runs
 and the end frame, no layers; the peer copies the blocks and ACKs, and the cache stays pinned
@@ -53,6 +56,7 @@ from disaggserve_worker.kv.framing import (
     set_timeout,
 )
 from disaggserve_worker.kv.layout import DTYPE_NAMES, PoolRegions, block_runs, regions_of
+from disaggserve_worker.kv.native import frame_reader, gather
 
 if TYPE_CHECKING:
     from disaggserve_worker.engine.engine import Engine, HeldCache
@@ -168,11 +172,12 @@ class KVServer:
                 return
             set_timeout(conn, self.frame_timeout)  # every write from here on, and the wait for an ACK
             set_read_timeout(conn, self.idle_timeout)  # the wait for the next REQUEST
+            read = frame_reader(conn)  # in C where it builds: see kv.native
             while not self._closing:
-                kind, payload = recv_control(conn)
+                kind, payload = read(MAX_CONTROL_FRAME)
                 if kind is not FrameType.REQUEST:
                     raise KVTransferError("kv_protocol", f"expected a KV request, got {kind.name}", False)
-                self._serve_request(conn, PullRequest.decode(payload, version), version)
+                self._serve_request(conn, PullRequest.decode(payload, version), version, read)
         except PeerClosed:
             pass  # the peer is done with this connection (or died: its pull is retried)
         except KVTransferError as error:
@@ -226,7 +231,8 @@ class KVServer:
             set_timeout(conn, 1.0)
             send_json(conn, FrameType.ERROR, error.wire())
 
-    def _serve_request(self, conn: socket.socket, request: PullRequest, version: int) -> None:
+    def _serve_request(self, conn: socket.socket, request: PullRequest, version: int,
+                       read: Callable[[int], tuple[FrameType, bytearray]]) -> None:
         handle = request.handle
         if request.copied:  # a same-host peer copied it under its lease: free it
             if self.engine.release_held(handle):
@@ -246,7 +252,7 @@ class KVServer:
             sent = self._send_runs(conn, held, version) if shared else self._send(conn, held, version)
             set_read_timeout(conn, self.frame_timeout)  # the reply is out: the ACK is due within a frame's time
             try:
-                kind, _ = recv_control(conn)
+                kind, _ = read(MAX_CONTROL_FRAME)
             finally:
                 set_read_timeout(conn, self.idle_timeout)
             delivered = kind is FrameType.ACK
@@ -262,7 +268,8 @@ class KVServer:
         """Build a held cache's whole reply (on the engine thread, as it holds the cache): on a
         pull the port then only sends it. Built on the pull instead, on a port thread woken from
         idle, it took ~0.5 ms of a ~2 ms 1 MB pull (bench/kv_transfer.py)."""
-        held.wire = self._direct_reply(held)
+        buffers, sent = self._direct_reply(held)
+        held.wire = buffers, sent, gather(buffers)  # sent in C where it builds (`kv.native`)
 
     def _direct_reply(self, held: HeldCache, version: int = PROTOCOL_VERSION) -> tuple[list[bytes | memoryview], int]:
         """The reply as one gather-write from the pool's blocks (HEADER, each layer's frame head and
@@ -299,8 +306,14 @@ class KVServer:
     def _send(self, conn: socket.socket, held: HeldCache, version: int) -> int:
         if self._regions is not None:
             prepared = held.wire if version == PROTOCOL_VERSION else None  # built for the current version
-            buffers, sent = prepared if prepared is not None else self._direct_reply(held, version)  # type: ignore[misc]
-            send_buffers(conn, buffers)
+            if prepared is not None:
+                buffers, sent, native_gather = prepared  # type: ignore[misc]
+            else:
+                (buffers, sent), native_gather = self._direct_reply(held, version), None
+            if native_gather is not None:
+                native_gather.send(conn)
+            else:
+                send_buffers(conn, buffers)
             return sent  # type: ignore[no-any-return]
         pool = self.engine.kv_pool  # sharded or on a GPU: gather each layer first
         tokens = held.num_tokens

@@ -22,6 +22,8 @@ source, flags, compiler and CPU. Without a compiler (the CUDA worker image has n
 work is on the GPU anyway) every caller keeps its torch path, which computes the same thing.
 `DISAGGSERVE_CPU_KERNELS`: `auto` (default: the kernels when they build), `off` (torch only),
 `require` (fail loudly when they cannot build: tests and benches that mean to measure them).
+The same machinery and switch build the worker's other C code (`build_library`, `resolve_library`:
+the KV transfer's socket I/O, `kv/kv_io.c`), so there is one way to build and disable it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,15 +88,23 @@ def reset() -> None:
 
 
 def _resolve(wanted: str) -> ctypes.CDLL | None:
+    return resolve_library(wanted, "CPU kernels", "attention, norms and rotary run in torch, which is slower",
+                           lambda: _load(build_library()))
+
+
+def resolve_library(wanted: str, what: str, fallback: str,
+                    build_and_load: Callable[[], ctypes.CDLL]) -> ctypes.CDLL | None:
+    """A native library under mode `wanted` (`mode()`: one switch for all of the worker's C code):
+    None when off, or when it cannot be built in `auto` (logged, saying what runs instead:
+    `fallback`); `require` raises then."""
     if wanted == "off":
         return None
     try:
-        return _load(_build())
+        return build_and_load()
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
         if wanted == "require":
-            raise KernelUnavailable(f"{ENV_MODE}=require but the CPU kernels could not be built: {exc}") from exc
-        log.warning("CPU kernels unavailable (%s); attention, norms and rotary run in torch, which is "
-                    "slower. Install a C compiler (gcc or clang) to use them.", exc)
+            raise KernelUnavailable(f"{ENV_MODE}=require but the {what} could not be built: {exc}") from exc
+        log.warning("%s unavailable (%s); %s. Install a C compiler (gcc or clang) to use them.", what, exc, fallback)
         return None
 
 
@@ -124,15 +135,16 @@ def _cache_dir() -> Path:
         return fallback
 
 
-def _compile(cc: str, flags: list[str], target: Path) -> None:
-    """Compile with `flags`, link with LINK_FLAGS only, into `target` atomically (processes building
-    at once each install a whole file)."""
+def _compile(cc: str, flags: list[str], target: Path, source: Path = SOURCE,
+             link_flags: tuple[str, ...] = LINK_FLAGS) -> None:
+    """Compile `source` with `flags`, link with `link_flags` only, into `target` atomically
+    (processes building at once each install a whole file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     obj = tmp + ".o"
     try:
-        for command in ([cc, *flags, str(SOURCE), "-o", obj], [cc, *LINK_FLAGS, obj, "-o", tmp, "-lm"]):
+        for command in ([cc, *flags, str(source), "-o", obj], [cc, *link_flags, obj, "-o", tmp, "-lm"]):
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
@@ -143,23 +155,26 @@ def _compile(cc: str, flags: list[str], target: Path) -> None:
                 os.unlink(leftover)
 
 
-def _build() -> Path:
+def build_library(source: Path = SOURCE, compile_flags: tuple[str, ...] = COMPILE_FLAGS,
+           link_flags: tuple[str, ...] = LINK_FLAGS) -> Path:
+    """The shared library of C file `source`, built for this CPU unless already cached. Every
+    native library of the worker is built here, one way (the KV pull's `kv/kv_io.c` too)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    source = SOURCE.read_bytes()
+    text = source.read_bytes()
     errors = []
     for arch in (["-march=native"], []):  # some compilers/targets lack -march=native
-        flags = [*COMPILE_FLAGS, *arch]
-        key = hashlib.sha256(b"\0".join([source, " ".join([*flags, *LINK_FLAGS]).encode(), version.encode(),
+        flags = [*compile_flags, *arch]
+        key = hashlib.sha256(b"\0".join([text, " ".join([*flags, *link_flags]).encode(), version.encode(),
                                          _cpu_id().encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"cpu_kernels-{key}.so"
+        target = _cache_dir() / f"{source.stem}-{key}.so"
         if target.exists():
             return target
         try:
-            _compile(cc, flags, target)
-            log.info("built the CPU kernels: %s", target)
+            _compile(cc, flags, target, source, link_flags)
+            log.info("built %s: %s", source.name, target)
             return target
         except RuntimeError as exc:
             errors.append(str(exc))

@@ -1,0 +1,233 @@
+"""The receiving half of a loop pull in C (`kv_io.c`), where it builds; Python's own path otherwise.
+
+Why: with sender and receiver on their own cores, as prefill and decode pods are, a 1 MB pull over
+loopback spent ~0.1-0.15 ms in Python between the reply's first byte and the scatter-read of its
+layers (read and check the HEADER, build each layer's target regions in the reserved blocks),
+on a vCPU woken cold while the sender kept filling the socket: that delay was most of what a pull
+cost over raw TCP (0.63x, bench/kv_transfer.py --pin). `kv_pull_step` takes the same steps in a
+few microseconds and never blocks: when nothing has arrived it returns AGAIN, and the caller
+waits for readability on its event loop (with its timeout and cancellation) and steps again.
+
+It handles the common reply only: protocol 3, a stream HEADER (no slot runs) of the shape this
+worker expects, into a direct pool sink. Anything else (an ERROR frame, a shape that does not
+fit, slot runs) it declines after reading just that frame's head, or head and header, and the
+caller's Python path reads on from there and reports it as it always did, so both paths answer
+every reply the same way (tests run both). Built with the CPU kernels' machinery
+(`model.cpu_kernels`: cached per source, compiler and CPU) and under the same switch,
+`DISAGGSERVE_CPU_KERNELS`: `off`, or no C compiler (the CUDA image), means the Python path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from disaggserve_worker.kv.framing import (
+    COUNT_FRAME_SIZE,
+    HEADER,
+    LAYER_HEAD_SIZE,
+    MAX_CONTROL_FRAME,
+    SOCKET_BUFFER,
+    WIRE_DTYPES,
+    FrameType,
+    KVTransferError,
+    PeerClosed,
+    check_control,
+    frame_head,
+    recv_control,
+    translate,
+)
+from disaggserve_worker.kv.layout import DTYPE_NAMES, KVLayout, PoolSink
+from disaggserve_worker.model import cpu_kernels
+
+SOURCE = Path(__file__).with_name("kv_io.c")
+COMPILE_FLAGS = ("-O2", "-fPIC", "-c")  # no fast-math, no OpenMP: socket reads and integer sums
+LINK_FLAGS = ("-shared",)
+
+# kv_pull_step's answers (kv_io.c)
+DONE, AGAIN, DECLINED_HEAD, DECLINED_HEADER, BAD_FRAMES = 0, 1, 2, 3, 4
+CLOSED, ERRNO, BAD_STATE, TOO_LONG = -1, -2, -3, -4
+REPLY_SIZE = 21  # a HEADER payload without slot runs (`framing._REPLY`)
+# Once the layers flow, how long a read keeps trying without progress before the event loop waits
+# (kv_io.c says why): a 64 KB loopback segment every ~20 us at the bench host's pace, so 50 us
+# rides out gaps between segments and gives up on a sender that has really stalled.
+SPIN_NS = 50_000
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class PullState(ctypes.Structure):
+    """kv_io.c's `kv_pull_state`, field for field (all 8 bytes wide: one layout on every 64-bit ABI)."""
+
+    _fields_ = [("fd", _i64), ("layers", _i64), ("dtype", _i64), ("kv_heads", _i64), ("head_dim", _i64),
+                ("max_tokens", _i64), ("token_bytes", _i64), ("pool_slots", _i64), ("layer_base", _ptr),
+                ("blocks", _ptr), ("nblocks", _i64), ("block_size", _i64), ("iov", _ptr), ("iov_cap", _i64),
+                ("frames", _ptr), ("spin_ns", _i64), ("phase", _i64), ("got", _i64), ("tokens", _i64),
+                ("iov_count", _i64), ("iov_at", _i64), ("error", _i64)]
+
+
+_lock = threading.Lock()
+_resolved: list[ctypes.CDLL | None] = []
+
+
+def library() -> ctypes.CDLL | None:
+    """kv_io.c, built and loaded on the first call of the process; None: the Python path."""
+    if _resolved:
+        return _resolved[0]
+    with _lock:
+        if not _resolved:
+            _resolved.append(cpu_kernels.resolve_library(
+                cpu_kernels.mode(), "native KV receive", "KV pulls are read in Python, which is slower", _load))
+    return _resolved[0]
+
+
+def reset() -> None:
+    """Forget the resolved library, so the next `library()` reads the mode again (tests)."""
+    with _lock:
+        _resolved.clear()
+
+
+def _load() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(cpu_kernels.build_library(SOURCE, COMPILE_FLAGS, LINK_FLAGS)))
+    lib.kv_pull_step.argtypes = [ctypes.POINTER(PullState)]
+    lib.kv_pull_step.restype = ctypes.c_int
+    lib.kv_recv_frame.argtypes = [_i64, _ptr, _i64, ctypes.POINTER(_i64)]
+    lib.kv_recv_frame.restype = _i64
+    lib.kv_send_iov.argtypes = [_i64, _ptr, _i64, _i64, ctypes.POINTER(_i64)]
+    lib.kv_send_iov.restype = _i64
+    return lib
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", _ptr), ("len", ctypes.c_size_t)]
+
+
+class Gather:
+    """A prepared reply's buffers as the `struct iovec` list `kv_send_iov` sends (made once per
+    held cache, when the engine holds it); it keeps every buffer it points into alive."""
+
+    def __init__(self, lib: ctypes.CDLL, buffers: Sequence[bytes | memoryview]):
+        self._lib = lib
+        self._keep: list[ctypes.Array[ctypes.c_char]] = []
+        views = [memoryview(bytearray(b) if isinstance(b, bytes) else b).cast("B") for b in buffers]
+        views = [v for v in views if v.nbytes]
+        self._iov = (_Iovec * len(views))()
+        for entry, view in zip(self._iov, views, strict=True):
+            chars = (ctypes.c_char * view.nbytes).from_buffer(view)  # writable: pool memory, bytearrays
+            self._keep.append(chars)
+            entry.base, entry.len = ctypes.addressof(chars), view.nbytes
+        self._error = _i64()
+
+    def send(self, sock: socket.socket) -> None:
+        """Send it all on blocking `sock` (its SO_SNDTIMEO bounds each wait): as
+        `framing.send_buffers` does, with the same errors."""
+        status = self._lib.kv_send_iov(sock.fileno(), ctypes.addressof(self._iov), len(self._iov), SOCKET_BUFFER,
+                                       ctypes.byref(self._error))
+        if status != 0:
+            error = int(self._error.value)
+            raise translate(OSError(error, os.strerror(error)), sock)
+
+
+def gather(buffers: Sequence[bytes | memoryview]) -> Gather | None:
+    """`buffers` ready for `Gather.send`; None where the library does not build, or a buffer
+    cannot be pointed into (read-only memory): the caller then sends with `framing.send_buffers`."""
+    lib = library()
+    if lib is None:
+        return None
+    try:
+        return Gather(lib, buffers)
+    except (TypeError, ValueError, BufferError):
+        return None
+
+
+def frame_reader(sock: socket.socket) -> Callable[[int], tuple[FrameType, bytearray]]:
+    """Reads whole control frames of blocking `sock`, each bounded by the limit it is called with
+    (at most MAX_CONTROL_FRAME): `kv_recv_frame` where the library builds, else
+    `framing.recv_control`; the same frames and the same errors either way."""
+    lib = library()
+    if lib is None or sock.gettimeout() is not None:  # C waits only on a blocking socket (`set_timeout`)
+        return functools.partial(recv_control, sock)
+    return _FrameReader(lib, sock)
+
+
+class _FrameReader:
+    def __init__(self, lib: ctypes.CDLL, sock: socket.socket):
+        self._lib, self._sock = lib, sock
+        self._buf = bytearray(HEADER.size + MAX_CONTROL_FRAME)  # one per connection, reused
+        self._address = ctypes.addressof((ctypes.c_char * len(self._buf)).from_buffer(self._buf))
+        self._error = _i64()
+
+    def __call__(self, limit: int = MAX_CONTROL_FRAME) -> tuple[FrameType, bytearray]:
+        limit = min(limit, MAX_CONTROL_FRAME)
+        got = int(self._lib.kv_recv_frame(self._sock.fileno(), self._address, limit, ctypes.byref(self._error)))
+        if got >= 0:
+            return frame_head(self._buf[:HEADER.size])[0], self._buf[HEADER.size:HEADER.size + got]
+        if got == TOO_LONG:
+            kind, length = frame_head(self._buf[:HEADER.size])
+            check_control(kind, length, limit)  # raises
+        if got == CLOSED:
+            raise PeerClosed("KV peer closed the stream mid-frame")
+        if got == ERRNO:
+            error = int(self._error.value)
+            raise translate(OSError(error, os.strerror(error)), self._sock)
+        raise KVTransferError("kv_protocol", f"native KV frame read failed (status {got})", False)
+
+
+class NativePull:
+    """One pull's reply read by `kv_pull_step` into a direct sink's reserved slots.
+
+    Made after the REQUEST is out (its Python then overlaps the port's answer). Holds every buffer
+    the C code writes through, so they live as long as the state that points at them."""
+
+    def __init__(self, lib: ctypes.CDLL, fd: int, expect: KVLayout, sink: PoolSink):
+        regions = sink.regions
+        assert regions is not None, "a direct sink"
+        self._lib = lib
+        blocks, block_size = sink.blocks_for_native()
+        self._blocks = blocks
+        self.frames = bytearray(HEADER.size + REPLY_SIZE + expect.layers * LAYER_HEAD_SIZE + COUNT_FRAME_SIZE)
+        iov_cap = expect.layers * (1 + 2 * len(blocks)) + 1  # each layer's head, K and V runs; the END
+        self._iov = ctypes.create_string_buffer(16 * iov_cap)  # struct iovec: pointer, size
+        self._frames = (ctypes.c_char * len(self.frames)).from_buffer(self.frames)
+        name = DTYPE_NAMES.get(expect.dtype)
+        state = self.state = PullState()
+        state.fd, state.layers = fd, expect.layers
+        state.dtype = WIRE_DTYPES.index(name) if name in WIRE_DTYPES else -1  # -1: never matches
+        state.kv_heads, state.head_dim = expect.kv_heads, expect.head_dim
+        state.max_tokens = min(expect.max_tokens, sink.capacity)
+        state.token_bytes, state.pool_slots = regions.token_bytes, regions.slots
+        state.layer_base = ctypes.addressof(regions.bases)
+        state.blocks = blocks.buffer_info()[0]
+        state.nblocks, state.block_size = len(blocks), block_size
+        state.iov, state.iov_cap = ctypes.addressof(self._iov), iov_cap
+        state.frames = ctypes.addressof(self._frames)
+        state.spin_ns = SPIN_NS
+        self._pointer = ctypes.pointer(state)
+
+    def step(self) -> int:
+        """Read what has arrived (see the answers above)."""
+        return int(self._lib.kv_pull_step(self._pointer))
+
+    @property
+    def untouched(self) -> bool:
+        """Whether nothing of the reply has been read (a stale pooled connection shows so)."""
+        return self.state.phase == 0 and self.state.got == 0
+
+    def frame_head(self) -> bytes:
+        return bytes(self.frames[:HEADER.size])
+
+    def header_payload(self) -> bytearray:
+        return self.frames[HEADER.size:HEADER.size + REPLY_SIZE]
+
+    def layer_frames(self) -> tuple[list[bytearray], bytearray]:
+        """The layer frame heads and the END as read (to report a wrong one the Python way)."""
+        start = HEADER.size + REPLY_SIZE
+        heads = [self.frames[start + i * LAYER_HEAD_SIZE:start + (i + 1) * LAYER_HEAD_SIZE]
+                 for i in range(self.state.layers)]
+        return heads, self.frames[start + self.state.layers * LAYER_HEAD_SIZE:]
+
