@@ -24,9 +24,11 @@ system reaches the higher goodput (a smaller budget stalls decodes less, delays 
 Goodput is reported as the highest tested rate and interpolated where the curve crosses the
 target, so the grid's spacing does not decide the ratio. The
 prefill:decode split is what the per-phase cost measured unloaded asks for; with two cores the
-only split is 1:1, so the ideal share is recorded beside it (`pd_split`). Rates are a grid around
-the measured knee: fractions of one core's prefill capacity (1 / unloaded TTFT) for prompt-heavy
-regimes, multiples of 1 / (unloaded request latency) for decode-heavy ones.
+only split of whole cores is 1:1, so the ideal share is recorded beside it (`pd_split`), and
+`--pd-split measured` splits the same total of worker compute as that share asks, with the CPU
+caps. Rates are a grid around the measured knee: fractions of one core's prefill capacity
+(1 / unloaded TTFT) for prompt-heavy regimes, multiples of 1 / (unloaded request latency) for
+decode-heavy ones.
 
 The prefill worker batches whole prompts up to `--prefill-budget` tokens (DistServe's L_m: past
 the length where the device saturates, batching saves nothing and delays the first prompts; the
@@ -60,6 +62,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,12 +145,14 @@ class CpuCaps:
         # The kernel's smallest quota is 1 ms: a share below 0.1 needs a longer period.
         self.period_us = max(self.PERIOD_US, round(1000 / share))
 
-    def cap(self, proc: Proc) -> None:
+    def cap(self, proc: Proc, share: float | None = None) -> None:
+        """Cap a worker at `share` of a core (default: the common share); again to change it."""
         group = self.root / f"disagg-bench-{os.getpid()}-{proc.name}"
-        quota = round(self.share * self.period_us)
+        quota = round((share or self.share) * self.period_us)
         try:
-            group.mkdir(exist_ok=True)
-            self.groups.append(group)
+            if group not in self.groups:
+                group.mkdir(exist_ok=True)
+                self.groups.append(group)
             if self.v2:
                 (group / "cpu.max").write_text(f"{quota} {self.period_us}")
                 (group / "cpu.weight").write_text("1000")  # default 100
@@ -166,6 +171,15 @@ class CpuCaps:
         for group in self.groups:
             with suppress(OSError):
                 group.rmdir()
+
+
+def pd_shares(total: float, prefill_share: float) -> tuple[float, float]:
+    """The prefill and decode workers' shares of a core for `total` cores of worker compute split as
+    the per-phase cost asks (`prefill_share` of it to prefill), each within (0.1, 1]: one worker runs
+    one engine thread, so it can use one core at most, and a phase never gets nothing."""
+    prefill = min(1.0, max(0.1, total * prefill_share))
+    decode = min(1.0, total - prefill)
+    return round(total - decode, 3), round(decode, 3)
 
 
 def wait_ready(procs: list[Proc], timeout_s: float = 180) -> None:
@@ -359,7 +373,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: str,
-                  procs: dict[str, SystemProcs]) -> dict[str, Any]:
+                  procs: dict[str, SystemProcs], resplit: Callable[[float], str] | None = None) -> dict[str, Any]:
     overhead = await router_overhead(coloc_worker, urls["colocated"], args.overhead_repeats)
     print(f"router overhead: p50 {overhead['added_p50_ms']:.2f} ms added "
           f"({overhead['direct_p50_ms']:.1f} → {overhead['router_p50_ms']:.1f} ms)", flush=True)
@@ -374,6 +388,9 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], coloc_worker: 
     pd_split = {"prefill_cost_ms": prefill_ms, "decode_cost_ms": decode_ms,
                 "ideal_prefill_share": prefill_ms / (prefill_ms + decode_ms) if prefill_ms + decode_ms else None,
                 "used": "1 prefill core : 1 decode core (the only split two pinned cores allow)"}
+    if resplit and pd_split["ideal_prefill_share"] is not None:
+        pd_split["used"] = resplit(pd_split["ideal_prefill_share"])
+        print(f"split: {pd_split['used']}", flush=True)
     print(f"unloaded: {base}; SLO TTFT {ttft_slo:.0f} ms, TPOT {tpot_slo:.1f} ms", flush=True)
     unit_ms = prefill_ms if args.rate_base == "prefill" else prefill_ms + decode_ms
     rates = args.rates or [round(f * 1000 / unit_ms, 2) for f in args.rate_factors]
@@ -567,6 +584,10 @@ def main() -> None:
                              "to the routers and load generator; default where they have no core of their own (two "
                              "cores): the regime's (distserve 0.9: the harness took <= 7 %% of both cores there; "
                              "decode-heavy 0.7: up to 26 %%, it streams 8x the tokens; legacy 0.8), else 1 (uncapped)")
+    parser.add_argument("--pd-split", choices=("equal", "measured"), default="equal",
+                        help="equal: the prefill and decode workers get the same share of their cores; measured: "
+                             "the same total split as the per-phase cost measured unloaded asks (each worker at most "
+                             "one core), as a planner splits GPUs between the phases (writes its own result file)")
     parser.add_argument("--resweep", type=Path, metavar="RESULT",
                         help="judge RESULT's stored requests at the --tpot-sweep SLOs, rewrite its sweep and "
                              "plot, and run nothing")
@@ -603,7 +624,7 @@ def main() -> None:
         (1.0 if harness else regime["worker_cpu_share"])
     if not 0 < share <= 1:
         raise SystemExit(f"--worker-cpu-share must be in (0, 1], got {share:g}")
-    caps = CpuCaps(share) if share < 1 else None
+    caps = CpuCaps(share) if share < 1 or args.pd_split == "measured" else None
     procs: list[Proc] = []
     started = time.monotonic()
     load_start = os.getloadavg()
@@ -641,7 +662,16 @@ def main() -> None:
         urls |= {f"colocated-b{budget}": routers[2 + i].url for i, budget in enumerate(extra)}
         system_procs = {name: SystemProcs({w.name: w.popen.pid for w in workers[2 * i:2 * i + 2]},
                                           routers[i].popen.pid) for i, name in enumerate(urls)}
-        result = asyncio.run(measure(args, urls, workers[2].url, system_procs))
+        def resplit(prefill_share: float) -> str:
+            assert caps is not None  # made whenever the split is measured
+            prefill, decode = pd_shares(2 * share, prefill_share)
+            caps.cap(workers[0], prefill)
+            caps.cap(workers[1], decode)
+            return (f"prefill {prefill:g} core : decode {decode:g} core (cgroup caps; {2 * share:g} cores of worker "
+                    f"compute, as the colocated pair's)")
+
+        result = asyncio.run(measure(args, urls, workers[2].url, system_procs,
+                                     resplit if args.pd_split == "measured" else None))
     finally:
         for proc in procs:
             if proc.popen.poll() is None:
@@ -679,7 +709,8 @@ def main() -> None:
     })
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "disagg_vs_colocated" + ("" if args.regime == "distserve" else f"-{args.regime}") + \
-        ("" if args.dtype == "auto" else f"-{args.dtype}") + ("-quick" if args.quick else "")
+        ("" if args.dtype == "auto" else f"-{args.dtype}") + ("" if args.pd_split == "equal" else "-split") + \
+        ("-quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / f"{stem}.png")
     g = {n: (s["goodput_rps"], s["goodput_interpolated"]["rps"]) for n, s in result["systems"].items()}

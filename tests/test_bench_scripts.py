@@ -105,3 +105,16 @@ def test_a_run_accounts_where_the_cpu_went():
     assert use["worker_busy"]["idle"] < 0.2
     assert 0 <= use["harness_share"] < 0.2
     assert set(use["cpu_s"]) == {"busy", "idle", "router", "loadgen"}
+
+
+def test_a_measured_split_gives_each_phase_its_share_of_the_same_compute():
+    """`--pd-split measured`: the disaggregated pair gets the colocated pair's total worker compute,
+    split as the per-phase cost asks, but one worker can use one core at most and no phase gets nothing."""
+    sys.path.insert(0, str(BENCH))
+    import disagg_vs_colocated as bench
+
+    assert bench.pd_shares(1.8, 0.5) == (0.9, 0.9)
+    assert bench.pd_shares(1.4, 0.02) == (0.4, 1.0)  # decode-heavy: decode at a whole core, prefill the rest
+    assert bench.pd_shares(1.8, 0.9) == (1.0, 0.8)
+    assert bench.pd_shares(2.0, 0.3) == (1.0, 1.0)  # uncapped: whole cores, 1:1
+    assert bench.pd_shares(0.5, 0.0) == (0.1, 0.4)
