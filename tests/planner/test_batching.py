@@ -202,3 +202,15 @@ def test_the_autoscaler_carries_the_budget_with_its_counts():
     kept = carry_over(new, previous, spec)
     assert (kept.prefill.replicas, kept.decode.replicas) == (4, 3)
     assert kept.prefill.max_batch_tokens == 1536
+
+
+def test_the_planner_budget_lies_at_the_measured_knee():
+    """bench/prefill_knee.py, small-llama bfloat16 on one core: what batching two prompts saves at each
+    length, against the L_m the planner derives from the same run's fit. The budget must sit between
+    the largest two-prompt batch that still saved more than the fixed-cost share and the knee."""
+    doc = json.loads((ROOT / "bench" / "results" / "prefill_knee-small-llama-bfloat16.json").read_text())
+    fit = doc["prefill_fit"]
+    budget = prefill_token_budget(lat_of(fit["a"], fit["b"], fit["c"]))
+    assert budget == doc["planner_budget_tokens"]  # the stored result matches today's derivation
+    knee = doc["measured_knee_tokens"]
+    assert knee // 2 < budget <= knee
