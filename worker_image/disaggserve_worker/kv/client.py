@@ -172,6 +172,7 @@ class TcpKVTransport:
         self._closed = False
         self._notices: set[asyncio.Task[None]] = set()  # "copied" notices still being sent
         self.copied_pulls = 0  # pulls served by copying a leased cache without asking first
+        self._loop_pulls = 0  # native loop pulls in flight
 
     async def pull(self, address: str, handle: str, request_id: str, expect: KVLayout,
                    sink: LayerSink | PoolSink, shared: HeldLocation | None = None) -> TransferStats:
@@ -484,7 +485,15 @@ class TcpKVTransport:
             if lib is None:
                 kind, payload = await stream.control()
         if lib is not None:
-            read = await self._receive_native(NativePull(lib, conn.sock.fileno(), expect, sink), stream, may_be_stale)
+            # Alone, a pull may wait for the port's first bytes spinning (`native.FIRST_SPIN_NS`);
+            # beside others in flight it leaves the loop to them.
+            first_spin = native.FIRST_SPIN_NS if self._loop_pulls == 0 else 0
+            self._loop_pulls += 1
+            try:
+                read = await self._receive_native(NativePull(lib, conn.sock.fileno(), expect, sink, first_spin),
+                                                  stream, may_be_stale)
+            finally:
+                self._loop_pulls -= 1
             if isinstance(read, int):
                 total = expect.layer_bytes(read) * expect.layers
                 return total, read, encode_count(FrameType.ACK, total, conn.version)

@@ -60,6 +60,7 @@ typedef struct {
     int64_t iov_cap;
     uint8_t *frames;          /* FRAME_HEAD + REPLY_SIZE + layers * LAYER_HEAD + END_SIZE bytes */
     int64_t spin_ns;          /* once the layers flow: how long to keep reading without progress */
+    int64_t first_spin_ns;    /* the same for the reply's first bytes, on the first call only */
     /* progress */
     int64_t phase;            /* 0: frame head, 1: header payload, 2: layers and END, 3: done */
     int64_t got;              /* bytes of the current phase read */
@@ -84,16 +85,23 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Read into buf[s->got:want] without waiting: KV_DONE when all of it is in. */
-static int read_some(kv_pull_state *s, uint8_t *buf, int64_t want) {
+/* Read into buf[s->got:want] without waiting, trying for up to `spin` ns when nothing has come
+   (see kv_pull_step): KV_DONE when all of it is in. */
+static int read_some(kv_pull_state *s, uint8_t *buf, int64_t want, int64_t spin) {
+    int64_t idle_since = -1;
     while (s->got < want) {
         ssize_t n = recv((int)s->fd, buf + s->got, (size_t)(want - s->got), MSG_DONTWAIT);
-        if (n > 0) { s->got += n; continue; }
+        if (n > 0) { s->got += n; idle_since = -1; continue; }
         if (n == 0) return KV_CLOSED;
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return KV_AGAIN;
-        s->error = errno;
-        return KV_ERRNO;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            s->error = errno;
+            return KV_ERRNO;
+        }
+        int64_t now = now_ns();
+        if (idle_since < 0) idle_since = now;
+        if (now - idle_since >= spin) return KV_AGAIN;
+        sched_yield();
     }
     return KV_DONE;
 }
@@ -162,17 +170,21 @@ static int frames_ok(kv_pull_state *s) {
     return end[0] == T_END && be64(end + 1) == 8;
 }
 
-/* Move the pull on as far as what has arrived allows (see the status codes above). */
+/* Move the pull on as far as what has arrived allows (see the status codes above). The first
+   call may wait for the reply's first bytes up to first_spin_ns (native.FIRST_SPIN_NS says why),
+   later ones only while the layers flow (spin_ns). */
 int kv_pull_step(kv_pull_state *s) {
     int status;
+    int64_t first = s->first_spin_ns;
+    s->first_spin_ns = 0;  /* once: a later call was woken by the loop, its wait is over */
     if (s->phase == 0) {
-        if ((status = read_some(s, s->frames, FRAME_HEAD)) != KV_DONE) return status;
+        if ((status = read_some(s, s->frames, FRAME_HEAD, first)) != KV_DONE) return status;
         if (s->frames[0] != T_HEADER || be64(s->frames + 1) != REPLY_SIZE) return KV_DECLINED_HEAD;
         s->phase = 1;
         s->got = 0;
     }
     if (s->phase == 1) {
-        if ((status = read_some(s, s->frames + FRAME_HEAD, REPLY_SIZE)) != KV_DONE) return status;
+        if ((status = read_some(s, s->frames + FRAME_HEAD, REPLY_SIZE, s->spin_ns)) != KV_DONE) return status;
         if (!header_fits(s)) return KV_DECLINED_HEADER;
         if ((status = build_iov(s)) != KV_DONE) return status;
         s->phase = 2;

@@ -57,6 +57,13 @@ REPLY_SIZE = 21  # a HEADER payload without slot runs (`framing._REPLY`)
 # (kv_io.c says why): a 64 KB loopback segment every ~20 us at the bench host's pace, so 50 us
 # rides out gaps between segments and gives up on a sender that has really stalled.
 SPIN_NS = 50_000
+# How long the first read of a reply keeps trying before the event loop waits for it (a pull with
+# no other in flight, `TcpKVTransport`): the port's answer on loopback came 0.1-0.2 ms after the
+# REQUEST, and a receiver that slept through it woke ~0.1 ms after its first bytes, while the
+# sender streamed on. Pinned 1 MB pulls: 548-590 us with 0.3 ms vs 591-695 us without, 4 rounds
+# each, interleaved (bench/kv_transfer.py's measure). The cost: up to this long on the loop, its
+# core busy (yielded to any thread that shares it) when a peer answers slowly.
+FIRST_SPIN_NS = 300_000
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
@@ -67,7 +74,8 @@ class PullState(ctypes.Structure):
     _fields_ = [("fd", _i64), ("layers", _i64), ("dtype", _i64), ("kv_heads", _i64), ("head_dim", _i64),
                 ("max_tokens", _i64), ("token_bytes", _i64), ("pool_slots", _i64), ("layer_base", _ptr),
                 ("blocks", _ptr), ("nblocks", _i64), ("block_size", _i64), ("iov", _ptr), ("iov_cap", _i64),
-                ("frames", _ptr), ("spin_ns", _i64), ("phase", _i64), ("got", _i64), ("tokens", _i64),
+                ("frames", _ptr), ("spin_ns", _i64), ("first_spin_ns", _i64),
+                ("phase", _i64), ("got", _i64), ("tokens", _i64),
                 ("iov_count", _i64), ("iov_at", _i64), ("error", _i64)]
 
 
@@ -184,7 +192,7 @@ class NativePull:
     Made after the REQUEST is out (its Python then overlaps the port's answer). Holds every buffer
     the C code writes through, so they live as long as the state that points at them."""
 
-    def __init__(self, lib: ctypes.CDLL, fd: int, expect: KVLayout, sink: PoolSink):
+    def __init__(self, lib: ctypes.CDLL, fd: int, expect: KVLayout, sink: PoolSink, first_spin_ns: int = 0):
         regions = sink.regions
         assert regions is not None, "a direct sink"
         self._lib = lib
@@ -206,7 +214,7 @@ class NativePull:
         state.nblocks, state.block_size = len(blocks), block_size
         state.iov, state.iov_cap = ctypes.addressof(self._iov), iov_cap
         state.frames = ctypes.addressof(self._frames)
-        state.spin_ns = SPIN_NS
+        state.spin_ns, state.first_spin_ns = SPIN_NS, first_spin_ns
         self._pointer = ctypes.pointer(state)
 
     def step(self) -> int:
