@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from statistics import mean
 from types import SimpleNamespace
@@ -194,9 +195,50 @@ def test_probes_grow_rarer_while_they_keep_saying_no_and_speculation_resets_them
     gaps = [b - a for a, b in zip(starts, got, strict=False)]
     assert gaps[:5] == [every, 2 * every, 4 * every, 8 * every, 8 * every], gaps
     spec.controller.choose = lambda *a, **k: Choice([2], 2.0, 1.0)  # type: ignore[method-assign]
+    spec._no_batch = None  # the cached k = 0 answer came from the controller just replaced
     assert spec._plan([seq], [4], 0.0)[0] == [2]  # speculating resets the interval
     spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
     assert probes(every)[-1] == every - 1
+
+
+def test_a_k_zero_answer_is_reused_only_while_its_inputs_stand(tiny: LoadedModel) -> None:
+    """The adaptive speculator asks the controller again when the batch's requests, the step-time fit
+    or (downwards) the prompt-chunk cost change, and at least every REUSE_NO_STEPS + 1 steps; in
+    between it repeats k = 0 without asking (the ask was 2-3 % of a CPU decode step)."""
+    from disaggserve_worker.speculation.speculator import REUSE_NO_STEPS
+
+    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    spec._probe_interval = 10**9  # probes are another test's subject
+    asked: list[int] = []
+
+    def choose(contexts: list[int], alphas: list[float], caps: list[int], extra: float = 0.0) -> Choice:
+        asked.append(len(contexts))
+        return Choice([0] * len(contexts), 1.0, 1.0)
+
+    spec.controller.choose = choose  # type: ignore[method-assign]
+
+    def seq(name: str) -> SimpleNamespace:
+        return SimpleNamespace(request_id=name, prompt_ids=[5, 6, 7], tokens=[8], num_cached=3,
+                               params=SamplingParams(max_tokens=100))
+
+    a, b = seq("a"), seq("b")
+    for _ in range(2 * (REUSE_NO_STEPS + 1)):
+        assert not any(spec._plan([a, b], [4, 4], 0.0)[0])
+    assert len(asked) == 2  # once, then again after REUSE_NO_STEPS reuses
+    spec._plan([a], [4], 0.0)  # a request left
+    spec._plan([a, seq("c")], [4, 4], 0.0)  # another took its place
+    assert asked[2:] == [1, 2]
+    spec._plan([a, b], [4, 4], 0.001)
+    spec._plan([a, b], [4, 4], 0.002)  # a dearer prompt chunk makes speculating no better: reuse
+    spec._plan([a, b], [4, 4], 0.0)  # a cheaper one could: ask
+    assert len(asked) == 6
+    verify = spec.controller.verify
+    verify.coefficients = dataclasses.replace(verify.coefficients, a=verify.coefficients.a * 1.01)  # a refit: ask
+    spec._plan([a, b], [4, 4], 0.0)
+    assert len(asked) == 7
+    spec.controller.choose = lambda *a, **k: Choice([2, 0], 2.0, 1.0)  # type: ignore[method-assign]
+    verify.coefficients = dataclasses.replace(verify.coefficients, a=verify.coefficients.a * 1.01)
+    assert spec._plan([a, b], [4, 4], 0.0)[0] == [2, 0]
 
 
 def test_expected_tokens_formula() -> None:

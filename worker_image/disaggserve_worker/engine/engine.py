@@ -472,6 +472,7 @@ class Engine:
                 if self._accept_token(seq, token):
                     self._running.remove(seq)
                     break
+        self.speculator.finish_step()  # type: ignore[union-attr]  # timed to here, as a plain step
         return True
 
     def _sync(self) -> None:

@@ -39,6 +39,8 @@ from disaggserve_worker.speculation.step_time import StepCoefficients, StepTimeM
 log = logging.getLogger(__name__)
 
 PROBE_BACKOFF = 8  # probes grow at most this much rarer than `probe_every` while k stays 0
+# Steps a "k = 0 everywhere" decision is reused for while its inputs stand (see `_settled_no`).
+REUSE_NO_STEPS = 8
 
 
 class SpecSequence(Protocol):
@@ -97,6 +99,18 @@ class Speculator:
         # for an acceptance estimate that kept saying no.
         self._probe_interval = config.probe_every
         self._probed = False
+        # The last "k = 0 everywhere" decision of the adaptive controller: the batch it was made
+        # for, the step-time fit and the prompt-chunk cost it assumed, and the steps left to reuse it.
+        self._no_batch: list[SpecSequence] | None = None
+        self._no_fit: StepCoefficients | None = None
+        self._no_extra = 0.0
+        self._no_left = 0
+        # Billing a speculative step (see `finish_step`): when it started costing what a plain step
+        # would not, the seconds inside it that are not the step's (n-gram indexes built for requests
+        # speculating for the first time), and the step's shape; set until the engine has emitted.
+        self._bill_from = 0.0
+        self._unbilled = 0.0
+        self._pending: tuple[float, float, float, int, int, float] | None = None
         self.kv_pool: KVPool | None = None
         self.max_model_len = 1 << 30
         self.sync: Callable[[], None] = lambda: None
@@ -181,24 +195,36 @@ class Speculator:
                 lookups.append([])
                 continue
             state = self._state(seq)
-            if state.ngrams is None:
+            if state.ngrams is None:  # once per request: not this step's cost (`finish_step`)
+                built = time.perf_counter()
                 state.ngrams = NgramIndex(self.config.ngram_min, self.config.ngram_max)
-            state.ngrams.sync(seq.prompt_ids, seq.tokens)
+                state.ngrams.sync(seq.prompt_ids, seq.tokens)
+                self._unbilled += time.perf_counter() - built
+            else:
+                state.ngrams.sync(seq.prompt_ids, seq.tokens)
             lookups.append(state.ngrams.propose(cap))
         return lookups
 
     def _plan(self, batch: list[SpecSequence], caps: list[int], extra: float
               ) -> tuple[list[int], list[list[int]]]:
         """k per request, and the n-gram lookups (n-gram proposer) bounding them."""
+        self._bill_from, self._unbilled = time.perf_counter(), 0.0
         if self.config.mode == "fixed":
             lookups = self._lookups(batch, caps) if self.ngram else []
             return ([len(f) for f in lookups] if lookups else list(caps)), lookups
-        prior = self.controller.alpha()  # the global estimate, each request's prior
-        alphas = [self._state(s).acceptance.rate(prior) for s in batch]
-        contexts = [s.num_cached + 1 for s in batch]
-        # Decide on the request's own caps first: a lookup only lowers caps, so when that says
-        # k = 0 everywhere the lookups (the proposer's whole cost) can be skipped.
-        ks = self.controller.choose(contexts, alphas, caps, extra).ks
+        prior, alphas, contexts = 0.0, [], []
+        if self._settled_no(batch, extra):
+            ks: list[int] = []
+        else:
+            prior = self.controller.alpha()  # the global estimate, each request's prior
+            alphas = [self._state(s).acceptance.rate(prior) for s in batch]
+            contexts = [s.num_cached + 1 for s in batch]
+            # Decide on the request's own caps first: a lookup only lowers caps, so when that says
+            # k = 0 everywhere the lookups (the proposer's whole cost) can be skipped.
+            ks = self.controller.choose(contexts, alphas, caps, extra).ks
+            if not any(ks):
+                self._no_batch, self._no_fit, self._no_extra = batch, self.controller.verify.coefficients, extra
+                self._no_left = REUSE_NO_STEPS
         probe = False
         if not any(ks):
             # Acceptance is learnt only from proposals: probe with k=1 now and then, or a
@@ -217,11 +243,32 @@ class Speculator:
         self._zero_steps = 0
         if not self.ngram:
             return (caps if probe else ks), []
+        self._bill_from, self._unbilled = time.perf_counter(), 0.0  # the lookups are speculation's cost
         lookups = self._lookups(batch, caps)
         found = [len(f) for f in lookups]
         if probe:
             return found, lookups
         return self.controller.choose(contexts, alphas, found, extra).ks, lookups
+
+    def _settled_no(self, batch: list[SpecSequence], extra: float) -> bool:
+        """Whether the last "k = 0 everywhere" answer still holds, so the controller need not be
+        asked again. It does while the batch is the same requests (their acceptance only changes
+        on a step that speculates, which forgets the answer), the step-time fit is the one it was
+        made with, the prompt-chunk cost is no lower, for `REUSE_NO_STEPS` steps. Caps only fall
+        with the same requests, and a lower cap never makes speculating pay; contexts grow by a
+        token a step, which moves the plain and the verification step alike (b·Σctx).
+        Why: asking costs ~25-35 µs a step inside the engine (state look-ups, the bound, the
+        choice), 2-3 % of a one-request CPU decode step, and on text that n-grams do not predict
+        the answer is the same step after step; that overhead, amplified by queueing, was most
+        of what made adaptive slower than speculation off there."""
+        if self._no_left <= 0 or self._no_batch is None:
+            return False
+        if (batch != self._no_batch or self.controller.verify.coefficients is not self._no_fit
+                or extra < self._no_extra):
+            self._no_batch = None
+            return False
+        self._no_left -= 1
+        return True
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self, batch: list[SpecSequence], split: bool = False) -> list[list[int]] | None:
@@ -231,6 +278,9 @@ class Speculator:
         `split`: prompt chunks wait, which a speculative step leaves to a second forward of their
         own (a plain step fuses them), so speculating costs that forward's fixed part too."""
         assert self.kv_pool is not None, "attach() the engine's KV pool first"
+        if self._pending is not None:  # the caller never said it emitted: bill the forward alone
+            *_, verify_seconds_only = self._pending
+            self._bill(verify_seconds_only)
         extra = self.controller.verify.coefficients.a if split else 0.0
         ks, lookups = self._plan(batch, self._caps(batch), extra)
         if not any(ks):
@@ -239,6 +289,7 @@ class Speculator:
             if self.metrics is not None:
                 self.metrics.observe_step(zeros, 0, 0, len(batch), len(batch), 0.0, self.controller.alpha())
             return None
+        self._no_batch = None  # this step's observations change the acceptance the answer rested on
         start = time.perf_counter()
         proposals: list[list[int]]
         draft_probs: list[torch.Tensor | None]
@@ -266,13 +317,12 @@ class Speculator:
                 self.controller.observe(state.acceptance, len(proposal), n_ok)
             if self.draft is not None:
                 self.draft.rollback(id(seq), len(histories[i]) + n_ok)
-        # Layout to accepted tokens, as the engine times its plain step (`observe_plain`). Not the
-        # proposals: a draft model's steps are modelled apart (`controller.draft`), and an n-gram
-        # index is built once per request when it first speculates (~0.4 ms for a 400-token prompt),
-        # which billed to the step made a probe of a large batch look far dearer than it is.
         tokens = sum(len(p) + 1 for p in proposals)
-        self.controller.verify.observe(time.perf_counter() - verify_start,
-                                       sum(s.num_cached for s in batch) + tokens, tokens, verified=len(batch))
+        # Billed when the engine has emitted the tokens (`finish_step`), as it times a plain step.
+        self._pending = (verify_start if self.draft is not None else self._bill_from,
+                         self._unbilled if self.draft is None else 0.0,
+                         float(sum(s.num_cached for s in batch) + tokens), tokens, len(batch),
+                         time.perf_counter() - verify_start)
         proposed = [len(p) for p in proposals]
         self.last = StepReport(ks=[len(p) for p in proposals], proposed=proposed, accepted=accepted,
                                seconds=propose_seconds + verify_seconds)
@@ -280,6 +330,27 @@ class Speculator:
             self.metrics.observe_step(self.last.ks, sum(proposed), sum(accepted), sum(map(len, emitted)),
                                       len(batch), self.last.seconds, self.controller.alpha())
         return emitted
+
+    def finish_step(self) -> None:
+        """The engine has emitted the last speculative step's tokens: bill the step to the step-time
+        model, from the n-gram lookups (a draft model's steps are modelled apart, `controller.draft`)
+        to the tokens emitted, as the engine times a plain step from its layout to its emitted
+        tokens (`observe_plain`). Less the n-gram indexes built for requests that speculate for the
+        first time (~0.4 ms for a 400-token prompt, once a request), which billed to a probe of a
+        large batch made it look far dearer than it is.
+        Why the lookups and the emitting: both are paid for speculating (a verification step emits
+        1 + accepted tokens a request, each detokenised); billed from the forward alone, the steps
+        were modelled 7-13 % cheaper than measured (non-repetitive prompts at batches of 1-4), and
+        the controller kept taking steps that lost to the plain one."""
+        if self._pending is None:
+            return
+        self._bill(time.perf_counter() - self._pending[0] - self._pending[1])
+
+    def _bill(self, seconds: float) -> None:
+        assert self._pending is not None
+        _, _, context, tokens, verified, _ = self._pending
+        self._pending = None
+        self.controller.verify.observe(seconds, int(context), tokens, verified=verified)
 
     def _verify(self, batch: list[SpecSequence], proposals: list[list[int]],
                 draft_probs: list[torch.Tensor | None]) -> tuple[list[list[int]], float]:
