@@ -7,6 +7,7 @@ import re
 
 import aiohttp
 import pytest
+from speculation_harness import copy_heavy_prompt
 
 from disaggserve_worker.cli import build_parser, build_speculator, validate_serve_args
 from disaggserve_worker.engine.engine import Engine, EngineConfig
@@ -44,7 +45,9 @@ async def test_flags_build_a_speculating_worker_with_metrics(tiny: LoadedModel, 
     await server.start()
     try:
         url = f"http://127.0.0.73:{server.port}"
-        prompt = tiny.tokenizer.encode("one two three one two three one two three one two").ids
+        # Text whose continuation n-grams predict: adaptive speculates on it whatever its step-time
+        # fit says (on other text whether it pays is the controller's call, not this wiring's).
+        prompt = await copy_heavy_prompt(tiny)
         body = {"request_id": "s", "prompt_token_ids": prompt,
                 "sampling": {"temperature": 0, "max_tokens": 24, "ignore_eos": True}}
         async with aiohttp.ClientSession() as session:

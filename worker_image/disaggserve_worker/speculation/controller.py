@@ -87,7 +87,9 @@ class GoodputController:
         forward for prompt chunks, which a plain step fuses)."""
         batch = len(contexts)
         ctx = float(sum(contexts))
-        c = self.verify.coefficients.c
+        # Both steps as measured at this batch size lately (`StepTimeModel.correction`), each proposed
+        # token priced like the rest of the verification step it joins.
+        c = self.verify.coefficients.c * self.verify.correction(batch, verified=batch)
         base_time = self.verify.time(ctx, batch)  # the plain step
         baseline = batch / base_time
         verify_time = self.verify.time(ctx, batch, verified=batch) + extra

@@ -163,6 +163,9 @@ class Speculator:
         finally:
             allocator.free(blocks)
         self.controller.verify = StepTimeModel(fit.coefficients, prior_weight=16.0)
+        # The calibration's misses by batch size too: a fresh engine's first requests run alone,
+        # where the fit's line misses a one-request step most (see `step_time`).
+        self.controller.verify.adopt_residuals(fit)
         log.info("speculation step-time seed measured: %s", fit.coefficients)
 
     def observe_plain(self, seconds: float, context_tokens: int, batch: int) -> None:

@@ -19,10 +19,23 @@ fell to 0 and requests got 3x slower).
 
 A refit (a small non-negative least squares in numpy) costs ~0.35 ms; every 8 steps that was 3 %
 of the CPU engine's one-request decode loop, so it refits every 64 observed steps.
+
+Residuals by batch size (`correction`): a line through every batch size misses each one its own
+way, and the misses do not cancel in the controller's decision, which compares a verification
+step with a plain step at the same batch. Measured on the CPU engine (small-llama, plain text,
+adaptive): at a batch of 1 plain steps ran 0.885x the fit and verification steps 1.07x it, so the
+controller priced a speculative step ~20 % cheaper relative to a plain one than it was and kept
+speculating at an acceptance of 0.11-0.3 where it lost (bench/speculation.py, 6 % more engine CPU
+than speculation off at low load); at batches of 2-4 verification steps were predicted 8-15 % low.
+So every prediction is scaled by the recent ratio of measured to fitted time of steps of its kind
+(plain or verification) and batch size, a decaying mean of log ratios pulled towards 1 by one
+step's worth, recomputed over the window at each refit (ratios to the previous fit mean nothing to
+the new one) and updated step by step between refits.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -43,6 +56,17 @@ class StepCoefficients:
         return self.a + self.b * context_tokens + self.c * batched_tokens + premium
 
 
+RESIDUAL_DECAY = 0.95  # per step of the same kind and batch size: about the last 20 such steps
+RESIDUAL_PRIOR = 1.0  # steps' worth of "the fit is right" every correction starts from
+
+
+def residual_key(batched_tokens: float, verified: float) -> tuple[bool, int]:
+    """Steps share a correction when they are of one kind and of one batch size (exact up to 8
+    sequences, then by power of two: large batches are rarer and the fit's miss varies slowly)."""
+    batch = int(verified) if verified else int(batched_tokens)
+    return bool(verified), batch if batch <= 8 else 1 << (batch - 1).bit_length()
+
+
 class StepTimeModel:
     def __init__(self, seed: StepCoefficients, window: int = 256, prior_weight: float = 4.0,
                  refit_every: int = 64):
@@ -52,6 +76,13 @@ class StepTimeModel:
         self.refit_every = refit_every
         self._rows: deque[tuple[float, float, float, float]] = deque(maxlen=window)
         self._since_fit = 0
+        # (decayed sum of log(measured / fitted), decayed count) by `residual_key`.
+        self.residuals: dict[tuple[bool, int], tuple[float, float]] = {}
+        self._shapes: dict[tuple[bool, int], tuple[float, float, float]] = {}  # each key's last step
+
+    def adopt_residuals(self, other: StepTimeModel) -> None:
+        """Start from `other`'s corrections (a calibration fit with the same coefficients)."""
+        self.residuals, self._shapes = dict(other.residuals), dict(other._shapes)
 
     @property
     def samples(self) -> int:
@@ -66,9 +97,24 @@ class StepTimeModel:
         if not seconds > 0:
             return  # a clock glitch must not drag the fit
         self._rows.append((float(context_tokens), float(batched_tokens), float(verified), seconds))
+        self._residual(seconds, context_tokens, batched_tokens, verified)
         self._since_fit += 1
         if self._since_fit >= self.refit_every:
             self.refit()
+
+    def _residual(self, seconds: float, context_tokens: float, batched_tokens: float, verified: float) -> None:
+        fitted = self.coefficients.time(context_tokens, batched_tokens, verified)
+        if fitted <= 0:
+            return
+        key = residual_key(batched_tokens, verified)
+        self._shapes[key] = (context_tokens, batched_tokens, verified)
+        total, weight = self.residuals.get(key, (0.0, 0.0))
+        self.residuals[key] = (RESIDUAL_DECAY * total + math.log(seconds / fitted), RESIDUAL_DECAY * weight + 1.0)
+
+    def correction(self, batched_tokens: float, verified: float = 0) -> float:
+        """Measured over fitted time of recent steps of this kind and batch size (1.0 before any)."""
+        total, weight = self.residuals.get(residual_key(batched_tokens, verified), (0.0, 0.0))
+        return math.exp(total / (weight + RESIDUAL_PRIOR))
 
     def refit(self) -> None:
         """Relative-error ridge fit: each step weighs by 1/T so short steps count as much as long ones."""
@@ -99,7 +145,24 @@ class StepTimeModel:
                 break
             free.pop(int(np.argmin(sol)))
         a, b, c, o, p = (float(v) for v in coef)
+        before, old = self.coefficients, self.residuals
         self.coefficients = StepCoefficients(a=max(a, 1e-6), b=b, c=c, o=o, p=p)
+        self.residuals = {}
+        for ctx, tokens, verified_, seconds in self._rows:
+            self._residual(seconds, ctx, tokens, verified_)
+        # A kind and size no step in the window had (verification steps at a batch size the controller
+        # stopped speculating at) keeps its corrected prediction at the last such step's shape:
+        # dropped, it would fall back to the bare fit and the mistake it corrected would return.
+        for key, (total, weight) in old.items():
+            if key in self.residuals or key not in self._shapes:
+                continue
+            shape = self._shapes[key]
+            now = self.coefficients.time(*shape)
+            if now > 0 and (then := before.time(*shape)) > 0:
+                shift = math.log(then / now) * (weight + RESIDUAL_PRIOR)
+                self.residuals[key] = (total + shift, weight)
 
     def time(self, context_tokens: float, batched_tokens: float, verified: float = 0) -> float:
-        return self.coefficients.time(context_tokens, batched_tokens, verified)
+        """Predicted seconds of a step: the fit, scaled by its recent miss at this kind and batch size."""
+        return (self.coefficients.time(context_tokens, batched_tokens, verified)
+                * self.correction(batched_tokens, verified))
