@@ -368,3 +368,22 @@ def test_a_correction_outlives_the_window_that_measured_it() -> None:
         model.observe(_bent(true, batch * 300, batch, 0), batch * 300, batch)
     assert all(row[2] == 0 for row in model._rows)
     assert model.time(305, 5, verified=1) == pytest.approx(_bent(true, 305, 5, 1), rel=0.1)
+
+
+def test_acceptance_is_learnt_per_n_gram_length_and_is_each_request_s_prior(tiny: LoadedModel) -> None:
+    """Chance 1-gram matches rejected, 3-gram loops accepted: a new request trusts a 3-gram match
+    and not a 1-gram one, from the first step (one estimate for both would price them alike)."""
+    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    seen = spec._state(SimpleNamespace(request_id="seen"))  # type: ignore[arg-type]
+    for _ in range(40):
+        spec._observe(seen, 1, 4, 0)
+        spec._observe(seen, 3, 4, 4)
+    fresh = spec._state(SimpleNamespace(request_id="fresh"))  # type: ignore[arg-type]
+    priors = spec._kind_priors()
+    assert spec._alpha(fresh, 1, priors) < 0.15
+    assert spec._alpha(fresh, 3, priors) > 0.85
+    assert spec._alpha(fresh, 2, priors) == pytest.approx(spec.controller.alpha())  # no 2-gram seen: the global one
+    cpu = StepCoefficients(a=0.004, b=1e-8, c=4e-5, o=6e-4, p=4e-4)
+    spec.controller.verify = StepTimeModel(cpu)
+    assert spec.controller.choose([300], [spec._alpha(fresh, 1, priors)], [4]).ks == [0]
+    assert spec.controller.choose([300], [spec._alpha(fresh, 3, priors)], [4]).ks[0] >= 3

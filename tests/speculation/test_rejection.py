@@ -143,3 +143,13 @@ def test_the_incremental_index_finds_what_a_search_finds() -> None:
             for k in (1, 4):
                 assert index.propose(k) == _searched(history, k, n_min, n_max), (history, k)
             tokens += [rng.randrange(6) for _ in range(rng.randrange(1, 6))]
+
+
+def test_the_index_says_which_n_gram_length_matched() -> None:
+    index = NgramIndex(1, 3)
+    index.extend([5, 6, 7, 9, 6, 7])  # the last three tokens never appeared together before
+    assert index.propose(2) == [9, 6] and index.matched == 2
+    index.extend([8])
+    assert index.propose(2) == [] and index.matched == 0
+    index.extend([5, 6, 7])
+    assert index.propose(1) == [9] and index.matched == 3

@@ -22,6 +22,7 @@ class NgramIndex:
             raise ValueError(f"n-gram sizes need 1 <= min ({n_min}) <= max ({n_max})")
         self.n_min, self.n_max = n_min, n_max
         self.history: list[int] = []
+        self.matched = 0  # the n-gram length behind the last proposal (0: none): how far to trust it
         # latest[n][gram] = the largest start s of `gram` among the n-grams that end before the
         # history's last token (a match must leave at least one token to copy).
         self._latest: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(n_min, n_max + 1)}
@@ -48,11 +49,13 @@ class NgramIndex:
         """Up to k tokens; longer n-grams first (more specific), the most recent match wins
         (recent context predicts the continuation better, and loops repeat the latest lap)."""
         history = self.history
+        self.matched = 0
         if k <= 0 or len(history) < self.n_min + 1:
             return []
         for n in range(min(self.n_max, len(history) - 1), self.n_min - 1, -1):
             start = self._latest[n].get(tuple(history[-n:]))
             if start is not None:
+                self.matched = n
                 start += n
                 copied = history[start:start + k]
                 # Overlapping copy (as in LZ77): a match one loop-period back runs into the tail,

@@ -57,7 +57,9 @@ class SpecSequence(Protocol):
 
 @dataclass
 class _RequestState:
-    acceptance: Acceptance = field(default_factory=Acceptance)
+    # This request's acceptance by the kind of proposal (`_kind`): the n-gram length matched, 0 for a
+    # draft model's proposals.
+    acceptance: dict[int, Acceptance] = field(default_factory=dict)
     ngrams: NgramIndex | None = None  # the n-gram proposer's index of this request's history
 
 
@@ -91,6 +93,15 @@ class Speculator:
                    if self.draft is not None else None),
             bias=config.bias)
         self._requests: dict[str, _RequestState] = {}
+        # Acceptance by kind of proposal over every request: each request's prior for that kind.
+        # Why by n-gram length: a match of the last token alone is mostly chance, one of the last
+        # three mostly a loop the text repeats. Measured on the bench's non-repetitive prompts
+        # (small-llama greedy, k = 4): 1-gram matches were accepted at 0.39 per judged token,
+        # 2-grams 0.69, 3-grams 0.80; one estimate for all of them (~0.45) priced the 1-grams too
+        # high (speculated where it lost) and the loops too low (missed where it won).
+        self._by_kind: dict[int, Acceptance] = {}
+        self._kinds = (range(config.ngram_min, config.ngram_max + 1) if self.ngram else range(1))
+        self._matched: list[int] = []  # each request's kind in the last lookups (0: nothing found)
         self._zero_steps = 0
         # Steps of k = 0 between probes: doubled (up to PROBE_BACKOFF x the configured interval)
         # after each probe that did not lead to speculating, back to the configured one as soon as
@@ -191,11 +202,33 @@ class Speculator:
         return [max(0, min(self.config.num_speculative_tokens, s.params.max_tokens - len(s.tokens) - 1,
                            self.max_model_len - len(s.prompt_ids) - len(s.tokens) - 1)) for s in batch]
 
+    def _kind_priors(self) -> dict[int, float]:
+        """Each kind's acceptance over every request (the global estimate before any of that kind)."""
+        prior = self.controller.alpha()
+        return {kind: (self._by_kind[kind].rate(prior) if kind in self._by_kind else prior) for kind in self._kinds}
+
+    @staticmethod
+    def _alpha(state: _RequestState, kind: int, priors: dict[int, float]) -> float:
+        own = state.acceptance.get(kind)
+        return priors[kind] if own is None else own.rate(priors[kind])
+
+    def _observe(self, state: _RequestState, kind: int, proposed: int, accepted: int) -> None:
+        own = state.acceptance.get(kind)
+        if own is None:
+            own = state.acceptance[kind] = Acceptance()
+        self.controller.observe(own, proposed, accepted)
+        every = self._by_kind.get(kind)
+        if every is None:
+            every = self._by_kind[kind] = Acceptance(decay=self.controller.global_acceptance.decay)
+        every.update(proposed, accepted)
+
     def _lookups(self, batch: list[SpecSequence], caps: list[int]) -> list[list[int]]:
-        lookups = []
+        lookups: list[list[int]] = []
+        self._matched = matched = []
         for seq, cap in zip(batch, caps, strict=True):
             if not cap:
                 lookups.append([])
+                matched.append(0)
                 continue
             state = self._state(seq)
             if state.ngrams is None:  # once per request: not this step's cost (`finish_step`)
@@ -206,6 +239,7 @@ class Speculator:
             else:
                 state.ngrams.sync(seq.prompt_ids, seq.tokens)
             lookups.append(state.ngrams.propose(cap))
+            matched.append(state.ngrams.matched)
         return lookups
 
     def _plan(self, batch: list[SpecSequence], caps: list[int], extra: float
@@ -215,12 +249,17 @@ class Speculator:
         if self.config.mode == "fixed":
             lookups = self._lookups(batch, caps) if self.ngram else []
             return ([len(f) for f in lookups] if lookups else list(caps)), lookups
-        prior, alphas, contexts = 0.0, [], []
+        priors: dict[int, float] = {}
+        contexts: list[int] = []
         if self._settled_no(batch, extra):
             ks: list[int] = []
         else:
-            prior = self.controller.alpha()  # the global estimate, each request's prior
-            alphas = [self._state(s).acceptance.rate(prior) for s in batch]
+            priors = self._kind_priors()
+            kinds = self._kinds
+            # Before the lookups, each request as if its best kind of proposal turned up: the answer
+            # "k = 0 everywhere" then holds whatever they find.
+            alphas = [max(self._alpha(state, kind, priors) for kind in kinds)
+                      for state in map(self._state, batch)]
             contexts = [s.num_cached + 1 for s in batch]
             # Decide on the request's own caps first: a lookup only lowers caps, so when that says
             # k = 0 everywhere the lookups (the proposer's whole cost) can be skipped.
@@ -251,6 +290,8 @@ class Speculator:
         found = [len(f) for f in lookups]
         if probe:
             return found, lookups
+        alphas = [self._alpha(self._state(seq), kind, priors) if kind else 0.0
+                  for seq, kind in zip(batch, self._matched, strict=True)]
         return self.controller.choose(contexts, alphas, found, extra).ks, lookups
 
     def _settled_no(self, batch: list[SpecSequence], extra: float) -> bool:
@@ -316,8 +357,7 @@ class Speculator:
         accepted = [len(e) - 1 for e in emitted]
         for i, (seq, proposal, n_ok) in enumerate(zip(batch, proposals, accepted, strict=True)):
             if proposal:
-                state = self._state(seq)
-                self.controller.observe(state.acceptance, len(proposal), n_ok)
+                self._observe(self._state(seq), self._matched[i] if self.ngram else 0, len(proposal), n_ok)
             if self.draft is not None:
                 self.draft.rollback(id(seq), len(histories[i]) + n_ok)
         tokens = sum(len(p) + 1 for p in proposals)
