@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from disaggserve_worker.engine.detokenizer import IncrementalDetokenizer
+from disaggserve_worker.engine.types import TokenEvent
 from disaggserve_worker.model.loader import load_tokenizer
 from disaggserve_worker.router.dispatch import GenerationRequest, Token, WorkerFault, _parse_events
 from disaggserve_worker.router.metrics import RouterMetrics
@@ -65,6 +66,19 @@ WORKER = Worker("http://127.0.0.1:1", "decode")
 
 def _line(**event: object) -> bytes:
     return json.dumps(event).encode()
+
+
+def test_worker_lines_read_without_json_give_what_parsing_them_gives():
+    # Exactly the bytes a built-in worker writes (server.app: json.dumps(event.wire()) + "\n").
+    events = [TokenEvent(7, "plain"), TokenEvent(8, 'x", "finish_reason": null}'), TokenEvent(9, "é\n"),
+              TokenEvent(10, "", "length"), TokenEvent(11, "a", None, logprobs={"logprob": -1.0, "top": []}),
+              TokenEvent(12, "b", "stop", logprobs={"logprob": -0.5, "top": [[12, -0.5]]})]
+    lines = [json.dumps(event.wire()).encode() for event in events]
+    parsed = [_parse_events([line], WORKER, None)[0] for line in lines]
+    assert [[(t.token_id, t.finish_reason, t.logprobs) for t in batch] for batch in parsed] == \
+        [[(e.token_id, e.finish_reason, e.logprobs)] for e in events]
+    batch, fault = _parse_events([b'{"token_id": nope, "text": "", "finish_reason": null}'], WORKER, None)
+    assert batch == [] and isinstance(fault, WorkerFault) and fault.reason == "stream_broken"
 
 
 def test_the_lines_of_one_read_become_one_batch_up_to_the_finish():

@@ -17,7 +17,7 @@ from json.encoder import encode_basestring_ascii  # what json.dumps does to a st
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenInfo:
     """One generated token as the router saw it: its id and, when asked for, its logprobs."""
 

@@ -25,7 +25,7 @@ from .metrics import RouterMetrics
 from .responses import ChoiceResult, Progress, Shape, TokenInfo, usage_of
 
 
-@dataclass
+@dataclass(slots=True)
 class Piece:
     """Text that became final for one choice, the tokens that made it, and the finish if it ended.
 
@@ -86,14 +86,16 @@ async def _pieces(run: ChoiceRun, stream: AsyncIterator[list[Token]],
                 return
 
 
-async def merged(runs: list[ChoiceRun], dispatcher: Dispatcher, metrics: RouterMetrics) -> AsyncIterator[list[Piece]]:
+def merged(runs: list[ChoiceRun], dispatcher: Dispatcher, metrics: RouterMetrics) -> AsyncIterator[list[Piece]]:
     """Pieces of every choice in arrival order, in batches; the first failure (after its retries)
-    ends them all."""
+    ends them all. One choice's pieces come straight from it, with no generator in between."""
     if len(runs) == 1:
-        async with aclosing(_pieces(runs[0], dispatcher.generate_batches(runs[0].gen), metrics)) as one:
-            async for pieces in one:
-                yield pieces
-        return
+        return _pieces(runs[0], dispatcher.generate_batches(runs[0].gen), metrics)
+    return _merged_many(runs, dispatcher, metrics)
+
+
+async def _merged_many(runs: list[ChoiceRun], dispatcher: Dispatcher,
+                       metrics: RouterMetrics) -> AsyncIterator[list[Piece]]:
     queue: asyncio.Queue[list[Piece] | BaseException | None] = asyncio.Queue()
 
     async def pump(run: ChoiceRun) -> None:
