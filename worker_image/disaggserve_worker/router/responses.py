@@ -33,13 +33,11 @@ class Progress:
         self.count = 0
         self.ttft_s: float | None = None
         self.finish_reason: str | None = None
-        self.token_ids: list[int] = []
 
-    def add(self, token_id: int) -> None:
+    def add(self) -> None:
         if self.ttft_s is None:
             self.ttft_s = time.monotonic() - self.started
         self.count += 1
-        self.token_ids.append(token_id)
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -69,7 +69,7 @@ async def _pieces(run: ChoiceRun, stream: AsyncIterator[list[Token]],
             for token in batch:
                 delta, stopped, infos = "", False, []
                 if token.token_id is not None:
-                    progress.add(token.token_id)
+                    progress.add()
                     delta, stopped = detok.add(token.token_id)
                     infos = [TokenInfo(token.token_id, token.logprobs)]
                 finish = "stop" if stopped else token.finish_reason
