@@ -6,13 +6,37 @@ their context without re-decoding the whole output every step. A window that end
 incomplete UTF-8 sequence (U+FFFD) stays pending until the next token completes it.
 Characters that could still become a stop string are held back too, so a stop string
 never leaks to the client.
+
+Where the installed `tokenizers` has it (0.22+: `DecodeStream(ids=...)`), its `DecodeStream`
+runs that same window in Rust: one call per token instead of two decodes and the slicing around
+them, which was a quarter of the router's CPU per streamed token. The offsets here follow it step
+for step, so a step it refuses (a window that does not extend its prefix) and the final flush
+still take the Python window, on the same state.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from tokenizers import Tokenizer
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21
+    DecodeStream = None
+
 PROMPT_CONTEXT_TOKENS = 4
+
+
+def _decode_stream(context: list[int], skip_special_tokens: bool) -> Any:
+    """A `DecodeStream` primed with the context tokens, or None where tokenizers cannot prime one
+    (before 0.22 it would start without them, and decode the first token's leading space apart)."""
+    if DecodeStream is None:
+        return None
+    try:
+        return DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+    except TypeError:
+        return None
 
 
 class IncrementalDetokenizer:
@@ -27,6 +51,7 @@ class IncrementalDetokenizer:
         self.text = ""  # settled text of the generated tokens
         self.emitted = 0
         self.stopped = False
+        self._stream = _decode_stream(self.ids, skip_special_tokens)
         for token in initial_ids or []:
             self._append(token)
         self.emitted = len(self.text)  # initial tokens were sent by someone else (the prefill worker)
@@ -42,6 +67,17 @@ class IncrementalDetokenizer:
 
     def _append(self, token_id: int) -> None:
         self.ids.append(token_id)
+        if self._stream is not None:
+            try:
+                new = self._stream.step(self.tokenizer, token_id)
+            except Exception:  # its InvalidPrefix has no type of its own in Python
+                self._stream = None  # its state is no longer ours: the Python window from here on
+            else:
+                if new is not None:  # the window moved on exactly as _decode_window moves it
+                    self.text += new
+                    self.prefix_offset = self.read_offset
+                    self.read_offset = len(self.ids)
+                return
         self._decode_window(final=False)
 
     def add(self, token_id: int) -> tuple[str, bool]:

@@ -8,14 +8,16 @@ logprobs in each endpoint's own format, and vLLM's `return_token_ids`.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii  # what json.dumps does to a str (ensure_ascii)
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenInfo:
     """One generated token as the router saw it: its id and, when asked for, its logprobs."""
 
@@ -31,13 +33,11 @@ class Progress:
         self.count = 0
         self.ttft_s: float | None = None
         self.finish_reason: str | None = None
-        self.token_ids: list[int] = []
 
-    def add(self, token_id: int) -> None:
+    def add(self) -> None:
         if self.ttft_s is None:
             self.ttft_s = time.monotonic() - self.started
         self.count += 1
-        self.token_ids.append(token_id)
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -75,6 +75,30 @@ class Shape:
               tokens: list[TokenInfo], usage: dict[str, int] | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
+    def event(self, index: int, delta: str, finish: str | None, include_usage: bool,
+              tokens: list[TokenInfo], usage: dict[str, int] | None = None) -> bytes:
+        """`chunk` as one SSE event, byte for byte what compact `json.dumps` of it gives.
+
+        Most chunks of a stream differ only in their text: those are filled into a template
+        encoded once per request (`_plain`), which spares building and encoding the dict per
+        token; any chunk with more in it (logprobs, token ids, usage, echo) takes `chunk`."""
+        if usage is None and not self.logprobs and not self.return_token_ids:
+            plain = self._plain(index, delta, finish, include_usage)
+            if plain is not None:
+                return plain.encode()
+        data = json.dumps(self.chunk(index, delta, finish, include_usage, tokens, usage), separators=(",", ":"))
+        return f"data: {data}\n\n".encode()
+
+    def _plain(self, index: int, delta: str, finish: str | None, include_usage: bool) -> str | None:
+        """The SSE event of a chunk with nothing but text and finish_reason, or None where this
+        endpoint's chunk holds more."""
+        return None
+
+    def _template(self) -> str:
+        """The SSE event of a chunk up to its choice's index, encoded once."""
+        head = json.dumps(self._head(), separators=(",", ":"))[:-1]
+        return f'data: {head},"choices":[{{"index":'
+
     def full(self, choices: list[ChoiceResult], usage: dict[str, int]) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -100,6 +124,9 @@ class Shape:
         return [(self.token_text(int(i)), float(lp)) for i, lp in (info.logprobs or {}).get("top", [])]
 
 
+_USAGE_NULL = ',"usage":null'
+
+
 class CompletionShape(Shape):
     object = "text_completion"
 
@@ -108,9 +135,17 @@ class CompletionShape(Shape):
         super().__init__(model, "cmpl", token_text, **kwargs)
         self.echo = dict(echo or {})
         self._offsets: dict[int, int] = {}
+        self._event_head = self._template()
 
     def opening(self, index: int, include_usage: bool, prompt_ids: list[int]) -> list[dict[str, Any]]:
         return [self.chunk(index, "", None, include_usage, [])] if self.echo.get(index) else []
+
+    def _plain(self, index: int, delta: str, finish: str | None, include_usage: bool) -> str | None:
+        if index in self.echo:  # the first chunk of an echoed choice carries the prompt
+            return None
+        return (f'{self._event_head}{index},"text":{encode_basestring_ascii(delta)},"finish_reason":'
+                f'{"null" if finish is None else encode_basestring_ascii(finish)},"logprobs":null}}]'
+                f'{_USAGE_NULL if include_usage else ""}}}\n\n')
 
     def chunk(self, index: int, delta: str, finish: str | None, include_usage: bool,
               tokens: list[TokenInfo], usage: dict[str, int] | None = None) -> dict[str, Any]:
@@ -148,6 +183,13 @@ class ChatShape(Shape):
 
     def __init__(self, model: str, token_text: Callable[[int], str], **kwargs: Any) -> None:
         super().__init__(model, "chatcmpl", token_text, **kwargs)
+        self._event_head = self._template()
+
+    def _plain(self, index: int, delta: str, finish: str | None, include_usage: bool) -> str | None:
+        content = f'{{"content":{encode_basestring_ascii(delta)}}}' if delta else "{}"
+        return (f'{self._event_head}{index},"delta":{content},"finish_reason":'
+                f'{"null" if finish is None else encode_basestring_ascii(finish)},"logprobs":null}}]'
+                f'{_USAGE_NULL if include_usage else ""}}}\n\n')
 
     def opening(self, index: int, include_usage: bool, prompt_ids: list[int]) -> list[dict[str, Any]]:
         chunk = self._chunk(index, {"role": "assistant", "content": ""}, None, include_usage, [], None)

@@ -25,14 +25,18 @@ from .metrics import RouterMetrics
 from .responses import ChoiceResult, Progress, Shape, TokenInfo, usage_of
 
 
-@dataclass
+@dataclass(slots=True)
 class Piece:
-    """Text that became final for one choice, the tokens that made it, and the finish if it ended."""
+    """Text that became final for one choice, the tokens that made it, and the finish if it ended.
+
+    `completion_tokens` is the choice's token count once this piece is out (vLLM's per-chunk
+    `continuous_usage_stats`): a batch's pieces are counted before any of them is sent."""
 
     index: int
     delta: str
     finish: str | None
     tokens: list[TokenInfo] = field(default_factory=list)
+    completion_tokens: int = 0
 
 
 @dataclass
@@ -45,10 +49,6 @@ class ChoiceRun:
     tokens: list[TokenInfo] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
 
-    @property
-    def usage(self) -> dict[str, int]:
-        return usage_of(len(self.gen.prompt_ids), self.progress.count)
-
 
 def request_usage(runs: list[ChoiceRun]) -> dict[str, int]:
     """vLLM's count: each prompt once, every choice's completion tokens."""
@@ -56,38 +56,53 @@ def request_usage(runs: list[ChoiceRun]) -> dict[str, int]:
     return usage_of(sum(prompts.values()), sum(run.progress.count for run in runs))
 
 
-async def _pieces(run: ChoiceRun, stream: AsyncIterator[Token], metrics: RouterMetrics) -> AsyncIterator[Piece]:
-    """One choice's pieces; stops its workers as soon as a stop string shows."""
-    async with aclosing(stream) as tokens:
-        async for token in tokens:
-            delta, stopped, infos = "", False, []
-            if token.token_id is not None:
-                run.progress.add(token.token_id)
-                metrics.generation_tokens.inc()
-                delta, stopped = run.detok.add(token.token_id)
-                infos = [TokenInfo(token.token_id, token.logprobs)]
-            finish = "stop" if stopped else token.finish_reason
-            if finish is not None:
-                run.progress.finish_reason = finish
-                yield Piece(run.index, delta + ("" if stopped else run.detok.flush()), finish, infos)
+async def _pieces(run: ChoiceRun, stream: AsyncIterator[list[Token]],
+                  metrics: RouterMetrics) -> AsyncIterator[list[Piece]]:
+    """One choice's pieces, a list per batch of tokens (one per token); stops its workers as soon
+    as a stop string shows: the tokens of the batch after it are neither counted nor sent, as
+    they would not have been read one token at a time."""
+    progress, detok, index = run.progress, run.detok, run.index
+    async with aclosing(stream) as batches:
+        async for batch in batches:
+            pieces: list[Piece] = []
+            counted = progress.count
+            for token in batch:
+                delta, stopped, infos = "", False, []
+                if token.token_id is not None:
+                    progress.add()
+                    delta, stopped = detok.add(token.token_id)
+                    infos = [TokenInfo(token.token_id, token.logprobs)]
+                finish = "stop" if stopped else token.finish_reason
+                if finish is not None:
+                    progress.finish_reason = finish
+                    pieces.append(Piece(index, delta + ("" if stopped else detok.flush()), finish, infos,
+                                        progress.count))
+                    break
+                pieces.append(Piece(index, delta, None, infos, progress.count))
+            if progress.count > counted:  # one increment per batch: the counter takes a lock
+                metrics.generation_tokens.inc(progress.count - counted)
+            yield pieces
+            if pieces[-1].finish is not None:
                 return
-            yield Piece(run.index, delta, None, infos)
 
 
-async def merged(runs: list[ChoiceRun], dispatcher: Dispatcher, metrics: RouterMetrics) -> AsyncIterator[Piece]:
-    """Pieces of every choice in arrival order; the first failure (after its retries) ends them all."""
+def merged(runs: list[ChoiceRun], dispatcher: Dispatcher, metrics: RouterMetrics) -> AsyncIterator[list[Piece]]:
+    """Pieces of every choice in arrival order, in batches; the first failure (after its retries)
+    ends them all. One choice's pieces come straight from it, with no generator in between."""
     if len(runs) == 1:
-        async with aclosing(_pieces(runs[0], dispatcher.generate(runs[0].gen), metrics)) as one:
-            async for piece in one:
-                yield piece
-        return
-    queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
+        return _pieces(runs[0], dispatcher.generate_batches(runs[0].gen), metrics)
+    return _merged_many(runs, dispatcher, metrics)
+
+
+async def _merged_many(runs: list[ChoiceRun], dispatcher: Dispatcher,
+                       metrics: RouterMetrics) -> AsyncIterator[list[Piece]]:
+    queue: asyncio.Queue[list[Piece] | BaseException | None] = asyncio.Queue()
 
     async def pump(run: ChoiceRun) -> None:
         try:
-            async with aclosing(_pieces(run, dispatcher.generate(run.gen), metrics)) as pieces:
-                async for piece in pieces:
-                    await queue.put(piece)
+            async with aclosing(_pieces(run, dispatcher.generate_batches(run.gen), metrics)) as batches:
+                async for pieces in batches:
+                    await queue.put(pieces)
         except Exception as exc:  # handed to the consumer, which raises it
             await queue.put(exc)
         finally:
@@ -111,22 +126,24 @@ async def merged(runs: list[ChoiceRun], dispatcher: Dispatcher, metrics: RouterM
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def respond_whole(runs: list[ChoiceRun], pieces: AsyncIterator[Piece], shape: Shape) -> web.Response:
+async def respond_whole(runs: list[ChoiceRun], batches: AsyncIterator[list[Piece]], shape: Shape) -> web.Response:
     by_index = {run.index: run for run in runs}
-    async for piece in pieces:
-        run = by_index[piece.index]
-        run.text.append(piece.delta)
-        run.tokens.extend(piece.tokens)
+    async for pieces in batches:
+        for piece in pieces:
+            run = by_index[piece.index]
+            run.text.append(piece.delta)
+            run.tokens.extend(piece.tokens)
     results = [ChoiceResult(run.index, "".join(run.text), run.progress.finish_reason, run.tokens,
                             run.gen.prompt_ids) for run in runs]
     return web.json_response(shape.full(results, request_usage(runs)))
 
 
-async def respond_stream(request: web.Request, runs: list[ChoiceRun], pieces: AsyncIterator[Piece], shape: Shape,
-                         *, include_usage: bool, continuous_usage: bool) -> web.StreamResponse:
-    by_index = {run.index: run for run in runs}
+async def respond_stream(request: web.Request, runs: list[ChoiceRun], batches: AsyncIterator[list[Piece]],
+                         shape: Shape, *, include_usage: bool, continuous_usage: bool) -> web.StreamResponse:
+    """The SSE answer: one chunk per piece that says something, every chunk of a batch in one write."""
+    prompts = {run.index: len(run.gen.prompt_ids) for run in runs}
     # Wait for the first token before answering 200: failures before it become a plain error reply.
-    first = await anext(pieces)
+    first = await anext(batches)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -138,13 +155,16 @@ async def respond_stream(request: web.Request, runs: list[ChoiceRun], pieces: As
     for run in runs:
         for chunk in shape.opening(run.index, include_usage, run.gen.prompt_ids):
             await send(chunk)
+    with_tokens = shape.logprobs or shape.return_token_ids
     try:
-        piece: Piece | None = first
-        while piece is not None:
-            if piece.delta or piece.finish or (piece.tokens and (shape.logprobs or shape.return_token_ids)):
-                usage = by_index[piece.index].usage if continuous_usage else None
-                await send(shape.chunk(piece.index, piece.delta, piece.finish, include_usage, piece.tokens, usage))
-            piece = await anext(pieces, None)
+        pieces: list[Piece] | None = first
+        while pieces is not None:
+            events = [shape.event(piece.index, piece.delta, piece.finish, include_usage, piece.tokens,
+                                  usage_of(prompts[piece.index], piece.completion_tokens) if continuous_usage else None)
+                      for piece in pieces if piece.delta or piece.finish or (piece.tokens and with_tokens)]
+            if events:
+                await response.write(b"".join(events))
+            pieces = await anext(batches, None)
     except UpstreamError as exc:
         # Headers are gone: the error travels in the stream, as OpenAI's API does, and no [DONE]
         # follows, so no client can take the partial answer for a complete one.

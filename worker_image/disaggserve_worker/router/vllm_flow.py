@@ -65,8 +65,9 @@ def _body(dispatcher: Dispatcher, req: GenerationRequest, context: list[int], ma
 
 
 async def attempt(dispatcher: Dispatcher, req: GenerationRequest, generated: list[int], attempt_no: int,
-                  excluded: set[str]) -> AsyncIterator[Token]:
-    """One try of `req` on vLLM workers; raises `WorkerFault` (retried by the dispatcher)."""
+                  excluded: set[str]) -> AsyncIterator[list[Token]]:
+    """One try of `req` on vLLM workers, in batches of tokens (one per event); raises
+    `WorkerFault` (retried by the dispatcher)."""
     context = req.prompt_ids + generated
     remaining = req.max_tokens - len(generated)
     body = _body(dispatcher, req, context, remaining)
@@ -77,8 +78,8 @@ async def attempt(dispatcher: Dispatcher, req: GenerationRequest, generated: lis
     mode = dispatcher.pool.mode
     if mode == "colocated":
         worker = dispatcher.pool.pick_colocated(excluded)
-        async for token in _stream(dispatcher, worker, {**body, "stream": True}, headers, len(context)):
-            yield token
+        async for batch in _stream(dispatcher, worker, {**body, "stream": True}, headers, len(context)):
+            yield batch
         return
     if mode is None:
         raise NoWorkerAvailable("no workers are known to the router (check discovery)")
@@ -90,8 +91,8 @@ async def attempt(dispatcher: Dispatcher, req: GenerationRequest, generated: lis
     decode_body = {**body, "stream": True}
     if params:
         decode_body["kv_transfer_params"] = params
-    async for token in _stream(dispatcher, decode, decode_body, headers, 0, prefill=prefill):
-        yield token
+    async for batch in _stream(dispatcher, decode, decode_body, headers, 0, prefill=prefill):
+        yield batch
 
 
 async def _prefill(dispatcher: Dispatcher, worker: Worker, body: dict[str, Any], headers: dict[str, str],
@@ -133,8 +134,8 @@ async def _prefill(dispatcher: Dispatcher, worker: Worker, body: dict[str, Any],
 
 
 async def _stream(dispatcher: Dispatcher, worker: Worker, body: dict[str, Any], headers: dict[str, str],
-                  tokens: int, prefill: Worker | None = None) -> AsyncIterator[Token]:
-    """Streams vLLM's server-sent events as `Token`s (one per generated id)."""
+                  tokens: int, prefill: Worker | None = None) -> AsyncIterator[list[Token]]:
+    """Streams vLLM's server-sent events as `Token`s (one per generated id), a batch per event."""
     from .dispatch import Token, WorkerFault, _check_status, _describe
 
     timeouts = dispatcher.timeouts
@@ -164,12 +165,12 @@ async def _stream(dispatcher: Dispatcher, worker: Worker, body: dict[str, Any], 
                     if tokens and ids:  # the prompt is done once the first token arrives
                         worker.inflight_tokens -= tokens
                         tokens = 0
-                    for i, token_id in enumerate(ids):
-                        last = i == len(ids) - 1
-                        yield Token(token_id, finish if last else None)
+                    if ids:
+                        yield [Token(token_id, finish if i == len(ids) - 1 else None)
+                               for i, token_id in enumerate(ids)]
                     if finish is not None:
                         if not ids:  # a bare end marker
-                            yield Token(None, finish)
+                            yield [Token(None, finish)]
                         finished = True
                         return
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
