@@ -80,6 +80,9 @@ class FrameType(IntEnum):
     READY = 9
 
 
+_REQUEST_TYPE = int(FrameType.REQUEST)
+
+
 class KVTransferError(RuntimeError):
     """A pull that failed; `kind` and `retryable` go to the router verbatim."""
 
@@ -127,13 +130,7 @@ class PullRequest:
     copied: bool = False
 
     def encode(self, version: int = PROTOCOL_VERSION) -> bytes:
-        if version == LEGACY_VERSION:
-            legacy: dict[str, object] = {"handle": self.handle, "request_id": self.request_id}
-            legacy |= {"shm": True} if self.shm else {}
-            return encode_json(FrameType.REQUEST, legacy | ({"copied": True} if self.copied else {}))
-        handle, request_id = self.handle.encode(), self.request_id.encode()
-        payload = _REQUEST.pack(_SHM * self.shm | _COPIED * self.copied, len(handle)) + handle + request_id
-        return HEADER.pack(int(FrameType.REQUEST), len(payload)) + payload
+        return encode_request(self.handle, self.request_id, self.shm, self.copied, version)
 
     @classmethod
     def decode(cls, payload: bytes | bytearray, version: int = PROTOCOL_VERSION) -> PullRequest:
@@ -151,6 +148,19 @@ class PullRequest:
         except (struct.error, ValueError) as error:
             raise _malformed("request", error) from None
         return cls(handle, request_id, bool(flags & _SHM), bool(flags & _COPIED))
+
+
+def encode_request(handle: str, request_id: str, shm: bool = False, copied: bool = False,
+                   version: int = PROTOCOL_VERSION) -> bytes:
+    """A `PullRequest`'s frame, made without the object: a pull makes one on its way to the
+    socket, where on a vCPU woken cold every object and call counts (`kv.client`)."""
+    if version == LEGACY_VERSION:
+        legacy: dict[str, object] = {"handle": handle, "request_id": request_id}
+        legacy |= {"shm": True} if shm else {}
+        return encode_json(FrameType.REQUEST, legacy | ({"copied": True} if copied else {}))
+    encoded = handle.encode()
+    rest = _REQUEST.pack(_SHM * shm | _COPIED * copied, len(encoded)) + encoded + request_id.encode()
+    return HEADER.pack(_REQUEST_TYPE, len(rest)) + rest
 
 
 @dataclass(frozen=True)
