@@ -18,7 +18,11 @@ worker does in a deployment; the receiving side in this process.
   the headline), and asking the port for the slot runs first (one round trip more).
 Raw is timed three ways — received on the event loop, on a thread awaited from the loop, and
 inside that thread (no hop at all); the headline ratio takes the faster of the first two,
-and the ratio against the third is reported beside it.
+and the ratio against the third is reported beside it. Both kinds are billed alike: from just
+before the call that starts a transfer to just after its await returns. (Raw on the loop was
+timed inside its coroutine, the pull around its call, which also formatted its address and
+request id; a decode worker has both before it pulls, so they are made beforehand. The
+reservation's sink is still made in the call, as the worker does.)
 Before each timed transfer (either kind) the bench waits `--settle-ms` so both start from an
 idle sender: the prefill child's engine thread and event loop are still finishing the step that
 produced the handle when the handle arrives, and on a 2-core host that work would otherwise be
@@ -148,19 +152,15 @@ class RawReceiver:
             got += self.sock.recv_into(view[got:])
         return time.perf_counter() - start
 
-    async def transfer_on_loop(self) -> float:
-        """The same receive done the way the KV client does it: non-blocking, on the event loop."""
+    async def transfer_on_loop(self) -> None:
+        """The same receive done the way the KV client does it: non-blocking (the caller sets
+        that, as a loop receiver's socket always is), on the event loop. The caller times the
+        call as it times a KV pull: from before the call to after the await."""
         loop = asyncio.get_running_loop()
-        self.sock.setblocking(False)
-        try:
-            start = time.perf_counter()
-            await loop.sock_sendall(self.sock, b"request!")
-            got, view = 0, self.buffer
-            while got < len(view):
-                got += await loop.sock_recv_into(self.sock, view[got:])
-            return time.perf_counter() - start
-        finally:
-            self.sock.setblocking(True)
+        await loop.sock_sendall(self.sock, b"request!")
+        got, view = 0, self.buffer
+        while got < len(view):
+            got += await loop.sock_recv_into(self.sock, view[got:])
 
 
 async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  # type: ignore[no-untyped-def]
@@ -182,6 +182,7 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
         raw = RawReceiver(raw_port, layout.layer_bytes(tokens) * layers)
         prompt = [1] * tokens
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        address = f"127.0.0.61:{kv_port}"  # as a decode worker has it: from the prefill reply
         for i in range(repeats + 1):  # the first pull opens the persistent connection: not timed
             pulled: dict[str, float] = {}
             for name, transport in transports.items():
@@ -190,15 +191,20 @@ async def measure(model: str, loaded, tokens: int, repeats: int, threads: int,  
                 location = SharedKVRef.model_validate(where) if where is not None and name == "shm" else None
                 reservation = decode.reserve(prompt, params)
                 assert reservation is not None
+                request_id = f"b{i}{name}"
                 await asyncio.sleep(settle_s)
                 start = time.perf_counter()
-                stats = await transport.pull(f"127.0.0.61:{kv_port}", handle, f"b{i}{name}",
-                                             layout, pool_sink(decode, reservation), shared=location)
+                stats = await transport.pull(address, handle, request_id, layout, pool_sink(decode, reservation),
+                                             shared=location)
                 pulled[name] = time.perf_counter() - start
                 decode.cancel_reservation(reservation)
                 nbytes = stats.bytes
+            raw.sock.setblocking(False)
             await asyncio.sleep(settle_s)
-            on_loop = await raw.transfer_on_loop()
+            start = time.perf_counter()  # billed as the pull is: the call and its await included
+            await raw.transfer_on_loop()
+            on_loop = time.perf_counter() - start
+            raw.sock.setblocking(True)
             await asyncio.sleep(settle_s)
             start = time.perf_counter()
             inner = await asyncio.to_thread(raw.transfer)

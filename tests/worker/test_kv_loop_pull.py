@@ -258,3 +258,50 @@ async def test_a_loop_pull_into_scattered_blocks_lands_token_by_token() -> None:
         got = pool.layers[layer][0][:, [6, 7, 0]]
         assert torch.equal(got, values + 100 * layer)
         assert not pool.layers[layer][0][:, 1:6].any()
+
+
+async def test_loop_pulls_on_one_connection_land_in_each_reservation_and_pool(kv_io: str) -> None:  # noqa: F811
+    """A connection's native reader is made once and re-armed for each pull (`kv.native.NativePull`):
+    reservations of more blocks than any before, scattered blocks, another pool, an equal layout
+    made apart, each pull lands token by token and nothing else is written."""
+    values = torch.arange(2 * TOKENS * 4, dtype=torch.float32).reshape(2, TOKENS, 1, 4)
+
+    def answers(conn: socket.socket) -> None:
+        assert recv_control(conn)[0] is FrameType.REQUEST
+        _header(conn)
+        for layer in range(2):
+            payload = LAYER_INDEX.pack(layer) + (values + 100 * layer).numpy().tobytes()
+            conn.sendall(HEADER.pack(int(FrameType.LAYER), len(payload)) + payload)
+        conn.sendall(encode_count(FrameType.END, 2 * LAYOUT.layer_bytes(TOKENS)))
+        assert recv_control(conn)[0] is FrameType.ACK
+
+    small = KVPool([[torch.zeros(2, 8, 1, 4)] for _ in range(2)])
+    large = KVPool([[torch.zeros(2, 16, 1, 4)] for _ in range(2)])
+    pulls = [  # (pool, sink, the slots the three tokens land in, layout)
+        (small, PoolSink(small, torch.tensor([6, 7, 0, 1]), blocks=[3, 0], block_size=2), [6, 7, 0], LAYOUT),
+        (small, PoolSink(small, torch.tensor([1, 3, 5])), [1, 3, 5], LAYOUT),  # three blocks of one
+        (large, PoolSink(large, torch.tensor([14, 2, 9])), [14, 2, 9], LAYOUT),
+        (small, PoolSink(small, torch.tensor([4, 5, 2, 3]), blocks=[2, 1], block_size=2), [4, 5, 2],
+         KVLayout(torch.float32, layers=2, kv_heads=1, head_dim=4)),
+    ]
+    transport = TcpKVTransport(token=None)
+    readers = []
+    with FakeKVPeer(lambda conn: (_answers(conn, []), *(answers(conn) for _ in pulls))) as peer:
+        await transport.pull(peer.address, "h0", "r0", LAYOUT, _sink()[0])  # authenticates (transfer thread)
+        for i, (pool, sink, slots, layout) in enumerate(pulls):
+            for layer in range(2):
+                pool.layers[layer][0].zero_()
+            stats = await transport.pull(peer.address, f"h{i + 1}", f"r{i + 1}", layout, sink)
+            assert stats.tokens == TOKENS
+            for layer in range(2):
+                tensor = pool.layers[layer][0]
+                assert torch.equal(tensor[:, slots], values + 100 * layer)
+                rest = [s for s in range(tensor.shape[1]) if s not in slots]
+                assert not tensor[:, rest].any(), "nothing written outside the reservation's first tokens"
+            readers.append(transport._idle[peer.address][0].native)
+        assert len(peer.connections) == 1
+    transport.close()
+    if kv_io == "native":
+        assert readers[0] is not None and all(reader is readers[0] for reader in readers)
+    else:
+        assert readers == [None] * len(pulls)

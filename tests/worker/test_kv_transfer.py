@@ -173,12 +173,15 @@ def test_pool_views_are_shared_and_do_not_outlive_the_pool() -> None:
     import weakref
 
     alive = weakref.ref(pool)
+    views = weakref.ref(layout.regions_of(pool))  # the pool last asked about: answered from `_LAST`
+    assert layout.regions_of(pool) is views()
     before = len(layout._REGIONS)
     del pool
     gc.collect()
     # Other tests' dropped pools may go in the same collection: count only that ours went.
     assert alive() is None, "the cached views keep no reference to their pool"
     assert len(layout._REGIONS) <= before - 1, "a dropped pool's views go with it"
+    assert views() is None, "the last-asked cache lets them go too"
 
 
 async def test_peer_dying_mid_transfer_is_a_clean_retryable_error() -> None:

@@ -77,6 +77,7 @@ from disaggserve_worker.kv.framing import (
     check_control,
     decode_json,
     encode_count,
+    encode_request,
     frame_head,
     make_blocking,
     raise_if_error,
@@ -130,7 +131,8 @@ class _Connection:
     last_used: float = field(default_factory=time.monotonic)
     segment: SegmentReader | None = None  # the peer's pool, mapped (same host)
     version: int = PROTOCOL_VERSION  # of the frames, settled by the handshake
-    ack: bytes | None = None  # the last pull's ACK, not sent yet: it goes out before anything else
+    ack: int | None = None  # the last pull's bytes, its ACK not sent yet: it goes out before anything else
+    native: NativePull | None = None  # the native reply reader, made on the first loop pull
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -173,6 +175,7 @@ class TcpKVTransport:
         self._notices: set[asyncio.Task[None]] = set()  # "copied" notices still being sent
         self.copied_pulls = 0  # pulls served by copying a leased cache without asking first
         self._loop_pulls = 0  # native loop pulls in flight
+        self._loop_limits: tuple[KVLayout, int, int] | None = None  # `_loop_tokens`
 
     async def pull(self, address: str, handle: str, request_id: str, expect: KVLayout,
                    sink: LayerSink | PoolSink, shared: HeldLocation | None = None) -> TransferStats:
@@ -189,24 +192,26 @@ class TcpKVTransport:
                 notice.add_done_callback(self._notices.discard)
                 return TransferStats(expect.layer_bytes(copied) * expect.layers, time.perf_counter() - start, copied)
         for attempt in range(2):
-            conn, reused = await self._checkout(address)
+            # A pooled connection without a coroutine round (the usual case), else a new one.
+            conn = self._take_idle(address)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(address)
             direct = sink if isinstance(sink, PoolSink) and sink.direct else None
             shared = conn.segment is not None and direct is not None
-            request = PullRequest(handle, request_id, shm=shared).encode(conn.version)
+            request = encode_request(handle, request_id, shared, version=conn.version)
             may_be_stale = reused and attempt == 0
             try:
-                if (conn.authenticated and direct is not None and expect.layer_bytes(direct.capacity) * expect.layers
-                        <= (SHARED_LOOP_MAX_BYTES if shared else LOOP_MAX_BYTES)):
-                    # The REQUEST first, before any other Python: the port's answer then overlaps the
-                    # rest (on a vCPU woken cold, the Python before it was ~60 us of a 1 MB pull).
-                    sent = conn.send_now(request)
-                    total, tokens, ack = await self._exchange_on_loop(conn, request[sent:], expect, direct,
-                                                                      may_be_stale)
+                # On an authenticated connection the REQUEST goes out first, before any other Python:
+                # on a vCPU woken cold, the Python before it was ~60 us of a 1 MB pull (pinned), and
+                # on a 2-vCPU host the port's thread, woken onto this vCPU, waits for what runs here.
+                sent = conn.send_now(request) if conn.authenticated else 0
+                if conn.authenticated and direct is not None and direct.capacity <= self._loop_tokens(expect, shared):
+                    total, tokens = await self._exchange_on_loop(conn, request[sent:], expect, direct, may_be_stale)
                 else:
-                    sent = conn.send_now(request) if conn.authenticated else 0
                     exchange = functools.partial(self._exchange, conn, request[sent:] if sent else None, expect, sink,
                                                  may_be_stale=may_be_stale, handle=handle, request_id=request_id)
-                    total, tokens, ack = await self._on_thread(conn, exchange)
+                    total, tokens = await self._on_thread(conn, exchange)
             except _Stale:
                 conn.close()
                 continue  # the peer had closed the pooled connection: once more on a fresh one
@@ -216,7 +221,7 @@ class TcpKVTransport:
             except BaseException:
                 conn.close()
                 raise
-            conn.ack = ack  # sent from the loop once this has returned, or before the next REQUEST
+            conn.ack = total  # its ACK is sent from the loop once this has returned, or before the next REQUEST
             self._checkin(conn)
             asyncio.get_running_loop().call_soon(self._acknowledge, conn)
             return TransferStats(total, time.perf_counter() - start, tokens)
@@ -317,16 +322,33 @@ class TcpKVTransport:
                 future.exception()  # retrieved: the cancellation is what the caller sees
             raise
 
+    def _loop_tokens(self, expect: KVLayout, shared: bool) -> int:
+        """The most tokens a pull into a direct sink reads on the loop (LOOP_MAX_BYTES, or
+        SHARED_LOOP_MAX_BYTES through shared memory), worked out once for the layout last asked
+        about (a decode worker passes the one it made at start)."""
+        limits = self._loop_limits
+        if limits is None or limits[0] is not expect:
+            per_token = expect.layer_bytes(1) * expect.layers
+            limits = self._loop_limits = (expect, LOOP_MAX_BYTES // per_token, SHARED_LOOP_MAX_BYTES // per_token)
+        return limits[2] if shared else limits[1]
+
     # ---- connections -----------------------------------------------------------------------
     async def _checkout(self, address: str) -> tuple[_Connection, bool]:
+        conn = self._take_idle(address)
+        return (conn, True) if conn is not None else (await self._connect(address), False)
+
+    def _take_idle(self, address: str) -> _Connection | None:
+        """A pooled connection to `address` still in use (its last ACK sent), or None."""
+        conns = self._idle.get(address)
+        if not conns:
+            return None
         now = time.monotonic()
-        conns = self._idle.get(address, [])
         while conns:
             conn = conns.pop()
             if now - conn.last_used < self.idle_seconds and self._acknowledge(conn):
-                return conn, True
+                return conn
             conn.close()
-        return await self._connect(address), False
+        return None
 
     def _checkin(self, conn: _Connection) -> None:
         if self._closed:
@@ -344,7 +366,8 @@ class TcpKVTransport:
         keeps the cache until its TTL, as for a decode worker that died); False then."""
         if conn.ack is None:
             return True
-        ack, conn.ack = conn.ack, None
+        ack = encode_count(FrameType.ACK, conn.ack, conn.version)  # made here: off the pull's path
+        conn.ack = None
         if conn.send_now(ack) == len(ack):
             return True
         idle = self._idle.get(conn.address, [])
@@ -433,13 +456,13 @@ class TcpKVTransport:
 
     # ---- one pull (on a transfer thread) -----------------------------------------------------
     def _exchange(self, conn: _Connection, unsent: bytes | None, expect: KVLayout, sink: LayerSink | PoolSink,
-                  may_be_stale: bool, handle: str, request_id: str) -> tuple[int, int, bytes]:
+                  may_be_stale: bool, handle: str, request_id: str) -> tuple[int, int]:
         """One pull on a transfer thread: the handshake on a new connection, whatever of the
         REQUEST frame the loop did not send (None: none of it, so it is made here, after the
         handshake has told whether the peer shares memory), then the reply. Returns (bytes,
-        tokens, the ACK still to send): the loop sends it after the pull has returned, as for a
-        loop pull. Sent here, it woke the port's thread, which on the 2-core bench host ran in
-        this thread's place before the hop back to the loop: 0.3-0.5 ms of a 7-8 ms 12 MB pull
+        tokens); the loop sends the ACK after the pull has returned, as for a loop pull. Sent
+        here, it woke the port's thread, which on the 2-core bench host ran in this thread's
+        place before the hop back to the loop: 0.3-0.5 ms of a 7-8 ms 12 MB pull
         (bench/kv_transfer.py)."""
         sock = conn.sock
         make_blocking(sock)  # a loop pull leaves it non-blocking
@@ -447,7 +470,7 @@ class TcpKVTransport:
             self._handshake(conn)
         if unsent is None:
             shared = conn.segment is not None and isinstance(sink, PoolSink) and sink.direct
-            unsent = PullRequest(handle, request_id, shm=shared).encode(conn.version)
+            unsent = encode_request(handle, request_id, shared, version=conn.version)
         with _stale_if(may_be_stale):
             send_buffers(sock, [unsent])
             kind, payload = recv_control(sock)
@@ -465,38 +488,50 @@ class TcpKVTransport:
             self._receive_staged(sock, expect, sink, tokens, layer_bytes)
         if not ended:
             _check_end(*recv_control(sock))
-        total = layer_bytes * expect.layers
-        return total, tokens, encode_count(FrameType.ACK, total, conn.version)
+        return layer_bytes * expect.layers, tokens
 
     async def _exchange_on_loop(self, conn: _Connection, request: bytes, expect: KVLayout, sink: PoolSink,
-                                may_be_stale: bool) -> tuple[int, int, bytes]:
+                                may_be_stale: bool) -> tuple[int, int]:
         """One pull on an authenticated connection into a direct sink, from the event loop
         (`framing.LoopStream`): the same frames as `_exchange`, each layer scatter-read straight
         into the reserved blocks; `request` is what of the REQUEST frame is still to send (the
-        caller sends what the socket takes at once). Returns (bytes, tokens, the ACK still to send). A cancellation
+        caller sends what the socket takes at once). Returns (bytes, tokens). A cancellation
         stops it at a read; the caller then closes the connection, and nothing writes into the
         sink any more."""
-        stream = LoopStream(conn.sock, self.frame_timeout)
         # The native receive takes a stream reply of the current protocol (a same-host peer's
         # connection asks for slot runs instead).
         lib = native.library() if conn.version == PROTOCOL_VERSION and conn.segment is None else None
-        with _stale_if(may_be_stale):
-            await stream.send(request)
-            if lib is None:
-                kind, payload = await stream.control()
+        # Only what a pull needs is made on the way to its first read: on a 2-vCPU host the port's
+        # thread often waits for this very vCPU, so every microsecond here delays its reply
+        # (bench/kv_transfer.py, unpinned). The stream is made when something is still to send or
+        # to wait for, or for the Python path.
+        stream: LoopStream | None = None
+        if request or lib is None:
+            stream = LoopStream(conn.sock, self.frame_timeout)
+            with _stale_if(may_be_stale):
+                await stream.send(request)
+                if lib is None:
+                    kind, payload = await stream.control()
         if lib is not None:
             # Alone, a pull may wait for the port's first bytes spinning (`native.FIRST_SPIN_NS`);
             # beside others in flight it leaves the loop to them.
             first_spin = native.FIRST_SPIN_NS if self._loop_pulls == 0 else 0
+            reader = conn.native
+            if reader is None or (reader.expect is not expect and not reader.serves(expect)):
+                reader = conn.native = NativePull(lib, conn.sock.fileno(), expect)  # once per connection
             self._loop_pulls += 1
             try:
-                read = await self._receive_native(NativePull(lib, conn.sock.fileno(), expect, sink, first_spin),
-                                                  stream, may_be_stale)
+                status = reader.begin(sink, first_spin)
+                if status == native.DONE:
+                    read: int | tuple[FrameType, bytearray] = int(reader.state.tokens)
+                else:
+                    if stream is None:
+                        stream = LoopStream(conn.sock, self.frame_timeout)
+                    read = await self._receive_native(reader, status, stream, may_be_stale)
             finally:
                 self._loop_pulls -= 1
             if isinstance(read, int):
-                total = expect.layer_bytes(read) * expect.layers
-                return total, read, encode_count(FrameType.ACK, total, conn.version)
+                return expect.layer_bytes(read) * expect.layers, read
             kind, payload = read
         header = _reply_header(kind, payload, conn.version)
         tokens = self._check_header(header, expect, sink)
@@ -511,17 +546,18 @@ class TcpKVTransport:
             ended = reply.check(layer_bytes)
         if not ended:
             _check_end(*await stream.control())
-        return total, tokens, encode_count(FrameType.ACK, total, conn.version)
+        return total, tokens
 
     @staticmethod
-    async def _receive_native(pull: NativePull, stream: LoopStream,
+    async def _receive_native(pull: NativePull, status: int, stream: LoopStream,
                               may_be_stale: bool) -> int | tuple[FrameType, bytearray]:
-        """The reply read by the native receive (`kv.native`): its tokens once it is all in the
-        sink, or the first frame it declined (an ERROR, slot runs, a shape that does not fit),
-        read whole, for the Python path to take on from. A peer that closed a pooled connection
-        before answering is `_Stale`, as on the Python path."""
-        while (status := pull.step()) == native.AGAIN:
+        """The rest of a reply the native receive (`kv.native`) began with answer `status`: its
+        tokens once it is all in the sink, or the first frame it declined (an ERROR, slot runs,
+        a shape that does not fit), read whole, for the Python path to take on from. A peer that
+        closed a pooled connection before answering is `_Stale`, as on the Python path."""
+        while status == native.AGAIN:
             await stream.wait_readable()
+            status = pull.step()
         if status == native.DONE:
             return int(pull.state.tokens)
         if status == native.DECLINED_HEADER:

@@ -80,6 +80,10 @@ class FrameType(IntEnum):
     READY = 9
 
 
+_REQUEST_TYPE = int(FrameType.REQUEST)
+_FRAME_TYPES = {int(kind): kind for kind in FrameType}
+
+
 class KVTransferError(RuntimeError):
     """A pull that failed; `kind` and `retryable` go to the router verbatim."""
 
@@ -127,30 +131,44 @@ class PullRequest:
     copied: bool = False
 
     def encode(self, version: int = PROTOCOL_VERSION) -> bytes:
-        if version == LEGACY_VERSION:
-            legacy: dict[str, object] = {"handle": self.handle, "request_id": self.request_id}
-            legacy |= {"shm": True} if self.shm else {}
-            return encode_json(FrameType.REQUEST, legacy | ({"copied": True} if self.copied else {}))
-        handle, request_id = self.handle.encode(), self.request_id.encode()
-        payload = _REQUEST.pack(_SHM * self.shm | _COPIED * self.copied, len(handle)) + handle + request_id
-        return HEADER.pack(int(FrameType.REQUEST), len(payload)) + payload
+        return encode_request(self.handle, self.request_id, self.shm, self.copied, version)
 
     @classmethod
     def decode(cls, payload: bytes | bytearray, version: int = PROTOCOL_VERSION) -> PullRequest:
-        if version == LEGACY_VERSION:
-            obj = decode_json(payload)
-            return cls(str(obj.get("handle", "")), str(obj.get("request_id", "")), bool(obj.get("shm")),
-                       obj.get("copied") is True)
-        try:
-            flags, length = _REQUEST.unpack_from(payload)
-            start = _REQUEST.size
-            if start + length > len(payload):
-                raise ValueError(f"a handle of {length} bytes in a request of {len(payload)}")
-            handle = bytes(payload[start:start + length]).decode()
-            request_id = bytes(payload[start + length:]).decode()
-        except (struct.error, ValueError) as error:
-            raise _malformed("request", error) from None
-        return cls(handle, request_id, bool(flags & _SHM), bool(flags & _COPIED))
+        return cls(*decode_request(payload, version))
+
+
+def decode_request(payload: bytes | bytearray, version: int = PROTOCOL_VERSION) -> tuple[str, str, bool, bool]:
+    """A REQUEST's payload as (handle, request id, shm, copied), checked as `PullRequest.decode`
+    checks it, without the frozen object: the port reads one per pull on a thread woken cold,
+    where making that object took a noticeable share of the wait before the reply."""
+    if version == LEGACY_VERSION:
+        obj = decode_json(payload)
+        return (str(obj.get("handle", "")), str(obj.get("request_id", "")), bool(obj.get("shm")),
+                obj.get("copied") is True)
+    try:
+        flags, length = _REQUEST.unpack_from(payload)
+        start = _REQUEST.size
+        if start + length > len(payload):
+            raise ValueError(f"a handle of {length} bytes in a request of {len(payload)}")
+        handle = payload[start:start + length].decode()
+        request_id = payload[start + length:].decode()
+    except (struct.error, ValueError) as error:
+        raise _malformed("request", error) from None
+    return handle, request_id, bool(flags & _SHM), bool(flags & _COPIED)
+
+
+def encode_request(handle: str, request_id: str, shm: bool = False, copied: bool = False,
+                   version: int = PROTOCOL_VERSION) -> bytes:
+    """A `PullRequest`'s frame, made without the object: a pull makes one on its way to the
+    socket, where on a vCPU woken cold every object and call counts (`kv.client`)."""
+    if version == LEGACY_VERSION:
+        legacy: dict[str, object] = {"handle": handle, "request_id": request_id}
+        legacy |= {"shm": True} if shm else {}
+        return encode_json(FrameType.REQUEST, legacy | ({"copied": True} if copied else {}))
+    encoded = handle.encode()
+    rest = _REQUEST.pack(_SHM * shm | _COPIED * copied, len(encoded)) + encoded + request_id.encode()
+    return HEADER.pack(_REQUEST_TYPE, len(rest)) + rest
 
 
 @dataclass(frozen=True)
@@ -318,10 +336,13 @@ def recv_frame_head(sock: socket.socket) -> tuple[FrameType, int]:
 
 def frame_head(head: bytes | bytearray) -> tuple[FrameType, int]:
     kind_value, length = HEADER.unpack(head)
-    try:
-        return FrameType(kind_value), length
-    except ValueError:
-        raise KVTransferError("kv_protocol", f"unknown KV frame type {kind_value}", False) from None
+    # A dict look-up rather than `FrameType(kind_value)`, whose Enum machinery is Python: on a
+    # port thread woken cold it was a noticeable share of the wait between a REQUEST's arrival
+    # and the reply (bench/kv_transfer.py, unpinned).
+    kind = _FRAME_TYPES.get(kind_value)
+    if kind is None:
+        raise KVTransferError("kv_protocol", f"unknown KV frame type {kind_value}", False)
+    return kind, length
 
 
 def check_control(kind: FrameType, length: int, limit: int) -> None:

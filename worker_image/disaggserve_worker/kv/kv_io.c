@@ -232,6 +232,24 @@ int kv_pull_step(kv_pull_state *s) {
     return frames_ok(s) ? KV_DONE : KV_BAD_FRAMES;
 }
 
+/* Re-arm `s` for the next pull on its connection and take the first step: the state, its
+   frame and scatter buffers are made once per connection (`native.NativePull`), and a pull sets
+   only its reservation (blocks, block size, the most tokens it takes) and its first spin here.
+   Why: made afresh for each pull in Python they took ~5 us warm, but between the REQUEST and
+   the first read, on a vCPU woken cold, that Python took ~70 us of a ~1 ms 1 MB pull
+   (bench/kv_transfer.py, unpinned), while the port's thread, woken onto the same vCPU, waited.
+   `iov_cap` must hold layers * (1 + 2 * nblocks) + 1 entries (build_iov checks it). */
+int kv_pull_begin(kv_pull_state *s, const int64_t *blocks, int64_t nblocks, int64_t block_size,
+                  int64_t max_tokens, int64_t first_spin_ns) {
+    s->blocks = blocks;
+    s->nblocks = nblocks;
+    s->block_size = block_size;
+    s->max_tokens = max_tokens;
+    s->first_spin_ns = first_spin_ns;
+    s->phase = s->got = s->tokens = s->iov_count = s->iov_at = s->error = 0;
+    return kv_pull_step(s);
+}
+
 /* ---- the port's side ------------------------------------------------------------------------
 
    One whole control frame (a REQUEST, an ACK) from a blocking socket, its head in buf[0:9] and

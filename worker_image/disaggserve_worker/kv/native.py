@@ -19,6 +19,7 @@ every reply the same way (tests run both). Built with the CPU kernels' machinery
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import os
@@ -104,6 +105,8 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(cpu_kernels.build_library(SOURCE, COMPILE_FLAGS, LINK_FLAGS)))
     lib.kv_pull_step.argtypes = [ctypes.POINTER(PullState)]
     lib.kv_pull_step.restype = ctypes.c_int
+    lib.kv_pull_begin.argtypes = [ctypes.POINTER(PullState), _i64, _i64, _i64, _i64, _i64]
+    lib.kv_pull_begin.restype = ctypes.c_int
     lib.kv_recv_frame.argtypes = [_i64, _ptr, _i64, ctypes.POINTER(_i64)]
     lib.kv_recv_frame.restype = _i64
     lib.kv_send_iov.argtypes = [_i64, _ptr, _i64, _i64, ctypes.POINTER(_i64)]
@@ -130,12 +133,13 @@ class Gather:
             self._keep.append(chars)
             entry.base, entry.len = ctypes.addressof(chars), view.nbytes
         self._error = _i64()
+        # Everything the send passes, worked out once (the port's thread runs it woken cold).
+        self._args = ctypes.addressof(self._iov), len(self._iov), SOCKET_BUFFER, ctypes.byref(self._error)
 
     def send(self, sock: socket.socket) -> None:
         """Send it all on blocking `sock` (its SO_SNDTIMEO bounds each wait): as
         `framing.send_buffers` does, with the same errors."""
-        status = self._lib.kv_send_iov(sock.fileno(), ctypes.addressof(self._iov), len(self._iov), SOCKET_BUFFER,
-                                       ctypes.byref(self._error))
+        status = self._lib.kv_send_iov(sock.fileno(), *self._args)
         if status != 0:
             error = int(self._error.value)
             raise translate(OSError(error, os.strerror(error)), sock)
@@ -169,10 +173,11 @@ class _FrameReader:
         self._buf = bytearray(HEADER.size + MAX_CONTROL_FRAME)  # one per connection, reused
         self._address = ctypes.addressof((ctypes.c_char * len(self._buf)).from_buffer(self._buf))
         self._error = _i64()
+        self._error_ref = ctypes.byref(self._error)
 
     def __call__(self, limit: int = MAX_CONTROL_FRAME) -> tuple[FrameType, bytearray]:
         limit = min(limit, MAX_CONTROL_FRAME)
-        got = int(self._lib.kv_recv_frame(self._sock.fileno(), self._address, limit, ctypes.byref(self._error)))
+        got = int(self._lib.kv_recv_frame(self._sock.fileno(), self._address, limit, self._error_ref))
         if got >= 0:
             return frame_head(self._buf[:HEADER.size])[0], self._buf[HEADER.size:HEADER.size + got]
         if got == TOO_LONG:
@@ -186,36 +191,68 @@ class _FrameReader:
         raise KVTransferError("kv_protocol", f"native KV frame read failed (status {got})", False)
 
 
+def _layout_key(expect: KVLayout) -> tuple[object, ...]:
+    return expect.dtype, expect.layers, expect.kv_heads, expect.head_dim, expect.max_tokens
+
+
 class NativePull:
-    """One pull's reply read by `kv_pull_step` into a direct sink's reserved slots.
+    """A connection's reply reader for `kv_pull_step`, made once per connection and layout and
+    re-armed for each pull (`begin`) with the pull's reservation in a direct sink.
 
-    Made after the REQUEST is out (its Python then overlaps the port's answer). Holds every buffer
-    the C code writes through, so they live as long as the state that points at them."""
+    Why once: made afresh for each pull (the state, its frame and scatter buffers, the pool's
+    addresses) it cost ~5 us warm but tens of microseconds on a vCPU woken cold, in the middle of
+    a 1 MB pull, where on a 2-vCPU host the port's thread waited for that very vCPU
+    (bench/kv_transfer.py, unpinned). Holds every buffer the C code writes through, so they live
+    as long as the state that points at them."""
 
-    def __init__(self, lib: ctypes.CDLL, fd: int, expect: KVLayout, sink: PoolSink, first_spin_ns: int = 0):
-        regions = sink.regions
-        assert regions is not None, "a direct sink"
+    def __init__(self, lib: ctypes.CDLL, fd: int, expect: KVLayout):
         self._lib = lib
-        blocks, block_size = sink.blocks_for_native()
-        self._blocks = blocks
+        self.expect = expect  # the layout it was made for (`serves`)
+        self._key = _layout_key(expect)
+        self.layers = expect.layers
+        self.max_tokens = expect.max_tokens
+        self._iov_cap = 0
         self.frames = bytearray(HEADER.size + REPLY_SIZE + expect.layers * LAYER_HEAD_SIZE + COUNT_FRAME_SIZE)
-        iov_cap = expect.layers * (1 + 2 * len(blocks)) + 1  # each layer's head, K and V runs; the END
-        self._iov = ctypes.create_string_buffer(16 * iov_cap)  # struct iovec: pointer, size
         self._frames = (ctypes.c_char * len(self.frames)).from_buffer(self.frames)
+        self._iov: ctypes.Array[ctypes.c_char] | None = None
+        self._regions: object = None  # the pool whose addresses the state holds
+        self._blocks: array.array[int] | None = None  # the reservation the state points into
         name = DTYPE_NAMES.get(expect.dtype)
         state = self.state = PullState()
         state.fd, state.layers = fd, expect.layers
         state.dtype = WIRE_DTYPES.index(name) if name in WIRE_DTYPES else -1  # -1: never matches
         state.kv_heads, state.head_dim = expect.kv_heads, expect.head_dim
-        state.max_tokens = min(expect.max_tokens, sink.capacity)
-        state.token_bytes, state.pool_slots = regions.token_bytes, regions.slots
-        state.layer_base = ctypes.addressof(regions.bases)
-        state.blocks = blocks.buffer_info()[0]
-        state.nblocks, state.block_size = len(blocks), block_size
-        state.iov, state.iov_cap = ctypes.addressof(self._iov), iov_cap
         state.frames = ctypes.addressof(self._frames)
-        state.spin_ns, state.first_spin_ns = SPIN_NS, first_spin_ns
+        state.spin_ns = SPIN_NS
         self._pointer = ctypes.pointer(state)
+
+    def serves(self, expect: KVLayout) -> bool:
+        """Whether pulls of layout `expect` (an equal one made apart) can use this reader."""
+        if _layout_key(expect) != self._key:
+            return False
+        self.expect = expect
+        return True
+
+    def begin(self, sink: PoolSink, first_spin_ns: int = 0) -> int:
+        """Re-arm for a pull into `sink` (after its REQUEST is out) and take the first step: that
+        step's answer (see the answers above). The first bytes may be waited for spinning up to
+        `first_spin_ns`."""
+        regions = sink.regions
+        assert regions is not None, "a direct sink"
+        state = self.state
+        if regions is not self._regions:  # another pool (a restarted engine): its addresses
+            state.token_bytes, state.pool_slots = regions.token_bytes, regions.slots
+            state.layer_base = ctypes.addressof(regions.bases)
+            self._regions = regions
+        blocks, block_size = sink.blocks_for_native()
+        need = self.layers * (1 + 2 * len(blocks)) + 1  # each layer's head, K and V runs; the END
+        if need > self._iov_cap:  # grown for a reservation of more blocks than any before
+            self._iov = ctypes.create_string_buffer(16 * need)  # struct iovec: pointer, size
+            state.iov, state.iov_cap = ctypes.addressof(self._iov), need
+            self._iov_cap = need
+        self._blocks = blocks
+        return int(self._lib.kv_pull_begin(self._pointer, blocks.buffer_info()[0], len(blocks), block_size,
+                                           min(self.max_tokens, sink.capacity), first_spin_ns))
 
     def step(self) -> int:
         """Read what has arrived (see the answers above)."""

@@ -45,9 +45,9 @@ from disaggserve_worker.kv.framing import (
     FrameType,
     KVTransferError,
     PeerClosed,
-    PullRequest,
     ReplyHeader,
     decode_json,
+    decode_request,
     encode_count,
     recv_control,
     send_buffers,
@@ -177,7 +177,8 @@ class KVServer:
                 kind, payload = read(MAX_CONTROL_FRAME)
                 if kind is not FrameType.REQUEST:
                     raise KVTransferError("kv_protocol", f"expected a KV request, got {kind.name}", False)
-                self._serve_request(conn, PullRequest.decode(payload, version), version, read)
+                handle, _, shm, copied = decode_request(payload, version)
+                self._serve_request(conn, handle, shm, copied, version, read)
         except PeerClosed:
             pass  # the peer is done with this connection (or died: its pull is retried)
         except KVTransferError as error:
@@ -231,10 +232,11 @@ class KVServer:
             set_timeout(conn, 1.0)
             send_json(conn, FrameType.ERROR, error.wire())
 
-    def _serve_request(self, conn: socket.socket, request: PullRequest, version: int,
+    def _serve_request(self, conn: socket.socket, handle: str, shm: bool, copied: bool, version: int,
                        read: Callable[[int], tuple[FrameType, bytearray]]) -> None:
-        handle = request.handle
-        if request.copied:  # a same-host peer copied it under its lease: free it
+        """One REQUEST (`framing.PullRequest`'s fields: the handle, and whether the peer asks for
+        slot runs or says it copied the cache)."""
+        if copied:  # a same-host peer copied it under its lease: free it
             if self.engine.release_held(handle):
                 with self._lock:
                     self.copied_releases += 1
@@ -248,7 +250,7 @@ class KVServer:
         delivered = False
         try:
             start = time.perf_counter()
-            shared = request.shm and self.engine.kv_segment is not None and self._regions is not None
+            shared = shm and self.engine.kv_segment is not None and self._regions is not None
             sent = self._send_runs(conn, held, version) if shared else self._send(conn, held, version)
             set_read_timeout(conn, self.frame_timeout)  # the reply is out: the ACK is due within a frame's time
             try:
