@@ -109,6 +109,9 @@ ENV_UNIT = "DISAGGSERVE_UNIT"
 # endpoint but the probes and /metrics wants it in the header below.
 ENV_WORKER_TOKEN = "DISAGGSERVE_WORKER_TOKEN"
 HEADER_WORKER_TOKEN = "X-DisaggServe-Token"
+# Where a worker caches its compiled CPU kernels (default: the user's cache). The local node agent
+# points every pod at one folder, as a node-level cache would be: a pod's HOME is its own.
+ENV_KERNEL_CACHE = "DISAGGSERVE_KERNEL_CACHE"
 
 PATH_HEALTH = "/healthz"
 PATH_READY = "/readyz"

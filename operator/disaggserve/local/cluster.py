@@ -24,7 +24,7 @@ import yaml
 from disaggserve.api.constants import API_VERSION, KIND
 from disaggserve.api.crd import build_crd
 from disaggserve.api.peering import build_peering_crds
-from disaggserve.contract import ROUTER_PORT
+from disaggserve.contract import ENV_KERNEL_CACHE, ROUTER_PORT
 from disaggserve.controller.kube import Kube
 from disaggserve.local.agent import NodeAgent, NodeSpec
 from disaggserve.local.apiserver import LocalApiServer, serve_api, write_kubeconfig
@@ -33,6 +33,18 @@ from disaggserve.resources.names import router_name
 
 log = logging.getLogger("disaggserve.local")
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def node_kernel_cache() -> str:
+    """The workers' compiled-kernel cache for every pod of this machine: the one given, else the
+    user's own (where a worker run by hand or a test caches them). A pod's HOME is a folder of its
+    own, so without this each new pod compiled the CPU kernels again, 45 s of a core on a slow
+    host: most of a scale-out's delay there. The cache is keyed by source, flags, compiler and
+    CPU, and written atomically, so processes share it safely."""
+    if given := os.environ.get(ENV_KERNEL_CACHE):
+        return given
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return str(base / "disaggserve" / "kernels")
 
 
 def default_resource() -> dict[str, Any]:
@@ -88,7 +100,7 @@ class LocalCluster:
                 self.state_dir,
                 self.nodes,
                 interval=self.interval,
-                pod_env={"KUBECONFIG": str(self.kubeconfig)},
+                pod_env={"KUBECONFIG": str(self.kubeconfig), ENV_KERNEL_CACHE: node_kernel_cache()},
             )
             self._agent_task = asyncio.create_task(self.agent.run(self._stop))
         return self

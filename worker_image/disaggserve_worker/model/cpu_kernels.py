@@ -16,10 +16,13 @@ kernels where torch is slow on a CPU, and so does this:
 - bfloat16 projections of a decode step's few rows (`model.packed_linear` says when): on AMX
   tiles, or in vector tiles, without oneDNN's ~20 µs of set-up per call.
 
-The library is plain C with a C ABI, compiled on first use with the host's C compiler (about a
-second; no torch headers, no ninja) for this CPU (`-march=native`), and cached by a hash of its
-source, flags, compiler and CPU. Without a compiler (the CUDA worker image has none, and its
-work is on the GPU anyway) every caller keeps its torch path, which computes the same thing.
+The library is plain C with a C ABI, compiled on first use with the host's C compiler (no torch
+headers, no ninja) for this CPU (`-march=native`), and cached by a hash of its source, flags,
+compiler and CPU. The build is not cheap (45 s of one core at -O3 on a two-core AMD EPYC host,
+most of a worker's start there), so one cache serves every process of a machine:
+$DISAGGSERVE_KERNEL_CACHE, which the local node agent sets for all its pods. Without a
+compiler (the CUDA worker image has none, and its work is on the GPU anyway) every caller
+keeps its torch path, which computes the same thing.
 `DISAGGSERVE_CPU_KERNELS`: `auto` (default: the kernels when they build), `off` (torch only),
 `require` (fail loudly when they cannot build: tests and benches that mean to measure them).
 The same machinery and switch build the worker's other C code (`build_library`, `resolve_library`:
@@ -42,12 +45,12 @@ from pathlib import Path
 
 import torch
 
-from disaggserve_worker import switches
+from disaggserve_worker import contract, switches
 
 log = logging.getLogger(__name__)
 
 ENV_MODE = "DISAGGSERVE_CPU_KERNELS"
-ENV_CACHE = "DISAGGSERVE_KERNEL_CACHE"
+ENV_CACHE = contract.ENV_KERNEL_CACHE
 MODES = ("auto", "off", "require")
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # Compiled with fast-math (vectorised expf and sums) but linked without it: at link time gcc and
