@@ -76,3 +76,52 @@ async def measured_capacity(url: str, input_tokens: int, output_tokens: int, con
         elapsed = time.perf_counter() - started
     assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
     return concurrency / elapsed
+
+
+async def slo_for_this_machine(url: str, input_tokens: int, output_tokens: int, margin: float = 3.0,
+                               floor: dict[str, float] | None = None,
+                               model: str = "tiny-llama") -> dict[str, float]:
+    """SLOs `margin` times the p90 TTFT and TPOT of light traffic here (at least `floor`): a test
+    that needs light traffic to *meet* its SLO (a scale-down) then holds on a slow, shared
+    machine as on a fast one, while overload (seconds of queueing) still misses it."""
+    from loadgen import run_poisson, summarize
+
+    floor = floor or {"ttftMs": 100, "tpotMs": 10}
+    await run_poisson(url, model, rate=2, num_requests=4, input_tokens=input_tokens,
+                      output_tokens=output_tokens, seed=11)  # warm-up, not measured
+    light = summarize(await run_poisson(url, model, rate=2, num_requests=16, input_tokens=input_tokens,
+                                        output_tokens=output_tokens, seed=12), 10, 10)
+    assert light["failed"] == 0, light["errors"]
+    return {
+        "ttftMs": max(floor["ttftMs"], round(margin * light["ttft_ms"]["p90"])),
+        "tpotMs": max(floor["tpotMs"], round(margin * light["tpot_ms"]["p90"])),
+    }
+
+
+async def apply_and_roll_router(cluster: Any, resource: dict[str, Any], timeout: float = 120) -> None:
+    """Apply `resource` and wait until its router runs the new spec alone (an SLO edit rolls the
+    router, which judges SLOs, and no worker)."""
+    import asyncio
+
+    name, namespace = resource["metadata"]["name"], resource["metadata"].get("namespace", "default")
+    generation = (await cluster.apply(resource))["metadata"]["generation"]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    status: dict[str, Any] = {}
+    while loop.time() < deadline:
+        # First the operator's reconcile of this generation (it patches the router's Deployment),
+        # then that Deployment's rollout: checked alone, the old Deployment looks rolled out.
+        observed = ((await cluster.get(name, namespace)) or {}).get("status", {}).get("observedGeneration") or 0
+        if observed < generation:
+            await asyncio.sleep(0.5)
+            continue
+        deployment = await cluster.kube.get("apps/v1", "Deployment", namespace, f"{name}-router") or {}
+        status, wanted = deployment.get("status") or {}, (deployment.get("spec") or {}).get("replicas", 1)
+        routers = [p for (ns, pod), p in cluster.agent.pods.items()
+                   if ns == namespace and pod.startswith(f"{name}-router-")]
+        if (status.get("observedGeneration") == deployment["metadata"].get("generation")
+                and status.get("updatedReplicas") == status.get("readyReplicas") == wanted
+                and len(routers) == wanted and all(p.ready and not p.terminating for p in routers)):
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"the router of {name} did not roll out within {timeout:.0f}s: {status}")
