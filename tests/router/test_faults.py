@@ -157,22 +157,49 @@ async def test_draining_workers_cost_no_attempt_and_are_passed_by(disagg_workers
         stop_all(draining)
 
 
-async def test_drain_finishes_in_flight_and_refuses_new(disagg_router: RunningRouter) -> None:
-    router = disagg_router
-    stream = await api(router).completions.create(model=SERVED, prompt=PROMPT, max_tokens=MAX_TOKENS,
-                                                  temperature=0, stream=True, extra_body=LONG)
-    first = await anext(aiter(stream))
-    drained = asyncio.create_task(router.router.drain())
-    async with aiohttp.ClientSession() as http:
-        async with http.get(router.url + "/readyz") as resp:
-            assert resp.status == 503 and (await resp.json())["draining"] is True
-        async with http.post(router.url + "/v1/completions", json={"model": SERVED, "prompt": "x"}) as resp:
-            assert resp.status == 503 and (await resp.json())["error"]["code"] == "draining"
-    assert not drained.done()
-    rest = [c async for c in stream]
-    assert sum(len(c.choices) for c in [first, *rest]) >= 2
-    assert rest[-1].choices[0].finish_reason == "length"
-    await asyncio.wait_for(drained, 10)
+async def test_drain_serves_new_requests_closing_connections_then_refuses_with_retry_after(
+        disagg_workers: list[WorkerProcess]) -> None:
+    """A kept-alive client reaches a terminating router until it reconnects: during the accept
+    window it is served and told to close; after it, refused with a time to retry."""
+    running = await start_router(router_config(disagg_workers, drain_accept_s=1.5))
+    try:
+        drained = asyncio.create_task(running.router.drain())
+        body = {"model": SERVED, "prompt": PROMPT, "max_tokens": 3}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(running.url + "/readyz") as resp:
+                assert resp.status == 503 and (await resp.json())["draining"] is True
+            async with http.post(running.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                assert resp.headers.get("Connection", "").lower() == "close"
+                assert (await resp.json())["usage"]["completion_tokens"] == 3
+            await asyncio.sleep(1.6)
+            async with http.post(running.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 503 and (await resp.json())["error"]["code"] == "draining"
+                assert resp.headers["Retry-After"] == "1"
+        await asyncio.wait_for(drained, 10)
+    finally:
+        await running.runner.cleanup()
+
+
+async def test_drain_finishes_in_flight_and_refuses_new(disagg_workers: list[WorkerProcess]) -> None:
+    router = await start_router(router_config(disagg_workers, drain_accept_s=0))
+    try:
+        stream = await api(router).completions.create(model=SERVED, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                                      temperature=0, stream=True, extra_body=LONG)
+        first = await anext(aiter(stream))
+        drained = asyncio.create_task(router.router.drain())
+        async with aiohttp.ClientSession() as http:
+            async with http.get(router.url + "/readyz") as resp:
+                assert resp.status == 503 and (await resp.json())["draining"] is True
+            async with http.post(router.url + "/v1/completions", json={"model": SERVED, "prompt": "x"}) as resp:
+                assert resp.status == 503 and (await resp.json())["error"]["code"] == "draining"
+        assert not drained.done()
+        rest = [c async for c in stream]
+        assert sum(len(c.choices) for c in [first, *rest]) >= 2
+        assert rest[-1].choices[0].finish_reason == "length"
+        await asyncio.wait_for(drained, 10)
+    finally:
+        await router.runner.cleanup()
 
 
 async def test_client_gone_mid_stream_stops_the_worker(disagg_router: RunningRouter,

@@ -55,7 +55,8 @@ class Router:
             config.ttft_slo_ms / 1000 if config.ttft_slo_ms else None,
             config.tpot_slo_ms / 1000 if config.tpot_slo_ms else None)
         self.keys = ApiKeys(config.api_key_file)
-        self.draining = False
+        self.draining = False  # SIGTERM seen: readyz false, every response closes its connection
+        self.refusing = False  # the accept window after SIGTERM is over: new requests get 503
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -78,6 +79,7 @@ class Router:
         app.router.add_get(PATH_READY, self.readyz)
         app.router.add_get(PATH_METRICS, self.metrics_endpoint)
         register_vllm_endpoints(app, self)  # /health, /ping, /version, /tokenize, /detokenize, /v1/models/{id}
+        app.on_response_prepare.append(self._close_when_draining)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -105,10 +107,28 @@ class Router:
         if self.session is not None:
             await self.session.close()
 
+    async def _close_when_draining(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.draining:
+            # Both: force_close makes the server close after this response, and the header (which
+            # aiohttp has already computed when this hook runs) tells the client not to reuse it.
+            response.force_close()
+            response.headers["Connection"] = "close"
+
     async def drain(self) -> None:
-        """SIGTERM: refuse new work (readyz turns false first, so Services stop sending), finish the rest."""
+        """SIGTERM: readyz turns false, new requests are still served for `drain_accept_s`, then
+        refused; the rest finish.
+
+        Endpoints drop a terminating pod asynchronously (kube-proxy, a gateway, the local proxy
+        each a little later), and a client's kept-alive connection keeps reaching this process
+        regardless: refusing at once failed requests in a router rollout under load. During the
+        window every response carries Connection: close, so kept-alive clients reconnect to a
+        replica that is staying; after it, a refusal says when to retry."""
         self.draining = True
-        log.info("draining: %d request(s) in flight", self.inflight)
+        log.info("draining: %d request(s) in flight; serving new ones for %.0f s", self.inflight,
+                 self.config.drain_accept_s)
+        if self.config.drain_accept_s > 0:
+            await asyncio.sleep(self.config.drain_accept_s)
+        self.refusing = True
         try:
             await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout_s)
         except TimeoutError:
@@ -149,11 +169,12 @@ class Router:
                 self.metrics.requests.labels(status="unauthorized").inc()
                 request[COUNTED] = True
                 raise
-            if self.draining and request.method == "POST":
+            if self.refusing and request.method == "POST":
                 self.metrics.requests.labels(status="rejected_draining").inc()
                 request[COUNTED] = True
                 raise APIError(503, "The router is shutting down; retry the request (another replica "
-                               "will take it).", type_="server_error", code="draining")
+                               "will take it).", type_="server_error", code="draining",
+                               headers={"Retry-After": "1"})
         return await handler(request)
 
     # ---- plain endpoints -------------------------------------------------------------------------

@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--prefill-timeout-s", type=float,
                    help="longest wait for a prefill worker's first token (default 120)")
     p.add_argument("--drain-timeout-s", type=float, default=60.0)
+    p.add_argument("--drain-accept-s", type=float,
+                   help="after SIGTERM, how long new requests are still served, each answered with "
+                        "Connection: close, before they are refused with 503 + Retry-After (default 5)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(handler=main_router)
     return p
@@ -91,7 +94,8 @@ def build_router(config: RouterConfig) -> Router:
 
 
 async def serve(router: Router, host: str, port: int) -> None:
-    """Serves until SIGTERM/SIGINT, then drains: readyz false, new requests 503, in-flight finish."""
+    """Serves until SIGTERM/SIGINT, then drains: readyz false, new requests served for the accept
+    window and refused after it, in-flight finish."""
     runner = OpenAIAppRunner(router.build_app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -38,6 +38,9 @@ class RouterConfig(BaseModel):
     prefill_timeout_s: float = Field(120.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0, description="longest wait for a request body to arrive")
     drain_timeout_s: float = Field(60.0, ge=0, description="after SIGTERM, how long to finish requests")
+    drain_accept_s: float = Field(
+        5.0, ge=0, description="after SIGTERM, how long new requests are still served (with Connection: close) "
+        "while the Service stops sending them")
 
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:
