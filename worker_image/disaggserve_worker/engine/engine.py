@@ -28,7 +28,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tokenizers import Tokenizer
@@ -99,6 +99,16 @@ class Reservation:
     tokens: int
 
 
+class NativePin(Protocol):
+    """A held cache's pin taken outside Python (the KV port's native path, `kv.native`)."""
+
+    def revoke(self) -> bool:
+        """Allow no more such pins; False while one is held (the cache must not be freed)."""
+
+    def finish(self, keep: bool) -> None:
+        """End the pin held: such pins may be taken again if `keep`, else never again."""
+
+
 @dataclass
 class HeldCache:
     """A prefilled prompt's KV cache kept for a decode worker to pull."""
@@ -111,6 +121,9 @@ class HeldCache:
     expires_at: float
     pins: int = 0
     wire: object = None  # the KV port's prepared reply (`Engine.on_hold`), opaque to the engine
+    # Where the KV port sends it from outside Python (`kv.native.HeldEntry`, set by `on_hold`):
+    # such a send counts as a pin, which the engine asks about before it frees the cache.
+    native: NativePin | None = None
     shared: dict[str, object] | None = None  # where it lies in the shared pool, under which lease
 
 
@@ -286,9 +299,23 @@ class Engine:
                 return
             held.pins -= 1
             if release:
-                self._drop_held(held)
+                release = self._drop_held(held)
         if release:
             self._notify()
+
+    def finish_native(self, handle: str, release: bool) -> HeldCache | None:
+        """End a transfer the KV port took outside Python (`HeldCache.native`); `release` frees
+        the cache (it was delivered). The cache, or None if unknown."""
+        with self._held_lock:
+            held = self._held.get(handle)
+            if held is None or held.native is None:
+                return held
+            held.native.finish(keep=not release and held.expires_at >= time.monotonic())
+            if release:
+                release = self._drop_held(held)
+        if release:
+            self._notify()
+        return held
 
     def release_held(self, handle: str) -> bool:
         """Free a held cache nobody will pull (the router gave its request up): without this it
@@ -298,7 +325,8 @@ class Engine:
             held = self._held.get(handle)
             if held is None:
                 return False
-            if held.pins:
+            natively_free = self._unpinned_natively(held)  # no native takes from here on, either way
+            if held.pins or not natively_free:
                 held.expires_at = 0.0
                 return True
             self._drop_held(held)
@@ -308,18 +336,30 @@ class Engine:
     def expire_held(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         with self._held_lock:
-            expired = [h for h in self._held.values() if h.expires_at < now and h.pins == 0]
+            expired = [h for h in self._held.values()
+                       if h.expires_at < now and h.pins == 0 and self._unpinned_natively(h)]
             for held in expired:
                 self._drop_held(held)
         return len(expired)
 
-    def _drop_held(self, held: HeldCache) -> None:
+    @staticmethod
+    def _unpinned_natively(held: HeldCache) -> bool:
+        """Whether no native pin holds `held` (under `_held_lock`); from here none can be taken."""
+        return held.native is None or held.native.revoke()
+
+    def _drop_held(self, held: HeldCache) -> bool:
         """Free a held cache (under `_held_lock`): its leases go first, so a decode worker copying
-        it out of the shared pool finds them gone (`kv.shared_memory`)."""
+        it out of the shared pool finds them gone (`kv.shared_memory`). A native pin on it (the
+        KV port sending it outside Python) defers that: it expires at once instead, and goes when
+        that send ends. Whether it was freed."""
+        if not self._unpinned_natively(held):
+            held.expires_at = 0.0
+            return False
         del self._held[held.handle]
         if self.kv_leases is not None:
             self.kv_leases.revoke(held.blocks)
         self.allocator.free(held.blocks)
+        return True
 
     @property
     def held_count(self) -> int:

@@ -19,10 +19,13 @@ a header with slot runs, a shape that does not fit) it leaves to the caller's Py
 which reads and reports it as it would have: the bytes consumed so far are in `frames`. */
 
 #include <errno.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <time.h>
 
@@ -331,4 +334,208 @@ int64_t kv_send_iov(int64_t fd, const struct iovec *iov, int64_t count, int64_t 
             }
         }
     }
+}
+
+/* ---- the port's whole REQUEST -> reply -> ACK step ----------------------------------------
+
+   Why: after the frame read and the send went to C, what still delayed a reply's first byte on
+   the port was the Python between them (the REQUEST's decode, `Engine.pin_held`, the ACK's
+   timeout switch): steps of 1-5 us warm that took 10-70 us on a port thread woken cold, on the
+   2-vCPU host often on the very vCPU the receiver waits on (bench/kv_transfer.py, unpinned).
+   Here a REQUEST for a held cache whose reply was prepared (`KVServer._prepare`, registered in
+   the port's table by handle) is answered without Python: read the frame, find and take the
+   entry, send its gather list, then wait for the ACK under the frame timeout and go back to the
+   idle timeout. Python comes in once the ACK (or a failure) is in, to release the cache.
+
+   Anything unusual is left to Python with the frame as read (KV_FALLBACK): another frame
+   kind, flags (shm, copied), a handle not in the table (unknown, expired, or being sent by
+   another connection), a request id that is not plain ASCII (Python's UTF-8 check then
+   decides), a malformed payload.
+
+   The table: entries are Python-owned (`native.HeldEntry`, kept alive by the held cache) and
+   chained by handle under the table's mutex. `state` says who may send an entry: IDLE (this
+   path may take it), BUSY (taken: a send is in flight, the engine must not free the blocks;
+   it counts as a pin), GONE (out of the table: this path no longer takes it). The engine
+   moves an entry to GONE before it frees a cache (`kv_table_revoke`, which refuses while
+   BUSY), and the port ends a take with `kv_table_finish`. */
+
+#define KV_FALLBACK 1       /* the frame is left to Python (head and payload in buf) */
+#define KV_SENT 2           /* the reply went out and the next frame (the ACK, in ack_buf) is in */
+#define KV_SEND_FAILED 3    /* taken, and the send failed: errno in error */
+#define KV_ACK_FAILED 4     /* taken, sent, and the next frame's read failed: ack_status */
+#define T_REQUEST 1
+#define STATE_IDLE 0
+#define STATE_BUSY 1
+#define STATE_GONE 2
+#define TABLE_BUCKETS 1024
+
+typedef struct kv_entry {
+    const uint8_t *key;       /* the handle, UTF-8 */
+    int64_t key_len;
+    const struct iovec *iov;  /* the prepared reply (`native.Gather`) */
+    int64_t iov_count;
+    int64_t expires_ns;       /* CLOCK_MONOTONIC (Python's time.monotonic) */
+    int64_t state;            /* under the table's mutex */
+    struct kv_entry *next;    /* its bucket's chain */
+    int64_t linked;           /* whether it is in the table */
+} kv_entry;
+
+typedef struct {
+    pthread_mutex_t lock;
+    int64_t refs;             /* the port's, and one per entry added: freed when the last goes */
+    kv_entry *buckets[TABLE_BUCKETS];
+} kv_table;
+
+static uint64_t hash_key(const uint8_t *key, int64_t len) {
+    uint64_t h = 1469598103934665603ULL;  /* FNV-1a */
+    for (int64_t i = 0; i < len; i++) h = (h ^ key[i]) * 1099511628211ULL;
+    return h;
+}
+
+/* A table with one reference (the port's). Why counted: Python frees a port and its held
+   caches' entries in no set order (a cycle collected at once), and an entry leaving must still
+   find the table to unlink itself. */
+void *kv_table_new(void) {
+    kv_table *t = calloc(1, sizeof *t);
+    if (t != NULL && pthread_mutex_init(&t->lock, NULL) != 0) {
+        free(t);
+        return NULL;
+    }
+    if (t != NULL) t->refs = 1;
+    return t;
+}
+
+/* Drop one reference (the port's, or an entry's after it left the table). */
+void kv_table_release(kv_table *t) {
+    if (t == NULL || __atomic_sub_fetch(&t->refs, 1, __ATOMIC_ACQ_REL) != 0) return;
+    pthread_mutex_destroy(&t->lock);
+    free(t);
+}
+
+static void unlink_entry(kv_table *t, kv_entry *e) {
+    if (!e->linked) return;
+    kv_entry **at = &t->buckets[hash_key(e->key, e->key_len) % TABLE_BUCKETS];
+    while (*at != NULL && *at != e) at = &(*at)->next;
+    if (*at == e) *at = e->next;
+    e->next = NULL;
+    e->linked = 0;
+}
+
+/* Register `e` (state IDLE): from here a REQUEST for its handle may take it. The entry holds a
+   reference to the table from here (kv_table_release once it has left: revoked). */
+void kv_table_add(kv_table *t, kv_entry *e) {
+    __atomic_add_fetch(&t->refs, 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_lock(&t->lock);
+    kv_entry **bucket = &t->buckets[hash_key(e->key, e->key_len) % TABLE_BUCKETS];
+    e->state = STATE_IDLE;
+    e->next = *bucket;
+    e->linked = 1;
+    *bucket = e;
+    pthread_mutex_unlock(&t->lock);
+}
+
+/* No more takes of `e`: 1, or 0 while one is in flight (BUSY: the cache counts as pinned). */
+int64_t kv_table_revoke(kv_table *t, kv_entry *e) {
+    pthread_mutex_lock(&t->lock);
+    int64_t done = e->state != STATE_BUSY;
+    if (done) {
+        unlink_entry(t, e);
+        e->state = STATE_GONE;
+    }
+    pthread_mutex_unlock(&t->lock);
+    return done;
+}
+
+/* End a take: IDLE again if `keep`, else GONE (delivered, failed, or expired meanwhile). */
+void kv_table_finish(kv_table *t, kv_entry *e, int64_t keep) {
+    pthread_mutex_lock(&t->lock);
+    if (e->state == STATE_BUSY) {
+        if (keep) {
+            e->state = STATE_IDLE;
+        } else {
+            unlink_entry(t, e);
+            e->state = STATE_GONE;
+        }
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+/* The entry for `key` if this path may take it now (IDLE, not expired): taken (BUSY). */
+static kv_entry *take(kv_table *t, const uint8_t *key, int64_t len) {
+    int64_t now = now_ns();
+    pthread_mutex_lock(&t->lock);
+    kv_entry *e = t->buckets[hash_key(key, len) % TABLE_BUCKETS];
+    while (e != NULL && !(e->key_len == len && memcmp(e->key, key, (size_t)len) == 0)) e = e->next;
+    if (e != NULL && (e->state != STATE_IDLE || e->expires_ns < now)) e = NULL;
+    if (e != NULL) e->state = STATE_BUSY;
+    pthread_mutex_unlock(&t->lock);
+    return e;
+}
+
+/* One connection's arguments, made once (`native.PortStep`); the outcome fields are written. */
+typedef struct {
+    int64_t fd;
+    kv_table *table;
+    uint8_t *buf;             /* FRAME_HEAD + limit: the REQUEST (or whatever frame came) */
+    uint8_t *ack_buf;         /* FRAME_HEAD + limit: the frame after the reply */
+    int64_t limit;            /* the most payload a control frame may announce */
+    int64_t cap;              /* the most bytes per sendmsg (kv_send_iov) */
+    int64_t frame_sec, frame_usec;  /* SO_RCVTIMEO while the ACK is due */
+    int64_t idle_sec, idle_usec;    /* SO_RCVTIMEO while the next REQUEST is */
+    /* outcome */
+    int64_t length;           /* the REQUEST's (or fallback frame's) payload length */
+    int64_t ack_length;       /* the next frame's payload length (KV_SENT) */
+    int64_t ack_status;       /* kv_recv_frame's failure on that frame (KV_ACK_FAILED) */
+    int64_t error;            /* errno */
+    kv_entry *entry;          /* the entry taken (KV_SENT, KV_SEND_FAILED, KV_ACK_FAILED), else NULL */
+    int64_t elapsed_ns;       /* from the take to the ACK's arrival */
+} kv_port_step;
+
+static int set_rcvtimeo(int fd, int64_t sec, int64_t usec) {
+    struct timeval tv = {.tv_sec = (time_t)sec, .tv_usec = (suseconds_t)usec};
+    return setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+
+/* Serve one REQUEST on the connection's blocking socket (its SO_RCVTIMEO the idle timeout):
+   KV_SENT, KV_FALLBACK, KV_SEND_FAILED, KV_ACK_FAILED, or the frame read's own failures on the
+   REQUEST (KV_CLOSED, KV_ERRNO, KV_TOO_LONG: nothing taken). Called through ctypes, which lets
+   go of the GIL for the whole step, waits included. */
+int64_t kv_port_step_run(kv_port_step *a) {
+    int fd = (int)a->fd;
+    a->entry = NULL;
+    a->length = a->ack_length = a->ack_status = a->error = a->elapsed_ns = 0;
+    int64_t got = kv_recv_frame(a->fd, a->buf, a->limit, &a->error);
+    if (got < 0) return got;
+    a->length = got;
+    const uint8_t *p = a->buf + FRAME_HEAD;
+    if (a->buf[0] != T_REQUEST || got < 3 || p[0] != 0) return KV_FALLBACK;  /* flags: shm, copied */
+    int64_t key_len = ((int64_t)p[1] << 8) | p[2];
+    if (3 + key_len > got) return KV_FALLBACK;
+    for (int64_t i = 3 + key_len; i < got; i++)
+        if (p[i] >= 0x80) return KV_FALLBACK;  /* the request id: Python's UTF-8 check decides */
+    kv_entry *e = take(a->table, p + 3, key_len);
+    if (e == NULL) return KV_FALLBACK;
+    a->entry = e;
+    int64_t start = now_ns();
+    if (kv_send_iov(a->fd, e->iov, e->iov_count, a->cap, &a->error) != 0) return KV_SEND_FAILED;
+    /* The reply is out: the ACK is due within a frame's time, then the idle bound again. */
+    if (set_rcvtimeo(fd, a->frame_sec, a->frame_usec) != 0) {
+        a->ack_status = KV_ERRNO;
+        a->error = errno;
+        return KV_ACK_FAILED;
+    }
+    int64_t ack = kv_recv_frame(a->fd, a->ack_buf, a->limit, &a->error);
+    a->elapsed_ns = now_ns() - start;
+    int restored = set_rcvtimeo(fd, a->idle_sec, a->idle_usec);
+    if (ack < 0) {
+        a->ack_status = ack;
+        return KV_ACK_FAILED;
+    }
+    if (restored != 0) {
+        a->ack_status = KV_ERRNO;
+        a->error = errno;
+        return KV_ACK_FAILED;
+    }
+    a->ack_length = ack;
+    return KV_SENT;
 }

@@ -111,6 +111,18 @@ def _load() -> ctypes.CDLL:
     lib.kv_recv_frame.restype = _i64
     lib.kv_send_iov.argtypes = [_i64, _ptr, _i64, _i64, ctypes.POINTER(_i64)]
     lib.kv_send_iov.restype = _i64
+    lib.kv_table_new.argtypes = []
+    lib.kv_table_new.restype = _ptr
+    lib.kv_table_release.argtypes = [_ptr]
+    lib.kv_table_release.restype = None
+    lib.kv_table_add.argtypes = [_ptr, _ptr]
+    lib.kv_table_add.restype = None
+    lib.kv_table_revoke.argtypes = [_ptr, _ptr]
+    lib.kv_table_revoke.restype = _i64
+    lib.kv_table_finish.argtypes = [_ptr, _ptr, _i64]
+    lib.kv_table_finish.restype = None
+    lib.kv_port_step_run.argtypes = [_ptr]
+    lib.kv_port_step_run.restype = _i64
     return lib
 
 
@@ -144,6 +156,11 @@ class Gather:
             error = int(self._error.value)
             raise translate(OSError(error, os.strerror(error)), sock)
 
+    @property
+    def iov(self) -> tuple[int, int]:
+        """(address, entries) of its `struct iovec` list."""
+        return self._args[0], self._args[1]
+
 
 def gather(buffers: Sequence[bytes | memoryview]) -> Gather | None:
     """`buffers` ready for `Gather.send`; None where the library does not build, or a buffer
@@ -167,6 +184,19 @@ def frame_reader(sock: socket.socket) -> Callable[[int], tuple[FrameType, bytear
     return _FrameReader(lib, sock)
 
 
+def _read_failure(got: int, head: bytearray, limit: int, error: int, sock: socket.socket) -> KVTransferError:
+    """What `kv_recv_frame`'s failure `got` means, as `framing.recv_control` reports it (`head`:
+    the frame head it read, for a frame it refused)."""
+    if got == TOO_LONG:
+        kind, length = frame_head(head)
+        check_control(kind, length, limit)  # raises
+    if got == CLOSED:
+        return PeerClosed("KV peer closed the stream mid-frame")
+    if got == ERRNO:
+        return translate(OSError(error, os.strerror(error)), sock)
+    return KVTransferError("kv_protocol", f"native KV frame read failed (status {got})", False)
+
+
 class _FrameReader:
     def __init__(self, lib: ctypes.CDLL, sock: socket.socket):
         self._lib, self._sock = lib, sock
@@ -180,15 +210,157 @@ class _FrameReader:
         got = int(self._lib.kv_recv_frame(self._sock.fileno(), self._address, limit, self._error_ref))
         if got >= 0:
             return frame_head(self._buf[:HEADER.size])[0], self._buf[HEADER.size:HEADER.size + got]
-        if got == TOO_LONG:
-            kind, length = frame_head(self._buf[:HEADER.size])
-            check_control(kind, length, limit)  # raises
-        if got == CLOSED:
-            raise PeerClosed("KV peer closed the stream mid-frame")
-        if got == ERRNO:
-            error = int(self._error.value)
-            raise translate(OSError(error, os.strerror(error)), self._sock)
-        raise KVTransferError("kv_protocol", f"native KV frame read failed (status {got})", False)
+        raise _read_failure(got, self._buf[:HEADER.size], limit, int(self._error.value), self._sock)
+
+
+# ---- the port's whole REQUEST -> reply -> ACK step (kv_io.c's kv_port_step_run) ----------------
+
+# kv_port_step_run's answers, beside the frame read's (CLOSED, ERRNO, TOO_LONG)
+SENT, FALLBACK, SEND_FAILED, ACK_FAILED = 2, 1, 3, 4
+
+
+class _Entry(ctypes.Structure):
+    """kv_io.c's `kv_entry`, field for field."""
+
+    _fields_ = [("key", _ptr), ("key_len", _i64), ("iov", _ptr), ("iov_count", _i64), ("expires_ns", _i64),
+                ("state", _i64), ("next", _ptr), ("linked", _i64)]
+
+
+class PortTable:
+    """A KV port's table of prepared replies by handle, which `PortStep` answers REQUESTs from
+    without Python (kv_io.c says why). One per port; freed when neither the port nor an entry
+    refers to it any more."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._lib = lib
+        self.address = lib.kv_table_new()
+        if not self.address:
+            raise MemoryError("kv_table_new")
+
+    def __del__(self) -> None:
+        if getattr(self, "address", None):
+            self._lib.kv_table_release(self.address)  # freed once every entry has released it too
+            self.address = None
+
+    def register(self, handle: str, reply: Gather, expires_at: float) -> HeldEntry:
+        """Make `reply` (a held cache's prepared reply) what a REQUEST for `handle` gets from
+        `PortStep` until `expires_at` (time.monotonic), or until revoked."""
+        return HeldEntry(self, handle, reply, expires_at)
+
+
+_in_flight_at_exit: list[object] = []  # entries dropped while a send was in flight (never expected)
+
+
+class HeldEntry:
+    """A held cache's entry in a `PortTable` (`HeldCache.native`): a native step's take of it
+    counts as a pin, which the engine asks about before it frees the cache (`revoke`). Keeps
+    the key and the reply's buffers alive as long as the cache holds it, and the table (a counted
+    reference in C) until it has left it."""
+
+    def __init__(self, table: PortTable, handle: str, reply: Gather, expires_at: float):
+        self._lib, self._table_address, self._reply = table._lib, table.address, reply
+        key = handle.encode()
+        self._key = ctypes.create_string_buffer(key, len(key) or 1)
+        iov, count = reply.iov
+        entry = self._entry = _Entry(key=ctypes.addressof(self._key), key_len=len(key), iov=iov,
+                                     iov_count=count, expires_ns=int(expires_at * 1e9))
+        self.address = ctypes.addressof(entry)
+        self._lib.kv_table_add(self._table_address, self.address)  # holds a reference to the table
+
+    def __del__(self) -> None:
+        # Out of the table before its memory goes (a cache dropped without `revoke`, a test's
+        # entry); one still being sent (nobody drops a pinned cache) is kept alive instead.
+        try:
+            if self.revoke():
+                self._lib.kv_table_release(self._table_address)
+            else:
+                _in_flight_at_exit.append((self._entry, self._key, self._reply))
+        except (AttributeError, TypeError):  # half made, or the interpreter is going
+            pass
+
+    def revoke(self) -> bool:
+        """No more native takes; False while one is in flight (the cache is then pinned)."""
+        return bool(self._lib.kv_table_revoke(self._table_address, self.address))
+
+    def finish(self, keep: bool) -> None:
+        """End a native take: takeable again if `keep`, else never again."""
+        self._lib.kv_table_finish(self._table_address, self.address, int(keep))
+
+    @property
+    def state(self) -> int:
+        """0 takeable, 1 taken (a send in flight), 2 revoked (tests)."""
+        return int(self._entry.state)
+
+
+class _StepArgs(ctypes.Structure):
+    """kv_io.c's `kv_port_step`, field for field."""
+
+    _fields_ = [("fd", _i64), ("table", _ptr), ("buf", _ptr), ("ack_buf", _ptr), ("limit", _i64), ("cap", _i64),
+                ("frame_sec", _i64), ("frame_usec", _i64), ("idle_sec", _i64), ("idle_usec", _i64),
+                ("length", _i64), ("ack_length", _i64), ("ack_status", _i64), ("error", _i64),
+                ("entry", _ptr), ("elapsed_ns", _i64)]
+
+
+def _seconds(seconds: float) -> tuple[int, int]:
+    whole = int(seconds)
+    return whole, int((seconds - whole) * 1e6)
+
+
+class PortStep:
+    """One port connection's `kv_port_step_run`, its arguments and buffers made once. `run`
+    serves a REQUEST for a registered reply wholly in C (reply, ACK and the read timeouts'
+    switch included) and says how it went; the rest of a step's outcome is read from here."""
+
+    def __init__(self, lib: ctypes.CDLL, table: PortTable, sock: socket.socket, frame_timeout: float,
+                 idle_timeout: float):
+        self._lib, self._sock, self.table = lib, sock, table
+        self._buf = bytearray(HEADER.size + MAX_CONTROL_FRAME)
+        self._ack = bytearray(HEADER.size + MAX_CONTROL_FRAME)
+        args = self._args = _StepArgs(fd=sock.fileno(), table=table.address, limit=MAX_CONTROL_FRAME,
+                                      cap=SOCKET_BUFFER)
+        args.buf = ctypes.addressof((ctypes.c_char * len(self._buf)).from_buffer(self._buf))
+        args.ack_buf = ctypes.addressof((ctypes.c_char * len(self._ack)).from_buffer(self._ack))
+        args.frame_sec, args.frame_usec = _seconds(frame_timeout)
+        args.idle_sec, args.idle_usec = _seconds(idle_timeout)
+        self._pointer = ctypes.byref(args)
+
+    def run(self) -> int:
+        """Serve the next REQUEST: SENT (the ACK frame is in: `ack`), FALLBACK (the frame is
+        Python's: `frame`), SEND_FAILED or ACK_FAILED (`failure` says why), or the REQUEST's read
+        failed (`frame` raises). On SENT and both failures the entry is taken: `handle` names it,
+        and the caller ends the take (`Engine.finish_native`)."""
+        return int(self._lib.kv_port_step_run(self._pointer))
+
+    def frame(self, status: int) -> tuple[FrameType, bytearray]:
+        """The frame a FALLBACK left to Python; for a read failure, its error (raised)."""
+        if status == FALLBACK:
+            return frame_head(self._buf[:HEADER.size])[0], self._buf[HEADER.size:HEADER.size + self._args.length]
+        raise _read_failure(status, self._buf[:HEADER.size], MAX_CONTROL_FRAME, int(self._args.error), self._sock)
+
+    def handle(self) -> str:
+        """The handle of the REQUEST whose entry was taken."""
+        length = int.from_bytes(self._buf[HEADER.size + 1:HEADER.size + 3])
+        return self._buf[HEADER.size + 3:HEADER.size + 3 + length].decode()
+
+    def ack(self) -> tuple[FrameType, bytearray]:
+        """The frame that came after a SENT reply (an ACK, or whatever the peer sent)."""
+        return frame_head(self._ack[:HEADER.size])[0], self._ack[HEADER.size:HEADER.size + self._args.ack_length]
+
+    def failure(self, status: int) -> KVTransferError:
+        """Why a taken step failed: the send (SEND_FAILED) or the read after it (ACK_FAILED)."""
+        args = self._args
+        if status == SEND_FAILED:
+            return translate(OSError(int(args.error), os.strerror(int(args.error))), self._sock)
+        try:
+            return _read_failure(int(args.ack_status), self._ack[:HEADER.size], MAX_CONTROL_FRAME, int(args.error),
+                                 self._sock)
+        except KVTransferError as error:  # a frame it refused (too long, a layer)
+            return error
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from the take to the ACK's arrival (a SENT step)."""
+        return self._args.elapsed_ns / 1e9
 
 
 def _layout_key(expect: KVLayout) -> tuple[object, ...]:

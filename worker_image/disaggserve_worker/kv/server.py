@@ -10,7 +10,11 @@ single-shard CPU pool, as one gather-write prepared when the engine holds the ca
 (`Engine.on_hold`), so a pull only sends it; other pools gather a layer with `KVPool.read` first.
 Where `kv/kv_io.c` builds (`kv.native`), the control frames are read and the prepared reply is
 sent in C: on a port thread woken cold, the Python between a REQUEST's arrival and the reply's
-first byte was most of what delayed it.
+first byte was most of what delayed it. A protocol-3 REQUEST for a cache whose reply was
+prepared is served wholly in C (`native.PortStep`: read it, take the cache from the port's
+table by handle, send, wait for the ACK); Python then only releases the cache. Anything else
+(flags, an unknown or expired handle, a cache another connection is sending, odd bytes) is
+left to the Python path with the frame as read.
 When the pool is in shared memory (`kv.shared_memory`), READY names its segment, and a peer that
 mapped it asks with the `shm` flag: the reply is then the header with the held blocks' slot runs
 and the end frame, no layers; the peer copies the blocks and ACKs, and the cache stays pinned
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from disaggserve_worker.kv import auth
+from disaggserve_worker.kv import auth, native
 from disaggserve_worker.kv.framing import (
     HEADER,
     LAYER_INDEX,
@@ -56,7 +60,7 @@ from disaggserve_worker.kv.framing import (
     set_timeout,
 )
 from disaggserve_worker.kv.layout import DTYPE_NAMES, PoolRegions, block_runs, regions_of
-from disaggserve_worker.kv.native import frame_reader, gather
+from disaggserve_worker.kv.native import PortStep, PortTable, frame_reader, gather
 
 if TYPE_CHECKING:
     from disaggserve_worker.engine.engine import Engine, HeldCache
@@ -91,6 +95,8 @@ class KVServer:
         self.shared_pulls = 0  # pulls answered with slot runs in the shared pool (same-host peers)
         self.copied_releases = 0  # caches a peer copied out of the shared pool without asking first
         self._regions: PoolRegions | None = None
+        self._table: PortTable | None = None  # prepared replies the native step serves (`_prepare`)
+        self.native_pulls = 0  # pulls served wholly in C (`native.PortStep`)
 
     @property
     def connections(self) -> int:
@@ -113,6 +119,8 @@ class KVServer:
         self.port = int(listener.getsockname()[1])
         self._regions = regions_of(self.engine.kv_pool)
         if self._regions is not None:
+            lib = native.library()
+            self._table = PortTable(lib) if lib is not None else None
             self.engine.on_hold = self._prepare
         self._accept_thread = threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True)
         self._accept_thread.start()
@@ -173,8 +181,19 @@ class KVServer:
             set_timeout(conn, self.frame_timeout)  # every write from here on, and the wait for an ACK
             set_read_timeout(conn, self.idle_timeout)  # the wait for the next REQUEST
             read = frame_reader(conn)  # in C where it builds: see kv.native
+            lib = native.library()
+            # A REQUEST for a prepared reply wholly in C (the current protocol's replies are prepared)
+            step = (PortStep(lib, self._table, conn, self.frame_timeout, self.idle_timeout)
+                    if lib is not None and self._table is not None and version == PROTOCOL_VERSION else None)
             while not self._closing:
-                kind, payload = read(MAX_CONTROL_FRAME)
+                if step is None:
+                    kind, payload = read(MAX_CONTROL_FRAME)
+                else:
+                    status = step.run()
+                    if status in (native.SENT, native.SEND_FAILED, native.ACK_FAILED):
+                        self._finish_native(step, status)
+                        continue
+                    kind, payload = step.frame(status)  # the REQUEST left to Python (or its read's error)
                 if kind is not FrameType.REQUEST:
                     raise KVTransferError("kv_protocol", f"expected a KV request, got {kind.name}", False)
                 handle, _, shm, copied = decode_request(payload, version)
@@ -266,12 +285,33 @@ class KVServer:
         finally:
             self.engine.unpin_held(handle, release=delivered)
 
+    def _finish_native(self, step: PortStep, status: int) -> None:
+        """After a step that took a cache (`native.PortStep.run`): release it if the peer ACKed,
+        else make it takeable again, and raise what failed."""
+        delivered = False
+        try:
+            if status != native.SENT:
+                raise step.failure(status)
+            kind, _ = step.ack()  # an unknown frame kind raises, as on the Python path
+            delivered = kind is FrameType.ACK
+        finally:
+            held = self.engine.finish_native(step.handle(), release=delivered)
+        if delivered:
+            with self._lock:
+                self.native_pulls += 1
+            if self.on_sent and held is not None:
+                self.on_sent(held.wire[1], step.elapsed)  # type: ignore[index]
+
     def _prepare(self, held: HeldCache) -> None:
         """Build a held cache's whole reply (on the engine thread, as it holds the cache): on a
         pull the port then only sends it. Built on the pull instead, on a port thread woken from
-        idle, it took ~0.5 ms of a ~2 ms 1 MB pull (bench/kv_transfer.py)."""
+        idle, it took ~0.5 ms of a ~2 ms 1 MB pull (bench/kv_transfer.py). Where the C code builds,
+        the reply goes into the port's table under the handle, for `native.PortStep` to serve."""
         buffers, sent = self._direct_reply(held)
-        held.wire = buffers, sent, gather(buffers)  # sent in C where it builds (`kv.native`)
+        prepared = gather(buffers)  # sent in C where it builds (`kv.native`)
+        held.wire = buffers, sent, prepared
+        if prepared is not None and self._table is not None:
+            held.native = self._table.register(held.handle, prepared, held.expires_at)
 
     def _direct_reply(self, held: HeldCache, version: int = PROTOCOL_VERSION) -> tuple[list[bytes | memoryview], int]:
         """The reply as one gather-write from the pool's blocks (HEADER, each layer's frame head and
