@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -354,3 +355,18 @@ async def test_the_prefill_reply_says_where_the_cache_lies_and_decode_copies_it(
     finally:
         for server in servers.values():
             await server.stop()
+
+
+def test_a_segment_is_announced_once_not_per_connection(shm_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each concurrent pull opens a connection that maps the peer's segment: one INFO line per
+    segment, not one per connection (a decode pod logged the same line 23 times in a second)."""
+    made = shared_pool(1, 32, 1, 4, torch.float32)
+    assert made is not None
+    transport = TcpKVTransport(token=None)
+    try:
+        with caplog.at_level(logging.INFO, logger="disaggserve_worker.kv.client"):
+            for _ in range(3):
+                assert transport._map_segment("10.0.0.1:9000", made.info.wire()) is not None
+        assert sum("same host" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO) == 1
+    finally:
+        transport.close()

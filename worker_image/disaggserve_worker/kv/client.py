@@ -437,6 +437,7 @@ class TcpKVTransport:
             info = SegmentInfo.parse(described)
             with self._segments_lock:
                 reader = self._segments.get(info.id)
+                mapped = reader is None
                 if reader is None:
                     reader = self._segments[info.id] = SegmentReader(info)
                 # A restarted peer announces a new segment: drop the old one's mapping, which
@@ -444,7 +445,9 @@ class TcpKVTransport:
                 old, self._segment_of[address] = self._segment_of.get(address), info.id
                 if old is not None and old != info.id and old not in self._segment_of.values():
                     stale = self._segments.pop(old, None)
-            log.info("KV port %s: same host, pulls copy from its shared pool %s", address, info.path)
+            # Once per segment: every new connection to the peer (one per concurrent pull) lands here.
+            log.log(logging.INFO if mapped else logging.DEBUG,
+                    "KV port %s: same host, pulls copy from its shared pool %s", address, info.path)
             return reader
         except (OSError, ValueError, KeyError, TypeError) as error:
             log.debug("KV port %s: its shared pool is not reachable from here (%s); pulling over TCP",
