@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from disaggserve_worker.engine import detokenizer
 from disaggserve_worker.engine.detokenizer import IncrementalDetokenizer
-from disaggserve_worker.model.loader import load_tokenizer
+from disaggserve_worker.model.source import load_tokenizer
 
 pytestmark = pytest.mark.skipif(detokenizer._decode_stream([1], True) is None,
                                 reason="this tokenizers has no primable DecodeStream")
