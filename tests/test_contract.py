@@ -119,6 +119,6 @@ def test_every_rendered_container_is_accepted_by_the_worker(case):
 
 def test_the_builtin_models_the_schema_admits_are_the_ones_the_worker_builds():
     from disaggserve.api.spec import BUILTIN_MODELS
-    from disaggserve_worker.model.builtin import BUILTIN_CONFIGS
+    from disaggserve_worker.model.builtin_configs import BUILTIN_CONFIGS
 
     assert set(BUILTIN_MODELS) == set(BUILTIN_CONFIGS)

@@ -14,7 +14,7 @@ from disaggserve.api.spec import SpecError
 from disaggserve.local.schema import validate
 from disaggserve.planner import plan_for
 from disaggserve.resources import Owner, build_children
-from disaggserve_worker.model import loader
+from disaggserve_worker.model.source import download_hf
 from helpers import example
 
 DIGEST = "sha256:" + "ab" * 32
@@ -67,6 +67,6 @@ def test_worker_downloads_exactly_the_pinned_revision(monkeypatch: pytest.Monkey
         return str(tmp_path)
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
-    assert loader._download_hf(f"org/model@{COMMIT}") == tmp_path
-    assert loader._download_hf("org/model") == tmp_path
+    assert download_hf(f"org/model@{COMMIT}") == tmp_path
+    assert download_hf("org/model") == tmp_path
     assert calls == [("org/model", COMMIT), ("org/model", None)]

@@ -12,7 +12,7 @@ import pytest
 
 from disaggserve_worker.engine.detokenizer import IncrementalDetokenizer
 from disaggserve_worker.engine.types import TokenEvent
-from disaggserve_worker.model.loader import load_tokenizer
+from disaggserve_worker.model.source import load_tokenizer
 from disaggserve_worker.router.dispatch import GenerationRequest, Token, WorkerFault, _parse_events
 from disaggserve_worker.router.metrics import RouterMetrics
 from disaggserve_worker.router.pool import Worker

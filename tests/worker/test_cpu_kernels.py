@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from disaggserve_worker.model import cpu_kernels, layers, packed_linear
 from disaggserve_worker.model.batch import BatchLayout
-from disaggserve_worker.model.builtin import builtin_config, builtin_model
+from disaggserve_worker.model.builtin import builtin_model
+from disaggserve_worker.model.builtin_configs import builtin_config
 from disaggserve_worker.model.layers import RMSNorm
 from disaggserve_worker.model.rope import apply_rotary
 

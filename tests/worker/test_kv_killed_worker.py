@@ -15,7 +15,7 @@ import torch
 
 from disaggserve_worker.kv.framing import KVTransferError
 from disaggserve_worker.kv.transport import KVLayout, TcpKVTransport
-from disaggserve_worker.model.builtin import builtin_config
+from disaggserve_worker.model.builtin_configs import builtin_config
 
 HOST = "127.0.94.7"
 

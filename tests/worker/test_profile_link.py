@@ -18,7 +18,7 @@ import pytest
 
 from disaggserve_worker import contract
 from disaggserve_worker.cli import main
-from disaggserve_worker.model.builtin import builtin_config
+from disaggserve_worker.model.builtin_configs import builtin_config
 from disaggserve_worker.profile.link import LinkError, parse_sizes
 
 TOKEN = "token-of-the-profile-link-test"

@@ -268,7 +268,7 @@ def _add_tokenizer(subparsers: Any) -> None:
 
 
 def export_tokenizer(args: argparse.Namespace) -> int:
-    from disaggserve_worker.model.loader import ModelLoadError
+    from disaggserve_worker.model.errors import ModelLoadError
     from disaggserve_worker.model.tokenizer_export import write_hf_tokenizer
 
     try:

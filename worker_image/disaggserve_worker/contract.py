@@ -86,7 +86,7 @@ whatever T is, so prefill and decode workers may use different tensor sizes.
 `disaggserve-worker profile` takes the same two flags and records them in its profile entry.
 
 Note to the router engineer: the tokenizer of any `--model` value comes from
-`disaggserve_worker.model.loader.load_tokenizer`; the `router` subcommand is registered by
+`disaggserve_worker.model.source.load_tokenizer`; the `router` subcommand is registered by
 `disaggserve_worker.cli` calling `disaggserve_worker.router.cli.register(subparsers)`, whose
 parser must `set_defaults(handler=<callable(args) -> int>)`.
 """

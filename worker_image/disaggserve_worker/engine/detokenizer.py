@@ -7,36 +7,19 @@ incomplete UTF-8 sequence (U+FFFD) stays pending until the next token completes 
 Characters that could still become a stop string are held back too, so a stop string
 never leaks to the client.
 
-Where the installed `tokenizers` has it (0.22+: `DecodeStream(ids=...)`), its `DecodeStream`
-runs that same window in Rust: one call per token instead of two decodes and the slicing around
-them, which was a quarter of the router's CPU per streamed token. The offsets here follow it step
-for step, so a step it refuses (a window that does not extend its prefix) and the final flush
-still take the Python window, on the same state.
+tokenizers' `DecodeStream`, primed with the context tokens (`DecodeStream(ids=...)`, tokenizers
+0.22+, the floor in pyproject.toml), runs that same window in Rust: one call per token instead of
+two decodes and the slicing around them, which was a quarter of the router's CPU per streamed
+token. The offsets here follow it step for step, so a step it refuses (a window that does not
+extend its prefix) and the final flush still take the Python window, on the same state.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from tokenizers import Tokenizer
-
-try:
-    from tokenizers.decoders import DecodeStream
-except ImportError:  # tokenizers < 0.21
-    DecodeStream = None
+from tokenizers.decoders import DecodeStream
 
 PROMPT_CONTEXT_TOKENS = 4
-
-
-def _decode_stream(context: list[int], skip_special_tokens: bool) -> Any:
-    """A `DecodeStream` primed with the context tokens, or None where tokenizers cannot prime one
-    (before 0.22 it would start without them, and decode the first token's leading space apart)."""
-    if DecodeStream is None:
-        return None
-    try:
-        return DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
-    except TypeError:
-        return None
 
 
 class IncrementalDetokenizer:
@@ -51,7 +34,8 @@ class IncrementalDetokenizer:
         self.text = ""  # settled text of the generated tokens
         self.emitted = 0
         self.stopped = False
-        self._stream = _decode_stream(self.ids, skip_special_tokens)
+        # Primed with the context, so the first token's leading space decodes as in the whole text.
+        self._stream: DecodeStream | None = DecodeStream(ids=self.ids, skip_special_tokens=skip_special_tokens)
         for token in initial_ids or []:
             self._append(token)
         self.emitted = len(self.text)  # initial tokens were sent by someone else (the prefill worker)

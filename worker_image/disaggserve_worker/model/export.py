@@ -20,7 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from disaggserve_worker.model.builtin import builtin_config, builtin_model
+from disaggserve_worker.model.builtin import builtin_model
+from disaggserve_worker.model.builtin_configs import builtin_config
 from disaggserve_worker.model.builtin_tokenizer import BOS, EOS, UNK, builtin_tokenizer
 
 MARKER = "disaggserve-export.json"

@@ -1,15 +1,11 @@
-"""Turn a `--model` value into a model, its tokenizer and its facts.
+"""Turn a `--model` value into a model (torch), its tokenizer and its facts.
 
-Accepted values (the worker contract): `builtin:<name>`, a checkpoint folder path (config.json,
-*.safetensors — sharded via model.safetensors.index.json — and tokenizer.json), or
-`hf:org/name[@revision]` (downloaded with `huggingface_hub` when it is installed; the revision, a
-commit hash, tag or branch, pins what every worker gets).
+The accepted values and the torch-free parts (tokenizer, config, hf download) are in `source`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +14,14 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from disaggserve_worker.model.allocator import keep_step_memory
-from disaggserve_worker.model.builtin import BUILTIN_CONFIGS, builtin_config, builtin_model
+from disaggserve_worker.model.builtin import builtin_model
 from disaggserve_worker.model.builtin_tokenizer import builtin_tokenizer
 from disaggserve_worker.model.config import ModelConfig
 from disaggserve_worker.model.errors import ModelLoadError
 from disaggserve_worker.model.llama import LlamaForCausalLM
+from disaggserve_worker.model.source import builtin_name, download_hf, load_tokenizer, read_config
 
-log = logging.getLogger(__name__)
-
-__all__ = ["LoadedModel", "ModelLoadError", "device_grid", "load_config", "load_model", "load_tokenizer"]
+__all__ = ["LoadedModel", "ModelLoadError", "device_grid", "load_model"]
 
 
 @dataclass
@@ -70,28 +65,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def split_hf(spec: str) -> tuple[str, str | None]:
-    """`org/name@revision` -> (repo, revision); no `@`: the repository's current main (unpinned)."""
-    repo, _, revision = spec.partition("@")
-    return repo, revision or None
-
-
-def _download_hf(spec: str, patterns: tuple[str, ...] = ("*.json", "*.safetensors")) -> Path:
-    repo, revision = split_hf(spec)
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:
-        raise ModelLoadError(f"--model hf:{spec} needs the huggingface_hub package; install it or "
-                             "mount the checkpoint and pass its folder path") from error
-    if revision is None:
-        log.warning("--model hf:%s is not pinned to a revision: each worker downloads whatever main is "
-                    "now; pin one with hf:%s@<commit>", repo, repo)
-    try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(patterns)))
-    except Exception as error:  # the hub raises many types; all mean "could not fetch"
-        raise ModelLoadError(f"could not download {repo!r} from the Hugging Face hub: {error}") from error
-
-
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -102,17 +75,6 @@ def _weight_files(folder: Path) -> list[Path]:
         raise ModelLoadError(f"{folder} holds no *.safetensors weights (PyTorch .bin files are not "
                              "loaded: convert them with safetensors first)")
     return files
-
-
-def read_config(folder: Path) -> ModelConfig:
-    """A checkpoint folder's config.json, checked (what this decoder can build)."""
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise ModelLoadError(f"{folder} has no config.json; point --model at a checkpoint folder")
-    try:
-        return ModelConfig.model_validate(json.loads(config_path.read_text()))
-    except ValueError as error:
-        raise ModelLoadError(f"{config_path}: {error}") from error
 
 
 def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -152,38 +114,6 @@ def _eos_ids(folder: Path | None, config: ModelConfig) -> list[int]:
     return ids
 
 
-def load_tokenizer(model: str) -> Tokenizer:
-    """Only the tokenizer of a `--model` value (what a router needs)."""
-    if model.startswith("builtin:"):
-        if model.removeprefix("builtin:") not in BUILTIN_CONFIGS:
-            raise ModelLoadError(f"unknown built-in model {model!r}; choose one of "
-                                 + ", ".join(f"builtin:{n}" for n in BUILTIN_CONFIGS))
-        return builtin_tokenizer()
-    folder = _download_hf(model[3:]) if model.startswith("hf:") else Path(model)
-    path = folder / "tokenizer.json"
-    if not path.exists():
-        raise ModelLoadError(f"{folder} has no tokenizer.json (the fast-tokenizer file); "
-                             "save one with transformers' tokenizer.save_pretrained")
-    return Tokenizer.from_file(str(path))
-
-
-def load_config(model: str) -> ModelConfig:
-    """Only the config of a `--model` value, no weights: the KV layout (layers, KV heads, head
-    size) and context length are all a tool that moves KV caches but runs no forward pass needs
-    (`profile-link`), and reading weights would cost a large model's load time and memory."""
-    if model.startswith("builtin:"):
-        name = model.removeprefix("builtin:")
-        if name not in BUILTIN_CONFIGS:
-            raise ModelLoadError(f"unknown built-in model {model!r}; choose one of "
-                                 + ", ".join(f"builtin:{n}" for n in BUILTIN_CONFIGS))
-        return builtin_config(name)
-    folder = _download_hf(model[3:], patterns=("*.json",)) if model.startswith("hf:") else Path(model)
-    if not folder.is_dir():
-        raise ModelLoadError(f"--model {model!r} is neither builtin:<name>, hf:<org/name> nor an "
-                             "existing checkpoint folder")
-    return read_config(folder)
-
-
 def device_grid(device: torch.device, pipeline: int = 1, tensor: int = 1) -> list[list[torch.device]]:
     """`grid[stage][shard]` of this pod's local devices: stage s uses cuda:s*T .. cuda:s*T+T-1."""
     if pipeline * tensor == 1:
@@ -219,14 +149,11 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto", pipeline: 
 
 def _load(model: str, torch_device: torch.device, torch_dtype: torch.dtype) -> LoadedModel:
     if model.startswith("builtin:"):
-        name = model.removeprefix("builtin:")
-        if name not in BUILTIN_CONFIGS:
-            raise ModelLoadError(f"unknown built-in model {model!r}; choose one of "
-                                 + ", ".join(f"builtin:{n}" for n in BUILTIN_CONFIGS))
+        name = builtin_name(model)
         net = builtin_model(name).to(device=torch_device, dtype=torch_dtype)
         return LoadedModel(name, net, builtin_tokenizer(), net.config, net.config.eos_token_ids)
     if model.startswith("hf:"):
-        folder = _download_hf(model[3:])
+        folder = download_hf(model[3:])
     else:
         folder = Path(model)
         if not folder.is_dir():

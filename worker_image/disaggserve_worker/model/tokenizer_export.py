@@ -15,9 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from disaggserve_worker.model.builtin import builtin_config
+from disaggserve_worker.model.builtin_configs import builtin_config
 from disaggserve_worker.model.builtin_tokenizer import BOS, EOS, UNK
-from disaggserve_worker.model.loader import ModelLoadError, load_tokenizer
+from disaggserve_worker.model.errors import ModelLoadError
+from disaggserve_worker.model.source import load_tokenizer
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -43,7 +43,8 @@ from disaggserve_worker.kv.client import TcpKVTransport
 from disaggserve_worker.kv.framing import KVTransferError
 from disaggserve_worker.kv.layout import KVLayout, PoolSink
 from disaggserve_worker.model.kv_pool import KVPool
-from disaggserve_worker.model.loader import load_config, resolve_device, resolve_dtype
+from disaggserve_worker.model.loader import resolve_device, resolve_dtype
+from disaggserve_worker.model.source import load_config
 from disaggserve_worker.profile.overheads import fit_link
 
 DEFAULT_SIZES = (128, 1024)

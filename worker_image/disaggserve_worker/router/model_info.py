@@ -1,7 +1,9 @@
 """What the router needs to know about the served model: tokenizer, chat template, context length.
 
 The router tokenizes with the very loader the workers use (same `--model` value, same image), so
-the token counts it validates and reports are the ones the workers compute on.
+the token counts it validates and reports are the ones the workers compute on. It imports only the
+torch-free halves of the model package (`model.source`, `model.builtin_configs`): the router runs
+no model, and torch would cost it seconds of start-up (tests/router/test_no_torch.py).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from ..model.builtin import builtin_config
-from ..model.loader import ModelLoadError, load_tokenizer
+from ..model.builtin_configs import builtin_config
+from ..model.errors import ModelLoadError
+from ..model.source import load_tokenizer
 from .chat_template import ChatTemplate
 
 
