@@ -8,6 +8,7 @@ import asyncio
 import socket
 import struct
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -49,6 +50,17 @@ def _native_only(kv_io: str) -> None:  # noqa: F811
         pytest.skip("the C step itself")
 
 
+def _table_holding(kv_io: str, *buffers: bytes | bytearray) -> tuple[Any, Any, Any]:  # noqa: F811
+    """The C library, a port table, and that table's entry "h-1" for a reply of `buffers`."""
+    _native_only(kv_io)
+    lib = native.library()
+    assert lib is not None
+    table = native.PortTable(lib)
+    reply = native.gather(list(buffers))
+    assert reply is not None
+    return lib, table, table.register("h-1", reply, time.monotonic() + 30)
+
+
 # ---- the step on a socket pair -------------------------------------------------------------------
 
 def _rcvtimeo(sock: socket.socket) -> float:
@@ -88,14 +100,9 @@ def test_the_step_serves_a_registered_reply_and_switches_the_read_bound(kv_io: s
 
 
 def test_the_step_falls_back_on_anything_unusual(kv_io: str) -> None:  # noqa: F811
-    _native_only(kv_io)
-    lib = native.library()
-    assert lib is not None
-    table = native.PortTable(lib)
-    reply = native.gather([b"HEAD", b"END"])
-    assert reply is not None
-    entry = table.register("h-1", reply, time.monotonic() + 30)
-    old = table.register("h-old", reply, time.monotonic() - 1)  # kept: a dropped entry leaves the table
+    lib, table, entry = _table_holding(kv_io, b"HEAD", b"END")
+    # Kept referenced: a dropped entry leaves the table.
+    old = table.register("h-old", native.gather([b"HEAD", b"END"]), time.monotonic() - 1)
     a, b = socket.socketpair()
     try:
         set_timeout(b, 2)
@@ -146,13 +153,7 @@ def test_the_step_falls_back_on_anything_unusual(kv_io: str) -> None:  # noqa: F
 
 
 def test_the_step_waits_for_the_ack_under_the_frame_bound_and_reports_a_peer_gone(kv_io: str) -> None:  # noqa: F811
-    _native_only(kv_io)
-    lib = native.library()
-    assert lib is not None
-    table = native.PortTable(lib)
-    reply = native.gather([b"HEAD", b"END"])
-    assert reply is not None
-    entry = table.register("h-1", reply, time.monotonic() + 30)
+    lib, table, entry = _table_holding(kv_io, b"HEAD", b"END")
     a, b = socket.socketpair()
     try:
         set_timeout(b, 5)
