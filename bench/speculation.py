@@ -220,13 +220,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         rows = []
         for factor in args.rates:
             rate = factor * service_rate
+            # Long enough for `min_requests` arrivals on average: at x0.3 a 4 s window held 7
+            # requests on a slow host, too few for a latency ratio to mean anything.
+            window = max(args.window, args.min_requests / rate)
             runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
             for repeat in range(args.repeats):
-                trace = arrivals(rate, args.window, prompts[workload], seed=100 * repeat + int(factor * 10))
+                trace = arrivals(rate, window, prompts[workload], seed=100 * repeat + int(factor * 10))
                 order = orders[repeat % len(orders)]
                 for config in order:
                     runs[config].append(await serve(model, config, trace, args.output))
-            row: dict[str, Any] = {"rate_factor": factor, "rate_per_s": rate, "requests": len(trace)}
+            row: dict[str, Any] = {"rate_factor": factor, "rate_per_s": rate, "requests": len(trace),
+                                   "window_s": window}
             for config in CONFIGS:
                 row[config] = {
                     "mean_s": statistics.median(r["mean_s"] for r in runs[config]),
@@ -280,7 +284,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         goals["copy_low_rate_speedup_at_least_1_5"] = 1 / copy_low["adaptive"]["mean_vs_off"] >= 1.5
     return {"benchmark": "speculation", "quick": args.quick, "model": "builtin:small-llama", "device": "cpu",
             "threads": args.threads, "proposer": "ngram(1..3)", "max_k": MAX_K, "output_tokens": args.output,
-            "window_s": args.window, "repeats": args.repeats, "alone_latency_s": alone,
+            "window_s": args.window, "min_requests": args.min_requests, "repeats": args.repeats,
+            "alone_latency_s": alone,
             "service_rate_per_s": service_rate,
             "prompt_acceptance": {"copy": prompts["copy_acceptance"], "plain": prompts["plain_acceptance"]},
             "workloads": workloads, "goals": goals,
@@ -323,19 +328,33 @@ def main() -> int:
                         help="repeats per cell (default 6: each order of the three configurations once)")
     parser.add_argument("--workloads", nargs="+", choices=("copy", "plain"), default=["copy", "plain"],
                         help="which prompts to run (a partial run writes speculation[-quick]-<workloads>.json)")
+    parser.add_argument("--rates", type=float, nargs="+", default=None,
+                        help="rate factors (x the service rate) to run (a partial run adds them to the file name)")
+    parser.add_argument("--min-requests", type=int, default=None,
+                        help="each cell's window is long enough for this many arrivals on average "
+                             "(default 16; quick 2)")
     args = parser.parse_args()
-    repeats = args.repeats
+    repeats, rates, min_requests = args.repeats, args.rates, args.min_requests
     if args.quick:
         args.rates, args.window, args.repeats, args.prompts, args.output = [0.3, 3.0], 3.0, 1, 4, 32
+        args.min_requests = 2
     else:
         args.rates, args.window, args.repeats, args.prompts, args.output = [0.3, 1.0, 2.0, 4.0], 4.0, 6, 6, 48
+        args.min_requests = 16
     if repeats is not None:
         args.repeats = repeats
+    if min_requests is not None:
+        args.min_requests = min_requests
+    partial_rates = rates is not None
+    if partial_rates:
+        args.rates = rates
     result = asyncio.run(main_async(args))
     RESULTS.mkdir(exist_ok=True)
     stem = "speculation-quick" if args.quick else "speculation"
     if len(args.workloads) < 2:
         stem += "-" + "-".join(args.workloads)
+    if partial_rates:
+        stem += "-x" + "-x".join(f"{r:g}" for r in args.rates)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / f"{stem}.png")
     print(json.dumps(result["goals"], indent=2))
