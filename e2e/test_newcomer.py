@@ -113,6 +113,9 @@ def up(tmp_path_factory) -> Iterator[Up]:
     started = Up(tmp_path_factory.mktemp("newcomer"))
     try:
         started.wait_for(r"^tiny is ready: ")
+        # The last line of the ready block: the tests read what comes between (a test read the
+        # output between "ready" and the lines after it once, and missed them).
+        started.wait_for(r"^Press Ctrl-C")
         yield started
     finally:
         started.stop()
