@@ -30,11 +30,15 @@ def greedy_requests(model: LoadedModel) -> Requests:
 
 
 def start_engine(model: LoadedModel, role: str = "colocated", *, kv: int = 1024, budget: int = 2048,
-                 max_model_len: int | None = None, speculator: Speculator | None = None) -> Engine:
+                 max_model_len: int | None = None, speculator: Speculator | None = None,
+                 start: bool = True) -> Engine:
+    """An engine over `model`; with `start=False` its thread is never started (the caller drives
+    it with `run_iteration`)."""
     config = EngineConfig(role=role, kv_cache_tokens=kv, max_batch_tokens=budget,
                           **({"max_model_len": max_model_len} if max_model_len else {}))
     engine = Engine(model.model, model.tokenizer, model.eos_token_ids, config, speculator=speculator)
-    engine.start()
+    if start:
+        engine.start()
     return engine
 
 

@@ -387,31 +387,46 @@ class Engine:
             with self._wake:
                 # Sleep unless there is compute to do. Waiting requests alone are no reason to
                 # spin: they need memory, and whoever frees memory outside this thread notifies.
-                if not self._stop and not (self._inbox or self._aborts or self._prefilling or self._running):
+                if not self._stop and not self.has_compute:
                     self._wake.wait(timeout=0.25)
                 if self._stop:
                     break
-                inbox, self._inbox = list(self._inbox), deque()
-                aborts, self._aborts = self._aborts, set()
-                self.busy = True
-            try:
-                self._intake(inbox, aborts)
-                self.expire_held()
-                self._step()
-            except Exception as error:  # a fault must reach every affected client
-                log.exception("engine step failed")
-                for seq in self._prefilling + self._running:
-                    self._fail(seq, "engine_error", f"engine step failed: {error}", retryable=True)
-                self._prefilling, self._running = [], []
-            finally:
-                self._flush()
-                self.busy = False
+            self.run_iteration()
         with self._wake:
             leftover = list(self._inbox) + list(self._waiting) + self._prefilling + self._running
             self._inbox.clear()
         for seq in leftover:
             self._fail(seq, "shutdown", "worker is shutting down", retryable=True)
         self._flush()
+
+    def run_iteration(self) -> None:
+        """One pass of the loop: take in what arrived, run one step, hand its events out. The
+        engine thread calls it; so may a caller that owns the clock instead of that thread (the
+        speculation bench's replay on the engine's CPU clock), on an engine it never started:
+        one thread at a time, never both."""
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            raise RuntimeError("the engine thread runs this engine: run_iteration is for an engine never started")
+        with self._wake:
+            inbox, self._inbox = list(self._inbox), deque()
+            aborts, self._aborts = self._aborts, set()
+            self.busy = True
+        try:
+            self._intake(inbox, aborts)
+            self.expire_held()
+            self._step()
+        except Exception as error:  # a fault must reach every affected client
+            log.exception("engine step failed")
+            for seq in self._prefilling + self._running:
+                self._fail(seq, "engine_error", f"engine step failed: {error}", retryable=True)
+            self._prefilling, self._running = [], []
+        finally:
+            self._flush()
+            self.busy = False
+
+    @property
+    def has_compute(self) -> bool:
+        """Whether an iteration now would do anything: requests to take in, prompts, decodes."""
+        return bool(self._inbox or self._aborts or self._prefilling or self._running)
 
     def _intake(self, inbox: list[Sequence], aborts: set[str]) -> None:
         for seq in inbox:
