@@ -18,9 +18,11 @@ Each run is read on two clocks, side by side (`--clocks`):
 - wall: the engine on its own thread, prompts submitted in real time; what a client saw, with
   whatever else the host ran meanwhile (on this shared 2-vCPU host, paired repeats of one trace
   ranged 0.52-1.50x while their CPU ratios stayed near 1);
-- cpu: this thread drives the same engine iteration by iteration on a clock that advances by the
-  CPU seconds of each iteration and skips idle gaps (`on_cpu_clock`): latency as on a core of
-  its own. Every step is the real engine's; only time other processes took is left out.
+- cpu: this thread drives the three configurations' engines iteration by iteration, each on a
+  clock that advances by the CPU seconds of its own iterations and skips idle gaps, in lockstep
+  (the engine whose clock is earliest goes next), so host-speed drift hits all three alike
+  (`on_cpu_clock`): latency as on a core of its own. Every step is the real engine's; only time
+  other processes took is left out.
 
 Rates are multiples of the measured no-speculation service rate of one request alone, up to
 past the measured saturation of the engine, so the sweep means the same on any machine.
@@ -83,38 +85,53 @@ def engine_for(model: LoadedModel, config: str, start: bool = True) -> tuple[Eng
     return engine, spec
 
 
-async def serve(model: LoadedModel, config: str, requests: list[tuple[float, list[int]]], output: int,
-                clock: str = "wall") -> dict[str, Any]:
-    """Open loop: each prompt arrives at its offset; latency = last token − arrival, on `clock`."""
-    engine, spec = engine_for(model, config, start=clock == "wall")
+class Run:
+    """One configuration's engine for one trace, with its speculator's step reports."""
+
+    def __init__(self, model: LoadedModel, config: str, start: bool):
+        self.engine, spec = engine_for(model, config, start=start)
+        # Each step's report, kept as is and summed after the run: the wrapper is on the engine
+        # thread of the speculating configurations only, so it must cost next to nothing (an append).
+        self.reports: list[StepReport] = []
+        if spec is not None:
+            real = spec.step
+
+            def step(batch, **options):  # type: ignore[no-untyped-def]
+                out = real(batch, **options)
+                self.reports.append(spec.last)  # type: ignore[arg-type]
+                return out
+
+            spec.step = step  # type: ignore[method-assign]
+
+    def result(self, latencies: list[float], cpu_s: float) -> dict[str, Any]:
+        proposed = sum(sum(r.proposed) for r in self.reports)
+        accepted = sum(sum(r.accepted) for r in self.reports)
+        ks = [k for r in self.reports for k in r.ks]
+        return {"mean_s": statistics.fmean(latencies), "p90_s": percentile(list(latencies), 90),
+                "engine_cpu_s": cpu_s,
+                "proposed": proposed, "accepted": accepted,
+                "acceptance": accepted / proposed if proposed else None,
+                "mean_k": statistics.fmean(ks) if ks else 0.0}
+
+
+async def serve(model: LoadedModel, configs: list[str], requests: list[tuple[float, list[int]]], output: int,
+                clock: str = "wall") -> dict[str, dict[str, Any]]:
+    """Open loop: each prompt arrives at its offset; latency = last token − arrival, on `clock`.
+    On the wall clock the configurations run one after another, on the CPU clock all at once."""
     params = SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
-    # Each step's report, kept as is and summed after the run: the wrapper is on the engine thread
-    # of the speculating configurations only, so it must cost next to nothing (an append).
-    reports: list[StepReport] = []
-    if spec is not None:
-        real = spec.step
-
-        def step(batch, **options):  # type: ignore[no-untyped-def]
-            out = real(batch, **options)
-            reports.append(spec.last)  # type: ignore[arg-type]
-            return out
-
-        spec.step = step  # type: ignore[method-assign]
-    # The previous run's engine (its KV pool, its sequences) is garbage now: collect it here, not
-    # inside this run's timing.
-    gc.collect()
+    results: dict[str, dict[str, Any]] = {}
     if clock == "wall":
-        latencies, cpu_s = await on_wall_clock(engine, requests, params)
-    else:
-        latencies, cpu_s = await on_cpu_clock(engine, requests, params)
-    proposed = sum(sum(r.proposed) for r in reports)
-    accepted = sum(sum(r.accepted) for r in reports)
-    ks = [k for r in reports for k in r.ks]
-    return {"mean_s": statistics.fmean(latencies), "p90_s": percentile(list(latencies), 90),
-            "engine_cpu_s": cpu_s,
-            "proposed": proposed, "accepted": accepted,
-            "acceptance": accepted / proposed if proposed else None,
-            "mean_k": statistics.fmean(ks) if ks else 0.0}
+        for config in configs:
+            run = Run(model, config, start=True)
+            # The previous run's engine (its KV pool, its sequences) is garbage now: collect it
+            # here, not inside this run's timing.
+            gc.collect()
+            results[config] = run.result(*await on_wall_clock(run.engine, requests, params))
+        return results
+    runs = [Run(model, config, start=False) for config in configs]
+    gc.collect()
+    timed = await on_cpu_clock([run.engine for run in runs], requests, params)
+    return {config: run.result(*got) for config, run, got in zip(configs, runs, timed, strict=True)}
 
 
 async def on_wall_clock(engine: Engine, requests: list[tuple[float, list[int]]], params: SamplingParams
@@ -146,47 +163,79 @@ async def on_wall_clock(engine: Engine, requests: list[tuple[float, list[int]]],
     return list(latencies), cpu_s
 
 
-async def on_cpu_clock(engine: Engine, requests: list[tuple[float, list[int]]], params: SamplingParams
-                       ) -> tuple[list[float], float]:
-    """The same open loop on a clock that advances only by the CPU seconds of the engine's own
-    iterations (this thread drives an engine it never started) and jumps over idle gaps to the
-    next arrival. A request arrives at its offset on that clock, joins at the next iteration
-    boundary and finishes when the iteration that emits its last token ends: latency as on a
-    core of its own. Wall time on this shared 2-vCPU host swings a paired latency ratio by
-    0.5-1.5x between repeats of one trace (bench/results/speculation.json at b8d918c); this
-    clock keeps every real step of the real engine and drops only the time other processes
-    took from it."""
-    loop = asyncio.get_running_loop()
-    latencies = [0.0] * len(requests)
-    waiting: dict[int, tuple[RequestStream, float]] = {}
-    now = busy = 0.0
-    arrived = 0
-    while arrived < len(requests) or waiting:
-        if not engine.has_compute and arrived < len(requests):
-            now = max(now, requests[arrived][0])  # idle until the next arrival
-        while arrived < len(requests) and requests[arrived][0] <= now:
-            stream = RequestStream(f"r{arrived}", loop)
-            engine.submit(f"r{arrived}", requests[arrived][1], params, stream)
-            waiting[arrived] = (stream, requests[arrived][0])
-            arrived += 1
-        if not engine.has_compute:
-            raise RuntimeError(f"{len(waiting)} requests wait for KV memory that nothing will free: "
+class _Replay:
+    """One engine's open loop on its own CPU clock (see `on_cpu_clock`)."""
+
+    def __init__(self, engine: Engine, requests: list[tuple[float, list[int]]]):
+        self.engine, self.requests = engine, requests
+        self.latencies = [0.0] * len(requests)
+        self.waiting: dict[int, tuple[RequestStream, float]] = {}
+        self.now = self.busy = 0.0
+        self.arrived = 0
+
+    @property
+    def done(self) -> bool:
+        return self.arrived == len(self.requests) and not self.waiting
+
+    @property
+    def next_event(self) -> float:
+        """When this engine next does something: now if it has work, else at the next arrival."""
+        if self.engine.has_compute or self.arrived == len(self.requests):
+            return self.now
+        return max(self.now, self.requests[self.arrived][0])
+
+    def iterate(self, loop: asyncio.AbstractEventLoop, params: SamplingParams) -> None:
+        self.now = self.next_event  # idle until the next arrival
+        while self.arrived < len(self.requests) and self.requests[self.arrived][0] <= self.now:
+            at, prompt = self.requests[self.arrived]
+            stream = RequestStream(f"r{self.arrived}", loop)
+            self.engine.submit(f"r{self.arrived}", prompt, params, stream)
+            self.waiting[self.arrived] = (stream, at)
+            self.arrived += 1
+        if not self.engine.has_compute:
+            raise RuntimeError(f"{len(self.waiting)} requests wait for KV memory that nothing will free: "
                                "raise KV_TOKENS")
         start = time.thread_time()
-        engine.run_iteration()
+        self.engine.run_iteration()
         spent = time.thread_time() - start
-        now, busy = now + spent, busy + spent
-        await asyncio.sleep(0)  # the iteration's events, handed to this loop, reach their queues
-        for i, (stream, at) in list(waiting.items()):
+        self.now, self.busy = self.now + spent, self.busy + spent
+
+    def collect(self) -> None:
+        """Finish the requests whose last token the iteration emitted, at this clock's now."""
+        for i, (stream, at) in list(self.waiting.items()):
             while not stream.queue.empty():
                 event = stream.queue.get_nowait()
                 if event.error is not None:
                     raise RuntimeError(f"request {i} failed: {event.error}")
                 if event.finish_reason is not None:
-                    latencies[i] = now - at
-                    del waiting[i]
+                    self.latencies[i] = self.now - at
+                    del self.waiting[i]
                     break
-    return latencies, busy
+
+
+async def on_cpu_clock(engines: list[Engine], requests: list[tuple[float, list[int]]], params: SamplingParams
+                       ) -> list[tuple[list[float], float]]:
+    """The same open loop on clocks that advance only by the CPU seconds of each engine's own
+    iterations (this thread drives engines it never started) and jump over idle gaps to the next
+    arrival. A request arrives at its offset on that clock, joins at the next iteration boundary
+    and finishes when the iteration that emits its last token ends: latency as on a core of its
+    own. Every step is the real engine's; only time other processes took is left out.
+    Several engines (the configurations compared) run in lockstep: each turn goes to the one
+    whose clock is earliest, so their iterations interleave a few milliseconds apart. Why: the
+    host's speed drifts too. On one trace and configuration, run after run minutes apart, the
+    median one-request step took 2.5-3.1 ms of CPU; interleaved, every configuration runs at the
+    same moments and a ratio between them cancels that drift."""
+    loop = asyncio.get_running_loop()
+    replays = [_Replay(engine, requests) for engine in engines]
+    while True:
+        left = [replay for replay in replays if not replay.done]
+        if not left:
+            break
+        turn = min(left, key=lambda replay: replay.next_event)  # ties: the first in `engines`
+        turn.iterate(loop, params)
+        await asyncio.sleep(0)  # the iteration's events, handed to this loop, reach their queues
+        turn.collect()
+    return [(replay.latencies, replay.busy) for replay in replays]
 
 
 def ngram_acceptance(prompt: list[int], continuation: list[int]) -> float:
@@ -250,8 +299,8 @@ async def build_prompts(model: LoadedModel, count: int, output: int) -> dict[str
 
 
 async def alone_latency(model: LoadedModel, prompt: list[int], output: int, clock: str = "wall") -> float:
-    result = await serve(model, "off", [(0.0, prompt)], output, clock)
-    return float(result["mean_s"])
+    result = await serve(model, ["off"], [(0.0, prompt)], output, clock)
+    return float(result["off"]["mean_s"])
 
 
 def arrivals(rate: float, window_s: float, prompts: list[list[int]], seed: int
@@ -300,9 +349,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for repeat in range(args.repeats):
                 trace = arrivals(rate, window, prompts[workload], seed=100 * repeat + int(factor * 10))
                 traces.append(len(trace))
-                for config in orders[repeat % len(orders)]:
-                    for clock in args.clocks:  # side by side: one configuration on both clocks
-                        runs[clock][config].append(await serve(model, config, trace, args.output, clock))
+                order = list(orders[repeat % len(orders)])  # on the CPU clock: who goes first on ties
+                for clock in args.clocks:
+                    for config, got in (await serve(model, order, trace, args.output, clock)).items():
+                        runs[clock][config].append(got)
             for clock in args.clocks:
                 row = summarize(runs[clock], factor, rate, window, traces)
                 rows[clock].append(row)

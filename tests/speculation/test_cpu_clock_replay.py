@@ -78,14 +78,40 @@ async def test_the_cpu_clock_advances_only_by_the_engines_iterations(tiny: Loade
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
     # All at once: nothing is idle, so the last request finishes exactly when the work is done.
-    latencies, busy = await bench().on_cpu_clock(never_started(tiny), [(0.0, p) for p in prompts], params)
+    [(latencies, busy)] = await bench().on_cpu_clock([never_started(tiny)], [(0.0, p) for p in prompts], params)
     assert all(0 < latency <= busy for latency in latencies)
     assert max(latencies) == pytest.approx(busy, abs=1e-9)
     # An hour apart: the clock jumps over the idle gap, and each request is served as if alone.
     apart = [(3600.0 * i, p) for i, p in enumerate(prompts)]
-    latencies, busy = await bench().on_cpu_clock(never_started(tiny), apart, params)
+    [(latencies, busy)] = await bench().on_cpu_clock([never_started(tiny)], apart, params)
     assert all(0 < latency < 60 for latency in latencies)
     assert sum(latencies) == pytest.approx(busy, abs=1e-9)
+
+
+async def test_engines_in_lockstep_each_keep_their_own_clock(
+        tiny: LoadedModel, reference_greedy: Callable[[list[int], int], list[int]]) -> None:
+    """Two engines driven together: each serves every request with the reference tokens, and
+    each one's clock counts its own iterations only (the other's work is not billed to it)."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    engines = [never_started(tiny), never_started(tiny)]
+    seen: list[list[list[int]]] = [[], []]
+    for engine, tokens in zip(engines, seen, strict=True):
+        real = engine._emit
+
+        def emit(stream, event, real=real, tokens=tokens):  # type: ignore[no-untyped-def]
+            index = int(stream.request_id[1:])
+            while len(tokens) <= index:
+                tokens.append([])
+            tokens[index].append(event.token_id)
+            real(stream, event)
+
+        engine._emit = emit  # type: ignore[method-assign]
+    timed = await bench().on_cpu_clock(engines, [(0.0, p) for p in prompts], params)
+    for latencies, busy in timed:
+        assert max(latencies) == pytest.approx(busy, abs=1e-9)  # as if alone: nothing idles
+    expected = [reference_greedy(p, 6) for p in prompts]
+    assert seen == [expected, expected]
 
 
 async def test_the_cpu_clock_reports_a_failed_request(tiny: LoadedModel) -> None:
@@ -97,4 +123,4 @@ async def test_the_cpu_clock_reports_a_failed_request(tiny: LoadedModel) -> None
 
     engine.runner.execute = broken  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="request 0 failed"):
-        await bench().on_cpu_clock(engine, [(0.0, [5, 6, 7])], params)
+        await bench().on_cpu_clock([engine], [(0.0, [5, 6, 7])], params)
