@@ -14,6 +14,7 @@ import pytest
 from speculation_harness import make_engine, make_speculator, record_steps
 
 from disaggserve_worker.engine.sampling import SamplingParams
+from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.loader import LoadedModel
 from engine_harness import run_disaggregated, run_requests
 
@@ -35,10 +36,19 @@ def _requests(tiny: LoadedModel) -> list[tuple[list[int], SamplingParams]]:
 @pytest.mark.parametrize("proposer", ["ngram", "draft"])
 async def test_colocated_speculation_equals_reference(
         tiny: LoadedModel, tiny_draft: LoadedModel, mode: str, proposer: str,
-        reference_greedy: Callable[[list[int], int], list[int]]) -> None:
+        reference_greedy: Callable[[list[int], int], list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
     spec = make_speculator(tiny, tiny_draft, mode, proposer)
     steps = record_steps(spec)
     engine = make_engine(tiny, spec)
+    verifications: list[BatchLayout] = []
+    forward = tiny.model.forward_step
+
+    def spy(ids, layout, pool, all_logits=False):  # type: ignore[no-untyped-def]
+        if all_logits:
+            verifications.append(layout)
+        return forward(ids, layout, pool, all_logits=all_logits)
+
+    monkeypatch.setattr(tiny.model, "forward_step", spy)
     try:
         # Fixed: all arrive together, so caps near each request's end make k differ within steps
         # deterministically; adaptive: staggered, so sequences join a speculating batch.
@@ -55,6 +65,12 @@ async def test_colocated_speculation_equals_reference(
         ks = [step.ks for step in steps]
         assert any(len({k for k in step if k}) > 1 for step in ks), f"no step mixed proposal lengths: {ks}"
         assert any(0 in step and any(step) for step in ks), "no step mixed speculating and plain rows"
+        # Such a step attends its plain rows as decode rows (the one-query kernel), apart from the
+        # proposing ones: they are laid out first.
+        assert any(1 < layout.max_query and layout.parts is not None for layout in verifications)
+        many_query = [(layout.parts[1] if layout.parts else layout).spans[1].tolist()  # type: ignore[union-attr]
+                      for layout in verifications if 1 < layout.max_query]
+        assert all(1 not in rows for rows in many_query), f"plain rows in the many-query path: {many_query}"
 
 
 async def test_draft_with_target_as_draft_accepts_everything(
