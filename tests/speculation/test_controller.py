@@ -201,6 +201,41 @@ def test_probes_grow_rarer_while_they_keep_saying_no_and_speculation_resets_them
     assert probes(every)[-1] == every - 1
 
 
+def test_a_probe_asks_a_few_requests_in_turn(tiny: LoadedModel) -> None:
+    """A probe proposes one token for at most PROBE_REQUESTS requests of the batch, the next ones
+    at the next probe (a probe of the whole batch verified and indexed every request at once); a
+    batch that small is probed whole."""
+    from disaggserve_worker.speculation.speculator import PROBE_REQUESTS
+
+    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    size = PROBE_REQUESTS + 2
+    batch = [SimpleNamespace(request_id=f"r{i}", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
+                             params=SamplingParams(max_tokens=100)) for i in range(size)]
+    spec.controller.choose = lambda *a, **k: Choice([0] * len(a[0]), 1.0, 1.0)  # type: ignore[method-assign]
+    probes = [ks for ks in (spec._plan(batch, [4] * size, 0.0)[0] for _ in range(60 * spec.config.probe_every))
+              if any(ks)]
+    asked = [[i for i, k in enumerate(ks) if k] for ks in probes[:3]]
+    assert asked == [list(range(PROBE_REQUESTS)), [0, 1, 4, 5], [2, 3, 4, 5]], asked
+    assert all(k in (0, 1) for ks in probes for k in ks)
+    small = batch[:PROBE_REQUESTS]
+    spec._probe_interval = 1
+    assert next(ks for ks in (spec._plan(small, [4] * len(small), 0.0)[0] for _ in range(4)) if any(ks)) == \
+        [1] * len(small)
+
+
+def test_a_probe_waits_for_a_step_without_prompt_chunks(tiny: LoadedModel) -> None:
+    """Beside prompt chunks a speculative step costs their own forward too: a probe that falls due
+    then waits for the first step without them."""
+    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    seq = SimpleNamespace(request_id="r", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
+                          params=SamplingParams(max_tokens=100))
+    spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
+    every = spec.config.probe_every
+    chunks_wait = 1e-3  # the prompt-chunk forward's cost, as `step` passes it when chunks wait
+    assert not any(any(spec._plan([seq], [4], chunks_wait)[0]) for _ in range(3 * every))
+    assert any(spec._plan([seq], [4], 0.0)[0]), "the probe due long ago runs at the first step without chunks"
+
+
 def test_a_k_zero_answer_is_reused_only_while_its_inputs_stand(tiny: LoadedModel) -> None:
     """The adaptive speculator asks the controller again when the batch's requests, the step-time fit
     or (downwards) the prompt-chunk cost change, and at least every REUSE_NO_STEPS + 1 steps; in

@@ -67,9 +67,9 @@ async def test_colocated_speculation_equals_reference(
         assert any(0 in step and any(step) for step in ks), "no step mixed speculating and plain rows"
         # Such a step attends its plain rows as decode rows (the one-query kernel), apart from the
         # proposing ones: they are laid out first.
-        assert any(1 < layout.max_query and layout.parts is not None for layout in verifications)
+        assert any(layout.max_query > 1 and layout.parts is not None for layout in verifications)
         many_query = [(layout.parts[1] if layout.parts else layout).spans[1].tolist()  # type: ignore[union-attr]
-                      for layout in verifications if 1 < layout.max_query]
+                      for layout in verifications if layout.max_query > 1]
         assert all(1 not in rows for rows in many_query), f"plain rows in the many-query path: {many_query}"
 
 

@@ -39,6 +39,7 @@ from disaggserve_worker.speculation.step_time import StepCoefficients, StepTimeM
 log = logging.getLogger(__name__)
 
 PROBE_BACKOFF = 8  # probes grow at most this much rarer than `probe_every` while k stays 0
+PROBE_REQUESTS = 4  # the most requests one probe asks for a proposal (see `_plan`)
 # Steps a "k = 0 everywhere" decision is reused for while its inputs stand (see `_settled_no`).
 REUSE_NO_STEPS = 8
 
@@ -105,11 +106,12 @@ class Speculator:
         self._zero_steps = 0
         # Steps of k = 0 between probes: doubled (up to PROBE_BACKOFF x the configured interval)
         # after each probe that did not lead to speculating, back to the configured one as soon as
-        # a step speculates. Why: a probe is a verification step of the whole batch at k = 1; on
-        # non-repetitive text at overload the probes every 16 steps were ~5 % of the engine's CPU,
+        # a step speculates. Why: a probe is a verification step (it was of the whole batch at k = 1:
+        # on non-repetitive text at overload the probes every 16 steps were ~5 % of the engine's CPU),
         # for an acceptance estimate that kept saying no.
         self._probe_interval = config.probe_every
         self._probed = False
+        self._probes = 0  # requests probed so far: where in the batch the next probe starts
         # The last "k = 0 everywhere" decision of the adaptive controller: the batch it was made
         # for, the step-time fit and the prompt-chunk cost it assumed, and the steps left to reuse it.
         self._no_batch: list[SpecSequence] | None = None
@@ -275,11 +277,26 @@ class Speculator:
                 self._probe_interval = min(2 * self._probe_interval, PROBE_BACKOFF * self.config.probe_every)
                 self._probed = False
             self._zero_steps += 1
-            probe = self._zero_steps >= self._probe_interval
+            # Not beside prompt chunks (`extra`: a speculative step leaves them a forward of their
+            # own): there a probe cost that forward too. At overload on non-repetitive text, where
+            # chunks wait at most steps, the probes were ~1 % more engine CPU than speculation off
+            # and, amplified by the queue, 5-7 % more latency (bench/speculation.py, CPU clock);
+            # the probe waits for the next step without them.
+            probe = self._zero_steps >= self._probe_interval and not extra
             if not probe:
                 return ks, []
             self._probed = True
-            caps = [min(1, c) for c in caps]
+            # At most PROBE_REQUESTS requests, in turn, propose one token each. Why not the whole
+            # batch: that built the n-gram index of every request not yet speculating (~0.4 ms each
+            # for a 400-token prompt) and verified them all; at batches of 10-16 on non-repetitive
+            # text a probe cost 1.75-2x a plain step (bench/speculation.py, CPU clock), and the
+            # probes alone made adaptive ~1 % more engine CPU than speculation off at overload. The
+            # acceptance by kind of match, which every request's estimate starts from, learns from
+            # any request's proposals; a small batch is still probed whole.
+            first = self._probes % len(batch)
+            asked = {(first + j) % len(batch) for j in range(min(PROBE_REQUESTS, len(batch)))}
+            self._probes += len(asked)
+            caps = [min(1, c) if i in asked else 0 for i, c in enumerate(caps)]
         else:
             self._probe_interval, self._probed = self.config.probe_every, False
         self._zero_steps = 0
