@@ -278,10 +278,8 @@ class Speculator:
                 self._probed = False
             self._zero_steps += 1
             # Not beside prompt chunks (`extra`: a speculative step leaves them a forward of their
-            # own): there a probe cost that forward too. At overload on non-repetitive text, where
-            # chunks wait at most steps, the probes were ~1 % more engine CPU than speculation off
-            # and, amplified by the queue, 5-7 % more latency (bench/speculation.py, CPU clock);
-            # the probe waits for the next step without them.
+            # own): there a probe cost that forward too, and at overload chunks wait at most steps.
+            # The probe waits for the next step without them.
             probe = self._zero_steps >= self._probe_interval and not extra
             if not probe:
                 return ks, []
@@ -290,7 +288,8 @@ class Speculator:
             # batch: that built the n-gram index of every request not yet speculating (~0.4 ms each
             # for a 400-token prompt) and verified them all; at batches of 10-16 on non-repetitive
             # text a probe cost 1.75-2x a plain step (bench/speculation.py, CPU clock), and the
-            # probes alone made adaptive ~1 % more engine CPU than speculation off at overload. The
+            # probes alone made adaptive 0.5-1 % more engine CPU than speculation off at overload,
+            # 3-6 % more latency once the queue amplified it. The
             # acceptance by kind of match, which every request's estimate starts from, learns from
             # any request's proposals; a small batch is still probed whole.
             first = self._probes % len(batch)
