@@ -13,6 +13,7 @@ from speculation_harness import copy_heavy_prompt, make_engine, make_speculator,
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.model.loader import LoadedModel
 from disaggserve_worker.speculation.controller import Acceptance, Choice, GoodputController, expected_tokens
+from disaggserve_worker.speculation.speculator import Speculator
 from disaggserve_worker.speculation.step_time import StepCoefficients, StepTimeModel
 from engine_harness import run_requests
 
@@ -180,7 +181,7 @@ def test_the_bound_that_skips_the_search_never_changes_the_choice() -> None:
 def test_probes_grow_rarer_while_they_keep_saying_no_and_speculation_resets_them(tiny: LoadedModel) -> None:
     """A probe (k = 1 for the batch) that leaves the controller at k = 0 doubles the wait before the
     next one, up to 8x the configured interval; a step that speculates restores it."""
-    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
     seq = SimpleNamespace(request_id="r", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
                           params=SamplingParams(max_tokens=100))
     spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
@@ -207,7 +208,7 @@ def test_a_probe_asks_a_few_requests_in_turn(tiny: LoadedModel) -> None:
     batch that small is probed whole."""
     from disaggserve_worker.speculation.speculator import PROBE_REQUESTS
 
-    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
     size = PROBE_REQUESTS + 2
     batch = [SimpleNamespace(request_id=f"r{i}", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
                              params=SamplingParams(max_tokens=100)) for i in range(size)]
@@ -226,7 +227,7 @@ def test_a_probe_asks_a_few_requests_in_turn(tiny: LoadedModel) -> None:
 def test_a_probe_waits_for_a_step_without_prompt_chunks(tiny: LoadedModel) -> None:
     """Beside prompt chunks a speculative step costs their own forward too: a probe that falls due
     then waits for the first step without them."""
-    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
     seq = SimpleNamespace(request_id="r", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
                           params=SamplingParams(max_tokens=100))
     spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
@@ -234,6 +235,29 @@ def test_a_probe_waits_for_a_step_without_prompt_chunks(tiny: LoadedModel) -> No
     chunks_wait = 1e-3  # the prompt-chunk forward's cost, as `step` passes it when chunks wait
     assert not any(any(spec._plan([seq], [4], chunks_wait)[0]) for _ in range(3 * every))
     assert any(spec._plan([seq], [4], 0.0)[0]), "the probe due long ago runs at the first step without chunks"
+
+
+def test_an_engine_that_has_judged_no_proposal_probes_at_once_even_beside_prompt_chunks(tiny: LoadedModel) -> None:
+    """Before any proposal was judged the acceptance is the bare prior: the first step at k = 0
+    probes, with prompt chunks waiting or not (an engine started under load always has them, and
+    kept k = 0 on the prior while its batch grew). Once a proposal was judged, probes wait for
+    their interval and for a step without chunks again."""
+    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    seq = SimpleNamespace(request_id="r", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
+                          params=SamplingParams(max_tokens=100))
+    spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
+    chunks_wait = 1e-3
+    assert spec._plan([seq], [4], chunks_wait)[0] == [1], "the first step at k = 0 probes, chunks or not"
+    informed(spec)
+    every = spec.config.probe_every
+    assert not any(any(spec._plan([seq], [4], chunks_wait)[0]) for _ in range(3 * every))
+    assert any(spec._plan([seq], [4], 0.0)[0])
+
+
+def informed(spec: Speculator) -> Speculator:
+    """As after a proposal was judged (one of four tokens accepted)."""
+    spec.controller.global_acceptance.update(4, 1)
+    return spec
 
 
 def test_a_k_zero_answer_is_reused_only_while_its_inputs_stand(tiny: LoadedModel) -> None:

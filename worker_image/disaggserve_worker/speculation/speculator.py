@@ -280,7 +280,14 @@ class Speculator:
             # Not beside prompt chunks (`extra`: a speculative step leaves them a forward of their
             # own): there a probe cost that forward too, and at overload chunks wait at most steps.
             # The probe waits for the next step without them.
-            probe = self._zero_steps >= self._probe_interval and not extra
+            # Except while no proposal has ever been judged: α is then the bare prior, which decides
+            # nothing, so the first step at k = 0 probes, chunks or not. Why: an engine started under
+            # load (a fresh pod, a scale-up) always has chunks waiting; it kept k = 0 on the prior
+            # while its batch grew to ~70 before learning copy-heavy acceptance was 0.95, and that
+            # run was 1.06x the best fixed policy's mean latency at x4 (bench/speculation.py, CPU clock).
+            uninformed = not self.controller.global_acceptance.judged
+            due = self._zero_steps >= self._probe_interval or (uninformed and not self._probes)
+            probe = due and (uninformed or not extra)
             if not probe:
                 return ks, []
             self._probed = True
