@@ -305,3 +305,45 @@ async def test_loop_pulls_on_one_connection_land_in_each_reservation_and_pool(kv
         assert readers[0] is not None and all(reader is readers[0] for reader in readers)
     else:
         assert readers == [None] * len(pulls)
+
+
+@pytest.mark.parametrize(("megabytes", "on_loop"), [(12, True), (20, False)])
+async def test_a_pull_is_read_on_the_loop_up_to_loop_max_bytes(megabytes: int, on_loop: bool) -> None:
+    """A pooled pull into a direct sink of up to LOOP_MAX_BYTES (12 MB here: the size where the loop's
+    C reads beat a transfer thread's blocking read) runs on the loop; a larger one on a thread. The
+    bytes land either way."""
+    from disaggserve_worker.kv.client import LOOP_MAX_BYTES
+
+    big = KVLayout(torch.float32, layers=2, kv_heads=8, head_dim=64)
+    tokens = (megabytes << 20) // (2 * big.layer_bytes(1))
+    assert (2 * big.layer_bytes(tokens) <= LOOP_MAX_BYTES) is on_loop
+
+    def big_reply(conn: socket.socket) -> None:
+        assert recv_control(conn)[0] is FrameType.REQUEST
+        conn.sendall(ReplyHeader("float32", layers=2, tokens=tokens, kv_heads=8, head_dim=64).encode())
+        for layer in range(2):
+            payload = torch.full((2, tokens, 8, 64), float(layer + 1)).numpy().tobytes()
+            conn.sendall(HEADER.pack(int(FrameType.LAYER), LAYER_INDEX.size + len(payload)) + LAYER_INDEX.pack(layer))
+            conn.sendall(payload)
+        conn.sendall(encode_count(FrameType.END, 2 * big.layer_bytes(tokens)))
+        assert recv_control(conn)[0] is FrameType.ACK
+
+    transport = TcpKVTransport(token=None)
+    threaded: list[bool] = []
+    real = transport._on_thread
+
+    async def on_thread(conn, job):  # type: ignore[no-untyped-def]
+        threaded.append(True)
+        return await real(conn, job)
+
+    transport._on_thread = on_thread  # type: ignore[method-assign]
+    with FakeKVPeer(lambda conn: (_answers(conn, []), big_reply(conn))) as peer:
+        await transport.pull(peer.address, "h1", "r1", LAYOUT, _sink()[0])  # authenticates (transfer thread)
+        threaded.clear()
+        pool = KVPool([[torch.zeros(2, tokens, 8, 64)] for _ in range(2)])
+        stats = await transport.pull(peer.address, "h2", "r2", big, PoolSink(pool, torch.arange(tokens)))
+    transport.close()
+    assert stats.tokens == tokens
+    assert (not threaded) is on_loop
+    for layer in range(2):
+        assert bool((pool.layers[layer][0] == layer + 1).all())

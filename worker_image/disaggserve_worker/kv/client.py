@@ -6,7 +6,7 @@ HEADER + layers + END back in one stream, ACK out.
 
 Two ways to drive the same frames, chosen per pull:
 - On the event loop (`framing.LoopStream`), for a pooled connection pulling into a direct pool
-  sink of up to LOOP_MAX_BYTES (a typical prompt's cache): each read takes what has arrived,
+  sink of up to LOOP_MAX_BYTES (16 MB: a long prompt's cache on a small model): each read takes what has arrived,
   every layer and the END are scatter-read (`recvmsg_into`, `_DirectReply`) straight into the
   reserved pool blocks, and the ACK
   goes out right after the pull has returned (`_acknowledge`). The REQUEST goes out before any
@@ -103,14 +103,15 @@ from disaggserve_worker.kv.shared_memory import (
 log = logging.getLogger(__name__)
 _UNSET = object()
 # Pulls into reservations of up to this size are read on the event loop, larger ones on a transfer
-# thread (one blocking read per layer instead of a readiness wake-up per arriving piece): on the
-# 2-core bench host a 1 MB pull took 1.7-2.1 ms on the loop and 2.1-2.2 ms on a thread, a 12 MB one
-# 8.4-9.7 ms on the loop and 7.8-8.8 ms on a thread (bench/kv_transfer.py).
-LOOP_MAX_BYTES = 4 << 20
-# Through shared memory a pull is a memcpy (~14 GB/s: 0.9 ms for 12 MB), not a stream of socket
-# reads, so larger ones stay on the loop too: on a transfer thread a 12 MB same-host pull took
-# 3.1 ms, most of it the hand-off (bench/kv_transfer.py --pin).
-SHARED_LOOP_MAX_BYTES = 16 << 20
+# thread (one blocking read per layer instead of a readiness wake-up per arriving piece), over TCP
+# and through shared memory alike. Why 16 MB: with the loop's reads in C (`kv.native`) a 12 MB pull
+# read on the loop took 4.6-4.7 ms against 4.7-6.2 on a thread with sender and receiver pinned to
+# their own cores (1.12x raw TCP against 0.86-1.00x), and 5.2-6.3 against 6.6-7.2 ms unpinned
+# (bench/kv_transfer.py, the two interleaved on one trace); with the loop's reads in Python the
+# thread had won (8.4-9.7 ms on the loop, 7.8-8.8 on a thread). Through shared memory a pull is a
+# memcpy (~14 GB/s: 0.9 ms for 12 MB); on a thread a 12 MB same-host pull took 3.1 ms, most of it
+# the hand-off (--pin). Past this size a pull's wake-ups would crowd the loop's other work.
+LOOP_MAX_BYTES = 16 << 20
 _T = TypeVar("_T")
 
 
@@ -175,7 +176,7 @@ class TcpKVTransport:
         self._notices: set[asyncio.Task[None]] = set()  # "copied" notices still being sent
         self.copied_pulls = 0  # pulls served by copying a leased cache without asking first
         self._loop_pulls = 0  # native loop pulls in flight
-        self._loop_limits: tuple[KVLayout, int, int] | None = None  # `_loop_tokens`
+        self._loop_limits: tuple[KVLayout, int] | None = None  # `_loop_tokens`
 
     async def pull(self, address: str, handle: str, request_id: str, expect: KVLayout,
                    sink: LayerSink | PoolSink, shared: HeldLocation | None = None) -> TransferStats:
@@ -206,7 +207,7 @@ class TcpKVTransport:
                 # on a vCPU woken cold, the Python before it was ~60 us of a 1 MB pull (pinned), and
                 # on a 2-vCPU host the port's thread, woken onto this vCPU, waits for what runs here.
                 sent = conn.send_now(request) if conn.authenticated else 0
-                if conn.authenticated and direct is not None and direct.capacity <= self._loop_tokens(expect, shared):
+                if conn.authenticated and direct is not None and direct.capacity <= self._loop_tokens(expect):
                     total, tokens = await self._exchange_on_loop(conn, request[sent:], expect, direct, may_be_stale)
                 else:
                     exchange = functools.partial(self._exchange, conn, request[sent:] if sent else None, expect, sink,
@@ -265,7 +266,7 @@ class TcpKVTransport:
                 copy_regions(segment.layer_regions(layer, runs), sink.targets(layer, tokens))
             return segment.leased(runs, shared.lease)  # read after the copy: see kv.shared_memory
 
-        if expect.layer_bytes(tokens) * expect.layers <= SHARED_LOOP_MAX_BYTES:
+        if expect.layer_bytes(tokens) * expect.layers <= LOOP_MAX_BYTES:
             held = copy()
         else:
             held = await self._on_thread(None, copy)
@@ -322,15 +323,13 @@ class TcpKVTransport:
                 future.exception()  # retrieved: the cancellation is what the caller sees
             raise
 
-    def _loop_tokens(self, expect: KVLayout, shared: bool) -> int:
-        """The most tokens a pull into a direct sink reads on the loop (LOOP_MAX_BYTES, or
-        SHARED_LOOP_MAX_BYTES through shared memory), worked out once for the layout last asked
-        about (a decode worker passes the one it made at start)."""
+    def _loop_tokens(self, expect: KVLayout) -> int:
+        """The most tokens a pull into a direct sink reads on the loop (LOOP_MAX_BYTES), worked
+        out once for the layout last asked about (a decode worker passes the one it made at start)."""
         limits = self._loop_limits
         if limits is None or limits[0] is not expect:
-            per_token = expect.layer_bytes(1) * expect.layers
-            limits = self._loop_limits = (expect, LOOP_MAX_BYTES // per_token, SHARED_LOOP_MAX_BYTES // per_token)
-        return limits[2] if shared else limits[1]
+            limits = self._loop_limits = (expect, LOOP_MAX_BYTES // (expect.layer_bytes(1) * expect.layers))
+        return limits[1]
 
     # ---- connections -----------------------------------------------------------------------
     async def _checkout(self, address: str) -> tuple[_Connection, bool]:
