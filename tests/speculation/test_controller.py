@@ -254,6 +254,27 @@ def test_an_engine_that_has_judged_no_proposal_probes_at_once_even_beside_prompt
     assert any(spec._plan([seq], [4], 0.0)[0])
 
 
+def test_an_uninformed_probe_that_finds_no_proposal_is_repeated_at_the_next_step(tiny: LoadedModel) -> None:
+    """A probe that finds no n-gram match judges nothing: the next step at k = 0 probes again (the
+    acceptance is still the bare prior), and probes do not grow rarer for it. Once one does propose,
+    the interval rules again."""
+    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    seq = SimpleNamespace(request_id="r", prompt_ids=[5, 6, 7, 8], tokens=[9], num_cached=5,
+                          params=SamplingParams(max_tokens=100))
+    spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
+    probes = spec._probes
+    for _ in range(3):  # no token repeats: nothing to propose, so nothing judged
+        assert spec._plan([seq], [4], 1e-3)[0] == [0]
+        assert spec._probes == probes + 1, "every k = 0 step probed"
+        probes = spec._probes
+    assert spec._probe_interval == spec.config.probe_every
+    seq.prompt_ids, seq.tokens, seq.num_cached = [5, 6, 7, 5, 6, 7, 5, 6], [7], 9
+    assert spec._plan([seq], [4], 1e-3)[0] == [1], "a match turned up: the probe proposes it"
+    informed(spec)
+    every = spec.config.probe_every
+    assert not any(any(spec._plan([seq], [4], 0.0)[0]) for _ in range(every - 1))
+
+
 def informed(spec: Speculator) -> Speculator:
     """As after a proposal was judged (one of four tokens accepted)."""
     spec.controller.global_acceptance.update(4, 1)

@@ -281,16 +281,20 @@ class Speculator:
             # own): there a probe cost that forward too, and at overload chunks wait at most steps.
             # The probe waits for the next step without them.
             # Except while no proposal has ever been judged: α is then the bare prior, which decides
-            # nothing, so the first step at k = 0 probes, chunks or not. Why: an engine started under
-            # load (a fresh pod, a scale-up) always has chunks waiting; it kept k = 0 on the prior
-            # while its batch grew to ~70 before learning copy-heavy acceptance was 0.95, and that
-            # run was 1.06x the best fixed policy's mean latency at x4 (bench/speculation.py, CPU clock).
+            # nothing, so every step at k = 0 probes, chunks or not, until a probe finds a proposal
+            # to judge (one that finds none costs only the look-ups, learns nothing, and does not
+            # make probes rarer). Why: an engine started under load (a fresh pod, a scale-up)
+            # always has chunks waiting; it kept k = 0 on the prior while its batch grew to ~70
+            # before learning copy-heavy acceptance was 0.95, and that run was 1.06x the best fixed
+            # policy's mean latency at x4 (bench/speculation.py, CPU clock). Probing only the first
+            # k = 0 step was not enough: on a copy-heavy prompt whose first two positions had no
+            # n-gram match, a slow host's step-time fit then said k = 0 for the rest of the request.
             uninformed = not self.controller.global_acceptance.judged
-            due = self._zero_steps >= self._probe_interval or (uninformed and not self._probes)
+            due = self._zero_steps >= self._probe_interval or uninformed
             probe = due and (uninformed or not extra)
             if not probe:
                 return ks, []
-            self._probed = True
+            self._probed = not uninformed
             # At most PROBE_REQUESTS requests, in turn, propose one token each. Why not the whole
             # batch: that built the n-gram index of every request not yet speculating (~0.4 ms each
             # for a 400-token prompt) and verified them all; at batches of 10-16 on non-repetitive
