@@ -1,6 +1,7 @@
 """bfloat16 projections on the CPU through oneDNN-packed weights (`model.packed_linear`) give the
-same bits as `F.linear`, follow a weight that is replaced or changed in place, and a bfloat16
-model's greedy steps are the same with packing on and off."""
+same bits as `F.linear`, float32 ones from FP32_MIN_MACS on agree with it within rounding, both
+follow a weight that is replaced or changed in place, and a model's greedy steps are the same
+with packing on and off, in either dtype."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ from disaggserve_worker.model import packed_linear
 from disaggserve_worker.model.loader import load_model
 from engine_harness import run_requests
 
-pytestmark = pytest.mark.skipif(not packed_linear.usable(), reason="no oneDNN bfloat16 support on this CPU")
+bf16_packing = pytest.mark.skipif(not packed_linear.usable(), reason="no oneDNN bfloat16 support on this CPU")
+fp32_packing = pytest.mark.skipif(not packed_linear.onednn_usable(), reason="no oneDNN in this torch build")
+DTYPES = [pytest.param(torch.bfloat16, marks=bf16_packing), pytest.param(torch.float32, marks=fp32_packing)]
 
 
+@bf16_packing
 @pytest.mark.parametrize("rows", [1, 7, 32, 300])
 def test_packed_projection_is_f_linear_bit_for_bit(rows: int) -> None:
     gen = torch.Generator().manual_seed(rows)
@@ -27,22 +31,45 @@ def test_packed_projection_is_f_linear_bit_for_bit(rows: int) -> None:
     x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
     assert torch.equal(packed_linear.linear(x, weight, bias), F.linear(x, weight, bias))
     assert torch.equal(packed_linear.linear(x[None], weight), F.linear(x[None], weight))  # any leading dims
-    # float32 stays on F.linear, whatever the switch says.
+    # A float32 product this small stays on F.linear.
+    assert rows * 64 * 96 < packed_linear.FP32_MIN_MACS
     assert torch.equal(packed_linear.linear(x.float(), weight.float()), F.linear(x.float(), weight.float()))
 
 
-def test_a_weight_changed_in_place_or_replaced_is_packed_again() -> None:
-    weight = torch.ones(16, 8, dtype=torch.bfloat16)
-    x = torch.ones(2, 8, dtype=torch.bfloat16)
+@fp32_packing
+@pytest.mark.parametrize("rows", [1, 2, 48, 700])
+def test_a_large_float32_projection_is_onednn_packed_and_f_linear_within_rounding(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(1024, 512, generator=gen) * 0.05
+    bias = torch.randn(1024, generator=gen)
+    x = torch.randn(rows, 512, generator=gen)
+    packed_linear._packed.clear()
+    with torch.inference_mode():
+        out = packed_linear.linear(x, weight, bias)
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    went_packed = any(ref() is weight for ref, *_ in packed_linear._packed.values())
+    # One row stays with MKL's one-row path; two or more rows of 512 x 1024 (>= 1M multiply-adds
+    # a row) reach FP32_MIN_MACS from the fourth row, so 48 and 700 rows take oneDNN.
+    assert went_packed == (rows >= packed_linear.FP32_MIN_ROWS
+                           and rows * 512 * 1024 >= packed_linear.FP32_MIN_MACS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_weight_changed_in_place_or_replaced_is_packed_again(dtype: torch.dtype) -> None:
+    # Float32 at a size that takes the packed path (FP32_MIN_MACS), bfloat16 at any.
+    out_features, rows = (16, 2) if dtype is torch.bfloat16 else (512, 1024)
+    weight = torch.ones(out_features, 8, dtype=dtype)
+    x = torch.ones(rows, 8, dtype=dtype)
     assert packed_linear.linear(x, weight)[0, 0].item() == 8
     weight.mul_(2)
     assert packed_linear.linear(x, weight)[0, 0].item() == 16
-    other = torch.full((16, 8), 3.0, dtype=torch.bfloat16)
+    other = torch.full((out_features, 8), 3.0, dtype=dtype)
     assert packed_linear.linear(x, other)[0, 0].item() == 24
 
 
-def test_a_bfloat16_model_generates_the_same_tokens_packed_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
-    loaded = load_model("builtin:small-llama", device="cpu", dtype="bfloat16")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_model_generates_the_same_tokens_packed_or_not(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = load_model("builtin:small-llama", device="cpu", dtype=str(dtype).removeprefix("torch."))
     prompts = [[(7 * i + j) % 500 + 1 for j in range(40 + 9 * i)] for i in range(3)]
 
     def generate() -> list[list[int]]:
@@ -54,6 +81,12 @@ def test_a_bfloat16_model_generates_the_same_tokens_packed_or_not(monkeypatch: p
         finally:
             engine.stop()
 
+    packed_linear._packed.clear()
     packed = generate()
+    assert packed_linear._packed, "no projection took a packed weight"
     monkeypatch.setattr(packed_linear, "_usable", False)
+    monkeypatch.setattr(packed_linear, "_onednn", False)
+    packed_linear._packed.clear()
     assert generate() == packed
+    if dtype is torch.float32:  # (bfloat16 on a CPU with AMX still packs for the C kernel's tiles)
+        assert not packed_linear._packed

@@ -1,4 +1,4 @@
-"""Linear layers with bfloat16 weights on the CPU through oneDNN's prepacked weights.
+"""Linear layers on the CPU through oneDNN's prepacked weights: bfloat16, and float32 from a size up.
 
 Why: `F.linear` on bfloat16 CPU tensors re-lays the weight out for the AMX/AVX-512 kernels on
 every call. On this project's bench host (AMX) a 256 x 1024 projection of one token took 48 µs
@@ -22,16 +22,26 @@ weight run on AMX with the weight as it lies (`cpu_kernels.amx_linear_plain`: ea
 read from memory once and asked for ahead; no packed copy): 1.18-1.19x oneDNN at 32 rows on
 2048 x 2048 to 11264 x 2048, 1.01-1.06x at 3 and 8, 1.02-1.28x at 64, so a decode worker whose
 batches stay within AMX_ROWS never makes oneDNN's packed copy of a large weight. In float32
-MKL's own small-row path is as fast as those vector tiles, so float32 stays with it. The
+MKL's own small-row path is as fast as those vector tiles, so small float32 products stay with it. The
 kernels sum in another order than oneDNN: their rows are oneDNN's values within float rounding,
 not always its bits.
+
+Float32 projections of at least FP32_MIN_ROWS rows and FP32_MIN_MACS multiply-adds take
+oneDNN's packed weight as well, as vLLM-CPU's float32 linear layers do (`onednn_mm` on a weight
+packed at load). Why: on an AMD EPYC (Zen 4, AVX-512) `F.linear` goes to MKL, whose float32 GEMM
+there was 1.1-1.3x slower than oneDNN on small-llama's projections at 64-2048 rows, and
+1.3x / 1.5-2.2x / 2-3.5x on medium-llama's (1B-class) at 512 / 32 / 2-8 rows (bench in the
+commit that made this). Smaller products keep MKL: oneDNN's set-up per call made a 256 x 256
+projection of 2-32 rows 0.6-0.9x, and one row of any weight was a toss-up. The two libraries sum
+in another order: float32 rows agree within rounding (~1e-6 relative), not bit for bit.
 
 The packed copies are kept beside the checkpoint's weight (layouts other code cannot read), each
 made on first use: a weight over AMX_CACHED_BYTES is held at most twice (the checkpoint's and
 oneDNN's, made by the first projection of more than AMX_ROWS rows),
 a smaller one up to three times (AMX's too, where both row ranges come).
+A float32 weight that reaches oneDNN is held twice (the checkpoint's and oneDNN's).
 `DISAGGSERVE_CPU_PACKED_WEIGHTS`: `auto` (default: each packed path where the CPU supports it),
-`off` (neither: plain `F.linear`, or the vector tiles for one or two rows).
+`off` (none: plain `F.linear`, or the vector tiles for one or two bfloat16 rows).
 """
 
 from __future__ import annotations
@@ -51,21 +61,32 @@ AMX_ROWS = 64  # rows up to which bfloat16 projections run on the C kernel's AMX
 AMX_CACHED_BYTES = 1 << 20  # ...for weights of at most this size (see the module docstring)
 SMALL_ROWS = 2  # rows up to which they run on its vector tiles, where there is no AMX
 BATCH_HINT = 32  # the row count oneDNN packs for: decode batches; prefill rows run as fast as unpacked
+FP32_MIN_ROWS = 2  # float32 projections take oneDNN's packed weight from this many rows...
+FP32_MIN_MACS = 4 << 20  # ...and this many multiply-adds (rows x in x out; see the module docstring)
 
 _lock = threading.Lock()
 _packed: dict[tuple[int, str], tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]] = {}
 _usable: bool | None = None
+_onednn: bool | None = None
 _amx: bool | None = None
+
+
+def onednn_usable() -> bool:
+    """Whether CPU projections may go through oneDNN-packed weights here: oneDNN built in, packing
+    not switched off (decided once). Float32 needs no more than this."""
+    global _onednn
+    if _onednn is None:
+        ops = torch.ops.mkldnn
+        _onednn = (switches.choice(ENV_MODE, MODES) == "auto" and torch.backends.mkldnn.is_available()
+                   and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
+    return _onednn
 
 
 def usable() -> bool:
     """Whether bfloat16 CPU projections go through oneDNN-packed weights here (decided once)."""
     global _usable
     if _usable is None:
-        ops = torch.ops.mkldnn
-        _usable = (switches.choice(ENV_MODE, MODES) == "auto" and torch.backends.mkldnn.is_available()
-                   and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight")
-                   and bool(ops._is_mkldnn_bf16_supported()))
+        _usable = onednn_usable() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return _usable
 
 
@@ -110,7 +131,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear(x, weight, bias)`; bfloat16 on the CPU through the C kernel for decode-sized row
     counts (AMX tiles on a packed copy for small weights or on the weight as it lies for large
     ones, vector tiles for one or two rows of a large weight or without AMX), the oneDNN-packed
-    weight for more rows."""
+    weight for more rows; float32 through the oneDNN-packed weight from FP32_MIN_ROWS rows and
+    FP32_MIN_MACS multiply-adds."""
+    if x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu" and x.dim() == 2:
+        rows, k = x.shape
+        if (rows >= FP32_MIN_ROWS and rows * k * int(weight.shape[0]) >= FP32_MIN_MACS and onednn_usable()
+                and (bias is None or bias.dtype is torch.float32)):
+            return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "none", [], "")
+        return F.linear(x, weight, bias)
     if x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu":
         rows, k = x.shape if x.dim() == 2 else (0, 0)
         if (0 < rows <= AMX_ROWS and k % 32 == 0 and weight.numel() * 2 <= AMX_CACHED_BYTES and amx_usable()
