@@ -74,7 +74,7 @@ class FusedLinear:
         self.sizes = [int(lin.out_features) for lin in linears]
         self._weight: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
-        self._ptrs: list[int] = []
+        self._ptrs: list[tuple[int, int]] = []
 
     def _fuse(self) -> None:
         with torch.inference_mode(False), torch.no_grad():
@@ -90,16 +90,21 @@ class FusedLinear:
         self._weight, self._bias = weight, bias
         self._ptrs = self._current()
 
-    def _current(self) -> list[int]:
+    def _current(self) -> list[tuple[int, int]]:
+        """Each named weight's storage and version. The version too: a checkpoint loaded in place
+        writes through the named parameters, whose version counters are their own (not the fused
+        tensor's), so only theirs tells that the fused weight, and oneDNN's packed copy of it
+        (`packed_linear.packed`, keyed by the fused tensor's version), are stale."""
         # `_parameters[...]`, not `.weight`: nn.Module.__getattr__ costs more than the check.
-        return [lin._parameters["weight"].data_ptr() for lin in self.linears]  # type: ignore[union-attr]
+        return [(w.data_ptr(), w._version) for w in (lin._parameters["weight"] for lin in self.linears)]  # type: ignore[union-attr]
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.fused(x).split(self.sizes, dim=-1))
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         """The concatenated outputs, (..., sum of sizes)."""
-        # Re-fuse if a parameter was replaced (moved to a device, reloaded into new storage).
+        # Re-fuse if a parameter was replaced (moved to a device, reloaded into new storage) or
+        # written in place.
         if self._weight is None or self._current() != self._ptrs:
             self._fuse()
         return linear(x, self._weight, self._bias)  # type: ignore[arg-type]

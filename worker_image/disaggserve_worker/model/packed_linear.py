@@ -22,18 +22,22 @@ weight run on AMX with the weight as it lies (`cpu_kernels.amx_linear_plain`: ea
 read from memory once and asked for ahead; no packed copy): 1.18-1.19x oneDNN at 32 rows on
 2048 x 2048 to 11264 x 2048, 1.01-1.06x at 3 and 8, 1.02-1.28x at 64, so a decode worker whose
 batches stay within AMX_ROWS never makes oneDNN's packed copy of a large weight. In float32
-MKL's own small-row path is as fast as those vector tiles, so small float32 products stay with it. The
+MKL's own small-row path is as fast as those vector tiles, so one float32 row stays with it. The
 kernels sum in another order than oneDNN: their rows are oneDNN's values within float rounding,
 not always its bits.
 
-Float32 projections of at least FP32_MIN_ROWS rows and FP32_MIN_MACS multiply-adds take
-oneDNN's packed weight as well, as vLLM-CPU's float32 linear layers do (`onednn_mm` on a weight
-packed at load). Why: on an AMD EPYC (Zen 4, AVX-512) `F.linear` goes to MKL, whose float32 GEMM
-there was 1.1-1.3x slower than oneDNN on small-llama's projections at 64-2048 rows, and
-1.3x / 1.5-2.2x / 2-3.5x on medium-llama's (1B-class) at 512 / 32 / 2-8 rows (bench in the
-commit that made this). Smaller products keep MKL: oneDNN's set-up per call made a 256 x 256
-projection of 2-32 rows 0.6-0.9x, and one row of any weight was a toss-up. The two libraries sum
-in another order: float32 rows agree within rounding (~1e-6 relative), not bit for bit.
+Float32 projections of FP32_MIN_ROWS rows or more take oneDNN's packed weight as well, as
+vLLM-CPU's float32 linear layers do (`onednn_mm` on a weight packed at load). Why: on an AMD EPYC
+(Zen 4, AVX-512) `F.linear` goes to MKL, whose float32 GEMM there was the slower library. Alone,
+with the weight hot in cache, oneDNN was 1.09-1.29x on small-llama's projections at 512-2048 rows
+and 1.3x / 1.5-2.2x / 2-3.5x on medium-llama's (1B-class, weights streamed from memory) at 512 /
+32 / 2-8 rows, though its per-call set-up lost on a hot 256 x 256 product of 2-32 rows
+(0.6-0.9x). In the engine, where a decode step streams every weight, routing every product of
+two or more rows through oneDNN made small-llama's decode steps 1.07-1.11x faster at batches of
+2-16 (1.02x at 32; paired slices of one engine), and a rule that kept products under 4M
+multiply-adds on MKL gave that back (0.99-1.02x). One row stays with MKL: there oneDNN was
+0.96x in the engine and a toss-up alone. The two libraries sum in another order: float32 rows
+agree within rounding (~1e-6 relative), not bit for bit.
 
 The packed copies are kept beside the checkpoint's weight (layouts other code cannot read), each
 made on first use: a weight over AMX_CACHED_BYTES is held at most twice (the checkpoint's and
@@ -61,8 +65,7 @@ AMX_ROWS = 64  # rows up to which bfloat16 projections run on the C kernel's AMX
 AMX_CACHED_BYTES = 1 << 20  # ...for weights of at most this size (see the module docstring)
 SMALL_ROWS = 2  # rows up to which they run on its vector tiles, where there is no AMX
 BATCH_HINT = 32  # the row count oneDNN packs for: decode batches; prefill rows run as fast as unpacked
-FP32_MIN_ROWS = 2  # float32 projections take oneDNN's packed weight from this many rows...
-FP32_MIN_MACS = 4 << 20  # ...and this many multiply-adds (rows x in x out; see the module docstring)
+FP32_MIN_ROWS = 2  # float32 projections take oneDNN's packed weight from this many rows (module docstring)
 
 _lock = threading.Lock()
 _packed: dict[tuple[int, str], tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]] = {}
@@ -131,12 +134,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear(x, weight, bias)`; bfloat16 on the CPU through the C kernel for decode-sized row
     counts (AMX tiles on a packed copy for small weights or on the weight as it lies for large
     ones, vector tiles for one or two rows of a large weight or without AMX), the oneDNN-packed
-    weight for more rows; float32 through the oneDNN-packed weight from FP32_MIN_ROWS rows and
-    FP32_MIN_MACS multiply-adds."""
+    weight for more rows; float32 through the oneDNN-packed weight from FP32_MIN_ROWS rows."""
     if x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu" and x.dim() == 2:
-        rows, k = x.shape
-        if (rows >= FP32_MIN_ROWS and rows * k * int(weight.shape[0]) >= FP32_MIN_MACS and onednn_usable()
-                and (bias is None or bias.dtype is torch.float32)):
+        if x.shape[0] >= FP32_MIN_ROWS and onednn_usable() and (bias is None or bias.dtype is torch.float32):
             return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "none", [], "")
         return F.linear(x, weight, bias)
     if x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.device.type == "cpu":
