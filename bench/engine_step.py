@@ -253,7 +253,8 @@ def columns(args: argparse.Namespace, work: Path) -> list[Column]:
 
 def order(cols: list[Column], repeat: int) -> list[Column]:
     """The columns' order in `repeat`: each rotation of the list, then each rotation reversed, so
-    over 2 x columns repeats every column takes every place twice and follows every other once.
+    over 2 x columns repeats every column takes every place twice and follows both its neighbours
+    in the list (with three columns, every other column).
     Why: in a run that only alternated forward and backward order, two processes of the same
     code read 0.91x at batch 8 beside vLLM (the middle column was the one ever after vLLM's
     prefill); ratios of any pair are only as fair as their places."""
