@@ -185,15 +185,25 @@ async def test_scale_down_drains_first_and_fails_no_request(cluster):
 
     async def long_stream(i: int) -> int:
         # Long enough to outlast the operator's drain (300 tokens finished first once decode got
-        # faster, and the watcher below never saw the draining status).
+        # faster), and of a fixed length: greedy text of the random tiny model may reach EOS at a
+        # point that moves with float rounding.
         stream = await c.completions.create(
-            model="tiny-llama", prompt=f"{i} {PROMPT}", max_tokens=1500, temperature=0, stream=True
+            model="tiny-llama", prompt=f"{i} {PROMPT}", max_tokens=1500, temperature=0, stream=True,
+            extra_body={"ignore_eos": True},
         )
         return sum(1 for _ in [chunk async for chunk in stream if chunk.choices and chunk.choices[0].text])
 
     streams = [asyncio.create_task(long_stream(i)) for i in range(6)]
     await until(lambda: all(p.ready for p in decode_pods(cluster).values()), timeout=5)
-    await asyncio.sleep(0.3)  # the streams are decoding on both workers
+    leaving = decode_pods(cluster)["tiny-decode-1"]
+
+    async def the_leaving_worker_is_decoding() -> bool:
+        async with httpx.AsyncClient(timeout=5, headers=await worker_headers(cluster, "tiny")) as http:
+            return bool((await http.get(f"http://{leaving.ip}:8100/internal/load")).json().get("running"))
+
+    # The precondition, not a sleep: the worker the scale-down removes holds streams. With a fixed
+    # 0.3 s sleep here, CI once saw no draining status at all.
+    await until(the_leaving_worker_is_decoding, timeout=30, message="streams decoding on tiny-decode-1")
     seen_draining = []
 
     async def watch_status():
