@@ -153,7 +153,8 @@ class LlamaForCausalLM(nn.Module):
         def on(device: torch.device) -> StepInputs:  # the step's layout and rotary, once per device
             if device not in inputs:
                 here = layout if layout.positions.device == device else layout.to(device)
-                inputs[device] = StepInputs(here, *self.rotary.cos_sin(here.positions, x.dtype))
+                limit = max(here.context_lens) if here.context_lens else None  # no read-back of positions
+                inputs[device] = StepInputs(here, *self.rotary.cos_sin(here.positions, x.dtype, limit))
             return inputs[device]
 
         for i, layer in enumerate(self.model.layers):
@@ -179,7 +180,7 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             devices = self._layer_devices(i)
             x = x.to(devices[0])
-            tables = [self.rotary.cos_sin(positions.to(d), x.dtype) for d in devices]
+            tables = [self.rotary.cos_sin(positions.to(d), x.dtype, int(input_ids.shape[0])) for d in devices]
             h = layer.input_layernorm(x)
             if isinstance(layer.self_attn, ShardedAttention):
                 x = x + layer.self_attn.forward_reference(h, tables, self.sliding_window)

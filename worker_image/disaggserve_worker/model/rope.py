@@ -2,7 +2,7 @@
 
 The formulas follow the published methods (and match `transformers`' implementations so
 logits agree): linear interpolation, dynamic NTK, Llama 3's wavelength-banded scaling and
-YaRN. Cos/sin are computed for exactly the positions in a batch, so ragged batches and
+YaRN. Cos/sin rows are looked up for exactly the positions in a batch, so ragged batches and
 cached decoding share one code path.
 """
 
@@ -81,6 +81,7 @@ class Rotary:
                 inv_freq = _llama3(inv_freq, s, config.max_position_embeddings)
         self.inv_freq = inv_freq
         self._device_cache: dict[torch.device, torch.Tensor] = {}
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _inv_freq_for(self, positions: torch.Tensor) -> torch.Tensor:
         if self.scaling.rope_type == "dynamic":
@@ -95,9 +96,33 @@ class Rotary:
             cached = self._device_cache[positions.device] = self.inv_freq.to(positions.device)
         return cached
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables shaped like `positions` + (head_dim,), computed in fp32 then cast."""
-        inv_freq = self._inv_freq_for(positions)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables shaped like `positions` + (head_dim,), computed in fp32 then cast. `limit`: a
+        bound on the positions (max + 1) where the caller knows it, which saves a read-back.
+
+        Rows come from a per-device table of positions 0..n-1, grown by doubling: computing them
+        per step took nine ops, ~55 us of a 2.2 ms decode step of small-llama at batch 1 (vLLM
+        keeps such a table too). Dynamic NTK's frequencies depend on the longest position in the
+        batch, so that variant still computes its rows per step."""
+        if self.scaling.rope_type == "dynamic":
+            return self._compute(positions, self._inv_freq_for(positions), dtype)
+        if limit is None:
+            limit = int(positions.max().item()) + 1 if positions.numel() else 0
+        key = (positions.device, dtype)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < limit:
+            size = max(256, 1 << max(limit - 1, 1).bit_length())
+            table = self._tables[key] = self._compute(
+                torch.arange(size, device=positions.device), self._inv_freq_for(positions), dtype)
+        if positions.dim() == 1:
+            return table[0].index_select(0, positions), table[1].index_select(0, positions)
+        flat = positions.reshape(-1)
+        return (table[0].index_select(0, flat).view(*positions.shape, -1),
+                table[1].index_select(0, flat).view(*positions.shape, -1))
+
+    def _compute(self, positions: torch.Tensor, inv_freq: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
