@@ -299,6 +299,33 @@ def test_row_kernels_match_the_torch_ops(kernel, dtype: torch.dtype, width: int,
     assert torch.allclose(got.float(), (F.silu(gate) * up).float(), **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "dim"), [(1, 32), (7, 64), (37, 80)])
+def test_rotary_cache_equals_rotary_and_index_copy(kernel, dtype: torch.dtype, rows: int, dim: int) -> None:
+    """The fused call is the rotary kernel, a copy of the queries and two index_copy_ into the
+    pool, bit for bit, at scattered slots; the pool's other slots stay as they were."""
+    gen = torch.Generator().manual_seed(rows)
+    heads, kv_heads, pool_slots = 6, 2, 96
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    angles = torch.rand(rows, dim // 2, generator=gen) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    slots = torch.randperm(pool_slots, generator=gen)[:rows]
+    cache = torch.randn(2, pool_slots, kv_heads, dim, generator=gen).to(dtype)
+
+    want_qkv, want_cache = qkv.clone(), cache.clone()
+    cpu_kernels.rotary_(kernel, want_qkv, heads + kv_heads, dim, cos, sin)  # type: ignore[arg-type]
+    q_end, k_end = heads * dim, (heads + kv_heads) * dim
+    want_cache[0].index_copy_(0, slots, want_qkv[:, q_end:k_end].reshape(rows, kv_heads, dim))
+    want_cache[1].index_copy_(0, slots, want_qkv[:, k_end:].reshape(rows, kv_heads, dim))
+
+    got_qkv, got_cache = qkv.clone(), cache.clone()
+    q = cpu_kernels.rotary_cache(kernel, got_qkv, heads, kv_heads, dim, cos, sin, got_cache, slots)  # type: ignore[arg-type]
+    assert q.shape == (rows, heads, dim) and q.is_contiguous()
+    assert torch.equal(q.reshape(rows, -1), want_qkv[:, :q_end])
+    assert torch.equal(got_qkv, want_qkv)  # Q and K rotated in place, V untouched
+    assert torch.equal(got_cache, want_cache)
+
+
 @pytest.mark.parametrize("window", [None, 12])
 def test_model_decode_step_equals_the_torch_path(kernel, monkeypatch: pytest.MonkeyPatch, window: int | None) -> None:
     model = builtin_model("tiny-llama")

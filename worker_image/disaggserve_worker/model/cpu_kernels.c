@@ -826,6 +826,31 @@ int rotary(void *x, int64_t rows, int64_t heads, int64_t D, int64_t row_stride, 
     return 0;
 }
 
+/* A step's fused Q/K/V rows into attention's inputs, in one call: rotate the Q and K heads in place
+ * (as `rotary`), copy each row's Q heads into q_out (rows, heads * D), and its K and V heads into
+ * the KV pool at that row's slot (key/value: slot s at s * slot_stride). Why: in torch that was
+ * the rotary call, two contiguous copies, two index_copy_ and their views, ~10 ops of dispatch a
+ * layer, which in a decode step of a small model cost more than the bytes they move. */
+int rotary_cache(void *qkv, int64_t rows, int64_t heads, int64_t kv_heads, int64_t D, int64_t row_stride,
+                 const void *cos, const void *sin, void *q_out, void *key, void *value,
+                 int64_t slot_stride, const int64_t *slots, int dtype, int threads) {
+    if (D % 2) return -3;
+    const size_t size = dtype == 0 ? 4 : dtype == 1 ? 2 : 0;
+    if (size == 0) return -2;
+    if (dtype == 0) rotary_f32(qkv, rows, heads + kv_heads, D, row_stride, cos, sin, threads);
+    else rotary_bf16(qkv, rows, heads + kv_heads, D, row_stride, cos, sin, threads);
+    const size_t q_bytes = (size_t)(heads * D) * size, kv_bytes = (size_t)(kv_heads * D) * size;
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)qkv + (size_t)(r * row_stride) * size;
+        char *slot_k = (char *)key + (size_t)(slots[r] * slot_stride) * size;
+        char *slot_v = (char *)value + (size_t)(slots[r] * slot_stride) * size;
+        memcpy((char *)q_out + r * q_bytes, row, q_bytes);
+        memcpy(slot_k, row + q_bytes, kv_bytes);
+        memcpy(slot_v, row + q_bytes + kv_bytes, kv_bytes);
+    }
+    return 0;
+}
+
 /* gate_up (rows, 2n): gate then up; out (rows, n) = silu(gate) * up, silu rounded first. */
 #define DEFINE_SILU_MUL(NAME, T, LOAD, STORE)                                                      \
     static void NAME(const T *gate_up, T *out, int64_t rows, int64_t n, int threads) {            \

@@ -193,6 +193,7 @@ def _load(path: Path) -> ctypes.CDLL:
                                    i32, i32],
         "rms_norm": [ptr, ptr, ptr, i64, i64, f32, i32, i32],
         "rotary": [ptr, i64, i64, i64, i64, ptr, ptr, i32, i32],
+        "rotary_cache": [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32, i32],
         "silu_mul": [ptr, ptr, i64, i64, i32, i32],
         "small_linear": [ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32],
         "amx_linear": [ptr, ptr, ptr, ptr, i64, i64, i64, i32],
@@ -234,6 +235,24 @@ def rotary_(lib: ctypes.CDLL, rows: torch.Tensor, heads: int, head_dim: int, cos
     by that token's cos/sin (tokens, head_dim) (`rope.apply_rotary`)."""
     _check(lib.rotary(rows.data_ptr(), int(rows.shape[0]), heads, head_dim, int(rows.shape[1]), cos.data_ptr(),
                       sin.data_ptr(), DTYPES[rows.dtype], torch.get_num_threads()), "rotary")
+
+
+def rotary_cache(lib: ctypes.CDLL, qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                 cos: torch.Tensor, sin: torch.Tensor, layer_cache: torch.Tensor,
+                 slots: torch.Tensor) -> torch.Tensor:
+    """The queries (rows, heads, head_dim) of contiguous fused `qkv` rows (Q, K, V heads), their Q
+    and K heads rotated in place, their K and V heads written to contiguous `layer_cache` (2, pool
+    slots, kv_heads, head_dim) of qkv's dtype at int64 `slots` (rows,): `rotary_`, the query copy
+    and the two `index_copy_` of `Attention.forward_step` in one pass. Slots are trusted (the
+    allocator's), as the attention kernels trust the slot tables."""
+    rows = int(qkv.shape[0])
+    q = qkv.new_empty(rows, heads, head_dim)
+    slot_stride = kv_heads * head_dim
+    value = layer_cache.data_ptr() + int(layer_cache.stride(0)) * layer_cache.element_size()
+    _check(lib.rotary_cache(qkv.data_ptr(), rows, heads, kv_heads, head_dim, int(qkv.shape[1]), cos.data_ptr(),
+                            sin.data_ptr(), q.data_ptr(), layer_cache.data_ptr(), value, slot_stride,
+                            slots.data_ptr(), DTYPES[qkv.dtype], torch.get_num_threads()), "rotary_cache")
+    return q
 
 
 def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:

@@ -124,12 +124,12 @@ class Attention(nn.Module):
                                 bias=bias and config.model_type != "qwen2" and rank == 0)
         self.qkv_proj = FusedLinear(self.q_proj, self.k_proj, self.v_proj)  # not a module: no new names
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def _qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated Q and K and V, (T, heads, D) each, of the fused projection's rows."""
         # Q and K are adjacent in the fused output: one rotary over both heads' sets (its six ops
         # ran twice per layer before).
-        t, qk_heads = x.shape[0], self.heads + self.kv_heads
-        qkv = self.qkv_proj.fused(x)
+        t, qk_heads = qkv.shape[0], self.heads + self.kv_heads
         if cpu_kernels.usable(qkv, cos, sin) and (lib := cpu_kernels.kernel()) is not None:
             cpu_kernels.rotary_(lib, qkv, qk_heads, self.head_dim, cos, sin)
             qk = qkv[:, :qk_heads * self.head_dim].view(t, qk_heads, self.head_dim)
@@ -142,20 +142,32 @@ class Attention(nn.Module):
     def forward_step(self, x: torch.Tensor, step: StepInputs, layer_cache: torch.Tensor) -> torch.Tensor:
         """x: (T, hidden) packed; layer_cache: (2, slots, kv_heads, head_dim), written in place."""
         layout = step.layout
-        q, k, v = self._qkv(x, step.cos, step.sin)
+        qkv = self.qkv_proj.fused(x)
+        if (cpu_kernels.supports(qkv, layer_cache) and cpu_kernels.usable(qkv, step.cos, step.sin)
+                and layout.write_slots.is_contiguous() and (lib := cpu_kernels.kernel()) is not None):
+            # Rotary, the query copy and the K/V writes to the pool in one C call; attention then
+            # reads keys and values from the pool (the kernels' paths), so no k and v are made.
+            q = cpu_kernels.rotary_cache(lib, qkv, self.heads, self.kv_heads, self.head_dim, step.cos, step.sin,
+                                         layer_cache, layout.write_slots)
+            return linear(self._attention(q, None, None, layout, layer_cache), self.o_proj.weight, self.o_proj.bias)
+        q, k, v = self._qkv(qkv, step.cos, step.sin)
+        k, v = k.to(layer_cache.dtype), v.to(layer_cache.dtype)
         # index_copy_/index_select, not advanced indexing: several times faster on CPU.
-        layer_cache[0].index_copy_(0, layout.write_slots, k.to(layer_cache.dtype))
-        layer_cache[1].index_copy_(0, layout.write_slots, v.to(layer_cache.dtype))
-        out = self._attention(q, k.to(layer_cache.dtype), v.to(layer_cache.dtype), layout, layer_cache)
-        return linear(out, self.o_proj.weight, self.o_proj.bias)
+        layer_cache[0].index_copy_(0, layout.write_slots, k)
+        layer_cache[1].index_copy_(0, layout.write_slots, v)
+        return linear(self._attention(q, k, v, layout, layer_cache), self.o_proj.weight, self.o_proj.bias)
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,
+    def _attention(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layout: BatchLayout,
                    layer_cache: torch.Tensor) -> torch.Tensor:
-        """(T, H * D) attention output of the step's packed queries (K/V already in the pool)."""
+        """(T, H * D) attention output of the step's packed queries (K/V already in the pool;
+        `k`, `v`: this step's own, which only the fresh-prompt path reads, or None)."""
         t = q.shape[0]
         if layout.parts is not None:  # a mixed step: its decode rows and its prompt chunks apart
             decode, prompts = layout.parts
             d = decode.num_seqs
+            if k is None or v is None:
+                return torch.cat([self._attention(q[:d], None, None, decode, layer_cache),
+                                  self._attention(q[d:], None, None, prompts, layer_cache)])
             return torch.cat([self._attention(q[:d], k[:d], v[:d], decode, layer_cache),
                               self._attention(q[d:], k[d:], v[d:], prompts, layer_cache)])
         if layout.max_query == 1:  # pure decode: one query per sequence, no padding to undo
@@ -175,7 +187,7 @@ class Attention(nn.Module):
                 and (kernel := cpu_kernels.kernel()) is not None):
             return cpu_kernels.prompt(kernel, q, layer_cache, layout.context_slots, layout.spans,
                                       layout.window).reshape(t, -1)
-        if layout.fresh:
+        if layout.fresh and k is not None and v is not None:
             return self._attend_fresh(q, k, v, layout).reshape(t, -1)
         batch, context = layout.context_slots.shape
         keys, values = self._gather(layer_cache, layout.context_slots.reshape(-1), batch, context)
@@ -229,7 +241,7 @@ class Attention(nn.Module):
 
     def forward_reference(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           window: int | None) -> torch.Tensor:
-        q, k, v = self._qkv(x, cos, sin)
+        q, k, v = self._qkv(self.qkv_proj.fused(x), cos, sin)
         t = x.shape[0]
         mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         if window is not None:
