@@ -300,6 +300,35 @@ def test_row_kernels_match_the_torch_ops(kernel, dtype: torch.dtype, width: int,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "width"), [(1, 256), (5, 264), (300, 256)])
+def test_the_residual_add_and_norm_in_one_pass_equal_the_add_then_the_norm(
+        kernel, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rows: int, width: int) -> None:
+    """`RMSNorm.add_forward`: the kernel's sum and norm are torch's add and the norm kernel, bit for
+    bit, and the torch fallback gives the same; both leave the sum in x (the residual stream).
+    264 leaves a scalar tail; 300 x 256 rows run on the thread team."""
+    gen = torch.Generator().manual_seed(rows + width)
+    x = (3 * torch.randn(rows, width, generator=gen)).to(dtype)
+    delta = torch.randn(rows, width, generator=gen).to(dtype)
+    norm = RMSNorm(width, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(width, generator=gen) + 0.5)
+        norm = norm.to(dtype)
+        want_sum = x + delta
+        want = cpu_kernels.rms_norm(kernel, want_sum, norm.weight, 1e-5)  # type: ignore[arg-type]
+        fused_x = x.clone()
+        fused = norm.add_forward(fused_x, delta)
+        monkeypatch.setattr(cpu_kernels, "kernel", lambda: None)
+        plain_x = x.clone()
+        plain = norm.add_forward(plain_x, delta)
+        untouched = x.clone()
+        assert torch.equal(norm.add_forward(untouched, None), norm(x)) and torch.equal(untouched, x)
+    assert torch.equal(fused_x, want_sum) and torch.equal(plain_x, want_sum)
+    assert torch.equal(fused, want)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(plain.float(), want.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "dim"), [(1, 32), (7, 64), (37, 80)])
 def test_rotary_cache_equals_rotary_and_index_copy(kernel, dtype: torch.dtype, rows: int, dim: int) -> None:
     """The fused call is the rotary kernel, a copy of the queries and two index_copy_ into the

@@ -734,48 +734,81 @@ static inline vf vround_bf16(vf v) { /* to bfloat16's precision, still a float (
     return (vf)(u & 0xFFFF0000u);
 }
 static inline vf vround_none(vf v) { return v; }
-#define DEFINE_RMS_NORM(NAME, T, LOAD, STORE, VLOAD, VSTORE, VROUND, ROUND_TWICE)                  \
-    static void NAME(const T *x, const T *w, T *out, int64_t rows, int64_t n, float eps,          \
-                     int threads) {                                                               \
-        _Pragma("omp parallel for num_threads(threads) if (rows * n >= PARALLEL_MIN_ELEMENTS)")   \
-        for (int64_t r = 0; r < rows; r++) {                                                      \
-            const T *xr = x + r * n;                                                              \
-            T *orow = out + r * n;                                                                \
-            const int64_t nv = n / 16 * 16;                                                       \
-            vf sq = (vf){};                                                                       \
-            for (int64_t i = 0; i < nv; i += 16) {                                                \
-                const vf v = VLOAD(xr + i);                                                       \
-                sq += v * v;                                                                      \
-            }                                                                                     \
-            float sum = hsum(sq);                                                                 \
-            for (int64_t i = nv; i < n; i++) {                                                    \
-                const float v = LOAD(&xr[i]);                                                     \
-                sum += v * v;                                                                     \
-            }                                                                                     \
-            const float inv = 1.0f / sqrtf(sum / (float)n + eps);                                 \
-            for (int64_t i = 0; i < nv; i += 16) {                                                \
-                if (ROUND_TWICE) VSTORE(orow + i, VLOAD(w + i) * VROUND(VLOAD(xr + i) * inv));    \
-                else VSTORE(orow + i, VLOAD(xr + i) * inv * VLOAD(w + i));                        \
-            }                                                                                     \
-            for (int64_t i = nv; i < n; i++) {                                                    \
-                if (ROUND_TWICE) {                                                                \
-                    T normed;                                                                     \
-                    STORE(&normed, LOAD(&xr[i]) * inv);                                           \
-                    STORE(&orow[i], LOAD(&w[i]) * LOAD(&normed));                                 \
-                } else {                                                                          \
-                    STORE(&orow[i], LOAD(&xr[i]) * inv * LOAD(&w[i]));                            \
-                }                                                                                 \
+/* One row; the kernels below run it per row, on the thread team where rows are many. */
+#define DEFINE_RMS_NORM_ROW(NAME, T, LOAD, STORE, VLOAD, VSTORE, VROUND, ROUND_TWICE)              \
+    static inline __attribute__((always_inline)) void NAME(const T *xr, const T *w, T *orow,     \
+                                                           int64_t n, float eps) {               \
+        const int64_t nv = n / 16 * 16;                                                           \
+        vf sq = (vf){};                                                                           \
+        for (int64_t i = 0; i < nv; i += 16) {                                                    \
+            const vf v = VLOAD(xr + i);                                                           \
+            sq += v * v;                                                                          \
+        }                                                                                         \
+        float sum = hsum(sq);                                                                     \
+        for (int64_t i = nv; i < n; i++) {                                                        \
+            const float v = LOAD(&xr[i]);                                                         \
+            sum += v * v;                                                                         \
+        }                                                                                         \
+        const float inv = 1.0f / sqrtf(sum / (float)n + eps);                                     \
+        for (int64_t i = 0; i < nv; i += 16) {                                                    \
+            if (ROUND_TWICE) VSTORE(orow + i, VLOAD(w + i) * VROUND(VLOAD(xr + i) * inv));        \
+            else VSTORE(orow + i, VLOAD(xr + i) * inv * VLOAD(w + i));                            \
+        }                                                                                         \
+        for (int64_t i = nv; i < n; i++) {                                                        \
+            if (ROUND_TWICE) {                                                                    \
+                T normed;                                                                         \
+                STORE(&normed, LOAD(&xr[i]) * inv);                                               \
+                STORE(&orow[i], LOAD(&w[i]) * LOAD(&normed));                                     \
+            } else {                                                                              \
+                STORE(&orow[i], LOAD(&xr[i]) * inv * LOAD(&w[i]));                                \
             }                                                                                     \
         }                                                                                         \
     }
 
-DEFINE_RMS_NORM(rms_norm_f32, float, f32_load, f32_store, vload_f32, vstore_f32, vround_none, 0)
-DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, bf16_load, bf16_store, vload_bf16, vstore_bf16, vround_bf16, 1)
+DEFINE_RMS_NORM_ROW(rms_norm_row_f32, float, f32_load, f32_store, vload_f32, vstore_f32, vround_none, 0)
+DEFINE_RMS_NORM_ROW(rms_norm_row_bf16, uint16_t, bf16_load, bf16_store, vload_bf16, vstore_bf16, vround_bf16, 1)
+
+#define DEFINE_RMS_NORM(NAME, ROW, T)                                                              \
+    static void NAME(const T *x, const T *w, T *out, int64_t rows, int64_t n, float eps,          \
+                     int threads) {                                                               \
+        _Pragma("omp parallel for num_threads(threads) if (rows * n >= PARALLEL_MIN_ELEMENTS)")   \
+        for (int64_t r = 0; r < rows; r++) ROW(x + r * n, w, out + r * n, n, eps);                \
+    }
+
+DEFINE_RMS_NORM(rms_norm_f32, rms_norm_row_f32, float)
+DEFINE_RMS_NORM(rms_norm_bf16, rms_norm_row_bf16, uint16_t)
 
 int rms_norm(const void *x, const void *w, void *out, int64_t rows, int64_t n, float eps, int dtype,
              int threads) {
     if (dtype == 0) rms_norm_f32(x, w, out, rows, n, eps, threads);
     else if (dtype == 1) rms_norm_bf16(x, w, out, rows, n, eps, threads);
+    else return -2;
+    return 0;
+}
+
+/* The residual add before a norm, fused: x += delta (rounded to x's type, as torch's add), then
+ * out = rms_norm(x) as `rms_norm`. A decode step of a small model made 8 such adds a step, each a
+ * torch op and an allocation; here the sum is written back while the row is in cache. */
+#define DEFINE_ADD_RMS_NORM(NAME, ROW, T, LOAD, STORE)                                             \
+    static void NAME(T *x, const T *delta, const T *w, T *out, int64_t rows, int64_t n, float eps, \
+                     int threads) {                                                               \
+        _Pragma("omp parallel for num_threads(threads) if (rows * n >= PARALLEL_MIN_ELEMENTS)")   \
+        for (int64_t r = 0; r < rows; r++) {                                                      \
+            T *xr = x + r * n;                                                                    \
+            const T *dr = delta + r * n;                                                          \
+            _Pragma("omp simd")                                                                   \
+            for (int64_t i = 0; i < n; i++) STORE(&xr[i], LOAD(&xr[i]) + LOAD(&dr[i]));          \
+            ROW(xr, w, out + r * n, n, eps);                                                      \
+        }                                                                                         \
+    }
+
+DEFINE_ADD_RMS_NORM(add_rms_norm_f32, rms_norm_row_f32, float, f32_load, f32_store)
+DEFINE_ADD_RMS_NORM(add_rms_norm_bf16, rms_norm_row_bf16, uint16_t, bf16_load, bf16_store)
+
+int add_rms_norm(void *x, const void *delta, const void *w, void *out, int64_t rows, int64_t n, float eps,
+                 int dtype, int threads) {
+    if (dtype == 0) add_rms_norm_f32(x, delta, w, out, rows, n, eps, threads);
+    else if (dtype == 1) add_rms_norm_bf16(x, delta, w, out, rows, n, eps, threads);
     else return -2;
     return 0;
 }

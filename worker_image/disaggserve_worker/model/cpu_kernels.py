@@ -192,6 +192,7 @@ def _load(path: Path) -> ctypes.CDLL:
         "paged_prompt_attention": [ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32,
                                    i32, i32],
         "rms_norm": [ptr, ptr, ptr, i64, i64, f32, i32, i32],
+        "add_rms_norm": [ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32],
         "rotary": [ptr, i64, i64, i64, i64, ptr, ptr, i32, i32],
         "rotary_cache": [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, i32, i32],
         "silu_mul": [ptr, ptr, i64, i64, i32, i32],
@@ -226,6 +227,17 @@ def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float
     n = int(x.shape[-1])
     _check(lib.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps,
                         DTYPES[x.dtype], torch.get_num_threads()), "rms_norm")
+    return out
+
+
+def add_rms_norm(lib: ctypes.CDLL, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """In place x += delta, then RMSNorm of x (contiguous, one dtype): `x.add_(delta)` and
+    `rms_norm` in one pass."""
+    out = torch.empty_like(x)
+    n = int(x.shape[-1])
+    _check(lib.add_rms_norm(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n,
+                            eps, DTYPES[x.dtype], torch.get_num_threads()), "add_rms_norm")
     return out
 
 

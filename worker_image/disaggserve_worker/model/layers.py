@@ -65,6 +65,15 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """The residual add, then this norm: `x += delta` in place (None: nothing to add), and the
+        norm of the sum. One C pass on a CPU instead of an add, its allocation and the norm."""
+        if delta is None:
+            return self(x)
+        if cpu_kernels.usable(x, delta, self.weight) and (lib := cpu_kernels.kernel()) is not None:
+            return cpu_kernels.add_rms_norm(lib, x, delta, self.weight, self.eps)
+        return self(x.add_(delta))
+
 
 class FusedLinear:
     """One matmul for several `nn.Linear`s that read the same input (outputs concatenated)."""

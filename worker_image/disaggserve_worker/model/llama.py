@@ -157,20 +157,29 @@ class LlamaForCausalLM(nn.Module):
                 inputs[device] = StepInputs(here, *self.rotary.cos_sin(here.positions, x.dtype, limit))
             return inputs[device]
 
+        # The residual stream `x` is summed in place; each block's output waits as `delta` until
+        # the next norm adds it in the same pass (`RMSNorm.add_forward`).
+        delta: torch.Tensor | None = None
         for i, layer in enumerate(self.model.layers):
             devices = self._layer_devices(i)
             caches = kv_pool.layer(i)
-            x = x.to(devices[0])
-            h = layer.input_layernorm(x)
+            if x.device != devices[0]:  # a pipeline stage boundary: the sum moves, complete
+                x = (x if delta is None else x.add_(delta)).to(devices[0])
+                delta = None
+            h = layer.input_layernorm.add_forward(x, delta)
             if isinstance(layer.self_attn, ShardedAttention):
-                x = x + layer.self_attn.forward_step(h, [on(d) for d in devices], caches)
+                delta = layer.self_attn.forward_step(h, [on(d) for d in devices], caches)
             else:
-                x = x + layer.self_attn.forward_step(h, on(devices[0]), caches[0])
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = x.to(self.lm_head.weight.device)
-        if not all_logits:
+                delta = layer.self_attn.forward_step(h, on(devices[0]), caches[0])
+            delta = layer.mlp(layer.post_attention_layernorm.add_forward(x, delta))
+        head = self.lm_head.weight.device
+        pick = not all_logits and layout.max_query > 1  # one token per sequence: every row is a last one
+        if delta is not None and (pick or x.device != head):
+            x, delta = x.add_(delta), None
+        x = x.to(head)
+        if pick:
             x = x[layout.last_index.to(x.device)]
-        return linear(self.model.norm(x), self.lm_head.weight).float()
+        return linear(self.model.norm.add_forward(x, delta), self.lm_head.weight).float()
 
     @torch.inference_mode()
     def reference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
