@@ -42,6 +42,7 @@ PROBE_BACKOFF = 8  # probes grow at most this much rarer than `probe_every` whil
 PROBE_REQUESTS = 4  # the most requests one probe asks for a proposal (see `_plan`)
 # Steps a "k = 0 everywhere" decision is reused for while its inputs stand (see `_settled_no`).
 REUSE_NO_STEPS = 8
+PLAIN_OBSERVE_EVERY = 4  # plain decode steps per one the step-time model observes (`observe_plain`)
 
 
 class SpecSequence(Protocol):
@@ -104,6 +105,7 @@ class Speculator:
         self._kinds = (range(config.ngram_min, config.ngram_max + 1) if self.ngram else range(1))
         self._matched: list[int] = []  # each request's kind in the last lookups (0: nothing found)
         self._zero_steps = 0
+        self._plain_steps = 0  # plain decode steps the engine reported (`observe_plain`)
         # Steps of k = 0 between probes: doubled (up to PROBE_BACKOFF x the configured interval)
         # after each probe that did not lead to speculating, back to the configured one as soon as
         # a step speculates. Why: a probe is a verification step (it was of the whole batch at k = 1:
@@ -183,8 +185,12 @@ class Speculator:
 
     def observe_plain(self, seconds: float, context_tokens: int, batch: int) -> None:
         """A plain decode step the engine ran (k = 0 everywhere, no prompt chunk beside it), timed
-        from its layout to its tokens: what speculation has to beat."""
-        self.controller.verify.observe(seconds, context_tokens, batch)
+        from its layout to its tokens: what speculation has to beat. Every PLAIN_OBSERVE_EVERY-th
+        is kept: plain steps are most steps, and fitting each (its refit every 64 observations, ~2 ms)
+        cost ~30 us a step, ~1 % of a small model's CPU step, which at x4 load became latency."""
+        self._plain_steps += 1
+        if self._plain_steps % PLAIN_OBSERVE_EVERY == 0:
+            self.controller.verify.observe(seconds, context_tokens, batch)
 
     def release(self, seq: SpecSequence) -> None:
         """The sequence left the engine (finished, aborted, failed): drop its state and draft cache."""
@@ -319,7 +325,18 @@ class Speculator:
             return found, lookups
         alphas = [self._alpha(self._state(seq), kind, priors) if kind else 0.0
                   for seq, kind in zip(batch, self._matched, strict=True)]
-        return self.controller.choose(contexts, alphas, found, extra).ks, lookups
+        ks = self.controller.choose(contexts, alphas, found, extra).ks
+        if not any(ks) and max(self._matched, default=0) <= self.config.ngram_min:
+            # No request matched more than the shortest n-gram, and that said no: reuse the answer
+            # as `_settled_no` does (its look-ups too). Why: on text n-grams do not predict, the
+            # optimistic first pass (each request's best kind, a loop's 3-gram at ~0.8) said "maybe"
+            # nearly every step, so every step paid the look-ups and a second choice (~0.1 ms at
+            # batches of 4-9, 3 % of the step) to hear no; at x4 the plain steps of adaptive cost
+            # 5-10 % more than speculation off's at equal batch. A request that matches longer
+            # n-grams (a loop, copied text) still looks up every step.
+            self._no_batch, self._no_fit, self._no_extra = batch, self.controller.verify.coefficients, extra
+            self._no_left = REUSE_NO_STEPS
+        return ks, lookups
 
     def _settled_no(self, batch: list[SpecSequence], extra: float) -> bool:
         """Whether the last "k = 0 everywhere" answer still holds, so the controller need not be
