@@ -321,35 +321,6 @@ def test_a_k_zero_answer_is_reused_only_while_its_inputs_stand(tiny: LoadedModel
     assert spec._plan([a, b], [4, 4], 0.0)[0] == [2, 0]
 
 
-def test_a_no_after_look_ups_that_found_only_single_token_matches_is_reused(tiny: LoadedModel) -> None:
-    """When the optimistic first ask says "maybe" and the look-ups find no request more than a
-    one-token match, the "no" that follows is reused like the first ask's (the look-ups and the
-    second ask were ~0.1 ms of every step on non-repetitive text); a request matching a longer
-    n-gram (a loop) keeps being looked up every step."""
-    from disaggserve_worker.speculation.speculator import REUSE_NO_STEPS
-
-    spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
-    spec._probe_interval = 10**9  # probes are another test's subject
-    asked: list[int] = []
-
-    def choose(contexts: list[int], alphas: list[float], caps: list[int], extra: float = 0.0) -> Choice:
-        asked.append(len(contexts))  # the first ask of a step says maybe, the second (after the look-ups) no
-        return Choice([len(asked) % 2] * len(contexts), 1.0, 1.0)
-
-    spec.controller.choose = choose  # type: ignore[method-assign]
-    single = SimpleNamespace(request_id="s", prompt_ids=[5, 6, 7, 8], tokens=[5], num_cached=4,
-                             params=SamplingParams(max_tokens=100))
-    for _ in range(REUSE_NO_STEPS + 1):
-        assert not any(spec._plan([single], [4], 0.0)[0])
-    assert len(asked) == 2, "asked twice at the first step, then the answer was reused"
-    assert spec._matched == [1]
-    loop = SimpleNamespace(request_id="l", prompt_ids=[5, 6, 7, 5, 6], tokens=[7], num_cached=5,
-                           params=SamplingParams(max_tokens=100))
-    for step in range(3):
-        assert not any(spec._plan([loop], [4], 0.0)[0])
-        assert spec._matched == [3] and len(asked) == 4 + 2 * step, "a 3-gram match is looked up every step"
-
-
 def test_the_step_time_model_observes_one_plain_step_in_plain_observe_every(tiny: LoadedModel) -> None:
     from disaggserve_worker.speculation.speculator import PLAIN_OBSERVE_EVERY
 

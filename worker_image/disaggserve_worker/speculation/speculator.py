@@ -325,18 +325,7 @@ class Speculator:
             return found, lookups
         alphas = [self._alpha(self._state(seq), kind, priors) if kind else 0.0
                   for seq, kind in zip(batch, self._matched, strict=True)]
-        ks = self.controller.choose(contexts, alphas, found, extra).ks
-        if not any(ks) and max(self._matched, default=0) <= self.config.ngram_min:
-            # No request matched more than the shortest n-gram, and that said no: reuse the answer
-            # as `_settled_no` does (its look-ups too). Why: on text n-grams do not predict, the
-            # optimistic first pass (each request's best kind, a loop's 3-gram at ~0.8) said "maybe"
-            # nearly every step, so every step paid the look-ups and a second choice (~0.1 ms at
-            # batches of 4-9, 3 % of the step) to hear no; at x4 the plain steps of adaptive cost
-            # 5-10 % more than speculation off's at equal batch. A request that matches longer
-            # n-grams (a loop, copied text) still looks up every step.
-            self._no_batch, self._no_fit, self._no_extra = batch, self.controller.verify.coefficients, extra
-            self._no_left = REUSE_NO_STEPS
-        return ks, lookups
+        return self.controller.choose(contexts, alphas, found, extra).ks, lookups
 
     def _settled_no(self, batch: list[SpecSequence], extra: float) -> bool:
         """Whether the last "k = 0 everywhere" answer still holds, so the controller need not be
