@@ -156,14 +156,24 @@ async def test_workers_vllm_series_add_up_to_what_the_router_served(cluster, pro
     """The engine series (vLLM names, scraped from every worker) agree with the router's count."""
     url, _ = prometheus
     client = openai.AsyncOpenAI(base_url=await cluster.endpoint("tiny"), api_key="x", max_retries=0)
-    await asyncio.gather(*(client.completions.create(model="tiny-llama", prompt=f"{i} words", max_tokens=5)
-                           for i in range(4)))
-    await asyncio.sleep(3)  # two more scrapes
     workers = 'namespace="default", disaggserve="tiny", component=~"prefill|decode|colocated"'
+    routed_q = 'sum(disaggserve_generation_tokens_total{component="router"})'
+    generated_q = f"sum(vllm:generation_tokens_total{{{workers}}})"
     async with httpx.AsyncClient(timeout=10) as http:
         source = PrometheusSource(url, http)
-        routed = await source.scalar('sum(disaggserve_generation_tokens_total{component="router"})')
-        generated = await source.scalar(f"sum(vllm:generation_tokens_total{{{workers}}})")
+        before = await source.scalar(routed_q) or 0.0
+        results = await asyncio.gather(*(client.completions.create(model="tiny-llama", prompt=f"{i} words",
+                                                                   max_tokens=5) for i in range(4)))
+        sent = sum(r.usage.completion_tokens for r in results)
+        # Poll for the scrapes that hold this burst, router and workers each (a fixed wait for "two
+        # more scrapes" reads too early when scrapes lag on a busy machine).
+        routed = generated = None
+        for _ in range(150):
+            routed = await source.scalar(routed_q)
+            generated = await source.scalar(generated_q)
+            if routed is not None and routed >= before + sent and generated is not None and generated >= routed:
+                break
+            await asyncio.sleep(0.2)
         answer = await http.get(f"{url}/api/v1/query",
                                 params={"query": f"vllm:num_requests_waiting{{{workers}}}"})
         waiting = answer.json()["data"]["result"]
