@@ -178,16 +178,29 @@ def test_the_bound_that_skips_the_search_never_changes_the_choice() -> None:
                              [0.3] * 100, [4] * 100, 4, 1.5e-4)
 
 
+def _loop_seq(name: str = "r") -> SimpleNamespace:
+    """A request whose history repeats (5, 6, 7): every lookup finds a 3-gram match."""
+    return SimpleNamespace(request_id=name, prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
+                           params=SamplingParams(max_tokens=100))
+
+
+def _probed(spec: Speculator, batch: list, caps: list[int], extra: float = 0.0) -> bool:
+    """One planned step; whether it probed (n-gram probes run no forward: k stays 0)."""
+    before = spec._probes
+    ks = spec._plan(batch, caps, extra)[0]
+    assert not any(ks) or spec._probes == before, "a shadow probe verifies nothing"
+    return spec._probes != before
+
+
 def test_probes_grow_rarer_while_they_keep_saying_no_and_speculation_resets_them(tiny: LoadedModel) -> None:
-    """A probe (k = 1 for the batch) that leaves the controller at k = 0 doubles the wait before the
-    next one, up to 8x the configured interval; a step that speculates restores it."""
+    """A probe that leaves the controller at k = 0 doubles the wait before the next one, up to 8x
+    the configured interval; a step that speculates restores it."""
     spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
-    seq = SimpleNamespace(request_id="r", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
-                          params=SamplingParams(max_tokens=100))
+    seq = _loop_seq()
     spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
 
     def probes(steps: int) -> list[int]:
-        return [i for i in range(steps) if any(spec._plan([seq], [4], 0.0)[0])]
+        return [i for i in range(steps) if _probed(spec, [seq], [4])]
 
     every = spec.config.probe_every
     got = probes(40 * every)
@@ -203,55 +216,94 @@ def test_probes_grow_rarer_while_they_keep_saying_no_and_speculation_resets_them
 
 
 def test_a_probe_asks_a_few_requests_in_turn(tiny: LoadedModel) -> None:
-    """A probe proposes one token for at most PROBE_REQUESTS requests of the batch, the next ones
-    at the next probe (a probe of the whole batch verified and indexed every request at once); a
-    batch that small is probed whole."""
+    """A probe looks up proposals for at most PROBE_REQUESTS requests of the batch, the next ones
+    at the next probe (a probe of the whole batch indexed every request at once); a batch that
+    small is probed whole. Each keeps its whole proposal (up to its cap) to judge, and no step
+    proposes anything to verify."""
     from disaggserve_worker.speculation.speculator import PROBE_REQUESTS
 
     spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
     size = PROBE_REQUESTS + 2
-    batch = [SimpleNamespace(request_id=f"r{i}", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
-                             params=SamplingParams(max_tokens=100)) for i in range(size)]
+    batch = [_loop_seq(f"r{i}") for i in range(size)]
     spec.controller.choose = lambda *a, **k: Choice([0] * len(a[0]), 1.0, 1.0)  # type: ignore[method-assign]
-    probes = [ks for ks in (spec._plan(batch, [4] * size, 0.0)[0] for _ in range(60 * spec.config.probe_every))
-              if any(ks)]
-    asked = [[i for i, k in enumerate(ks) if k] for ks in probes[:3]]
-    assert asked == [list(range(PROBE_REQUESTS)), [0, 1, 4, 5], [2, 3, 4, 5]], asked
-    assert all(k in (0, 1) for ks in probes for k in ks)
+    asked: list[list[int]] = []
+    for _ in range(60 * spec.config.probe_every):
+        before = len(spec._shadows)
+        assert not any(spec._plan(batch, [4] * size, 0.0)[0])
+        if len(spec._shadows) != before:
+            asked.append(sorted(batch.index(shadow.seq) for shadow in spec._shadows[before:]))
+    assert asked[:3] == [list(range(PROBE_REQUESTS)), [0, 1, 4, 5], [2, 3, 4, 5]], asked
+    assert {len(shadow.proposal) for shadow in spec._shadows} == {4}
+    assert {shadow.kind for shadow in spec._shadows} == {3}
     small = batch[:PROBE_REQUESTS]
-    spec._probe_interval = 1
-    assert next(ks for ks in (spec._plan(small, [4] * len(small), 0.0)[0] for _ in range(4)) if any(ks)) == \
-        [1] * len(small)
+    spec._probe_interval, spec._shadows = 1, []
+    assert any(_probed(spec, small, [4] * len(small)) for _ in range(4))
+    assert sorted(small.index(shadow.seq) for shadow in spec._shadows) == list(range(len(small)))
 
 
-def test_a_probe_waits_for_a_step_without_prompt_chunks(tiny: LoadedModel) -> None:
-    """Beside prompt chunks a speculative step costs their own forward too: a probe that falls due
-    then waits for the first step without them."""
+def test_a_shadow_probe_is_judged_as_verification_would_judge_it(tiny: LoadedModel) -> None:
+    """A probe's proposal is judged on the tokens the request goes on to emit: accepted up to the
+    first token they refute (one failure), all of them once it has emitted that many; judged at
+    the next step that can, and a request that leaves is judged on what it emitted."""
     spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
-    seq = SimpleNamespace(request_id="r", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
-                          params=SamplingParams(max_tokens=100))
-    spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
-    every = spec.config.probe_every
-    chunks_wait = 1e-3  # the prompt-chunk forward's cost, as `step` passes it when chunks wait
-    assert not any(any(spec._plan([seq], [4], chunks_wait)[0]) for _ in range(3 * every))
-    assert any(spec._plan([seq], [4], 0.0)[0]), "the probe due long ago runs at the first step without chunks"
+    spec._probe_interval = 10**9
+    base = dataclasses.replace(spec.controller.global_acceptance)
+    seq, other = _loop_seq("a"), _loop_seq("b")
+    spec._shadow([seq, other], [4, 2])
+    assert [(sh.proposal, sh.at) for sh in spec._shadows] == [([5, 6, 7, 5], 1), ([5, 6], 1)]
+    seq.tokens += [5, 6]  # two confirmed, two not yet emitted: not judged
+    spec._judge_shadows()
+    assert len(spec._shadows) == 2 and spec.controller.global_acceptance == base
+    seq.tokens += [9]  # the third refuted: 2 accepted, 1 failure
+    other.tokens += [5, 6]  # both confirmed: 2 accepted
+    spec._judge_shadows()
+    assert spec._shadows == []
+    gain = spec.controller.global_acceptance
+    decay = gain.decay
+    assert gain.accepted == pytest.approx(decay * (decay * base.accepted + 2) + 2)
+    assert gain.judged == pytest.approx(decay * (decay * base.judged + 3) + 2)
+    assert spec._requests["a"].acceptance[3].judged == 3 and spec._requests["b"].acceptance[3].accepted == 2
+    leaving = _loop_seq("c")
+    spec._shadow([leaving], [4])
+    leaving.tokens += [5]  # it leaves after one confirmed token: judged 1 of 1
+    judged = spec.controller.global_acceptance.judged
+    spec.release(leaving)
+    assert spec.controller.global_acceptance.judged == pytest.approx(decay * judged + 1)
+    assert all(sh.seq is not leaving for sh in spec._shadows) and "c" not in spec._requests
+
+
+async def test_an_engine_learns_acceptance_from_shadow_probes_without_verifying(tiny: LoadedModel) -> None:
+    """Adaptive on a copy-heavy prompt, with speculating priced out: the probes still judge the
+    n-gram proposals (the acceptance is learnt), and no step ran a verification forward."""
+    spec = make_speculator(tiny, None, "adaptive", "ngram")
+    spec.controller.choose = lambda c, *a, **k: Choice([0] * len(c), 1.0, 1.0)  # type: ignore[method-assign]
+    reports = record_steps(spec)
+    prompt = await copy_heavy_prompt(tiny)
+    engine = make_engine(tiny, spec)
+    try:
+        await run_requests(engine, [(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))])
+    finally:
+        engine.stop()
+    assert reports and not any(any(r.ks) for r in reports)
+    assert spec.controller.global_acceptance.judged > 0
+    assert spec._shadows == []
 
 
 def test_an_engine_that_has_judged_no_proposal_probes_at_once_even_beside_prompt_chunks(tiny: LoadedModel) -> None:
-    """Before any proposal was judged the acceptance is the bare prior: the first step at k = 0
-    probes, with prompt chunks waiting or not (an engine started under load always has them, and
-    kept k = 0 on the prior while its batch grew). Once a proposal was judged, probes wait for
-    their interval and for a step without chunks again."""
+    """Before any proposal was judged the acceptance is the bare prior: every step at k = 0 probes,
+    with prompt chunks waiting or not (an engine started under load always has them, and kept
+    k = 0 on the prior while its batch grew). Once a proposal was judged, probes wait for their
+    interval; the n-gram proposer's do not wait for steps without chunks (they run no forward)."""
     spec = make_speculator(tiny, None, "adaptive", "ngram")
-    seq = SimpleNamespace(request_id="r", prompt_ids=[5, 6, 7, 5, 6, 7, 5, 6], tokens=[7], num_cached=9,
-                          params=SamplingParams(max_tokens=100))
+    seq = _loop_seq()
     spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
-    chunks_wait = 1e-3
-    assert spec._plan([seq], [4], chunks_wait)[0] == [1], "the first step at k = 0 probes, chunks or not"
+    chunks_wait = 1e-3  # the prompt-chunk forward's cost, as `step` passes it when chunks wait
+    assert _probed(spec, [seq], [4], chunks_wait), "the first step at k = 0 probes, chunks or not"
+    assert _probed(spec, [seq], [4], chunks_wait), "and the next, while nothing is judged"
     informed(spec)
     every = spec.config.probe_every
-    assert not any(any(spec._plan([seq], [4], chunks_wait)[0]) for _ in range(3 * every))
-    assert any(spec._plan([seq], [4], 0.0)[0])
+    got = [i for i in range(3 * every) if _probed(spec, [seq], [4], chunks_wait)]
+    assert got and got[0] == every - 1, got
 
 
 def test_an_uninformed_probe_that_finds_no_proposal_is_repeated_at_the_next_step(tiny: LoadedModel) -> None:
@@ -267,12 +319,13 @@ def test_an_uninformed_probe_that_finds_no_proposal_is_repeated_at_the_next_step
         assert spec._plan([seq], [4], 1e-3)[0] == [0]
         assert spec._probes == probes + 1, "every k = 0 step probed"
         probes = spec._probes
-    assert spec._probe_interval == spec.config.probe_every
-    seq.prompt_ids, seq.tokens, seq.num_cached = [5, 6, 7, 5, 6, 7, 5, 6], [7], 9
-    assert spec._plan([seq], [4], 1e-3)[0] == [1], "a match turned up: the probe proposes it"
+    assert spec._probe_interval == spec.config.probe_every and not spec._shadows
+    seq = _loop_seq("r2")  # the next request's history repeats
+    assert spec._plan([seq], [4], 1e-3)[0] == [0]
+    assert [sh.proposal for sh in spec._shadows] == [[5, 6, 7, 5]], "a match turned up: the probe keeps it"
     informed(spec)
     every = spec.config.probe_every
-    assert not any(any(spec._plan([seq], [4], 0.0)[0]) for _ in range(every - 1))
+    assert not any(_probed(spec, [seq], [4]) for _ in range(every - 1))
 
 
 def informed(spec: Speculator) -> Speculator:

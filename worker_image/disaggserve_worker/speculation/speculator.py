@@ -66,6 +66,17 @@ class _RequestState:
 
 
 @dataclass
+class _Shadow:
+    """A probe's n-gram proposal, judged against the tokens the request's plain steps emit."""
+
+    seq: SpecSequence
+    state: _RequestState
+    kind: int  # the n-gram length matched
+    at: int  # len(seq.tokens) when proposed: the proposal predicts tokens[at:at + len(proposal)]
+    proposal: list[int]
+
+
+@dataclass
 class StepReport:
     """What the last step did (tests and the bench read it; metrics get the same)."""
 
@@ -114,6 +125,9 @@ class Speculator:
         self._probe_interval = config.probe_every
         self._probed = False
         self._probes = 0  # requests probed so far: where in the batch the next probe starts
+        # The n-gram proposer's probes: proposals made at k = 0 steps, not verified by a forward of
+        # their own but judged against the tokens the request then emits (`_judge_shadows`).
+        self._shadows: list[_Shadow] = []
         # The last "k = 0 everywhere" decision of the adaptive controller: the batch it was made
         # for, the step-time fit and the prompt-chunk cost it assumed, and the steps left to reuse it.
         self._no_batch: list[SpecSequence] | None = None
@@ -193,7 +207,10 @@ class Speculator:
             self.controller.verify.observe(seconds, context_tokens, batch)
 
     def release(self, seq: SpecSequence) -> None:
-        """The sequence left the engine (finished, aborted, failed): drop its state and draft cache."""
+        """The sequence left the engine (finished, aborted, failed): judge its probes on the tokens it
+        emitted, drop its state and draft cache."""
+        if self._shadows:
+            self._judge_shadows(leaving=seq)
         self._requests.pop(seq.request_id, None)
         if self.draft is not None:
             self.draft.release(id(seq))
@@ -283,9 +300,9 @@ class Speculator:
                 self._probe_interval = min(2 * self._probe_interval, PROBE_BACKOFF * self.config.probe_every)
                 self._probed = False
             self._zero_steps += 1
-            # Not beside prompt chunks (`extra`: a speculative step leaves them a forward of their
-            # own): there a probe cost that forward too, and at overload chunks wait at most steps.
-            # The probe waits for the next step without them.
+            # The n-gram proposer's probes run no forward (`_shadow`). A draft model's probe is a
+            # verification step, which beside prompt chunks (`extra`: a speculative step leaves them
+            # a forward of their own) costs that forward too: it waits for a step without them.
             # Except while no proposal has ever been judged: α is then the bare prior, which decides
             # nothing, so every step at k = 0 probes, chunks or not, until a probe finds a proposal
             # to judge (one that finds none costs only the look-ups, learns nothing, and does not
@@ -297,11 +314,12 @@ class Speculator:
             # n-gram match, a slow host's step-time fit then said k = 0 for the rest of the request.
             uninformed = not self.controller.global_acceptance.judged
             due = self._zero_steps >= self._probe_interval or uninformed
-            probe = due and (uninformed or not extra)
+            probe = due and (uninformed or not extra or self.ngram)
             if not probe:
                 return ks, []
             self._probed = not uninformed
-            # At most PROBE_REQUESTS requests, in turn, propose one token each. Why not the whole
+            # At most PROBE_REQUESTS requests, in turn, propose (n-gram: all they could use, judged
+            # in shadow; a draft model: one token each, verified). Why not the whole
             # batch: that built the n-gram index of every request not yet speculating (~0.4 ms each
             # for a 400-token prompt) and verified them all; at batches of 10-16 on non-repetitive
             # text a probe cost 1.75-2x a plain step (bench/speculation.py, CPU clock), and the
@@ -312,6 +330,10 @@ class Speculator:
             first = self._probes % len(batch)
             asked = {(first + j) % len(batch) for j in range(min(PROBE_REQUESTS, len(batch)))}
             self._probes += len(asked)
+            if self.ngram:
+                self._zero_steps = 0
+                self._shadow(batch, [c if i in asked else 0 for i, c in enumerate(caps)])
+                return ks or [0] * len(batch), []
             caps = [min(1, c) if i in asked else 0 for i, c in enumerate(caps)]
         else:
             self._probe_interval, self._probed = self.config.probe_every, False
@@ -321,11 +343,42 @@ class Speculator:
         self._bill_from, self._unbilled = time.perf_counter(), 0.0  # the lookups are speculation's cost
         lookups = self._lookups(batch, caps)
         found = [len(f) for f in lookups]
-        if probe:
-            return found, lookups
         alphas = [self._alpha(self._state(seq), kind, priors) if kind else 0.0
                   for seq, kind in zip(batch, self._matched, strict=True)]
         return self.controller.choose(contexts, alphas, found, extra).ks, lookups
+
+    def _shadow(self, batch: list[SpecSequence], caps: list[int]) -> None:
+        """Probe without a forward: look up the asked requests' proposals (as long as they could be
+        used) and keep them to judge against the tokens the plain steps emit (`_judge_shadows`).
+        Why not verify them: a probe was a verification step of its own, 1.5-3x a plain step on
+        the CPU; on non-repetitive text at a held batch of 5 the probes made adaptive 5 % more
+        engine CPU than speculation off. Judging against the emitted tokens is the verification's
+        outcome without its cost: a greedy request accepts exactly the proposed prefix its own
+        greedy tokens repeat, and a sampled one accepts a proposed token with the probability the
+        target gives it, which is the chance the token it samples is that one (the n-gram proposer
+        is deterministic), each next token conditioned on the accepted prefix alike."""
+        for seq, cap, found, kind in zip(batch, caps, self._lookups(batch, caps), self._matched, strict=True):
+            if found and cap:
+                self._shadows.append(_Shadow(seq, self._state(seq), kind, len(seq.tokens), found))
+
+    def _judge_shadows(self, leaving: SpecSequence | None = None) -> None:
+        """Judge each probe whose request has emitted as many tokens as it proposed, or has already
+        refuted it; `leaving`'s probes on whatever it emitted before it left."""
+        kept: list[_Shadow] = []
+        judged = False
+        for shadow in self._shadows:
+            seen = shadow.seq.tokens[shadow.at:shadow.at + len(shadow.proposal)]
+            ok = 0
+            while ok < len(seen) and seen[ok] == shadow.proposal[ok]:
+                ok += 1
+            if ok < len(seen) or len(seen) == len(shadow.proposal) or (shadow.seq is leaving and seen):
+                self._observe(shadow.state, shadow.kind, len(seen) if ok == len(seen) else len(shadow.proposal), ok)
+                judged = True
+            elif shadow.seq is not leaving:
+                kept.append(shadow)
+        self._shadows = kept
+        if judged:
+            self._no_batch = None  # the acceptance the last "k = 0" answer rested on moved
 
     def _settled_no(self, batch: list[SpecSequence], extra: float) -> bool:
         """Whether the last "k = 0 everywhere" answer still holds, so the controller need not be
@@ -358,6 +411,8 @@ class Speculator:
         if self._pending is not None:  # the caller never said it emitted: bill the forward alone
             *_, verify_seconds_only = self._pending
             self._bill(verify_seconds_only)
+        if self._shadows:
+            self._judge_shadows()
         extra = self.controller.verify.coefficients.a if split else 0.0
         ks, lookups = self._plan(batch, self._caps(batch), extra)
         if not any(ks):
