@@ -198,6 +198,7 @@ def test_probes_grow_rarer_while_they_keep_saying_no_and_speculation_resets_them
     spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
     seq = _loop_seq()
     spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
+    spec.controller.may_speculate = lambda *a, **k: False  # type: ignore[method-assign]
 
     def probes(steps: int) -> list[int]:
         return [i for i in range(steps) if _probed(spec, [seq], [4])]
@@ -209,9 +210,11 @@ def test_probes_grow_rarer_while_they_keep_saying_no_and_speculation_resets_them
     gaps = [b - a for a, b in zip(starts, got, strict=False)]
     assert gaps[:5] == [every, 2 * every, 4 * every, 8 * every, 8 * every], gaps
     spec.controller.choose = lambda *a, **k: Choice([2], 2.0, 1.0)  # type: ignore[method-assign]
+    spec.controller.may_speculate = lambda *a, **k: True  # type: ignore[method-assign]
     spec._no_batch = None  # the cached k = 0 answer came from the controller just replaced
     assert spec._plan([seq], [4], 0.0)[0] == [2]  # speculating resets the interval
     spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
+    spec.controller.may_speculate = lambda *a, **k: False  # type: ignore[method-assign]
     assert probes(every)[-1] == every - 1
 
 
@@ -226,6 +229,7 @@ def test_a_probe_asks_a_few_requests_in_turn(tiny: LoadedModel) -> None:
     size = PROBE_REQUESTS + 2
     batch = [_loop_seq(f"r{i}") for i in range(size)]
     spec.controller.choose = lambda *a, **k: Choice([0] * len(a[0]), 1.0, 1.0)  # type: ignore[method-assign]
+    spec.controller.may_speculate = lambda *a, **k: False  # type: ignore[method-assign]
     asked: list[list[int]] = []
     for _ in range(60 * spec.config.probe_every):
         before = len(spec._shadows)
@@ -277,6 +281,7 @@ async def test_an_engine_learns_acceptance_from_shadow_probes_without_verifying(
     n-gram proposals (the acceptance is learnt), and no step ran a verification forward."""
     spec = make_speculator(tiny, None, "adaptive", "ngram")
     spec.controller.choose = lambda c, *a, **k: Choice([0] * len(c), 1.0, 1.0)  # type: ignore[method-assign]
+    spec.controller.may_speculate = lambda *a, **k: False  # type: ignore[method-assign]
     reports = record_steps(spec)
     prompt = await copy_heavy_prompt(tiny)
     engine = make_engine(tiny, spec)
@@ -297,6 +302,7 @@ def test_an_engine_that_has_judged_no_proposal_probes_at_once_even_beside_prompt
     spec = make_speculator(tiny, None, "adaptive", "ngram")
     seq = _loop_seq()
     spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
+    spec.controller.may_speculate = lambda *a, **k: False  # type: ignore[method-assign]
     chunks_wait = 1e-3  # the prompt-chunk forward's cost, as `step` passes it when chunks wait
     assert _probed(spec, [seq], [4], chunks_wait), "the first step at k = 0 probes, chunks or not"
     assert _probed(spec, [seq], [4], chunks_wait), "and the next, while nothing is judged"
@@ -314,6 +320,7 @@ def test_an_uninformed_probe_that_finds_no_proposal_is_repeated_at_the_next_step
     seq = SimpleNamespace(request_id="r", prompt_ids=[5, 6, 7, 8], tokens=[9], num_cached=5,
                           params=SamplingParams(max_tokens=100))
     spec.controller.choose = lambda *a, **k: Choice([0], 1.0, 1.0)  # type: ignore[method-assign]
+    spec.controller.may_speculate = lambda *a, **k: False  # type: ignore[method-assign]
     probes = spec._probes
     for _ in range(3):  # no token repeats: nothing to propose, so nothing judged
         assert spec._plan([seq], [4], 1e-3)[0] == [0]
@@ -344,11 +351,11 @@ def test_a_k_zero_answer_is_reused_only_while_its_inputs_stand(tiny: LoadedModel
     spec._probe_interval = 10**9  # probes are another test's subject
     asked: list[int] = []
 
-    def choose(contexts: list[int], alphas: list[float], caps: list[int], extra: float = 0.0) -> Choice:
+    def may_speculate(contexts: list[int], alphas: list[float], caps: list[int], extra: float = 0.0) -> bool:
         asked.append(len(contexts))
-        return Choice([0] * len(contexts), 1.0, 1.0)
+        return False
 
-    spec.controller.choose = choose  # type: ignore[method-assign]
+    spec.controller.may_speculate = may_speculate  # type: ignore[method-assign]
 
     def seq(name: str) -> SimpleNamespace:
         return SimpleNamespace(request_id=name, prompt_ids=[5, 6, 7], tokens=[8], num_cached=3,
@@ -369,9 +376,25 @@ def test_a_k_zero_answer_is_reused_only_while_its_inputs_stand(tiny: LoadedModel
     verify.coefficients = dataclasses.replace(verify.coefficients, a=verify.coefficients.a * 1.01)  # a refit: ask
     spec._plan([a, b], [4, 4], 0.0)
     assert len(asked) == 7
+    spec.controller.may_speculate = lambda *a, **k: True  # type: ignore[method-assign]
     spec.controller.choose = lambda *a, **k: Choice([2, 0], 2.0, 1.0)  # type: ignore[method-assign]
     verify.coefficients = dataclasses.replace(verify.coefficients, a=verify.coefficients.a * 1.01)
     assert spec._plan([a, b], [4, 4], 0.0)[0] == [2, 0]
+
+
+def test_may_speculate_is_choose_saying_any_k_without_its_search() -> None:
+    """The n-gram speculator's first ask: never "no" where `choose` would speculate."""
+    rng = random.Random(11)
+    for _ in range(500):
+        controller = GoodputController(num_speculative_tokens=4, verify=StepTimeModel(StepCoefficients(
+            a=rng.uniform(1e-4, 5e-3), b=rng.uniform(0, 1e-6), c=rng.uniform(1e-6, 5e-4),
+            o=rng.uniform(0, 5e-3), p=rng.uniform(0, 5e-4))))
+        batch = rng.randint(1, 40)
+        contexts = [rng.randint(10, 2000) for _ in range(batch)]
+        alphas = [rng.random() for _ in range(batch)]
+        caps = [rng.randint(0, 4) for _ in range(batch)]
+        if any(controller.choose(contexts, alphas, caps).ks):
+            assert controller.may_speculate(contexts, alphas, caps)
 
 
 def test_the_step_time_model_observes_one_plain_step_in_plain_observe_every(tiny: LoadedModel) -> None:

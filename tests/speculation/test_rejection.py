@@ -145,6 +145,23 @@ def test_the_incremental_index_finds_what_a_search_finds() -> None:
             tokens += [rng.randrange(6) for _ in range(rng.randrange(1, 6))]
 
 
+def test_a_history_indexed_in_bulk_equals_one_indexed_token_by_token() -> None:
+    """Pieces longer than BULK_TOKENS (a prompt, a long accepted run) take the one-pass path; the
+    index it leaves is the token-by-token one's, duplicates resolved to the latest start."""
+    from disaggserve_worker.speculation.ngram import BULK_TOKENS
+
+    rng = random.Random(5)
+    for n_min, n_max in ((1, 3), (2, 5)):
+        bulk, single = NgramIndex(n_min, n_max), NgramIndex(n_min, n_max)
+        for size in (1, BULK_TOKENS + 1, 3, 400, 2, BULK_TOKENS, 57):
+            piece = [rng.randrange(8) for _ in range(size)]
+            bulk.extend(piece)
+            for token in piece:
+                single.extend([token])
+            assert bulk.history == single.history
+            assert bulk._latest == single._latest, size
+
+
 def test_the_index_says_which_n_gram_length_matched() -> None:
     index = NgramIndex(1, 3)
     index.extend([5, 6, 7, 9, 6, 7])  # the last three tokens never appeared together before

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+BULK_TOKENS = 8  # more new tokens than this are indexed in one pass (`NgramIndex.extend`)
+
 
 class NgramIndex:
     """The latest start of every n-gram (n_min..n_max) of one growing history."""
@@ -29,6 +31,21 @@ class NgramIndex:
 
     def extend(self, tokens: Sequence[int]) -> None:
         history = self.history
+        if len(tokens) > BULK_TOKENS:
+            # A prompt at once: each n's grams as one zip of shifted slices into the dict (later
+            # starts overwrite earlier ones, as token by token). Why: the speculator indexes every
+            # request it looks up, and at a batch of 30 on non-repetitive text those builds, token
+            # by token, were ~250 us of every engine step (~2 % of the engine's CPU, speculating
+            # or not); this way a 400-token prompt takes ~150 us instead of ~420.
+            old = len(history)
+            history.extend(tokens)
+            last = len(history) - 1  # the n-grams end before the history's last token
+            for n, latest in self._latest.items():
+                lo, hi = max(0, old - n), last - n + 1  # the starts not indexed yet
+                if hi > lo:
+                    grams = zip(*(history[lo + j:hi + j] for j in range(n)), strict=True)
+                    latest.update(zip(grams, range(lo, hi), strict=True))
+            return
         for token in tokens:
             history.append(token)
             end = len(history) - 1  # the n-grams ending just before the new last token
@@ -40,6 +57,11 @@ class NgramIndex:
         """Catch up with a history given as consecutive parts (prompt, generated tokens), of
         which this index has seen a prefix."""
         seen = len(self.history)
+        if len(parts) == 2 and seen >= len(parts[0]):  # the usual case: only generated tokens are new
+            prompt, tokens = parts
+            if seen < len(prompt) + len(tokens):
+                self.extend(tokens[seen - len(prompt):])
+            return
         for part in parts:
             if seen < len(part):
                 self.extend(part[seen:])
@@ -51,6 +73,10 @@ class NgramIndex:
         history = self.history
         self.matched = 0
         if k <= 0 or len(history) < self.n_min + 1:
+            return []
+        # Every longer match ends in a match of the shortest n-gram: without one there is none, and
+        # on text that does not repeat that one probe is all a lookup costs (not n_max of them).
+        if tuple(history[-self.n_min:]) not in self._latest[self.n_min]:
             return []
         for n in range(min(self.n_max, len(history) - 1), self.n_min - 1, -1):
             start = self._latest[n].get(tuple(history[-n:]))

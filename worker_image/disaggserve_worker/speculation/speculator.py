@@ -281,14 +281,19 @@ class Speculator:
         else:
             priors = self._kind_priors()
             kinds = self._kinds
+            fresh = max(priors.values())  # a request with no judged proposal of its own
             # Before the lookups, each request as if its best kind of proposal turned up: the answer
             # "k = 0 everywhere" then holds whatever they find.
-            alphas = [max(self._alpha(state, kind, priors) for kind in kinds)
+            alphas = [max(self._alpha(state, kind, priors) for kind in kinds) if state.acceptance else fresh
                       for state in map(self._state, batch)]
             contexts = [s.num_cached + 1 for s in batch]
             # Decide on the request's own caps first: a lookup only lowers caps, so when that says
-            # k = 0 everywhere the lookups (the proposer's whole cost) can be skipped.
-            ks = self.controller.choose(contexts, alphas, caps, extra).ks
+            # k = 0 everywhere the lookups (the proposer's whole cost) can be skipped. For the n-gram
+            # proposer the bound suffices: when it says maybe, the lookups and the second ask decide.
+            if self.ngram:  # all 1 stands for "maybe": only whether any k > 0 is read below
+                ks = [int(self.controller.may_speculate(contexts, alphas, caps, extra))] * len(batch)
+            else:
+                ks = self.controller.choose(contexts, alphas, caps, extra).ks
             if not any(ks):
                 self._no_batch, self._no_fit, self._no_extra = batch, self.controller.verify.coefficients, extra
                 self._no_left = REUSE_NO_STEPS
