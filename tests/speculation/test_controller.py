@@ -382,6 +382,29 @@ def test_a_k_zero_answer_is_reused_only_while_its_inputs_stand(tiny: LoadedModel
     assert spec._plan([a, b], [4, 4], 0.0)[0] == [2, 0]
 
 
+def test_first_asks_that_keep_saying_maybe_are_skipped_for_a_while(tiny: LoadedModel) -> None:
+    """After MAYBE_STREAK best-case asks in a row said "maybe", the next SKIP_FIRST_ASKS steps go
+    straight to the lookups and the second ask, which still decides every step; then it asks again."""
+    from disaggserve_worker.speculation.speculator import MAYBE_STREAK, SKIP_FIRST_ASKS
+
+    spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
+    spec._probe_interval = 10**9
+    first: list[int] = []
+    second: list[int] = []
+    spec.controller.may_speculate = lambda c, *a, **k: first.append(len(c)) or True  # type: ignore[method-assign]
+
+    def choose(contexts: list[int], alphas: list[float], caps: list[int], extra: float = 0.0) -> Choice:
+        second.append(len(contexts))
+        return Choice([0] * len(contexts), 1.0, 1.0)
+
+    spec.controller.choose = choose  # type: ignore[method-assign]
+    seq = _loop_seq()
+    steps = MAYBE_STREAK + SKIP_FIRST_ASKS + 1
+    for _ in range(steps):
+        assert spec._plan([seq], [4], 0.0)[0] == [0]
+    assert len(first) == MAYBE_STREAK + 1 and len(second) == steps
+
+
 def test_may_speculate_is_choose_saying_any_k_without_its_search() -> None:
     """The n-gram speculator's first ask: never "no" where `choose` would speculate."""
     rng = random.Random(11)
