@@ -405,6 +405,35 @@ def test_first_asks_that_keep_saying_maybe_are_skipped_for_a_while(tiny: LoadedM
     assert len(first) == MAYBE_STREAK + 1 and len(second) == steps
 
 
+def test_a_no_after_lookups_holds_one_more_step_from_a_batch_of_8(tiny: LoadedModel) -> None:
+    """From REUSE_LOOKED_UP_NO_BATCH requests a "no" the lookups led to is reused at the next step
+    (which then works out no caps either); below it every step looks up and asks."""
+    from disaggserve_worker.speculation.speculator import REUSE_LOOKED_UP_NO_BATCH
+
+    spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
+    spec._probe_interval = 10**9
+    spec.controller.may_speculate = lambda *a, **k: True  # type: ignore[method-assign]
+    asked: list[int] = []
+
+    def choose(contexts: list[int], alphas: list[float], caps: list[int], extra: float = 0.0) -> Choice:
+        asked.append(len(contexts))
+        return Choice([0] * len(contexts), 1.0, 1.0)
+
+    spec.controller.choose = choose  # type: ignore[method-assign]
+    capped: list[int] = []
+    real_caps = spec._caps
+    spec._caps = lambda batch: capped.append(len(batch)) or real_caps(batch)  # type: ignore[method-assign]
+    large = [_loop_seq(f"r{i}") for i in range(REUSE_LOOKED_UP_NO_BATCH)]
+    for _ in range(6):
+        assert not any(spec._plan(large, None, 0.0)[0])
+    assert len(asked) == 3 and len(capped) == 3, (asked, capped)
+    small = large[:-1]
+    asked.clear()
+    for _ in range(6):
+        assert not any(spec._plan(small, None, 0.0)[0])
+    assert len(asked) == 6
+
+
 def test_may_speculate_is_choose_saying_any_k_without_its_search() -> None:
     """The n-gram speculator's first ask: never "no" where `choose` would speculate."""
     rng = random.Random(11)

@@ -45,6 +45,7 @@ REUSE_NO_STEPS = 8
 # After MAYBE_STREAK first asks in a row said "maybe", the next SKIP_FIRST_ASKS steps skip it (`_plan`).
 MAYBE_STREAK = 4
 SKIP_FIRST_ASKS = 16
+REUSE_LOOKED_UP_NO_BATCH = 8  # from this batch size a "no" after lookups holds for the next step too
 PLAIN_OBSERVE_EVERY = 4  # plain decode steps per one the step-time model observes (`observe_plain`)
 
 
@@ -272,11 +273,14 @@ class Speculator:
             matched.append(state.ngrams.matched)
         return lookups
 
-    def _plan(self, batch: list[SpecSequence], caps: list[int], extra: float
+    def _plan(self, batch: list[SpecSequence], caps: list[int] | None, extra: float
               ) -> tuple[list[int], list[list[int]]]:
-        """k per request, and the n-gram lookups (n-gram proposer) bounding them."""
+        """k per request, and the n-gram lookups (n-gram proposer) bounding them. `caps`: what each
+        request can still use (`_caps`), None to work it out only if this step needs it (a reused
+        "no" without a probe does not: at a batch of 17 that was a fifth of such a step's cost)."""
         self._bill_from, self._unbilled = time.perf_counter(), 0.0
         if self.config.mode == "fixed":
+            caps = self._caps(batch) if caps is None else caps
             lookups = self._lookups(batch, caps) if self.ngram else []
             return ([len(f) for f in lookups] if lookups else list(caps)), lookups
         priors: dict[int, float] = {}
@@ -284,6 +288,7 @@ class Speculator:
         if self._settled_no(batch, extra):
             ks: list[int] = []
         else:
+            caps = self._caps(batch) if caps is None else caps
             priors = self._kind_priors()
             contexts = [s.num_cached + 1 for s in batch]
             if self.ngram and self._skip_first_asks > 0:
@@ -334,6 +339,7 @@ class Speculator:
             # 3-6 % more latency once the queue amplified it. The
             # acceptance by kind of match, which every request's estimate starts from, learns from
             # any request's proposals; a small batch is still probed whole.
+            caps = self._caps(batch) if caps is None else caps
             first = self._probes % len(batch)
             asked = {(first + j) % len(batch) for j in range(min(PROBE_REQUESTS, len(batch)))}
             self._probes += len(asked)
@@ -348,11 +354,21 @@ class Speculator:
         if not self.ngram:
             return (caps if probe else ks), []
         self._bill_from, self._unbilled = time.perf_counter(), 0.0  # the lookups are speculation's cost
+        assert caps is not None
         lookups = self._lookups(batch, caps)
         found = [len(f) for f in lookups]
         alphas = [self._alpha(self._state(seq), kind, priors) if kind else 0.0
                   for seq, kind in zip(batch, self._matched, strict=True)]
-        return self.controller.choose(contexts, alphas, found, extra).ks, lookups
+        ks = self.controller.choose(contexts, alphas, found, extra).ks
+        if not any(ks) and len(batch) >= REUSE_LOOKED_UP_NO_BATCH:
+            # Near capacity on text n-grams do not predict, this answer is the usual one and the
+            # lookups and asks behind it were most of the speculator's cost per step; the next step
+            # reuses it (`_settled_no`). Not below a batch of 8: a copy-heavy request with a
+            # momentary miss held its small batch at k = 0 (at 8 steps of reuse that cost
+            # copy-heavy x1 / x2 4-5 % in bench/speculation.py); one step at 8 or more costs little.
+            self._no_batch, self._no_fit, self._no_extra = batch, self.controller.verify.coefficients, extra
+            self._no_left = 1
+        return ks, lookups
 
     def _shadow(self, batch: list[SpecSequence], caps: list[int]) -> None:
         """Probe without a forward: look up the asked requests' proposals (as long as they could be
@@ -441,7 +457,7 @@ class Speculator:
         if self._shadows:
             self._judge_shadows()
         extra = self.controller.verify.coefficients.a if split else 0.0
-        ks, lookups = self._plan(batch, self._caps(batch), extra)
+        ks, lookups = self._plan(batch, None, extra)
         if not any(ks):
             zeros = [0] * len(batch)
             self.last = StepReport(ks=zeros, proposed=zeros, accepted=zeros, seconds=0.0)
