@@ -357,7 +357,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 row = summarize(runs[clock], factor, rate, window, traces)
                 rows[clock].append(row)
                 off = row["off"]
-                print(f"{clock:4s} {workload:5s} rate x{factor:<4g} ({rate:5.2f}/s, {row['requests']} req) mean ms: "
+                print(f"{clock:4s} {workload:5s} rate x{factor:<4g} ({rate:5.2f}/s, {row['requests']} req, "
+                      f"off busy {row['off_utilization']:.2f}) mean ms: "
                       f"off {off['mean_s'] * 1000:6.0f} fixed {row['fixed']['mean_s'] * 1000:6.0f} adaptive "
                       f"{row['adaptive']['mean_s'] * 1000:6.0f} | adaptive/best "
                       f"{row['adaptive_vs_best_mean']:.2f} p90 {row['adaptive_vs_best_p90']:.2f} "
@@ -387,6 +388,11 @@ def summarize(runs: dict[str, list[dict[str, Any]]], factor: float, rate: float,
     """One cell: each configuration's medians over repeats, and adaptive against the best fixed one."""
     row: dict[str, Any] = {"rate_factor": factor, "rate_per_s": rate, "requests": statistics.median(traces),
                            "requests_by_repeat": traces, "window_s": window}
+    # Where the cell sits: speculation off's engine CPU over the arrivals' span (at 1 or more the
+    # queue only grows, and latency there is as much the trace's length as the policy). Why report
+    # it: the rates are multiples of one request's service rate, which moves with the host (one
+    # request took 103-162 ms of CPU across one session's runs), and so does the load each x means.
+    row["off_utilization"] = statistics.median(r["engine_cpu_s"] for r in runs["off"]) / window
     for config in CONFIGS:
         row[config] = {
             "mean_s": statistics.median(r["mean_s"] for r in runs[config]),

@@ -124,3 +124,13 @@ async def test_the_cpu_clock_reports_a_failed_request(tiny: LoadedModel) -> None
     engine.runner.execute = broken  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="request 0 failed"):
         await bench().on_cpu_clock([engine], [(0.0, [5, 6, 7])], params)
+
+
+def test_a_cell_says_how_busy_speculation_off_kept_the_engine() -> None:
+    """`off_utilization`: off's median engine CPU over the arrivals' span (1 or more: past capacity)."""
+    def run(cpu: float) -> dict[str, object]:
+        return {"mean_s": 0.1, "p90_s": 0.2, "engine_cpu_s": cpu, "acceptance": None, "mean_k": 0.0}
+
+    runs = {"off": [run(3.0), run(4.4), run(4.0)], "fixed": [run(4.5)] * 3, "adaptive": [run(4.1)] * 3}
+    row = bench().summarize(runs, 4.0, 30.0, 4.0, [120, 118, 121])  # type: ignore[arg-type]
+    assert row["off_utilization"] == pytest.approx(1.0)
