@@ -123,9 +123,10 @@ class Speculator:
         self._plain_steps = 0  # plain decode steps the engine reported (`observe_plain`)
         # Steps of k = 0 between probes: doubled (up to PROBE_BACKOFF x the configured interval)
         # after each probe that did not lead to speculating, back to the configured one as soon as
-        # a step speculates. Why: a probe is a verification step (it was of the whole batch at k = 1:
-        # on non-repetitive text at overload the probes every 16 steps were ~5 % of the engine's CPU),
-        # for an acceptance estimate that kept saying no.
+        # a step speculates. Why: a draft model's probe is a verification step (it was of the whole
+        # batch at k = 1: on non-repetitive text at overload the probes every 16 steps were ~5 % of
+        # the engine's CPU), for an acceptance estimate that kept saying no; an n-gram probe costs
+        # only its lookups (`_shadow`), but those too are not free near capacity.
         self._probe_interval = config.probe_every
         self._probed = False
         self._probes = 0  # requests probed so far: where in the batch the next probe starts
@@ -306,8 +307,8 @@ class Speculator:
                 self._no_left = REUSE_NO_STEPS
         probe = False
         if not any(ks):
-            # Acceptance is learnt only from proposals: probe with k=1 now and then, or a
-            # pessimistic estimate would never be corrected.
+            # Acceptance is learnt only from judged proposals: probe now and then, or a pessimistic
+            # estimate would never be corrected.
             if self._probed:  # the last probe did not change the answer: probe less often
                 self._probe_interval = min(2 * self._probe_interval, PROBE_BACKOFF * self.config.probe_every)
                 self._probed = False
