@@ -405,10 +405,10 @@ def test_first_asks_that_keep_saying_maybe_are_skipped_for_a_while(tiny: LoadedM
     assert len(first) == MAYBE_STREAK + 1 and len(second) == steps
 
 
-def test_a_no_after_lookups_holds_one_more_step_from_a_batch_of_8(tiny: LoadedModel) -> None:
-    """From REUSE_LOOKED_UP_NO_BATCH requests a "no" the lookups led to is reused at the next step
-    (which then works out no caps either); below it every step looks up and asks."""
-    from disaggserve_worker.speculation.speculator import REUSE_LOOKED_UP_NO_BATCH
+def test_a_no_after_lookups_holds_a_few_steps_from_a_batch_of_8(tiny: LoadedModel) -> None:
+    """From REUSE_LOOKED_UP_NO_BATCH requests a "no" the lookups led to is reused for the next
+    REUSE_LOOKED_UP_NO steps (which then work out no caps either); below it every step looks up."""
+    from disaggserve_worker.speculation.speculator import REUSE_LOOKED_UP_NO, REUSE_LOOKED_UP_NO_BATCH
 
     spec = informed(make_speculator(tiny, None, "adaptive", "ngram"))
     spec._probe_interval = 10**9
@@ -424,9 +424,10 @@ def test_a_no_after_lookups_holds_one_more_step_from_a_batch_of_8(tiny: LoadedMo
     real_caps = spec._caps
     spec._caps = lambda batch: capped.append(len(batch)) or real_caps(batch)  # type: ignore[method-assign]
     large = [_loop_seq(f"r{i}") for i in range(REUSE_LOOKED_UP_NO_BATCH)]
-    for _ in range(6):
+    rounds = 3
+    for _ in range(rounds * (REUSE_LOOKED_UP_NO + 1)):
         assert not any(spec._plan(large, None, 0.0)[0])
-    assert len(asked) == 3 and len(capped) == 3, (asked, capped)
+    assert len(asked) == rounds and len(capped) == rounds, (asked, capped)
     small = large[:-1]
     asked.clear()
     for _ in range(6):

@@ -45,7 +45,9 @@ REUSE_NO_STEPS = 8
 # After MAYBE_STREAK first asks in a row said "maybe", the next SKIP_FIRST_ASKS steps skip it (`_plan`).
 MAYBE_STREAK = 4
 SKIP_FIRST_ASKS = 16
-REUSE_LOOKED_UP_NO_BATCH = 8  # from this batch size a "no" after lookups holds for the next step too
+# From REUSE_LOOKED_UP_NO_BATCH requests a "no" after lookups holds for the next REUSE_LOOKED_UP_NO steps.
+REUSE_LOOKED_UP_NO_BATCH = 8
+REUSE_LOOKED_UP_NO = 3
 PLAIN_OBSERVE_EVERY = 4  # plain decode steps per one the step-time model observes (`observe_plain`)
 
 
@@ -363,12 +365,12 @@ class Speculator:
         ks = self.controller.choose(contexts, alphas, found, extra).ks
         if not any(ks) and len(batch) >= REUSE_LOOKED_UP_NO_BATCH:
             # Near capacity on text n-grams do not predict, this answer is the usual one and the
-            # lookups and asks behind it were most of the speculator's cost per step; the next step
-            # reuses it (`_settled_no`). Not below a batch of 8: a copy-heavy request with a
+            # lookups and asks behind it were most of the speculator's cost per step; the next
+            # steps reuse it (`_settled_no`). Not below a batch of 8: a copy-heavy request with a
             # momentary miss held its small batch at k = 0 (at 8 steps of reuse that cost
-            # copy-heavy x1 / x2 4-5 % in bench/speculation.py); one step at 8 or more costs little.
+            # copy-heavy x1 / x2 4-5 % in bench/speculation.py); a few steps at 8 or more cost little.
             self._no_batch, self._no_fit, self._no_extra = batch, self.controller.verify.coefficients, extra
-            self._no_left = 1
+            self._no_left = REUSE_LOOKED_UP_NO
         return ks, lookups
 
     def _shadow(self, batch: list[SpecSequence], caps: list[int]) -> None:
