@@ -138,6 +138,7 @@ def test_the_incremental_index_finds_what_a_search_finds() -> None:
         index = NgramIndex(n_min, n_max)
         for _ in range(60):
             index.sync(prompt, tokens)
+            assert len(index) == len(prompt) + len(tokens)
             history = prompt + tokens
             assert index.history == history
             for k in (1, 4):
@@ -145,21 +146,37 @@ def test_the_incremental_index_finds_what_a_search_finds() -> None:
             tokens += [rng.randrange(6) for _ in range(rng.randrange(1, 6))]
 
 
-def test_a_history_indexed_in_bulk_equals_one_indexed_token_by_token() -> None:
-    """Pieces longer than BULK_TOKENS (a prompt, a long accepted run) take the one-pass path; the
-    index it leaves is the token-by-token one's, duplicates resolved to the latest start."""
-    from disaggserve_worker.speculation.ngram import BULK_TOKENS
+def test_a_match_across_token_boundaries_is_not_a_match() -> None:
+    """The history is searched as packed 4-byte tokens: a byte pattern of the tail that straddles
+    two tokens later in the history must be skipped for the aligned occurrence before it."""
+    tail = 0x01020304
+    # 0x03040000 and 0x00000102 pack (little-endian) to 00 00 04 03 | 02 01 00 00, which holds the
+    # tail's bytes 04 03 02 01 across their boundary, after the real occurrence at index 1.
+    history = [7, tail, 9, 0x03040000, 0x00000102, 5, tail]
+    index = NgramIndex(1, 1)
+    index.extend(history)
+    assert index.propose(2) == [9, 0x03040000] and index.matched == 1
+    assert index.propose(2) == _searched(history, 2, 1, 1)
+    only_straddling = [0x03040000, 0x00000102, 5, tail]
+    assert NgramProposer(1, 1).propose(only_straddling, 2) == []
 
+
+def test_indexes_grown_in_any_pieces_agree() -> None:
+    """A prompt at once, token by token, or in uneven runs: the same history, the same lookups."""
     rng = random.Random(5)
-    for n_min, n_max in ((1, 3), (2, 5)):
-        bulk, single = NgramIndex(n_min, n_max), NgramIndex(n_min, n_max)
-        for size in (1, BULK_TOKENS + 1, 3, 400, 2, BULK_TOKENS, 57):
-            piece = [rng.randrange(8) for _ in range(size)]
-            bulk.extend(piece)
-            for token in piece:
-                single.extend([token])
-            assert bulk.history == single.history
-            assert bulk._latest == single._latest, size
+    history = [rng.randrange(8) for _ in range(300)]
+    whole, single, runs = NgramIndex(1, 3), NgramIndex(1, 3), NgramIndex(1, 3)
+    whole.extend(history)
+    for token in history:
+        single.extend([token])
+    at = 0
+    while at < len(history):
+        step = rng.randrange(0, 12)
+        runs.extend(history[at:at + step])
+        at += step
+    for index in (single, runs):
+        assert index.history == whole.history == history
+        assert index.propose(4) == whole.propose(4) == _searched(history, 4, 1, 3)
 
 
 def test_the_index_says_which_n_gram_length_matched() -> None:

@@ -513,7 +513,8 @@ class Speculator:
         model, from the n-gram lookups (a draft model's steps are modelled apart, `controller.draft`)
         to the tokens emitted, as the engine times a plain step from its layout to its emitted
         tokens (`observe_plain`). Less the n-gram indexes built for requests that speculate for the
-        first time (~0.4 ms for a 400-token prompt, once a request), which billed to a probe of a
+        first time (once a request: ~0.4 ms for a 400-token prompt when the index was a dict of
+        n-grams, a few us packed), which billed to a probe of a
         large batch made it look far dearer than it is.
         Why the lookups and the emitting: both are paid for speculating (a verification step emits
         1 + accepted tokens a request, each detokenised); billed from the forward alone, the steps
