@@ -84,3 +84,32 @@ def test_a_model_generates_the_same_tokens_packed_or_not(dtype: torch.dtype, mon
     assert generate() == packed
     if dtype is torch.float32:  # (bfloat16 on a CPU with AMX still packs for the C kernel's tiles)
         assert not packed_linear._packed
+
+
+def test_warming_runs_each_projection_shape_once_at_every_decode_row_count() -> None:
+    """`warm` covers every projection a step runs (the fused QKV and gate/up as fused, the rest
+    alone), each distinct shape once, at every row count from 2 to WARM_ROWS; the projections'
+    results are untouched by it."""
+    model = load_model("builtin:tiny-llama", device="cpu").model
+    projections = model.projections()
+    layers = model.config.num_hidden_layers
+    assert len(projections) == 4 * layers + 1  # qkv, o, gate/up, down per layer; the LM head
+    c = model.config
+    head = c.hidden_size // c.num_attention_heads
+    qkv = (c.hidden_size + 2 * c.num_key_value_heads * head, c.hidden_size)
+    assert qkv in {tuple(w.shape) for _, w in projections}
+    assert (2 * c.intermediate_size, c.hidden_size) in {tuple(w.shape) for _, w in projections}
+    seen: dict[int, list[int]] = {}
+
+    def recording(call, weight):  # type: ignore[no-untyped-def]
+        def run(x: torch.Tensor) -> torch.Tensor:
+            seen.setdefault(id(weight), []).append(int(x.shape[0]))
+            return call(x)
+        return run, weight
+
+    x = torch.randn(5, c.hidden_size)
+    before = projections[0][0](x)
+    shapes = packed_linear.warm([recording(call, w) for call, w in projections], rows=9)
+    assert shapes == len({(tuple(w.shape), w.dtype) for _, w in projections})
+    assert len(seen) == shapes and all(rows == list(range(2, 10)) for rows in seen.values())
+    assert torch.equal(projections[0][0](x), before)

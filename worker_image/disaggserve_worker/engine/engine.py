@@ -42,7 +42,7 @@ from disaggserve_worker.engine.types import RequestError, RequestStream, TokenEv
 from disaggserve_worker.kv import shared_memory
 from disaggserve_worker.kv.layout import block_runs
 from disaggserve_worker.kv.shared_memory import Leases, SegmentInfo
-from disaggserve_worker.model import cpu_kernels
+from disaggserve_worker.model import cpu_kernels, packed_linear
 from disaggserve_worker.model.kv_pool import KVPool
 from disaggserve_worker.model.llama import LlamaForCausalLM
 
@@ -148,6 +148,9 @@ class Engine:
             # Build or load the CPU kernels now, before the worker reports ready: at the first
             # forward they stalled that request ~1 s in every pod with a cold cache (HOME=/tmp).
             cpu_kernels.kernel()
+            # And oneDNN's primitives for decode-sized row counts: each count's first step paid
+            # ~2 ms for them (small-llama), under load (`packed_linear.warm`).
+            packed_linear.warm(model.projections())
         self._pending: list[tuple[RequestStream, TokenEvent]] = []  # this iteration's events
         self._inbox: deque[Sequence] = deque()
         self._aborts: set[str] = set()

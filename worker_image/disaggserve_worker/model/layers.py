@@ -110,6 +110,14 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.fused(x).split(self.sizes, dim=-1))
 
+    @property
+    def fused_weight(self) -> torch.Tensor:
+        """The concatenated weight (fused on first use: `fused`)."""
+        if self._weight is None:
+            self._fuse()
+        assert self._weight is not None
+        return self._weight
+
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         """The concatenated outputs, (..., sum of sizes)."""
         # Re-fuse if a parameter was replaced (moved to a device, reloaded into new storage) or

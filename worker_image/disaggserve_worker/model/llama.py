@@ -13,13 +13,15 @@ to stage on each row's first device, and each layer's KV cache lives with its sh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from disaggserve_worker.model.batch import BatchLayout
 from disaggserve_worker.model.config import ModelConfig
 from disaggserve_worker.model.kv_pool import KVPool
-from disaggserve_worker.model.layers import MLP, Attention, RMSNorm, StepInputs
+from disaggserve_worker.model.layers import MLP, Attention, FusedLinear, RMSNorm, StepInputs
 from disaggserve_worker.model.packed_linear import linear
 from disaggserve_worker.model.rope import Rotary
 from disaggserve_worker.model.tensor_parallel import ShardedAttention, ShardedMLP, check_divisible
@@ -119,6 +121,19 @@ class LlamaForCausalLM(nn.Module):
 
     def _layer_devices(self, index: int) -> tuple[torch.device, ...]:
         return self.layer_devices[index] if self.layer_devices else (self.device,)
+
+    def projections(self) -> list[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
+        """Every projection a forward step runs, as (call on the packed input rows, its weight):
+        the fused ones (QKV, gate/up) as fused, the other `nn.Linear`s alone (`packed_linear.warm`)."""
+        fused: list[FusedLinear] = [value for module in self.modules() for value in vars(module).values()
+                                    if isinstance(value, FusedLinear)]
+        inside = {id(lin) for group in fused for lin in group.linears}
+        calls: list[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]] = []
+        calls.extend((group.fused, group.fused_weight) for group in fused)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module) not in inside:
+                calls.append((lambda x, m=module: linear(x, m.weight, m.bias), module.weight))
+        return calls
 
     def new_kv_pool(self, slots: int) -> KVPool:
         """Per layer, (2, slots, kv_heads/T, head_dim) per shard on that shard's device, model dtype."""
