@@ -48,6 +48,7 @@ SKIP_FIRST_ASKS = 16
 # From REUSE_LOOKED_UP_NO_BATCH requests a "no" after lookups holds for the next REUSE_LOOKED_UP_NO steps.
 REUSE_LOOKED_UP_NO_BATCH = 8
 REUSE_LOOKED_UP_NO = 3
+LOOKED_UP_NO_HOLD = 8  # the most steps a "no" after lookups holds, however many came before it
 PLAIN_OBSERVE_EVERY = 4  # plain decode steps per one the step-time model observes (`observe_plain`)
 
 
@@ -142,6 +143,7 @@ class Speculator:
         self._no_extra = 0.0
         self._no_left = 0
         self._maybes = 0  # first asks in a row that said "maybe" (`_first_ask`)
+        self._looked_up_nos = 0  # answers after lookups in a row that said k = 0 everywhere
         self._skip_first_asks = 0  # steps left that go straight to the lookups
         # Billing a speculative step (see `finish_step`): when it started costing what a plain step
         # would not, the seconds inside it that are not the step's (n-gram indexes built for requests
@@ -363,14 +365,23 @@ class Speculator:
         alphas = [self._alpha(self._state(seq), kind, priors) if kind else 0.0
                   for seq, kind in zip(batch, self._matched, strict=True)]
         ks = self.controller.choose(contexts, alphas, found, extra).ks
-        if not any(ks) and len(batch) >= REUSE_LOOKED_UP_NO_BATCH:
-            # Near capacity on text n-grams do not predict, this answer is the usual one and the
-            # lookups and asks behind it were most of the speculator's cost per step; the next
-            # steps reuse it (`_settled_no`). Not below a batch of 8: a copy-heavy request with a
-            # momentary miss held its small batch at k = 0 (at 8 steps of reuse that cost
-            # copy-heavy x1 / x2 4-5 % in bench/speculation.py); a few steps at 8 or more cost little.
+        if any(ks):
+            self._looked_up_nos = 0
+            return ks, lookups
+        # Near capacity on text n-grams do not predict, this answer is the usual one and the
+        # lookups and asks behind it were most of the speculator's cost per step; the next steps
+        # reuse it (`_settled_no`): from a batch of 8 for a few steps, and at any batch for longer
+        # the longer the looked-up answers keep saying no (1, 3, 7, then LOOKED_UP_NO_HOLD steps
+        # after the 2nd, 3rd, 4th, 5th in a row). Not a fixed hold below a batch of 8: a copy-heavy
+        # request with a momentary miss held its small batch at k = 0 (at 8 steps of reuse that
+        # cost copy-heavy x1 / x2 4-5 % in bench/speculation.py); its misses come alone.
+        self._looked_up_nos += 1
+        hold = min((1 << min(self._looked_up_nos - 1, 8)) - 1, LOOKED_UP_NO_HOLD)
+        if len(batch) >= REUSE_LOOKED_UP_NO_BATCH:
+            hold = max(hold, REUSE_LOOKED_UP_NO)
+        if hold:
             self._no_batch, self._no_fit, self._no_extra = batch, self.controller.verify.coefficients, extra
-            self._no_left = REUSE_LOOKED_UP_NO
+            self._no_left = hold
         return ks, lookups
 
     def _shadow(self, batch: list[SpecSequence], caps: list[int]) -> None:
@@ -428,8 +439,9 @@ class Speculator:
 
     def _settled_no(self, batch: list[SpecSequence], extra: float) -> bool:
         """Whether the last "k = 0 everywhere" answer still holds, so the controller need not be
-        asked again. It does while the batch is the same requests (their acceptance only changes
-        on a step that speculates, which forgets the answer), the step-time fit is the one it was
+        asked again. It does while the batch is the same requests, or fewer of them (`_only_left`;
+        their acceptance only changes on a step that speculates or a judged probe, which forget
+        the answer), the step-time fit is the one it was
         made with, the prompt-chunk cost is no lower, for `REUSE_NO_STEPS` steps. Caps only fall
         with the same requests, and a lower cap never makes speculating pay; contexts grow by a
         token a step, which moves the plain and the verification step alike (b·Σctx).
@@ -437,14 +449,29 @@ class Speculator:
         choice), 2-3 % of a one-request CPU decode step, and on text that n-grams do not predict
         the answer is the same step after step; that overhead, amplified by queueing, was most
         of what made adaptive slower than speculation off there."""
-        if self._no_left <= 0 or self._no_batch is None:
+        held = self._no_batch
+        if self._no_left <= 0 or held is None:
             return False
-        if (batch != self._no_batch or self.controller.verify.coefficients is not self._no_fit
-                or extra < self._no_extra):
+        if (self.controller.verify.coefficients is not self._no_fit or extra < self._no_extra
+                or (batch != held and not self._only_left(batch, held))):
             self._no_batch = None
             return False
         self._no_left -= 1
         return True
+
+    @staticmethod
+    def _only_left(batch: list[SpecSequence], held: list[SpecSequence]) -> bool:
+        """Whether `batch` is `held` less the requests that finished since (the engine keeps its
+        running order). Why the answer may stand then: a request that leaves takes its proposals
+        with it and moves a step's cost by about 1/batch, within the controller's margin for the
+        few steps an answer is reused; a request that joins brings proposals nobody asked about.
+        At overload the batch changed every 2-3 steps, by a departure about half the time, and
+        each change re-ran the look-ups and the controller (~120-150 us a step at batches of 10-15
+        on non-repetitive text): two in three steps asked again where an answer was to reuse."""
+        if len(batch) >= len(held):
+            return False
+        rows = iter(held)
+        return all(any(seq is row for row in rows) for seq in batch)
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self, batch: list[SpecSequence], split: bool = False) -> list[list[int]] | None:
