@@ -48,7 +48,6 @@ SKIP_FIRST_ASKS = 16
 # From REUSE_LOOKED_UP_NO_BATCH requests a "no" after lookups holds for the next REUSE_LOOKED_UP_NO steps.
 REUSE_LOOKED_UP_NO_BATCH = 8
 REUSE_LOOKED_UP_NO = 3
-LOOKED_UP_NO_HOLD = 8  # the most steps a "no" after lookups holds, however many came before it
 PLAIN_OBSERVE_EVERY = 4  # plain decode steps per one the step-time model observes (`observe_plain`)
 
 
@@ -143,7 +142,6 @@ class Speculator:
         self._no_extra = 0.0
         self._no_left = 0
         self._maybes = 0  # first asks in a row that said "maybe" (`_first_ask`)
-        self._looked_up_nos = 0  # answers after lookups in a row that said k = 0 everywhere
         self._skip_first_asks = 0  # steps left that go straight to the lookups
         # Billing a speculative step (see `finish_step`): when it started costing what a plain step
         # would not, the seconds inside it that are not the step's (n-gram indexes built for requests
@@ -365,23 +363,18 @@ class Speculator:
         alphas = [self._alpha(self._state(seq), kind, priors) if kind else 0.0
                   for seq, kind in zip(batch, self._matched, strict=True)]
         ks = self.controller.choose(contexts, alphas, found, extra).ks
-        if any(ks):
-            self._looked_up_nos = 0
-            return ks, lookups
-        # Near capacity on text n-grams do not predict, this answer is the usual one and the
-        # lookups and asks behind it were most of the speculator's cost per step; the next steps
-        # reuse it (`_settled_no`): from a batch of 8 for a few steps, and at any batch for longer
-        # the longer the looked-up answers keep saying no (1, 3, 7, then LOOKED_UP_NO_HOLD steps
-        # after the 2nd, 3rd, 4th, 5th in a row). Not a fixed hold below a batch of 8: a copy-heavy
-        # request with a momentary miss held its small batch at k = 0 (at 8 steps of reuse that
-        # cost copy-heavy x1 / x2 4-5 % in bench/speculation.py); its misses come alone.
-        self._looked_up_nos += 1
-        hold = min((1 << min(self._looked_up_nos - 1, 8)) - 1, LOOKED_UP_NO_HOLD)
-        if len(batch) >= REUSE_LOOKED_UP_NO_BATCH:
-            hold = max(hold, REUSE_LOOKED_UP_NO)
-        if hold:
+        if not any(ks) and len(batch) >= REUSE_LOOKED_UP_NO_BATCH:
+            # Near capacity on text n-grams do not predict, this answer is the usual one and the
+            # lookups and asks behind it were most of the speculator's cost per step; the next
+            # steps reuse it (`_settled_no`). Not below a batch of 8: a copy-heavy request with a
+            # momentary miss held its small batch at k = 0 (at 8 steps of reuse that cost
+            # copy-heavy x1 / x2 4-5 % in bench/speculation.py); a few steps at 8 or more cost little.
+            # Nor longer after a run of them: holds of 1, 3, 7, then 8 steps after the 2nd-5th
+            # "no" in a row at any batch halved the asks on non-repetitive text, but copy-heavy
+            # misses come in runs too (a span the prompt does not hold): its mean k fell from
+            # 3.38-3.43 to 2.97-3.36 and x4 read 1.07 of fixed k = 4 (bench/speculation.py).
             self._no_batch, self._no_fit, self._no_extra = batch, self.controller.verify.coefficients, extra
-            self._no_left = hold
+            self._no_left = REUSE_LOOKED_UP_NO
         return ks, lookups
 
     def _shadow(self, batch: list[SpecSequence], caps: list[int]) -> None:
