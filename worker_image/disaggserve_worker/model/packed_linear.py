@@ -51,8 +51,8 @@ AMD EPYC host at 5-37 rows, ~2 ms over a small-llama step, where that step runs 
 Decode batches and speculative verification steps (a batch plus its proposed tokens) come in
 many row counts, and a fresh worker met each for the first time under load: verification steps
 of 6-10 sequences ran 4.3-8.2 ms the first time against 3.1-5.2 ms after (same shapes, one
-process). `warm` builds them for every row count up to WARM_ROWS when the engine starts, as
-vLLM's CPU worker warms its model before serving.
+process). `warm` builds them for every row count up to WARM_ROWS when the engine starts.
+(vLLM's CPU worker runs one warm-up forward, for its compiled graph, not one per row count.)
 `DISAGGSERVE_CPU_PACKED_WEIGHTS`: `auto` (default: each packed path where the CPU supports it),
 `off` (none: plain `F.linear`, or the vector tiles for one or two bfloat16 rows).
 """
