@@ -70,6 +70,7 @@ CLOCKS = {
 }
 MAX_K = 4
 KV_TOKENS = 65_536
+CACHE_FLUSH_BYTES = 4 << 20  # written between lockstep turns: past a core's L2 (see on_cpu_clock)
 
 
 def engine_for(model: LoadedModel, config: str, start: bool = True) -> tuple[Engine, Speculator | None]:
@@ -224,14 +225,23 @@ async def on_cpu_clock(engines: list[Engine], requests: list[tuple[float, list[i
     whose clock is earliest, so their iterations interleave a few milliseconds apart. Why: the
     host's speed drifts too. On one trace and configuration, run after run minutes apart, the
     median one-request step took 2.5-3.1 ms of CPU; interleaved, every configuration runs at the
-    same moments and a ratio between them cancels that drift."""
+    same moments and a ratio between them cancels that drift.
+    Before each turn a CACHE_FLUSH_BYTES buffer is written (outside every clock), so no engine
+    starts its step on caches another left warm for it. Why: the turns go nearly round-robin, and
+    an engine right after one that ran the same speculator code ran it warm. Two identical
+    adaptive engines in positions 2 and 3 behind speculation off read 1.055-1.225 and 1.010-1.045
+    of off's mean latency on six non-repetitive x4 traces (the third better in all six, with GC
+    off too); with the flush, 1.041-1.091 and 1.020-1.043. Alone, an engine's own forward evicts
+    what its speculator ran, as the flush does (a step streams the model's ~9 MB of weights)."""
     loop = asyncio.get_running_loop()
     replays = [_Replay(engine, requests) for engine in engines]
+    flush = torch.empty(CACHE_FLUSH_BYTES // 4)
     while True:
         left = [replay for replay in replays if not replay.done]
         if not left:
             break
         turn = min(left, key=lambda replay: replay.next_event)  # ties: the first in `engines`
+        flush.fill_(1.0)  # outside every clock: each turn starts from the same cache state
         turn.iterate(loop, params)
         await asyncio.sleep(0)  # the iteration's events, handed to this loop, reach their queues
         turn.collect()
